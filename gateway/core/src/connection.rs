@@ -1,0 +1,210 @@
+//! One WebRTC connection terminated by the gateway: a `str0m::Rtc` plus the state the SFU keeps
+//! around it (state machine, deadlines, the subscriber's outgoing tracks, statistics).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use signaling_api::protocol::{ConnectionState, EventKind, Role};
+use str0m::change::SdpPendingOffer;
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::{Event, Input, Output as RtcOutput, Rtc};
+
+use crate::rewrite::SeqRewriter;
+use crate::{ConnKey, CoreEvent, Output};
+
+/// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
+const MAX_DUE_TIMEOUTS_PER_DRAIN: usize = 64;
+/// Remote addresses remembered as authenticated by ICE.
+const MAX_TRUSTED: usize = 8;
+
+/// Queues the engine fills while it works; the driver empties `out`.
+#[derive(Default)]
+pub(crate) struct Queues {
+    pub out: VecDeque<Output>,
+    /// str0m events waiting to be handled, in order.
+    pub work: VecDeque<(ConnKey, Event)>,
+    /// Connections that hit a fatal error, with the reason.
+    pub doomed: Vec<(ConnKey, String)>,
+}
+
+/// A subscriber's copy of one published track.
+pub(crate) struct TrackOut {
+    /// Our mid in the subscriber's session.
+    pub mid: Mid,
+    pub stream_id: Arc<str>,
+    pub kind: MediaKind,
+    /// Answered by the subscriber: media may be written.
+    pub live: bool,
+    /// The m-line was stopped (the track ended).
+    pub stopped: bool,
+    pub rewrite: SeqRewriter,
+    /// Publisher payload type → ours (`None`: the subscriber cannot take that codec).
+    pub pts: Vec<(Pt, Option<Pt>)>,
+}
+
+/// Live statistics, shown by `GET /v1/connections/{id}`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnStats {
+    pub rtp_packets_in: u64,
+    pub rtp_bytes_in: u64,
+    pub rtp_packets_out: u64,
+    pub rtp_bytes_out: u64,
+    pub keyframe_requests_in: u64,
+    pub keyframe_requests_out: u64,
+    pub dropped_untrusted_datagrams: u64,
+    pub peer_bytes_rx: u64,
+    pub peer_bytes_tx: u64,
+    pub rtt_ms: Option<f64>,
+    pub ingress_loss_fraction: Option<f32>,
+    pub egress_loss_fraction: Option<f32>,
+    pub ingress: Vec<MediaStats>,
+    pub egress: Vec<MediaStats>,
+}
+
+/// Per-mid counters from str0m's stats events.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MediaStats {
+    pub mid: String,
+    pub rid: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub nacks: u64,
+    pub plis: u64,
+    pub firs: u64,
+    pub loss: Option<f32>,
+    pub rtt_ms: Option<f64>,
+    pub jitter: Option<u32>,
+}
+
+pub(crate) struct Conn {
+    pub key: ConnKey,
+    pub id: Arc<str>,
+    pub room: Arc<str>,
+    pub participant: Arc<str>,
+    pub role: Role,
+    pub rtc: Rtc,
+    pub state: ConnectionState,
+    /// The address in our host candidate (announced or bind address) and the socket's port.
+    pub local: SocketAddr,
+    pub created: Instant,
+    pub gathered_at: Option<Instant>,
+    pub ice_connected: bool,
+    pub disconnected_since: Option<Instant>,
+    pub next_timeout: Option<Instant>,
+    /// Remote addresses ICE has authenticated (we have sent to them). Only these may feed DTLS,
+    /// RTP and RTCP into the `Rtc`, so a spoofed datagram cannot fail a healthy connection.
+    pub trusted: Vec<SocketAddr>,
+    // Subscribe side.
+    pub pending: Option<SdpPendingOffer>,
+    pub offered: bool,
+    pub offer_wanted: bool,
+    pub last_offer: Option<String>,
+    pub candidate_added: bool,
+    pub first_mid: Option<String>,
+    pub outs: Vec<TrackOut>,
+    pub stats: ConnStats,
+}
+
+impl Conn {
+    /// Move the state machine and report the step. Returns false if the step is not allowed.
+    pub fn enter(&mut self, q: &mut Queues, state: ConnectionState, reason: Option<String>) -> bool {
+        if state != ConnectionState::Initial {
+            match self.state.advance(state) {
+                Ok(s) => self.state = s,
+                Err(_) => return false,
+            }
+        }
+        tracing::info!(connection_id = %self.id, role = ?self.role, state = EventKind::from(state).as_str(), reason = reason.as_deref().unwrap_or(""), "connection state");
+        self.event(q, EventKind::from(state), reason);
+        true
+    }
+
+    /// Report an event that is not a state (SDP_PROCESSED, CANDIDATE) or a state already entered.
+    pub fn event(&self, q: &mut Queues, event: EventKind, reason: Option<String>) {
+        q.out.push_back(Output::Event(CoreEvent::Connection {
+            connection_id: self.id.to_string(),
+            event,
+            reason,
+        }));
+    }
+
+    /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are
+    /// queued for the engine. str0m keeps a single undelivered incoming packet in RTP mode, so
+    /// this runs after every input, write and SDP change.
+    pub fn drain(&mut self, now: Instant, q: &mut Queues) {
+        let mut due = 0;
+        loop {
+            match self.rtc.poll_output() {
+                Ok(RtcOutput::Timeout(t)) => {
+                    self.next_timeout = Some(t);
+                    if t <= now && due < MAX_DUE_TIMEOUTS_PER_DRAIN && self.rtc.is_alive() {
+                        due += 1;
+                        if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
+                            q.doomed.push((self.key, format!("rtc_error: {e}")));
+                            return;
+                        }
+                        continue;
+                    }
+                    return;
+                }
+                Ok(RtcOutput::Transmit(t)) => {
+                    if !self.trusted.contains(&t.destination) {
+                        if self.trusted.len() >= MAX_TRUSTED {
+                            self.trusted.remove(0);
+                        }
+                        self.trusted.push(t.destination);
+                    }
+                    q.out.push_back(Output::Transmit {
+                        key: self.key,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    });
+                }
+                Ok(RtcOutput::Event(e)) => q.work.push_back((self.key, e)),
+                Err(e) => {
+                    q.doomed.push((self.key, classify_error(&e.to_string())));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The earliest moment the engine must look at this connection.
+    pub fn deadline(&self, cfg: &crate::CoreConfig) -> Option<Instant> {
+        let own = match self.state {
+            ConnectionState::Initial => Some(self.created + cfg.negotiation_timeout),
+            ConnectionState::Gathered => self.gathered_at.map(|t| t + cfg.connect_timeout),
+            ConnectionState::Ready => self.disconnected_since.map(|t| t + cfg.disconnect_grace),
+            _ => None,
+        };
+        match (own, self.next_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The reason to fail this connection now, if a connection-level deadline passed.
+    pub fn expired(&self, now: Instant, cfg: &crate::CoreConfig) -> Option<&'static str> {
+        match self.state {
+            ConnectionState::Initial if now >= self.created + cfg.negotiation_timeout => Some("negotiation_timeout"),
+            ConnectionState::Gathered if self.gathered_at.is_some_and(|t| now >= t + cfg.connect_timeout) => {
+                Some(if self.ice_connected { "dtls_timeout" } else { "ice_timeout" })
+            }
+            ConnectionState::Ready if self.disconnected_since.is_some_and(|t| now >= t + cfg.disconnect_grace) => {
+                Some("ice_disconnected")
+            }
+            _ => None,
+        }
+    }
+}
+
+fn classify_error(e: &str) -> String {
+    if e.to_ascii_lowercase().contains("dtls") {
+        format!("dtls_error: {e}")
+    } else {
+        format!("rtc_error: {e}")
+    }
+}

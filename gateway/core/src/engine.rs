@@ -1,0 +1,821 @@
+//! The SFU engine of one media worker: its rooms, their connections and the forwarding between
+//! them. Sans-IO: it is fed commands, datagrams and time, and hands back datagrams to send,
+//! events to report and the next moment it wants to be woken.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::Rng;
+use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, Role};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::format::PayloadParams;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
+
+use crate::connection::{Conn, ConnStats, MediaStats, Queues, TrackOut};
+use crate::keyframe::KeyframeThrottle;
+use crate::rewrite::SeqRewriter;
+use crate::{ConnKey, CoreConfig, CoreError, CoreEvent, Counters, Output};
+
+/// A published track and the subscribers it fans out to.
+struct TrackIn {
+    stream_id: Arc<str>,
+    owner: Arc<str>,
+    conn: ConnKey,
+    mid: Mid,
+    kind: MediaKind,
+    keyframes: KeyframeThrottle,
+    /// Subscriber connection and our mid there.
+    outs: Vec<(ConnKey, Mid)>,
+}
+
+#[derive(Default)]
+struct Room {
+    tracks: Vec<TrackIn>,
+    conns: Vec<ConnKey>,
+}
+
+/// What a new connection needs.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub key: ConnKey,
+    pub connection_id: String,
+    pub room_id: String,
+    pub participant_id: String,
+    /// The address of our host candidate (announced or bind IP, and the socket's port).
+    pub local: SocketAddr,
+}
+
+pub struct Engine {
+    cfg: CoreConfig,
+    rooms: HashMap<Arc<str>, Room>,
+    conns: HashMap<ConnKey, Conn>,
+    keys: HashMap<Arc<str>, ConnKey>,
+    q: Queues,
+    counters: Counters,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> CoreError {
+    CoreError { code, message: message.into() }
+}
+
+/// Count `m=audio`/`m=video` sections that were accepted (port not 0).
+fn accepted_media_sections(sdp: &str) -> usize {
+    sdp.lines()
+        .filter(|l| l.starts_with("m=audio ") || l.starts_with("m=video "))
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p != "0"))
+        .count()
+}
+
+fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:").map(str::to_owned))
+}
+
+fn kind_str(kind: MediaKind) -> &'static str {
+    if kind == MediaKind::Audio {
+        "audio"
+    } else {
+        "video"
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: CoreConfig) -> Self {
+        Self {
+            cfg,
+            rooms: HashMap::new(),
+            conns: HashMap::new(),
+            keys: HashMap::new(),
+            q: Queues::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Outputs
+    // -----------------------------------------------------------------------------------------
+
+    /// Next thing for the driver: a datagram, an event, or a closed connection whose socket can go.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.q.out.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let conns = self.conns.values().filter_map(|c| c.deadline(&self.cfg));
+        let tracks = self.rooms.values().flat_map(|r| r.tracks.iter()).filter_map(|t| t.keyframes.deadline());
+        conns.chain(tracks).min()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Live statistics of a connection.
+    pub fn stats(&self, connection_id: &str) -> Option<ConnStats> {
+        let key = self.keys.get(connection_id)?;
+        self.conns.get(key).map(|c| c.stats.clone())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Commands
+    // -----------------------------------------------------------------------------------------
+
+    pub fn create_room(&mut self, room_id: &str) {
+        self.rooms.entry(Arc::from(room_id)).or_default();
+    }
+
+    pub fn has_room(&self, room_id: &str) -> bool {
+        self.rooms.contains_key(room_id)
+    }
+
+    /// End every connection of the room (FINISHED, `room_closed`) and forget the room.
+    pub fn close_room(&mut self, now: Instant, room_id: &str) {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        for key in room.conns.clone() {
+            self.end(now, key, ConnectionState::Finished, "room_closed");
+        }
+        self.rooms.remove(room_id);
+        self.process(now);
+    }
+
+    fn new_conn(&mut self, now: Instant, spec: NewConnection, role: Role) -> Result<ConnKey, CoreError> {
+        let room = Arc::clone(
+            self.rooms
+                .get_key_value(spec.room_id.as_str())
+                .ok_or_else(|| err(ErrorCode::NotFound, "room not found"))?
+                .0,
+        );
+        if self.keys.contains_key(spec.connection_id.as_str()) || self.conns.contains_key(&spec.key) {
+            return Err(err(ErrorCode::Conflict, "connection already exists"));
+        }
+        let rtc = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .set_stats_interval(Some(self.cfg.stats_interval))
+            .build(now);
+        let id: Arc<str> = Arc::from(spec.connection_id.as_str());
+        let mut conn = Conn {
+            key: spec.key,
+            id: Arc::clone(&id),
+            room: Arc::clone(&room),
+            participant: Arc::from(spec.participant_id.as_str()),
+            role,
+            rtc,
+            state: ConnectionState::Initial,
+            local: spec.local,
+            created: now,
+            gathered_at: None,
+            ice_connected: false,
+            disconnected_since: None,
+            next_timeout: None,
+            trusted: Vec::new(),
+            pending: None,
+            offered: false,
+            offer_wanted: false,
+            last_offer: None,
+            candidate_added: false,
+            first_mid: None,
+            outs: Vec::new(),
+            stats: ConnStats::default(),
+        };
+        conn.enter(&mut self.q, ConnectionState::Initial, None);
+        self.keys.insert(id, spec.key);
+        self.conns.insert(spec.key, conn);
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.conns.push(spec.key);
+        }
+        Ok(spec.key)
+    }
+
+    /// Fail a connection because of its SDP, and return the error for the client.
+    fn reject_sdp(&mut self, now: Instant, key: ConnKey, message: String) -> CoreError {
+        self.end(now, key, ConnectionState::Failed, &format!("bad_sdp: {message}"));
+        self.process(now);
+        err(ErrorCode::BadSdp, message)
+    }
+
+    /// Open a publish connection with the client's offer; emits the answer.
+    pub fn publish(&mut self, now: Instant, spec: NewConnection, offer: &str) -> Result<(), CoreError> {
+        let local = spec.local;
+        let key = self.new_conn(now, spec, Role::Publish)?;
+        let offer = match SdpOffer::from_sdp_string(offer) {
+            Ok(o) => o,
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
+        };
+        let conn = self.conns.get_mut(&key).expect("inserted above");
+        if let Ok(c) = Candidate::host(local, "udp") {
+            conn.rtc.add_local_candidate(c);
+        }
+        let answer = match conn.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a.to_sdp_string(),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        if accepted_media_sections(&answer) == 0 {
+            return Err(self.reject_sdp(now, key, "offer has no audio or video with a usable codec".into()));
+        }
+        let conn = self.conns.get_mut(&key).expect("inserted above");
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        let mid = first_mid(&answer);
+        self.q.out.push_back(Output::Event(CoreEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        conn.candidate_added = true;
+        self.announce_candidate(key, mid, now);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.drain(now, &mut self.q);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// A new offer on an existing publish connection.
+    pub fn republish(&mut self, now: Instant, connection_id: &str, offer: &str) -> Result<(), CoreError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Publish {
+            return Err(err(ErrorCode::BadRequest, "not a publish connection"));
+        }
+        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let answer = match conn.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a.to_sdp_string(),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        self.q.out.push_back(Output::Event(CoreEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        conn.drain(now, &mut self.q);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Open a subscribe connection; emits the first offer (a data channel plus every track in
+    /// the room that is not the participant's own).
+    pub fn subscribe(&mut self, now: Instant, spec: NewConnection) -> Result<(), CoreError> {
+        let key = self.new_conn(now, spec, Role::Subscribe)?;
+        self.renegotiate(now, key);
+        self.process(now);
+        Ok(())
+    }
+
+    /// A fresh offer on an existing subscribe connection (or the outstanding one again).
+    pub fn resubscribe(&mut self, now: Instant, connection_id: &str) -> Result<(), CoreError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Subscribe {
+            return Err(err(ErrorCode::BadRequest, "not a subscribe connection"));
+        }
+        if conn.pending.is_some() {
+            // The client has not answered the outstanding offer yet: send it again.
+            if let Some(sdp) = conn.last_offer.clone() {
+                self.q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+            }
+        } else {
+            self.renegotiate(now, key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// The client's answer to our latest offer.
+    pub fn answer(&mut self, now: Instant, connection_id: &str, sdp: &str) -> Result<(), CoreError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Subscribe {
+            return Err(err(ErrorCode::BadRequest, "answers are for subscribe connections"));
+        }
+        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| err(ErrorCode::BadSdp, format!("answer is not valid SDP: {e}")))?;
+        let Some(pending) = conn.pending.take() else {
+            return Err(err(ErrorCode::BadRequest, "no offer is waiting for an answer"));
+        };
+        if let Err(e) = conn.rtc.sdp_api().accept_answer(pending, answer) {
+            return Err(self.reject_sdp(now, key, format!("answer was rejected: {e}")));
+        }
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        let mut newly_live = Vec::new();
+        for o in conn.outs.iter_mut().filter(|o| !o.live && !o.stopped) {
+            o.live = true;
+            newly_live.push(o.mid);
+        }
+        if !conn.candidate_added {
+            conn.candidate_added = true;
+            if let Ok(c) = Candidate::host(conn.local, "udp") {
+                conn.rtc.add_local_candidate(c);
+            }
+            let mid = conn.first_mid.clone();
+            self.announce_candidate(key, mid, now);
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        conn.drain(now, &mut self.q);
+        if conn.state == ConnectionState::Ready {
+            self.request_keyframes_for(now, key, &newly_live);
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if std::mem::take(&mut conn.offer_wanted) {
+            self.renegotiate(now, key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// A trickled remote candidate. ICE-lite needs none (the client's checks reveal its
+    /// address), but valid ones are added; mDNS and TCP candidates are ignored.
+    pub fn add_candidate(&mut self, now: Instant, connection_id: &str, candidate: &str) -> Result<(), CoreError> {
+        let key = self.key_of(connection_id)?;
+        let candidate = candidate.trim();
+        if candidate.is_empty() {
+            return Ok(());
+        }
+        let c = Candidate::from_sdp_string(candidate)
+            .map_err(|e| err(ErrorCode::BadRequest, format!("candidate could not be parsed: {e}")))?;
+        if c.proto() != Protocol::Udp {
+            return Ok(());
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        conn.rtc.add_remote_candidate(c);
+        conn.drain(now, &mut self.q);
+        self.process(now);
+        Ok(())
+    }
+
+    /// End a connection on purpose. Unknown ids are ignored.
+    pub fn close_connection(&mut self, now: Instant, connection_id: &str, reason: &str) {
+        if let Ok(key) = self.key_of(connection_id) {
+            self.end(now, key, ConnectionState::Finished, reason);
+            self.process(now);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Network and time
+    // -----------------------------------------------------------------------------------------
+
+    /// A datagram arrived on a connection's socket. `destination` is the connection's candidate
+    /// address. Garbage and datagrams from unauthenticated sources are dropped and counted.
+    pub fn handle_receive(&mut self, now: Instant, key: ConnKey, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Ok(contents) = data.try_into() else {
+            self.counters.garbage_datagrams += 1;
+            return;
+        };
+        let recv = Receive { proto: Protocol::Udp, source, destination, contents };
+        // RFC 7983 demultiplexing: a first byte of 0-3 is STUN.
+        let is_stun = data.first().is_some_and(|b| *b < 4);
+        if !is_stun && !conn.trusted.contains(&source) {
+            conn.stats.dropped_untrusted_datagrams += 1;
+            self.counters.untrusted_datagrams += 1;
+            return;
+        }
+        if let Err(e) = conn.rtc.handle_input(Input::Receive(now, recv)) {
+            let reason = format!("dtls_error: {e}");
+            self.q.doomed.push((key, reason));
+        } else {
+            conn.drain(now, &mut self.q);
+        }
+        self.process(now);
+    }
+
+    /// Time passed: drive every `Rtc` that is due, send merged keyframe requests, and fail
+    /// connections whose deadlines passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if conn.next_timeout.is_some_and(|t| t <= now) {
+                if let Err(e) = conn.rtc.handle_input(Input::Timeout(now)) {
+                    self.q.doomed.push((conn.key, format!("rtc_error: {e}")));
+                    continue;
+                }
+                conn.drain(now, &mut self.q);
+            }
+            if let Some(reason) = conn.expired(now, &self.cfg) {
+                self.q.doomed.push((conn.key, reason.to_owned()));
+            }
+        }
+        let Self { rooms, conns, q, counters, .. } = self;
+        for room in rooms.values_mut() {
+            for track in room.tracks.iter_mut() {
+                send_due_keyframe_request(now, track, conns, q, counters);
+            }
+        }
+        self.process(now);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------------------------
+
+    fn key_of(&self, connection_id: &str) -> Result<ConnKey, CoreError> {
+        self.keys.get(connection_id).copied().ok_or_else(|| err(ErrorCode::NotFound, "connection not found"))
+    }
+
+    /// Trickle our host candidate to the client and enter GATHERED.
+    fn announce_candidate(&mut self, key: ConnKey, mid: Option<String>, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Ok(c) = Candidate::host(conn.local, "udp") else { return };
+        let line = c.to_sdp_string();
+        let candidate = line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned();
+        self.q.out.push_back(Output::Event(CoreEvent::Candidate {
+            connection_id: conn.id.to_string(),
+            candidate,
+            sdp_mid: mid,
+            sdp_mline_index: Some(0),
+        }));
+        conn.event(&mut self.q, EventKind::Candidate, None);
+        conn.gathered_at = Some(now);
+        conn.enter(&mut self.q, ConnectionState::Gathered, None);
+    }
+
+    /// Handle queued str0m events and fatal errors until both queues are empty.
+    fn process(&mut self, now: Instant) {
+        loop {
+            if let Some((key, event)) = self.q.work.pop_front() {
+                self.on_event(now, key, event);
+                continue;
+            }
+            if let Some((key, reason)) = self.q.doomed.pop() {
+                self.end(now, key, ConnectionState::Failed, &reason);
+                continue;
+            }
+            break;
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, key: ConnKey, event: Event) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        match event {
+            Event::RtpPacket(p) => self.forward(now, key, p),
+            Event::Connected => {
+                if conn.enter(&mut self.q, ConnectionState::Ready, None) && conn.role == Role::Subscribe {
+                    let live: Vec<Mid> = conn.outs.iter().filter(|o| o.live && !o.stopped).map(|o| o.mid).collect();
+                    self.request_keyframes_for(now, key, &live);
+                }
+            }
+            Event::IceConnectionStateChange(s) => match s {
+                IceConnectionState::Connected | IceConnectionState::Completed => {
+                    conn.ice_connected = true;
+                    conn.disconnected_since = None;
+                }
+                IceConnectionState::Disconnected => {
+                    tracing::info!(connection_id = %conn.id, "ICE disconnected");
+                    conn.disconnected_since.get_or_insert(now);
+                }
+                _ => {}
+            },
+            Event::MediaAdded(m) if conn.role == Role::Publish => {
+                if m.direction.is_receiving() {
+                    self.add_track(now, key, m.mid, m.kind);
+                }
+            }
+            Event::MediaChanged(m) if conn.role == Role::Publish => {
+                if m.direction.is_receiving() {
+                    let kind = conn.rtc.media(m.mid).map(|x| x.kind());
+                    if let Some(kind) = kind {
+                        self.add_track(now, key, m.mid, kind);
+                    }
+                } else {
+                    self.remove_tracks(now, key, Some(m.mid));
+                }
+            }
+            Event::KeyframeRequest(r) if conn.role == Role::Subscribe => {
+                conn.stats.keyframe_requests_in += 1;
+                self.counters.keyframe_requests_in += 1;
+                self.relay_keyframe_request(now, key, r.mid, r.kind);
+            }
+            Event::MediaIngressStats(s) => {
+                let st = MediaStats {
+                    mid: s.mid.to_string(),
+                    rid: s.rid.map(|r| r.to_string()),
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    nacks: s.nacks,
+                    plis: s.plis,
+                    firs: s.firs,
+                    loss: s.loss,
+                    rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    jitter: Some(s.jitter),
+                };
+                upsert(&mut conn.stats.ingress, st);
+            }
+            Event::MediaEgressStats(s) => {
+                let st = MediaStats {
+                    mid: s.mid.to_string(),
+                    rid: s.rid.map(|r| r.to_string()),
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    nacks: s.nacks,
+                    plis: s.plis,
+                    firs: s.firs,
+                    loss: s.loss,
+                    rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    jitter: None,
+                };
+                upsert(&mut conn.stats.egress, st);
+            }
+            Event::PeerStats(s) => {
+                conn.stats.peer_bytes_rx = s.peer_bytes_rx;
+                conn.stats.peer_bytes_tx = s.peer_bytes_tx;
+                conn.stats.rtt_ms = s.rtt.map(|d| d.as_secs_f64() * 1000.0);
+                conn.stats.ingress_loss_fraction = s.ingress_loss_fraction;
+                conn.stats.egress_loss_fraction = s.egress_loss_fraction;
+            }
+            Event::Closed => {
+                self.end(now, key, ConnectionState::Finished, "remote_closed");
+            }
+            _ => {}
+        }
+    }
+
+    /// A publisher's media section started receiving: announce the track and offer it to every
+    /// other participant's subscribe connection.
+    fn add_track(&mut self, now: Instant, key: ConnKey, mid: Mid, kind: MediaKind) {
+        if !matches!(kind, MediaKind::Audio | MediaKind::Video) {
+            return;
+        }
+        let Some(conn) = self.conns.get(&key) else { return };
+        let Some(room) = self.rooms.get_mut(&conn.room) else { return };
+        if room.tracks.iter().any(|t| t.conn == key && t.mid == mid) {
+            return;
+        }
+        let stream_id: Arc<str> = Arc::from(format!("st_{:016x}", rand::rng().random::<u64>()));
+        room.tracks.push(TrackIn {
+            stream_id: Arc::clone(&stream_id),
+            owner: Arc::clone(&conn.participant),
+            conn: key,
+            mid,
+            kind,
+            keyframes: KeyframeThrottle::new(self.cfg.keyframe_throttle),
+            outs: Vec::new(),
+        });
+        tracing::info!(connection_id = %conn.id, %mid, kind = kind_str(kind), %stream_id, "track published");
+        self.q.out.push_back(Output::Event(CoreEvent::StreamAdded {
+            room_id: conn.room.to_string(),
+            participant_id: conn.participant.to_string(),
+            stream_id: stream_id.to_string(),
+            kind: kind_str(kind).into(),
+            mid: mid.to_string(),
+        }));
+        let room_id = Arc::clone(&conn.room);
+        self.renegotiate_room(now, &room_id);
+    }
+
+    /// Remove a publisher's tracks (one mid, or all) and renegotiate the subscribers.
+    fn remove_tracks(&mut self, now: Instant, key: ConnKey, mid: Option<Mid>) {
+        let Some(conn) = self.conns.get(&key) else { return };
+        let room_id = Arc::clone(&conn.room);
+        let Some(room) = self.rooms.get_mut(&room_id) else { return };
+        let mut removed = Vec::new();
+        room.tracks.retain(|t| {
+            let gone = t.conn == key && mid.is_none_or(|m| m == t.mid);
+            if gone {
+                removed.push((Arc::clone(&t.owner), Arc::clone(&t.stream_id), t.kind, t.mid));
+            }
+            !gone
+        });
+        if removed.is_empty() {
+            return;
+        }
+        for (owner, stream_id, kind, mid) in removed {
+            self.q.out.push_back(Output::Event(CoreEvent::StreamRemoved {
+                room_id: room_id.to_string(),
+                participant_id: owner.to_string(),
+                stream_id: stream_id.to_string(),
+                kind: kind_str(kind).into(),
+                mid: mid.to_string(),
+            }));
+        }
+        self.renegotiate_room(now, &room_id);
+    }
+
+    fn renegotiate_room(&mut self, now: Instant, room_id: &str) {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        let subs: Vec<ConnKey> = room
+            .conns
+            .iter()
+            .copied()
+            .filter(|k| self.conns.get(k).is_some_and(|c| c.role == Role::Subscribe))
+            .collect();
+        for k in subs {
+            self.renegotiate(now, k);
+        }
+    }
+
+    /// Bring a subscribe connection's media sections in line with the room's tracks and send
+    /// an offer if anything changed (or if none was ever sent). One offer is outstanding at a
+    /// time; changes meanwhile are folded into the next one.
+    fn renegotiate(&mut self, now: Instant, key: ConnKey) {
+        let Self { rooms, conns, q, .. } = self;
+        let Some(conn) = conns.get_mut(&key) else { return };
+        if conn.role != Role::Subscribe || conn.state.is_terminal() {
+            return;
+        }
+        if conn.pending.is_some() {
+            conn.offer_wanted = true;
+            return;
+        }
+        let Some(room) = rooms.get_mut(&conn.room) else { return };
+        let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != conn.participant).collect();
+        let mut api = conn.rtc.sdp_api();
+        if !conn.offered {
+            api.add_channel("gateway".into());
+        }
+        let mut added = Vec::new();
+        for &i in &wanted {
+            let t = &room.tracks[i];
+            if conn.outs.iter().any(|o| !o.stopped && o.stream_id == t.stream_id) {
+                continue;
+            }
+            let mid = api.add_media(t.kind, Direction::SendOnly, Some(t.owner.to_string()), Some(t.stream_id.to_string()), None);
+            added.push((i, mid));
+        }
+        for o in conn.outs.iter_mut().filter(|o| !o.stopped) {
+            if !wanted.iter().any(|&i| room.tracks[i].stream_id == o.stream_id) {
+                api.stop_media(o.mid);
+                o.stopped = true;
+                o.live = false;
+            }
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        let start_seq: u16 = rand::rng().random_range(1000..30000);
+        for (i, mid) in added {
+            let t = &mut room.tracks[i];
+            t.outs.push((key, mid));
+            conn.outs.push(TrackOut {
+                mid,
+                stream_id: Arc::clone(&t.stream_id),
+                kind: t.kind,
+                live: false,
+                stopped: false,
+                rewrite: SeqRewriter::new(start_seq),
+                pts: Vec::new(),
+            });
+        }
+        conn.outs.retain(|o| !o.stopped || !o.live);
+        conn.pending = Some(pending);
+        conn.offered = true;
+        let sdp = offer.to_sdp_string();
+        if conn.first_mid.is_none() {
+            conn.first_mid = first_mid(&sdp);
+        }
+        conn.last_offer = Some(sdp.clone());
+        q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+        conn.drain(now, q);
+    }
+
+    /// Forward one publisher packet to every live subscriber of its track.
+    fn forward(&mut self, now: Instant, key: ConnKey, p: RtpPacket) {
+        let Self { rooms, conns, q, counters, .. } = self;
+        let Some(publisher) = conns.get_mut(&key) else { return };
+        let bytes = p.payload.len() as u64;
+        publisher.stats.rtp_packets_in += 1;
+        publisher.stats.rtp_bytes_in += bytes;
+        let Some(mid) = publisher.rtc.direct_api().stream_rx(&p.header.ssrc).map(|s| s.mid()) else { return };
+        let Some(params) = publisher.rtc.codec_config().find(|c| c.pt() == p.header.payload_type).copied() else {
+            return;
+        };
+        let Some(room) = rooms.get_mut(&publisher.room) else { return };
+        let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
+        let video = track.kind == MediaKind::Video;
+        counters.count_in(video, bytes);
+        let ext = ExtensionValues {
+            audio_level: p.header.ext_vals.audio_level,
+            voice_activity: p.header.ext_vals.voice_activity,
+            video_orientation: p.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        for &(sub_key, out_mid) in &track.outs {
+            let Some(sub) = conns.get_mut(&sub_key) else { continue };
+            if sub.state != ConnectionState::Ready {
+                continue;
+            }
+            let Conn { rtc, outs, stats, .. } = sub;
+            let Some(out) = outs.iter_mut().find(|o| o.mid == out_mid) else { continue };
+            if !out.live {
+                continue;
+            }
+            let Some(pt) = map_pt(rtc, out, params) else { continue };
+            let Some((seq, ts)) = out.rewrite.rewrite(*p.seq_no, p.header.timestamp) else { continue };
+            let mut api = rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(out_mid, None) else { continue };
+            let w = RtpWrite::new(pt, seq.into(), ts, p.timestamp, p.payload.clone())
+                .marker(p.header.marker)
+                .ext_vals(ext.clone())
+                .nackable(video);
+            tx.write_rtp(w);
+            stats.rtp_packets_out += 1;
+            stats.rtp_bytes_out += bytes;
+            counters.count_out(video, bytes);
+            sub.drain(now, q);
+        }
+    }
+
+    /// A subscriber asked for a keyframe on one of its tracks: merge it into the publisher
+    /// stream's throttle.
+    fn relay_keyframe_request(&mut self, now: Instant, sub_key: ConnKey, mid: Mid, kind: KeyframeRequestKind) {
+        let Self { rooms, conns, q, counters, .. } = self;
+        let Some(sub) = conns.get(&sub_key) else { return };
+        let Some(out) = sub.outs.iter().find(|o| o.mid == mid) else { return };
+        let Some(room) = rooms.get_mut(&sub.room) else { return };
+        let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == out.stream_id) else { return };
+        track.keyframes.request(kind);
+        send_due_keyframe_request(now, track, conns, q, counters);
+    }
+
+    /// A subscriber started receiving these (our) mids: ask their publishers for a keyframe.
+    fn request_keyframes_for(&mut self, now: Instant, sub_key: ConnKey, mids: &[Mid]) {
+        let Self { rooms, conns, q, counters, .. } = self;
+        let Some(sub) = conns.get(&sub_key) else { return };
+        let Some(room) = rooms.get_mut(&sub.room) else { return };
+        let streams: Vec<Arc<str>> = sub
+            .outs
+            .iter()
+            .filter(|o| mids.contains(&o.mid) && o.kind == MediaKind::Video)
+            .map(|o| Arc::clone(&o.stream_id))
+            .collect();
+        for s in streams {
+            if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == s) {
+                track.keyframes.request(KeyframeRequestKind::Pli);
+                send_due_keyframe_request(now, track, conns, q, counters);
+            }
+        }
+    }
+
+    /// Move a connection to FINISHED or FAILED, undo everything it took part in, close its `Rtc`
+    /// (BYE and close_notify go out) and tell the driver its socket can go.
+    fn end(&mut self, now: Instant, key: ConnKey, state: ConnectionState, reason: &str) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.enter(&mut self.q, state, Some(reason.to_owned()));
+        if state == ConnectionState::Failed {
+            self.counters.failed += 1;
+        }
+        let role = conn.role;
+        let room_id = Arc::clone(&conn.room);
+        if role == Role::Publish {
+            self.remove_tracks(now, key, None);
+        }
+        let Some(mut conn) = self.conns.remove(&key) else { return };
+        self.keys.remove(&conn.id);
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.conns.retain(|k| *k != key);
+            for t in room.tracks.iter_mut() {
+                t.outs.retain(|(k, _)| *k != key);
+            }
+        }
+        if conn.rtc.close().is_ok() {
+            conn.drain(now, &mut self.q);
+        }
+        self.q.out.push_back(Output::Closed { key, connection_id: conn.id.to_string() });
+    }
+}
+
+/// Send a track's merged keyframe request upstream if the throttle allows it now.
+fn send_due_keyframe_request(
+    now: Instant,
+    track: &mut TrackIn,
+    conns: &mut HashMap<ConnKey, Conn>,
+    q: &mut Queues,
+    counters: &mut Counters,
+) {
+    let Some(kind) = track.keyframes.due(now) else { return };
+    let Some(publisher) = conns.get_mut(&track.conn) else { return };
+    // Nothing to ask until the publisher's stream exists; the request stays pending.
+    let mut api = publisher.rtc.direct_api();
+    let Some(rx) = api.stream_rx_by_mid(track.mid, None) else { return };
+    rx.request_keyframe(kind);
+    drop(api);
+    track.keyframes.mark_sent(now);
+    publisher.stats.keyframe_requests_out += 1;
+    counters.keyframe_requests_out += 1;
+    publisher.drain(now, q);
+}
+
+/// The subscriber's payload type for the publisher's codec, cached per track.
+fn map_pt(rtc: &Rtc, out: &mut TrackOut, params: PayloadParams) -> Option<str0m::media::Pt> {
+    if let Some((_, local)) = out.pts.iter().find(|(pt, _)| *pt == params.pt()) {
+        return *local;
+    }
+    let local = rtc.codec_config().match_params(params).map(|p| p.pt()).filter(|pt| {
+        rtc.media(out.mid).is_none_or(|m| m.remote_pts().is_empty() || m.remote_pts().contains(pt))
+    });
+    if local.is_none() {
+        tracing::debug!(mid = %out.mid, codec = ?params.spec().codec, "subscriber did not accept the publisher's codec");
+    }
+    out.pts.push((params.pt(), local));
+    local
+}
+
+fn upsert(list: &mut Vec<MediaStats>, st: MediaStats) {
+    match list.iter_mut().find(|x| x.mid == st.mid && x.rid == st.rid) {
+        Some(x) => *x = st,
+        None => list.push(st),
+    }
+}

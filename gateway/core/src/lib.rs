@@ -1,0 +1,108 @@
+//! Sans-IO SFU core. No sockets, no clock, no tokio: the driver feeds it commands, datagrams
+//! and `Instant`s and carries out what it returns (datagrams, events, the next wake-up), in the
+//! shape of `str0m::Rtc` itself.
+//!
+//! Layout:
+//! - `engine`: [`Engine`], one per media worker: rooms, tracks, forwarding, renegotiation,
+//!   keyframe relay, connection deadlines.
+//! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
+//! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
+//! - `rewrite`: per-subscriber sequence number rewriting.
+
+mod connection;
+mod engine;
+pub mod keyframe;
+pub mod rewrite;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use connection::{ConnStats, MediaStats};
+pub use engine::{Engine, NewConnection};
+pub use signaling_api::protocol::{ErrorCode, EventKind};
+
+/// Identifies a connection inside one engine; the driver picks it (it names the socket too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey(pub u64);
+
+/// Policy knobs of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// At most one keyframe request per publisher stream per this interval.
+    pub keyframe_throttle: Duration,
+    /// INITIAL → GATHERED must happen within this (an offer left unanswered).
+    pub negotiation_timeout: Duration,
+    /// GATHERED → READY (ICE + DTLS) must happen within this.
+    pub connect_timeout: Duration,
+    /// A READY connection whose ICE is disconnected this long FAILS.
+    pub disconnect_grace: Duration,
+    /// How often str0m reports statistics.
+    pub stats_interval: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            keyframe_throttle: Duration::from_millis(500),
+            negotiation_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            disconnect_grace: Duration::from_secs(8),
+            stats_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A refused command, with the contract's error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct CoreError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// What the core reports to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoreEvent {
+    Connection { connection_id: String, event: EventKind, reason: Option<String> },
+    Answer { connection_id: String, sdp: String },
+    Offer { connection_id: String, sdp: String },
+    Candidate { connection_id: String, candidate: String, sdp_mid: Option<String>, sdp_mline_index: Option<u16> },
+    StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+    StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a datagram from the connection's socket.
+    Transmit { key: ConnKey, destination: SocketAddr, contents: Vec<u8> },
+    /// Report to the control plane.
+    Event(CoreEvent),
+    /// The connection ended; its socket and port can be released (after earlier transmits).
+    Closed { key: ConnKey, connection_id: String },
+}
+
+/// Running totals of one engine, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub rtp_packets_in: [u64; 2],
+    pub rtp_bytes_in: [u64; 2],
+    pub rtp_packets_out: [u64; 2],
+    pub rtp_bytes_out: [u64; 2],
+    pub keyframe_requests_in: u64,
+    pub keyframe_requests_out: u64,
+    pub garbage_datagrams: u64,
+    pub untrusted_datagrams: u64,
+    pub failed: u64,
+}
+
+impl Counters {
+    fn count_in(&mut self, video: bool, bytes: u64) {
+        self.rtp_packets_in[usize::from(video)] += 1;
+        self.rtp_bytes_in[usize::from(video)] += bytes;
+    }
+    fn count_out(&mut self, video: bool, bytes: u64) {
+        self.rtp_packets_out[usize::from(video)] += 1;
+        self.rtp_bytes_out[usize::from(video)] += bytes;
+    }
+}

@@ -1,0 +1,154 @@
+//! API key check (constant time) and signed join tokens (JWT HS256) bound to a room, an identity,
+//! permissions and an expiry.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// What a join token grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The participant identity (its `participant_id`).
+    pub sub: String,
+    /// The room it may join.
+    pub room: String,
+    /// Display name.
+    pub name: String,
+    #[serde(rename = "pub")]
+    pub can_publish: bool,
+    #[serde(rename = "subs")]
+    pub can_subscribe: bool,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+/// Signs and checks join tokens; checks the REST API key.
+#[derive(Clone)]
+pub struct Auth {
+    api_key: Vec<u8>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Auth { .. }")
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Auth {
+    pub fn new(api_key: &str, token_secret: &str) -> Self {
+        Self {
+            api_key: api_key.as_bytes().to_vec(),
+            encoding: EncodingKey::from_secret(token_secret.as_bytes()),
+            decoding: DecodingKey::from_secret(token_secret.as_bytes()),
+        }
+    }
+
+    /// Check an `Authorization` header value against the API key, in constant time.
+    pub fn check_bearer(&self, header: Option<&str>) -> Result<(), ApiError> {
+        let Some(value) = header else {
+            return Err(ApiError::unauthorized("missing Authorization: Bearer <api_key>"));
+        };
+        let presented = value.strip_prefix("Bearer ").unwrap_or("").trim().as_bytes();
+        if bool::from(presented.ct_eq(&self.api_key)) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("invalid API key"))
+        }
+    }
+
+    /// Sign a token valid for `ttl_s` seconds. Returns the token and its expiry (unix seconds).
+    pub fn issue(
+        &self,
+        room: &str,
+        participant: &str,
+        name: &str,
+        can_publish: bool,
+        can_subscribe: bool,
+        ttl_s: u64,
+    ) -> Result<(String, u64), ApiError> {
+        let iat = unix_now();
+        let exp = iat.saturating_add(ttl_s);
+        let claims = Claims {
+            sub: participant.to_owned(),
+            room: room.to_owned(),
+            name: name.to_owned(),
+            can_publish,
+            can_subscribe,
+            iat,
+            exp,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| ApiError::new(crate::protocol::ErrorCode::Internal, format!("token signing failed: {e}")))?;
+        Ok((token, exp))
+    }
+
+    /// Verify signature and expiry (no leeway: an expired token is expired).
+    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = 0;
+        v.validate_exp = true;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::unauthorized("token expired"),
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => ApiError::unauthorized("token signature is invalid"),
+                _ => ApiError::unauthorized("token is malformed"),
+            })
+    }
+}
+
+/// Format unix seconds in the contract's timestamp format.
+pub fn unix_to_rfc3339(secs: u64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip_and_binding() {
+        let a = Auth::new("key", "secret");
+        let (t, _) = a.issue("r_1", "alice", "Alice", true, false, 60).unwrap();
+        let c = a.verify(&t).unwrap();
+        assert_eq!(c.room, "r_1");
+        assert_eq!(c.sub, "alice");
+        assert!(c.can_publish);
+        assert!(!c.can_subscribe);
+    }
+
+    #[test]
+    fn forged_and_expired_tokens_are_refused() {
+        let a = Auth::new("key", "secret");
+        let b = Auth::new("key", "other-secret");
+        let (t, _) = b.issue("r_1", "alice", "a", true, true, 60).unwrap();
+        assert_eq!(a.verify(&t).unwrap_err().message, "token signature is invalid");
+        let (t, _) = a.issue("r_1", "alice", "a", true, true, 0).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(a.verify(&t).unwrap_err().message, "token expired");
+        assert!(a.verify("not.a.token").is_err());
+    }
+
+    #[test]
+    fn api_key_check() {
+        let a = Auth::new("k3y", "s");
+        assert!(a.check_bearer(Some("Bearer k3y")).is_ok());
+        assert!(a.check_bearer(Some("Bearer k3")).is_err());
+        assert!(a.check_bearer(Some("k3y")).is_err());
+        assert!(a.check_bearer(None).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! The gateway's public contract and its HTTP/WebSocket server.
+//!
+//! Layout:
+//! - `protocol`: wire types for every REST body and WebSocket message, the error shape, and the
+//!   connection state machine (always built; clients use it with the `server` feature off).
+//! - `media`: the interface to the media plane ([`media::MediaPlane`], [`media::EventSink`]).
+//! - `auth`: API key and signed join tokens.
+//! - `registry`: rooms, participants, sessions, connection history; the event sink.
+//! - `rest`, `ws`: the REST API for app backends and the WebSocket API for clients.
+//! - `metrics`: the first Prometheus counters.
+//! - `error`: the one error type that renders `{ "error": { code, message } }`.
+
+pub mod protocol;
+
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod error;
+#[cfg(feature = "server")]
+pub mod media;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod registry;
+#[cfg(feature = "server")]
+mod rest;
+#[cfg(feature = "server")]
+mod ws;
+
+#[cfg(feature = "server")]
+pub use server::*;
+
+#[cfg(feature = "server")]
+mod server {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::Router;
+
+    use crate::auth::Auth;
+    use crate::media::MediaPlane;
+    use crate::registry::Registry;
+
+    /// Settings of the signaling API (a slice of the gateway config).
+    #[derive(Debug, Clone)]
+    pub struct ApiConfig {
+        pub api_key: String,
+        pub token_secret: String,
+        /// Serve `POST /v1/dev/token` (join a room by name without a backend). Development only.
+        pub dev_token_route: bool,
+        /// `max_participants` of a room created without one.
+        pub default_max_participants: u32,
+        /// Upper bound a room may ask for.
+        pub max_participants_limit: u32,
+        pub max_rooms: usize,
+        /// How long a participant whose WebSocket dropped keeps its connections.
+        pub reconnect_grace: Duration,
+        pub ws_max_message_bytes: usize,
+        pub max_body_bytes: usize,
+        pub default_token_ttl_s: u64,
+        pub max_token_ttl_s: u64,
+        /// How long a terminal connection's history stays inspectable.
+        pub history_retention: Duration,
+    }
+
+    impl Default for ApiConfig {
+        fn default() -> Self {
+            Self {
+                api_key: "dev-api-key".into(),
+                token_secret: "dev-token-secret".into(),
+                dev_token_route: true,
+                default_max_participants: 16,
+                max_participants_limit: 256,
+                max_rooms: 1000,
+                reconnect_grace: Duration::from_secs(10),
+                ws_max_message_bytes: 256 * 1024,
+                max_body_bytes: 64 * 1024,
+                default_token_ttl_s: 3600,
+                max_token_ttl_s: 7 * 24 * 3600,
+                history_retention: Duration::from_secs(600),
+            }
+        }
+    }
+
+    /// Everything a handler needs.
+    #[derive(Clone)]
+    pub struct AppState {
+        pub config: Arc<ApiConfig>,
+        pub registry: Arc<Registry>,
+        pub media: Arc<dyn MediaPlane>,
+        pub auth: Auth,
+        /// Set when the server drains: new rooms and sessions are refused.
+        pub draining: Arc<AtomicBool>,
+    }
+
+    impl AppState {
+        pub fn new(config: ApiConfig, registry: Arc<Registry>, media: Arc<dyn MediaPlane>) -> Self {
+            let auth = Auth::new(&config.api_key, &config.token_secret);
+            Self { config: Arc::new(config), registry, media, auth, draining: Arc::new(AtomicBool::new(false)) }
+        }
+    }
+
+    /// The REST + WebSocket API, `/healthz` and `/metrics`.
+    pub fn router(state: AppState) -> Router {
+        crate::rest::routes(state.clone()).merge(crate::ws::routes(state))
+    }
+
+    /// Periodically forget the history of connections that ended long ago (bounded memory).
+    pub fn spawn_janitor(state: AppState) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                state.registry.purge_history(state.config.history_retention);
+            }
+        })
+    }
+}

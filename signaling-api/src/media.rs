@@ -1,0 +1,78 @@
+//! The interface between the signaling API and the media plane. The gateway implements
+//! [`MediaPlane`] with its media workers; tests implement it with a fake. Events flow back through
+//! [`EventSink`], called synchronously and in order by the media plane, so that an `answer` always
+//! reaches the client before the candidates and state events that follow it.
+
+use crate::protocol::{EventKind, ErrorCode, Role};
+
+/// A media plane refusal, rendered in the contract's error shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct MediaError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl MediaError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// What the media plane needs to know about a new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSpec {
+    pub room_id: String,
+    pub participant_id: String,
+    pub connection_id: String,
+    pub role: Role,
+}
+
+/// The media plane as the signaling API sees it. Every call returns once the media plane has
+/// acted; the events it caused have already been given to the [`EventSink`] by then.
+#[async_trait::async_trait]
+pub trait MediaPlane: Send + Sync + 'static {
+    /// Prepare a room (pins it to a media worker).
+    async fn create_room(&self, room_id: &str) -> Result<(), MediaError>;
+    /// Close every connection in the room (FINISHED, reason `room_closed`) and forget it.
+    async fn close_room(&self, room_id: &str);
+    /// Open a publish connection with the client's offer. The answer is emitted as
+    /// [`MediaEvent::Answer`]. On a rejected offer the connection ends FAILED and the error is returned.
+    async fn publish(&self, spec: ConnectionSpec, offer: String) -> Result<(), MediaError>;
+    /// Renegotiate an existing publish connection with a new offer.
+    async fn republish(&self, connection_id: &str, offer: String) -> Result<(), MediaError>;
+    /// Open a subscribe connection; the offer is emitted as [`MediaEvent::Offer`].
+    async fn subscribe(&self, spec: ConnectionSpec) -> Result<(), MediaError>;
+    /// Ask for a fresh offer on an existing subscribe connection.
+    async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError>;
+    /// Apply the client's answer to the latest gateway offer.
+    async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError>;
+    /// Add a trickled remote candidate (`candidate:…`); an empty string ends candidates.
+    async fn add_candidate(&self, connection_id: &str, candidate: String) -> Result<(), MediaError>;
+    /// End a connection on purpose (FINISHED with `reason`). Unknown ids are ignored.
+    async fn close_connection(&self, connection_id: &str, reason: &str);
+    /// Live statistics of a connection, if it is still open.
+    async fn connection_stats(&self, connection_id: &str) -> Option<serde_json::Value>;
+}
+
+/// What the media plane reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaEvent {
+    /// A state change or event of a connection.
+    Connection { connection_id: String, event: EventKind, reason: Option<String> },
+    /// The answer to a publish offer.
+    Answer { connection_id: String, sdp: String },
+    /// An offer (first or renegotiation) for a subscribe connection.
+    Offer { connection_id: String, sdp: String },
+    /// A gateway ICE candidate to trickle to the client.
+    Candidate { connection_id: String, candidate: String, sdp_mid: Option<String>, sdp_mline_index: Option<u16> },
+    /// A publication appeared in a room.
+    StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+    /// A publication ended.
+    StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+}
+
+/// Receives [`MediaEvent`]s. Implementations must be quick and never block on the media plane.
+pub trait EventSink: Send + Sync + 'static {
+    fn emit(&self, event: MediaEvent);
+}

@@ -1,0 +1,472 @@
+//! Wire types of the public contract (API.md): every REST body and WebSocket message, the error
+//! shape, and the erizo-like connection state machine. Clients (tests, the load tester) use these
+//! with the `server` feature off.
+
+use serde::{Deserialize, Serialize};
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Stable error codes of the contract. Serialized in snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    BadSdp,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    RoomFull,
+    PayloadTooLarge,
+    RateLimited,
+    NoPorts,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that goes with the code (API.md table).
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::BadSdp => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Conflict | ErrorCode::RoomFull => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::NoPorts => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// `{ "error": { "code", "message" } }`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection state machine (API.md §1)
+// ---------------------------------------------------------------------------------------------
+
+/// The role of a connection within its participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Publish,
+    Subscribe,
+}
+
+/// The states a connection walks through. Only moves forward; see [`ConnectionState::advance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConnectionState {
+    Initial,
+    Gathered,
+    Ready,
+    Finished,
+    Failed,
+}
+
+/// Every event a connection reports: the states plus two events that are not states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    Initial,
+    SdpProcessed,
+    Gathered,
+    Candidate,
+    Ready,
+    Finished,
+    Failed,
+}
+
+/// Why a transition was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("connection state cannot go from {from:?} to {to:?}")]
+pub struct InvalidTransition {
+    pub from: ConnectionState,
+    pub to: ConnectionState,
+}
+
+impl ConnectionState {
+    /// erizo's numeric code for the state.
+    pub fn code(self) -> u16 {
+        EventKind::from(self).code()
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, ConnectionState::Finished | ConnectionState::Failed)
+    }
+
+    /// The one transition function: INITIAL → GATHERED → READY → FINISHED, and any
+    /// non-terminal state → FAILED. FINISHED is allowed from any non-terminal state (a connection
+    /// can be closed on purpose before it ever connected). Each state is entered once.
+    pub fn advance(self, to: ConnectionState) -> Result<ConnectionState, InvalidTransition> {
+        use ConnectionState::*;
+        let ok = match (self, to) {
+            (Initial, Gathered) | (Gathered, Ready) => true,
+            (from, Finished | Failed) => !from.is_terminal(),
+            _ => false,
+        };
+        if ok {
+            Ok(to)
+        } else {
+            Err(InvalidTransition { from: self, to })
+        }
+    }
+}
+
+impl From<ConnectionState> for EventKind {
+    fn from(s: ConnectionState) -> Self {
+        match s {
+            ConnectionState::Initial => EventKind::Initial,
+            ConnectionState::Gathered => EventKind::Gathered,
+            ConnectionState::Ready => EventKind::Ready,
+            ConnectionState::Finished => EventKind::Finished,
+            ConnectionState::Failed => EventKind::Failed,
+        }
+    }
+}
+
+impl EventKind {
+    /// erizo's numeric codes.
+    pub fn code(self) -> u16 {
+        match self {
+            EventKind::Initial => 101,
+            EventKind::Gathered => 103,
+            EventKind::Ready => 104,
+            EventKind::Finished => 105,
+            EventKind::Candidate => 201,
+            EventKind::SdpProcessed => 203,
+            EventKind::Failed => 500,
+        }
+    }
+
+    /// The state this event enters, if it is a state.
+    pub fn state(self) -> Option<ConnectionState> {
+        match self {
+            EventKind::Initial => Some(ConnectionState::Initial),
+            EventKind::Gathered => Some(ConnectionState::Gathered),
+            EventKind::Ready => Some(ConnectionState::Ready),
+            EventKind::Finished => Some(ConnectionState::Finished),
+            EventKind::Failed => Some(ConnectionState::Failed),
+            EventKind::SdpProcessed | EventKind::Candidate => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Initial => "INITIAL",
+            EventKind::SdpProcessed => "SDP_PROCESSED",
+            EventKind::Gathered => "GATHERED",
+            EventKind::Candidate => "CANDIDATE",
+            EventKind::Ready => "READY",
+            EventKind::Finished => "FINISHED",
+            EventKind::Failed => "FAILED",
+        }
+    }
+}
+
+/// One step in a connection's life: a WebSocket message and an item of the REST history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionEvent {
+    pub connection_id: String,
+    pub role: Role,
+    pub event: EventKind,
+    pub code: u16,
+    /// RFC 3339 with milliseconds, UTC.
+    pub at: String,
+    pub reason: Option<String>,
+    pub sdp: Option<String>,
+}
+
+/// A history item as the REST API shows it: the same object as the WebSocket message, `type` included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HistoryItem {
+    ConnectionEvent(ConnectionEvent),
+}
+
+/// Current time in the contract's timestamp format.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// REST bodies (API.md §2)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoomRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub max_participants: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCreated {
+    pub room_id: String,
+    pub name: Option<String>,
+    pub max_participants: u32,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSummary {
+    pub room_id: String,
+    pub name: Option<String>,
+    pub participants: usize,
+    pub streams: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomList {
+    pub rooms: Vec<RoomSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionSummary {
+    pub connection_id: String,
+    pub role: Role,
+    pub state: ConnectionState,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantDetail {
+    pub participant_id: String,
+    pub name: String,
+    pub connections: Vec<ConnectionSummary>,
+    pub streams: Vec<StreamInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomDetail {
+    pub room_id: String,
+    pub name: Option<String>,
+    pub max_participants: u32,
+    pub created_at: String,
+    pub participants: Vec<ParticipantDetail>,
+    pub streams: Vec<StreamInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub participant: String,
+    /// Display name; defaults to `participant`.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub can_publish: Option<bool>,
+    #[serde(default)]
+    pub can_subscribe: Option<bool>,
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub expires_at: String,
+}
+
+/// `POST /v1/dev/token` (development only, see README): join a room by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenRequest {
+    pub room: String,
+    pub participant: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevTokenResponse {
+    pub token: String,
+    pub room_id: String,
+    pub participant_id: String,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionDetail {
+    pub connection_id: String,
+    pub room_id: String,
+    pub participant_id: String,
+    pub role: Role,
+    pub state: ConnectionState,
+    pub code: u16,
+    pub events: Vec<HistoryItem>,
+    pub stats: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket messages (API.md §3)
+// ---------------------------------------------------------------------------------------------
+
+/// A publication in a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub participant_id: String,
+    pub stream_id: String,
+    /// `audio` or `video`.
+    pub kind: String,
+    /// The publisher's mid.
+    pub mid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantInfo {
+    pub participant_id: String,
+    pub name: String,
+}
+
+/// `RTCIceCandidateInit` as browsers send and expect it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateMessage {
+    pub connection_id: String,
+    pub candidate: String,
+    #[serde(rename = "sdpMid", default)]
+    pub sdp_mid: Option<String>,
+    #[serde(rename = "sdpMLineIndex", default)]
+    pub sdp_mline_index: Option<u16>,
+}
+
+/// Client → gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Publish { sdp: String },
+    Subscribe {},
+    Answer { connection_id: String, sdp: String },
+    Candidate(CandidateMessage),
+    Leave {},
+}
+
+/// Gateway → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Joined {
+        room_id: String,
+        participant_id: String,
+        participants: Vec<ParticipantInfo>,
+        streams: Vec<StreamInfo>,
+    },
+    Answer {
+        connection_id: String,
+        sdp: String,
+    },
+    Offer {
+        connection_id: String,
+        sdp: String,
+    },
+    Candidate(CandidateMessage),
+    ConnectionEvent(ConnectionEvent),
+    ParticipantJoined(ParticipantInfo),
+    ParticipantLeft(ParticipantInfo),
+    StreamAdded(StreamInfo),
+    StreamRemoved(StreamInfo),
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connection_id: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_only_move_forward() {
+        use ConnectionState::*;
+        assert_eq!(Initial.advance(Gathered), Ok(Gathered));
+        assert_eq!(Gathered.advance(Ready), Ok(Ready));
+        assert_eq!(Ready.advance(Finished), Ok(Finished));
+        assert_eq!(Initial.advance(Failed), Ok(Failed));
+        assert_eq!(Initial.advance(Finished), Ok(Finished));
+        assert!(Initial.advance(Ready).is_err());
+        assert!(Ready.advance(Gathered).is_err());
+        assert!(Gathered.advance(Gathered).is_err());
+        assert!(Finished.advance(Failed).is_err());
+        assert!(Failed.advance(Finished).is_err());
+        assert!(Ready.advance(Initial).is_err());
+    }
+
+    #[test]
+    fn codes_match_erizo() {
+        assert_eq!(ConnectionState::Initial.code(), 101);
+        assert_eq!(ConnectionState::Gathered.code(), 103);
+        assert_eq!(ConnectionState::Ready.code(), 104);
+        assert_eq!(ConnectionState::Finished.code(), 105);
+        assert_eq!(ConnectionState::Failed.code(), 500);
+        assert_eq!(EventKind::Candidate.code(), 201);
+        assert_eq!(EventKind::SdpProcessed.code(), 203);
+    }
+
+    #[test]
+    fn messages_have_contract_shape() {
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"candidate","connection_id":"c_1","candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, ClientMessage::Candidate(ref c) if c.sdp_mid.as_deref() == Some("0")));
+        let m: ClientMessage = serde_json::from_str(r#"{"type":"subscribe"}"#).unwrap();
+        assert_eq!(m, ClientMessage::Subscribe {});
+
+        let ev = ServerMessage::ConnectionEvent(ConnectionEvent {
+            connection_id: "c_1".into(),
+            role: Role::Publish,
+            event: EventKind::Ready,
+            code: 104,
+            at: "2026-11-21T10:24:33.720Z".into(),
+            reason: None,
+            sdp: None,
+        });
+        let v: serde_json::Value = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["type"], "connection_event");
+        assert_eq!(v["event"], "READY");
+        assert_eq!(v["role"], "publish");
+        assert!(v["reason"].is_null());
+        let e = ServerMessage::Error { code: ErrorCode::BadSdp, message: "x".into(), connection_id: None };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["code"], "bad_sdp");
+        assert!(v.get("connection_id").is_none());
+    }
+
+    #[test]
+    fn history_item_carries_type() {
+        let h = HistoryItem::ConnectionEvent(ConnectionEvent {
+            connection_id: "c".into(),
+            role: Role::Subscribe,
+            event: EventKind::SdpProcessed,
+            code: 203,
+            at: now_rfc3339(),
+            reason: None,
+            sdp: None,
+        });
+        let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(v["type"], "connection_event");
+        assert_eq!(v["event"], "SDP_PROCESSED");
+    }
+}

@@ -1,0 +1,266 @@
+//! The control plane's view of the world: rooms, participants, client sessions and every
+//! connection's state and history. It is also the [`EventSink`] the media plane reports to: an
+//! event is recorded and forwarded to the owning client session in the order it was emitted.
+//!
+//! Locking: `DashMap` entries are held only for short, synchronous updates, never across an
+//! `.await`. The media packet path never comes here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+use crate::media::{EventSink, MediaEvent};
+use crate::metrics::Metrics;
+use crate::protocol::*;
+
+/// What a session's writer task sends to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    Message(ServerMessage),
+    /// Close the socket with this code and reason, after everything queued before it.
+    Close(u16, String),
+}
+
+pub type SessionTx = mpsc::UnboundedSender<Outbound>;
+
+pub struct Room {
+    pub room_id: String,
+    pub name: Option<String>,
+    pub max_participants: u32,
+    pub created_at: String,
+    pub participants: HashMap<String, Participant>,
+    pub streams: Vec<StreamInfo>,
+}
+
+pub struct Participant {
+    pub participant_id: String,
+    pub name: String,
+    /// The session that currently speaks for this participant.
+    pub session: u64,
+    /// Set while the WebSocket is gone and the grace period runs.
+    pub disconnected_at: Option<Instant>,
+    pub connections: Vec<String>,
+}
+
+pub struct ConnRecord {
+    pub connection_id: String,
+    pub room_id: String,
+    pub participant_id: String,
+    pub session: u64,
+    pub role: Role,
+    pub state: ConnectionState,
+    pub events: Vec<ConnectionEvent>,
+    pub ended_at: Option<Instant>,
+}
+
+impl ConnRecord {
+    pub fn summary(&self) -> ConnectionSummary {
+        ConnectionSummary {
+            connection_id: self.connection_id.clone(),
+            role: self.role,
+            state: self.state,
+            code: self.state.code(),
+        }
+    }
+}
+
+/// Registry of rooms, sessions and connections.
+pub struct Registry {
+    pub rooms: DashMap<String, Room>,
+    /// Room name → room id, for uniqueness of names.
+    pub names: DashMap<String, String>,
+    pub connections: DashMap<String, ConnRecord>,
+    pub sessions: DashMap<u64, SessionTx>,
+    pub metrics: Metrics,
+    next_session: AtomicU64,
+}
+
+/// Random id with a readable prefix: `r_…`, `c_…`, `st_…`.
+pub fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u128 = rand::rng().random();
+    format!("{prefix}_{:024x}", n & ((1u128 << 96) - 1))
+}
+
+impl Registry {
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            rooms: DashMap::new(),
+            names: DashMap::new(),
+            connections: DashMap::new(),
+            sessions: DashMap::new(),
+            metrics,
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queue a message for a session; a closed session is ignored.
+    pub fn send_to_session(&self, session: u64, out: Outbound) {
+        if let Some(tx) = self.sessions.get(&session) {
+            let _ = tx.send(out);
+        }
+    }
+
+    /// Send to every present participant of a room, optionally sparing one.
+    pub fn broadcast(&self, room_id: &str, except: Option<&str>, msg: ServerMessage) {
+        let targets: Vec<u64> = match self.rooms.get(room_id) {
+            Some(room) => room
+                .participants
+                .values()
+                .filter(|p| Some(p.participant_id.as_str()) != except && p.disconnected_at.is_none())
+                .map(|p| p.session)
+                .collect(),
+            None => return,
+        };
+        for s in targets {
+            self.send_to_session(s, Outbound::Message(msg.clone()));
+        }
+    }
+
+    /// Register a connection before the media plane hears of it, so its events have a home.
+    pub fn insert_connection(&self, spec: &crate::media::ConnectionSpec, session: u64) {
+        self.connections.insert(
+            spec.connection_id.clone(),
+            ConnRecord {
+                connection_id: spec.connection_id.clone(),
+                room_id: spec.room_id.clone(),
+                participant_id: spec.participant_id.clone(),
+                session,
+                role: spec.role,
+                state: ConnectionState::Initial,
+                events: Vec::new(),
+                ended_at: None,
+            },
+        );
+        if let Some(mut room) = self.rooms.get_mut(&spec.room_id) {
+            if let Some(p) = room.participants.get_mut(&spec.participant_id) {
+                p.connections.push(spec.connection_id.clone());
+            }
+        }
+    }
+
+    /// The connection ids of a participant that are not terminal yet.
+    pub fn live_connections(&self, room_id: &str, participant_id: &str) -> Vec<String> {
+        let ids: Vec<String> = match self.rooms.get(room_id) {
+            Some(room) => match room.participants.get(participant_id) {
+                Some(p) => p.connections.clone(),
+                None => return Vec::new(),
+            },
+            None => return Vec::new(),
+        };
+        ids.into_iter()
+            .filter(|id| self.connections.get(id).is_some_and(|c| !c.state.is_terminal()))
+            .collect()
+    }
+
+    /// The participant's live connection with this role, if any.
+    pub fn live_connection_with_role(&self, room_id: &str, participant_id: &str, role: Role) -> Option<String> {
+        self.live_connections(room_id, participant_id)
+            .into_iter()
+            .find(|id| self.connections.get(id).is_some_and(|c| c.role == role))
+    }
+
+    /// Remove terminal connection records older than `retention`; returns how many went.
+    pub fn purge_history(&self, retention: Duration) -> usize {
+        let now = Instant::now();
+        let before = self.connections.len();
+        self.connections
+            .retain(|_, c| c.ended_at.is_none_or(|t| now.duration_since(t) < retention));
+        before - self.connections.len()
+    }
+
+    fn record_event(&self, connection_id: &str, event: EventKind, reason: Option<String>) {
+        let Some(mut rec) = self.connections.get_mut(connection_id) else {
+            return;
+        };
+        if let Some(state) = event.state() {
+            if state != ConnectionState::Initial {
+                if rec.state.advance(state).is_err() {
+                    // The media plane enforces the machine; a refused step here is a bug, not input.
+                    tracing::warn!(connection_id, from = ?rec.state, to = ?state, "ignored invalid transition");
+                    return;
+                }
+                let gauge = &self.metrics.connections;
+                gauge.with_label_values(&[EventKind::from(rec.state).as_str()]).dec();
+                rec.state = state;
+                if state.is_terminal() {
+                    rec.ended_at = Some(Instant::now());
+                }
+            }
+            if !state.is_terminal() {
+                self.metrics.connections.with_label_values(&[event.as_str()]).inc();
+            }
+        }
+        let role = rec.role;
+        self.metrics
+            .connection_events
+            .with_label_values(&[if role == Role::Publish { "publish" } else { "subscribe" }, event.as_str()])
+            .inc();
+        let ev = ConnectionEvent {
+            connection_id: connection_id.to_owned(),
+            role,
+            event,
+            code: event.code(),
+            at: now_rfc3339(),
+            reason,
+            sdp: None,
+        };
+        rec.events.push(ev.clone());
+        let session = rec.session;
+        drop(rec);
+        self.send_to_session(session, Outbound::Message(ServerMessage::ConnectionEvent(ev)));
+    }
+
+    fn session_of(&self, connection_id: &str) -> Option<u64> {
+        self.connections.get(connection_id).map(|c| c.session)
+    }
+}
+
+impl EventSink for Registry {
+    fn emit(&self, event: MediaEvent) {
+        match event {
+            MediaEvent::Connection { connection_id, event, reason } => {
+                self.record_event(&connection_id, event, reason);
+            }
+            MediaEvent::Answer { connection_id, sdp } => {
+                if let Some(s) = self.session_of(&connection_id) {
+                    self.send_to_session(s, Outbound::Message(ServerMessage::Answer { connection_id, sdp }));
+                }
+            }
+            MediaEvent::Offer { connection_id, sdp } => {
+                if let Some(s) = self.session_of(&connection_id) {
+                    self.send_to_session(s, Outbound::Message(ServerMessage::Offer { connection_id, sdp }));
+                }
+            }
+            MediaEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index } => {
+                if let Some(s) = self.session_of(&connection_id) {
+                    let msg = ServerMessage::Candidate(CandidateMessage { connection_id, candidate, sdp_mid, sdp_mline_index });
+                    self.send_to_session(s, Outbound::Message(msg));
+                }
+            }
+            MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
+                let info = StreamInfo { participant_id, stream_id, kind, mid };
+                match self.rooms.get_mut(&room_id) {
+                    Some(mut room) => room.streams.push(info.clone()),
+                    None => return,
+                }
+                self.broadcast(&room_id, None, ServerMessage::StreamAdded(info));
+            }
+            MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
+                let info = StreamInfo { participant_id, stream_id, kind, mid };
+                match self.rooms.get_mut(&room_id) {
+                    Some(mut room) => room.streams.retain(|s| s.stream_id != info.stream_id),
+                    None => return,
+                }
+                self.broadcast(&room_id, None, ServerMessage::StreamRemoved(info));
+            }
+        }
+    }
+}

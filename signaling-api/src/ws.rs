@@ -1,0 +1,350 @@
+//! WebSocket API for clients (API.md §3). One task reads client messages and acts on them; one
+//! writer task drains the session's outbound queue, which the registry fills in event order.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::auth::Claims;
+use crate::error::ApiError;
+use crate::media::ConnectionSpec;
+use crate::protocol::*;
+use crate::registry::{new_id, Outbound, Participant};
+use crate::AppState;
+
+pub(crate) fn routes(state: AppState) -> Router {
+    Router::new().route("/v1/ws", get(upgrade)).with_state(state)
+}
+
+async fn upgrade(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let claims = match authorize(&state, query.get("token").map(String::as_str)) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(r) => return ApiError::bad_request(format!("WebSocket upgrade required: {}", r.body_text())).into_response(),
+    };
+    ws.max_message_size(state.config.ws_max_message_bytes)
+        .max_frame_size(state.config.ws_max_message_bytes)
+        .on_upgrade(move |socket| run_session(state, claims, socket))
+}
+
+/// Everything that can refuse a client before the upgrade.
+fn authorize(state: &AppState, token: Option<&str>) -> Result<Claims, ApiError> {
+    let token = token.filter(|t| !t.is_empty()).ok_or_else(|| ApiError::unauthorized("missing token"))?;
+    let claims = state.auth.verify(token)?;
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::new(ErrorCode::Conflict, "server is draining"));
+    }
+    let room = state.registry.rooms.get(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
+    if !room.participants.contains_key(&claims.sub) && room.participants.len() >= room.max_participants as usize {
+        return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
+    }
+    Ok(claims)
+}
+
+/// Result of admitting a session to its room.
+struct Admitted {
+    joined: ServerMessage,
+    /// The session this one replaces, and its connections.
+    replaced: Option<(u64, Vec<String>)>,
+}
+
+fn admit(state: &AppState, claims: &Claims, session: u64) -> Result<Admitted, ApiError> {
+    let reg = &state.registry;
+    let mut room = reg.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
+    let replaced = room.participants.get(&claims.sub).map(|p| (p.session, p.connections.clone()));
+    if replaced.is_none() && room.participants.len() >= room.max_participants as usize {
+        return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
+    }
+    room.participants.insert(
+        claims.sub.clone(),
+        Participant {
+            participant_id: claims.sub.clone(),
+            name: claims.name.clone(),
+            session,
+            disconnected_at: None,
+            connections: replaced.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
+        },
+    );
+    if replaced.is_none() {
+        reg.metrics.participants.inc();
+    }
+    let mut participants: Vec<ParticipantInfo> = room
+        .participants
+        .values()
+        .filter(|p| p.participant_id != claims.sub)
+        .map(|p| ParticipantInfo { participant_id: p.participant_id.clone(), name: p.name.clone() })
+        .collect();
+    participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
+    let joined = ServerMessage::Joined {
+        room_id: claims.room.clone(),
+        participant_id: claims.sub.clone(),
+        participants,
+        streams: room.streams.clone(),
+    };
+    Ok(Admitted { joined, replaced })
+}
+
+async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
+    let reg = state.registry.clone();
+    let session = reg.next_session_id();
+    let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
+    let (sink, mut stream) = socket.split();
+    reg.sessions.insert(session, tx.clone());
+    reg.metrics.ws_sessions.inc();
+    let writer = tokio::spawn(write_loop(sink, rx));
+
+    let room_id = claims.room.clone();
+    let participant_id = claims.sub.clone();
+    match admit(&state, &claims, session) {
+        Ok(Admitted { joined, replaced }) => {
+            let _ = tx.send(Outbound::Message(joined));
+            match replaced {
+                Some((old_session, old_conns)) => {
+                    for id in old_conns {
+                        state.media.close_connection(&id, "replaced").await;
+                    }
+                    reg.send_to_session(old_session, Outbound::Close(1000, "replaced".into()));
+                    reg.sessions.remove(&old_session);
+                }
+                None => {
+                    let info = ParticipantInfo { participant_id: participant_id.clone(), name: claims.name.clone() };
+                    reg.broadcast(&room_id, Some(&participant_id), ServerMessage::ParticipantJoined(info));
+                }
+            }
+            tracing::info!(room_id, participant_id, session, "participant joined");
+        }
+        Err(e) => {
+            let _ = tx.send(Outbound::Message(ServerMessage::Error { code: e.code, message: e.message, connection_id: None }));
+            let _ = tx.send(Outbound::Close(1008, "refused".into()));
+            reg.sessions.remove(&session);
+            drop(tx);
+            let _ = writer.await;
+            reg.metrics.ws_sessions.dec();
+            return;
+        }
+    }
+
+    let mut left = false;
+    while let Some(msg) = stream.next().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Binary(_)) => {
+                send_error(&tx, ApiError::bad_request("binary messages are not part of the protocol"), None);
+                continue;
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(Message::Close(_)) | Err(_) => break,
+        };
+        if handle_text(&state, &claims, session, &tx, text.as_str()).await {
+            left = true;
+            break;
+        }
+    }
+
+    if !left {
+        // The socket dropped without `leave`: keep the connections for the grace period.
+        let still_ours = match reg.rooms.get_mut(&room_id) {
+            Some(mut room) => match room.participants.get_mut(&participant_id) {
+                Some(p) if p.session == session => {
+                    p.disconnected_at = Some(Instant::now());
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        };
+        if still_ours {
+            let state = state.clone();
+            let (room_id, participant_id) = (room_id.clone(), participant_id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(state.config.reconnect_grace).await;
+                remove_participant(&state, &room_id, &participant_id, session, "signaling_lost").await;
+            });
+        }
+    }
+    reg.sessions.remove(&session);
+    drop(tx);
+    let _ = writer.await;
+    reg.metrics.ws_sessions.dec();
+    tracing::info!(room_id, participant_id, session, left, "session ended");
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outbound::Message(m) => {
+                let Ok(text) = serde_json::to_string(&m) else { continue };
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            Outbound::Close(code, reason) => {
+                let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                break;
+            }
+        }
+    }
+    let _ = sink.close().await;
+}
+
+fn send_error(tx: &mpsc::UnboundedSender<Outbound>, e: ApiError, connection_id: Option<String>) {
+    let _ = tx.send(Outbound::Message(ServerMessage::Error { code: e.code, message: e.message, connection_id }));
+}
+
+/// Handle one client message; returns true when the client left.
+async fn handle_text(
+    state: &AppState,
+    claims: &Claims,
+    session: u64,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    text: &str,
+) -> bool {
+    let msg: ClientMessage = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            send_error(tx, ApiError::bad_request(format!("invalid message: {e}")), None);
+            return false;
+        }
+    };
+    let reg = &state.registry;
+    let (room_id, pid) = (claims.room.as_str(), claims.sub.as_str());
+    let result: Result<(), (ApiError, Option<String>)> = match msg {
+        ClientMessage::Publish { sdp } => {
+            if !claims.can_publish {
+                Err((ApiError::forbidden("this token may not publish"), None))
+            } else {
+                open_or_renegotiate(state, claims, session, Role::Publish, Some(sdp)).await
+            }
+        }
+        ClientMessage::Subscribe {} => {
+            if !claims.can_subscribe {
+                Err((ApiError::forbidden("this token may not subscribe"), None))
+            } else {
+                open_or_renegotiate(state, claims, session, Role::Subscribe, None).await
+            }
+        }
+        ClientMessage::Answer { connection_id, sdp } => match owned(state, claims, &connection_id) {
+            Ok(()) => state.media.answer(&connection_id, sdp).await.map_err(|e| (e.into(), Some(connection_id))),
+            Err(e) => Err((e, Some(connection_id))),
+        },
+        ClientMessage::Candidate(c) => match owned(state, claims, &c.connection_id) {
+            Ok(()) => state
+                .media
+                .add_candidate(&c.connection_id, c.candidate)
+                .await
+                .map_err(|e| (e.into(), Some(c.connection_id))),
+            Err(e) => Err((e, Some(c.connection_id))),
+        },
+        ClientMessage::Leave {} => {
+            remove_participant(state, room_id, pid, session, "leave").await;
+            reg.send_to_session(session, Outbound::Close(1000, "leave".into()));
+            return true;
+        }
+    };
+    if let Err((e, conn)) = result {
+        send_error(tx, e, conn);
+    }
+    false
+}
+
+/// The connection exists and belongs to this participant; anything else is `not_found`, so one
+/// participant learns nothing about another's connections.
+fn owned(state: &AppState, claims: &Claims, connection_id: &str) -> Result<(), ApiError> {
+    match state.registry.connections.get(connection_id) {
+        Some(c) if c.room_id == claims.room && c.participant_id == claims.sub => Ok(()),
+        _ => Err(ApiError::not_found("connection")),
+    }
+}
+
+async fn open_or_renegotiate(
+    state: &AppState,
+    claims: &Claims,
+    session: u64,
+    role: Role,
+    offer: Option<String>,
+) -> Result<(), (ApiError, Option<String>)> {
+    let reg = &state.registry;
+    if !reg.rooms.get(&claims.room).is_some_and(|r| r.participants.get(&claims.sub).is_some_and(|p| p.session == session)) {
+        return Err((ApiError::not_found("room"), None));
+    }
+    if let Some(id) = reg.live_connection_with_role(&claims.room, &claims.sub, role) {
+        let r = match offer {
+            Some(sdp) => state.media.republish(&id, sdp).await,
+            None => state.media.resubscribe(&id).await,
+        };
+        return r.map_err(|e| (e.into(), Some(id)));
+    }
+    let spec = ConnectionSpec {
+        room_id: claims.room.clone(),
+        participant_id: claims.sub.clone(),
+        connection_id: new_id("c"),
+        role,
+    };
+    reg.insert_connection(&spec, session);
+    let id = spec.connection_id.clone();
+    let r = match offer {
+        Some(sdp) => state.media.publish(spec, sdp).await,
+        None => state.media.subscribe(spec).await,
+    };
+    if let Err(e) = &r {
+        // The media plane refused before it created anything: record the failure so the
+        // connection's history tells the story and nothing stays half-made.
+        let not_created = reg.connections.get(&id).is_some_and(|c| c.events.is_empty());
+        if not_created {
+            reg.connections.remove(&id);
+            if let Some(mut room) = reg.rooms.get_mut(&claims.room) {
+                if let Some(p) = room.participants.get_mut(&claims.sub) {
+                    p.connections.retain(|c| c != &id);
+                }
+            }
+            return Err((ApiError::from(e.clone()), None));
+        }
+    }
+    r.map_err(|e| (e.into(), Some(id)))
+}
+
+/// End a participant: close its connections (FINISHED with `reason`), take it out of its room and
+/// tell the others. Does nothing if another session has replaced `session` meanwhile.
+pub(crate) async fn remove_participant(state: &AppState, room_id: &str, participant_id: &str, session: u64, reason: &str) {
+    let reg = &state.registry;
+    let current = reg
+        .rooms
+        .get(room_id)
+        .and_then(|r| r.participants.get(participant_id).map(|p| p.session));
+    if current != Some(session) {
+        return;
+    }
+    for id in reg.live_connections(room_id, participant_id) {
+        state.media.close_connection(&id, reason).await;
+    }
+    let removed = match reg.rooms.get_mut(room_id) {
+        Some(mut room) => match room.participants.get(participant_id) {
+            Some(p) if p.session == session => room.participants.remove(participant_id),
+            _ => None,
+        },
+        None => None,
+    };
+    if let Some(p) = removed {
+        reg.metrics.participants.dec();
+        let info = ParticipantInfo { participant_id: p.participant_id, name: p.name };
+        reg.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
+        tracing::info!(room_id, participant_id, reason, "participant left");
+    }
+}
