@@ -1,0 +1,18 @@
+//! The SFU media gateway server.
+//!
+//! Layout:
+//! - `config`: the configuration (defaults, TOML file, `GATEWAY__…` env), validated.
+//! - `server`: assembles and starts everything; `main` and the tests call [`server::start`].
+//! - `worker`: media worker threads: a mio loop around the sans-IO `gateway_core::Engine`.
+//! - `plane`: the `MediaPlane` the signaling API calls; places rooms on workers.
+//! - `ports`: the UDP port pool.
+//! - `metrics`: media-plane Prometheus metrics.
+//! - `web`: the browser client served at `/`.
+
+pub mod config;
+pub mod metrics;
+pub mod plane;
+pub mod ports;
+pub mod server;
+pub mod web;
+pub mod worker;

@@ -1,1 +1,82 @@
-fn main() {}
+//! `gateway [--config FILE]`: starts the SFU with working defaults (HTTP on 127.0.0.1:8080,
+//! media on 127.0.0.1, the web client at `/`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use gateway::config::GatewayConfig;
+
+#[derive(Parser)]
+#[command(version, about = "SFU media gateway: multi-party WebRTC rooms")]
+struct Args {
+    /// TOML configuration file; every key can be overridden by GATEWAY__SECTION__KEY.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn init_tracing(cfg: &GatewayConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    if cfg.log.format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let cfg = match GatewayConfig::load(args.config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let running = match gateway::server::start(cfg.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("gateway: {e:#}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        let url = running.base_url();
+        tracing::info!(
+            http = %url,
+            media = %format!("{}:{}-{}", cfg.candidate_ip(), cfg.media.port_min, cfg.media.port_max),
+            workers = cfg.worker_count(),
+            dev_token_route = cfg.dev_token_route(),
+            "gateway started; open {url}/ in a browser"
+        );
+        terminated().await;
+        tracing::info!("shutting down: ending every connection");
+        running.shutdown(Duration::from_secs(5)).await;
+        std::process::ExitCode::SUCCESS
+    })
+}

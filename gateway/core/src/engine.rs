@@ -119,6 +119,10 @@ impl Engine {
         self.rooms.len()
     }
 
+    pub fn has_connection(&self, key: ConnKey) -> bool {
+        self.conns.contains_key(&key)
+    }
+
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }

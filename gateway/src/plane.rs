@@ -1,0 +1,136 @@
+//! The gateway's [`MediaPlane`]: places rooms on media workers (least loaded), routes each call
+//! to the worker that owns the room or connection, and awaits its reply.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use signaling_api::media::{ConnectionSpec, MediaError, MediaPlane};
+use signaling_api::protocol::ErrorCode;
+use tokio::sync::oneshot;
+
+use crate::worker::{Command, Directory, Reply, Spec, WorkerHandle};
+
+pub struct GatewayMedia {
+    workers: Vec<WorkerHandle>,
+    /// Room → worker index.
+    rooms: DashMap<String, usize>,
+    /// Connection → worker index (workers remove ended connections).
+    directory: Arc<Directory>,
+}
+
+fn gone() -> MediaError {
+    MediaError::new(ErrorCode::Internal, "media worker is not running")
+}
+
+impl GatewayMedia {
+    pub fn new(workers: Vec<WorkerHandle>, directory: Arc<Directory>) -> Self {
+        Self { workers, rooms: DashMap::new(), directory }
+    }
+
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    async fn call<T>(&self, worker: usize, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, MediaError> {
+        let (tx, rx) = oneshot::channel();
+        let handle = self.workers.get(worker).ok_or_else(gone)?;
+        if !handle.send(make(tx)) {
+            return Err(gone());
+        }
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    fn room_worker(&self, room_id: &str) -> Result<usize, MediaError> {
+        self.rooms
+            .get(room_id)
+            .map(|w| *w)
+            .ok_or_else(|| MediaError::new(ErrorCode::NotFound, "room not found"))
+    }
+
+    fn conn_worker(&self, connection_id: &str) -> Result<usize, MediaError> {
+        self.directory
+            .get(connection_id)
+            .map(|w| *w)
+            .ok_or_else(|| MediaError::new(ErrorCode::NotFound, "connection not found"))
+    }
+
+    async fn open(&self, spec: ConnectionSpec, offer: Option<String>) -> Result<(), MediaError> {
+        let w = self.room_worker(&spec.room_id)?;
+        let id = spec.connection_id.clone();
+        self.directory.insert(id.clone(), w);
+        let s = Spec { connection_id: spec.connection_id, room_id: spec.room_id, participant_id: spec.participant_id };
+        let r = match offer {
+            Some(offer) => self.call(w, |reply| Command::Publish { spec: s, offer, reply }).await,
+            None => self.call(w, |reply| Command::Subscribe { spec: s, reply }).await,
+        };
+        if r.is_err() {
+            // Either never created or already ended (FAILED): no entry may stay behind.
+            self.directory.remove(&id);
+        }
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl MediaPlane for GatewayMedia {
+    async fn create_room(&self, room_id: &str) -> Result<(), MediaError> {
+        let w = (0..self.workers.len())
+            .min_by_key(|&i| self.workers[i].rooms.load(Ordering::Relaxed))
+            .ok_or_else(gone)?;
+        self.call(w, |reply| Command::CreateRoom { room_id: room_id.to_owned(), reply }).await?;
+        self.rooms.insert(room_id.to_owned(), w);
+        Ok(())
+    }
+
+    async fn close_room(&self, room_id: &str) {
+        if let Some((_, w)) = self.rooms.remove(room_id) {
+            let _ = self.call(w, |reply| Command::CloseRoom { room_id: room_id.to_owned(), reply }).await;
+        }
+    }
+
+    async fn publish(&self, spec: ConnectionSpec, offer: String) -> Result<(), MediaError> {
+        self.open(spec, Some(offer)).await
+    }
+
+    async fn republish(&self, connection_id: &str, offer: String) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::Republish { connection_id: connection_id.to_owned(), offer, reply }).await
+    }
+
+    async fn subscribe(&self, spec: ConnectionSpec) -> Result<(), MediaError> {
+        self.open(spec, None).await
+    }
+
+    async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::Resubscribe { connection_id: connection_id.to_owned(), reply }).await
+    }
+
+    async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::Answer { connection_id: connection_id.to_owned(), sdp, reply }).await
+    }
+
+    async fn add_candidate(&self, connection_id: &str, candidate: String) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::Candidate { connection_id: connection_id.to_owned(), candidate, reply }).await
+    }
+
+    async fn close_connection(&self, connection_id: &str, reason: &str) {
+        if let Ok(w) = self.conn_worker(connection_id) {
+            let _ = self
+                .call(w, |reply| Command::Close { connection_id: connection_id.to_owned(), reason: reason.to_owned(), reply })
+                .await;
+        }
+    }
+
+    async fn connection_stats(&self, connection_id: &str) -> Option<serde_json::Value> {
+        let w = self.conn_worker(connection_id).ok()?;
+        let (tx, rx) = oneshot::channel();
+        if !self.workers.get(w)?.send(Command::Stats { connection_id: connection_id.to_owned(), reply: tx }) {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+}

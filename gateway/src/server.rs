@@ -1,0 +1,153 @@
+//! Assembles the gateway: metrics registry, port pool, media workers, the media plane, the
+//! signaling API and the web client, served over HTTP or HTTPS. Used by `main` and by the
+//! integration tests, which start a real gateway on ephemeral ports.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use signaling_api::media::{EventSink, MediaPlane};
+use signaling_api::registry::{Outbound, Registry};
+use signaling_api::AppState;
+
+use crate::config::{GatewayConfig, TlsMode};
+use crate::metrics::MediaMetrics;
+use crate::plane::GatewayMedia;
+use crate::ports::PortPool;
+use crate::worker::{self, Command, Directory, WorkerSetup};
+
+/// A started gateway.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub tls: bool,
+    pub state: AppState,
+    pub ports: Arc<PortPool>,
+    media: Arc<GatewayMedia>,
+    server: tokio::task::JoinHandle<()>,
+    server_handle: axum_server::Handle<SocketAddr>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// `http://…` or `https://…` base URL of the API.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.http_addr)
+    }
+
+    /// Stop taking new work, end every connection FINISHED (clients get the events), close
+    /// sockets, stop the workers and the HTTP server.
+    pub async fn shutdown(self, drain: Duration) {
+        let state = &self.state;
+        state.draining.store(true, Ordering::Relaxed);
+        let rooms: Vec<String> = state.registry.rooms.iter().map(|r| r.key().clone()).collect();
+        for room in rooms {
+            self.media.close_room(&room).await;
+        }
+        let sessions: Vec<u64> = state.registry.sessions.iter().map(|s| *s.key()).collect();
+        for s in sessions {
+            state.registry.send_to_session(s, Outbound::Close(1001, "shutdown".into()));
+        }
+        self.server_handle.graceful_shutdown(Some(drain));
+        let _ = tokio::time::timeout(drain + Duration::from_secs(1), self.server).await;
+        for w in self.media.workers() {
+            w.send(Command::Shutdown);
+        }
+        for j in self.workers {
+            let _ = j.join();
+        }
+    }
+}
+
+pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
+    let prom = prometheus::Registry::new();
+    let registry = Arc::new(Registry::new(signaling_api::metrics::Metrics::new(prom.clone())));
+    let media_metrics = MediaMetrics::new(&prom);
+    let ports = Arc::new(PortPool::new(cfg.media.port_min, cfg.media.port_max));
+    let directory = Arc::new(Directory::new());
+
+    let mut handles = Vec::new();
+    let mut joins = Vec::new();
+    for index in 0..cfg.worker_count() {
+        let (h, j) = worker::spawn(WorkerSetup {
+            index,
+            core: cfg.core(),
+            bind_ip: cfg.media.bind_ip,
+            candidate_ip: cfg.candidate_ip(),
+            ports: Arc::clone(&ports),
+            sink: Arc::clone(&registry) as Arc<dyn EventSink>,
+            directory: Arc::clone(&directory),
+            metrics: media_metrics.clone(),
+        })
+        .context("starting a media worker")?;
+        handles.push(h);
+        joins.push(j);
+    }
+    let media = Arc::new(GatewayMedia::new(handles, directory));
+    let state = AppState::new(cfg.api(), Arc::clone(&registry), Arc::clone(&media) as Arc<dyn MediaPlane>);
+    let app = signaling_api::router(state.clone()).merge(crate::web::routes());
+    signaling_api::spawn_janitor(state.clone());
+    {
+        let ports = Arc::clone(&ports);
+        let m = media_metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let free = ports.free();
+                m.ports_free.set(free as i64);
+                m.ports_in_use.set((ports.total() - free) as i64);
+            }
+        });
+    }
+
+    let listener = std::net::TcpListener::bind(cfg.http.bind)
+        .with_context(|| format!("http.bind: cannot listen on {}", cfg.http.bind))?;
+    listener.set_nonblocking(true)?;
+    let http_addr = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    let service = app.into_make_service();
+    let tls = cfg.http.tls != TlsMode::Off;
+    let server = if tls {
+        let rustls = tls_config(&cfg).await?;
+        let srv = axum_server::from_tcp_rustls(listener, rustls)?.handle(handle.clone());
+        tokio::spawn(async move {
+            if let Err(e) = srv.serve(service).await {
+                tracing::error!(error = %e, "HTTPS server stopped");
+            }
+        })
+    } else {
+        let srv = axum_server::from_tcp(listener)?.handle(handle.clone());
+        tokio::spawn(async move {
+            if let Err(e) = srv.serve(service).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        })
+    };
+    Ok(Running { http_addr, tls, state, ports, media, server, server_handle: handle, workers: joins })
+}
+
+/// TLS from files, or a self-signed certificate made now with rcgen for the bind address,
+/// localhost and the announced addresses (a secure context for getUserMedia on a LAN).
+async fn tls_config(cfg: &GatewayConfig) -> anyhow::Result<axum_server::tls_rustls::RustlsConfig> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match cfg.http.tls {
+        TlsMode::Files => {
+            let (cert, key) = (cfg.http.cert.as_deref().unwrap_or(""), cfg.http.key.as_deref().unwrap_or(""));
+            axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| format!("http.cert/http.key: cannot load {cert} / {key}"))
+        }
+        _ => {
+            let mut names = vec!["localhost".to_owned(), cfg.http.bind.ip().to_string()];
+            names.extend(cfg.media.announced_ips.iter().map(|ip| ip.to_string()));
+            let ck = rcgen::generate_simple_self_signed(names).context("generating the self-signed certificate")?;
+            let cert = ck.cert.pem().into_bytes();
+            let key = ck.signing_key.serialize_pem().into_bytes();
+            axum_server::tls_rustls::RustlsConfig::from_pem(cert, key)
+                .await
+                .context("loading the self-signed certificate")
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! A media worker: one OS thread with a mio event loop that owns an [`Engine`] and the UDP
+//! sockets of its rooms' connections. The packet path (read → engine → send) runs entirely on
+//! this thread with no locks. The control plane talks to it through a command channel plus a
+//! mio `Waker`, and gets replies on oneshots sent only after the events the command caused have
+//! been handed to the event sink.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use gateway_core::{ConnKey, CoreConfig, CoreError, CoreEvent, Engine, NewConnection, Output};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use signaling_api::media::{EventSink, MediaError, MediaEvent};
+use signaling_api::protocol::ErrorCode;
+use tokio::sync::oneshot;
+
+use crate::metrics::MediaMetrics;
+use crate::ports::PortPool;
+
+const WAKE: Token = Token(usize::MAX);
+/// Largest datagram we read; WebRTC stays well below.
+const RECV_BUF: usize = 2048;
+/// How often counters are published to Prometheus.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
+
+pub type Reply<T> = oneshot::Sender<Result<T, MediaError>>;
+
+pub enum Command {
+    CreateRoom { room_id: String, reply: Reply<()> },
+    CloseRoom { room_id: String, reply: Reply<()> },
+    Publish { spec: Spec, offer: String, reply: Reply<()> },
+    Republish { connection_id: String, offer: String, reply: Reply<()> },
+    Subscribe { spec: Spec, reply: Reply<()> },
+    Resubscribe { connection_id: String, reply: Reply<()> },
+    Answer { connection_id: String, sdp: String, reply: Reply<()> },
+    Candidate { connection_id: String, candidate: String, reply: Reply<()> },
+    Close { connection_id: String, reason: String, reply: Reply<()> },
+    Stats { connection_id: String, reply: oneshot::Sender<Option<serde_json::Value>> },
+    Shutdown,
+}
+
+pub struct Spec {
+    pub connection_id: String,
+    pub room_id: String,
+    pub participant_id: String,
+}
+
+/// What the rest of the process holds of a worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+    /// Rooms pinned to this worker (for least-loaded placement).
+    pub rooms: Arc<AtomicUsize>,
+}
+
+impl WorkerHandle {
+    pub fn send(&self, cmd: Command) -> bool {
+        if self.tx.send(cmd).is_err() {
+            return false;
+        }
+        self.waker.wake().is_ok()
+    }
+}
+
+/// Shared with the media plane front: connection → worker, cleaned when connections end.
+pub type Directory = dashmap::DashMap<String, usize>;
+
+pub struct WorkerSetup {
+    pub index: usize,
+    pub core: CoreConfig,
+    pub bind_ip: IpAddr,
+    pub candidate_ip: IpAddr,
+    pub ports: Arc<PortPool>,
+    pub sink: Arc<dyn EventSink>,
+    pub directory: Arc<Directory>,
+    pub metrics: MediaMetrics,
+}
+
+struct Sock {
+    socket: UdpSocket,
+    port: u16,
+    /// Our candidate address: what the client sends to.
+    candidate: SocketAddr,
+}
+
+pub fn spawn(setup: WorkerSetup) -> std::io::Result<(WorkerHandle, std::thread::JoinHandle<()>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    let (tx, rx) = mpsc::channel();
+    let rooms = Arc::new(AtomicUsize::new(0));
+    let handle = WorkerHandle { tx, waker, rooms: Arc::clone(&rooms) };
+    let join = std::thread::Builder::new()
+        .name(format!("media-{}", setup.index))
+        .spawn(move || Worker::new(setup, poll, rx, rooms).run())?;
+    Ok((handle, join))
+}
+
+struct Worker {
+    setup: WorkerSetup,
+    poll: Poll,
+    rx: mpsc::Receiver<Command>,
+    engine: Engine,
+    sockets: HashMap<ConnKey, Sock>,
+    next_key: u64,
+    rooms: Arc<AtomicUsize>,
+    published: gateway_core::Counters,
+    busy: Duration,
+    last_metrics: Instant,
+}
+
+fn media_err(e: CoreError) -> MediaError {
+    MediaError::new(e.code, e.message)
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup, poll: Poll, rx: mpsc::Receiver<Command>, rooms: Arc<AtomicUsize>) -> Self {
+        let engine = Engine::new(setup.core.clone());
+        Self {
+            setup,
+            poll,
+            rx,
+            engine,
+            sockets: HashMap::new(),
+            next_key: 1,
+            rooms,
+            published: Default::default(),
+            busy: Duration::ZERO,
+            last_metrics: Instant::now(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut buf = vec![0u8; RECV_BUF];
+        loop {
+            let now = Instant::now();
+            let wait = self
+                .engine
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(METRICS_EVERY)
+                .min(METRICS_EVERY);
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(worker = self.setup.index, error = %e, "poll failed; worker stops");
+                return;
+            }
+            let started = Instant::now();
+            for ev in events.iter() {
+                if ev.token() == WAKE {
+                    if !self.commands() {
+                        self.shutdown();
+                        return;
+                    }
+                } else {
+                    self.read(ConnKey(ev.token().0 as u64), &mut buf);
+                }
+            }
+            let now = Instant::now();
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+                self.flush();
+            }
+            self.busy += started.elapsed();
+            if self.last_metrics.elapsed() >= METRICS_EVERY {
+                self.publish_metrics();
+            }
+        }
+    }
+
+    /// Read every datagram waiting on a socket (mio is edge-triggered).
+    fn read(&mut self, key: ConnKey, buf: &mut [u8]) {
+        loop {
+            let Some(sock) = self.sockets.get(&key) else { return };
+            let candidate = sock.candidate;
+            match sock.socket.recv_from(buf) {
+                Ok((n, source)) => {
+                    self.engine.handle_receive(Instant::now(), key, source, candidate, &buf[..n]);
+                    self.flush();
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // ICMP errors (e.g. port unreachable) surface here on Linux; not fatal.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Carry out everything the engine produced.
+    fn flush(&mut self) {
+        while let Some(out) = self.engine.poll_output() {
+            match out {
+                Output::Transmit { key, destination, contents } => {
+                    if let Some(sock) = self.sockets.get(&key) {
+                        if sock.socket.send_to(&contents, destination).is_err() {
+                            self.setup.metrics.send_errors.inc();
+                        }
+                    }
+                }
+                Output::Event(e) => self.setup.sink.emit(map_event(e)),
+                Output::Closed { key, connection_id } => {
+                    self.release(key);
+                    self.setup.directory.remove(&connection_id);
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, key: ConnKey) {
+        if let Some(mut sock) = self.sockets.remove(&key) {
+            let _ = self.poll.registry().deregister(&mut sock.socket);
+            self.setup.ports.release(sock.port);
+        }
+    }
+
+    /// Bind a socket from the pool for a new connection.
+    fn open_socket(&mut self) -> Result<(ConnKey, SocketAddr), MediaError> {
+        let (std_socket, port) = self
+            .setup
+            .ports
+            .bind(self.setup.bind_ip)
+            .ok_or_else(|| MediaError::new(ErrorCode::NoPorts, "no free UDP port in the media range"))?;
+        let mut socket = UdpSocket::from_std(std_socket);
+        let key = ConnKey(self.next_key);
+        self.next_key += 1;
+        if let Err(e) = self.poll.registry().register(&mut socket, Token(key.0 as usize), Interest::READABLE) {
+            self.setup.ports.release(port);
+            return Err(MediaError::new(ErrorCode::Internal, format!("socket registration failed: {e}")));
+        }
+        let candidate = SocketAddr::new(self.setup.candidate_ip, port);
+        self.sockets.insert(key, Sock { socket, port, candidate });
+        Ok((key, candidate))
+    }
+
+    /// Handle queued commands. Returns false on shutdown.
+    fn commands(&mut self) -> bool {
+        loop {
+            let cmd = match self.rx.try_recv() {
+                Ok(c) => c,
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            };
+            let now = Instant::now();
+            match cmd {
+                Command::Shutdown => return false,
+                Command::CreateRoom { room_id, reply } => {
+                    self.engine.create_room(&room_id);
+                    self.rooms.store(self.engine.room_count(), Ordering::Relaxed);
+                    let _ = reply.send(Ok(()));
+                }
+                Command::CloseRoom { room_id, reply } => {
+                    self.engine.close_room(now, &room_id);
+                    self.rooms.store(self.engine.room_count(), Ordering::Relaxed);
+                    self.flush();
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Publish { spec, offer, reply } => {
+                    let r = self.open(now, spec, Some(offer));
+                    let _ = reply.send(r);
+                }
+                Command::Subscribe { spec, reply } => {
+                    let r = self.open(now, spec, None);
+                    let _ = reply.send(r);
+                }
+                Command::Republish { connection_id, offer, reply } => {
+                    let r = self.engine.republish(now, &connection_id, &offer).map_err(media_err);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::Resubscribe { connection_id, reply } => {
+                    let r = self.engine.resubscribe(now, &connection_id).map_err(media_err);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::Answer { connection_id, sdp, reply } => {
+                    let r = self.engine.answer(now, &connection_id, &sdp).map_err(media_err);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::Candidate { connection_id, candidate, reply } => {
+                    let r = self.engine.add_candidate(now, &connection_id, &candidate).map_err(media_err);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::Close { connection_id, reason, reply } => {
+                    self.engine.close_connection(now, &connection_id, &reason);
+                    self.flush();
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Stats { connection_id, reply } => {
+                    let stats = self.engine.stats(&connection_id).and_then(|s| serde_json::to_value(s).ok());
+                    let _ = reply.send(stats);
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, now: Instant, spec: Spec, offer: Option<String>) -> Result<(), MediaError> {
+        if !self.engine.has_room(&spec.room_id) {
+            return Err(MediaError::new(ErrorCode::NotFound, "room not found"));
+        }
+        let (key, local) = self.open_socket()?;
+        let new = NewConnection {
+            key,
+            connection_id: spec.connection_id,
+            room_id: spec.room_id,
+            participant_id: spec.participant_id,
+            local,
+        };
+        let r = match offer {
+            Some(offer) => self.engine.publish(now, new, &offer),
+            None => self.engine.subscribe(now, new),
+        };
+        self.flush();
+        if !self.engine.has_connection(key) {
+            // Refused before or while it was created: make sure the port is back.
+            self.release(key);
+        }
+        r.map_err(media_err)
+    }
+
+    fn publish_metrics(&mut self) {
+        let elapsed = self.last_metrics.elapsed();
+        self.last_metrics = Instant::now();
+        let c = self.engine.counters().clone();
+        let m = &self.setup.metrics;
+        let p = &self.published;
+        for (i, kind) in ["audio", "video"].iter().enumerate() {
+            m.rtp_packets.with_label_values(&["in", kind]).inc_by(c.rtp_packets_in[i] - p.rtp_packets_in[i]);
+            m.rtp_bytes.with_label_values(&["in", kind]).inc_by(c.rtp_bytes_in[i] - p.rtp_bytes_in[i]);
+            m.rtp_packets.with_label_values(&["out", kind]).inc_by(c.rtp_packets_out[i] - p.rtp_packets_out[i]);
+            m.rtp_bytes.with_label_values(&["out", kind]).inc_by(c.rtp_bytes_out[i] - p.rtp_bytes_out[i]);
+        }
+        m.keyframe_requests.with_label_values(&["in"]).inc_by(c.keyframe_requests_in - p.keyframe_requests_in);
+        m.keyframe_requests.with_label_values(&["out"]).inc_by(c.keyframe_requests_out - p.keyframe_requests_out);
+        m.dropped_datagrams.with_label_values(&["garbage"]).inc_by(c.garbage_datagrams - p.garbage_datagrams);
+        m.dropped_datagrams.with_label_values(&["untrusted_source"]).inc_by(c.untrusted_datagrams - p.untrusted_datagrams);
+        let label = self.setup.index.to_string();
+        m.worker_busy.with_label_values(&[label.as_str()]).set(self.busy.as_secs_f64() / elapsed.as_secs_f64().max(1e-3));
+        m.worker_connections.with_label_values(&[label.as_str()]).set(self.engine.connection_count() as i64);
+        self.busy = Duration::ZERO;
+        self.published = c;
+    }
+
+    fn shutdown(&mut self) {
+        let keys: Vec<ConnKey> = self.sockets.keys().copied().collect();
+        for k in keys {
+            self.release(k);
+        }
+    }
+}
+
+fn map_event(e: CoreEvent) -> MediaEvent {
+    match e {
+        CoreEvent::Connection { connection_id, event, reason } => MediaEvent::Connection { connection_id, event, reason },
+        CoreEvent::Answer { connection_id, sdp } => MediaEvent::Answer { connection_id, sdp },
+        CoreEvent::Offer { connection_id, sdp } => MediaEvent::Offer { connection_id, sdp },
+        CoreEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index } => {
+            MediaEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index }
+        }
+        CoreEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
+            MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid }
+        }
+        CoreEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
+            MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid }
+        }
+    }
+}
