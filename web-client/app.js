@@ -1,0 +1,376 @@
+// Browser client of the gateway: join a room, publish camera + microphone on a publish
+// connection, receive everyone else on a subscribe connection the gateway (re)offers, and show
+// each connection's erizo-like state live. Speaks the WebSocket API of API.md §3.
+
+const $ = (id) => document.getElementById(id);
+
+// Everything the page knows; also what the browser tests inspect (window.gw).
+const gw = {
+  ws: null,
+  roomId: null,
+  me: null,
+  localStream: null,
+  pub: { pc: null, id: null, pendingCandidates: [] },
+  sub: { pc: null, id: null, queue: Promise.resolve() },
+  participants: new Map(), // participant_id -> { name, tile, stream }
+  streams: new Map(), // stream_id -> stream info
+  connections: new Map(), // connection_id -> { role, state, code, steps: [] }
+  events: [], // every message received, in order
+  left: false,
+};
+window.gw = gw;
+
+// ---------------------------------------------------------------------------------------------
+// UI helpers
+// ---------------------------------------------------------------------------------------------
+
+function toast(text, ms = 3500) {
+  const t = $("toast");
+  t.textContent = text;
+  t.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => (t.hidden = true), ms);
+}
+
+function activity(text) {
+  const li = document.createElement("li");
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString([], { hour12: false });
+  li.append(time, text);
+  $("activity").append(li);
+  while ($("activity").children.length > 60) $("activity").firstChild.remove();
+}
+
+function initials(name) {
+  return (name || "?").slice(0, 2).toUpperCase();
+}
+
+function tileFor(pid, name, local = false) {
+  let p = gw.participants.get(pid);
+  if (p && p.tile) return p;
+  const tile = document.createElement("div");
+  tile.className = "tile" + (local ? " local" : "");
+  tile.dataset.participant = pid;
+  const video = document.createElement("video");
+  video.autoplay = true;
+  video.playsInline = true;
+  video.muted = local;
+  const avatar = document.createElement("div");
+  avatar.className = "avatar";
+  avatar.textContent = initials(name);
+  const label = document.createElement("div");
+  label.className = "label";
+  const dot = document.createElement("span");
+  dot.className = "dot";
+  const text = document.createElement("span");
+  text.textContent = local ? `${name} (you)` : name;
+  label.append(dot, text);
+  tile.append(video, avatar, label);
+  $("grid").append(tile);
+  p = { name, tile, video, dot, stream: new MediaStream() };
+  gw.participants.set(pid, p);
+  updateCount();
+  return p;
+}
+
+function removeTile(pid) {
+  const p = gw.participants.get(pid);
+  if (!p) return;
+  p.tile.remove();
+  gw.participants.delete(pid);
+  updateCount();
+}
+
+function updateCount() {
+  const n = gw.participants.size;
+  $("participant-count").textContent = `${n} participant${n === 1 ? "" : "s"}`;
+}
+
+function renderConnections() {
+  const ul = $("connections");
+  ul.replaceChildren();
+  for (const [id, c] of gw.connections) {
+    const li = document.createElement("li");
+    li.className = "conn";
+    li.dataset.role = c.role;
+    li.dataset.state = c.state;
+    const role = document.createElement("div");
+    role.className = "role";
+    const state = document.createElement("span");
+    state.className = `state ${c.state}`;
+    state.textContent = `${c.state} ${c.code}`;
+    role.append(c.role, state);
+    const idEl = document.createElement("div");
+    idEl.className = "id";
+    idEl.textContent = id;
+    const steps = document.createElement("div");
+    steps.className = "steps";
+    for (const s of c.steps) {
+      const span = document.createElement("span");
+      span.textContent = `${s.event} ${s.code}`;
+      steps.append(span);
+    }
+    li.append(role, idEl, steps);
+    ul.append(li);
+  }
+  const me = gw.participants.get(gw.me);
+  if (me) {
+    const states = [...gw.connections.values()].filter((c) => c.state !== "FINISHED").map((c) => c.state);
+    me.dot.className = "dot " + (states.includes("FAILED") ? "bad" : states.length && states.every((s) => s === "READY") ? "ok" : "warn");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signaling
+// ---------------------------------------------------------------------------------------------
+
+function send(msg) {
+  if (gw.ws && gw.ws.readyState === WebSocket.OPEN) gw.ws.send(JSON.stringify(msg));
+}
+
+async function join(room, name) {
+  const res = await fetch("/v1/dev/token", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ room, participant: name }),
+  });
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error ? body.error.message : `token request failed (${res.status})`);
+  gw.me = body.participant_id;
+  gw.roomId = body.room_id;
+
+  gw.localStream = await navigator.mediaDevices.getUserMedia({
+    audio: true,
+    video: { width: { ideal: 640 }, height: { ideal: 480 } },
+  });
+
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${proto}://${location.host}/v1/ws?token=${encodeURIComponent(body.token)}`);
+  gw.ws = ws;
+  await new Promise((resolve, reject) => {
+    ws.onopen = resolve;
+    ws.onerror = () => reject(new Error("could not open the WebSocket"));
+  });
+  ws.onmessage = (ev) => onMessage(JSON.parse(ev.data));
+  ws.onclose = (ev) => {
+    if (!gw.left) {
+      toast(ev.reason ? `Disconnected: ${ev.reason}` : "Disconnected from the gateway");
+      teardown();
+    }
+  };
+  $("room-title").textContent = room;
+}
+
+function onMessage(msg) {
+  gw.events.push(msg);
+  switch (msg.type) {
+    case "joined":
+      onJoined(msg);
+      break;
+    case "answer":
+      onAnswer(msg);
+      break;
+    case "offer":
+      onOffer(msg);
+      break;
+    case "candidate":
+      onCandidate(msg);
+      break;
+    case "connection_event":
+      onConnectionEvent(msg);
+      break;
+    case "participant_joined":
+      tileFor(msg.participant_id, msg.name);
+      activity(`${msg.name} joined`);
+      break;
+    case "participant_left":
+      removeTile(msg.participant_id);
+      activity(`${msg.name} left`);
+      break;
+    case "stream_added":
+      gw.streams.set(msg.stream_id, msg);
+      if (msg.participant_id !== gw.me) activity(`${msg.participant_id} published ${msg.kind}`);
+      break;
+    case "stream_removed":
+      onStreamRemoved(msg);
+      break;
+    case "error":
+      toast(`Gateway: ${msg.message}`);
+      activity(`error ${msg.code}: ${msg.message}`);
+      break;
+  }
+}
+
+async function onJoined(msg) {
+  $("lobby").hidden = true;
+  $("room").hidden = false;
+  $("controls").hidden = false;
+  $("room-info").hidden = false;
+  const me = tileFor(gw.me, gw.me, true);
+  me.video.srcObject = gw.localStream;
+  me.tile.classList.add("has-video");
+  for (const p of msg.participants) tileFor(p.participant_id, p.name);
+  for (const s of msg.streams) gw.streams.set(s.stream_id, s);
+  activity(`joined ${$("room-title").textContent}`);
+  await publish();
+  send({ type: "subscribe" });
+}
+
+async function publish() {
+  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", rtcpMuxPolicy: "require" });
+  gw.pub.pc = pc;
+  for (const track of gw.localStream.getTracks()) {
+    pc.addTransceiver(track, { direction: "sendonly", streams: [gw.localStream] });
+  }
+  pc.onicecandidate = (ev) => {
+    if (!ev.candidate) return;
+    const c = { candidate: ev.candidate.candidate, sdpMid: ev.candidate.sdpMid, sdpMLineIndex: ev.candidate.sdpMLineIndex };
+    if (gw.pub.id) send({ type: "candidate", connection_id: gw.pub.id, ...c });
+    else gw.pub.pendingCandidates.push(c);
+  };
+  const offer = await pc.createOffer();
+  await pc.setLocalDescription(offer);
+  send({ type: "publish", sdp: offer.sdp });
+}
+
+async function onAnswer(msg) {
+  gw.pub.id = msg.connection_id;
+  await gw.pub.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+  for (const c of gw.pub.pendingCandidates.splice(0)) send({ type: "candidate", connection_id: gw.pub.id, ...c });
+}
+
+function ensureSubscriber() {
+  if (gw.sub.pc) return gw.sub.pc;
+  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", rtcpMuxPolicy: "require" });
+  gw.sub.pc = pc;
+  pc.ontrack = (ev) => {
+    const pid = ev.streams[0] ? ev.streams[0].id : "unknown";
+    const info = gw.participants.get(pid);
+    const p = tileFor(pid, info ? info.name : pid);
+    p.stream.addTrack(ev.track);
+    if (p.video.srcObject !== p.stream) p.video.srcObject = p.stream;
+    if (ev.track.kind === "video") p.tile.classList.add("has-video");
+    p.dot.className = "dot ok";
+    ev.track.onended = () => p.stream.removeTrack(ev.track);
+  };
+  pc.onicecandidate = (ev) => {
+    if (ev.candidate && gw.sub.id) {
+      send({ type: "candidate", connection_id: gw.sub.id, candidate: ev.candidate.candidate, sdpMid: ev.candidate.sdpMid, sdpMLineIndex: ev.candidate.sdpMLineIndex });
+    }
+  };
+  return pc;
+}
+
+// Offers and candidates for the subscribe connection are applied strictly in order.
+function onOffer(msg) {
+  gw.sub.queue = gw.sub.queue.then(async () => {
+    gw.sub.id = msg.connection_id;
+    const pc = ensureSubscriber();
+    await pc.setRemoteDescription({ type: "offer", sdp: msg.sdp });
+    const answer = await pc.createAnswer();
+    await pc.setLocalDescription(answer);
+    send({ type: "answer", connection_id: msg.connection_id, sdp: answer.sdp });
+  }).catch((e) => toast(`Could not apply the gateway's offer: ${e.message}`));
+}
+
+function onCandidate(msg) {
+  const init = { candidate: msg.candidate, sdpMid: msg.sdpMid, sdpMLineIndex: msg.sdpMLineIndex };
+  if (msg.connection_id === gw.pub.id && gw.pub.pc) {
+    gw.pub.pc.addIceCandidate(init).catch(() => {});
+  } else {
+    gw.sub.queue = gw.sub.queue.then(() => gw.sub.pc && gw.sub.pc.addIceCandidate(init)).catch(() => {});
+  }
+}
+
+function onConnectionEvent(msg) {
+  let c = gw.connections.get(msg.connection_id);
+  if (!c) {
+    c = { role: msg.role, state: "INITIAL", code: 101, steps: [] };
+    gw.connections.set(msg.connection_id, c);
+  }
+  c.steps.push({ event: msg.event, code: msg.code });
+  if (["INITIAL", "GATHERED", "READY", "FINISHED", "FAILED"].includes(msg.event)) {
+    c.state = msg.event;
+    c.code = msg.code;
+    if (msg.event === "FAILED") toast(`${msg.role} connection failed: ${msg.reason || "unknown reason"}`);
+  }
+  renderConnections();
+}
+
+function onStreamRemoved(msg) {
+  gw.streams.delete(msg.stream_id);
+  const p = gw.participants.get(msg.participant_id);
+  if (p && msg.participant_id !== gw.me) {
+    const left = [...gw.streams.values()].some((s) => s.participant_id === msg.participant_id && s.kind === "video");
+    if (!left && msg.kind === "video") p.tile.classList.remove("has-video");
+  }
+  if (msg.participant_id !== gw.me) activity(`${msg.participant_id} stopped ${msg.kind}`);
+}
+
+function teardown() {
+  for (const side of [gw.pub, gw.sub]) {
+    if (side.pc) side.pc.close();
+    side.pc = null;
+    side.id = null;
+  }
+  if (gw.localStream) for (const t of gw.localStream.getTracks()) t.stop();
+  for (const pid of [...gw.participants.keys()]) removeTile(pid);
+  $("room").hidden = true;
+  $("controls").hidden = true;
+  $("room-info").hidden = true;
+  $("lobby").hidden = false;
+  $("join-button").disabled = false;
+}
+
+async function leave() {
+  gw.left = true;
+  const ws = gw.ws;
+  if (ws && ws.readyState === WebSocket.OPEN) {
+    const closed = new Promise((resolve) => ws.addEventListener("close", resolve, { once: true }));
+    send({ type: "leave" });
+    await Promise.race([closed, new Promise((r) => setTimeout(r, 3000))]);
+  }
+  teardown();
+}
+gw.leave = leave;
+
+// ---------------------------------------------------------------------------------------------
+// Wiring
+// ---------------------------------------------------------------------------------------------
+
+$("join-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  $("join-error").hidden = true;
+  $("join-button").disabled = true;
+  gw.left = false;
+  try {
+    await join($("room-input").value.trim(), $("name-input").value.trim());
+  } catch (e) {
+    $("join-error").textContent = e.message;
+    $("join-error").hidden = false;
+    $("join-button").disabled = false;
+  }
+});
+
+$("leave-button").addEventListener("click", () => leave());
+
+$("mic-button").addEventListener("click", (ev) => {
+  const track = gw.localStream && gw.localStream.getAudioTracks()[0];
+  if (!track) return;
+  track.enabled = !track.enabled;
+  ev.currentTarget.setAttribute("aria-pressed", String(!track.enabled));
+  ev.currentTarget.textContent = track.enabled ? "Mic" : "Muted";
+});
+
+$("cam-button").addEventListener("click", (ev) => {
+  const track = gw.localStream && gw.localStream.getVideoTracks()[0];
+  if (!track) return;
+  track.enabled = !track.enabled;
+  ev.currentTarget.setAttribute("aria-pressed", String(!track.enabled));
+  ev.currentTarget.textContent = track.enabled ? "Cam" : "Cam off";
+});
+
+const params = new URLSearchParams(location.search);
+if (params.get("room")) $("room-input").value = params.get("room");
+if (params.get("name")) $("name-input").value = params.get("name");
+window.addEventListener("beforeunload", () => send({ type: "leave" }));

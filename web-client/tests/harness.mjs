@@ -1,0 +1,124 @@
+// Shared pieces of the browser tests: start a real gateway binary on free ports, launch Debian's
+// Chromium with the flags this machine needs, and small polling helpers.
+
+import { spawn } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const repoRoot = path.resolve(here, "..", "..");
+export const outputDir = path.join(repoRoot, "test-output");
+
+export const API_KEY = "browser-test-key";
+
+export async function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+    srv.on("error", reject);
+  });
+}
+
+/** Start the gateway binary; resolves once /healthz answers. */
+export async function startGateway({ portMin, portMax, env = {} } = {}) {
+  const bin = process.env.GATEWAY_BIN || path.join(repoRoot, "target", "debug", "gateway");
+  const httpPort = await freePort();
+  const base = `http://127.0.0.1:${httpPort}`;
+  const child = spawn(bin, [], {
+    env: {
+      ...process.env,
+      GATEWAY__HTTP__BIND: `127.0.0.1:${httpPort}`,
+      GATEWAY__MEDIA__PORT_MIN: String(portMin ?? 43000),
+      GATEWAY__MEDIA__PORT_MAX: String(portMax ?? 43099),
+      GATEWAY__AUTH__API_KEY: API_KEY,
+      GATEWAY__LOG__LEVEL: "info,str0m=warn",
+      ...env,
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let log = "";
+  child.stdout.on("data", (d) => (log += d));
+  child.stderr.on("data", (d) => (log += d));
+  const exited = new Promise((resolve) => child.on("exit", resolve));
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    try {
+      const r = await fetch(`${base}/healthz`);
+      if (r.ok) break;
+    } catch {}
+    if (Date.now() > deadline || child.exitCode !== null) {
+      child.kill("SIGKILL");
+      throw new Error(`gateway did not start:\n${log}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return {
+    base,
+    child,
+    log: () => log,
+    async stop() {
+      child.kill("SIGTERM");
+      const t = setTimeout(() => child.kill("SIGKILL"), 8000);
+      const code = await exited;
+      clearTimeout(t);
+      return code;
+    },
+  };
+}
+
+export async function launchChromium() {
+  // playwright gives every launch a fresh temporary profile (its own --user-data-dir).
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--use-fake-device-for-media-stream",
+      "--use-fake-ui-for-media-stream",
+      "--allow-loopback-in-peer-connection",
+      "--autoplay-policy=no-user-gesture-required",
+    ],
+  });
+}
+
+export async function waitFor(what, fn, timeoutMs = 20000, everyMs = 200) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(last, null, 0)}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+export function ensureOutputDir() {
+  mkdirSync(outputDir, { recursive: true });
+  return outputDir;
+}
+
+export async function api(base, method, route, body) {
+  const r = await fetch(`${base}${route}`, {
+    method,
+    headers: { authorization: `Bearer ${API_KEY}`, "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}

@@ -1,0 +1,105 @@
+// Two browser pages join one room through the web client and see and hear each other through
+// the gateway; states, room events and leaving are checked from the page's own view.
+
+import assert from "node:assert/strict";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import { api, ensureOutputDir, launchChromium, startGateway, waitFor } from "./harness.mjs";
+
+let gateway;
+let browser;
+
+before(async () => {
+  gateway = await startGateway({ portMin: 43000, portMax: 43099 });
+  browser = await launchChromium();
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (gateway) await gateway.stop();
+});
+
+async function joinPage(room, name) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
+  await page.goto(`${gateway.base}/?room=${room}&name=${name}`);
+  await page.click("#join-button");
+  return page;
+}
+
+/** Inbound RTP stats of the page's subscribe connection. */
+async function inbound(page) {
+  return page.evaluate(async () => {
+    const pc = window.gw.sub.pc;
+    if (!pc) return null;
+    const out = { video: null, audio: null };
+    (await pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp") out[s.kind] = { framesDecoded: s.framesDecoded, frameWidth: s.frameWidth, packetsReceived: s.packetsReceived, freezeCount: s.freezeCount };
+    });
+    const v = document.querySelector(".tile:not(.local) video");
+    out.videoWidth = v ? v.videoWidth : 0;
+    return out;
+  });
+}
+
+function stateSteps(page) {
+  return page.evaluate(() =>
+    window.gw.events
+      .filter((m) => m.type === "connection_event")
+      .map((m) => ({ role: m.role, event: m.event, code: m.code, id: m.connection_id })),
+  );
+}
+
+test("two browsers see and hear each other through the gateway", { timeout: 90000 }, async () => {
+  const alice = await joinPage("e2e-room", "alice");
+  const bob = await joinPage("e2e-room", "bob");
+
+  for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+    const s = await waitFor(`${name} decoding the other's video and receiving audio`, async () => {
+      const st = await inbound(page);
+      return st && st.video && st.video.framesDecoded > 10 && st.videoWidth > 0 && st.audio && st.audio.packetsReceived > 20 ? st : null;
+    }, 30000);
+    console.log(`${name} receives: video ${s.video.frameWidth}px, ${s.video.framesDecoded} frames decoded; audio ${s.audio.packetsReceived} packets`);
+    assert.ok(s.video.frameWidth >= 320, "decoded video has a real width");
+
+    const steps = await stateSteps(page);
+    for (const role of ["publish", "subscribe"]) {
+      const seq = steps.filter((x) => x.role === role && ["INITIAL", "GATHERED", "READY"].includes(x.event)).map((x) => `${x.event}:${x.code}`);
+      assert.deepEqual(seq, ["INITIAL:101", "GATHERED:103", "READY:104"], `${name} ${role} connection states`);
+    }
+    const ui = await page.$$eval(".conn", (els) => els.map((e) => `${e.dataset.role}:${e.dataset.state}`));
+    assert.deepEqual(ui.sort(), ["publish:READY", "subscribe:READY"], `${name}'s page shows both connections READY`);
+  }
+
+  const shot = path.join(ensureOutputDir(), "room-two-browsers.png");
+  await alice.screenshot({ path: shot });
+  console.log(`screenshot of the room: ${shot}`);
+
+  // The REST view agrees with the pages.
+  const rooms = await api(gateway.base, "GET", "/v1/rooms");
+  const room = rooms.body.rooms.find((r) => r.name === "e2e-room");
+  assert.equal(room.participants, 2);
+  assert.equal(room.streams, 4);
+
+  const bobConns = (await stateSteps(bob)).filter((x) => x.event === "READY").map((x) => x.id);
+  await bob.evaluate(() => window.gw.leave());
+  await waitFor("alice to see bob leave", async () => {
+    const ev = await alice.evaluate(() => window.gw.events.map((m) => `${m.type}:${m.participant_id || ""}`));
+    return ev.includes("participant_left:bob") && ev.includes("stream_removed:bob") ? ev : null;
+  });
+  const bobSteps = await stateSteps(bob);
+  for (const id of bobConns) {
+    assert.ok(bobSteps.some((x) => x.id === id && x.event === "FINISHED" && x.code === 105), "bob got FINISHED for each connection");
+    const detail = await api(gateway.base, "GET", `/v1/connections/${id}`);
+    assert.equal(detail.body.state, "FINISHED");
+    assert.deepEqual(
+      detail.body.events.map((e) => e.event).filter((e) => e !== "SDP_PROCESSED" && e !== "CANDIDATE"),
+      ["INITIAL", "GATHERED", "READY", "FINISHED"],
+    );
+  }
+  // Alice keeps her call: her tile grid no longer shows bob, and her own connections stay READY.
+  await waitFor("bob's tile to go", async () => (await alice.$$(".tile[data-participant=bob]")).length === 0);
+  const aliceUi = await alice.$$eval(".conn", (els) => els.map((e) => e.dataset.state));
+  assert.deepEqual(aliceUi, ["READY", "READY"]);
+});
