@@ -1,0 +1,192 @@
+//! Bad input against a real gateway: each gets the contract's error shape, the server stays up,
+//! nothing leaks, and a connection that was created ends FAILED with a reason.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use str0m::media::MediaKind;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A raw WebSocket client for sending arbitrary text.
+struct RawWs {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl RawWs {
+    async fn connect(api: &Api, token: &str) -> RawWs {
+        let (ws, _) = tokio_tungstenite::connect_async(api.ws_url(token)).await.expect("upgrade");
+        let mut r = RawWs { ws };
+        let joined = r.next_of("joined").await;
+        assert!(joined["participant_id"].is_string());
+        r
+    }
+    async fn send(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.to_owned().into())).await.unwrap();
+    }
+    async fn next_of(&mut self, t: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.unwrap_or_else(|_| panic!("no {t} message"));
+            if let Some(Ok(Message::Text(s))) = m {
+                let v: Value = serde_json::from_str(&s).unwrap();
+                if v["type"] == t {
+                    return v;
+                }
+            }
+        }
+    }
+}
+
+const NO_USABLE_CODEC: &str = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 18\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\na=rtcp-mux\r\n\
+a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n\
+a=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\n\
+a=setup:actpass\r\na=rtpmap:18 G729/8000\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_bad_input_gets_errors_and_leaks_nothing() {
+    let gw = start_gateway(44100, 44119).await;
+    let total = gw.ports.total();
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("bad-ws").await;
+    let token = api.token(&room, "mallory").await;
+    let mut ws = RawWs::connect(&api, &token).await;
+
+    // Malformed JSON and unknown types.
+    ws.send("{not json").await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "bad_request");
+    ws.send(r#"{"type":"teleport"}"#).await;
+    assert_eq!(ws.next_of("error").await["code"], "bad_request");
+
+    // An offer that is not SDP: the connection is created, then FAILED with a reason.
+    ws.send(&json!({ "type": "publish", "sdp": "hello" }).to_string()).await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "bad_sdp");
+    let conn = e["connection_id"].as_str().expect("error names the connection").to_owned();
+    let (s, d) = api.call("GET", &format!("/v1/connections/{conn}"), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(d["state"], "FAILED");
+    assert_eq!(d["code"], 500);
+    let reason = d["events"].as_array().unwrap().last().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(reason.starts_with("bad_sdp"), "{reason}");
+
+    // A well-formed SDP with no codec we can use.
+    ws.send(&json!({ "type": "publish", "sdp": NO_USABLE_CODEC }).to_string()).await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "bad_sdp", "{e}");
+
+    // Unknown connection ids (and another participant's) are not_found.
+    ws.send(&json!({ "type": "answer", "connection_id": "c_nope", "sdp": "v=0" }).to_string()).await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "not_found");
+    ws.send(&json!({ "type": "candidate", "connection_id": conn, "candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": "0", "sdpMLineIndex": 0 }).to_string()).await;
+    assert_eq!(ws.next_of("error").await["code"], "not_found", "a FAILED connection is gone from the media plane");
+
+    // The session still works: a subscribe succeeds.
+    ws.send(r#"{"type":"subscribe"}"#).await;
+    let offer = ws.next_of("offer").await;
+    assert!(offer["sdp"].as_str().unwrap().starts_with("v=0"));
+
+    // Nothing leaked: failed connections released their ports (one is held by the subscribe).
+    eventually("ports back", 5, || gw.ports.free() == total - 1).await;
+    let (_, h) = api.call("GET", "/healthz", None).await;
+    assert_eq!(h["status"], "ok");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_api_keys_are_enforced() {
+    let gw = start_gateway(44120, 44129).await;
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("auth-room").await;
+    let client = reqwest::Client::new();
+
+    // Missing and wrong API key.
+    let r = client.get(format!("{}/v1/rooms", api.base)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "unauthorized");
+    let r = client.get(format!("{}/v1/rooms", api.base)).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Forged, expired and missing tokens are refused at the upgrade with 401 and the error body.
+    let good = api.token(&room, "alice").await;
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    parts[2] = "AAAA".repeat(10);
+    let forged = parts.join(".");
+    let (_, b) = api.call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": "eve", "ttl_s": 1 }))).await;
+    let expiring = b["token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for (token, why) in [(forged.as_str(), "signature"), (expiring.as_str(), "expired"), ("", "missing")] {
+        let r = client.get(api.ws_url(token).replacen("ws", "http", 1)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{why}");
+        let b: Value = r.json().await.unwrap();
+        assert_eq!(b["error"]["code"], "unauthorized", "{why}");
+        assert!(b["error"]["message"].as_str().unwrap().contains(why), "{why}: {b}");
+        match tokio_tungstenite::connect_async(api.ws_url(token)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+            other => panic!("{why}: upgrade must be refused, got {other:?}"),
+        }
+    }
+
+    // A subscribe-only token cannot publish.
+    let (_, b) = api
+        .call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": "viewer", "can_publish": false })))
+        .await;
+    let mut ws = RawWs::connect(&api, b["token"].as_str().unwrap()).await;
+    ws.send(&json!({ "type": "publish", "sdp": NO_USABLE_CODEC }).to_string()).await;
+    assert_eq!(ws.next_of("error").await["code"], "forbidden");
+
+    // A token for a deleted room is not_found at the upgrade.
+    let (s, _) = api.call("DELETE", &format!("/v1/rooms/{room}"), None).await;
+    assert_eq!(s, 204);
+    let r = client.get(api.ws_url(&good).replacen("ws", "http", 1)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_udp_does_not_disturb_a_call() {
+    let gw = start_gateway(44130, 44139).await;
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("garbage").await;
+    let publisher = Peer::join(&api, &room, "pub").await;
+    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    publisher.publish();
+    publisher.wait("READY", 10, |l| l.connected).await;
+    let sub = Peer::join(&api, &room, "sub").await;
+    sub.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    sub.subscribe();
+    sub.wait("READY", 10, |l| l.connected).await;
+
+    // Every gateway port of this range gets garbage shaped as STUN, DTLS, RTP and random bytes
+    // from a stranger while the call runs.
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let flood = tokio::spawn(async move {
+        let shapes: [&[u8]; 4] = [&[0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42], &[22u8, 254, 253, 0, 0, 0, 0, 0, 0, 0, 1], &[0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9, 9], &[0xffu8; 64]];
+        for i in 0..4000u32 {
+            for port in 44130..=44139u16 {
+                let _ = stranger.send_to(shapes[(i % 4) as usize], ("127.0.0.1", port)).await;
+            }
+            if i % 200 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    publisher.send_media(100);
+    sub.wait("all media", 15, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 100).await;
+    flood.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let states = sub.state_sequence("subscribe");
+    assert_eq!(states, ["INITIAL", "GATHERED", "READY"], "the call survived");
+    assert_eq!(publisher.state_sequence("publish"), ["INITIAL", "GATHERED", "READY"]);
+    let conn = sub.connection_id("subscribe").unwrap();
+    let (_, d) = api.call("GET", &format!("/v1/connections/{conn}"), None).await;
+    assert!(d["stats"]["dropped_untrusted_datagrams"].as_u64().unwrap() > 0, "garbage was seen and dropped: {}", d["stats"]);
+    gw.shutdown(Duration::from_secs(1)).await;
+}

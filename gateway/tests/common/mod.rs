@@ -1,0 +1,400 @@
+//! Test harness: a real gateway started in-process on ephemeral ports, and str0m-based test
+//! peers that join through the public REST + WebSocket API and exchange RTP over loopback UDP.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::config::GatewayConfig;
+use gateway::server::Running;
+use serde_json::{json, Value};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const API_KEY: &str = "test-api-key";
+
+/// Start a gateway on 127.0.0.1 with HTTP on an ephemeral port and the given media port range.
+pub async fn start_gateway(port_min: u16, port_max: u16) -> Running {
+    let mut cfg = GatewayConfig::default();
+    cfg.http.bind = "127.0.0.1:0".parse().unwrap();
+    cfg.media.port_min = port_min;
+    cfg.media.port_max = port_max;
+    cfg.media.workers = 2;
+    cfg.auth.api_key = API_KEY.into();
+    cfg.auth.token_secret = "integration-test-secret-0123456789".into();
+    cfg.validate().unwrap();
+    gateway::server::start(cfg).await.expect("gateway starts")
+}
+
+pub struct Api {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: String) -> Self {
+        Self { base, client: reqwest::Client::new() }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(m, format!("{}{}", self.base, path)).bearer_auth(API_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create_room(&self, name: &str) -> String {
+        let (s, b) = self.call("POST", "/v1/rooms", Some(json!({ "name": name, "max_participants": 8 }))).await;
+        assert_eq!(s, 201, "{b}");
+        b["room_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn token(&self, room: &str, participant: &str) -> String {
+        let (s, b) = self.call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": participant }))).await;
+        assert_eq!(s, 201, "{b}");
+        b["token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn ws_url(&self, token: &str) -> String {
+        format!("{}/v1/ws?token={}", self.base.replacen("http", "ws", 1), token)
+    }
+}
+
+/// What a peer has seen.
+#[derive(Default)]
+pub struct Log {
+    /// Every message from the gateway.
+    pub messages: Vec<Value>,
+    /// RTP received: (kind, payload).
+    pub rtp: Vec<(MediaKind, Vec<u8>)>,
+    /// RTP payloads sent, in order.
+    pub sent: Vec<(MediaKind, Vec<u8>)>,
+    pub keyframe_requests: usize,
+    pub connected: bool,
+    pub offers: Vec<String>,
+    pub ws_closed: Option<u16>,
+}
+
+impl Log {
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        self.messages
+            .iter()
+            .filter(|m| m["type"] == "connection_event" && m["event"] == event)
+            .cloned()
+            .collect()
+    }
+    pub fn of_type(&self, t: &str) -> Vec<Value> {
+        self.messages.iter().filter(|m| m["type"] == t).cloned().collect()
+    }
+}
+
+enum Cmd {
+    Publish,
+    Subscribe,
+    SendMedia { packets: usize },
+    Raw(Value),
+    Leave,
+}
+
+/// A participant: a WebSocket session plus one str0m `Rtc` (publish or subscribe).
+pub struct Peer {
+    pub name: String,
+    pub log: Arc<Mutex<Log>>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    pub local: SocketAddr,
+}
+
+impl Peer {
+    pub async fn join(api: &Api, room: &str, name: &str) -> Peer {
+        let token = api.token(room, name).await;
+        let (ws, _) = tokio_tungstenite::connect_async(api.ws_url(&token)).await.expect("ws connects");
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = socket.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_peer(name.to_owned(), ws, socket, rx, Arc::clone(&log)));
+        Peer { name: name.to_owned(), log, cmd: tx, local }
+    }
+
+    pub fn publish(&self) {
+        let _ = self.cmd.send(Cmd::Publish);
+    }
+    pub fn subscribe(&self) {
+        let _ = self.cmd.send(Cmd::Subscribe);
+    }
+    pub fn send_media(&self, packets: usize) {
+        let _ = self.cmd.send(Cmd::SendMedia { packets });
+    }
+    pub fn raw(&self, v: Value) {
+        let _ = self.cmd.send(Cmd::Raw(v));
+    }
+    pub fn leave(&self) {
+        let _ = self.cmd.send(Cmd::Leave);
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&Log) -> R) -> R {
+        f(&self.log.lock().unwrap())
+    }
+
+    /// Wait until `f` holds for this peer's log.
+    pub async fn wait(&self, what: &str, secs: u64, f: impl Fn(&Log) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.with(&f) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let msgs: Vec<String> = self.with(|l| l.messages.iter().map(|m| m.to_string().chars().take(200).collect()).collect());
+                panic!("{}: timed out waiting for {what}; messages:\n{}", self.name, msgs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn state_sequence(&self, role: &str) -> Vec<String> {
+        self.with(|l| {
+            l.messages
+                .iter()
+                .filter(|m| m["type"] == "connection_event" && m["role"] == role)
+                .map(|m| m["event"].as_str().unwrap().to_owned())
+                .filter(|e| !matches!(e.as_str(), "SDP_PROCESSED" | "CANDIDATE"))
+                .collect()
+        })
+    }
+
+    pub fn connection_id(&self, role: &str) -> Option<String> {
+        self.with(|l| {
+            l.messages
+                .iter()
+                .find(|m| m["type"] == "connection_event" && m["role"] == role)
+                .map(|m| m["connection_id"].as_str().unwrap().to_owned())
+        })
+    }
+}
+
+struct PeerState {
+    name: String,
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    pending: Option<SdpPendingOffer>,
+    connection_id: Option<String>,
+    audio_mid: Option<Mid>,
+    video_mid: Option<Mid>,
+    to_send: usize,
+    sent: u64,
+    log: Arc<Mutex<Log>>,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn run_peer(name: String, ws: Ws, socket: UdpSocket, mut cmds: mpsc::UnboundedReceiver<Cmd>, log: Arc<Mutex<Log>>) {
+    let local = socket.local_addr().unwrap();
+    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let mut st = PeerState {
+        name,
+        rtc,
+        socket,
+        local,
+        pending: None,
+        connection_id: None,
+        audio_mid: None,
+        video_mid: None,
+        to_send: 0,
+        sent: 0,
+        log,
+    };
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let mut buf = vec![0u8; 2048];
+    let mut media_tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let timeout = st.drain().await;
+        let wait = timeout.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
+        tokio::select! {
+            r = st.socket.recv_from(&mut buf) => {
+                let Ok((n, source)) = r else { continue };
+                if let Ok(contents) = buf[..n].try_into() {
+                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: st.local, contents });
+                    let _ = st.rtc.handle_input(input);
+                }
+            }
+            m = ws_rx.next() => {
+                match m {
+                    Some(Ok(Message::Text(t))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if let Some(reply) = st.on_message(&v) {
+                            let _ = ws_tx.send(Message::Text(reply.to_string().into())).await;
+                        }
+                        st.log.lock().unwrap().messages.push(v);
+                    }
+                    Some(Ok(Message::Close(f))) => {
+                        st.log.lock().unwrap().ws_closed = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                        return;
+                    }
+                    Some(Ok(_)) => {}
+                    _ => {
+                        st.log.lock().unwrap().ws_closed.get_or_insert(1006);
+                        return;
+                    }
+                }
+            }
+            c = cmds.recv() => {
+                let Some(c) = c else { return };
+                let out = match c {
+                    Cmd::Publish => Some(st.make_offer()),
+                    Cmd::Subscribe => Some(json!({ "type": "subscribe" })),
+                    Cmd::SendMedia { packets } => { st.to_send += packets; None }
+                    Cmd::Raw(v) => Some(v),
+                    Cmd::Leave => Some(json!({ "type": "leave" })),
+                };
+                if let Some(out) = out {
+                    let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
+                }
+            }
+            _ = media_tick.tick(), if st.to_send > 0 => st.write_media(),
+            _ = tokio::time::sleep(wait) => {
+                let _ = st.rtc.handle_input(Input::Timeout(Instant::now()));
+            }
+        }
+    }
+}
+
+impl PeerState {
+    /// Poll the Rtc until it waits; returns when it next wants time.
+    async fn drain(&mut self) -> Instant {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    if t <= Instant::now() {
+                        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                        continue;
+                    }
+                    return t;
+                }
+                Ok(Output::Transmit(t)) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination).await;
+                }
+                Ok(Output::Event(e)) => self.on_event(e),
+                Err(_) => return Instant::now() + Duration::from_millis(50),
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        let mut log = self.log.lock().unwrap();
+        match e {
+            Event::Connected => log.connected = true,
+            Event::KeyframeRequest(_) => log.keyframe_requests += 1,
+            Event::RtpPacket(p) => {
+                let kind = self
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&p.header.ssrc)
+                    .map(|s| s.mid())
+                    .and_then(|mid| self.rtc.media(mid).map(|m| m.kind()))
+                    .unwrap_or(MediaKind::Video);
+                log.rtp.push((kind, p.payload.to_vec()));
+            }
+            _ => {}
+        }
+    }
+
+    fn make_offer(&mut self) -> Value {
+        let mut api = self.rtc.sdp_api();
+        self.audio_mid = Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+        self.video_mid = Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+        let (offer, pending) = api.apply().expect("offer");
+        self.pending = Some(pending);
+        json!({ "type": "publish", "sdp": offer.to_sdp_string() })
+    }
+
+    fn on_message(&mut self, v: &Value) -> Option<Value> {
+        match v["type"].as_str()? {
+            "answer" => {
+                self.connection_id = v["connection_id"].as_str().map(str::to_owned);
+                let answer = SdpAnswer::from_sdp_string(v["sdp"].as_str()?).ok()?;
+                let pending = self.pending.take()?;
+                self.rtc.sdp_api().accept_answer(pending, answer).expect("gateway answer is acceptable");
+                None
+            }
+            "offer" => {
+                self.connection_id = v["connection_id"].as_str().map(str::to_owned);
+                let sdp = v["sdp"].as_str()?;
+                self.log.lock().unwrap().offers.push(sdp.to_owned());
+                let offer = SdpOffer::from_sdp_string(sdp).ok()?;
+                let answer = self.rtc.sdp_api().accept_offer(offer).expect("gateway offer is acceptable");
+                Some(json!({ "type": "answer", "connection_id": v["connection_id"], "sdp": answer.to_sdp_string() }))
+            }
+            "candidate" => {
+                if let Ok(c) = Candidate::from_sdp_string(v["candidate"].as_str()?) {
+                    self.rtc.add_remote_candidate(c);
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Write one video and, every other tick, one audio packet with recognisable payloads.
+    fn write_media(&mut self) {
+        if self.to_send == 0 {
+            return;
+        }
+        self.to_send -= 1;
+        self.sent += 1;
+        let n = self.sent;
+        let now = Instant::now();
+        for (kind, mid) in [(MediaKind::Video, self.video_mid), (MediaKind::Audio, self.audio_mid)] {
+            let Some(mid) = mid else { continue };
+            if kind == MediaKind::Audio && n % 2 == 0 {
+                continue;
+            }
+            let want = if kind == MediaKind::Video { Codec::Vp8 } else { Codec::Opus };
+            let Some(remote) = self.rtc.media(mid).map(|m| m.remote_pts().to_vec()) else { continue };
+            let Some(pt) = self
+                .rtc
+                .codec_config()
+                .find(|p| p.spec().codec == want && remote.contains(&p.pt()))
+                .map(|p| p.pt())
+            else {
+                continue;
+            };
+            let size = if kind == MediaKind::Video { 900 } else { 120 };
+            let mut payload = format!("{}-{:?}-{n}-", self.name, kind).into_bytes();
+            while payload.len() < size {
+                payload.push((payload.len() as u64 * 31 + n) as u8);
+            }
+            let clock = if kind == MediaKind::Video { 90 } else { 48 };
+            let ts = (n * 20 * clock) as u32;
+            let mut api = self.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else { continue };
+            tx.write_rtp(RtpWrite::new(pt, (1000 + n).into(), ts, now, payload.clone()).marker(true).nackable(true));
+            self.log.lock().unwrap().sent.push((kind, payload));
+        }
+    }
+}
+
+/// Wait for a condition on the gateway or anything else.
+pub async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

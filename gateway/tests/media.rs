@@ -1,0 +1,116 @@
+//! Media through a real gateway over loopback UDP, with str0m test peers that use only the
+//! public API: one publishes, two subscribe and get the payloads intact, a late joiner gets the
+//! existing streams by re-offer and causes a keyframe request upstream, leaving ends FINISHED
+//! and every port returns to the pool.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use str0m::media::MediaKind;
+
+fn received(p: &Peer, kind: MediaKind) -> Vec<Vec<u8>> {
+    p.with(|l| l.rtp.iter().filter(|(k, _)| *k == kind).map(|(_, b)| b.clone()).collect())
+}
+
+fn sent(p: &Peer, kind: MediaKind) -> Vec<Vec<u8>> {
+    p.with(|l| l.sent.iter().filter(|(k, _)| *k == kind).map(|(_, b)| b.clone()).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_fan_out_late_join_and_leave() {
+    let gw = start_gateway(44000, 44049).await;
+    let total_ports = gw.ports.total();
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("media-room").await;
+
+    let publisher = Peer::join(&api, &room, "pub").await;
+    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    publisher.publish();
+    publisher.wait("publish READY", 10, |l| !l.events("READY").is_empty() && l.connected).await;
+    assert_eq!(publisher.state_sequence("publish"), ["INITIAL", "GATHERED", "READY"]);
+
+    let sub1 = Peer::join(&api, &room, "sub1").await;
+    let sub2 = Peer::join(&api, &room, "sub2").await;
+    for s in [&sub1, &sub2] {
+        s.wait("joined lists the publisher's streams", 5, |l| {
+            l.of_type("joined").first().is_some_and(|j| j["streams"].as_array().is_some_and(|a| a.len() == 2))
+        })
+        .await;
+        s.subscribe();
+    }
+    for s in [&sub1, &sub2] {
+        s.wait("subscribe READY", 10, |l| l.connected && !l.events("READY").is_empty()).await;
+        assert_eq!(s.state_sequence("subscribe"), ["INITIAL", "GATHERED", "READY"]);
+        // The offer declares the SSRCs it will send, with msid naming the publisher, and RTX.
+        let offer = s.with(|l| l.offers[0].clone());
+        assert!(offer.contains("a=msid:pub "), "offer names the publisher in msid:\n{offer}");
+        assert!(offer.contains("a=ssrc-group:FID"), "video has an RTX group:\n{offer}");
+        assert!(offer.matches("a=ssrc:").count() >= 3, "SSRCs declared:\n{offer}");
+        assert!(offer.contains("m=application"), "data channel present");
+    }
+    let keyframe_requests_before = publisher.with(|l| l.keyframe_requests);
+    assert!(keyframe_requests_before >= 1, "a new subscriber makes the gateway ask the publisher for a keyframe");
+
+    // 100 video + 50 audio packets with distinct payloads; every one arrives intact at both.
+    publisher.send_media(100);
+    for s in [&sub1, &sub2] {
+        s.wait("all media", 15, |l| l.rtp.len() >= 150).await;
+    }
+    let sent_video = sent(&publisher, MediaKind::Video);
+    let sent_audio = sent(&publisher, MediaKind::Audio);
+    assert_eq!((sent_video.len(), sent_audio.len()), (100, 50));
+    for s in [&sub1, &sub2] {
+        assert_eq!(received(s, MediaKind::Video), sent_video, "{} video payloads intact and in order", s.name);
+        assert_eq!(received(s, MediaKind::Audio), sent_audio, "{} audio payloads intact and in order", s.name);
+    }
+
+    // A late joiner gets the existing streams and a keyframe request goes upstream.
+    tokio::time::sleep(Duration::from_millis(600)).await; // past the keyframe throttle window
+    let sub3 = Peer::join(&api, &room, "sub3").await;
+    sub3.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    sub3.subscribe();
+    sub3.wait("subscribe READY", 10, |l| l.connected).await;
+    let offer = sub3.with(|l| l.offers[0].clone());
+    assert_eq!(offer.matches("m=video").count(), 1, "late joiner's offer carries the video stream");
+    assert_eq!(offer.matches("m=audio").count(), 1, "and the audio stream");
+    publisher.wait("a keyframe request for the late joiner", 5, |l| l.keyframe_requests > keyframe_requests_before).await;
+    publisher.send_media(20);
+    sub3.wait("media at the late joiner", 10, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 20).await;
+    assert_eq!(received(&sub3, MediaKind::Video), sent_video_tail(&publisher, 20));
+
+    // sub1 leaves: FINISHED, socket closed normally, the others are told.
+    let sub1_conn = sub1.connection_id("subscribe").unwrap();
+    sub1.leave();
+    sub1.wait("FINISHED and close", 5, |l| !l.events("FINISHED").is_empty() && l.ws_closed == Some(1000)).await;
+    assert_eq!(sub1.state_sequence("subscribe"), ["INITIAL", "GATHERED", "READY", "FINISHED"]);
+    sub2.wait("participant_left", 5, |l| l.of_type("participant_left").iter().any(|m| m["participant_id"] == "sub1")).await;
+    let (status, detail) = api.call("GET", &format!("/v1/connections/{sub1_conn}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["state"], "FINISHED");
+    assert_eq!(detail["events"].as_array().unwrap().last().unwrap()["reason"], "leave");
+
+    // The publisher leaves: subscribers see stream_removed and get a re-offer without it.
+    let offers_before = sub2.with(|l| l.offers.len());
+    publisher.leave();
+    sub2.wait("stream_removed", 5, |l| l.of_type("stream_removed").len() == 2).await;
+    sub2.wait("re-offer", 5, |l| l.offers.len() > offers_before).await;
+    let last = sub2.with(|l| l.offers.last().unwrap().clone());
+    assert!(last.contains("m=video 0 ") || last.contains("m=video 0\r"), "stopped video section in the re-offer:\n{last}");
+
+    sub2.leave();
+    sub3.leave();
+    for s in [&sub2, &sub3] {
+        s.wait("closed", 5, |l| l.ws_closed.is_some()).await;
+    }
+    eventually("every port back in the pool", 5, || gw.ports.free() == total_ports).await;
+    let (_, rooms) = api.call("GET", &format!("/v1/rooms/{room}"), None).await;
+    assert_eq!(rooms["participants"].as_array().unwrap().len(), 0);
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+fn sent_video_tail(p: &Peer, n: usize) -> Vec<Vec<u8>> {
+    let all = sent(p, MediaKind::Video);
+    all[all.len() - n..].to_vec()
+}
