@@ -55,7 +55,8 @@ pub struct MediaConfig {
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
     pub connect_timeout_ms: u64,
-    /// A READY connection whose ICE stays disconnected this long FAILS.
+    /// A READY connection whose peer sends nothing (not even ICE consent checks, which browsers
+    /// send every ~5 s) or whose ICE stays disconnected this long FAILS.
     pub disconnect_grace_ms: u64,
 }
 
@@ -123,7 +124,7 @@ impl Default for MediaConfig {
             keyframe_throttle_ms: 500,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
-            disconnect_grace_ms: 8_000,
+            disconnect_grace_ms: 10_000,
         }
     }
 }
@@ -202,7 +203,10 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.media;
         if m.port_min == 0 || m.port_min > m.port_max {
-            return Err(invalid("media.port_min", format!("port range {}..={} is empty or inverted", m.port_min, m.port_max)));
+            return Err(invalid(
+                "media.port_min",
+                format!("port range {}..={} is empty or inverted", m.port_min, m.port_max),
+            ));
         }
         if m.bind_ip.is_unspecified() && m.announced_ips.is_empty() {
             return Err(invalid("media.announced_ips", "required when media.bind_ip is unspecified (0.0.0.0 or ::)"));
@@ -222,7 +226,9 @@ impl GatewayConfig {
         if self.auth.token_secret.len() < 16 {
             return Err(invalid("auth.token_secret", "must be at least 16 characters"));
         }
-        if self.limits.default_max_participants == 0 || self.limits.default_max_participants > self.limits.max_participants {
+        if self.limits.default_max_participants == 0
+            || self.limits.default_max_participants > self.limits.max_participants
+        {
             return Err(invalid("limits.default_max_participants", "must be between 1 and limits.max_participants"));
         }
         Ok(())

@@ -21,7 +21,10 @@ impl MediaMetrics {
     pub fn new(registry: &Registry) -> Self {
         let m = Self {
             rtp_packets: IntCounterVec::new(
-                Opts::new("gateway_rtp_packets_total", "RTP packets received from publishers (in) and sent to subscribers (out)"),
+                Opts::new(
+                    "gateway_rtp_packets_total",
+                    "RTP packets received from publishers (in) and sent to subscribers (out)",
+                ),
                 &["direction", "kind"],
             )
             .expect("valid metric"),
@@ -31,7 +34,10 @@ impl MediaMetrics {
             )
             .expect("valid metric"),
             keyframe_requests: IntCounterVec::new(
-                Opts::new("gateway_keyframe_requests_total", "Keyframe requests from subscribers (in) and to publishers (out)"),
+                Opts::new(
+                    "gateway_keyframe_requests_total",
+                    "Keyframe requests from subscribers (in) and to publishers (out)",
+                ),
                 &["direction"],
             )
             .expect("valid metric"),
@@ -40,7 +46,8 @@ impl MediaMetrics {
                 &["reason"],
             )
             .expect("valid metric"),
-            send_errors: IntCounter::new("gateway_udp_send_errors_total", "UDP sends that failed").expect("valid metric"),
+            send_errors: IntCounter::new("gateway_udp_send_errors_total", "UDP sends that failed")
+                .expect("valid metric"),
             worker_busy: GaugeVec::new(
                 Opts::new("gateway_worker_busy_ratio", "Share of the last second a media worker spent working"),
                 &["worker"],
@@ -51,8 +58,10 @@ impl MediaMetrics {
                 &["worker"],
             )
             .expect("valid metric"),
-            ports_in_use: IntGauge::new("gateway_udp_ports_in_use", "UDP ports of the media range in use").expect("valid metric"),
-            ports_free: IntGauge::new("gateway_udp_ports_free", "UDP ports of the media range free").expect("valid metric"),
+            ports_in_use: IntGauge::new("gateway_udp_ports_in_use", "UDP ports of the media range in use")
+                .expect("valid metric"),
+            ports_free: IntGauge::new("gateway_udp_ports_free", "UDP ports of the media range free")
+                .expect("valid metric"),
             build_info: IntGaugeVec::new(Opts::new("gateway_build_info", "Build information"), &["version"])
                 .expect("valid metric"),
         };

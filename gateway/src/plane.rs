@@ -42,10 +42,7 @@ impl GatewayMedia {
     }
 
     fn room_worker(&self, room_id: &str) -> Result<usize, MediaError> {
-        self.rooms
-            .get(room_id)
-            .map(|w| *w)
-            .ok_or_else(|| MediaError::new(ErrorCode::NotFound, "room not found"))
+        self.rooms.get(room_id).map(|w| *w).ok_or_else(|| MediaError::new(ErrorCode::NotFound, "room not found"))
     }
 
     fn conn_worker(&self, connection_id: &str) -> Result<usize, MediaError> {
@@ -75,9 +72,8 @@ impl GatewayMedia {
 #[async_trait::async_trait]
 impl MediaPlane for GatewayMedia {
     async fn create_room(&self, room_id: &str) -> Result<(), MediaError> {
-        let w = (0..self.workers.len())
-            .min_by_key(|&i| self.workers[i].rooms.load(Ordering::Relaxed))
-            .ok_or_else(gone)?;
+        let w =
+            (0..self.workers.len()).min_by_key(|&i| self.workers[i].rooms.load(Ordering::Relaxed)).ok_or_else(gone)?;
         self.call(w, |reply| Command::CreateRoom { room_id: room_id.to_owned(), reply }).await?;
         self.rooms.insert(room_id.to_owned(), w);
         Ok(())
@@ -120,7 +116,11 @@ impl MediaPlane for GatewayMedia {
     async fn close_connection(&self, connection_id: &str, reason: &str) {
         if let Ok(w) = self.conn_worker(connection_id) {
             let _ = self
-                .call(w, |reply| Command::Close { connection_id: connection_id.to_owned(), reason: reason.to_owned(), reply })
+                .call(w, |reply| Command::Close {
+                    connection_id: connection_id.to_owned(),
+                    reason: reason.to_owned(),
+                    reply,
+                })
                 .await;
         }
     }

@@ -341,9 +341,13 @@ impl Worker {
         m.keyframe_requests.with_label_values(&["in"]).inc_by(c.keyframe_requests_in - p.keyframe_requests_in);
         m.keyframe_requests.with_label_values(&["out"]).inc_by(c.keyframe_requests_out - p.keyframe_requests_out);
         m.dropped_datagrams.with_label_values(&["garbage"]).inc_by(c.garbage_datagrams - p.garbage_datagrams);
-        m.dropped_datagrams.with_label_values(&["untrusted_source"]).inc_by(c.untrusted_datagrams - p.untrusted_datagrams);
+        m.dropped_datagrams
+            .with_label_values(&["untrusted_source"])
+            .inc_by(c.untrusted_datagrams - p.untrusted_datagrams);
         let label = self.setup.index.to_string();
-        m.worker_busy.with_label_values(&[label.as_str()]).set(self.busy.as_secs_f64() / elapsed.as_secs_f64().max(1e-3));
+        m.worker_busy
+            .with_label_values(&[label.as_str()])
+            .set(self.busy.as_secs_f64() / elapsed.as_secs_f64().max(1e-3));
         m.worker_connections.with_label_values(&[label.as_str()]).set(self.engine.connection_count() as i64);
         self.busy = Duration::ZERO;
         self.published = c;
@@ -359,7 +363,9 @@ impl Worker {
 
 fn map_event(e: CoreEvent) -> MediaEvent {
     match e {
-        CoreEvent::Connection { connection_id, event, reason } => MediaEvent::Connection { connection_id, event, reason },
+        CoreEvent::Connection { connection_id, event, reason } => {
+            MediaEvent::Connection { connection_id, event, reason }
+        }
         CoreEvent::Answer { connection_id, sdp } => MediaEvent::Answer { connection_id, sdp },
         CoreEvent::Offer { connection_id, sdp } => MediaEvent::Offer { connection_id, sdp },
         CoreEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index } => {

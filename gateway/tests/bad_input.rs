@@ -30,7 +30,8 @@ impl RawWs {
     async fn next_of(&mut self, t: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next()).await.unwrap_or_else(|_| panic!("no {t} message"));
+            let m =
+                tokio::time::timeout_at(deadline, self.ws.next()).await.unwrap_or_else(|_| panic!("no {t} message"));
             if let Some(Ok(Message::Text(s))) = m {
                 let v: Value = serde_json::from_str(&s).unwrap();
                 if v["type"] == t {
@@ -119,7 +120,8 @@ async fn tokens_and_api_keys_are_enforced() {
     let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
     parts[2] = "AAAA".repeat(10);
     let forged = parts.join(".");
-    let (_, b) = api.call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": "eve", "ttl_s": 1 }))).await;
+    let (_, b) =
+        api.call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": "eve", "ttl_s": 1 }))).await;
     let expiring = b["token"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for (token, why) in [(forged.as_str(), "signature"), (expiring.as_str(), "expired"), ("", "missing")] {
@@ -136,7 +138,11 @@ async fn tokens_and_api_keys_are_enforced() {
 
     // A subscribe-only token cannot publish.
     let (_, b) = api
-        .call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": "viewer", "can_publish": false })))
+        .call(
+            "POST",
+            &format!("/v1/rooms/{room}/tokens"),
+            Some(json!({ "participant": "viewer", "can_publish": false })),
+        )
         .await;
     let mut ws = RawWs::connect(&api, b["token"].as_str().unwrap()).await;
     ws.send(&json!({ "type": "publish", "sdp": NO_USABLE_CODEC }).to_string()).await;
@@ -168,7 +174,12 @@ async fn garbage_udp_does_not_disturb_a_call() {
     // from a stranger while the call runs.
     let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let flood = tokio::spawn(async move {
-        let shapes: [&[u8]; 4] = [&[0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42], &[22u8, 254, 253, 0, 0, 0, 0, 0, 0, 0, 1], &[0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9, 9], &[0xffu8; 64]];
+        let shapes: [&[u8]; 4] = [
+            &[0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42],
+            &[22u8, 254, 253, 0, 0, 0, 0, 0, 0, 0, 1],
+            &[0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9, 9],
+            &[0xffu8; 64],
+        ];
         for i in 0..4000u32 {
             for port in 44130..=44139u16 {
                 let _ = stranger.send_to(shapes[(i % 4) as usize], ("127.0.0.1", port)).await;
@@ -187,6 +198,10 @@ async fn garbage_udp_does_not_disturb_a_call() {
     assert_eq!(publisher.state_sequence("publish"), ["INITIAL", "GATHERED", "READY"]);
     let conn = sub.connection_id("subscribe").unwrap();
     let (_, d) = api.call("GET", &format!("/v1/connections/{conn}"), None).await;
-    assert!(d["stats"]["dropped_untrusted_datagrams"].as_u64().unwrap() > 0, "garbage was seen and dropped: {}", d["stats"]);
+    assert!(
+        d["stats"]["dropped_untrusted_datagrams"].as_u64().unwrap() > 0,
+        "garbage was seen and dropped: {}",
+        d["stats"]
+    );
     gw.shutdown(Duration::from_secs(1)).await;
 }

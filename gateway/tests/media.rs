@@ -75,9 +75,12 @@ async fn publish_fan_out_late_join_and_leave() {
     let offer = sub3.with(|l| l.offers[0].clone());
     assert_eq!(offer.matches("m=video").count(), 1, "late joiner's offer carries the video stream");
     assert_eq!(offer.matches("m=audio").count(), 1, "and the audio stream");
-    publisher.wait("a keyframe request for the late joiner", 5, |l| l.keyframe_requests > keyframe_requests_before).await;
+    publisher
+        .wait("a keyframe request for the late joiner", 5, |l| l.keyframe_requests > keyframe_requests_before)
+        .await;
     publisher.send_media(20);
-    sub3.wait("media at the late joiner", 10, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 20).await;
+    sub3.wait("media at the late joiner", 10, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 20)
+        .await;
     assert_eq!(received(&sub3, MediaKind::Video), sent_video_tail(&publisher, 20));
 
     // sub1 leaves: FINISHED, socket closed normally, the others are told.
@@ -85,7 +88,8 @@ async fn publish_fan_out_late_join_and_leave() {
     sub1.leave();
     sub1.wait("FINISHED and close", 5, |l| !l.events("FINISHED").is_empty() && l.ws_closed == Some(1000)).await;
     assert_eq!(sub1.state_sequence("subscribe"), ["INITIAL", "GATHERED", "READY", "FINISHED"]);
-    sub2.wait("participant_left", 5, |l| l.of_type("participant_left").iter().any(|m| m["participant_id"] == "sub1")).await;
+    sub2.wait("participant_left", 5, |l| l.of_type("participant_left").iter().any(|m| m["participant_id"] == "sub1"))
+        .await;
     let (status, detail) = api.call("GET", &format!("/v1/connections/{sub1_conn}"), None).await;
     assert_eq!(status, 200);
     assert_eq!(detail["state"], "FINISHED");
@@ -97,7 +101,10 @@ async fn publish_fan_out_late_join_and_leave() {
     sub2.wait("stream_removed", 5, |l| l.of_type("stream_removed").len() == 2).await;
     sub2.wait("re-offer", 5, |l| l.offers.len() > offers_before).await;
     let last = sub2.with(|l| l.offers.last().unwrap().clone());
-    assert!(last.contains("m=video 0 ") || last.contains("m=video 0\r"), "stopped video section in the re-offer:\n{last}");
+    assert!(
+        last.contains("m=video 0 ") || last.contains("m=video 0\r"),
+        "stopped video section in the re-offer:\n{last}"
+    );
 
     sub2.leave();
     sub3.leave();

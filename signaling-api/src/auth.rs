@@ -39,10 +39,7 @@ impl std::fmt::Debug for Auth {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Auth {
@@ -99,13 +96,11 @@ impl Auth {
         v.leeway = 0;
         v.validate_exp = true;
         v.set_required_spec_claims(&["exp", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::unauthorized("token expired"),
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => ApiError::unauthorized("token signature is invalid"),
-                _ => ApiError::unauthorized("token is malformed"),
-            })
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map(|d| d.claims).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::unauthorized("token expired"),
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => ApiError::unauthorized("token signature is invalid"),
+            _ => ApiError::unauthorized("token is malformed"),
+        })
     }
 }
 

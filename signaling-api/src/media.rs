@@ -3,7 +3,7 @@
 //! [`EventSink`], called synchronously and in order by the media plane, so that an `answer` always
 //! reaches the client before the candidates and state events that follow it.
 
-use crate::protocol::{EventKind, ErrorCode, Role};
+use crate::protocol::{ErrorCode, EventKind, Role};
 
 /// A media plane refusal, rendered in the contract's error shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

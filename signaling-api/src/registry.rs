@@ -155,9 +155,7 @@ impl Registry {
             },
             None => return Vec::new(),
         };
-        ids.into_iter()
-            .filter(|id| self.connections.get(id).is_some_and(|c| !c.state.is_terminal()))
-            .collect()
+        ids.into_iter().filter(|id| self.connections.get(id).is_some_and(|c| !c.state.is_terminal())).collect()
     }
 
     /// The participant's live connection with this role, if any.
@@ -171,8 +169,7 @@ impl Registry {
     pub fn purge_history(&self, retention: Duration) -> usize {
         let now = Instant::now();
         let before = self.connections.len();
-        self.connections
-            .retain(|_, c| c.ended_at.is_none_or(|t| now.duration_since(t) < retention));
+        self.connections.retain(|_, c| c.ended_at.is_none_or(|t| now.duration_since(t) < retention));
         before - self.connections.len()
     }
 
@@ -241,7 +238,12 @@ impl EventSink for Registry {
             }
             MediaEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index } => {
                 if let Some(s) = self.session_of(&connection_id) {
-                    let msg = ServerMessage::Candidate(CandidateMessage { connection_id, candidate, sdp_mid, sdp_mline_index });
+                    let msg = ServerMessage::Candidate(CandidateMessage {
+                        connection_id,
+                        candidate,
+                        sdp_mid,
+                        sdp_mline_index,
+                    });
                     self.send_to_session(s, Outbound::Message(msg));
                 }
             }

@@ -44,19 +44,11 @@ async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req:
 }
 
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let resp = next.run(req).await;
     if route != "/metrics" {
-        state
-            .registry
-            .metrics
-            .http_requests
-            .with_label_values(&[route.as_str(), resp.status().as_str()])
-            .inc();
+        state.registry.metrics.http_requests.with_label_values(&[route.as_str(), resp.status().as_str()]).inc();
     }
     resp
 }
@@ -67,17 +59,12 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.registry.metrics.render(),
-    )
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.registry.metrics.render())
 }
 
 /// A name or participant id: 1–64 characters that are safe in URLs and SDP msid tokens.
 pub(crate) fn valid_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
 }
 
 fn valid_display_name(s: &str) -> bool {
@@ -177,11 +164,7 @@ async fn get_room(State(state): State<AppState>, Path(room_id): Path<String>) ->
         .map(|p| ParticipantDetail {
             participant_id: p.participant_id.clone(),
             name: p.name.clone(),
-            connections: p
-                .connections
-                .iter()
-                .filter_map(|id| reg.connections.get(id).map(|c| c.summary()))
-                .collect(),
+            connections: p.connections.iter().filter_map(|id| reg.connections.get(id).map(|c| c.summary())).collect(),
             streams: room.streams.iter().filter(|s| s.participant_id == p.participant_id).cloned().collect(),
         })
         .collect();
@@ -258,17 +241,18 @@ async fn dev_token(
     let existing = state.registry.names.get(&req.room).map(|id| id.clone());
     let room_id = match existing {
         Some(id) => id,
-        None => match create_room_inner(&state, CreateRoomRequest { name: Some(req.room.clone()), max_participants: None }).await {
-            Ok(r) => r.room_id,
-            // Lost a race with another joiner creating the same room.
-            Err(e) if e.code == ErrorCode::Conflict => state
-                .registry
-                .names
-                .get(&req.room)
-                .map(|id| id.clone())
-                .ok_or(e)?,
-            Err(e) => return Err(e),
-        },
+        None => {
+            match create_room_inner(&state, CreateRoomRequest { name: Some(req.room.clone()), max_participants: None })
+                .await
+            {
+                Ok(r) => r.room_id,
+                // Lost a race with another joiner creating the same room.
+                Err(e) if e.code == ErrorCode::Conflict => {
+                    state.registry.names.get(&req.room).map(|id| id.clone()).ok_or(e)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
     };
     let ttl = state.config.default_token_ttl_s;
     let (token, exp) = state.auth.issue(&room_id, &req.participant, &req.participant, true, true, ttl)?;

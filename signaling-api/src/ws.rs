@@ -34,7 +34,9 @@ async fn upgrade(
     };
     let ws = match ws {
         Ok(ws) => ws,
-        Err(r) => return ApiError::bad_request(format!("WebSocket upgrade required: {}", r.body_text())).into_response(),
+        Err(r) => {
+            return ApiError::bad_request(format!("WebSocket upgrade required: {}", r.body_text())).into_response()
+        }
     };
     ws.max_message_size(state.config.ws_max_message_bytes)
         .max_frame_size(state.config.ws_max_message_bytes)
@@ -128,7 +130,11 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
             tracing::info!(room_id, participant_id, session, "participant joined");
         }
         Err(e) => {
-            let _ = tx.send(Outbound::Message(ServerMessage::Error { code: e.code, message: e.message, connection_id: None }));
+            let _ = tx.send(Outbound::Message(ServerMessage::Error {
+                code: e.code,
+                message: e.message,
+                connection_id: None,
+            }));
             let _ = tx.send(Outbound::Close(1008, "refused".into()));
             reg.sessions.remove(&session);
             drop(tx);
@@ -281,7 +287,8 @@ async fn open_or_renegotiate(
     offer: Option<String>,
 ) -> Result<(), (ApiError, Option<String>)> {
     let reg = &state.registry;
-    if !reg.rooms.get(&claims.room).is_some_and(|r| r.participants.get(&claims.sub).is_some_and(|p| p.session == session)) {
+    let current = reg.rooms.get(&claims.room).and_then(|r| r.participants.get(&claims.sub).map(|p| p.session));
+    if current != Some(session) {
         return Err((ApiError::not_found("room"), None));
     }
     if let Some(id) = reg.live_connection_with_role(&claims.room, &claims.sub, role) {
@@ -322,12 +329,15 @@ async fn open_or_renegotiate(
 
 /// End a participant: close its connections (FINISHED with `reason`), take it out of its room and
 /// tell the others. Does nothing if another session has replaced `session` meanwhile.
-pub(crate) async fn remove_participant(state: &AppState, room_id: &str, participant_id: &str, session: u64, reason: &str) {
+pub(crate) async fn remove_participant(
+    state: &AppState,
+    room_id: &str,
+    participant_id: &str,
+    session: u64,
+    reason: &str,
+) {
     let reg = &state.registry;
-    let current = reg
-        .rooms
-        .get(room_id)
-        .and_then(|r| r.participants.get(participant_id).map(|p| p.session));
+    let current = reg.rooms.get(room_id).and_then(|r| r.participants.get(participant_id).map(|p| p.session));
     if current != Some(session) {
         return;
     }

@@ -93,6 +93,8 @@ pub(crate) struct Conn {
     pub gathered_at: Option<Instant>,
     pub ice_connected: bool,
     pub disconnected_since: Option<Instant>,
+    /// Last datagram accepted from the peer (STUN consent, RTCP, media).
+    pub last_rx: Instant,
     pub next_timeout: Option<Instant>,
     /// Remote addresses ICE has authenticated (we have sent to them). Only these may feed DTLS,
     /// RTP and RTCP into the `Rtc`, so a spoofed datagram cannot fail a healthy connection.
@@ -124,11 +126,7 @@ impl Conn {
 
     /// Report an event that is not a state (SDP_PROCESSED, CANDIDATE) or a state already entered.
     pub fn event(&self, q: &mut Queues, event: EventKind, reason: Option<String>) {
-        q.out.push_back(Output::Event(CoreEvent::Connection {
-            connection_id: self.id.to_string(),
-            event,
-            reason,
-        }));
+        q.out.push_back(Output::Event(CoreEvent::Connection { connection_id: self.id.to_string(), event, reason }));
     }
 
     /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are
@@ -177,12 +175,23 @@ impl Conn {
         let own = match self.state {
             ConnectionState::Initial => Some(self.created + cfg.negotiation_timeout),
             ConnectionState::Gathered => self.gathered_at.map(|t| t + cfg.connect_timeout),
-            ConnectionState::Ready => self.disconnected_since.map(|t| t + cfg.disconnect_grace),
+            ConnectionState::Ready => Some(self.lost_at(cfg)),
             _ => None,
         };
         match (own, self.next_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    /// When a READY connection counts as lost: its peer silent (nothing at all, not even ICE
+    /// consent checks, which browsers send every few seconds) or its ICE disconnected, for the
+    /// grace period. str0m's ICE-lite agent alone would notice only after its own ~15 s timeout.
+    fn lost_at(&self, cfg: &crate::CoreConfig) -> Instant {
+        let silent = self.last_rx + cfg.disconnect_grace;
+        match self.disconnected_since {
+            Some(t) => silent.min(t + cfg.disconnect_grace),
+            None => silent,
         }
     }
 
@@ -193,9 +202,7 @@ impl Conn {
             ConnectionState::Gathered if self.gathered_at.is_some_and(|t| now >= t + cfg.connect_timeout) => {
                 Some(if self.ice_connected { "dtls_timeout" } else { "ice_timeout" })
             }
-            ConnectionState::Ready if self.disconnected_since.is_some_and(|t| now >= t + cfg.disconnect_grace) => {
-                Some("ice_disconnected")
-            }
+            ConnectionState::Ready if now >= self.lost_at(cfg) => Some("ice_disconnected"),
             _ => None,
         }
     }

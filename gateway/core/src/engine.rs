@@ -184,6 +184,7 @@ impl Engine {
             gathered_at: None,
             ice_connected: false,
             disconnected_since: None,
+            last_rx: now,
             next_timeout: None,
             trusted: Vec::new(),
             pending: None,
@@ -250,7 +251,8 @@ impl Engine {
         if conn.role != Role::Publish {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
-        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let offer = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => a.to_sdp_string(),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
@@ -297,7 +299,8 @@ impl Engine {
         if conn.role != Role::Subscribe {
             return Err(err(ErrorCode::BadRequest, "answers are for subscribe connections"));
         }
-        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| err(ErrorCode::BadSdp, format!("answer is not valid SDP: {e}")))?;
+        let answer = SdpAnswer::from_sdp_string(sdp)
+            .map_err(|e| err(ErrorCode::BadSdp, format!("answer is not valid SDP: {e}")))?;
         let Some(pending) = conn.pending.take() else {
             return Err(err(ErrorCode::BadRequest, "no offer is waiting for an answer"));
         };
@@ -365,7 +368,14 @@ impl Engine {
 
     /// A datagram arrived on a connection's socket. `destination` is the connection's candidate
     /// address. Garbage and datagrams from unauthenticated sources are dropped and counted.
-    pub fn handle_receive(&mut self, now: Instant, key: ConnKey, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        key: ConnKey,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         let Ok(contents) = data.try_into() else {
             self.counters.garbage_datagrams += 1;
@@ -379,6 +389,7 @@ impl Engine {
             self.counters.untrusted_datagrams += 1;
             return;
         }
+        conn.last_rx = now;
         if let Err(e) = conn.rtc.handle_input(Input::Receive(now, recv)) {
             let reason = format!("dtls_error: {e}");
             self.q.doomed.push((key, reason));
@@ -457,7 +468,8 @@ impl Engine {
         match event {
             Event::RtpPacket(p) => self.forward(now, key, p),
             Event::Connected => {
-                if conn.enter(&mut self.q, ConnectionState::Ready, None) && conn.role == Role::Subscribe {
+                let entered = conn.enter(&mut self.q, ConnectionState::Ready, None);
+                if entered && conn.role == Role::Subscribe {
                     let live: Vec<Mid> = conn.outs.iter().filter(|o| o.live && !o.stopped).map(|o| o.mid).collect();
                     self.request_keyframes_for(now, key, &live);
                 }
@@ -473,10 +485,8 @@ impl Engine {
                 }
                 _ => {}
             },
-            Event::MediaAdded(m) if conn.role == Role::Publish => {
-                if m.direction.is_receiving() {
-                    self.add_track(now, key, m.mid, m.kind);
-                }
+            Event::MediaAdded(m) if conn.role == Role::Publish && m.direction.is_receiving() => {
+                self.add_track(now, key, m.mid, m.kind);
             }
             Event::MediaChanged(m) if conn.role == Role::Publish => {
                 if m.direction.is_receiving() {
@@ -636,7 +646,13 @@ impl Engine {
             if conn.outs.iter().any(|o| !o.stopped && o.stream_id == t.stream_id) {
                 continue;
             }
-            let mid = api.add_media(t.kind, Direction::SendOnly, Some(t.owner.to_string()), Some(t.stream_id.to_string()), None);
+            let mid = api.add_media(
+                t.kind,
+                Direction::SendOnly,
+                Some(t.owner.to_string()),
+                Some(t.stream_id.to_string()),
+                None,
+            );
             added.push((i, mid));
         }
         for o in conn.outs.iter_mut().filter(|o| !o.stopped) {
@@ -795,7 +811,6 @@ fn send_due_keyframe_request(
     let mut api = publisher.rtc.direct_api();
     let Some(rx) = api.stream_rx_by_mid(track.mid, None) else { return };
     rx.request_keyframe(kind);
-    drop(api);
     track.keyframes.mark_sent(now);
     publisher.stats.keyframe_requests_out += 1;
     counters.keyframe_requests_out += 1;
@@ -807,9 +822,11 @@ fn map_pt(rtc: &Rtc, out: &mut TrackOut, params: PayloadParams) -> Option<str0m:
     if let Some((_, local)) = out.pts.iter().find(|(pt, _)| *pt == params.pt()) {
         return *local;
     }
-    let local = rtc.codec_config().match_params(params).map(|p| p.pt()).filter(|pt| {
-        rtc.media(out.mid).is_none_or(|m| m.remote_pts().is_empty() || m.remote_pts().contains(pt))
-    });
+    let local = rtc
+        .codec_config()
+        .match_params(params)
+        .map(|p| p.pt())
+        .filter(|pt| rtc.media(out.mid).is_none_or(|m| m.remote_pts().is_empty() || m.remote_pts().contains(pt)));
     if local.is_none() {
         tracing::debug!(mid = %out.mid, codec = ?params.spec().codec, "subscriber did not accept the publisher's codec");
     }

@@ -34,7 +34,8 @@ pub struct CoreConfig {
     pub negotiation_timeout: Duration,
     /// GATHERED → READY (ICE + DTLS) must happen within this.
     pub connect_timeout: Duration,
-    /// A READY connection whose ICE is disconnected this long FAILS.
+    /// A READY connection whose peer is silent (not even ICE consent checks) or whose ICE is
+    /// disconnected this long FAILS.
     pub disconnect_grace: Duration,
     /// How often str0m reports statistics.
     pub stats_interval: Duration,
@@ -46,7 +47,7 @@ impl Default for CoreConfig {
             keyframe_throttle: Duration::from_millis(500),
             negotiation_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
-            disconnect_grace: Duration::from_secs(8),
+            disconnect_grace: Duration::from_secs(10),
             stats_interval: Duration::from_secs(1),
         }
     }

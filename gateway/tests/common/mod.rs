@@ -25,6 +25,11 @@ pub const API_KEY: &str = "test-api-key";
 
 /// Start a gateway on 127.0.0.1 with HTTP on an ephemeral port and the given media port range.
 pub async fn start_gateway(port_min: u16, port_max: u16) -> Running {
+    start_gateway_with(port_min, port_max, |_| {}).await
+}
+
+/// The same, with the config adjusted first.
+pub async fn start_gateway_with(port_min: u16, port_max: u16, adjust: impl FnOnce(&mut GatewayConfig)) -> Running {
     let mut cfg = GatewayConfig::default();
     cfg.http.bind = "127.0.0.1:0".parse().unwrap();
     cfg.media.port_min = port_min;
@@ -32,6 +37,7 @@ pub async fn start_gateway(port_min: u16, port_max: u16) -> Running {
     cfg.media.workers = 2;
     cfg.auth.api_key = API_KEY.into();
     cfg.auth.token_secret = "integration-test-secret-0123456789".into();
+    adjust(&mut cfg);
     cfg.validate().unwrap();
     gateway::server::start(cfg).await.expect("gateway starts")
 }
@@ -65,7 +71,8 @@ impl Api {
     }
 
     pub async fn token(&self, room: &str, participant: &str) -> String {
-        let (s, b) = self.call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": participant }))).await;
+        let (s, b) =
+            self.call("POST", &format!("/v1/rooms/{room}/tokens"), Some(json!({ "participant": participant }))).await;
         assert_eq!(s, 201, "{b}");
         b["token"].as_str().unwrap().to_owned()
     }
@@ -92,11 +99,7 @@ pub struct Log {
 
 impl Log {
     pub fn events(&self, event: &str) -> Vec<Value> {
-        self.messages
-            .iter()
-            .filter(|m| m["type"] == "connection_event" && m["event"] == event)
-            .cloned()
-            .collect()
+        self.messages.iter().filter(|m| m["type"] == "connection_event" && m["event"] == event).cloned().collect()
     }
     pub fn of_type(&self, t: &str) -> Vec<Value> {
         self.messages.iter().filter(|m| m["type"] == t).cloned().collect()
@@ -106,9 +109,15 @@ impl Log {
 enum Cmd {
     Publish,
     Subscribe,
-    SendMedia { packets: usize },
+    SendMedia {
+        packets: usize,
+    },
     Raw(Value),
     Leave,
+    /// Stop answering on UDP (a peer that vanished from the network but kept its WebSocket).
+    MuteUdp,
+    /// Do not answer the gateway's offers.
+    IgnoreOffers,
 }
 
 /// A participant: a WebSocket session plus one str0m `Rtc` (publish or subscribe).
@@ -146,6 +155,12 @@ impl Peer {
     pub fn leave(&self) {
         let _ = self.cmd.send(Cmd::Leave);
     }
+    pub fn ignore_offers(&self) {
+        let _ = self.cmd.send(Cmd::IgnoreOffers);
+    }
+    pub fn mute_udp(&self) {
+        let _ = self.cmd.send(Cmd::MuteUdp);
+    }
 
     pub fn with<R>(&self, f: impl FnOnce(&Log) -> R) -> R {
         f(&self.log.lock().unwrap())
@@ -159,7 +174,8 @@ impl Peer {
                 return;
             }
             if Instant::now() > deadline {
-                let msgs: Vec<String> = self.with(|l| l.messages.iter().map(|m| m.to_string().chars().take(200).collect()).collect());
+                let msgs: Vec<String> =
+                    self.with(|l| l.messages.iter().map(|m| m.to_string().chars().take(200).collect()).collect());
                 panic!("{}: timed out waiting for {what}; messages:\n{}", self.name, msgs.join("\n"));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -198,12 +214,19 @@ struct PeerState {
     video_mid: Option<Mid>,
     to_send: usize,
     sent: u64,
+    ignore_offers: bool,
     log: Arc<Mutex<Log>>,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn run_peer(name: String, ws: Ws, socket: UdpSocket, mut cmds: mpsc::UnboundedReceiver<Cmd>, log: Arc<Mutex<Log>>) {
+async fn run_peer(
+    name: String,
+    ws: Ws,
+    socket: UdpSocket,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    log: Arc<Mutex<Log>>,
+) {
     let local = socket.local_addr().unwrap();
     let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
     rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
@@ -218,12 +241,31 @@ async fn run_peer(name: String, ws: Ws, socket: UdpSocket, mut cmds: mpsc::Unbou
         video_mid: None,
         to_send: 0,
         sent: 0,
+        ignore_offers: false,
         log,
     };
     let (mut ws_tx, mut ws_rx) = ws.split();
     let mut buf = vec![0u8; 2048];
     let mut media_tick = tokio::time::interval(Duration::from_millis(10));
+    let mut muted = false;
     loop {
+        if muted {
+            // Keep only signaling alive: no UDP in or out.
+            tokio::select! {
+                m = ws_rx.next() => match m {
+                    Some(Ok(Message::Text(t))) => st.log.lock().unwrap().messages.push(serde_json::from_str(&t).unwrap()),
+                    Some(Ok(_)) => {}
+                    _ => return,
+                },
+                c = cmds.recv() => match c {
+                    Some(Cmd::Raw(v)) => { let _ = ws_tx.send(Message::Text(v.to_string().into())).await; }
+                    Some(Cmd::Leave) => { let _ = ws_tx.send(Message::Text(json!({ "type": "leave" }).to_string().into())).await; }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+            continue;
+        }
         let timeout = st.drain().await;
         let wait = timeout.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
         tokio::select! {
@@ -262,6 +304,8 @@ async fn run_peer(name: String, ws: Ws, socket: UdpSocket, mut cmds: mpsc::Unbou
                     Cmd::SendMedia { packets } => { st.to_send += packets; None }
                     Cmd::Raw(v) => Some(v),
                     Cmd::Leave => Some(json!({ "type": "leave" })),
+                    Cmd::MuteUdp => { muted = true; None }
+                    Cmd::IgnoreOffers => { st.ignore_offers = true; None }
                 };
                 if let Some(out) = out {
                     let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
@@ -333,7 +377,7 @@ impl PeerState {
                 self.rtc.sdp_api().accept_answer(pending, answer).expect("gateway answer is acceptable");
                 None
             }
-            "offer" => {
+            "offer" if !self.ignore_offers => {
                 self.connection_id = v["connection_id"].as_str().map(str::to_owned);
                 let sdp = v["sdp"].as_str()?;
                 self.log.lock().unwrap().offers.push(sdp.to_owned());
@@ -367,11 +411,8 @@ impl PeerState {
             }
             let want = if kind == MediaKind::Video { Codec::Vp8 } else { Codec::Opus };
             let Some(remote) = self.rtc.media(mid).map(|m| m.remote_pts().to_vec()) else { continue };
-            let Some(pt) = self
-                .rtc
-                .codec_config()
-                .find(|p| p.spec().codec == want && remote.contains(&p.pt()))
-                .map(|p| p.pt())
+            let Some(pt) =
+                self.rtc.codec_config().find(|p| p.spec().codec == want && remote.contains(&p.pt())).map(|p| p.pt())
             else {
                 continue;
             };

@@ -1,0 +1,392 @@
+//! The REST and WebSocket API against a fake media plane: no sockets for REST (`oneshot`), a
+//! local listener for WebSocket sessions. Checks routes, error shapes, auth, limits and the
+//! ordering of events a client sees.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use signaling_api::media::{ConnectionSpec, EventSink, MediaError, MediaEvent, MediaPlane};
+use signaling_api::metrics::Metrics;
+use signaling_api::protocol::{ErrorCode, EventKind};
+use signaling_api::registry::Registry;
+use signaling_api::{router, ApiConfig, AppState};
+use tokio_tungstenite::tungstenite::Message;
+use tower::ServiceExt;
+
+const KEY: &str = "unit-key";
+
+/// A media plane that answers at once and reports the events a real one would.
+struct FakeMedia {
+    sink: Arc<Registry>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeMedia {
+    fn ev(&self, id: &str, e: EventKind, reason: Option<&str>) {
+        self.sink.emit(MediaEvent::Connection { connection_id: id.into(), event: e, reason: reason.map(Into::into) });
+    }
+}
+
+#[async_trait::async_trait]
+impl MediaPlane for FakeMedia {
+    async fn create_room(&self, room_id: &str) -> Result<(), MediaError> {
+        self.calls.lock().unwrap().push(format!("create_room {room_id}"));
+        Ok(())
+    }
+    async fn close_room(&self, room_id: &str) {
+        self.calls.lock().unwrap().push(format!("close_room {room_id}"));
+    }
+    async fn publish(&self, spec: ConnectionSpec, offer: String) -> Result<(), MediaError> {
+        let id = spec.connection_id.as_str();
+        self.ev(id, EventKind::Initial, None);
+        if !offer.starts_with("v=0") {
+            self.ev(id, EventKind::Failed, Some("bad_sdp: not SDP"));
+            return Err(MediaError::new(ErrorCode::BadSdp, "not SDP"));
+        }
+        self.ev(id, EventKind::SdpProcessed, None);
+        self.sink.emit(MediaEvent::Answer { connection_id: id.into(), sdp: "v=0 answer".into() });
+        self.sink.emit(MediaEvent::Candidate {
+            connection_id: id.into(),
+            candidate: "candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host".into(),
+            sdp_mid: Some("0".into()),
+            sdp_mline_index: Some(0),
+        });
+        self.ev(id, EventKind::Candidate, None);
+        self.ev(id, EventKind::Gathered, None);
+        self.sink.emit(MediaEvent::StreamAdded {
+            room_id: spec.room_id.clone(),
+            participant_id: spec.participant_id.clone(),
+            stream_id: "st_1".into(),
+            kind: "video".into(),
+            mid: "0".into(),
+        });
+        Ok(())
+    }
+    async fn republish(&self, _: &str, _: String) -> Result<(), MediaError> {
+        Ok(())
+    }
+    async fn subscribe(&self, spec: ConnectionSpec) -> Result<(), MediaError> {
+        self.ev(&spec.connection_id, EventKind::Initial, None);
+        self.sink.emit(MediaEvent::Offer { connection_id: spec.connection_id, sdp: "v=0 offer".into() });
+        Ok(())
+    }
+    async fn resubscribe(&self, _: &str) -> Result<(), MediaError> {
+        Ok(())
+    }
+    async fn answer(&self, connection_id: &str, _: String) -> Result<(), MediaError> {
+        self.ev(connection_id, EventKind::SdpProcessed, None);
+        Ok(())
+    }
+    async fn add_candidate(&self, _: &str, _: String) -> Result<(), MediaError> {
+        Ok(())
+    }
+    async fn close_connection(&self, connection_id: &str, reason: &str) {
+        self.ev(connection_id, EventKind::Finished, Some(reason));
+    }
+    async fn connection_stats(&self, _: &str) -> Option<Value> {
+        Some(json!({ "rtp_packets_in": 7 }))
+    }
+}
+
+fn app_with(config: ApiConfig) -> (axum::Router, AppState, Arc<FakeMedia>) {
+    let registry = Arc::new(Registry::new(Metrics::new(prometheus::Registry::new())));
+    let media = Arc::new(FakeMedia { sink: Arc::clone(&registry), calls: Mutex::new(Vec::new()) });
+    let state = AppState::new(config, registry, Arc::clone(&media) as Arc<dyn MediaPlane>);
+    (router(state.clone()), state, media)
+}
+
+fn app() -> (axum::Router, AppState, Arc<FakeMedia>) {
+    app_with(ApiConfig { api_key: KEY.into(), reconnect_grace: Duration::from_millis(200), ..ApiConfig::default() })
+}
+
+async fn call(app: &axum::Router, method: &str, uri: &str, body: Option<&str>, auth: bool) -> (StatusCode, Value) {
+    let mut b = Request::builder().method(method).uri(uri);
+    if auth {
+        b = b.header("authorization", format!("Bearer {KEY}"));
+    }
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let req = b.body(body.map(|s| Body::from(s.to_owned())).unwrap_or_else(Body::empty)).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn assert_error(v: &Value, code: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+}
+
+#[tokio::test]
+async fn rooms_crud_and_errors() {
+    let (app, _, media) = app();
+    let (s, room) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"standup","max_participants":4}"#), true).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let id = room["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(room["max_participants"], 4);
+    assert!(room["created_at"].as_str().unwrap().ends_with('Z'));
+    assert!(media.calls.lock().unwrap().contains(&format!("create_room {id}")));
+
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"standup"}"#), true).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_error(&v, "conflict");
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"bad name!"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"max_participants":0}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some("{oops"), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"nmae":"x"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "unknown fields are refused: {v}");
+    let (s, _) = call(&app, "POST", "/v1/rooms", None, true).await;
+    assert_eq!(s, StatusCode::CREATED, "an empty body means defaults");
+
+    let (s, list) = call(&app, "GET", "/v1/rooms", None, true).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["rooms"].as_array().unwrap().len(), 2);
+    let (s, detail) = call(&app, "GET", &format!("/v1/rooms/{id}"), None, true).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(detail["name"], "standup");
+    assert_eq!(detail["participants"], json!([]));
+
+    let (s, _) = call(&app, "DELETE", &format!("/v1/rooms/{id}"), None, true).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(media.calls.lock().unwrap().contains(&format!("close_room {id}")));
+    let (s, v) = call(&app, "GET", &format!("/v1/rooms/{id}"), None, true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+    let (s, _) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"standup"}"#), true).await;
+    assert_eq!(s, StatusCode::CREATED, "a deleted room's name is free again");
+}
+
+#[tokio::test]
+async fn auth_routes_and_limits() {
+    let (app, _, _) = app();
+    let (s, v) = call(&app, "GET", "/v1/rooms", None, false).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_error(&v, "unauthorized");
+    let (s, v) = call(&app, "PATCH", "/v1/rooms", None, true).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_error(&v, "method_not_allowed");
+    let (s, v) = call(&app, "GET", "/v2/nothing", None, true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+    let big = format!(r#"{{"name":"{}"}}"#, "a".repeat(100_000));
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(&big), true).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "payload_too_large");
+    let (s, v) = call(&app, "GET", "/healthz", None, false).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (s, _) = call(&app, "GET", "/metrics", None, false).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn tokens_kick_and_connections() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let id = room["room_id"].as_str().unwrap();
+
+    // The target is identified before the payload is judged.
+    let (s, v) = call(&app, "POST", "/v1/rooms/r_nope/tokens", Some("{garbage"), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+    let (s, v) = call(&app, "POST", &format!("/v1/rooms/{id}/tokens"), Some(r#"{"participant":""}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let (s, v) =
+        call(&app, "POST", &format!("/v1/rooms/{id}/tokens"), Some(r#"{"participant":"a","ttl_s":0}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, tok) = call(
+        &app,
+        "POST",
+        &format!("/v1/rooms/{id}/tokens"),
+        Some(r#"{"participant":"alice","can_publish":false}"#),
+        true,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let claims = state.auth.verify(tok["token"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (claims.room.as_str(), claims.sub.as_str(), claims.can_publish, claims.can_subscribe),
+        (id, "alice", false, true)
+    );
+    assert!(tok["expires_at"].as_str().unwrap().ends_with('Z'));
+
+    let (s, v) = call(&app, "DELETE", &format!("/v1/rooms/{id}/participants/nobody"), None, true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+    let (s, v) = call(&app, "GET", "/v1/connections/c_missing", None, true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket sessions over a local listener
+// ---------------------------------------------------------------------------------------------
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("127.0.0.1:{}", addr.port())
+}
+
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("message in time");
+        match m {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(f))) => return json!({ "type": "__closed", "code": f.map(|f| u16::from(f.code)) }),
+            Some(Ok(_)) => continue,
+            other => return json!({ "type": "__gone", "detail": format!("{other:?}") }),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+async fn join(addr: &str, state: &AppState, room: &str, who: &str) -> Ws {
+    let (token, _) = state.auth.issue(room, who, who, true, true, 60).unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}")).await.unwrap();
+    ws
+}
+
+#[tokio::test]
+async fn websocket_flow_and_event_order() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some(r#"{"max_participants":2}"#), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    let j = next(&mut alice).await;
+    assert_eq!((j["type"].as_str(), j["participant_id"].as_str()), (Some("joined"), Some("alice")));
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    // INITIAL, SDP_PROCESSED, then the answer, then the candidate after it, then GATHERED.
+    let order: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..7 {
+            let m = next(&mut alice).await;
+            v.push(format!(
+                "{}{}",
+                m["type"].as_str().unwrap(),
+                m["event"].as_str().map(|e| format!(":{e}")).unwrap_or_default()
+            ));
+        }
+        v
+    };
+    assert_eq!(
+        order,
+        [
+            "connection_event:INITIAL",
+            "connection_event:SDP_PROCESSED",
+            "answer",
+            "candidate",
+            "connection_event:CANDIDATE",
+            "connection_event:GATHERED",
+            "stream_added"
+        ]
+    );
+
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    let j = next(&mut bob).await;
+    assert_eq!(j["participants"], json!([{ "participant_id": "alice", "name": "alice" }]));
+    assert_eq!(j["streams"].as_array().unwrap().len(), 1);
+    assert_eq!(next(&mut alice).await["type"], "participant_joined");
+
+    // The room is full for a third identity: refused at the upgrade.
+    let (token, _) = state.auth.issue(&room, "carol", "carol", true, true, 60).unwrap();
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
+        other => panic!("expected room_full, got {other:?}"),
+    }
+
+    // Bob subscribes; alice's connection is not bob's to touch.
+    send(&mut bob, json!({ "type": "subscribe" })).await;
+    assert_eq!(next(&mut bob).await["event"], "INITIAL");
+    let offer = next(&mut bob).await;
+    assert_eq!(offer["type"], "offer");
+    let alice_conn =
+        state.registry.connections.iter().find(|c| c.participant_id == "alice").unwrap().connection_id.clone();
+    send(&mut bob, json!({ "type": "answer", "connection_id": alice_conn, "sdp": "v=0" })).await;
+    let e = next(&mut bob).await;
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("not_found")));
+
+    // Kick bob: FINISHED for his connection, then the socket closes; alice hears he left.
+    let (s, _) = call(&app, "DELETE", &format!("/v1/rooms/{room}/participants/bob"), None, true).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let f = next(&mut bob).await;
+    assert_eq!((f["event"].as_str(), f["reason"].as_str()), (Some("FINISHED"), Some("kicked")));
+    assert_eq!(next(&mut bob).await["type"], "__closed");
+    let left = next(&mut alice).await;
+    assert_eq!((left["type"].as_str(), left["participant_id"].as_str()), (Some("participant_left"), Some("bob")));
+
+    // Alice joins again from a second socket: the old session is replaced.
+    let mut alice2 = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice2).await["type"], "joined");
+    let f = next(&mut alice).await;
+    assert_eq!((f["event"].as_str(), f["reason"].as_str()), (Some("FINISHED"), Some("replaced")));
+    let stream_removed_or_close = next(&mut alice).await;
+    assert!(
+        matches!(stream_removed_or_close["type"].as_str(), Some("__closed") | Some("stream_removed")),
+        "{stream_removed_or_close}"
+    );
+
+    // Leave: FINISHED events first, then a normal close.
+    send(&mut alice2, json!({ "type": "leave" })).await;
+    assert_eq!(next(&mut alice2).await["type"], "__closed");
+    let (_, detail) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(detail["participants"], json!([]));
+}
+
+#[tokio::test]
+async fn dropped_socket_keeps_connections_for_the_grace_period() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut ws = join(&addr, &state, &room, "dan").await;
+    next(&mut ws).await;
+    send(&mut ws, json!({ "type": "subscribe" })).await;
+    let init = next(&mut ws).await;
+    let conn = init["connection_id"].as_str().unwrap().to_owned();
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{conn}"), None, true).await;
+    assert_eq!(d["state"], "INITIAL", "kept during the grace period");
+    assert_eq!(d["stats"]["rtp_packets_in"], 7);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{conn}"), None, true).await;
+    assert_eq!(d["state"], "FINISHED");
+    assert_eq!(d["events"].as_array().unwrap().last().unwrap()["reason"], "signaling_lost");
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["participants"], json!([]));
+}
+
+#[tokio::test]
+async fn dev_token_route_creates_rooms_by_name_and_can_be_off() {
+    let (app, _, _) = app();
+    let (s, v) = call(&app, "POST", "/v1/dev/token", Some(r#"{"room":"lobby","participant":"x"}"#), false).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v2) = call(&app, "POST", "/v1/dev/token", Some(r#"{"room":"lobby","participant":"y"}"#), false).await;
+    assert_eq!(v["room_id"], v2["room_id"], "same name, same room");
+    let (app, _, _) = app_with(ApiConfig { dev_token_route: false, ..ApiConfig::default() });
+    let (s, v) = call(&app, "POST", "/v1/dev/token", Some(r#"{"room":"lobby","participant":"x"}"#), false).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+}
