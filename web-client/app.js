@@ -19,6 +19,7 @@ const gw = {
   left: false,
 };
 window.gw = gw;
+const params = new URLSearchParams(location.search);
 
 // ---------------------------------------------------------------------------------------------
 // UI helpers
@@ -220,7 +221,8 @@ async function publish() {
   const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", rtcpMuxPolicy: "require" });
   gw.pub.pc = pc;
   for (const track of gw.localStream.getTracks()) {
-    pc.addTransceiver(track, { direction: "sendonly", streams: [gw.localStream] });
+    const tr = pc.addTransceiver(track, { direction: "sendonly", streams: [gw.localStream] });
+    if (track.kind === "video") preferCodec(tr, params.get("codec"));
   }
   pc.onicecandidate = (ev) => {
     if (!ev.candidate) return;
@@ -231,6 +233,16 @@ async function publish() {
   const offer = await pc.createOffer();
   await pc.setLocalDescription(offer);
   send({ type: "publish", sdp: offer.sdp });
+}
+
+// `?codec=h264` (or vp8, vp9, av1) puts that codec first in the publish offer.
+function preferCodec(transceiver, name) {
+  if (!name || !RTCRtpSender.getCapabilities || !transceiver.setCodecPreferences) return;
+  const want = `video/${name}`.toLowerCase();
+  const codecs = RTCRtpSender.getCapabilities("video").codecs;
+  const first = codecs.filter((c) => c.mimeType.toLowerCase() === want);
+  if (first.length === 0) return;
+  transceiver.setCodecPreferences([...first, ...codecs.filter((c) => c.mimeType.toLowerCase() !== want)]);
 }
 
 async function onAnswer(msg) {
@@ -370,7 +382,6 @@ $("cam-button").addEventListener("click", (ev) => {
   ev.currentTarget.textContent = track.enabled ? "Cam" : "Cam off";
 });
 
-const params = new URLSearchParams(location.search);
 if (params.get("room")) $("room-input").value = params.get("room");
 if (params.get("name")) $("name-input").value = params.get("name");
 window.addEventListener("beforeunload", () => send({ type: "leave" }));

@@ -88,6 +88,8 @@ pub struct LimitsConfig {
     /// The most a room may ask for.
     pub max_participants: u32,
     pub max_body_bytes: usize,
+    /// Most media sections (tracks) one publish offer may carry.
+    pub max_media_sections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,7 +151,13 @@ impl Default for SignalingConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_rooms: 1000, default_max_participants: 16, max_participants: 256, max_body_bytes: 64 * 1024 }
+        Self {
+            max_rooms: 1000,
+            default_max_participants: 16,
+            max_participants: 256,
+            max_body_bytes: 64 * 1024,
+            max_media_sections: 16,
+        }
     }
 }
 
@@ -262,6 +270,7 @@ impl GatewayConfig {
             connect_timeout: Duration::from_millis(self.media.connect_timeout_ms),
             disconnect_grace: Duration::from_millis(self.media.disconnect_grace_ms),
             stats_interval: Duration::from_secs(1),
+            max_media_sections: self.limits.max_media_sections,
         }
     }
 

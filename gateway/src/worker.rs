@@ -187,8 +187,8 @@ impl Worker {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // ICMP errors (e.g. port unreachable) surface here on Linux; not fatal.
-                Err(_) => continue,
+                // Anything else (an ICMP error on Linux): not fatal; wait for the next readiness.
+                Err(_) => return,
             }
         }
     }

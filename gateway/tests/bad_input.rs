@@ -88,10 +88,26 @@ async fn websocket_bad_input_gets_errors_and_leaks_nothing() {
     ws.send(&json!({ "type": "candidate", "connection_id": conn, "candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": "0", "sdpMLineIndex": 0 }).to_string()).await;
     assert_eq!(ws.next_of("error").await["code"], "not_found", "a FAILED connection is gone from the media plane");
 
+    // Too many media sections are refused before any parsing.
+    let many = format!("v=0\r\n{}", "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n".repeat(17));
+    ws.send(&json!({ "type": "publish", "sdp": many }).to_string()).await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "bad_sdp");
+    assert!(e["message"].as_str().unwrap().contains("media sections"), "{e}");
+
     // The session still works: a subscribe succeeds.
     ws.send(r#"{"type":"subscribe"}"#).await;
     let offer = ws.next_of("offer").await;
     assert!(offer["sdp"].as_str().unwrap().starts_with("v=0"));
+    let sub_conn = offer["connection_id"].as_str().unwrap().to_owned();
+
+    // mDNS candidates (Chrome's default) are ignored silently; a malformed one is an error.
+    let mdns = "candidate:1 1 udp 2113937151 6f1e2a3b-1c2d-4e5f-8a9b-0c1d2e3f4a5b.local 54321 typ host";
+    ws.send(&json!({ "type": "candidate", "connection_id": sub_conn, "candidate": mdns, "sdpMid": "0", "sdpMLineIndex": 0 }).to_string()).await;
+    ws.send(&json!({ "type": "candidate", "connection_id": sub_conn, "candidate": "candidate:garbage", "sdpMid": "0", "sdpMLineIndex": 0 }).to_string()).await;
+    let e = ws.next_of("error").await;
+    assert_eq!(e["code"], "bad_request");
+    assert!(e["message"].as_str().unwrap().contains("candidate"), "the error is the malformed one's: {e}");
 
     // Nothing leaked: failed connections released their ports (one is held by the subscribe).
     eventually("ports back", 5, || gw.ports.free() == total - 1).await;

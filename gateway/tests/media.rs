@@ -66,6 +66,13 @@ async fn publish_fan_out_late_join_and_leave() {
         assert_eq!(received(s, MediaKind::Audio), sent_audio, "{} audio payloads intact and in order", s.name);
     }
 
+    // A second `subscribe` with nothing changed still gets an offer, and its answer applies cleanly.
+    let offers = sub2.with(|l| l.offers.len());
+    sub2.subscribe();
+    sub2.wait("a repeated offer", 5, |l| l.offers.len() == offers + 1).await;
+    sub2.wait("SDP_PROCESSED for the re-answer", 5, |l| l.events("SDP_PROCESSED").len() >= 2).await;
+    assert!(sub2.with(|l| l.of_type("error").is_empty()), "no errors: {:?}", sub2.with(|l| l.of_type("error")));
+
     // A late joiner gets the existing streams and a keyframe request goes upstream.
     tokio::time::sleep(Duration::from_millis(600)).await; // past the keyframe throttle window
     let sub3 = Peer::join(&api, &room, "sub3").await;

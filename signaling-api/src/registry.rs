@@ -125,7 +125,15 @@ impl Registry {
     }
 
     /// Register a connection before the media plane hears of it, so its events have a home.
-    pub fn insert_connection(&self, spec: &crate::media::ConnectionSpec, session: u64) {
+    /// Refused (false) unless `session` still speaks for the participant.
+    pub fn insert_connection(&self, spec: &crate::media::ConnectionSpec, session: u64) -> bool {
+        {
+            let Some(mut room) = self.rooms.get_mut(&spec.room_id) else { return false };
+            match room.participants.get_mut(&spec.participant_id) {
+                Some(p) if p.session == session => p.connections.push(spec.connection_id.clone()),
+                _ => return false,
+            }
+        }
         self.connections.insert(
             spec.connection_id.clone(),
             ConnRecord {
@@ -139,11 +147,7 @@ impl Registry {
                 ended_at: None,
             },
         );
-        if let Some(mut room) = self.rooms.get_mut(&spec.room_id) {
-            if let Some(p) = room.participants.get_mut(&spec.participant_id) {
-                p.connections.push(spec.connection_id.clone());
-            }
-        }
+        true
     }
 
     /// The connection ids of a participant that are not terminal yet.

@@ -81,7 +81,7 @@ async fn create_room(
         Err(e) if e.message.contains("Content-Type") => CreateRoomRequest::default(),
         Err(e) => return Err(e),
     };
-    let room = create_room_inner(&state, req).await?;
+    let room = detached(async move { create_room_inner(&state, req).await }).await?;
     Ok((StatusCode::CREATED, Json(room)))
 }
 
@@ -180,6 +180,21 @@ async fn get_room(State(state): State<AppState>, Path(room_id): Path<String>) ->
 }
 
 async fn delete_room(State(state): State<AppState>, Path(room_id): Path<String>) -> Result<StatusCode, ApiError> {
+    detached(async move { delete_room_inner(&state, &room_id).await }).await
+}
+
+/// Run a handler's state changes to completion even if the client goes away mid-request:
+/// a dropped future must not leave a name reserved or a room half-closed.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::new(ErrorCode::Internal, format!("request task failed: {e}"))))
+}
+
+async fn delete_room_inner(state: &AppState, room_id: &str) -> Result<StatusCode, ApiError> {
+    let room_id = room_id.to_owned();
     let reg = &state.registry;
     if !reg.rooms.contains_key(&room_id) {
         return Err(ApiError::not_found("room"));
@@ -274,8 +289,14 @@ async fn kick(
         let p = room.participants.get(&participant_id).ok_or_else(|| ApiError::not_found("participant"))?;
         p.session
     };
-    crate::ws::remove_participant(&state, &room_id, &participant_id, session, "kicked").await;
-    reg.send_to_session(session, Outbound::Close(1000, "kicked".into()));
+    let st = state.clone();
+    let (room, pid) = (room_id.clone(), participant_id.clone());
+    detached(async move {
+        crate::ws::remove_participant(&st, &room, &pid, session, "kicked").await;
+        st.registry.send_to_session(session, Outbound::Close(1000, "kicked".into()));
+        Ok(())
+    })
+    .await?;
     tracing::info!(room_id, participant_id, "participant kicked");
     Ok(StatusCode::NO_CONTENT)
 }

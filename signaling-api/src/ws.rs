@@ -59,12 +59,18 @@ fn authorize(state: &AppState, token: Option<&str>) -> Result<Claims, ApiError> 
 
 /// Result of admitting a session to its room.
 struct Admitted {
-    joined: ServerMessage,
     /// The session this one replaces, and its connections.
     replaced: Option<(u64, Vec<String>)>,
 }
 
-fn admit(state: &AppState, claims: &Claims, session: u64) -> Result<Admitted, ApiError> {
+/// Put the session in its room and queue `joined` while the room is locked, so no room event
+/// can reach the client before it or repeat what it lists.
+fn admit(
+    state: &AppState,
+    claims: &Claims,
+    session: u64,
+    tx: &mpsc::UnboundedSender<Outbound>,
+) -> Result<Admitted, ApiError> {
     let reg = &state.registry;
     let mut room = reg.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
     let replaced = room.participants.get(&claims.sub).map(|p| (p.session, p.connections.clone()));
@@ -97,7 +103,8 @@ fn admit(state: &AppState, claims: &Claims, session: u64) -> Result<Admitted, Ap
         participants,
         streams: room.streams.clone(),
     };
-    Ok(Admitted { joined, replaced })
+    let _ = tx.send(Outbound::Message(joined));
+    Ok(Admitted { replaced })
 }
 
 async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
@@ -111,9 +118,8 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
 
     let room_id = claims.room.clone();
     let participant_id = claims.sub.clone();
-    match admit(&state, &claims, session) {
-        Ok(Admitted { joined, replaced }) => {
-            let _ = tx.send(Outbound::Message(joined));
+    match admit(&state, &claims, session, &tx) {
+        Ok(Admitted { replaced }) => {
             match replaced {
                 Some((old_session, old_conns)) => {
                     for id in old_conns {
@@ -246,11 +252,11 @@ async fn handle_text(
                 open_or_renegotiate(state, claims, session, Role::Subscribe, None).await
             }
         }
-        ClientMessage::Answer { connection_id, sdp } => match owned(state, claims, &connection_id) {
+        ClientMessage::Answer { connection_id, sdp } => match owned(state, claims, session, &connection_id) {
             Ok(()) => state.media.answer(&connection_id, sdp).await.map_err(|e| (e.into(), Some(connection_id))),
             Err(e) => Err((e, Some(connection_id))),
         },
-        ClientMessage::Candidate(c) => match owned(state, claims, &c.connection_id) {
+        ClientMessage::Candidate(c) => match owned(state, claims, session, &c.connection_id) {
             Ok(()) => state
                 .media
                 .add_candidate(&c.connection_id, c.candidate)
@@ -272,9 +278,9 @@ async fn handle_text(
 
 /// The connection exists and belongs to this participant; anything else is `not_found`, so one
 /// participant learns nothing about another's connections.
-fn owned(state: &AppState, claims: &Claims, connection_id: &str) -> Result<(), ApiError> {
+fn owned(state: &AppState, claims: &Claims, session: u64, connection_id: &str) -> Result<(), ApiError> {
     match state.registry.connections.get(connection_id) {
-        Some(c) if c.room_id == claims.room && c.participant_id == claims.sub => Ok(()),
+        Some(c) if c.room_id == claims.room && c.participant_id == claims.sub && c.session == session => Ok(()),
         _ => Err(ApiError::not_found("connection")),
     }
 }
@@ -287,8 +293,7 @@ async fn open_or_renegotiate(
     offer: Option<String>,
 ) -> Result<(), (ApiError, Option<String>)> {
     let reg = &state.registry;
-    let current = reg.rooms.get(&claims.room).and_then(|r| r.participants.get(&claims.sub).map(|p| p.session));
-    if current != Some(session) {
+    if !is_current(state, claims, session) {
         return Err((ApiError::not_found("room"), None));
     }
     if let Some(id) = reg.live_connection_with_role(&claims.room, &claims.sub, role) {
@@ -304,7 +309,9 @@ async fn open_or_renegotiate(
         connection_id: new_id("c"),
         role,
     };
-    reg.insert_connection(&spec, session);
+    if !reg.insert_connection(&spec, session) {
+        return Err((ApiError::not_found("room"), None));
+    }
     let id = spec.connection_id.clone();
     let r = match offer {
         Some(sdp) => state.media.publish(spec, sdp).await,
@@ -324,7 +331,17 @@ async fn open_or_renegotiate(
             return Err((ApiError::from(e.clone()), None));
         }
     }
+    if r.is_ok() && !is_current(state, claims, session) {
+        // Removed (kicked, replaced, room closed) while the media plane was opening it.
+        state.media.close_connection(&id, "participant_removed").await;
+    }
     r.map_err(|e| (e.into(), Some(id)))
+}
+
+/// This session still speaks for its participant.
+fn is_current(state: &AppState, claims: &Claims, session: u64) -> bool {
+    state.registry.rooms.get(&claims.room).and_then(|r| r.participants.get(&claims.sub).map(|p| p.session))
+        == Some(session)
 }
 
 /// End a participant: close its connections (FINISHED with `reason`), take it out of its room and
@@ -337,13 +354,7 @@ pub(crate) async fn remove_participant(
     reason: &str,
 ) {
     let reg = &state.registry;
-    let current = reg.rooms.get(room_id).and_then(|r| r.participants.get(participant_id).map(|p| p.session));
-    if current != Some(session) {
-        return;
-    }
-    for id in reg.live_connections(room_id, participant_id) {
-        state.media.close_connection(&id, reason).await;
-    }
+    // Out of the room first, so nothing new can be opened for it while its connections close.
     let removed = match reg.rooms.get_mut(room_id) {
         Some(mut room) => match room.participants.get(participant_id) {
             Some(p) if p.session == session => room.participants.remove(participant_id),
@@ -351,10 +362,15 @@ pub(crate) async fn remove_participant(
         },
         None => None,
     };
-    if let Some(p) = removed {
-        reg.metrics.participants.dec();
-        let info = ParticipantInfo { participant_id: p.participant_id, name: p.name };
-        reg.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
-        tracing::info!(room_id, participant_id, reason, "participant left");
+    let Some(p) = removed else { return };
+    reg.metrics.participants.dec();
+    for id in &p.connections {
+        let live = reg.connections.get(id).is_some_and(|c| !c.state.is_terminal());
+        if live {
+            state.media.close_connection(id, reason).await;
+        }
     }
+    let info = ParticipantInfo { participant_id: p.participant_id, name: p.name };
+    reg.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
+    tracing::info!(room_id, participant_id, reason, "participant left");
 }

@@ -19,11 +19,11 @@ after(async () => {
   if (gateway) await gateway.stop();
 });
 
-async function joinPage(room, name) {
+async function joinPage(room, name, codec) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(`${gateway.base}/?room=${room}&name=${name}`);
+  await page.goto(`${gateway.base}/?room=${room}&name=${name}${codec ? `&codec=${codec}` : ""}`);
   await page.click("#join-button");
   return page;
 }
@@ -34,8 +34,12 @@ async function inbound(page) {
     const pc = window.gw.sub.pc;
     if (!pc) return null;
     const out = { video: null, audio: null };
-    (await pc.getStats()).forEach((s) => {
-      if (s.type === "inbound-rtp") out[s.kind] = { framesDecoded: s.framesDecoded, frameWidth: s.frameWidth, packetsReceived: s.packetsReceived, freezeCount: s.freezeCount };
+    const stats = await pc.getStats();
+    stats.forEach((s) => {
+      if (s.type === "inbound-rtp") {
+        const codec = s.codecId && stats.get(s.codecId) ? stats.get(s.codecId).mimeType : null;
+        out[s.kind] = { framesDecoded: s.framesDecoded, frameWidth: s.frameWidth, packetsReceived: s.packetsReceived, freezeCount: s.freezeCount, codec };
+      }
     });
     const v = document.querySelector(".tile:not(.local) video");
     out.videoWidth = v ? v.videoWidth : 0;
@@ -102,4 +106,20 @@ test("two browsers see and hear each other through the gateway", { timeout: 9000
   await waitFor("bob's tile to go", async () => (await alice.$$(".tile[data-participant=bob]")).length === 0);
   const aliceUi = await alice.$$eval(".conn", (els) => els.map((e) => e.dataset.state));
   assert.deepEqual(aliceUi, ["READY", "READY"]);
+});
+
+test("H.264 and VP8 publishers in one room are both forwarded and decoded", { timeout: 90000 }, async () => {
+  const carol = await joinPage("codec-room", "carol", "h264");
+  const dave = await joinPage("codec-room", "dave", "vp8");
+  const decoded = async (page) => {
+    const st = await inbound(page);
+    return st && st.video && st.video.framesDecoded > 10 && st.videoWidth > 0 ? st : null;
+  };
+  const atDave = await waitFor("dave decoding carol's H.264", () => decoded(dave), 30000);
+  const atCarol = await waitFor("carol decoding dave's VP8", () => decoded(carol), 30000);
+  console.log(`dave receives ${atDave.video.codec} ${atDave.video.frameWidth}px; carol receives ${atCarol.video.codec} ${atCarol.video.frameWidth}px`);
+  assert.equal(atDave.video.codec, "video/H264");
+  assert.equal(atCarol.video.codec, "video/VP8");
+  await carol.evaluate(() => window.gw.leave());
+  await dave.evaluate(() => window.gw.leave());
 });

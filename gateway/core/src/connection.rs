@@ -104,6 +104,8 @@ pub(crate) struct Conn {
     pub offered: bool,
     pub offer_wanted: bool,
     pub last_offer: Option<String>,
+    /// An unchanged offer was sent again; its answer has nothing to apply.
+    pub idle_reoffer: bool,
     pub candidate_added: bool,
     pub first_mid: Option<String>,
     pub outs: Vec<TrackOut>,
@@ -149,7 +151,9 @@ impl Conn {
                     return;
                 }
                 Ok(RtcOutput::Transmit(t)) => {
-                    if !self.trusted.contains(&t.destination) {
+                    // Most recently used last, so the active peer is never the one evicted.
+                    if self.trusted.last() != Some(&t.destination) {
+                        self.trusted.retain(|a| *a != t.destination);
                         if self.trusted.len() >= MAX_TRUSTED {
                             self.trusted.remove(0);
                         }

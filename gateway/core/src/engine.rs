@@ -10,8 +10,8 @@ use std::time::Instant;
 use rand::Rng;
 use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, Role};
 use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::format::PayloadParams;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::format::{Codec, CodecConfig, PayloadParams};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
@@ -29,6 +29,10 @@ struct TrackIn {
     mid: Mid,
     kind: MediaKind,
     keyframes: KeyframeThrottle,
+    /// The simulcast layer forwarded (`Some(None)` without simulcast), fixed by the first packet.
+    /// Only one layer goes to subscribers until layer selection exists; mixing layers into one
+    /// outgoing stream would garble it.
+    layer: Option<Option<Rid>>,
     /// Subscriber connection and our mid there.
     outs: Vec<(ConnKey, Mid)>,
 }
@@ -73,6 +77,41 @@ fn accepted_media_sections(sdp: &str) -> usize {
 
 fn first_mid(sdp: &str) -> Option<String> {
     sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:").map(str::to_owned))
+}
+
+/// The first video codec of the offer's first video section that we support.
+fn preferred_video_codec(sdp: &str) -> Option<Codec> {
+    let mline = sdp.lines().find(|l| l.starts_with("m=video "))?;
+    for pt in mline.split_whitespace().skip(3) {
+        let prefix = format!("a=rtpmap:{pt} ");
+        let Some(name) = sdp.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else { continue };
+        let name = name.split('/').next().unwrap_or("").to_ascii_uppercase();
+        let codec = match name.as_str() {
+            "VP8" => Codec::Vp8,
+            "H264" => Codec::H264,
+            "VP9" => Codec::Vp9,
+            "AV1" => Codec::Av1,
+            _ => continue,
+        };
+        return Some(codec);
+    }
+    None
+}
+
+/// Move `first` ahead of the other video codecs (`enable_*` re-adds a codec at the end).
+fn prefer_video_codec(cc: &mut CodecConfig, first: Codec) {
+    let all: [(Codec, fn(&mut CodecConfig, bool)); 5] = [
+        (Codec::Vp8, CodecConfig::enable_vp8),
+        (Codec::H264, CodecConfig::enable_h264),
+        (Codec::H265, CodecConfig::enable_h265),
+        (Codec::Vp9, CodecConfig::enable_vp9),
+        (Codec::Av1, CodecConfig::enable_av1),
+    ];
+    for (codec, enable) in all {
+        if codec != first {
+            enable(cc, true);
+        }
+    }
 }
 
 fn kind_str(kind: MediaKind) -> &'static str {
@@ -148,14 +187,23 @@ impl Engine {
     /// End every connection of the room (FINISHED, `room_closed`) and forget the room.
     pub fn close_room(&mut self, now: Instant, room_id: &str) {
         let Some(room) = self.rooms.get(room_id) else { return };
-        for key in room.conns.clone() {
+        // Subscribers first, so the publishers' departures do not trigger pointless re-offers.
+        let mut keys = room.conns.clone();
+        keys.sort_by_key(|k| self.conns.get(k).map(|c| c.role == Role::Publish));
+        for key in keys {
             self.end(now, key, ConnectionState::Finished, "room_closed");
         }
         self.rooms.remove(room_id);
         self.process(now);
     }
 
-    fn new_conn(&mut self, now: Instant, spec: NewConnection, role: Role) -> Result<ConnKey, CoreError> {
+    fn new_conn(
+        &mut self,
+        now: Instant,
+        spec: NewConnection,
+        role: Role,
+        first_video: Option<Codec>,
+    ) -> Result<ConnKey, CoreError> {
         let room = Arc::clone(
             self.rooms
                 .get_key_value(spec.room_id.as_str())
@@ -165,11 +213,12 @@ impl Engine {
         if self.keys.contains_key(spec.connection_id.as_str()) || self.conns.contains_key(&spec.key) {
             return Err(err(ErrorCode::Conflict, "connection already exists"));
         }
-        let rtc = Rtc::builder()
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .set_stats_interval(Some(self.cfg.stats_interval))
-            .build(now);
+        let mut builder =
+            Rtc::builder().set_ice_lite(true).set_rtp_mode(true).set_stats_interval(Some(self.cfg.stats_interval));
+        if let Some(first) = first_video {
+            prefer_video_codec(builder.codec_config(), first);
+        }
+        let rtc = builder.build(now);
         let id: Arc<str> = Arc::from(spec.connection_id.as_str());
         let mut conn = Conn {
             key: spec.key,
@@ -191,6 +240,7 @@ impl Engine {
             offered: false,
             offer_wanted: false,
             last_offer: None,
+            idle_reoffer: false,
             candidate_added: false,
             first_mid: None,
             outs: Vec::new(),
@@ -215,7 +265,13 @@ impl Engine {
     /// Open a publish connection with the client's offer; emits the answer.
     pub fn publish(&mut self, now: Instant, spec: NewConnection, offer: &str) -> Result<(), CoreError> {
         let local = spec.local;
-        let key = self.new_conn(now, spec, Role::Publish)?;
+        // Answer with the publisher's preferred video codec first: browsers send the first one.
+        let key = self.new_conn(now, spec, Role::Publish, preferred_video_codec(offer))?;
+        let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
+        if sections > self.cfg.max_media_sections {
+            let limit = self.cfg.max_media_sections;
+            return Err(self.reject_sdp(now, key, format!("offer has {sections} media sections; at most {limit}")));
+        }
         let offer = match SdpOffer::from_sdp_string(offer) {
             Ok(o) => o,
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
@@ -251,6 +307,11 @@ impl Engine {
         if conn.role != Role::Publish {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
+        let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
+        if sections > self.cfg.max_media_sections {
+            let limit = self.cfg.max_media_sections;
+            return Err(err(ErrorCode::BadSdp, format!("offer has {sections} media sections; at most {limit}")));
+        }
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
@@ -267,7 +328,7 @@ impl Engine {
     /// Open a subscribe connection; emits the first offer (a data channel plus every track in
     /// the room that is not the participant's own).
     pub fn subscribe(&mut self, now: Instant, spec: NewConnection) -> Result<(), CoreError> {
-        let key = self.new_conn(now, spec, Role::Subscribe)?;
+        let key = self.new_conn(now, spec, Role::Subscribe, None)?;
         self.renegotiate(now, key);
         self.process(now);
         Ok(())
@@ -285,8 +346,13 @@ impl Engine {
             if let Some(sdp) = conn.last_offer.clone() {
                 self.q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
             }
-        } else {
-            self.renegotiate(now, key);
+        } else if !self.renegotiate(now, key) {
+            // Nothing changed: the same description again, so the client can re-answer it.
+            let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+            if let Some(sdp) = conn.last_offer.clone() {
+                conn.idle_reoffer = true;
+                self.q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+            }
         }
         self.process(now);
         Ok(())
@@ -302,6 +368,11 @@ impl Engine {
         let answer = SdpAnswer::from_sdp_string(sdp)
             .map_err(|e| err(ErrorCode::BadSdp, format!("answer is not valid SDP: {e}")))?;
         let Some(pending) = conn.pending.take() else {
+            if std::mem::take(&mut conn.idle_reoffer) {
+                // The answer to a repeated, unchanged offer: nothing to apply.
+                conn.event(&mut self.q, EventKind::SdpProcessed, None);
+                return Ok(());
+            }
             return Err(err(ErrorCode::BadRequest, "no offer is waiting for an answer"));
         };
         if let Err(e) = conn.rtc.sdp_api().accept_answer(pending, answer) {
@@ -340,6 +411,11 @@ impl Engine {
         let key = self.key_of(connection_id)?;
         let candidate = candidate.trim();
         if candidate.is_empty() {
+            return Ok(());
+        }
+        // mDNS host names (`….local`) cannot be resolved here and are not needed: ICE-lite learns
+        // the client's address from its checks.
+        if candidate.split_whitespace().nth(4).is_some_and(|addr| addr.ends_with(".local")) {
             return Ok(());
         }
         let c = Candidate::from_sdp_string(candidate)
@@ -389,12 +465,15 @@ impl Engine {
             self.counters.untrusted_datagrams += 1;
             return;
         }
-        conn.last_rx = now;
         if let Err(e) = conn.rtc.handle_input(Input::Receive(now, recv)) {
             let reason = format!("dtls_error: {e}");
             self.q.doomed.push((key, reason));
         } else {
             conn.drain(now, &mut self.q);
+        }
+        // Only the authenticated peer keeps a connection alive; spoofed STUN does not.
+        if conn.trusted.contains(&source) {
+            conn.last_rx = now;
         }
         self.process(now);
     }
@@ -566,6 +645,7 @@ impl Engine {
             mid,
             kind,
             keyframes: KeyframeThrottle::new(self.cfg.keyframe_throttle),
+            layer: None,
             outs: Vec::new(),
         });
         tracing::info!(connection_id = %conn.id, %mid, kind = kind_str(kind), %stream_id, "track published");
@@ -624,17 +704,18 @@ impl Engine {
     /// Bring a subscribe connection's media sections in line with the room's tracks and send
     /// an offer if anything changed (or if none was ever sent). One offer is outstanding at a
     /// time; changes meanwhile are folded into the next one.
-    fn renegotiate(&mut self, now: Instant, key: ConnKey) {
+    /// Returns whether an offer went out.
+    fn renegotiate(&mut self, now: Instant, key: ConnKey) -> bool {
         let Self { rooms, conns, q, .. } = self;
-        let Some(conn) = conns.get_mut(&key) else { return };
+        let Some(conn) = conns.get_mut(&key) else { return false };
         if conn.role != Role::Subscribe || conn.state.is_terminal() {
-            return;
+            return false;
         }
         if conn.pending.is_some() {
             conn.offer_wanted = true;
-            return;
+            return false;
         }
-        let Some(room) = rooms.get_mut(&conn.room) else { return };
+        let Some(room) = rooms.get_mut(&conn.room) else { return false };
         let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != conn.participant).collect();
         let mut api = conn.rtc.sdp_api();
         if !conn.offered {
@@ -663,7 +744,7 @@ impl Engine {
             }
         }
         let Some((offer, pending)) = api.apply() else {
-            return;
+            return false;
         };
         let start_seq: u16 = rand::rng().random_range(1000..30000);
         for (i, mid) in added {
@@ -679,7 +760,9 @@ impl Engine {
                 pts: Vec::new(),
             });
         }
-        conn.outs.retain(|o| !o.stopped || !o.live);
+        // Stopped sections belong to tracks that are gone; forget them.
+        conn.outs.retain(|o| !o.stopped);
+        conn.idle_reoffer = false;
         conn.pending = Some(pending);
         conn.offered = true;
         let sdp = offer.to_sdp_string();
@@ -689,6 +772,7 @@ impl Engine {
         conn.last_offer = Some(sdp.clone());
         q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
         conn.drain(now, q);
+        true
     }
 
     /// Forward one publisher packet to every live subscriber of its track.
@@ -698,12 +782,17 @@ impl Engine {
         let bytes = p.payload.len() as u64;
         publisher.stats.rtp_packets_in += 1;
         publisher.stats.rtp_bytes_in += bytes;
-        let Some(mid) = publisher.rtc.direct_api().stream_rx(&p.header.ssrc).map(|s| s.mid()) else { return };
+        let Some((mid, rid)) = publisher.rtc.direct_api().stream_rx(&p.header.ssrc).map(|s| (s.mid(), s.rid())) else {
+            return;
+        };
         let Some(params) = publisher.rtc.codec_config().find(|c| c.pt() == p.header.payload_type).copied() else {
             return;
         };
         let Some(room) = rooms.get_mut(&publisher.room) else { return };
         let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
+        if *track.layer.get_or_insert(rid) != rid {
+            return;
+        }
         let video = track.kind == MediaKind::Video;
         counters.count_in(video, bytes);
         let ext = ExtensionValues {
@@ -809,7 +898,7 @@ fn send_due_keyframe_request(
     let Some(publisher) = conns.get_mut(&track.conn) else { return };
     // Nothing to ask until the publisher's stream exists; the request stays pending.
     let mut api = publisher.rtc.direct_api();
-    let Some(rx) = api.stream_rx_by_mid(track.mid, None) else { return };
+    let Some(rx) = api.stream_rx_by_mid(track.mid, track.layer.flatten()) else { return };
     rx.request_keyframe(kind);
     track.keyframes.mark_sent(now);
     publisher.stats.keyframe_requests_out += 1;
@@ -838,5 +927,35 @@ fn upsert(list: &mut Vec<MediaStats>, st: MediaStats) {
     match list.iter_mut().find(|x| x.mid == st.mid && x.rid == st.rid) {
         Some(x) => *x = st,
         None => list.push(st),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_offers_first_supported_video_codec() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 45 102 96\r\na=rtpmap:45 XYZ/90000\r\n\
+                   a=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n";
+        assert_eq!(preferred_video_codec(sdp), Some(Codec::H264));
+        assert_eq!(preferred_video_codec("v=0\r\nm=audio 9 X 0\r\n"), None);
+    }
+
+    #[test]
+    fn preferred_codec_goes_first() {
+        let mut cc = CodecConfig::new_with_defaults();
+        prefer_video_codec(&mut cc, Codec::H264);
+        let first_video = cc.params().iter().find(|p| p.spec().codec.is_video()).map(|p| p.spec().codec);
+        assert_eq!(first_video, Some(Codec::H264));
+        assert!(cc.params().iter().any(|p| p.spec().codec == Codec::Vp8), "others stay");
+    }
+
+    #[test]
+    fn accepted_sections_are_counted() {
+        let answer = "m=audio 9 UDP 111\r\nm=video 0 UDP 96\r\nm=application 9 UDP/DTLS/SCTP x\r\n";
+        assert_eq!(accepted_media_sections(answer), 1);
+        assert_eq!(first_mid("a=x\r\na=mid:0\r\na=mid:1\r\n").as_deref(), Some("0"));
     }
 }

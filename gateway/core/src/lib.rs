@@ -39,6 +39,9 @@ pub struct CoreConfig {
     pub disconnect_grace: Duration,
     /// How often str0m reports statistics.
     pub stats_interval: Duration,
+    /// Most `m=` sections a publish offer may have (each becomes a track every subscriber is
+    /// offered).
+    pub max_media_sections: usize,
 }
 
 impl Default for CoreConfig {
@@ -49,6 +52,7 @@ impl Default for CoreConfig {
             connect_timeout: Duration::from_secs(10),
             disconnect_grace: Duration::from_secs(10),
             stats_interval: Duration::from_secs(1),
+            max_media_sections: 16,
         }
     }
 }
