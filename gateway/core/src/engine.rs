@@ -100,7 +100,8 @@ fn preferred_video_codec(sdp: &str) -> Option<Codec> {
 
 /// Move `first` ahead of the other video codecs (`enable_*` re-adds a codec at the end).
 fn prefer_video_codec(cc: &mut CodecConfig, first: Codec) {
-    let all: [(Codec, fn(&mut CodecConfig, bool)); 5] = [
+    type Enable = fn(&mut CodecConfig, bool);
+    let all: [(Codec, Enable); 5] = [
         (Codec::Vp8, CodecConfig::enable_vp8),
         (Codec::H264, CodecConfig::enable_h264),
         (Codec::H265, CodecConfig::enable_h265),
