@@ -128,3 +128,57 @@ fn sent_video_tail(p: &Peer, n: usize) -> Vec<Vec<u8>> {
     let all = sent(p, MediaKind::Video);
     all[all.len() - n..].to_vec()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_pli_storm_is_merged_and_throttled() {
+    let gw = start_gateway(44060, 44069).await;
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("pli-room").await;
+    let publisher = Peer::join(&api, &room, "pub").await;
+    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    publisher.publish();
+    publisher.wait("READY", 10, |l| l.connected).await;
+    let subs = [Peer::join(&api, &room, "s1").await, Peer::join(&api, &room, "s2").await];
+    for s in &subs {
+        s.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+        s.subscribe();
+    }
+    for s in &subs {
+        s.wait("READY", 10, |l| l.connected).await;
+    }
+    publisher.send_media(400); // 4 s of video at 100 packets/s
+    for s in &subs {
+        s.wait("video", 5, |l| l.rtp.iter().any(|(k, _)| *k == MediaKind::Video)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pub_conn = publisher.connection_id("publish").unwrap();
+    let stat = |d: &serde_json::Value, k: &str| d["stats"][k].as_u64().unwrap();
+    let (_, d) = api.call("GET", &format!("/v1/connections/{pub_conn}"), None).await;
+    let out_before = stat(&d, "keyframe_requests_out");
+    let seen_before = publisher.with(|l| l.keyframe_requests);
+    // Two subscribers each ask every 50 ms for 2 s: 80 requests.
+    let t0 = std::time::Instant::now();
+    for s in &subs {
+        s.request_keyframes(40);
+    }
+    for s in &subs {
+        s.wait("all PLIs sent", 10, |l| l.plis_sent == 40).await;
+    }
+    let storm = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, d) = api.call("GET", &format!("/v1/connections/{pub_conn}"), None).await;
+    let upstream = stat(&d, "keyframe_requests_out") - out_before;
+    let mut received = 0;
+    for s in &subs {
+        let id = s.connection_id("subscribe").unwrap();
+        let (_, d) = api.call("GET", &format!("/v1/connections/{id}"), None).await;
+        received += stat(&d, "keyframe_requests_in");
+    }
+    println!("{received} subscriber PLIs over {storm:?} became {upstream} upstream keyframe requests");
+    assert!(received >= 80, "the gateway saw the storm: {received}");
+    // One per 500 ms window, plus the merged one that fires when the last window closes.
+    let windows = (storm.as_millis() / 500) as u64 + 2;
+    assert!(upstream >= 2 && upstream <= windows, "{upstream} upstream requests for {windows} windows");
+    assert!(publisher.with(|l| l.keyframe_requests) > seen_before, "requests reached the publisher");
+    gw.shutdown(Duration::from_secs(1)).await;
+}

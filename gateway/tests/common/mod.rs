@@ -92,6 +92,7 @@ pub struct Log {
     /// RTP payloads sent, in order.
     pub sent: Vec<(MediaKind, Vec<u8>)>,
     pub keyframe_requests: usize,
+    pub plis_sent: usize,
     pub connected: bool,
     pub offers: Vec<String>,
     pub ws_closed: Option<u16>,
@@ -118,6 +119,8 @@ enum Cmd {
     MuteUdp,
     /// Do not answer the gateway's offers.
     IgnoreOffers,
+    /// Send this many PLIs for every received video stream, one every 50 ms.
+    RequestKeyframes(usize),
 }
 
 /// A participant: a WebSocket session plus one str0m `Rtc` (publish or subscribe).
@@ -154,6 +157,9 @@ impl Peer {
     }
     pub fn leave(&self) {
         let _ = self.cmd.send(Cmd::Leave);
+    }
+    pub fn request_keyframes(&self, n: usize) {
+        let _ = self.cmd.send(Cmd::RequestKeyframes(n));
     }
     pub fn ignore_offers(&self) {
         let _ = self.cmd.send(Cmd::IgnoreOffers);
@@ -215,6 +221,9 @@ struct PeerState {
     to_send: usize,
     sent: u64,
     ignore_offers: bool,
+    plis_left: usize,
+    ticks: u64,
+    video_ssrcs: Vec<str0m::rtp::Ssrc>,
     log: Arc<Mutex<Log>>,
 }
 
@@ -242,6 +251,9 @@ async fn run_peer(
         to_send: 0,
         sent: 0,
         ignore_offers: false,
+        plis_left: 0,
+        ticks: 0,
+        video_ssrcs: Vec::new(),
         log,
     };
     let (mut ws_tx, mut ws_rx) = ws.split();
@@ -306,12 +318,16 @@ async fn run_peer(
                     Cmd::Leave => Some(json!({ "type": "leave" })),
                     Cmd::MuteUdp => { muted = true; None }
                     Cmd::IgnoreOffers => { st.ignore_offers = true; None }
+                    Cmd::RequestKeyframes(n) => { st.plis_left += n; None }
                 };
                 if let Some(out) = out {
                     let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
                 }
             }
-            _ = media_tick.tick(), if st.to_send > 0 => st.write_media(),
+            _ = media_tick.tick(), if st.to_send > 0 || st.plis_left > 0 => {
+                st.write_media();
+                st.send_pli();
+            }
             _ = tokio::time::sleep(wait) => {
                 let _ = st.rtc.handle_input(Input::Timeout(Instant::now()));
             }
@@ -353,6 +369,9 @@ impl PeerState {
                     .map(|s| s.mid())
                     .and_then(|mid| self.rtc.media(mid).map(|m| m.kind()))
                     .unwrap_or(MediaKind::Video);
+                if kind == MediaKind::Video && !self.video_ssrcs.contains(&p.header.ssrc) {
+                    self.video_ssrcs.push(p.header.ssrc);
+                }
                 log.rtp.push((kind, p.payload.to_vec()));
             }
             _ => {}
@@ -393,6 +412,21 @@ impl PeerState {
             }
             _ => None,
         }
+    }
+
+    /// Every fifth tick (50 ms), ask for a keyframe on every received video stream.
+    fn send_pli(&mut self) {
+        self.ticks += 1;
+        if self.plis_left == 0 || self.ticks % 5 != 0 {
+            return;
+        }
+        self.plis_left -= 1;
+        for ssrc in self.video_ssrcs.clone() {
+            if let Some(rx) = self.rtc.direct_api().stream_rx(&ssrc) {
+                rx.request_keyframe(str0m::media::KeyframeRequestKind::Pli);
+            }
+        }
+        self.log.lock().unwrap().plis_sent += 1;
     }
 
     /// Write one video and, every other tick, one audio packet with recognisable payloads.
