@@ -66,6 +66,16 @@ async fn publish_fan_out_late_join_and_leave() {
         assert_eq!(received(s, MediaKind::Audio), sent_audio, "{} audio payloads intact and in order", s.name);
     }
 
+    // Prometheus counts what flowed (workers publish once a second).
+    let series = r#"gateway_rtp_packets_total{direction="out",kind="video"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while api.metric(series).await < 200.0 {
+        assert!(std::time::Instant::now() < deadline, "{series} = {}", api.metric(series).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(api.metric(r#"gateway_rtp_packets_total{direction="in",kind="video"}"#).await >= 100.0);
+    assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 3.0);
+
     // A second `subscribe` with nothing changed still gets an offer, and its answer applies cleanly.
     let offers = sub2.with(|l| l.offers.len());
     sub2.subscribe();
@@ -180,5 +190,37 @@ async fn subscriber_pli_storm_is_merged_and_throttled() {
     let windows = (storm.as_millis() / 500) as u64 + 2;
     assert!(upstream >= 2 && upstream <= windows, "{upstream} upstream requests for {windows} windows");
     assert!(publisher.with(|l| l.keyframe_requests) > seen_before, "requests reached the publisher");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Loss on a subscriber's downlink is repaired from the gateway's send buffer (RTX); loss on the
+/// publisher's uplink is NACKed upstream by the gateway. Every video payload arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_packets_are_recovered_on_both_legs() {
+    let gw = start_gateway(44070, 44079).await;
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("loss-room").await;
+    let publisher = Peer::join(&api, &room, "pub").await;
+    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    publisher.publish();
+    publisher.wait("READY", 10, |l| l.connected).await;
+    let sub = Peer::join(&api, &room, "sub").await;
+    sub.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    sub.subscribe();
+    sub.wait("READY", 10, |l| l.connected).await;
+
+    publisher.lossy(0, 17); // ~6% of the publisher's RTP never reaches the gateway
+    sub.lossy(13, 0); // ~8% of the gateway's RTP never reaches the subscriber
+    publisher.send_media(200);
+    sub.wait("every video payload", 20, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 200).await;
+    let mut got = received(&sub, MediaKind::Video);
+    let mut want = sent(&publisher, MediaKind::Video);
+    got.sort();
+    got.dedup();
+    want.sort();
+    assert_eq!(got, want, "all 200 video payloads recovered");
+    let (up, down) = (publisher.with(|l| l.dropped_tx), sub.with(|l| l.dropped_rx));
+    println!("recovered every packet with {up} dropped upstream and {down} dropped downstream");
+    assert!(up >= 10 && down >= 10, "loss really happened on both legs: {up} {down}");
     gw.shutdown(Duration::from_secs(1)).await;
 }

@@ -757,7 +757,7 @@ impl Engine {
                 kind: t.kind,
                 live: false,
                 stopped: false,
-                rewrite: SeqRewriter::new(start_seq),
+                rewrite: SeqRewriter::new(start_seq, rand::rng().random()),
                 pts: Vec::new(),
             });
         }

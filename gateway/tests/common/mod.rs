@@ -77,6 +77,12 @@ impl Api {
         b["token"].as_str().unwrap().to_owned()
     }
 
+    /// A sample from `/metrics` (series written exactly as exposed, labels in order).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.client.get(format!("{}/metrics", self.base)).send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+    }
+
     pub fn ws_url(&self, token: &str) -> String {
         format!("{}/v1/ws?token={}", self.base.replacen("http", "ws", 1), token)
     }
@@ -93,6 +99,8 @@ pub struct Log {
     pub sent: Vec<(MediaKind, Vec<u8>)>,
     pub keyframe_requests: usize,
     pub plis_sent: usize,
+    pub dropped_rx: u64,
+    pub dropped_tx: u64,
     pub connected: bool,
     pub offers: Vec<String>,
     pub ws_closed: Option<u16>,
@@ -121,6 +129,11 @@ enum Cmd {
     IgnoreOffers,
     /// Send this many PLIs for every received video stream, one every 50 ms.
     RequestKeyframes(usize),
+    /// Drop every n-th incoming / outgoing RTP datagram (0: none). RTCP is never dropped.
+    Lossy {
+        rx_every: u64,
+        tx_every: u64,
+    },
 }
 
 /// A participant: a WebSocket session plus one str0m `Rtc` (publish or subscribe).
@@ -160,6 +173,9 @@ impl Peer {
     }
     pub fn request_keyframes(&self, n: usize) {
         let _ = self.cmd.send(Cmd::RequestKeyframes(n));
+    }
+    pub fn lossy(&self, rx_every: u64, tx_every: u64) {
+        let _ = self.cmd.send(Cmd::Lossy { rx_every, tx_every });
     }
     pub fn ignore_offers(&self) {
         let _ = self.cmd.send(Cmd::IgnoreOffers);
@@ -223,6 +239,9 @@ struct PeerState {
     ignore_offers: bool,
     plis_left: usize,
     ticks: u64,
+    loss: (u64, u64),
+    rtp_rx: u64,
+    rtp_tx: u64,
     video_ssrcs: Vec<str0m::rtp::Ssrc>,
     log: Arc<Mutex<Log>>,
 }
@@ -253,6 +272,9 @@ async fn run_peer(
         ignore_offers: false,
         plis_left: 0,
         ticks: 0,
+        loss: (0, 0),
+        rtp_rx: 0,
+        rtp_tx: 0,
         video_ssrcs: Vec::new(),
         log,
     };
@@ -283,6 +305,13 @@ async fn run_peer(
         tokio::select! {
             r = st.socket.recv_from(&mut buf) => {
                 let Ok((n, source)) = r else { continue };
+                if is_rtp(&buf[..n]) && st.loss.0 > 0 {
+                    st.rtp_rx += 1;
+                    if st.rtp_rx % st.loss.0 == 0 {
+                        st.log.lock().unwrap().dropped_rx += 1;
+                        continue;
+                    }
+                }
                 if let Ok(contents) = buf[..n].try_into() {
                     let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: st.local, contents });
                     let _ = st.rtc.handle_input(input);
@@ -319,6 +348,7 @@ async fn run_peer(
                     Cmd::MuteUdp => { muted = true; None }
                     Cmd::IgnoreOffers => { st.ignore_offers = true; None }
                     Cmd::RequestKeyframes(n) => { st.plis_left += n; None }
+                    Cmd::Lossy { rx_every, tx_every } => { st.loss = (rx_every, tx_every); None }
                 };
                 if let Some(out) = out {
                     let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
@@ -348,6 +378,13 @@ impl PeerState {
                     return t;
                 }
                 Ok(Output::Transmit(t)) => {
+                    if is_rtp(&t.contents) && self.loss.1 > 0 {
+                        self.rtp_tx += 1;
+                        if self.rtp_tx % self.loss.1 == 0 {
+                            self.log.lock().unwrap().dropped_tx += 1;
+                            continue;
+                        }
+                    }
                     let _ = self.socket.send_to(&t.contents, t.destination).await;
                 }
                 Ok(Output::Event(e)) => self.on_event(e),
@@ -463,6 +500,11 @@ impl PeerState {
             self.log.lock().unwrap().sent.push((kind, payload));
         }
     }
+}
+
+/// SRTP (not SRTCP) by RFC 7983 / RFC 5761 demultiplexing.
+fn is_rtp(d: &[u8]) -> bool {
+    d.len() > 1 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }
 
 /// Wait for a condition on the gateway or anything else.
