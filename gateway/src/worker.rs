@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use gateway_core::{ConnKey, CoreConfig, CoreError, CoreEvent, Engine, NewConnection, Output};
+use gateway_core::{ConnKey, CoreConfig, CoreError, Engine, NewConnection, Output};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
-use signaling_api::media::{EventSink, MediaError, MediaEvent};
+use signaling_api::media::{EventSink, MediaError};
 use signaling_api::protocol::ErrorCode;
 use tokio::sync::oneshot;
 
@@ -204,7 +204,7 @@ impl Worker {
                         }
                     }
                 }
-                Output::Event(e) => self.setup.sink.emit(map_event(e)),
+                Output::Event(e) => self.setup.sink.emit(e),
                 Output::Closed { key, connection_id } => {
                     self.release(key);
                     self.setup.directory.remove(&connection_id);
@@ -357,25 +357,6 @@ impl Worker {
         let keys: Vec<ConnKey> = self.sockets.keys().copied().collect();
         for k in keys {
             self.release(k);
-        }
-    }
-}
-
-fn map_event(e: CoreEvent) -> MediaEvent {
-    match e {
-        CoreEvent::Connection { connection_id, event, reason } => {
-            MediaEvent::Connection { connection_id, event, reason }
-        }
-        CoreEvent::Answer { connection_id, sdp } => MediaEvent::Answer { connection_id, sdp },
-        CoreEvent::Offer { connection_id, sdp } => MediaEvent::Offer { connection_id, sdp },
-        CoreEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index } => {
-            MediaEvent::Candidate { connection_id, candidate, sdp_mid, sdp_mline_index }
-        }
-        CoreEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
-            MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid }
-        }
-        CoreEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
-            MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid }
         }
     }
 }

@@ -177,14 +177,8 @@ async fn garbage_udp_does_not_disturb_a_call() {
     let gw = start_gateway(44130, 44139).await;
     let api = Api::new(gw.base_url());
     let room = api.create_room("garbage").await;
-    let publisher = Peer::join(&api, &room, "pub").await;
-    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
-    publisher.publish();
-    publisher.wait("READY", 10, |l| l.connected).await;
-    let sub = Peer::join(&api, &room, "sub").await;
-    sub.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
-    sub.subscribe();
-    sub.wait("READY", 10, |l| l.connected).await;
+    let (publisher, mut subs) = call(&api, &room, &["sub"]).await;
+    let sub = subs.remove(0);
 
     // Every gateway port of this range gets garbage shaped as STUN, DTLS, RTP and random bytes
     // from a stranger while the call runs.

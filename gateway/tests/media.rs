@@ -144,18 +144,7 @@ async fn subscriber_pli_storm_is_merged_and_throttled() {
     let gw = start_gateway(44060, 44069).await;
     let api = Api::new(gw.base_url());
     let room = api.create_room("pli-room").await;
-    let publisher = Peer::join(&api, &room, "pub").await;
-    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
-    publisher.publish();
-    publisher.wait("READY", 10, |l| l.connected).await;
-    let subs = [Peer::join(&api, &room, "s1").await, Peer::join(&api, &room, "s2").await];
-    for s in &subs {
-        s.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
-        s.subscribe();
-    }
-    for s in &subs {
-        s.wait("READY", 10, |l| l.connected).await;
-    }
+    let (publisher, subs) = call(&api, &room, &["s1", "s2"]).await;
     publisher.send_media(400); // 4 s of video at 100 packets/s
     for s in &subs {
         s.wait("video", 5, |l| l.rtp.iter().any(|(k, _)| *k == MediaKind::Video)).await;
@@ -200,14 +189,8 @@ async fn lost_packets_are_recovered_on_both_legs() {
     let gw = start_gateway(44070, 44079).await;
     let api = Api::new(gw.base_url());
     let room = api.create_room("loss-room").await;
-    let publisher = Peer::join(&api, &room, "pub").await;
-    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
-    publisher.publish();
-    publisher.wait("READY", 10, |l| l.connected).await;
-    let sub = Peer::join(&api, &room, "sub").await;
-    sub.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
-    sub.subscribe();
-    sub.wait("READY", 10, |l| l.connected).await;
+    let (publisher, mut subs) = call(&api, &room, &["sub"]).await;
+    let sub = subs.remove(0);
 
     publisher.lossy(0, 17); // ~6% of the publisher's RTP never reaches the gateway
     sub.lossy(13, 0); // ~8% of the gateway's RTP never reaches the subscriber

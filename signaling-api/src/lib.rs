@@ -3,6 +3,7 @@
 //! Layout:
 //! - `protocol`: wire types for every REST body and WebSocket message, the error shape, and the
 //!   connection state machine (always built; clients use it with the `server` feature off).
+//! - `events`: what the media plane reports ([`events::MediaEvent`]); always built.
 //! - `media`: the interface to the media plane ([`media::MediaPlane`], [`media::EventSink`]).
 //! - `auth`: API key and signed join tokens.
 //! - `registry`: rooms, participants, sessions, connection history; the event sink.
@@ -10,6 +11,7 @@
 //! - `metrics`: the first Prometheus counters.
 //! - `error`: the one error type that renders `{ "error": { code, message } }`.
 
+pub mod events;
 pub mod protocol;
 
 #[cfg(feature = "server")]

@@ -3,7 +3,8 @@
 //! [`EventSink`], called synchronously and in order by the media plane, so that an `answer` always
 //! reaches the client before the candidates and state events that follow it.
 
-use crate::protocol::{ErrorCode, EventKind, Role};
+pub use crate::events::MediaEvent;
+use crate::protocol::{ErrorCode, Role};
 
 /// A media plane refusal, rendered in the contract's error shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,23 +54,6 @@ pub trait MediaPlane: Send + Sync + 'static {
     async fn close_connection(&self, connection_id: &str, reason: &str);
     /// Live statistics of a connection, if it is still open.
     async fn connection_stats(&self, connection_id: &str) -> Option<serde_json::Value>;
-}
-
-/// What the media plane reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MediaEvent {
-    /// A state change or event of a connection.
-    Connection { connection_id: String, event: EventKind, reason: Option<String> },
-    /// The answer to a publish offer.
-    Answer { connection_id: String, sdp: String },
-    /// An offer (first or renegotiation) for a subscribe connection.
-    Offer { connection_id: String, sdp: String },
-    /// A gateway ICE candidate to trickle to the client.
-    Candidate { connection_id: String, candidate: String, sdp_mid: Option<String>, sdp_mline_index: Option<u16> },
-    /// A publication appeared in a room.
-    StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
-    /// A publication ended.
-    StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
 }
 
 /// Receives [`MediaEvent`]s. Implementations must be quick and never block on the media plane.

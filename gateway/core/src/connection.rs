@@ -13,7 +13,7 @@ use str0m::media::{MediaKind, Mid, Pt};
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
 use crate::rewrite::SeqRewriter;
-use crate::{ConnKey, CoreEvent, Output};
+use crate::{ConnKey, MediaEvent, Output};
 
 /// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
 const MAX_DUE_TIMEOUTS_PER_DRAIN: usize = 64;
@@ -128,7 +128,7 @@ impl Conn {
 
     /// Report an event that is not a state (SDP_PROCESSED, CANDIDATE) or a state already entered.
     pub fn event(&self, q: &mut Queues, event: EventKind, reason: Option<String>) {
-        q.out.push_back(Output::Event(CoreEvent::Connection { connection_id: self.id.to_string(), event, reason }));
+        q.out.push_back(Output::Event(MediaEvent::Connection { connection_id: self.id.to_string(), event, reason }));
     }
 
     /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are

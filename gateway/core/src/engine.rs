@@ -19,7 +19,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 use crate::connection::{Conn, ConnStats, MediaStats, Queues, TrackOut};
 use crate::keyframe::KeyframeThrottle;
 use crate::rewrite::SeqRewriter;
-use crate::{ConnKey, CoreConfig, CoreError, CoreEvent, Counters, Output};
+use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
 
 /// A published track and the subscribers it fans out to.
 struct TrackIn {
@@ -291,7 +291,7 @@ impl Engine {
         let conn = self.conns.get_mut(&key).expect("inserted above");
         conn.event(&mut self.q, EventKind::SdpProcessed, None);
         let mid = first_mid(&answer);
-        self.q.out.push_back(Output::Event(CoreEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
         conn.candidate_added = true;
         self.announce_candidate(key, mid, now);
         if let Some(conn) = self.conns.get_mut(&key) {
@@ -320,7 +320,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
         };
         conn.event(&mut self.q, EventKind::SdpProcessed, None);
-        self.q.out.push_back(Output::Event(CoreEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
         conn.drain(now, &mut self.q);
         self.process(now);
         Ok(())
@@ -345,14 +345,14 @@ impl Engine {
         if conn.pending.is_some() {
             // The client has not answered the outstanding offer yet: send it again.
             if let Some(sdp) = conn.last_offer.clone() {
-                self.q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
             }
         } else if !self.renegotiate(now, key) {
             // Nothing changed: the same description again, so the client can re-answer it.
             let conn = self.conns.get_mut(&key).expect("keys and conns agree");
             if let Some(sdp) = conn.last_offer.clone() {
                 conn.idle_reoffer = true;
-                self.q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
             }
         }
         self.process(now);
@@ -517,7 +517,7 @@ impl Engine {
         let Ok(c) = Candidate::host(conn.local, "udp") else { return };
         let line = c.to_sdp_string();
         let candidate = line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned();
-        self.q.out.push_back(Output::Event(CoreEvent::Candidate {
+        self.q.out.push_back(Output::Event(MediaEvent::Candidate {
             connection_id: conn.id.to_string(),
             candidate,
             sdp_mid: mid,
@@ -650,7 +650,7 @@ impl Engine {
             outs: Vec::new(),
         });
         tracing::info!(connection_id = %conn.id, %mid, kind = kind_str(kind), %stream_id, "track published");
-        self.q.out.push_back(Output::Event(CoreEvent::StreamAdded {
+        self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
             room_id: conn.room.to_string(),
             participant_id: conn.participant.to_string(),
             stream_id: stream_id.to_string(),
@@ -678,7 +678,7 @@ impl Engine {
             return;
         }
         for (owner, stream_id, kind, mid) in removed {
-            self.q.out.push_back(Output::Event(CoreEvent::StreamRemoved {
+            self.q.out.push_back(Output::Event(MediaEvent::StreamRemoved {
                 room_id: room_id.to_string(),
                 participant_id: owner.to_string(),
                 stream_id: stream_id.to_string(),
@@ -771,7 +771,7 @@ impl Engine {
             conn.first_mid = first_mid(&sdp);
         }
         conn.last_offer = Some(sdp.clone());
-        q.out.push_back(Output::Event(CoreEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+        q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
         conn.drain(now, q);
         true
     }

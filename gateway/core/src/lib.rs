@@ -19,6 +19,7 @@ use std::time::Duration;
 
 pub use connection::{ConnStats, MediaStats};
 pub use engine::{Engine, NewConnection};
+pub use signaling_api::events::MediaEvent;
 pub use signaling_api::protocol::{ErrorCode, EventKind};
 
 /// Identifies a connection inside one engine; the driver picks it (it names the socket too).
@@ -65,24 +66,13 @@ pub struct CoreError {
     pub message: String,
 }
 
-/// What the core reports to the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CoreEvent {
-    Connection { connection_id: String, event: EventKind, reason: Option<String> },
-    Answer { connection_id: String, sdp: String },
-    Offer { connection_id: String, sdp: String },
-    Candidate { connection_id: String, candidate: String, sdp_mid: Option<String>, sdp_mline_index: Option<u16> },
-    StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
-    StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
-}
-
 /// What the driver must do.
 #[derive(Debug)]
 pub enum Output {
     /// Send a datagram from the connection's socket.
     Transmit { key: ConnKey, destination: SocketAddr, contents: Vec<u8> },
     /// Report to the control plane.
-    Event(CoreEvent),
+    Event(MediaEvent),
     /// The connection ended; its socket and port can be released (after earlier transmits).
     Closed { key: ConnKey, connection_id: String },
 }

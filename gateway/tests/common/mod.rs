@@ -502,6 +502,25 @@ impl PeerState {
     }
 }
 
+/// A call: one publisher `pub` (audio + video) and subscribers with these names, all READY.
+pub async fn call(api: &Api, room: &str, subscribers: &[&str]) -> (Peer, Vec<Peer>) {
+    let publisher = Peer::join(api, room, "pub").await;
+    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    publisher.publish();
+    publisher.wait("publish READY", 10, |l| l.connected).await;
+    let mut subs = Vec::new();
+    for name in subscribers {
+        let s = Peer::join(api, room, name).await;
+        s.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+        s.subscribe();
+        subs.push(s);
+    }
+    for s in &subs {
+        s.wait("subscribe READY", 10, |l| l.connected).await;
+    }
+    (publisher, subs)
+}
+
 /// SRTP (not SRTCP) by RFC 7983 / RFC 5761 demultiplexing.
 fn is_rtp(d: &[u8]) -> bool {
     d.len() > 1 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])

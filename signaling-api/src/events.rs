@@ -1,0 +1,21 @@
+//! Events the media plane reports to the control plane. Plain data, built without the `server`
+//! feature so the sans-IO core can produce them directly.
+
+use crate::protocol::EventKind;
+
+/// What the media plane reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaEvent {
+    /// A state change or event of a connection.
+    Connection { connection_id: String, event: EventKind, reason: Option<String> },
+    /// The answer to a publish offer.
+    Answer { connection_id: String, sdp: String },
+    /// An offer (first or renegotiation) for a subscribe connection.
+    Offer { connection_id: String, sdp: String },
+    /// A gateway ICE candidate to trickle to the client.
+    Candidate { connection_id: String, candidate: String, sdp_mid: Option<String>, sdp_mline_index: Option<u16> },
+    /// A publication appeared in a room.
+    StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+    /// A publication ended.
+    StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+}
