@@ -107,6 +107,8 @@ pub struct LogConfig {
     pub level: String,
     /// `pretty` or `json`.
     pub format: String,
+    /// Log participants' IP addresses at info level (they are always at debug).
+    pub client_ips: bool,
 }
 
 impl Default for HttpConfig {
@@ -169,7 +171,7 @@ impl Default for DevConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: "pretty".into() }
+        Self { level: "info".into(), format: "pretty".into(), client_ips: false }
     }
 }
 
@@ -271,6 +273,7 @@ impl GatewayConfig {
             disconnect_grace: Duration::from_millis(self.media.disconnect_grace_ms),
             stats_interval: Duration::from_secs(1),
             max_media_sections: self.limits.max_media_sections,
+            log_client_ips: self.log.client_ips,
         }
     }
 

@@ -8,6 +8,7 @@ pub struct MediaMetrics {
     pub rtp_packets: IntCounterVec,
     pub rtp_bytes: IntCounterVec,
     pub keyframe_requests: IntCounterVec,
+    pub nacks: IntCounterVec,
     pub dropped_datagrams: IntCounterVec,
     pub send_errors: IntCounter,
     pub worker_busy: GaugeVec,
@@ -36,8 +37,13 @@ impl MediaMetrics {
             keyframe_requests: IntCounterVec::new(
                 Opts::new(
                     "gateway_keyframe_requests_total",
-                    "Keyframe requests from subscribers (in) and to publishers (out)",
+                    "Keyframe requests (PLI/FIR) from subscribers (in), to publishers (out), merged by the throttle (throttled)",
                 ),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            nacks: IntCounterVec::new(
+                Opts::new("gateway_nacks_total", "NACKs received from subscribers (in) and sent to publishers (out)"),
                 &["direction"],
             )
             .expect("valid metric"),
@@ -69,6 +75,7 @@ impl MediaMetrics {
             Box::new(m.rtp_packets.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.rtp_bytes.clone()),
             Box::new(m.keyframe_requests.clone()),
+            Box::new(m.nacks.clone()),
             Box::new(m.dropped_datagrams.clone()),
             Box::new(m.send_errors.clone()),
             Box::new(m.worker_busy.clone()),

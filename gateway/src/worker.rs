@@ -340,6 +340,11 @@ impl Worker {
         }
         m.keyframe_requests.with_label_values(&["in"]).inc_by(c.keyframe_requests_in - p.keyframe_requests_in);
         m.keyframe_requests.with_label_values(&["out"]).inc_by(c.keyframe_requests_out - p.keyframe_requests_out);
+        m.keyframe_requests
+            .with_label_values(&["throttled"])
+            .inc_by(c.keyframe_requests_throttled - p.keyframe_requests_throttled);
+        m.nacks.with_label_values(&["in"]).inc_by(c.nacks_in - p.nacks_in);
+        m.nacks.with_label_values(&["out"]).inc_by(c.nacks_out - p.nacks_out);
         m.dropped_datagrams.with_label_values(&["garbage"]).inc_by(c.garbage_datagrams - p.garbage_datagrams);
         m.dropped_datagrams
             .with_label_values(&["untrusted_source"])

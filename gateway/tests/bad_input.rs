@@ -109,6 +109,9 @@ async fn websocket_bad_input_gets_errors_and_leaks_nothing() {
     assert_eq!(e["code"], "bad_request");
     assert!(e["message"].as_str().unwrap().contains("candidate"), "the error is the malformed one's: {e}");
 
+    let failed = api.metric(r#"gateway_connection_failures_total{reason="bad_sdp",role="publish"}"#).await;
+    assert_eq!(failed, 3.0, "three rejected offers counted by reason");
+
     // Nothing leaked: failed connections released their ports (one is held by the subscribe).
     eventually("ports back", 5, || gw.ports.free() == total - 1).await;
     let (_, h) = api.call("GET", "/healthz", None).await;

@@ -75,6 +75,8 @@ async fn publish_fan_out_late_join_and_leave() {
     }
     assert!(api.metric(r#"gateway_rtp_packets_total{direction="in",kind="video"}"#).await >= 100.0);
     assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 3.0);
+    assert_eq!(api.metric(r#"gateway_connection_setup_seconds_count{role="subscribe"}"#).await, 2.0);
+    assert_eq!(api.metric(r#"gateway_connection_transitions_total{from="GATHERED",to="READY"}"#).await, 3.0);
 
     // A second `subscribe` with nothing changed still gets an offer, and its answer applies cleanly.
     let offers = sub2.with(|l| l.offers.len());
@@ -205,5 +207,26 @@ async fn lost_packets_are_recovered_on_both_legs() {
     let (up, down) = (publisher.with(|l| l.dropped_tx), sub.with(|l| l.dropped_rx));
     println!("recovered every packet with {up} dropped upstream and {down} dropped downstream");
     assert!(up >= 10 && down >= 10, "loss really happened on both legs: {up} {down}");
+
+    // The repair is visible to operators: NACK counters, and per-connection stats.
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let nin = api.metric(r#"gateway_nacks_total{direction="in"}"#).await;
+        let nout = api.metric(r#"gateway_nacks_total{direction="out"}"#).await;
+        if nin > 0.0 && nout > 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "NACK counters stayed at in={nin} out={nout}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = sub.connection_id("subscribe").unwrap();
+    let (_, d) = api.call("GET", &format!("/v1/connections/{id}"), None).await;
+    let stats = &d["stats"];
+    assert_eq!(stats["selected_pair"]["protocol"], "udp", "{stats}");
+    assert_eq!(stats["selected_pair"]["remote"], sub.local.to_string());
+    let codecs: Vec<&str> = stats["codecs"].as_array().unwrap().iter().map(|c| c["codec"].as_str().unwrap()).collect();
+    assert!(codecs.iter().any(|c| c.starts_with("vp8/90000")), "{codecs:?}");
+    assert!(codecs.iter().any(|c| c.starts_with("opus/48000")), "{codecs:?}");
+    assert!(stats["egress"].as_array().unwrap().iter().any(|m| m["nacks"].as_u64().unwrap() > 0), "{stats}");
     gw.shutdown(Duration::from_secs(1)).await;
 }

@@ -1,7 +1,7 @@
 //! The signaling side's Prometheus metrics. The gateway registers its media metrics in the same
 //! registry so `/metrics` shows both. Labels are bounded: never a room, participant or connection id.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -11,6 +11,9 @@ pub struct Metrics {
     pub ws_sessions: IntGauge,
     pub connections: IntGaugeVec,
     pub connection_events: IntCounterVec,
+    pub transitions: IntCounterVec,
+    pub setup_seconds: HistogramVec,
+    pub failures: IntCounterVec,
     pub http_requests: IntCounterVec,
 }
 
@@ -29,6 +32,25 @@ impl Metrics {
             &["role", "event"],
         )
         .expect("valid metric");
+        let transitions = IntCounterVec::new(
+            Opts::new("gateway_connection_transitions_total", "Connection state transitions by from and to state"),
+            &["from", "to"],
+        )
+        .expect("valid metric");
+        let setup_seconds = HistogramVec::new(
+            HistogramOpts::new("gateway_connection_setup_seconds", "Time from INITIAL to READY")
+                .buckets(vec![0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]),
+            &["role"],
+        )
+        .expect("valid metric");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "gateway_connection_failures_total",
+                "Connections that ended FAILED, by reason (bad_sdp, ice_timeout, …)",
+            ),
+            &["role", "reason"],
+        )
+        .expect("valid metric");
         let http_requests = IntCounterVec::new(
             Opts::new("gateway_http_requests_total", "REST requests by route and status"),
             &["route", "status"],
@@ -41,11 +63,25 @@ impl Metrics {
             Box::new(ws_sessions.clone()),
             Box::new(connections.clone()),
             Box::new(connection_events.clone()),
+            Box::new(transitions.clone()),
+            Box::new(setup_seconds.clone()),
+            Box::new(failures.clone()),
             Box::new(http_requests.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, rooms, participants, ws_sessions, connections, connection_events, http_requests }
+        Self {
+            registry,
+            rooms,
+            participants,
+            ws_sessions,
+            connections,
+            connection_events,
+            transitions,
+            setup_seconds,
+            failures,
+            http_requests,
+        }
     }
 
     /// Prometheus text exposition of everything registered.
@@ -57,5 +93,32 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The bounded label for a failure reason: the part before `:` if it is one of ours.
+pub fn reason_label(reason: Option<&str>) -> &'static str {
+    const KNOWN: [&str; 8] = [
+        "bad_sdp",
+        "negotiation_timeout",
+        "ice_timeout",
+        "dtls_timeout",
+        "ice_disconnected",
+        "dtls_error",
+        "rtc_error",
+        "internal",
+    ];
+    let head = reason.unwrap_or("").split(':').next().unwrap_or("").trim();
+    KNOWN.iter().find(|k| **k == head).copied().unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failure_reasons_are_bounded() {
+        assert_eq!(super::reason_label(Some("bad_sdp: offer has no m= section")), "bad_sdp");
+        assert_eq!(super::reason_label(Some("ice_timeout")), "ice_timeout");
+        assert_eq!(super::reason_label(Some("something a client typed")), "other");
+        assert_eq!(super::reason_label(None), "other");
     }
 }

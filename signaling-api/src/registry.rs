@@ -53,6 +53,7 @@ pub struct ConnRecord {
     pub role: Role,
     pub state: ConnectionState,
     pub events: Vec<ConnectionEvent>,
+    pub created_at: Instant,
     pub ended_at: Option<Instant>,
 }
 
@@ -144,6 +145,7 @@ impl Registry {
                 role: spec.role,
                 state: ConnectionState::Initial,
                 events: Vec::new(),
+                created_at: Instant::now(),
                 ended_at: None,
             },
         );
@@ -188,8 +190,21 @@ impl Registry {
                     tracing::warn!(connection_id, from = ?rec.state, to = ?state, "ignored invalid transition");
                     return;
                 }
-                let gauge = &self.metrics.connections;
-                gauge.with_label_values(&[EventKind::from(rec.state).as_str()]).dec();
+                let m = &self.metrics;
+                let (from, to) = (EventKind::from(rec.state).as_str(), event.as_str());
+                m.connections.with_label_values(&[from]).dec();
+                m.transitions.with_label_values(&[from, to]).inc();
+                let role = role_label(rec.role);
+                match state {
+                    ConnectionState::Ready => {
+                        m.setup_seconds.with_label_values(&[role]).observe(rec.created_at.elapsed().as_secs_f64());
+                    }
+                    ConnectionState::Failed => {
+                        let why = crate::metrics::reason_label(reason.as_deref());
+                        m.failures.with_label_values(&[role, why]).inc();
+                    }
+                    _ => {}
+                }
                 rec.state = state;
                 if state.is_terminal() {
                     rec.ended_at = Some(Instant::now());
@@ -200,10 +215,7 @@ impl Registry {
             }
         }
         let role = rec.role;
-        self.metrics
-            .connection_events
-            .with_label_values(&[if role == Role::Publish { "publish" } else { "subscribe" }, event.as_str()])
-            .inc();
+        self.metrics.connection_events.with_label_values(&[role_label(role), event.as_str()]).inc();
         let ev = ConnectionEvent {
             connection_id: connection_id.to_owned(),
             role,
@@ -221,6 +233,13 @@ impl Registry {
 
     fn session_of(&self, connection_id: &str) -> Option<u64> {
         self.connections.get(connection_id).map(|c| c.session)
+    }
+}
+
+fn role_label(role: Role) -> &'static str {
+    match role {
+        Role::Publish => "publish",
+        Role::Subscribe => "subscribe",
     }
 }
 

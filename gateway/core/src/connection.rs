@@ -62,6 +62,29 @@ pub struct ConnStats {
     pub egress_loss_fraction: Option<f32>,
     pub ingress: Vec<MediaStats>,
     pub egress: Vec<MediaStats>,
+    /// The ICE candidate pair in use.
+    pub selected_pair: Option<SelectedPair>,
+    /// The codec each mid carries, as seen in forwarded packets.
+    pub codecs: Vec<CodecInUse>,
+    /// str0m 0.25 has no getter for the negotiated SRTP profile; it prefers AEAD_AES_256_GCM,
+    /// which is what Chromium negotiates with it.
+    pub srtp_profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SelectedPair {
+    pub protocol: String,
+    pub local: String,
+    pub remote: String,
+    pub rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CodecInUse {
+    pub mid: String,
+    pub codec: String,
+    #[serde(skip)]
+    pub codec_id: str0m::format::Codec,
 }
 
 /// Per-mid counters from str0m's stats events.

@@ -16,7 +16,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
-use crate::connection::{Conn, ConnStats, MediaStats, Queues, TrackOut};
+use crate::connection::{CodecInUse, Conn, ConnStats, MediaStats, Queues, SelectedPair, TrackOut};
 use crate::keyframe::KeyframeThrottle;
 use crate::rewrite::SeqRewriter;
 use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
@@ -549,6 +549,16 @@ impl Engine {
             Event::RtpPacket(p) => self.forward(now, key, p),
             Event::Connected => {
                 let entered = conn.enter(&mut self.q, ConnectionState::Ready, None);
+                if entered {
+                    let remote = conn.trusted.last().map(|a| a.to_string()).unwrap_or_default();
+                    let setup_ms = now.duration_since(conn.created).as_millis() as u64;
+                    if self.cfg.log_client_ips {
+                        tracing::info!(connection_id = %conn.id, setup_ms, remote, "ICE and DTLS done");
+                    } else {
+                        tracing::info!(connection_id = %conn.id, setup_ms, "ICE and DTLS done");
+                        tracing::debug!(connection_id = %conn.id, remote, "selected remote address");
+                    }
+                }
                 if entered && conn.role == Role::Subscribe {
                     let live: Vec<Mid> = conn.outs.iter().filter(|o| o.live && !o.stopped).map(|o| o.mid).collect();
                     self.request_keyframes_for(now, key, &live);
@@ -596,7 +606,8 @@ impl Engine {
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     jitter: Some(s.jitter),
                 };
-                upsert(&mut conn.stats.ingress, st);
+                // NACKs we sent to the publisher since the last report.
+                self.counters.nacks_out += upsert(&mut conn.stats.ingress, st);
             }
             Event::MediaEgressStats(s) => {
                 let st = MediaStats {
@@ -611,7 +622,8 @@ impl Engine {
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     jitter: None,
                 };
-                upsert(&mut conn.stats.egress, st);
+                // NACKs the subscriber sent us since the last report.
+                self.counters.nacks_in += upsert(&mut conn.stats.egress, st);
             }
             Event::PeerStats(s) => {
                 conn.stats.peer_bytes_rx = s.peer_bytes_rx;
@@ -619,6 +631,14 @@ impl Engine {
                 conn.stats.rtt_ms = s.rtt.map(|d| d.as_secs_f64() * 1000.0);
                 conn.stats.ingress_loss_fraction = s.ingress_loss_fraction;
                 conn.stats.egress_loss_fraction = s.egress_loss_fraction;
+                if let Some(pair) = s.selected_candidate_pair {
+                    conn.stats.selected_pair = Some(SelectedPair {
+                        protocol: format!("{:?}", pair.protocol).to_ascii_lowercase(),
+                        local: pair.local.addr.to_string(),
+                        remote: pair.remote.addr.to_string(),
+                        rtt_ms: pair.current_round_trip_time.map(|d| d.as_secs_f64() * 1000.0),
+                    });
+                }
             }
             Event::Closed => {
                 self.end(now, key, ConnectionState::Finished, "remote_closed");
@@ -789,6 +809,7 @@ impl Engine {
         let Some(params) = publisher.rtc.codec_config().find(|c| c.pt() == p.header.payload_type).copied() else {
             return;
         };
+        note_codec(&mut publisher.stats, mid, params);
         let Some(room) = rooms.get_mut(&publisher.room) else { return };
         let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
         if *track.layer.get_or_insert(rid) != rid {
@@ -813,6 +834,7 @@ impl Engine {
                 continue;
             }
             let Some(pt) = map_pt(rtc, out, params) else { continue };
+            note_codec(stats, out_mid, params);
             let Some((seq, ts)) = out.rewrite.rewrite(*p.seq_no, p.header.timestamp) else { continue };
             let mut api = rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(out_mid, None) else { continue };
@@ -838,6 +860,10 @@ impl Engine {
         let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == out.stream_id) else { return };
         track.keyframes.request(kind);
         send_due_keyframe_request(now, track, conns, q, counters);
+        if track.keyframes.deadline().is_some() {
+            // Deferred into the merged request the throttle sends when its window ends.
+            counters.keyframe_requests_throttled += 1;
+        }
     }
 
     /// A subscriber started receiving these (our) mids: ask their publishers for a keyframe.
@@ -924,10 +950,41 @@ fn map_pt(rtc: &Rtc, out: &mut TrackOut, params: PayloadParams) -> Option<str0m:
     local
 }
 
-fn upsert(list: &mut Vec<MediaStats>, st: MediaStats) {
+/// Remember which codec a mid carries (for `GET /v1/connections/{id}`); cheap when unchanged.
+fn note_codec(stats: &mut ConnStats, mid: Mid, params: PayloadParams) {
+    let codec = params.spec().codec;
+    if let Some(c) = stats.codecs.iter_mut().find(|c| c.mid == mid.as_ref()) {
+        if c.codec_id != codec {
+            c.codec_id = codec;
+            c.codec = codec_name(params);
+        }
+        return;
+    }
+    stats.codecs.push(CodecInUse { mid: mid.to_string(), codec: codec_name(params), codec_id: codec });
+}
+
+fn codec_name(params: PayloadParams) -> String {
+    let spec = params.spec();
+    let mut name = format!("{}/{}", spec.codec, spec.clock_rate.get()).to_ascii_lowercase();
+    if let Some(profile) = spec.format.profile_level_id {
+        name.push_str(&format!(";profile-level-id={profile:06x}"));
+    }
+    name
+}
+
+/// Store the latest stats of a (mid, rid); returns how many NACKs were added since the last.
+fn upsert(list: &mut Vec<MediaStats>, st: MediaStats) -> u64 {
     match list.iter_mut().find(|x| x.mid == st.mid && x.rid == st.rid) {
-        Some(x) => *x = st,
-        None => list.push(st),
+        Some(x) => {
+            let added = st.nacks.saturating_sub(x.nacks);
+            *x = st;
+            added
+        }
+        None => {
+            let added = st.nacks;
+            list.push(st);
+            added
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub struct CoreConfig {
     /// Most `m=` sections a publish offer may have (each becomes a track every subscriber is
     /// offered).
     pub max_media_sections: usize,
+    /// Log participants' IP addresses at info level (otherwise only at debug).
+    pub log_client_ips: bool,
 }
 
 impl Default for CoreConfig {
@@ -54,6 +56,7 @@ impl Default for CoreConfig {
             disconnect_grace: Duration::from_secs(10),
             stats_interval: Duration::from_secs(1),
             max_media_sections: 16,
+            log_client_ips: false,
         }
     }
 }
@@ -86,6 +89,11 @@ pub struct Counters {
     pub rtp_bytes_out: [u64; 2],
     pub keyframe_requests_in: u64,
     pub keyframe_requests_out: u64,
+    /// Subscriber keyframe requests that were merged into a later request by the throttle.
+    pub keyframe_requests_throttled: u64,
+    /// NACKs received from subscribers / sent to publishers (from str0m's stats).
+    pub nacks_in: u64,
+    pub nacks_out: u64,
     pub garbage_datagrams: u64,
     pub untrusted_datagrams: u64,
     pub failed: u64,
