@@ -87,6 +87,18 @@ impl MediaMetrics {
             registry.register(c).expect("metric names are unique");
         }
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for direction in ["in", "out"] {
+            for kind in ["audio", "video"] {
+                m.rtp_packets.with_label_values(&[direction, kind]);
+                m.rtp_bytes.with_label_values(&[direction, kind]);
+            }
+            m.nacks.with_label_values(&[direction]);
+            m.keyframe_requests.with_label_values(&[direction]);
+        }
+        m.keyframe_requests.with_label_values(&["throttled"]);
+        for reason in ["garbage", "untrusted_source"] {
+            m.dropped_datagrams.with_label_values(&[reason]);
+        }
         m
     }
 }

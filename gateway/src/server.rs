@@ -64,6 +64,8 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     let prom = prometheus::Registry::new();
     let registry = Arc::new(Registry::new(signaling_api::metrics::Metrics::new(prom.clone())));
     let media_metrics = MediaMetrics::new(&prom);
+    // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+    let _ = prom.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
     let ports = Arc::new(PortPool::new(cfg.media.port_min, cfg.media.port_max));
     let directory = Arc::new(Directory::new());
 

@@ -70,6 +70,32 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // Every bounded label value exists from the start, so dashboards and alerts see zeros
+        // rather than missing series on an idle gateway.
+        for state in ["INITIAL", "GATHERED", "READY"] {
+            connections.with_label_values(&[state]);
+        }
+        for (from, to) in [
+            ("INITIAL", "GATHERED"),
+            ("GATHERED", "READY"),
+            ("READY", "FINISHED"),
+            ("INITIAL", "FINISHED"),
+            ("GATHERED", "FINISHED"),
+            ("INITIAL", "FAILED"),
+            ("GATHERED", "FAILED"),
+            ("READY", "FAILED"),
+        ] {
+            transitions.with_label_values(&[from, to]);
+        }
+        for role in ["publish", "subscribe"] {
+            setup_seconds.with_label_values(&[role]);
+            for reason in FAILURE_REASONS.iter().chain(["other"].iter()) {
+                failures.with_label_values(&[role, reason]);
+            }
+            for event in ["INITIAL", "SDP_PROCESSED", "GATHERED", "CANDIDATE", "READY", "FINISHED", "FAILED"] {
+                connection_events.with_label_values(&[role, event]);
+            }
+        }
         Self {
             registry,
             rooms,
@@ -96,20 +122,22 @@ impl Metrics {
     }
 }
 
+/// Reasons a connection FAILS with (the part before any `:`); anything else counts as `other`.
+pub const FAILURE_REASONS: [&str; 8] = [
+    "bad_sdp",
+    "negotiation_timeout",
+    "ice_timeout",
+    "dtls_timeout",
+    "ice_disconnected",
+    "dtls_error",
+    "rtc_error",
+    "internal",
+];
+
 /// The bounded label for a failure reason: the part before `:` if it is one of ours.
 pub fn reason_label(reason: Option<&str>) -> &'static str {
-    const KNOWN: [&str; 8] = [
-        "bad_sdp",
-        "negotiation_timeout",
-        "ice_timeout",
-        "dtls_timeout",
-        "ice_disconnected",
-        "dtls_error",
-        "rtc_error",
-        "internal",
-    ];
     let head = reason.unwrap_or("").split(':').next().unwrap_or("").trim();
-    KNOWN.iter().find(|k| **k == head).copied().unwrap_or("other")
+    FAILURE_REASONS.iter().find(|k| **k == head).copied().unwrap_or("other")
 }
 
 #[cfg(test)]
