@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project. On a fresh Debian machine it first installs what the tests
-# need (Debian's Chromium for the browser tests, the npm packages of web-client/).
+# need (Debian's chromium, prometheus and systemd-analyze; the npm packages of web-client/).
 #   scripts/test.sh            install if missing, lint, then all Rust and browser tests
 #   SKIP_LINT=1 scripts/test.sh   skip cargo fmt --check and clippy
 set -euo pipefail
@@ -10,17 +10,27 @@ log() { printf '\n==> %s\n' "$*"; }
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v chromium >/dev/null 2>&1; then
-  log "installing Debian's chromium (browser tests)"
+# Debian packages the tests use: chromium (browser tests), prometheus + promtool (deploy
+# tests against a real Prometheus), systemd-analyze (unit verification).
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+if [ "${#need[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${need[*]}"
   as_root apt-get update -qq
   # A temporary .deb has been seen to vanish mid-install here; a second try works.
   for attempt in 1 2 3; do
-    if DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium fonts-liberation; then
+    if DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need[@]}"; then
       break
     fi
-    [ "$attempt" = 3 ] && { echo "chromium install failed" >&2; exit 1; }
+    [ "$attempt" = 3 ] && { echo "apt-get install ${need[*]} failed" >&2; exit 1; }
     sleep 3
   done
+fi
+# The Debian package starts a Prometheus service where systemd runs; the tests start their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+  as_root systemctl stop prometheus || true
 fi
 
 log "installing web-client test packages (npm ci)"

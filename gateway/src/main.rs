@@ -13,6 +13,9 @@ struct Args {
     /// TOML configuration file; every key can be overridden by GATEWAY__SECTION__KEY.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Load and validate the configuration (file + environment), print it, and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn init_tracing(cfg: &GatewayConfig) {
@@ -50,6 +53,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if args.check_config {
+        let mut shown = cfg.clone();
+        shown.auth.api_key = "<redacted>".into();
+        shown.auth.token_secret = "<redacted>".into();
+        println!("{}", toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}")));
+        return std::process::ExitCode::SUCCESS;
+    }
     init_tracing(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -72,6 +72,9 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     let mut handles = Vec::new();
     let mut joins = Vec::new();
     for index in 0..cfg.worker_count() {
+        let label = index.to_string();
+        media_metrics.worker_busy.with_label_values(&[label.as_str()]).set(0.0);
+        media_metrics.worker_connections.with_label_values(&[label.as_str()]).set(0);
         let (h, j) = worker::spawn(WorkerSetup {
             index,
             core: cfg.core(),
