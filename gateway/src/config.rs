@@ -18,6 +18,7 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     pub dev: DevConfig,
     pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +110,20 @@ pub struct LogConfig {
     pub format: String,
     /// Log participants' IP addresses at info level (they are always at debug).
     pub client_ips: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT: time to end every connection (clients get FINISHED) and close sockets
+    /// before the process exits regardless.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { drain_timeout_ms: 5000 }
+    }
 }
 
 impl Default for HttpConfig {

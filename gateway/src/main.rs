@@ -86,7 +86,8 @@ fn main() -> std::process::ExitCode {
         );
         terminated().await;
         tracing::info!("shutting down: ending every connection");
-        running.shutdown(Duration::from_secs(5)).await;
+        running.shutdown(Duration::from_millis(cfg.shutdown.drain_timeout_ms)).await;
+        tracing::info!("stopped");
         std::process::ExitCode::SUCCESS
     })
 }

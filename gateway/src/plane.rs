@@ -32,6 +32,13 @@ impl GatewayMedia {
         &self.workers
     }
 
+    /// Close a room with a FINISHED reason of our choosing (`shutdown` when the server stops).
+    pub async fn close_room_because(&self, room_id: &str, reason: &'static str) {
+        if let Some((_, w)) = self.rooms.remove(room_id) {
+            let _ = self.call(w, |reply| Command::CloseRoom { room_id: room_id.to_owned(), reason, reply }).await;
+        }
+    }
+
     async fn call<T>(&self, worker: usize, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, MediaError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.workers.get(worker).ok_or_else(gone)?;
@@ -80,9 +87,7 @@ impl MediaPlane for GatewayMedia {
     }
 
     async fn close_room(&self, room_id: &str) {
-        if let Some((_, w)) = self.rooms.remove(room_id) {
-            let _ = self.call(w, |reply| Command::CloseRoom { room_id: room_id.to_owned(), reply }).await;
-        }
+        self.close_room_because(room_id, "room_closed").await;
     }
 
     async fn publish(&self, spec: ConnectionSpec, offer: String) -> Result<(), MediaError> {

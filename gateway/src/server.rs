@@ -42,8 +42,13 @@ impl Running {
         let state = &self.state;
         state.draining.store(true, Ordering::Relaxed);
         let rooms: Vec<String> = state.registry.rooms.iter().map(|r| r.key().clone()).collect();
-        for room in rooms {
-            self.media.close_room(&room).await;
+        let close_all = async {
+            for room in &rooms {
+                self.media.close_room_because(room, "shutdown").await;
+            }
+        };
+        if tokio::time::timeout(drain, close_all).await.is_err() {
+            tracing::warn!("drain time over before every room was closed");
         }
         let sessions: Vec<u64> = state.registry.sessions.iter().map(|s| *s.key()).collect();
         for s in sessions {
@@ -107,6 +112,9 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         });
     }
 
+    // An unusable media address fails the start now, not the first call.
+    std::net::UdpSocket::bind((cfg.media.bind_ip, 0))
+        .with_context(|| format!("media.bind_ip: cannot bind UDP on {}", cfg.media.bind_ip))?;
     let listener = std::net::TcpListener::bind(cfg.http.bind)
         .with_context(|| format!("http.bind: cannot listen on {}", cfg.http.bind))?;
     listener.set_nonblocking(true)?;

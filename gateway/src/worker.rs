@@ -31,7 +31,7 @@ pub type Reply<T> = oneshot::Sender<Result<T, MediaError>>;
 
 pub enum Command {
     CreateRoom { room_id: String, reply: Reply<()> },
-    CloseRoom { room_id: String, reply: Reply<()> },
+    CloseRoom { room_id: String, reason: &'static str, reply: Reply<()> },
     Publish { spec: Spec, offer: String, reply: Reply<()> },
     Republish { connection_id: String, offer: String, reply: Reply<()> },
     Subscribe { spec: Spec, reply: Reply<()> },
@@ -255,8 +255,8 @@ impl Worker {
                     self.rooms.store(self.engine.room_count(), Ordering::Relaxed);
                     let _ = reply.send(Ok(()));
                 }
-                Command::CloseRoom { room_id, reply } => {
-                    self.engine.close_room(now, &room_id);
+                Command::CloseRoom { room_id, reason, reply } => {
+                    self.engine.close_room(now, &room_id, reason);
                     self.rooms.store(self.engine.room_count(), Ordering::Relaxed);
                     self.flush();
                     let _ = reply.send(Ok(()));

@@ -390,3 +390,22 @@ async fn dev_token_route_creates_rooms_by_name_and_can_be_off() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_error(&v, "not_found");
 }
+
+#[tokio::test]
+async fn draining_refuses_new_work_and_says_so() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, v) = call(&app, "GET", "/healthz", None, false).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("draining")));
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_error(&v, "conflict");
+    let addr = serve(app.clone()).await;
+    let (token, _) = state.auth.issue(&room, "late", "late", true, true, 60).unwrap();
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
+        other => panic!("a draining server refuses new sessions, got {other:?}"),
+    }
+}

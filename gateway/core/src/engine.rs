@@ -185,14 +185,14 @@ impl Engine {
         self.rooms.contains_key(room_id)
     }
 
-    /// End every connection of the room (FINISHED, `room_closed`) and forget the room.
-    pub fn close_room(&mut self, now: Instant, room_id: &str) {
+    /// End every connection of the room (FINISHED with `reason`) and forget the room.
+    pub fn close_room(&mut self, now: Instant, room_id: &str, reason: &str) {
         let Some(room) = self.rooms.get(room_id) else { return };
         // Subscribers first, so the publishers' departures do not trigger pointless re-offers.
         let mut keys = room.conns.clone();
         keys.sort_by_key(|k| self.conns.get(k).map(|c| c.role == Role::Publish));
         for key in keys {
-            self.end(now, key, ConnectionState::Finished, "room_closed");
+            self.end(now, key, ConnectionState::Finished, reason);
         }
         self.rooms.remove(room_id);
         self.process(now);
