@@ -48,8 +48,18 @@ async fn sigterm_finishes_every_connection_and_exits() {
         .env("GATEWAY__MEDIA__PORT_MAX", "44409")
         .env("GATEWAY__AUTH__API_KEY", API_KEY)
         .env("GATEWAY__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000")
+        .env("GATEWAY__LOG__FORMAT", "json")
+        .env("GATEWAY__LOG__LEVEL", "info,str0m=warn")
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drain the log pipe so the gateway never blocks on it.
+    let mut stdout = child.stdout.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
     let api = Api::new(format!("http://{http}"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while reqwest::get(format!("{}/healthz", api.base)).await.is_err() {
@@ -76,4 +86,20 @@ async fn sigterm_finishes_every_connection_and_exits() {
     };
     assert!(status.success(), "clean exit: {status:?}");
     println!("SIGTERM to exit: {:?}", t0.elapsed());
+
+    // One connection's life, by grepping its id in the JSON log.
+    let logs = logs.join().unwrap();
+    let id = publisher.connection_id("publish").unwrap();
+    let life: Vec<serde_json::Value> =
+        logs.lines().filter(|l| l.contains(&id)).map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
+    let said = |msg: &str, field: &str, value: &str| {
+        life.iter().any(|l| l["fields"]["message"] == msg && (field.is_empty() || l["fields"][field] == value))
+    };
+    for state in ["INITIAL", "GATHERED", "READY", "FINISHED"] {
+        assert!(said("connection state", "state", state), "{state} logged for {id}:\n{life:#?}");
+    }
+    assert!(said("connection state", "reason", "shutdown"), "close reason logged");
+    assert!(said("ICE and DTLS done", "", ""), "DTLS completion logged");
+    assert!(life.iter().all(|l| l["span"]["room"] == room.as_str() && l["span"]["role"] == "publish"));
+    assert!(!logs.contains(&publisher.local.to_string()), "client addresses stay out of info logs");
 }

@@ -133,6 +133,9 @@ pub(crate) struct Conn {
     pub first_mid: Option<String>,
     pub outs: Vec<TrackOut>,
     pub stats: ConnStats,
+    /// `connection{connection_id, room, participant, role}`: every log line of this connection
+    /// carries these, so its life can be followed by grepping the id.
+    pub span: tracing::Span,
 }
 
 impl Conn {
@@ -144,7 +147,12 @@ impl Conn {
                 Err(_) => return false,
             }
         }
-        tracing::info!(connection_id = %self.id, role = ?self.role, state = EventKind::from(state).as_str(), reason = reason.as_deref().unwrap_or(""), "connection state");
+        let _in = self.span.enter();
+        tracing::info!(
+            state = EventKind::from(state).as_str(),
+            reason = reason.as_deref().unwrap_or(""),
+            "connection state"
+        );
         self.event(q, EventKind::from(state), reason);
         true
     }

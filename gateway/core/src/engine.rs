@@ -221,6 +221,13 @@ impl Engine {
         }
         let rtc = builder.build(now);
         let id: Arc<str> = Arc::from(spec.connection_id.as_str());
+        let span = tracing::info_span!(
+            "connection",
+            connection_id = %spec.connection_id,
+            room = %spec.room_id,
+            participant = %spec.participant_id,
+            role = if role == Role::Publish { "publish" } else { "subscribe" }
+        );
         let mut conn = Conn {
             key: spec.key,
             id: Arc::clone(&id),
@@ -246,6 +253,7 @@ impl Engine {
             first_mid: None,
             outs: Vec::new(),
             stats: ConnStats::default(),
+            span,
         };
         conn.enter(&mut self.q, ConnectionState::Initial, None);
         self.keys.insert(id, spec.key);
@@ -552,11 +560,12 @@ impl Engine {
                 if entered {
                     let remote = conn.trusted.last().map(|a| a.to_string()).unwrap_or_default();
                     let setup_ms = now.duration_since(conn.created).as_millis() as u64;
+                    let _in = conn.span.enter();
                     if self.cfg.log_client_ips {
-                        tracing::info!(connection_id = %conn.id, setup_ms, remote, "ICE and DTLS done");
+                        tracing::info!(setup_ms, remote, "ICE and DTLS done");
                     } else {
-                        tracing::info!(connection_id = %conn.id, setup_ms, "ICE and DTLS done");
-                        tracing::debug!(connection_id = %conn.id, remote, "selected remote address");
+                        tracing::info!(setup_ms, "ICE and DTLS done");
+                        tracing::debug!(remote, "selected remote address");
                     }
                 }
                 if entered && conn.role == Role::Subscribe {
@@ -570,7 +579,7 @@ impl Engine {
                     conn.disconnected_since = None;
                 }
                 IceConnectionState::Disconnected => {
-                    tracing::info!(connection_id = %conn.id, "ICE disconnected");
+                    conn.span.in_scope(|| tracing::info!("ICE disconnected"));
                     conn.disconnected_since.get_or_insert(now);
                 }
                 _ => {}
@@ -669,7 +678,7 @@ impl Engine {
             layer: None,
             outs: Vec::new(),
         });
-        tracing::info!(connection_id = %conn.id, %mid, kind = kind_str(kind), %stream_id, "track published");
+        conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
             room_id: conn.room.to_string(),
             participant_id: conn.participant.to_string(),
