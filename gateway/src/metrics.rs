@@ -9,6 +9,7 @@ pub struct MediaMetrics {
     pub rtp_bytes: IntCounterVec,
     pub keyframe_requests: IntCounterVec,
     pub nacks: IntCounterVec,
+    pub retransmitted: IntCounter,
     pub dropped_datagrams: IntCounterVec,
     pub send_errors: IntCounter,
     pub worker_busy: GaugeVec,
@@ -47,6 +48,11 @@ impl MediaMetrics {
                 &["direction"],
             )
             .expect("valid metric"),
+            retransmitted: IntCounter::new(
+                "gateway_retransmitted_packets_total",
+                "Packets resent to subscribers from the send buffer (RTX) in answer to NACKs",
+            )
+            .expect("valid metric"),
             dropped_datagrams: IntCounterVec::new(
                 Opts::new("gateway_dropped_datagrams_total", "Datagrams dropped before reaching a connection"),
                 &["reason"],
@@ -76,6 +82,7 @@ impl MediaMetrics {
             Box::new(m.rtp_bytes.clone()),
             Box::new(m.keyframe_requests.clone()),
             Box::new(m.nacks.clone()),
+            Box::new(m.retransmitted.clone()),
             Box::new(m.dropped_datagrams.clone()),
             Box::new(m.send_errors.clone()),
             Box::new(m.worker_busy.clone()),

@@ -344,6 +344,7 @@ impl Worker {
             .with_label_values(&["throttled"])
             .inc_by(c.keyframe_requests_throttled - p.keyframe_requests_throttled);
         m.nacks.with_label_values(&["in"]).inc_by(c.nacks_in - p.nacks_in);
+        m.retransmitted.inc_by(c.retransmitted_packets - p.retransmitted_packets);
         m.nacks.with_label_values(&["out"]).inc_by(c.nacks_out - p.nacks_out);
         m.dropped_datagrams.with_label_values(&["garbage"]).inc_by(c.garbage_datagrams - p.garbage_datagrams);
         m.dropped_datagrams

@@ -219,8 +219,17 @@ async fn lost_packets_are_recovered_on_both_legs() {
         assert!(std::time::Instant::now() < deadline, "NACK counters stayed at in={nin} out={nout}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // str0m reports stats once a second: wait for a report that covers the repair.
     let id = sub.connection_id("subscribe").unwrap();
-    let (_, d) = api.call("GET", &format!("/v1/connections/{id}"), None).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let d = loop {
+        let (_, d) = api.call("GET", &format!("/v1/connections/{id}"), None).await;
+        if d["stats"]["retransmitted_packets"].as_u64().unwrap() >= 10 {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "retransmissions not counted: {}", d["stats"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let stats = &d["stats"];
     assert_eq!(stats["selected_pair"]["protocol"], "udp", "{stats}");
     assert_eq!(stats["selected_pair"]["remote"], sub.local.to_string());
@@ -228,5 +237,8 @@ async fn lost_packets_are_recovered_on_both_legs() {
     assert!(codecs.iter().any(|c| c.starts_with("vp8/90000")), "{codecs:?}");
     assert!(codecs.iter().any(|c| c.starts_with("opus/48000")), "{codecs:?}");
     assert!(stats["egress"].as_array().unwrap().iter().any(|m| m["nacks"].as_u64().unwrap() > 0), "{stats}");
+    println!("retransmitted {} packets to the subscriber", stats["retransmitted_packets"]);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the worker publishes counters each second
+    assert!(api.metric("gateway_retransmitted_packets_total").await >= 10.0);
     gw.shutdown(Duration::from_secs(1)).await;
 }

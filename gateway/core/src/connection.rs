@@ -43,6 +43,10 @@ pub(crate) struct TrackOut {
     pub rewrite: SeqRewriter,
     /// Publisher payload type → ours (`None`: the subscriber cannot take that codec).
     pub pts: Vec<(Pt, Option<Pt>)>,
+    /// Packets we wrote; str0m's egress count minus this is what it retransmitted.
+    pub written: u64,
+    /// Retransmissions already counted.
+    pub resent: u64,
 }
 
 /// Live statistics, shown by `GET /v1/connections/{id}`.
@@ -54,6 +58,8 @@ pub struct ConnStats {
     pub rtp_bytes_out: u64,
     pub keyframe_requests_in: u64,
     pub keyframe_requests_out: u64,
+    /// Packets str0m resent from its buffer in answer to NACKs (subscribe connections).
+    pub retransmitted_packets: u64,
     pub dropped_untrusted_datagrams: u64,
     pub peer_bytes_rx: u64,
     pub peer_bytes_tx: u64,

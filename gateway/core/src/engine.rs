@@ -631,6 +631,15 @@ impl Engine {
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     jitter: None,
                 };
+                // Retransmissions: str0m's packet count includes them, ours does not.
+                if let Some(out) = conn.outs.iter_mut().find(|o| o.mid == s.mid) {
+                    let resent = s.packets.saturating_sub(out.written);
+                    if resent > out.resent {
+                        self.counters.retransmitted_packets += resent - out.resent;
+                        conn.stats.retransmitted_packets += resent - out.resent;
+                        out.resent = resent;
+                    }
+                }
                 // NACKs the subscriber sent us since the last report.
                 self.counters.nacks_in += upsert(&mut conn.stats.egress, st);
             }
@@ -788,6 +797,8 @@ impl Engine {
                 stopped: false,
                 rewrite: SeqRewriter::new(start_seq, rand::rng().random()),
                 pts: Vec::new(),
+                written: 0,
+                resent: 0,
             });
         }
         // Stopped sections belong to tracks that are gone; forget them.
@@ -852,6 +863,7 @@ impl Engine {
                 .ext_vals(ext.clone())
                 .nackable(video);
             tx.write_rtp(w);
+            out.written += 1;
             stats.rtp_packets_out += 1;
             stats.rtp_bytes_out += bytes;
             counters.count_out(video, bytes);

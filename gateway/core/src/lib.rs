@@ -94,6 +94,8 @@ pub struct Counters {
     /// NACKs received from subscribers / sent to publishers (from str0m's stats).
     pub nacks_in: u64,
     pub nacks_out: u64,
+    /// Packets resent to subscribers from str0m's buffer.
+    pub retransmitted_packets: u64,
     pub garbage_datagrams: u64,
     pub untrusted_datagrams: u64,
     pub failed: u64,
