@@ -232,6 +232,9 @@ async fn lost_packets_are_recovered_on_both_legs() {
     };
     let stats = &d["stats"];
     assert_eq!(stats["selected_pair"]["protocol"], "udp", "{stats}");
+    let (_, p) =
+        api.call("GET", &format!("/v1/connections/{}", publisher.connection_id("publish").unwrap()), None).await;
+    assert_eq!(p["stats"]["srtp_profile"], "AEAD_AES_256_GCM", "{}", p["stats"]);
     assert_eq!(stats["selected_pair"]["remote"], sub.local.to_string());
     let codecs: Vec<&str> = stats["codecs"].as_array().unwrap().iter().map(|c| c["codec"].as_str().unwrap()).collect();
     assert!(codecs.iter().any(|c| c.starts_with("vp8/90000")), "{codecs:?}");

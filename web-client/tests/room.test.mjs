@@ -80,6 +80,17 @@ test("two browsers see and hear each other through the gateway", { timeout: 9000
   await alice.screenshot({ path: shot });
   console.log(`screenshot of the room: ${shot}`);
 
+  // Admin insight: the connection explains itself without a packet capture.
+  const alicePub = (await stateSteps(alice)).find((x) => x.role === "publish").id;
+  const insight = await waitFor("stats of alice's publish connection", async () => {
+    const d = (await api(gateway.base, "GET", `/v1/connections/${alicePub}`)).body;
+    return d.stats.srtp_profile && d.stats.selected_pair && d.stats.codecs.length >= 2 ? d.stats : null;
+  }, 10000);
+  assert.equal(insight.srtp_profile, "AEAD_AES_256_GCM");
+  assert.equal(insight.selected_pair.protocol, "udp");
+  assert.ok(insight.codecs.some((c) => c.codec.startsWith("vp8/90000")), JSON.stringify(insight.codecs));
+  assert.ok(insight.rtp_packets_in > 0);
+
   // The REST view agrees with the pages.
   const rooms = await api(gateway.base, "GET", "/v1/rooms");
   const room = rooms.body.rooms.find((r) => r.name === "e2e-room");

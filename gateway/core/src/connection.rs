@@ -72,8 +72,8 @@ pub struct ConnStats {
     pub selected_pair: Option<SelectedPair>,
     /// The codec each mid carries, as seen in forwarded packets.
     pub codecs: Vec<CodecInUse>,
-    /// str0m 0.25 has no getter for the negotiated SRTP profile; it prefers AEAD_AES_256_GCM,
-    /// which is what Chromium negotiates with it.
+    /// The negotiated SRTP profile, inferred from the first SRTP packet received (see
+    /// `infer_srtp_profile`); `None` until the peer has sent RTP.
     pub srtp_profile: Option<String>,
 }
 

@@ -474,11 +474,15 @@ impl Engine {
             self.counters.untrusted_datagrams += 1;
             return;
         }
+        let work_before = self.q.work.len();
         if let Err(e) = conn.rtc.handle_input(Input::Receive(now, recv)) {
             let reason = format!("dtls_error: {e}");
             self.q.doomed.push((key, reason));
         } else {
             conn.drain(now, &mut self.q);
+            if conn.stats.srtp_profile.is_none() {
+                conn.stats.srtp_profile = infer_srtp_profile(data, self.q.work.range(work_before..));
+            }
         }
         // Only the authenticated peer keeps a connection alive; spoofed STUN does not.
         if conn.trusted.contains(&source) {
@@ -969,6 +973,28 @@ fn map_pt(rtc: &Rtc, out: &mut TrackOut, params: PayloadParams) -> Option<str0m:
     }
     out.pts.push((params.pt(), local));
     local
+}
+
+/// The SRTP profile, from the authentication tag of an SRTP packet and the RtpPacket str0m made of
+/// it (str0m 0.25 has no getter). The DTLS server — the gateway, which always answers
+/// `setup:passive` — picks AEAD_AES_256_GCM whenever the client offers it (every browser does),
+/// then AEAD_AES_128_GCM, then AES_CM_128_HMAC_SHA1_80. A 16-byte tag is GCM, 10 bytes SHA1-80.
+fn infer_srtp_profile<'a>(datagram: &[u8], events: impl Iterator<Item = &'a (ConnKey, Event)>) -> Option<String> {
+    // Plain RTP (not RTCP, not padded): the sequence number and SSRC identify its packet.
+    let is_rtp = datagram.len() > 12 && (128..=191).contains(&datagram[0]) && !(192..=223).contains(&datagram[1]);
+    if !is_rtp || datagram[0] & 0x20 != 0 {
+        return None;
+    }
+    let seq = u16::from_be_bytes([datagram[2], datagram[3]]);
+    let ssrc = u32::from_be_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
+    let p = events
+        .filter_map(|(_, e)| if let Event::RtpPacket(p) = e { Some(p) } else { None })
+        .find(|p| p.header.sequence_number == seq && *p.header.ssrc == ssrc && !p.header.has_padding)?;
+    match datagram.len().checked_sub(p.header.header_len + p.payload.len())? {
+        16 => Some("AEAD_AES_256_GCM".into()),
+        10 => Some("AES_CM_128_HMAC_SHA1_80".into()),
+        _ => None,
+    }
 }
 
 /// Remember which codec a mid carries (for `GET /v1/connections/{id}`); cheap when unchanged.
