@@ -240,6 +240,10 @@ async fn lost_packets_are_recovered_on_both_legs() {
     assert!(codecs.iter().any(|c| c.starts_with("vp8/90000")), "{codecs:?}");
     assert!(codecs.iter().any(|c| c.starts_with("opus/48000")), "{codecs:?}");
     assert!(stats["egress"].as_array().unwrap().iter().any(|m| m["nacks"].as_u64().unwrap() > 0), "{stats}");
+    assert!(
+        stats["egress"].as_array().unwrap().iter().any(|m| m["bitrate_bps"].as_u64().unwrap_or(0) > 10_000),
+        "{stats}"
+    );
     println!("retransmitted {} packets to the subscriber", stats["retransmitted_packets"]);
     tokio::time::sleep(Duration::from_millis(1100)).await; // the worker publishes counters each second
     assert!(api.metric("gateway_retransmitted_packets_total").await >= 10.0);

@@ -106,6 +106,10 @@ pub struct MediaStats {
     pub loss: Option<f32>,
     pub rtt_ms: Option<f64>,
     pub jitter: Option<u32>,
+    /// Over the last stats interval.
+    pub bitrate_bps: Option<u64>,
+    #[serde(skip)]
+    pub at: Option<std::time::Instant>,
 }
 
 pub(crate) struct Conn {

@@ -618,6 +618,8 @@ impl Engine {
                     loss: s.loss,
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     jitter: Some(s.jitter),
+                    bitrate_bps: None,
+                    at: Some(s.timestamp),
                 };
                 // NACKs we sent to the publisher since the last report.
                 self.counters.nacks_out += upsert(&mut conn.stats.ingress, st);
@@ -634,6 +636,8 @@ impl Engine {
                     loss: s.loss,
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     jitter: None,
+                    bitrate_bps: None,
+                    at: Some(s.timestamp),
                 };
                 // Retransmissions: str0m's packet count includes them, ours does not.
                 if let Some(out) = conn.outs.iter_mut().find(|o| o.mid == s.mid) {
@@ -1020,10 +1024,16 @@ fn codec_name(params: PayloadParams) -> String {
 }
 
 /// Store the latest stats of a (mid, rid); returns how many NACKs were added since the last.
-fn upsert(list: &mut Vec<MediaStats>, st: MediaStats) -> u64 {
+fn upsert(list: &mut Vec<MediaStats>, mut st: MediaStats) -> u64 {
     match list.iter_mut().find(|x| x.mid == st.mid && x.rid == st.rid) {
         Some(x) => {
             let added = st.nacks.saturating_sub(x.nacks);
+            if let (Some(a), Some(b)) = (x.at, st.at) {
+                let secs = b.saturating_duration_since(a).as_secs_f64();
+                if secs > 0.0 {
+                    st.bitrate_bps = Some((st.bytes.saturating_sub(x.bytes) as f64 * 8.0 / secs) as u64);
+                }
+            }
             *x = st;
             added
         }
