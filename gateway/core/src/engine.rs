@@ -565,10 +565,11 @@ impl Engine {
                     let remote = conn.trusted.last().map(|a| a.to_string()).unwrap_or_default();
                     let setup_ms = now.duration_since(conn.created).as_millis() as u64;
                     let _in = conn.span.enter();
+                    let local = conn.local.to_string();
                     if self.cfg.log_client_ips {
-                        tracing::info!(setup_ms, remote, "ICE and DTLS done");
+                        tracing::info!(setup_ms, local, remote, "ICE and DTLS done");
                     } else {
-                        tracing::info!(setup_ms, "ICE and DTLS done");
+                        tracing::info!(setup_ms, local, "ICE and DTLS done");
                         tracing::debug!(remote, "selected remote address");
                     }
                 }
