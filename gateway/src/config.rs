@@ -74,6 +74,10 @@ pub struct SignalingConfig {
     /// A participant whose WebSocket closed without `leave` keeps its connections this long.
     pub reconnect_grace_ms: u64,
     pub ws_max_message_bytes: usize,
+    /// Client messages per second per session (bursts of twice that); more get `rate_limited`.
+    pub ws_messages_per_second: u32,
+    /// Messages queued for a client before it counts as not reading and its session is closed.
+    pub ws_outbound_queue: usize,
     /// How long the history of ended connections stays inspectable over REST.
     pub history_retention_s: u64,
     pub default_token_ttl_s: u64,
@@ -159,6 +163,8 @@ impl Default for SignalingConfig {
         Self {
             reconnect_grace_ms: 10_000,
             ws_max_message_bytes: 256 * 1024,
+            ws_messages_per_second: 50,
+            ws_outbound_queue: 1024,
             history_retention_s: 600,
             default_token_ttl_s: 3600,
             max_token_ttl_s: 7 * 24 * 3600,
@@ -302,6 +308,8 @@ impl GatewayConfig {
             max_rooms: self.limits.max_rooms,
             reconnect_grace: Duration::from_millis(self.signaling.reconnect_grace_ms),
             ws_max_message_bytes: self.signaling.ws_max_message_bytes,
+            ws_messages_per_second: self.signaling.ws_messages_per_second,
+            ws_outbound_queue: self.signaling.ws_outbound_queue.max(16),
             max_body_bytes: self.limits.max_body_bytes,
             default_token_ttl_s: self.signaling.default_token_ttl_s,
             max_token_ttl_s: self.signaling.max_token_ttl_s,

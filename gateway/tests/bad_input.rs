@@ -218,3 +218,90 @@ async fn garbage_udp_does_not_disturb_a_call() {
     );
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_exhaustion_is_no_ports_and_recovers() {
+    let gw = start_gateway(44140, 44142).await; // three ports
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("ports").await;
+    let mut sockets = Vec::new();
+    for who in ["a", "b", "c"] {
+        let mut ws = RawWs::connect(&api, &api.token(&room, who).await).await;
+        ws.send(r#"{"type":"subscribe"}"#).await;
+        ws.next_of("offer").await;
+        sockets.push(ws);
+    }
+    assert_eq!(gw.ports.free(), 0);
+    let mut d = RawWs::connect(&api, &api.token(&room, "d").await).await;
+    d.send(r#"{"type":"subscribe"}"#).await;
+    let e = d.next_of("error").await;
+    assert_eq!(e["code"], "no_ports", "{e}");
+    // One leaves; its port comes back and the refused participant gets in.
+    sockets[0].send(r#"{"type":"leave"}"#).await;
+    eventually("a port freed", 5, || gw.ports.free() == 1).await;
+    d.send(r#"{"type":"subscribe"}"#).await;
+    assert!(d.next_of("offer").await["sdp"].is_string());
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_bad_requests_does_not_starve_healthy_ones() {
+    let gw = start_gateway(44150, 44151).await;
+    let api = Api::new(gw.base_url());
+    let base = api.base.clone();
+    // 8 clients hammer the API with garbage for ~2 s (bounded count), loopback only.
+    let mut attackers = Vec::new();
+    for i in 0..8 {
+        let base = base.clone();
+        attackers.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let mut n = 0u32;
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(2) && n < 5000 {
+                let r = match n % 4 {
+                    0 => {
+                        c.post(format!("{base}/v1/rooms"))
+                            .bearer_auth(API_KEY)
+                            .header("content-type", "application/json")
+                            .body("{{{{")
+                            .send()
+                            .await
+                    }
+                    1 => c.get(format!("{base}/v1/rooms")).bearer_auth("wrong-key").send().await,
+                    2 => c.get(format!("{base}/v1/ws?token=forged.{i}.{n}")).send().await,
+                    _ => c.delete(format!("{base}/v1/rooms/r_nope{n}")).bearer_auth(API_KEY).send().await,
+                };
+                if let Ok(r) = r {
+                    assert!(r.status().is_client_error(), "bad input gets a 4xx: {}", r.status());
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    // Meanwhile a healthy backend keeps working.
+    let mut latencies = Vec::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let t = std::time::Instant::now();
+        let (s, _) = api.call("GET", "/v1/rooms", None).await;
+        assert_eq!(s, 200);
+        latencies.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut sent = 0;
+    for a in attackers {
+        sent += a.await.unwrap();
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!(
+        "{sent} bad requests; {} healthy ones, median {:?}, p99 {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        p99
+    );
+    assert!(sent >= 1000, "the burst was real: {sent}");
+    assert!(p99 < Duration::from_millis(500), "healthy requests kept being served: p99 {p99:?}");
+    gw.shutdown(Duration::from_secs(1)).await;
+}

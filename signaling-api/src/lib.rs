@@ -59,6 +59,10 @@ mod server {
         /// How long a participant whose WebSocket dropped keeps its connections.
         pub reconnect_grace: Duration,
         pub ws_max_message_bytes: usize,
+        /// Client messages per second per session (bursts of twice that); more get `rate_limited`.
+        pub ws_messages_per_second: u32,
+        /// Messages queued for a client before it counts as not reading and is closed.
+        pub ws_outbound_queue: usize,
         pub max_body_bytes: usize,
         pub default_token_ttl_s: u64,
         pub max_token_ttl_s: u64,
@@ -77,6 +81,8 @@ mod server {
                 max_rooms: 1000,
                 reconnect_grace: Duration::from_secs(10),
                 ws_max_message_bytes: 256 * 1024,
+                ws_messages_per_second: 50,
+                ws_outbound_queue: 1024,
                 max_body_bytes: 64 * 1024,
                 default_token_ttl_s: 3600,
                 max_token_ttl_s: 7 * 24 * 3600,

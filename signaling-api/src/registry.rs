@@ -24,7 +24,13 @@ pub enum Outbound {
     Close(u16, String),
 }
 
-pub type SessionTx = mpsc::UnboundedSender<Outbound>;
+/// A client session as the rest of the server reaches it.
+pub struct SessionHandle {
+    /// Bounded: a client that stops reading cannot make the server buffer without limit.
+    pub tx: mpsc::Sender<Outbound>,
+    /// Fired when the queue overflows: the session is closed as a slow consumer.
+    pub kill: std::sync::Arc<tokio::sync::Notify>,
+}
 
 pub struct Room {
     pub room_id: String,
@@ -74,7 +80,7 @@ pub struct Registry {
     /// Room name → room id, for uniqueness of names.
     pub names: DashMap<String, String>,
     pub connections: DashMap<String, ConnRecord>,
-    pub sessions: DashMap<u64, SessionTx>,
+    pub sessions: DashMap<u64, SessionHandle>,
     pub metrics: Metrics,
     next_session: AtomicU64,
 }
@@ -102,10 +108,21 @@ impl Registry {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queue a message for a session; a closed session is ignored.
+    /// Queue a message for a session; a closed session is ignored. A session whose queue is
+    /// full is not reading: it is told to close (its participant then gets the reconnect grace).
     pub fn send_to_session(&self, session: u64, out: Outbound) {
-        if let Some(tx) = self.sessions.get(&session) {
-            let _ = tx.send(out);
+        let overflowed = match self.sessions.get(&session) {
+            Some(h) => match h.tx.try_send(out) {
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    h.kill.notify_one();
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        };
+        if overflowed {
+            tracing::warn!(session, "client is not reading its WebSocket; closing the session");
         }
     }
 
@@ -287,5 +304,33 @@ impl EventSink for Registry {
                 self.broadcast(&room_id, None, ServerMessage::StreamRemoved(info));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_session_that_does_not_read_is_killed_not_buffered() {
+        let reg = Registry::new(Metrics::new(prometheus::Registry::new()));
+        let (tx, _rx) = mpsc::channel(8);
+        let kill = std::sync::Arc::new(tokio::sync::Notify::new());
+        reg.sessions.insert(7, SessionHandle { tx, kill: kill.clone() });
+        let msg = || {
+            Outbound::Message(ServerMessage::Error {
+                code: ErrorCode::BadRequest,
+                message: "x".into(),
+                connection_id: None,
+            })
+        };
+        for _ in 0..8 {
+            reg.send_to_session(7, msg());
+        }
+        let fired = tokio::time::timeout(std::time::Duration::from_millis(50), kill.notified()).await;
+        assert!(fired.is_err(), "not killed while the queue has room");
+        reg.send_to_session(7, msg());
+        let fired = tokio::time::timeout(std::time::Duration::from_millis(50), kill.notified()).await;
+        assert!(fired.is_ok(), "killed on overflow");
     }
 }

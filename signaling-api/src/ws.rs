@@ -2,6 +2,7 @@
 //! writer task drains the session's outbound queue, which the registry fills in event order.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -16,7 +17,7 @@ use crate::auth::Claims;
 use crate::error::ApiError;
 use crate::media::ConnectionSpec;
 use crate::protocol::*;
-use crate::registry::{new_id, Outbound, Participant};
+use crate::registry::{new_id, Outbound, Participant, SessionHandle};
 use crate::AppState;
 
 pub(crate) fn routes(state: AppState) -> Router {
@@ -65,12 +66,7 @@ struct Admitted {
 
 /// Put the session in its room and queue `joined` while the room is locked, so no room event
 /// can reach the client before it or repeat what it lists.
-fn admit(
-    state: &AppState,
-    claims: &Claims,
-    session: u64,
-    tx: &mpsc::UnboundedSender<Outbound>,
-) -> Result<Admitted, ApiError> {
+fn admit(state: &AppState, claims: &Claims, session: u64) -> Result<Admitted, ApiError> {
     let reg = &state.registry;
     let mut room = reg.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
     let replaced = room.participants.get(&claims.sub).map(|p| (p.session, p.connections.clone()));
@@ -103,22 +99,23 @@ fn admit(
         participants,
         streams: room.streams.clone(),
     };
-    let _ = tx.send(Outbound::Message(joined));
+    reg.send_to_session(session, Outbound::Message(joined));
     Ok(Admitted { replaced })
 }
 
 async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
     let reg = state.registry.clone();
     let session = reg.next_session_id();
-    let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
+    let (tx, rx) = mpsc::channel::<Outbound>(state.config.ws_outbound_queue);
+    let kill = Arc::new(tokio::sync::Notify::new());
     let (sink, mut stream) = socket.split();
-    reg.sessions.insert(session, tx.clone());
+    reg.sessions.insert(session, SessionHandle { tx: tx.clone(), kill: Arc::clone(&kill) });
     reg.metrics.ws_sessions.inc();
     let writer = tokio::spawn(write_loop(sink, rx));
 
     let room_id = claims.room.clone();
     let participant_id = claims.sub.clone();
-    match admit(&state, &claims, session, &tx) {
+    match admit(&state, &claims, session) {
         Ok(Admitted { replaced }) => {
             match replaced {
                 Some((old_session, old_conns)) => {
@@ -136,12 +133,12 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
             tracing::info!(room_id, participant_id, session, "participant joined");
         }
         Err(e) => {
-            let _ = tx.send(Outbound::Message(ServerMessage::Error {
+            let _ = tx.try_send(Outbound::Message(ServerMessage::Error {
                 code: e.code,
                 message: e.message,
                 connection_id: None,
             }));
-            let _ = tx.send(Outbound::Close(1008, "refused".into()));
+            let _ = tx.try_send(Outbound::Close(1008, "refused".into()));
             reg.sessions.remove(&session);
             drop(tx);
             let _ = writer.await;
@@ -151,17 +148,35 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
     }
 
     let mut left = false;
-    while let Some(msg) = stream.next().await {
+    let mut bucket = TokenBucket::new(state.config.ws_messages_per_second);
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = kill.notified() => break,
+        };
         let text = match msg {
             Ok(Message::Text(t)) => t,
             Ok(Message::Binary(_)) => {
-                send_error(&tx, ApiError::bad_request("binary messages are not part of the protocol"), None);
+                send_error(&reg, session, ApiError::bad_request("binary messages are not part of the protocol"), None);
                 continue;
             }
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             Ok(Message::Close(_)) | Err(_) => break,
         };
-        if handle_text(&state, &claims, session, &tx, text.as_str()).await {
+        match bucket.take(Instant::now()) {
+            Take::Ok => {}
+            Take::Refused { tell } => {
+                if tell {
+                    let e = ApiError::new(ErrorCode::RateLimited, "too many messages; slow down");
+                    send_error(&reg, session, e, None);
+                }
+                continue;
+            }
+        }
+        if handle_text(&state, &claims, session, text.as_str()).await {
             left = true;
             break;
         }
@@ -190,15 +205,16 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
     }
     reg.sessions.remove(&session);
     drop(tx);
-    let _ = writer.await;
+    // A client that stopped reading can block the writer on TCP backpressure: give it a moment.
+    let mut writer = writer;
+    if tokio::time::timeout(std::time::Duration::from_secs(2), &mut writer).await.is_err() {
+        writer.abort();
+    }
     reg.metrics.ws_sessions.dec();
     tracing::info!(room_id, participant_id, session, left, "session ended");
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-) {
+async fn write_loop(mut sink: futures_util::stream::SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Outbound>) {
     while let Some(out) = rx.recv().await {
         match out {
             Outbound::Message(m) => {
@@ -216,22 +232,57 @@ async fn write_loop(
     let _ = sink.close().await;
 }
 
-fn send_error(tx: &mpsc::UnboundedSender<Outbound>, e: ApiError, connection_id: Option<String>) {
-    let _ = tx.send(Outbound::Message(ServerMessage::Error { code: e.code, message: e.message, connection_id }));
+fn send_error(reg: &crate::registry::Registry, session: u64, e: ApiError, connection_id: Option<String>) {
+    reg.send_to_session(
+        session,
+        Outbound::Message(ServerMessage::Error { code: e.code, message: e.message, connection_id }),
+    );
+}
+
+/// Per-session limit on client messages: `rate` per second with bursts of twice that.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+    last_told: Option<Instant>,
+}
+
+enum Take {
+    Ok,
+    /// Refused; `tell` is true at most once a second, so refusals are not amplified.
+    Refused {
+        tell: bool,
+    },
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { rate, tokens: 2.0 * rate, at: Instant::now(), last_told: None }
+    }
+
+    fn take(&mut self, now: Instant) -> Take {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(2.0 * self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Take::Ok;
+        }
+        let tell = self.last_told.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1));
+        if tell {
+            self.last_told = Some(now);
+        }
+        Take::Refused { tell }
+    }
 }
 
 /// Handle one client message; returns true when the client left.
-async fn handle_text(
-    state: &AppState,
-    claims: &Claims,
-    session: u64,
-    tx: &mpsc::UnboundedSender<Outbound>,
-    text: &str,
-) -> bool {
+async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str) -> bool {
     let msg: ClientMessage = match serde_json::from_str(text) {
         Ok(m) => m,
         Err(e) => {
-            send_error(tx, ApiError::bad_request(format!("invalid message: {e}")), None);
+            send_error(&state.registry, session, ApiError::bad_request(format!("invalid message: {e}")), None);
             return false;
         }
     };
@@ -271,7 +322,7 @@ async fn handle_text(
         }
     };
     if let Err((e, conn)) = result {
-        send_error(tx, e, conn);
+        send_error(reg, session, e, conn);
     }
     false
 }

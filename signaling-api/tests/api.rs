@@ -409,3 +409,31 @@ async fn draining_refuses_new_work_and_says_so() {
         other => panic!("a draining server refuses new sessions, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn message_floods_are_rate_limited_and_the_session_survives() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut ws = join(&addr, &state, &room, "flooder").await;
+    assert_eq!(next(&mut ws).await["type"], "joined");
+    // 300 messages at once: the first ~100 (burst) are handled, the rest refused.
+    for _ in 0..300 {
+        ws.send(Message::Text(r#"{"type":"nope"}"#.into())).await.unwrap();
+    }
+    let mut codes = Vec::new();
+    while let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+        let v: Value = serde_json::from_str(&t).unwrap();
+        codes.push(v["code"].as_str().unwrap_or("").to_owned());
+    }
+    let limited = codes.iter().filter(|c| *c == "rate_limited").count();
+    let handled = codes.iter().filter(|c| *c == "bad_request").count();
+    assert!(limited >= 1 && limited <= 2, "refusals are reported, not amplified: {limited}");
+    assert!((100..=130).contains(&handled), "about one burst handled: {handled}");
+    // After a pause the same session works normally.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut ws, json!({ "type": "subscribe" })).await;
+    assert_eq!(next(&mut ws).await["event"], "INITIAL");
+    assert_eq!(next(&mut ws).await["type"], "offer");
+}
