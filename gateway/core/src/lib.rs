@@ -8,11 +8,15 @@
 //! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
 //! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
 //! - `rewrite`: per-subscriber sequence number rewriting.
+//! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
+//!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
 
 mod connection;
 mod engine;
 pub mod keyframe;
 pub mod rewrite;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 
 use std::net::SocketAddr;
 use std::time::Duration;
