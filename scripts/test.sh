@@ -3,6 +3,7 @@
 # need (Debian's chromium, prometheus and systemd-analyze; the npm packages of web-client/).
 #   scripts/test.sh            install if missing, lint, then all Rust and browser tests
 #   SKIP_LINT=1 scripts/test.sh   skip cargo fmt --check and clippy
+#   FUZZ_SECONDS=60 (default)     libFuzzer time per fuzz target; 0 skips fuzzing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,3 +53,24 @@ export GATEWAY_BIN="$PWD/target/debug/gateway"
 
 log "browser end-to-end tests in headless Chromium (web-client/tests)"
 (cd web-client && node --test --test-concurrency=1 tests/)
+
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+if [ "$FUZZ_SECONDS" != 0 ]; then
+  command -v cargo-fuzz >/dev/null 2>&1 || { log "installing cargo-fuzz"; cargo install cargo-fuzz --locked; }
+  log "fuzzing each target for ${FUZZ_SECONDS}s from fuzz/corpus (cargo fuzz, libFuzzer)"
+  mkdir -p test-output
+  for t in ws_message rest sdp datagram; do
+    # New inputs go to a scratch corpus; the committed seeds stay as they are.
+    scratch=$(mktemp -d)
+    if ! cargo fuzz run --sanitizer none "$t" "$scratch" "fuzz/corpus/$t" -- \
+        -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=4096 -print_final_stats=1 > "test-output/fuzz-$t.log" 2>&1; then
+      tail -60 "test-output/fuzz-$t.log"
+      echo "fuzz target $t failed; the crashing input is in fuzz/artifacts/$t/" >&2
+      exit 1
+    fi
+    runs=$(grep -E '^stat::number_of_executed_units' "test-output/fuzz-$t.log" | awk '{print $2}')
+    cov=$(grep -E '#[0-9]+.*DONE' "test-output/fuzz-$t.log" | tail -1 | sed -E 's/.*cov: ([0-9]+).*/\1/')
+    echo "fuzz $t: ${runs:-?} executions, coverage ${cov:-?} edges, no crash"
+    rm -rf "$scratch"
+  done
+fi

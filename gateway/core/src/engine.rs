@@ -10,6 +10,7 @@ use std::time::Instant;
 use rand::Rng;
 use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, Role};
 use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::config::DtlsCert;
 use str0m::format::{Codec, CodecConfig, PayloadParams};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
@@ -56,6 +57,10 @@ pub struct NewConnection {
 
 pub struct Engine {
     cfg: CoreConfig,
+    /// One DTLS certificate for every connection of this engine: generating an ECDSA key per
+    /// connection dominates connection setup (join storms). DTLS key exchange stays ephemeral
+    /// (ECDHE) per connection; the certificate only identifies us via the SDP fingerprint.
+    cert: Option<DtlsCert>,
     rooms: HashMap<Arc<str>, Room>,
     conns: HashMap<ConnKey, Conn>,
     keys: HashMap<Arc<str>, ConnKey>,
@@ -125,8 +130,10 @@ fn kind_str(kind: MediaKind) -> &'static str {
 
 impl Engine {
     pub fn new(cfg: CoreConfig) -> Self {
+        let cert = str0m::crypto::from_feature_flags().dtls_provider.generate_certificate();
         Self {
             cfg,
+            cert,
             rooms: HashMap::new(),
             conns: HashMap::new(),
             keys: HashMap::new(),
@@ -218,6 +225,9 @@ impl Engine {
             Rtc::builder().set_ice_lite(true).set_rtp_mode(true).set_stats_interval(Some(self.cfg.stats_interval));
         if let Some(first) = first_video {
             prefer_video_codec(builder.codec_config(), first);
+        }
+        if let Some(cert) = &self.cert {
+            builder = builder.set_dtls_cert(cert.clone());
         }
         let rtc = builder.build(now);
         let id: Arc<str> = Arc::from(spec.connection_id.as_str());
