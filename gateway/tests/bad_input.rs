@@ -186,6 +186,8 @@ async fn garbage_udp_does_not_disturb_a_call() {
     // Every gateway port of this range gets garbage shaped as STUN, DTLS, RTP and random bytes
     // from a stranger while the call runs.
     let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
     let flood = tokio::spawn(async move {
         let shapes: [&[u8]; 4] = [
             &[0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42],
@@ -193,18 +195,29 @@ async fn garbage_udp_does_not_disturb_a_call() {
             &[0x80u8, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9, 9],
             &[0xffu8; 64],
         ];
-        for i in 0..4000u32 {
+        // Bounded: until the call's media is through, at most 200,000 datagrams.
+        let (t0, mut sent) = (std::time::Instant::now(), 0u64);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 200_000 {
             for port in 44130..=44139u16 {
-                let _ = stranger.send_to(shapes[(i % 4) as usize], ("127.0.0.1", port)).await;
+                let _ = stranger.send_to(shapes[(sent % 4) as usize], ("127.0.0.1", port)).await;
+                sent += 1;
             }
-            if i % 200 == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            if sent % 2000 == 0 {
+                tokio::task::yield_now().await;
             }
         }
+        (sent, t0.elapsed())
     });
     publisher.send_media(100);
     sub.wait("all media", 15, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 100).await;
-    flood.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (flooded, took) = flood.await.unwrap();
+    let got = sub.with(|l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count());
+    println!(
+        "flood: {flooded} datagrams in {took:?} ({:.0}/s) at the call's and 8 idle ports; the call delivered {got}/100 video packets",
+        flooded as f64 / took.as_secs_f64()
+    );
+    assert!(flooded >= 5_000, "the flood was real: {flooded}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let states = sub.state_sequence("subscribe");
     assert_eq!(states, ["INITIAL", "GATHERED", "READY"], "the call survived");
