@@ -49,7 +49,10 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: String) -> Self {
-        Self { base, client: reqwest::Client::new() }
+        // No keep-alive pool: idle pooled connections would count as the server's tasks and
+        // descriptors in the leak checks.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+        Self { base, client }
     }
 
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
