@@ -73,3 +73,21 @@ async fn ready_peer_that_goes_silent_fails_after_the_grace() {
     eventually("port back", 5, || gw.ports.free() == total).await;
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_without_dtls_fails_with_dtls_timeout() {
+    let gw = start_gateway_with(44220, 44229, |c| c.media.connect_timeout_ms = 1500).await;
+    let total = gw.ports.total();
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("no-dtls").await;
+    let p = Peer::join(&api, &room, "no-dtls").await;
+    p.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+    p.block_dtls();
+    p.publish();
+    p.wait("FAILED", 10, |l| !l.events("FAILED").is_empty()).await;
+    let reason = p.with(|l| l.events("FAILED")[0]["reason"].clone());
+    assert_eq!(reason, "dtls_timeout", "ICE connected, DTLS did not");
+    assert_eq!(p.state_sequence("publish"), ["INITIAL", "GATHERED", "FAILED"]);
+    eventually("port back", 5, || gw.ports.free() == total).await;
+    gw.shutdown(Duration::from_secs(1)).await;
+}

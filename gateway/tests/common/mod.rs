@@ -132,6 +132,8 @@ enum Cmd {
     IgnoreOffers,
     /// Send this many PLIs for every received video stream, one every 50 ms.
     RequestKeyframes(usize),
+    /// Never send DTLS (ICE completes, the handshake never starts on our side).
+    BlockDtls,
     /// Drop every n-th incoming / outgoing RTP datagram (0: none). RTCP is never dropped.
     Lossy {
         rx_every: u64,
@@ -179,6 +181,9 @@ impl Peer {
     }
     pub fn lossy(&self, rx_every: u64, tx_every: u64) {
         let _ = self.cmd.send(Cmd::Lossy { rx_every, tx_every });
+    }
+    pub fn block_dtls(&self) {
+        let _ = self.cmd.send(Cmd::BlockDtls);
     }
     pub fn ignore_offers(&self) {
         let _ = self.cmd.send(Cmd::IgnoreOffers);
@@ -243,6 +248,7 @@ struct PeerState {
     plis_left: usize,
     ticks: u64,
     loss: (u64, u64),
+    block_dtls: bool,
     rtp_rx: u64,
     rtp_tx: u64,
     video_ssrcs: Vec<str0m::rtp::Ssrc>,
@@ -276,6 +282,7 @@ async fn run_peer(
         plis_left: 0,
         ticks: 0,
         loss: (0, 0),
+        block_dtls: false,
         rtp_rx: 0,
         rtp_tx: 0,
         video_ssrcs: Vec::new(),
@@ -352,6 +359,7 @@ async fn run_peer(
                     Cmd::IgnoreOffers => { st.ignore_offers = true; None }
                     Cmd::RequestKeyframes(n) => { st.plis_left += n; None }
                     Cmd::Lossy { rx_every, tx_every } => { st.loss = (rx_every, tx_every); None }
+                    Cmd::BlockDtls => { st.block_dtls = true; None }
                 };
                 if let Some(out) = out {
                     let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
@@ -381,6 +389,9 @@ impl PeerState {
                     return t;
                 }
                 Ok(Output::Transmit(t)) => {
+                    if self.block_dtls && t.contents.first().is_some_and(|b| (20..=63).contains(b)) {
+                        continue;
+                    }
                     if is_rtp(&t.contents) && self.loss.1 > 0 {
                         self.rtp_tx += 1;
                         if self.rtp_tx % self.loss.1 == 0 {
