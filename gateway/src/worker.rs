@@ -137,14 +137,11 @@ impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let mut buf = vec![0u8; RECV_BUF];
+        // `poll_timeout` scans every connection: compute it once per iteration, after the work.
+        let mut next = self.engine.poll_timeout();
         loop {
             let now = Instant::now();
-            let wait = self
-                .engine
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(now))
-                .unwrap_or(METRICS_EVERY)
-                .min(METRICS_EVERY);
+            let wait = next.map(|t| t.saturating_duration_since(now)).unwrap_or(METRICS_EVERY).min(METRICS_EVERY);
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -164,9 +161,11 @@ impl Worker {
                 }
             }
             let now = Instant::now();
-            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            next = self.engine.poll_timeout();
+            if next.is_some_and(|t| t <= now) {
                 self.engine.handle_timeout(now);
                 self.flush();
+                next = self.engine.poll_timeout();
             }
             self.busy += started.elapsed();
             if self.last_metrics.elapsed() >= METRICS_EVERY {
