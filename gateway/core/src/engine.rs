@@ -72,6 +72,15 @@ fn err(code: ErrorCode, message: impl Into<String>) -> CoreError {
     CoreError { code, message: message.into() }
 }
 
+/// Each media section becomes a track every subscriber is offered: cap them before parsing.
+fn check_sections(offer: &str, limit: usize) -> Result<(), String> {
+    let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
+    if sections > limit {
+        return Err(format!("offer has {sections} media sections; at most {limit}"));
+    }
+    Ok(())
+}
+
 /// Count `m=audio`/`m=video` sections that were accepted (port not 0).
 fn accepted_media_sections(sdp: &str) -> usize {
     sdp.lines()
@@ -286,10 +295,8 @@ impl Engine {
         let local = spec.local;
         // Answer with the publisher's preferred video codec first: browsers send the first one.
         let key = self.new_conn(now, spec, Role::Publish, preferred_video_codec(offer))?;
-        let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
-        if sections > self.cfg.max_media_sections {
-            let limit = self.cfg.max_media_sections;
-            return Err(self.reject_sdp(now, key, format!("offer has {sections} media sections; at most {limit}")));
+        if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
+            return Err(self.reject_sdp(now, key, message));
         }
         let offer = match SdpOffer::from_sdp_string(offer) {
             Ok(o) => o,
@@ -326,11 +333,7 @@ impl Engine {
         if conn.role != Role::Publish {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
-        let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
-        if sections > self.cfg.max_media_sections {
-            let limit = self.cfg.max_media_sections;
-            return Err(err(ErrorCode::BadSdp, format!("offer has {sections} media sections; at most {limit}")));
-        }
+        check_sections(offer, self.cfg.max_media_sections).map_err(|m| err(ErrorCode::BadSdp, m))?;
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
