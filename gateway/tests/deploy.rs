@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -188,19 +188,14 @@ async fn a_real_prometheus_sees_the_call() {
     let room = api.create_room("prom").await;
     let (publisher, subs) = call(&api, &room, &["viewer"]).await;
     publisher.send_media(300);
+    let base = &base;
     let wait = |what: &'static str, q: &'static str, ok: fn(f64) -> bool| {
-        let base = base.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let v = prom_query(&base, q).await;
-                if v.is_some_and(ok) {
-                    return v.unwrap();
-                }
-                assert!(Instant::now() < deadline, "Prometheus never saw {what}: {q} = {v:?}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+        poll_until(what, 30, move || async move {
+            match prom_query(base, q).await {
+                Some(v) if ok(v) => Ok(v),
+                v => Err(format!("Prometheus says {q} = {v:?}")),
             }
-        }
+        })
     };
     let out =
         wait("forwarded packets", r#"gateway_rtp_packets_total{direction="out",kind="video"}"#, |v| v >= 100.0).await;

@@ -26,7 +26,6 @@ async fn publish_fan_out_late_join_and_leave() {
     let room = api.create_room("media-room").await;
 
     let publisher = Peer::join(&api, &room, "pub").await;
-    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
     publisher.publish();
     publisher.wait("publish READY", 10, |l| !l.events("READY").is_empty() && l.connected).await;
     assert_eq!(publisher.state_sequence("publish"), ["INITIAL", "GATHERED", "READY"]);
@@ -68,11 +67,16 @@ async fn publish_fan_out_late_join_and_leave() {
 
     // Prometheus counts what flowed (workers publish once a second).
     let series = r#"gateway_rtp_packets_total{direction="out",kind="video"}"#;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while api.metric(series).await < 200.0 {
-        assert!(std::time::Instant::now() < deadline, "{series} = {}", api.metric(series).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let apir = &api;
+    poll_until("forwarded video counted", 5, || async move {
+        let v = apir.metric(series).await;
+        if v >= 200.0 {
+            Ok(())
+        } else {
+            Err(format!("{series} = {v}"))
+        }
+    })
+    .await;
     assert!(api.metric(r#"gateway_rtp_packets_total{direction="in",kind="video"}"#).await >= 100.0);
     assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 3.0);
     assert_eq!(api.metric(r#"gateway_connection_setup_seconds_count{role="subscribe"}"#).await, 2.0);
@@ -88,7 +92,6 @@ async fn publish_fan_out_late_join_and_leave() {
     // A late joiner gets the existing streams and a keyframe request goes upstream.
     tokio::time::sleep(Duration::from_millis(600)).await; // past the keyframe throttle window
     let sub3 = Peer::join(&api, &room, "sub3").await;
-    sub3.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
     sub3.subscribe();
     sub3.wait("subscribe READY", 10, |l| l.connected).await;
     let offer = sub3.with(|l| l.offers[0].clone());
@@ -209,27 +212,29 @@ async fn lost_packets_are_recovered_on_both_legs() {
     assert!(up >= 10 && down >= 10, "loss really happened on both legs: {up} {down}");
 
     // The repair is visible to operators: NACK counters, and per-connection stats.
-    let deadline = std::time::Instant::now() + Duration::from_secs(6);
-    loop {
-        let nin = api.metric(r#"gateway_nacks_total{direction="in"}"#).await;
-        let nout = api.metric(r#"gateway_nacks_total{direction="out"}"#).await;
+    let apir = &api;
+    poll_until("NACK counters", 6, || async move {
+        let nin = apir.metric(r#"gateway_nacks_total{direction="in"}"#).await;
+        let nout = apir.metric(r#"gateway_nacks_total{direction="out"}"#).await;
         if nin > 0.0 && nout > 0.0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("in={nin} out={nout}"))
         }
-        assert!(std::time::Instant::now() < deadline, "NACK counters stayed at in={nin} out={nout}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // str0m reports stats once a second: wait for a report that covers the repair.
-    let id = sub.connection_id("subscribe").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let d = loop {
-        let (_, d) = api.call("GET", &format!("/v1/connections/{id}"), None).await;
+    let path = format!("/v1/connections/{}", sub.connection_id("subscribe").unwrap());
+    let path = &path;
+    let d = poll_until("retransmissions counted", 5, || async move {
+        let (_, d) = apir.call("GET", path, None).await;
         if d["stats"]["retransmitted_packets"].as_u64().unwrap() >= 10 {
-            break d;
+            Ok(d)
+        } else {
+            Err(d["stats"].to_string())
         }
-        assert!(std::time::Instant::now() < deadline, "retransmissions not counted: {}", d["stats"]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     let stats = &d["stats"];
     assert_eq!(stats["selected_pair"]["protocol"], "udp", "{stats}");
     let (_, p) =

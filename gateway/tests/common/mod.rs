@@ -158,7 +158,9 @@ impl Peer {
         let log = Arc::new(Mutex::new(Log::default()));
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_peer(name.to_owned(), ws, socket, rx, Arc::clone(&log)));
-        Peer { name: name.to_owned(), log, cmd: tx, local }
+        let peer = Peer { name: name.to_owned(), log, cmd: tx, local };
+        peer.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
+        peer
     }
 
     pub fn publish(&self) {
@@ -519,13 +521,11 @@ impl PeerState {
 /// A call: one publisher `pub` (audio + video) and subscribers with these names, all READY.
 pub async fn call(api: &Api, room: &str, subscribers: &[&str]) -> (Peer, Vec<Peer>) {
     let publisher = Peer::join(api, room, "pub").await;
-    publisher.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
     publisher.publish();
     publisher.wait("publish READY", 10, |l| l.connected).await;
     let mut subs = Vec::new();
     for name in subscribers {
         let s = Peer::join(api, room, name).await;
-        s.wait("joined", 5, |l| !l.of_type("joined").is_empty()).await;
         s.subscribe();
         subs.push(s);
     }
@@ -538,6 +538,23 @@ pub async fn call(api: &Api, room: &str, subscribers: &[&str]) -> (Peer, Vec<Pee
 /// SRTP (not SRTCP) by RFC 7983 / RFC 5761 demultiplexing.
 fn is_rtp(d: &[u8]) -> bool {
     d.len() > 1 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
+}
+
+/// Poll an async check every 100 ms until it gives `Ok`; on timeout, panic with the last `Err`
+/// (what was seen instead).
+pub async fn poll_until<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(seen) => assert!(Instant::now() < deadline, "timed out waiting for {what}: {seen}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Wait for a condition on the gateway or anything else.
