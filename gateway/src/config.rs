@@ -52,6 +52,17 @@ pub struct MediaConfig {
     pub workers: usize,
     /// At most one keyframe request per publisher stream per this many ms.
     pub keyframe_throttle_ms: u64,
+    /// A keyframe the gateway asked for (new subscriber, layer switch, unrepaired loss) that has
+    /// not arrived after this many ms is asked for again.
+    pub keyframe_retry_ms: u64,
+    /// Estimate each subscriber's bandwidth (TWCC) and choose its simulcast layers, or pause its
+    /// video, by it.
+    pub bwe: bool,
+    /// The bandwidth estimate a subscriber starts from, bits/s.
+    pub bwe_initial_bps: u64,
+    /// After a subscriber's layer moved down for lack of bandwidth, it moves up again only after
+    /// this many ms.
+    pub layer_up_hold_ms: u64,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -145,6 +156,10 @@ impl Default for MediaConfig {
             port_max: 40999,
             workers: 0,
             keyframe_throttle_ms: 500,
+            keyframe_retry_ms: 500,
+            bwe: true,
+            bwe_initial_bps: 1_000_000,
+            layer_up_hold_ms: 2_000,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -295,6 +310,10 @@ impl GatewayConfig {
             stats_interval: Duration::from_secs(1),
             max_media_sections: self.limits.max_media_sections,
             log_client_ips: self.log.client_ips,
+            keyframe_retry: Duration::from_millis(self.media.keyframe_retry_ms),
+            bwe: self.media.bwe,
+            bwe_initial_bps: self.media.bwe_initial_bps,
+            layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
         }
     }
 

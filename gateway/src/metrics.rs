@@ -1,7 +1,9 @@
 //! Media-plane metrics, registered in the same registry as the signaling metrics. Workers
 //! publish deltas once a second, so the packet path touches no shared counters.
 
-use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct MediaMetrics {
@@ -10,6 +12,10 @@ pub struct MediaMetrics {
     pub keyframe_requests: IntCounterVec,
     pub nacks: IntCounterVec,
     pub retransmitted: IntCounter,
+    pub unrecoverable: IntCounter,
+    pub layer_switches: IntCounter,
+    pub video_pauses: IntCounter,
+    pub first_frame: Histogram,
     pub dropped_datagrams: IntCounterVec,
     pub send_errors: IntCounter,
     pub worker_busy: GaugeVec,
@@ -38,9 +44,9 @@ impl MediaMetrics {
             keyframe_requests: IntCounterVec::new(
                 Opts::new(
                     "gateway_keyframe_requests_total",
-                    "Keyframe requests (PLI/FIR) from subscribers (in), to publishers (out), merged by the throttle (throttled)",
+                    "Keyframe requests from subscribers (in), to publishers (out), merged by the throttle (throttled), by kind (pli, fir)",
                 ),
-                &["direction"],
+                &["direction", "kind"],
             )
             .expect("valid metric"),
             nacks: IntCounterVec::new(
@@ -51,6 +57,29 @@ impl MediaMetrics {
             retransmitted: IntCounter::new(
                 "gateway_retransmitted_packets_total",
                 "Packets resent to subscribers from the send buffer (RTX) in answer to NACKs",
+            )
+            .expect("valid metric"),
+            unrecoverable: IntCounter::new(
+                "gateway_unrecoverable_losses_total",
+                "Publisher packets lost for good (NACK did not bring them back in time); each leads to a keyframe request",
+            )
+            .expect("valid metric"),
+            layer_switches: IntCounter::new(
+                "gateway_layer_switches_total",
+                "Simulcast layer switches for subscribers (set_layer or bandwidth estimate), not counting the first layer",
+            )
+            .expect("valid metric"),
+            video_pauses: IntCounter::new(
+                "gateway_video_pauses_total",
+                "Subscriber video tracks paused because not even the lowest layer fit the bandwidth estimate",
+            )
+            .expect("valid metric"),
+            first_frame: Histogram::with_opts(
+                HistogramOpts::new(
+                    "gateway_time_to_first_frame_seconds",
+                    "From a subscriber track becoming receivable (answered and READY) to its first keyframe forwarded",
+                )
+                .buckets(vec![0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]),
             )
             .expect("valid metric"),
             dropped_datagrams: IntCounterVec::new(
@@ -83,6 +112,10 @@ impl MediaMetrics {
             Box::new(m.keyframe_requests.clone()),
             Box::new(m.nacks.clone()),
             Box::new(m.retransmitted.clone()),
+            Box::new(m.unrecoverable.clone()),
+            Box::new(m.layer_switches.clone()),
+            Box::new(m.video_pauses.clone()),
+            Box::new(m.first_frame.clone()),
             Box::new(m.dropped_datagrams.clone()),
             Box::new(m.send_errors.clone()),
             Box::new(m.worker_busy.clone()),
@@ -100,9 +133,12 @@ impl MediaMetrics {
                 m.rtp_bytes.with_label_values(&[direction, kind]);
             }
             m.nacks.with_label_values(&[direction]);
-            m.keyframe_requests.with_label_values(&[direction]);
         }
-        m.keyframe_requests.with_label_values(&["throttled"]);
+        for direction in ["in", "out", "throttled"] {
+            for kind in ["pli", "fir"] {
+                m.keyframe_requests.with_label_values(&[direction, kind]);
+            }
+        }
         for reason in ["garbage", "untrusted_source"] {
             m.dropped_datagrams.with_label_values(&[reason]);
         }

@@ -118,6 +118,17 @@ impl MediaPlane for GatewayMedia {
         self.call(w, |reply| Command::Candidate { connection_id: connection_id.to_owned(), candidate, reply }).await
     }
 
+    async fn set_layer(&self, connection_id: &str, stream_id: &str, rid: Option<String>) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::SetLayer {
+            connection_id: connection_id.to_owned(),
+            stream_id: stream_id.to_owned(),
+            rid,
+            reply,
+        })
+        .await
+    }
+
     async fn close_connection(&self, connection_id: &str, reason: &str) {
         if let Ok(w) = self.conn_worker(connection_id) {
             let _ = self

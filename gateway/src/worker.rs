@@ -37,6 +37,7 @@ pub enum Command {
     Subscribe { spec: Spec, reply: Reply<()> },
     Resubscribe { connection_id: String, reply: Reply<()> },
     Answer { connection_id: String, sdp: String, reply: Reply<()> },
+    SetLayer { connection_id: String, stream_id: String, rid: Option<String>, reply: Reply<()> },
     Candidate { connection_id: String, candidate: String, reply: Reply<()> },
     Close { connection_id: String, reason: String, reply: Reply<()> },
     Stats { connection_id: String, reply: oneshot::Sender<Option<serde_json::Value>> },
@@ -283,6 +284,11 @@ impl Worker {
                     self.flush();
                     let _ = reply.send(r);
                 }
+                Command::SetLayer { connection_id, stream_id, rid, reply } => {
+                    let r = self.engine.set_layer(now, &connection_id, &stream_id, rid.as_deref()).map_err(media_err);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
                 Command::Candidate { connection_id, candidate, reply } => {
                     let r = self.engine.add_candidate(now, &connection_id, &candidate).map_err(media_err);
                     self.flush();
@@ -337,11 +343,19 @@ impl Worker {
             m.rtp_packets.with_label_values(&["out", kind]).inc_by(c.rtp_packets_out[i] - p.rtp_packets_out[i]);
             m.rtp_bytes.with_label_values(&["out", kind]).inc_by(c.rtp_bytes_out[i] - p.rtp_bytes_out[i]);
         }
-        m.keyframe_requests.with_label_values(&["in"]).inc_by(c.keyframe_requests_in - p.keyframe_requests_in);
-        m.keyframe_requests.with_label_values(&["out"]).inc_by(c.keyframe_requests_out - p.keyframe_requests_out);
-        m.keyframe_requests
-            .with_label_values(&["throttled"])
-            .inc_by(c.keyframe_requests_throttled - p.keyframe_requests_throttled);
+        for (i, kind) in ["pli", "fir"].iter().enumerate() {
+            let kf = &m.keyframe_requests;
+            kf.with_label_values(&["in", kind]).inc_by(c.keyframe_requests_in[i] - p.keyframe_requests_in[i]);
+            kf.with_label_values(&["out", kind]).inc_by(c.keyframe_requests_out[i] - p.keyframe_requests_out[i]);
+            kf.with_label_values(&["throttled", kind])
+                .inc_by(c.keyframe_requests_throttled[i] - p.keyframe_requests_throttled[i]);
+        }
+        m.unrecoverable.inc_by(c.unrecoverable_losses - p.unrecoverable_losses);
+        m.layer_switches.inc_by(c.layer_switches - p.layer_switches);
+        m.video_pauses.inc_by(c.video_pauses - p.video_pauses);
+        for t in self.engine.take_first_frame_times() {
+            m.first_frame.observe(t.as_secs_f64());
+        }
         m.nacks.with_label_values(&["in"]).inc_by(c.nacks_in - p.nacks_in);
         m.retransmitted.inc_by(c.retransmitted_packets - p.retransmitted_packets);
         m.nacks.with_label_values(&["out"]).inc_by(c.nacks_out - p.nacks_out);

@@ -50,6 +50,9 @@ pub trait MediaPlane: Send + Sync + 'static {
     async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError>;
     /// Add a trickled remote candidate (`candidate:…`); an empty string ends candidates.
     async fn add_candidate(&self, connection_id: &str, candidate: String) -> Result<(), MediaError>;
+    /// Choose the simulcast layer a subscribe connection receives of one stream (`None`:
+    /// automatic).
+    async fn set_layer(&self, connection_id: &str, stream_id: &str, rid: Option<String>) -> Result<(), MediaError>;
     /// End a connection on purpose (FINISHED with `reason`). Unknown ids are ignored.
     async fn close_connection(&self, connection_id: &str, reason: &str);
     /// Live statistics of a connection, if it is still open.

@@ -354,11 +354,26 @@ pub struct CandidateMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
-    Publish { sdp: String },
+    Publish {
+        sdp: String,
+    },
     Subscribe {},
-    Answer { connection_id: String, sdp: String },
+    Answer {
+        connection_id: String,
+        sdp: String,
+    },
     Candidate(CandidateMessage),
     Leave {},
+    /// Choose the simulcast layer (`rid`) a subscribe connection receives of one video stream;
+    /// `null` (or absent) returns to automatic choice by bandwidth. The chosen layer is the
+    /// highest the gateway sends: it goes lower when the subscriber's bandwidth estimate cannot
+    /// carry it. The switch happens at the layer's next keyframe (which the gateway requests).
+    SetLayer {
+        connection_id: String,
+        stream_id: String,
+        #[serde(default)]
+        rid: Option<String>,
+    },
 }
 
 /// Gateway → client.

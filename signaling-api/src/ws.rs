@@ -315,6 +315,16 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
                 .map_err(|e| (e.into(), Some(c.connection_id))),
             Err(e) => Err((e, Some(c.connection_id))),
         },
+        ClientMessage::SetLayer { connection_id, stream_id, rid } => {
+            match owned(state, claims, session, &connection_id) {
+                Ok(()) => state
+                    .media
+                    .set_layer(&connection_id, &stream_id, rid)
+                    .await
+                    .map_err(|e| (e.into(), Some(connection_id))),
+                Err(e) => Err((e, Some(connection_id))),
+            }
+        }
         ClientMessage::Leave {} => {
             remove_participant(state, room_id, pid, session, "leave").await;
             reg.send_to_session(session, Outbound::Close(1000, "leave".into()));

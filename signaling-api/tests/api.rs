@@ -85,6 +85,9 @@ impl MediaPlane for FakeMedia {
     async fn add_candidate(&self, _: &str, _: String) -> Result<(), MediaError> {
         Ok(())
     }
+    async fn set_layer(&self, _: &str, stream_id: &str, _: Option<String>) -> Result<(), MediaError> {
+        Err(MediaError::new(ErrorCode::NotFound, format!("no stream {stream_id}")))
+    }
     async fn close_connection(&self, connection_id: &str, reason: &str) {
         self.ev(connection_id, EventKind::Finished, Some(reason));
     }

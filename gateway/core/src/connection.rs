@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 use signaling_api::protocol::{ConnectionState, EventKind, Role};
 use str0m::change::SdpPendingOffer;
-use str0m::media::{MediaKind, Mid, Pt};
+use str0m::media::{MediaKind, Mid, Pt, Rid};
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
 use crate::rewrite::SeqRewriter;
@@ -47,6 +47,40 @@ pub(crate) struct TrackOut {
     pub written: u64,
     /// Retransmissions already counted.
     pub resent: u64,
+    /// The highest layer the subscriber wants (`set_layer`); `None`: the best available.
+    pub preferred: Option<Rid>,
+    /// Index of the publisher layer to receive (video); `None`: paused or not chosen yet.
+    pub target: Option<usize>,
+    /// Index of the layer being forwarded now. It becomes `target` at a keyframe of `target`.
+    pub current: Option<usize>,
+    /// When the target last moved down: moving up again waits for the hold time.
+    pub last_down: Option<Instant>,
+    /// When the last packet was forwarded (the timestamp advance at a source switch).
+    pub last_forward: Option<Instant>,
+    /// Since when the subscriber waits for its first frame on this track.
+    pub ttff_from: Option<Instant>,
+}
+
+impl TrackOut {
+    pub fn new(mid: Mid, stream_id: Arc<str>, kind: MediaKind, rewrite: SeqRewriter) -> Self {
+        Self {
+            mid,
+            stream_id,
+            kind,
+            live: false,
+            stopped: false,
+            rewrite,
+            pts: Vec::new(),
+            written: 0,
+            resent: 0,
+            preferred: None,
+            target: None,
+            current: None,
+            last_down: None,
+            last_forward: None,
+            ttff_from: None,
+        }
+    }
 }
 
 /// Live statistics, shown by `GET /v1/connections/{id}`.
@@ -75,6 +109,31 @@ pub struct ConnStats {
     /// The negotiated SRTP profile, inferred from the first SRTP packet received (see
     /// `infer_srtp_profile`); `None` until the peer has sent RTP.
     pub srtp_profile: Option<String>,
+    /// Subscribe connections: the bandwidth estimate toward the subscriber (TWCC, or REMB if
+    /// that is lower), bits/s.
+    pub bwe_estimate_bps: Option<u64>,
+    /// Subscribe connections: simulcast layer switches made for this subscriber.
+    pub layer_switches: u64,
+    /// Subscribe connections: the layer each video track receives.
+    pub layers: Vec<LayerInUse>,
+    /// Publish connections: lost packets that NACK did not bring back in time (each led to a
+    /// keyframe request).
+    pub unrecoverable_losses: u64,
+}
+
+/// Which layer of a published video track a subscriber receives.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInUse {
+    pub mid: String,
+    pub stream_id: String,
+    /// The rid forwarded now (`null` without simulcast or when nothing is forwarded).
+    pub rid: Option<String>,
+    /// The rid being switched to (equal to `rid` when settled).
+    pub target_rid: Option<String>,
+    /// The subscriber's `set_layer` choice (`null`: automatic).
+    pub preferred_rid: Option<String>,
+    /// No layer fits the bandwidth estimate: video is paused, audio continues.
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,6 +183,7 @@ pub(crate) struct Conn {
     pub local: SocketAddr,
     pub created: Instant,
     pub gathered_at: Option<Instant>,
+    pub ready_at: Option<Instant>,
     pub ice_connected: bool,
     pub disconnected_since: Option<Instant>,
     /// Last datagram accepted from the peer (STUN consent, RTCP, media).
@@ -142,6 +202,9 @@ pub(crate) struct Conn {
     pub candidate_added: bool,
     pub first_mid: Option<String>,
     pub outs: Vec<TrackOut>,
+    /// Latest TWCC estimate and latest REMB toward this peer, bits/s.
+    pub twcc_estimate: Option<u64>,
+    pub remb_estimate: Option<u64>,
     pub stats: ConnStats,
     /// `connection{connection_id, room, participant, role}`: every log line of this connection
     /// carries these, so its life can be followed by grepping the id.
@@ -149,6 +212,14 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// What the link toward the peer carries, as far as we know (`None`: no estimate).
+    pub fn bandwidth(&self) -> Option<u64> {
+        match (self.twcc_estimate, self.remb_estimate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Move the state machine and report the step. Returns false if the step is not allowed.
     pub fn enter(&mut self, q: &mut Queues, state: ConnectionState, reason: Option<String>) -> bool {
         if state != ConnectionState::Initial {

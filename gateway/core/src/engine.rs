@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use rand::Rng;
 use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, Role};
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
 use str0m::format::{Codec, CodecConfig, PayloadParams};
@@ -17,10 +18,18 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
-use crate::connection::{CodecInUse, Conn, ConnStats, MediaStats, Queues, SelectedPair, TrackOut};
-use crate::keyframe::KeyframeThrottle;
+use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, TrackOut};
+use crate::layers::{allocate, LayerIn, TrackChoice};
 use crate::rewrite::SeqRewriter;
 use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
+
+/// Most encodings of one published track (browsers send up to three simulcast layers).
+const MAX_LAYERS: usize = 4;
+/// A subscriber's bandwidth estimate is a guess until feedback has flowed this long; it does not
+/// pause video before then.
+const BWE_WARMUP: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often every subscriber's layers are chosen again (layer bitrates change, layers stop).
+const REALLOCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A published track and the subscribers it fans out to.
 struct TrackIn {
@@ -29,13 +38,57 @@ struct TrackIn {
     conn: ConnKey,
     mid: Mid,
     kind: MediaKind,
-    keyframes: KeyframeThrottle,
-    /// The simulcast layer forwarded (`Some(None)` without simulcast), fixed by the first packet.
-    /// Only one layer goes to subscribers until layer selection exists; mixing layers into one
-    /// outgoing stream would garble it.
-    layer: Option<Option<Rid>>,
+    /// Its encodings: one, or one per simulcast rid. Indices are stable (layers are only added).
+    layers: Vec<LayerIn>,
     /// Subscriber connection and our mid there.
     outs: Vec<(ConnKey, Mid)>,
+}
+
+impl TrackIn {
+    fn layer_index(&mut self, rid: Option<Rid>, throttle: std::time::Duration) -> Option<usize> {
+        if let Some(i) = self.layers.iter().position(|l| l.rid == rid) {
+            return Some(i);
+        }
+        if self.layers.len() >= MAX_LAYERS {
+            return None;
+        }
+        self.layers.push(LayerIn::new(rid, throttle));
+        Some(self.layers.len() - 1)
+    }
+
+    /// The layers a subscriber can be given, lowest bitrate first: those sending now; if none
+    /// is (a publisher pausing between bursts), those that have sent and are not paused.
+    fn ranked(&self, now: Instant) -> Vec<usize> {
+        let mut r: Vec<usize> = (0..self.layers.len()).filter(|&i| self.layers[i].active(now)).collect();
+        if r.is_empty() {
+            let sent = |i: &usize| self.layers[*i].last_packet.is_some() && !self.layers[*i].paused;
+            r = (0..self.layers.len()).filter(sent).collect();
+        }
+        r.sort_by_key(|&i| (self.layers[i].rate.bps(), i));
+        r
+    }
+
+    fn rid_name(&self, layer: Option<usize>) -> Option<String> {
+        layer.and_then(|i| self.layers.get(i)).and_then(|l| l.rid).map(|r| r.to_string())
+    }
+}
+
+/// Whether an RTP payload starts a keyframe (its first packet: for H.264 the SPS that Chrome
+/// puts ahead of the IDR, or the IDR itself). Switching to a layer can only happen here.
+fn starts_keyframe(codec: Codec, payload: &[u8]) -> bool {
+    match codec {
+        Codec::Vp8 => str0m::format::detect_vp8_keyframe(payload),
+        Codec::H264 => str0m::format::detect_h264_nalu(payload, 7) || str0m::format::detect_h264_keyframe(payload),
+        Codec::Vp9 => str0m::format::detect_vp9_keyframe(payload),
+        Codec::Av1 => str0m::format::detect_av1_keyframe(payload),
+        Codec::H265 => str0m::format::detect_h265_keyframe(payload),
+        // No detector: every packet counts, so such streams are never held back.
+        _ => true,
+    }
+}
+
+fn kind_index(kind: KeyframeRequestKind) -> usize {
+    usize::from(kind == KeyframeRequestKind::Fir)
 }
 
 #[derive(Default)]
@@ -66,6 +119,11 @@ pub struct Engine {
     keys: HashMap<Arc<str>, ConnKey>,
     q: Queues,
     counters: Counters,
+    /// Subscribers whose layers must be chosen again.
+    realloc: Vec<ConnKey>,
+    next_realloc: Option<Instant>,
+    /// Time to first frame of each new subscriber track, until the driver collects them.
+    first_frames: Vec<std::time::Duration>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> CoreError {
@@ -148,6 +206,9 @@ impl Engine {
             keys: HashMap::new(),
             q: Queues::default(),
             counters: Counters::default(),
+            realloc: Vec::new(),
+            next_realloc: None,
+            first_frames: Vec::new(),
         }
     }
 
@@ -163,8 +224,24 @@ impl Engine {
     /// When [`Engine::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let conns = self.conns.values().filter_map(|c| c.deadline(&self.cfg));
-        let tracks = self.rooms.values().flat_map(|r| r.tracks.iter()).filter_map(|t| t.keyframes.deadline());
-        conns.chain(tracks).min()
+        let retry = self.cfg.keyframe_retry;
+        let tracks = self.rooms.values().flat_map(|r| r.tracks.iter()).flat_map(|t| {
+            let give_up = give_up_after(self.conns.get(&t.conn));
+            t.layers.iter().filter_map(move |l| {
+                [l.keyframes.deadline(), l.keyframe_wanted.map(|w| w + retry), l.loss.deadline(give_up)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            })
+        });
+        let realloc = self.next_realloc.filter(|_| self.conns.values().any(|c| c.role == Role::Subscribe));
+        conns.chain(tracks).chain(realloc).min()
+    }
+
+    /// Time to first frame of subscriber tracks since the last call: from the moment a track
+    /// could be received (answered, READY) to its first keyframe forwarded.
+    pub fn take_first_frame_times(&mut self) -> Vec<std::time::Duration> {
+        std::mem::take(&mut self.first_frames)
     }
 
     pub fn counters(&self) -> &Counters {
@@ -186,7 +263,21 @@ impl Engine {
     /// Live statistics of a connection.
     pub fn stats(&self, connection_id: &str) -> Option<ConnStats> {
         let key = self.keys.get(connection_id)?;
-        self.conns.get(key).map(|c| c.stats.clone())
+        let conn = self.conns.get(key)?;
+        let mut stats = conn.stats.clone();
+        let tracks = self.rooms.get(&conn.room).map(|r| r.tracks.as_slice()).unwrap_or_default();
+        for o in conn.outs.iter().filter(|o| o.kind == MediaKind::Video && o.live && !o.stopped) {
+            let Some(t) = tracks.iter().find(|t| t.stream_id == o.stream_id) else { continue };
+            stats.layers.push(LayerInUse {
+                mid: o.mid.to_string(),
+                stream_id: o.stream_id.to_string(),
+                rid: t.rid_name(o.current),
+                target_rid: t.rid_name(o.target),
+                preferred_rid: o.preferred.map(|r| r.to_string()),
+                paused: o.target.is_none() && o.last_down.is_some(),
+            });
+        }
+        Some(stats)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -238,6 +329,10 @@ impl Engine {
         if let Some(cert) = &self.cert {
             builder = builder.set_dtls_cert(cert.clone());
         }
+        if role == Role::Subscribe && self.cfg.bwe {
+            // TWCC feedback from the subscriber drives str0m's estimator and pacer.
+            builder = builder.enable_bwe(Some(Bitrate::bps(self.cfg.bwe_initial_bps)));
+        }
         let rtc = builder.build(now);
         let id: Arc<str> = Arc::from(spec.connection_id.as_str());
         let span = tracing::info_span!(
@@ -271,6 +366,9 @@ impl Engine {
             candidate_added: false,
             first_mid: None,
             outs: Vec::new(),
+            ready_at: None,
+            twcc_estimate: None,
+            remb_estimate: None,
             stats: ConnStats::default(),
             span,
         };
@@ -417,8 +515,11 @@ impl Engine {
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         conn.drain(now, &mut self.q);
         if conn.state == ConnectionState::Ready {
-            self.request_keyframes_for(now, key, &newly_live);
+            for o in conn.outs.iter_mut().filter(|o| newly_live.contains(&o.mid) && o.kind == MediaKind::Video) {
+                o.ttff_from = Some(now);
+            }
         }
+        self.realloc.push(key);
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if std::mem::take(&mut conn.offer_wanted) {
             self.renegotiate(now, key);
@@ -519,10 +620,48 @@ impl Engine {
                 self.q.doomed.push((conn.key, reason.to_owned()));
             }
         }
-        let Self { rooms, conns, q, counters, .. } = self;
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
         for room in rooms.values_mut() {
             for track in room.tracks.iter_mut() {
-                send_due_keyframe_request(now, track, conns, q, counters);
+                let give_up = give_up_after(conns.get(&track.conn));
+                for li in 0..track.layers.len() {
+                    let layer = &mut track.layers[li];
+                    let lost = layer.loss.expire(now, give_up);
+                    let mut want = false;
+                    if lost > 0 {
+                        counters.unrecoverable_losses += lost;
+                        if let Some(p) = conns.get_mut(&track.conn) {
+                            p.stats.unrecoverable_losses += lost;
+                        }
+                        want = !track.outs.is_empty();
+                    }
+                    let layer = &mut track.layers[li];
+                    if layer.keyframe_wanted.is_some_and(|t| now >= t + cfg.keyframe_retry) {
+                        // Still nothing: ask again (or stop, if nobody needs it any more).
+                        layer.keyframe_wanted = None;
+                        want |= track.outs.iter().any(|(k, m)| {
+                            conns
+                                .get(k)
+                                .and_then(|c| c.outs.iter().find(|o| o.mid == *m))
+                                .is_some_and(|o| o.target == Some(li))
+                        });
+                    }
+                    if want {
+                        want_keyframe(now, track, li, conns, q, counters);
+                    } else {
+                        send_due_keyframe_request(now, track, li, conns, q, counters);
+                    }
+                }
+            }
+        }
+        if self.next_realloc.is_none_or(|t| now >= t) {
+            self.next_realloc = Some(now + REALLOCATE_EVERY);
+            let subs = self.conns.values().filter(|c| c.role == Role::Subscribe && c.state == ConnectionState::Ready);
+            let subs: Vec<ConnKey> = subs.map(|c| c.key).collect();
+            for k in subs {
+                if !self.realloc.contains(&k) {
+                    self.realloc.push(k);
+                }
             }
         }
         self.process(now);
@@ -564,6 +703,10 @@ impl Engine {
                 self.end(now, key, ConnectionState::Failed, &reason);
                 continue;
             }
+            if let Some(key) = self.realloc.pop() {
+                self.reallocate(now, key);
+                continue;
+            }
             break;
         }
     }
@@ -575,6 +718,7 @@ impl Engine {
             Event::Connected => {
                 let entered = conn.enter(&mut self.q, ConnectionState::Ready, None);
                 if entered {
+                    conn.ready_at = Some(now);
                     let remote = conn.trusted.last().map(|a| a.to_string()).unwrap_or_default();
                     let setup_ms = now.duration_since(conn.created).as_millis() as u64;
                     let _in = conn.span.enter();
@@ -587,8 +731,10 @@ impl Engine {
                     }
                 }
                 if entered && conn.role == Role::Subscribe {
-                    let live: Vec<Mid> = conn.outs.iter().filter(|o| o.live && !o.stopped).map(|o| o.mid).collect();
-                    self.request_keyframes_for(now, key, &live);
+                    for o in conn.outs.iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
+                        o.ttff_from = Some(now);
+                    }
+                    self.realloc.push(key);
                 }
             }
             Event::IceConnectionStateChange(s) => match s {
@@ -603,13 +749,15 @@ impl Engine {
                 _ => {}
             },
             Event::MediaAdded(m) if conn.role == Role::Publish && m.direction.is_receiving() => {
-                self.add_track(now, key, m.mid, m.kind);
+                let rids: Vec<Rid> =
+                    m.simulcast.iter().flat_map(|s| s.recv.iter().chain(s.send.iter())).map(|l| l.rid).collect();
+                self.add_track(now, key, m.mid, m.kind, &rids);
             }
             Event::MediaChanged(m) if conn.role == Role::Publish => {
                 if m.direction.is_receiving() {
                     let kind = conn.rtc.media(m.mid).map(|x| x.kind());
                     if let Some(kind) = kind {
-                        self.add_track(now, key, m.mid, kind);
+                        self.add_track(now, key, m.mid, kind, &[]);
                     }
                 } else {
                     self.remove_tracks(now, key, Some(m.mid));
@@ -617,8 +765,32 @@ impl Engine {
             }
             Event::KeyframeRequest(r) if conn.role == Role::Subscribe => {
                 conn.stats.keyframe_requests_in += 1;
-                self.counters.keyframe_requests_in += 1;
+                self.counters.keyframe_requests_in[kind_index(r.kind)] += 1;
                 self.relay_keyframe_request(now, key, r.mid, r.kind);
+            }
+            Event::EgressBitrateEstimate(estimate) if conn.role == Role::Subscribe => {
+                match estimate {
+                    BweKind::Twcc { estimate, .. } => conn.twcc_estimate = Some(estimate.as_u64()),
+                    BweKind::Remb { estimate, .. } => conn.remb_estimate = Some(estimate.as_u64()),
+                    _ => {}
+                }
+                conn.stats.bwe_estimate_bps = conn.bandwidth();
+                if !self.realloc.contains(&key) {
+                    self.realloc.push(key);
+                }
+            }
+            Event::StreamPaused(p) if conn.role == Role::Publish => {
+                let Some(room) = self.rooms.get_mut(&conn.room) else { return };
+                let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == p.mid) else { return };
+                if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == p.rid) {
+                    layer.paused = p.paused;
+                }
+                let subs: Vec<ConnKey> = track.outs.iter().map(|(k, _)| *k).collect();
+                for k in subs {
+                    if !self.realloc.contains(&k) {
+                        self.realloc.push(k);
+                    }
+                }
             }
             Event::MediaIngressStats(s) => {
                 let st = MediaStats {
@@ -689,7 +861,7 @@ impl Engine {
 
     /// A publisher's media section started receiving: announce the track and offer it to every
     /// other participant's subscribe connection.
-    fn add_track(&mut self, now: Instant, key: ConnKey, mid: Mid, kind: MediaKind) {
+    fn add_track(&mut self, now: Instant, key: ConnKey, mid: Mid, kind: MediaKind, rids: &[Rid]) {
         if !matches!(kind, MediaKind::Audio | MediaKind::Video) {
             return;
         }
@@ -699,14 +871,24 @@ impl Engine {
             return;
         }
         let stream_id: Arc<str> = Arc::from(format!("st_{:016x}", rand::rng().random::<u64>()));
+        let layers = if rids.is_empty() {
+            vec![LayerIn::new(None, self.cfg.keyframe_throttle)]
+        } else {
+            let mut unique: Vec<Rid> = Vec::new();
+            for r in rids {
+                if !unique.contains(r) && unique.len() < MAX_LAYERS {
+                    unique.push(*r);
+                }
+            }
+            unique.into_iter().map(|r| LayerIn::new(Some(r), self.cfg.keyframe_throttle)).collect()
+        };
         room.tracks.push(TrackIn {
             stream_id: Arc::clone(&stream_id),
             owner: Arc::clone(&conn.participant),
             conn: key,
             mid,
             kind,
-            keyframes: KeyframeThrottle::new(self.cfg.keyframe_throttle),
-            layer: None,
+            layers,
             outs: Vec::new(),
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
@@ -811,17 +993,8 @@ impl Engine {
         for (i, mid) in added {
             let t = &mut room.tracks[i];
             t.outs.push((key, mid));
-            conn.outs.push(TrackOut {
-                mid,
-                stream_id: Arc::clone(&t.stream_id),
-                kind: t.kind,
-                live: false,
-                stopped: false,
-                rewrite: SeqRewriter::new(start_seq, rand::rng().random()),
-                pts: Vec::new(),
-                written: 0,
-                resent: 0,
-            });
+            let rewrite = SeqRewriter::new(start_seq, rand::rng().random());
+            conn.outs.push(TrackOut::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
         }
         // Stopped sections belong to tracks that are gone; forget them.
         conn.outs.retain(|o| !o.stopped);
@@ -838,9 +1011,10 @@ impl Engine {
         true
     }
 
-    /// Forward one publisher packet to every live subscriber of its track.
+    /// Forward one publisher packet to every live subscriber of its track: video only to those
+    /// whose layer it is, switching a subscriber to its target layer at that layer's keyframe.
     fn forward(&mut self, now: Instant, key: ConnKey, p: RtpPacket) {
-        let Self { rooms, conns, q, counters, .. } = self;
+        let Self { rooms, conns, counters, cfg, .. } = self;
         let Some(publisher) = conns.get_mut(&key) else { return };
         let bytes = p.payload.len() as u64;
         publisher.stats.rtp_packets_in += 1;
@@ -854,17 +1028,60 @@ impl Engine {
         note_codec(&mut publisher.stats, mid, params);
         let Some(room) = rooms.get_mut(&publisher.room) else { return };
         let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
-        if *track.layer.get_or_insert(rid) != rid {
-            return;
-        }
+        let Some(li) = track.layer_index(rid, cfg.keyframe_throttle) else { return };
         let video = track.kind == MediaKind::Video;
+        let layer = &mut track.layers[li];
+        let was_active = layer.active(now);
+        layer.last_packet = Some(now);
+        layer.rate.add(now, p.payload.len());
+        if layer.ssrc != Some(p.header.ssrc) {
+            // A new stream (or a restarted one): its sequence numbers start over.
+            layer.ssrc = Some(p.header.ssrc);
+            layer.loss = Default::default();
+        }
+        layer.loss.on_packet(*p.seq_no, now);
+        let keyframe = video && starts_keyframe(params.spec().codec, &p.payload);
+        if keyframe {
+            layer.keyframe_wanted = None;
+        }
         counters.count_in(video, bytes);
+        if !was_active && !track.outs.is_empty() {
+            // A layer (re)appeared: choose its subscribers' layers before this packet goes out,
+            // so a first keyframe is not wasted.
+            let subs: Vec<ConnKey> = track.outs.iter().map(|(k, _)| *k).collect();
+            for k in subs {
+                self.reallocate(now, k);
+            }
+        }
+        self.fan_out(now, key, mid, li, p, params, keyframe);
+    }
+
+    /// Write one publisher packet to the subscribers of its track that receive its layer.
+    #[allow(clippy::too_many_arguments)]
+    fn fan_out(
+        &mut self,
+        now: Instant,
+        key: ConnKey,
+        mid: Mid,
+        li: usize,
+        p: RtpPacket,
+        params: PayloadParams,
+        keyframe: bool,
+    ) {
+        let Self { rooms, conns, q, counters, first_frames, .. } = self;
+        let Some(room) = conns.get(&key).and_then(|c| rooms.get_mut(&c.room)) else { return };
+        let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
+        let video = track.kind == MediaKind::Video;
+        let ssrc = *p.header.ssrc;
+        let bytes = p.payload.len() as u64;
+        let clock = f64::from(params.spec().clock_rate.get());
         let ext = ExtensionValues {
             audio_level: p.header.ext_vals.audio_level,
             voice_activity: p.header.ext_vals.voice_activity,
             video_orientation: p.header.ext_vals.video_orientation,
             ..Default::default()
         };
+        let mut source_changed = false;
         for &(sub_key, out_mid) in &track.outs {
             let Some(sub) = conns.get_mut(&sub_key) else { continue };
             if sub.state != ConnectionState::Ready {
@@ -875,9 +1092,37 @@ impl Engine {
             if !out.live {
                 continue;
             }
+            let same_source = out.rewrite.source() == Some(ssrc);
+            if video {
+                if out.current == Some(li) && same_source {
+                    // The usual case: this subscriber's layer.
+                } else if out.target == Some(li) {
+                    if !keyframe {
+                        // A decoder cannot start (or change streams) on a delta frame.
+                        source_changed |= out.current == Some(li);
+                        continue;
+                    }
+                    let advance = ts_advance(out.last_forward, now, clock);
+                    out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
+                    if out.current.is_some() && out.current != Some(li) {
+                        counters.layer_switches += 1;
+                        stats.layer_switches += 1;
+                    }
+                    out.current = Some(li);
+                    if let Some(t0) = out.ttff_from.take() {
+                        first_frames.push(now.saturating_duration_since(t0));
+                    }
+                } else {
+                    continue;
+                }
+            } else if !same_source {
+                // Audio (no layers): a new SSRC continues the same outgoing stream.
+                let advance = ts_advance(out.last_forward, now, clock);
+                out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
+            }
             let Some(pt) = map_pt(rtc, out, params) else { continue };
             note_codec(stats, out_mid, params);
-            let Some((seq, ts)) = out.rewrite.rewrite(*p.seq_no, p.header.timestamp) else { continue };
+            let Some((seq, ts)) = out.rewrite.rewrite(ssrc, *p.seq_no, p.header.timestamp) else { continue };
             let mut api = rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(out_mid, None) else { continue };
             let w = RtpWrite::new(pt, seq.into(), ts, p.timestamp, p.payload.clone())
@@ -886,44 +1131,164 @@ impl Engine {
                 .nackable(video);
             tx.write_rtp(w);
             out.written += 1;
+            out.last_forward = Some(now);
             stats.rtp_packets_out += 1;
             stats.rtp_bytes_out += bytes;
             counters.count_out(video, bytes);
             sub.drain(now, q);
         }
+        if source_changed {
+            // The publisher restarted this layer's stream: subscribers need a keyframe of it.
+            want_keyframe(now, track, li, conns, q, counters);
+        }
     }
 
-    /// A subscriber asked for a keyframe on one of its tracks: merge it into the publisher
-    /// stream's throttle.
+    /// A subscriber asked for a keyframe on one of its tracks: merge it into the throttle of
+    /// the layer it receives (or is switching to).
     fn relay_keyframe_request(&mut self, now: Instant, sub_key: ConnKey, mid: Mid, kind: KeyframeRequestKind) {
         let Self { rooms, conns, q, counters, .. } = self;
         let Some(sub) = conns.get(&sub_key) else { return };
         let Some(out) = sub.outs.iter().find(|o| o.mid == mid) else { return };
+        let Some(li) = out.current.or(out.target) else { return };
         let Some(room) = rooms.get_mut(&sub.room) else { return };
         let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == out.stream_id) else { return };
-        track.keyframes.request(kind);
-        send_due_keyframe_request(now, track, conns, q, counters);
-        if track.keyframes.deadline().is_some() {
+        let Some(layer) = track.layers.get_mut(li) else { return };
+        layer.keyframes.request(kind);
+        send_due_keyframe_request(now, track, li, conns, q, counters);
+        if track.layers[li].keyframes.deadline().is_some() {
             // Deferred into the merged request the throttle sends when its window ends.
-            counters.keyframe_requests_throttled += 1;
+            counters.keyframe_requests_throttled[kind_index(kind)] += 1;
         }
     }
 
-    /// A subscriber started receiving these (our) mids: ask their publishers for a keyframe.
-    fn request_keyframes_for(&mut self, now: Instant, sub_key: ConnKey, mids: &[Mid]) {
-        let Self { rooms, conns, q, counters, .. } = self;
-        let Some(sub) = conns.get(&sub_key) else { return };
+    /// Change which layer a subscriber prefers for one of its video tracks (`None`: the best the
+    /// bandwidth allows). The switch happens at the next keyframe of that layer.
+    pub fn set_layer(
+        &mut self,
+        now: Instant,
+        connection_id: &str,
+        stream_id: &str,
+        rid: Option<&str>,
+    ) -> Result<(), CoreError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Subscribe {
+            return Err(err(ErrorCode::BadRequest, "set_layer is for subscribe connections"));
+        }
+        let Some(out) = conn.outs.iter_mut().find(|o| &*o.stream_id == stream_id && !o.stopped) else {
+            return Err(err(ErrorCode::NotFound, "this connection does not receive that stream"));
+        };
+        if out.kind != MediaKind::Video {
+            return Err(err(ErrorCode::BadRequest, "layers exist for video streams only"));
+        }
+        let track = self.rooms.get(&conn.room).and_then(|r| r.tracks.iter().find(|t| &*t.stream_id == stream_id));
+        let preferred = match (rid, track) {
+            (None, _) => None,
+            (Some(r), Some(t)) => {
+                let found = t.layers.iter().find_map(|l| l.rid.filter(|x| x.to_string() == r));
+                if found.is_none() {
+                    let names: Vec<String> = t.layers.iter().filter_map(|l| l.rid.map(|x| x.to_string())).collect();
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        if names.is_empty() {
+                            "the stream is not simulcast; it has no layers to choose".to_owned()
+                        } else {
+                            format!("unknown layer {r:?}; the stream has {}", names.join(", "))
+                        },
+                    ));
+                }
+                found
+            }
+            (Some(_), None) => return Err(err(ErrorCode::NotFound, "stream not found")),
+        };
+        out.preferred = preferred;
+        // An explicit choice is not held back by the hysteresis of automatic moves.
+        out.last_down = None;
+        self.reallocate(now, key);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Choose the layer of each of a subscriber's video tracks: the best the bandwidth estimate
+    /// carries (with hysteresis), up to the subscriber's preferred layer; none (video paused,
+    /// audio continues) when not even the lowest fits. A new target is asked a keyframe of;
+    /// the switch itself happens in [`Self::forward`].
+    fn reallocate(&mut self, now: Instant, sub_key: ConnKey) {
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
+        let Some(sub) = conns.get_mut(&sub_key) else { return };
+        if sub.role != Role::Subscribe || sub.state.is_terminal() {
+            return;
+        }
         let Some(room) = rooms.get_mut(&sub.room) else { return };
-        let streams: Vec<Arc<str>> = sub
-            .outs
-            .iter()
-            .filter(|o| mids.contains(&o.mid) && o.kind == MediaKind::Video)
-            .map(|o| Arc::clone(&o.stream_id))
-            .collect();
-        for s in streams {
-            if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == s) {
-                track.keyframes.request(KeyframeRequestKind::Pli);
-                send_due_keyframe_request(now, track, conns, q, counters);
+        let mut audio_bps = 0;
+        let mut choices = Vec::new();
+        let mut ranked_of = Vec::new();
+        for (oi, o) in sub.outs.iter().enumerate() {
+            if !o.live || o.stopped {
+                continue;
+            }
+            let Some(track) = room.tracks.iter().find(|t| t.stream_id == o.stream_id) else { continue };
+            if o.kind != MediaKind::Video {
+                audio_bps += track.layers.iter().map(|l| l.rate.bps()).sum::<u64>();
+                continue;
+            }
+            let mut ranked = track.ranked(now);
+            if ranked.is_empty() {
+                // Nothing has been sent yet: nothing to choose (the first packet chooses again).
+                continue;
+            }
+            // Capped at the preferred layer while it flows; if it stopped, what flows is offered.
+            if let Some(pos) = ranked.iter().position(|&i| o.preferred.is_some() && track.layers[i].rid == o.preferred)
+            {
+                ranked.truncate(pos + 1);
+            }
+            let rates = ranked.iter().map(|&i| track.layers[i].rate.bps()).collect();
+            let current = o.target.and_then(|t| ranked.iter().position(|&i| i == t));
+            let may_go_up = o.last_down.is_none_or(|t| now.saturating_duration_since(t) >= cfg.layer_up_hold);
+            choices.push(TrackChoice { rates, current, may_go_up });
+            ranked_of.push((oi, ranked));
+        }
+        let budget = if cfg.bwe { sub.bandwidth().map(|b| b.saturating_sub(audio_bps)) } else { None };
+        let mut picks = allocate(budget, &choices);
+        if sub.ready_at.is_none_or(|t| now.saturating_duration_since(t) < BWE_WARMUP) {
+            // The estimate is still the initial guess, not a measurement: start with the lowest
+            // layer rather than pause.
+            for (p, c) in picks.iter_mut().zip(&choices) {
+                if p.is_none() && !c.rates.is_empty() {
+                    *p = Some(0);
+                }
+            }
+        }
+        let mut desired = audio_bps;
+        let mut wanted = Vec::new();
+        for ((oi, ranked), (pick, choice)) in ranked_of.iter().zip(picks.iter().zip(&choices)) {
+            desired += choice.rates.last().copied().unwrap_or(0);
+            let out = &mut sub.outs[*oi];
+            let new_target = pick.map(|p| ranked[p]);
+            if new_target == out.target {
+                continue;
+            }
+            let old_pos = out.target.and_then(|t| ranked.iter().position(|&i| i == t));
+            if new_target.is_none() || (old_pos.is_some() && *pick < old_pos) {
+                out.last_down = Some(now);
+            }
+            if new_target.is_none() && out.current.is_some() {
+                counters.video_pauses += 1;
+                out.current = None;
+            }
+            out.target = new_target;
+            if let Some(t) = new_target.filter(|t| out.current != Some(*t)) {
+                wanted.push((Arc::clone(&out.stream_id), t));
+            }
+        }
+        if cfg.bwe && !choices.is_empty() {
+            // Let the estimator probe for what the best layers would need.
+            sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired.max(cfg.bwe_initial_bps)));
+        }
+        sub.drain(now, q);
+        for (stream_id, li) in wanted {
+            if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == stream_id) {
+                want_keyframe(now, track, li, conns, q, counters);
             }
         }
     }
@@ -956,24 +1321,53 @@ impl Engine {
     }
 }
 
-/// Send a track's merged keyframe request upstream if the throttle allows it now.
+/// Send a layer's merged keyframe request upstream if the throttle allows it now.
 fn send_due_keyframe_request(
     now: Instant,
     track: &mut TrackIn,
+    li: usize,
     conns: &mut HashMap<ConnKey, Conn>,
     q: &mut Queues,
     counters: &mut Counters,
 ) {
-    let Some(kind) = track.keyframes.due(now) else { return };
+    let Some(layer) = track.layers.get_mut(li) else { return };
+    let Some(kind) = layer.keyframes.due(now) else { return };
     let Some(publisher) = conns.get_mut(&track.conn) else { return };
     // Nothing to ask until the publisher's stream exists; the request stays pending.
     let mut api = publisher.rtc.direct_api();
-    let Some(rx) = api.stream_rx_by_mid(track.mid, track.layer.flatten()) else { return };
+    let Some(rx) = api.stream_rx_by_mid(track.mid, layer.rid) else { return };
     rx.request_keyframe(kind);
-    track.keyframes.mark_sent(now);
+    layer.keyframes.mark_sent(now);
     publisher.stats.keyframe_requests_out += 1;
-    counters.keyframe_requests_out += 1;
+    counters.keyframe_requests_out[kind_index(kind)] += 1;
     publisher.drain(now, q);
+}
+
+/// The gateway itself needs a keyframe of a layer (a subscriber starts or switches, or a loss
+/// could not be repaired): ask now if the throttle allows, and keep asking every
+/// `keyframe_retry` until one arrives.
+fn want_keyframe(
+    now: Instant,
+    track: &mut TrackIn,
+    li: usize,
+    conns: &mut HashMap<ConnKey, Conn>,
+    q: &mut Queues,
+    counters: &mut Counters,
+) {
+    if track.kind != MediaKind::Video {
+        return;
+    }
+    let Some(layer) = track.layers.get_mut(li) else { return };
+    layer.keyframe_wanted.get_or_insert(now);
+    layer.keyframes.request(KeyframeRequestKind::Pli);
+    send_due_keyframe_request(now, track, li, conns, q, counters);
+}
+
+/// RTP ticks to advance the timestamp by when an outgoing stream changes source: the time since
+/// the last forwarded packet.
+fn ts_advance(last: Option<Instant>, now: Instant, clock: f64) -> u32 {
+    let secs = last.map(|t| now.saturating_duration_since(t).as_secs_f64()).unwrap_or(0.0);
+    ((secs * clock) as u32).max(1)
 }
 
 /// The subscriber's payload type for the publisher's codec, cached per track.
@@ -991,6 +1385,16 @@ fn map_pt(rtc: &Rtc, out: &mut TrackOut, params: PayloadParams) -> Option<str0m:
     }
     out.pts.push((params.pt(), local));
     local
+}
+
+/// How long a gap in a publisher's stream may stay open before it counts as lost for good: four
+/// round trips to the publisher (NACK, RTX, and a retry), at least 250 ms; 500 ms while the
+/// round trip is unknown.
+fn give_up_after(publisher: Option<&Conn>) -> std::time::Duration {
+    match publisher.and_then(|p| p.stats.rtt_ms) {
+        Some(rtt) => std::time::Duration::from_secs_f64((4.0 * rtt / 1000.0).max(0.25)),
+        None => std::time::Duration::from_millis(500),
+    }
 }
 
 /// The SRTP profile, from the authentication tag of an SRTP packet and the RtpPacket str0m made of

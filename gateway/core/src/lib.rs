@@ -7,6 +7,8 @@
 //!   keyframe relay, connection deadlines.
 //! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
 //! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
+//! - `layers`: a published track's encodings (simulcast layers), their bitrates and unrepaired
+//!   losses, and the choice of layer per subscriber from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
@@ -14,6 +16,7 @@
 mod connection;
 mod engine;
 pub mod keyframe;
+pub mod layers;
 pub mod rewrite;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -21,7 +24,7 @@ pub mod sim;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use connection::{ConnStats, MediaStats};
+pub use connection::{ConnStats, LayerInUse, MediaStats};
 pub use engine::{Engine, NewConnection};
 pub use signaling_api::events::MediaEvent;
 pub use signaling_api::protocol::{ErrorCode, EventKind};
@@ -49,6 +52,16 @@ pub struct CoreConfig {
     pub max_media_sections: usize,
     /// Log participants' IP addresses at info level (otherwise only at debug).
     pub log_client_ips: bool,
+    /// A keyframe the gateway asked for (new subscriber, layer switch, unrecoverable loss) that
+    /// has not arrived after this is asked for again.
+    pub keyframe_retry: Duration,
+    /// Estimate each subscriber's bandwidth (TWCC, str0m's estimator and pacer) and choose its
+    /// simulcast layers, or pause its video, by it.
+    pub bwe: bool,
+    /// The estimate a subscriber starts from, bits/s.
+    pub bwe_initial_bps: u64,
+    /// After a subscriber's layer moved down, it moves up again only after this long.
+    pub layer_up_hold: Duration,
 }
 
 impl Default for CoreConfig {
@@ -61,6 +74,10 @@ impl Default for CoreConfig {
             stats_interval: Duration::from_secs(1),
             max_media_sections: 16,
             log_client_ips: false,
+            keyframe_retry: Duration::from_millis(500),
+            bwe: true,
+            bwe_initial_bps: 1_000_000,
+            layer_up_hold: Duration::from_secs(2),
         }
     }
 }
@@ -91,10 +108,17 @@ pub struct Counters {
     pub rtp_bytes_in: [u64; 2],
     pub rtp_packets_out: [u64; 2],
     pub rtp_bytes_out: [u64; 2],
-    pub keyframe_requests_in: u64,
-    pub keyframe_requests_out: u64,
-    /// Subscriber keyframe requests that were merged into a later request by the throttle.
-    pub keyframe_requests_throttled: u64,
+    /// Keyframe requests by kind (`[PLI, FIR]`): from subscribers, sent to publishers, and
+    /// subscriber requests merged into a later request by the throttle.
+    pub keyframe_requests_in: [u64; 2],
+    pub keyframe_requests_out: [u64; 2],
+    pub keyframe_requests_throttled: [u64; 2],
+    /// Publisher packets lost for good (NACK did not repair them in time).
+    pub unrecoverable_losses: u64,
+    /// Simulcast layer switches (not counting a subscriber's first layer).
+    pub layer_switches: u64,
+    /// Subscriber tracks paused because not even the lowest layer fit the estimate.
+    pub video_pauses: u64,
     /// NACKs received from subscribers / sent to publishers (from str0m's stats).
     pub nacks_in: u64,
     pub nacks_out: u64,

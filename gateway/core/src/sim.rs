@@ -1,6 +1,11 @@
 //! Deterministic simulation: the engine and str0m client peers on a virtual clock, joined by an
-//! in-memory network with seeded loss and delay per direction. No sockets, no threads, no wall
-//! clock: the same seed gives the same run, and seconds of call take milliseconds.
+//! in-memory network with seeded conditions per direction (random and burst loss, delay, jitter,
+//! reordering, a bandwidth bottleneck). No sockets, no threads, no wall clock: the same seed
+//! gives the same run, and seconds of call take milliseconds.
+//!
+//! Publishers send VP8-shaped video (a real payload descriptor and key/delta flag, so keyframe
+//! detection and layer switching work as with a browser), optionally as up to three simulcast
+//! layers, and answer keyframe requests after an encoder delay, like a browser does.
 //!
 //! Used by scenario tests, the fuzz targets (a READY connection to throw datagrams at) and the
 //! benchmarks. Enabled by the `sim` feature (and in this crate's own tests).
@@ -13,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpWrite, Ssrc};
 use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
@@ -23,11 +28,66 @@ use crate::{ConnKey, CoreConfig, Engine, MediaEvent, NewConnection, Output};
 /// Network conditions on one leg (peer → gateway or gateway → peer).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Link {
-    /// Probability that a datagram is lost.
+    /// Probability that a datagram is lost (outside bursts).
     pub loss: f64,
+    /// Burst loss (Gilbert–Elliott): probability to enter a burst per datagram, and the mean
+    /// burst length in datagrams (every datagram in a burst is lost).
+    pub burst_start: f64,
+    pub burst_len: f64,
     pub delay: Duration,
-    /// Uniform extra delay in `0..jitter` (reorders datagrams when larger than their spacing).
+    /// Uniform extra delay in `0..jitter`.
     pub jitter: Duration,
+    /// Probability that a datagram is held back by `reorder_by` (and so overtaken).
+    pub reorder: f64,
+    pub reorder_by: Duration,
+    /// Bottleneck bandwidth, bits/s (`None`: unlimited). Datagrams queue behind each other;
+    /// one that would wait longer than `queue` is dropped (a tail-drop router).
+    pub rate_bps: Option<u64>,
+    pub queue: Duration,
+}
+
+/// A simulcast (or single) video encoding a publisher sends.
+#[derive(Debug, Clone)]
+pub struct LayerSpec {
+    pub rid: Option<&'static str>,
+    /// Bytes per frame (split into packets of at most 1100 bytes).
+    pub frame_bytes: usize,
+}
+
+/// One received RTP packet.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub kind: MediaKind,
+    pub ssrc: Ssrc,
+    pub seq: u64,
+    pub ts: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Received {
+    /// The first packet of a keyframe (VP8: start of partition 0, P bit clear).
+    pub fn starts_keyframe(&self) -> bool {
+        self.kind == MediaKind::Video && str0m::format::detect_vp8_keyframe(&self.payload)
+    }
+}
+
+/// A video packet a publisher sent: its layer, frame number and when.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub at: Instant,
+    pub layer: usize,
+    pub frame: u32,
+    pub keyframe: bool,
+    pub payload: Vec<u8>,
+}
+
+struct LayerTx {
+    rid: Option<Rid>,
+    frame_bytes: usize,
+    seq: u64,
+    /// A keyframe is owed (first frame, or requested; due at the instant).
+    keyframe_due: Option<Instant>,
 }
 
 /// A client peer: a full (non-lite) str0m agent in RTP mode.
@@ -38,16 +98,26 @@ pub struct Peer {
     pub connection_id: Option<String>,
     pub key: Option<ConnKey>,
     pub connected: bool,
-    /// RTP received: (kind, payload).
-    pub received: Vec<(MediaKind, Vec<u8>)>,
+    /// RTP received, in arrival order.
+    pub received: Vec<Received>,
+    /// Video packets sent, in order.
+    pub sent: Vec<Sent>,
     pub keyframe_requests: usize,
     /// Conditions toward the gateway and from it.
     pub up: Link,
     pub down: Link,
+    /// Delay between a keyframe request and the keyframe (an encoder's reaction time).
+    pub encoder_delay: Duration,
+    /// A keyframe every this many frames regardless of requests (`None`: only on request).
+    pub keyframe_interval: Option<u32>,
+    /// When it subscribed (for time to first frame).
+    pub subscribed_at: Option<Instant>,
     pending: Option<SdpPendingOffer>,
     audio: Option<Mid>,
     video: Option<Mid>,
-    sent: u64,
+    layers: Vec<LayerTx>,
+    frames: u32,
+    audio_seq: u64,
     video_ssrcs: Vec<Ssrc>,
     next_timeout: Option<Instant>,
 }
@@ -58,6 +128,13 @@ struct Datagram {
     bytes: Vec<u8>,
 }
 
+#[derive(Default, Clone, Copy)]
+struct LegState {
+    in_burst: bool,
+    /// When the bottleneck queue is free again.
+    free_at: Option<Instant>,
+}
+
 /// The engine, its peers and the network between them.
 pub struct Sim {
     pub engine: Engine,
@@ -65,16 +142,21 @@ pub struct Sim {
     pub peers: Vec<Peer>,
     /// Every event the engine reported.
     pub events: Vec<MediaEvent>,
+    /// Datagrams the network dropped (random, burst, queue overflow).
+    pub dropped: u64,
     rng: StdRng,
     in_flight: BTreeMap<(Instant, u64), Datagram>,
     seq: u64,
     /// Gateway candidate address → connection.
     sockets: HashMap<SocketAddr, ConnKey>,
+    /// Per (peer index, up?) leg.
+    legs: HashMap<(usize, bool), LegState>,
     next_key: u64,
     room: String,
 }
 
 const GATEWAY_IP: [u8; 4] = [10, 0, 0, 1];
+const MAX_PACKET: usize = 1100;
 
 impl Sim {
     /// A simulation with one room, `room`, and the given seed.
@@ -86,10 +168,12 @@ impl Sim {
             now: Instant::now(),
             peers: Vec::new(),
             events: Vec::new(),
+            dropped: 0,
             rng: StdRng::seed_from_u64(seed),
             in_flight: BTreeMap::new(),
             seq: 0,
             sockets: HashMap::new(),
+            legs: HashMap::new(),
             next_key: 1,
             room: "room".into(),
         }
@@ -98,7 +182,7 @@ impl Sim {
     /// Add a client peer; returns its index.
     pub fn add_peer(&mut self, name: &str) -> usize {
         let i = self.peers.len();
-        let addr = SocketAddr::from(([10, 0, 1, (i + 1) as u8], 5000));
+        let addr = SocketAddr::from(([10, 0, (i / 250 + 1) as u8, (i % 250 + 1) as u8], 5000));
         let mut rtc = Rtc::builder().set_rtp_mode(true).build(self.now);
         if let Ok(c) = Candidate::host(addr, "udp") {
             rtc.add_local_candidate(c);
@@ -111,13 +195,19 @@ impl Sim {
             key: None,
             connected: false,
             received: Vec::new(),
+            sent: Vec::new(),
             keyframe_requests: 0,
             up: Link::default(),
             down: Link::default(),
+            encoder_delay: Duration::from_millis(10),
+            keyframe_interval: None,
+            subscribed_at: None,
             pending: None,
             audio: None,
             video: None,
-            sent: 0,
+            layers: Vec::new(),
+            frames: 0,
+            audio_seq: 0,
             video_ssrcs: Vec::new(),
             next_timeout: None,
         });
@@ -141,12 +231,34 @@ impl Sim {
         }
     }
 
-    /// The peer publishes audio + video (its offer, our answer, then ICE and DTLS over the net).
+    /// The peer publishes audio + one video encoding of 1000-byte frames.
     pub fn publish(&mut self, peer: usize) {
+        self.publish_layers(peer, &[LayerSpec { rid: None, frame_bytes: 1000 }]);
+    }
+
+    /// The peer publishes audio + video with these encodings (several: simulcast by rid).
+    pub fn publish_layers(&mut self, peer: usize, layers: &[LayerSpec]) {
+        let now = self.now;
         let p = &mut self.peers[peer];
+        let simulcast = (layers.len() > 1).then(|| {
+            let mut s = Simulcast::new();
+            for l in layers {
+                s.add_send_layer(SimulcastLayer::new(l.rid.expect("simulcast layers have rids")));
+            }
+            s
+        });
+        p.layers = layers
+            .iter()
+            .map(|l| LayerTx {
+                rid: l.rid.map(Rid::from),
+                frame_bytes: l.frame_bytes,
+                seq: 1000,
+                keyframe_due: Some(now),
+            })
+            .collect();
         let mut api = p.rtc.sdp_api();
         p.audio = Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
-        p.video = Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+        p.video = Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast));
         let (offer, pending) = api.apply().expect("an offer with two sections");
         p.pending = Some(pending);
         let spec = self.new_connection(peer);
@@ -159,6 +271,7 @@ impl Sim {
 
     /// The peer subscribes (the gateway offers; the peer answers every offer).
     pub fn subscribe(&mut self, peer: usize) {
+        self.peers[peer].subscribed_at = Some(self.now);
         let spec = self.new_connection(peer);
         if let Err(e) = self.engine.subscribe(self.now, spec) {
             panic!("subscribe refused: {e}");
@@ -166,45 +279,91 @@ impl Sim {
         self.pump_engine();
     }
 
-    /// Write `n` video packets (and an audio packet every other one) from the peer, 20 ms apart
-    /// in RTP time, all at the current instant. Returns the payloads written.
+    /// Write `n` video frames (every layer) and an audio packet every other one, 20 ms apart in
+    /// RTP time, all at the current instant. Returns the video payloads written.
     pub fn send_media(&mut self, peer: usize, n: usize) -> Vec<Vec<u8>> {
         let mut written = Vec::new();
         for _ in 0..n {
-            if let Some(v) = self.write_one(peer, MediaKind::Video) {
-                written.push(v);
-            }
-            if self.peers[peer].sent % 2 == 0 {
-                self.write_one(peer, MediaKind::Audio);
+            written.extend(self.write_frame(peer));
+            if self.peers[peer].frames % 2 == 0 {
+                self.write_audio(peer);
             }
             self.drain_peer(peer);
         }
         written
     }
 
-    fn write_one(&mut self, peer: usize, kind: MediaKind) -> Option<Vec<u8>> {
+    /// Send media from `peer` at 50 frames/s for `d` of virtual time, running everything.
+    pub fn stream_for(&mut self, peer: usize, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.send_media(peer, 1);
+            self.run_for(Duration::from_millis(20));
+        }
+    }
+
+    fn pt_for(p: &Peer, mid: Mid, want: Codec) -> Option<str0m::media::Pt> {
+        let remote = p.rtc.media(mid)?.remote_pts().to_vec();
+        Some(p.rtc.codec_config().find(|c| c.spec().codec == want && remote.contains(&c.pt()))?.pt())
+    }
+
+    fn write_frame(&mut self, peer: usize) -> Vec<Vec<u8>> {
         let now = self.now;
         let p = &mut self.peers[peer];
-        let mid = if kind == MediaKind::Video { p.video? } else { p.audio? };
-        if kind == MediaKind::Video {
-            p.sent += 1;
+        let Some(mid) = p.video else { return Vec::new() };
+        let Some(pt) = Self::pt_for(p, mid, Codec::Vp8) else { return Vec::new() };
+        p.frames += 1;
+        let frame = p.frames;
+        let ts = frame.wrapping_mul(20 * 90);
+        let periodic = p.keyframe_interval.is_some_and(|k| frame % k == 1);
+        let mut written = Vec::new();
+        for li in 0..p.layers.len() {
+            let layer = &mut p.layers[li];
+            let keyframe = periodic || layer.keyframe_due.is_some_and(|t| t <= now);
+            if keyframe {
+                layer.keyframe_due = None;
+            }
+            let parts = layer.frame_bytes.div_ceil(MAX_PACKET).max(1);
+            let rid = layer.rid;
+            for part in 0..parts {
+                let size = (layer.frame_bytes / parts).max(16);
+                // VP8 payload descriptor: S bit on the first packet of the frame (partition 0);
+                // the payload header's P bit clear on a keyframe.
+                let mut payload = vec![if part == 0 { 0x10 } else { 0x00 }, if keyframe { 0x00 } else { 0x01 }];
+                payload.extend_from_slice(format!("{}-L{li}-F{frame}-P{part}-", p.name).as_bytes());
+                payload.resize(size, (frame % 251) as u8);
+                let seq = layer.seq;
+                layer.seq += 1;
+                let mut api = p.rtc.direct_api();
+                let Some(tx) = api.stream_tx_by_mid(mid, rid) else { continue };
+                tx.write_rtp(
+                    RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(part + 1 == parts).nackable(true),
+                );
+                p.sent.push(Sent {
+                    at: now,
+                    layer: li,
+                    frame,
+                    keyframe: keyframe && part == 0,
+                    payload: payload.clone(),
+                });
+                written.push(payload);
+            }
         }
-        let n = p.sent;
-        let want = if kind == MediaKind::Video { Codec::Vp8 } else { Codec::Opus };
-        let remote = p.rtc.media(mid)?.remote_pts().to_vec();
-        let pt = p.rtc.codec_config().find(|c| c.spec().codec == want && remote.contains(&c.pt()))?.pt();
-        let size = if kind == MediaKind::Video { 1000 } else { 100 };
-        let mut payload = format!("{}-{:?}-{n}-", p.name, kind).into_bytes();
-        payload.resize(size, (n % 251) as u8);
-        let clock = if kind == MediaKind::Video { 90 } else { 48 };
+        written
+    }
+
+    fn write_audio(&mut self, peer: usize) {
+        let now = self.now;
+        let p = &mut self.peers[peer];
+        let Some(mid) = p.audio else { return };
+        let Some(pt) = Self::pt_for(p, mid, Codec::Opus) else { return };
+        p.audio_seq += 1;
+        let n = p.audio_seq;
+        let mut payload = format!("{}-audio-{n}-", p.name).into_bytes();
+        payload.resize(100, (n % 251) as u8);
         let mut api = p.rtc.direct_api();
-        let tx = api.stream_tx_by_mid(mid, None)?;
-        tx.write_rtp(
-            RtpWrite::new(pt, (1000 + n).into(), (n * 20 * clock) as u32, now, payload.clone())
-                .marker(true)
-                .nackable(true),
-        );
-        Some(payload)
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else { return };
+        tx.write_rtp(RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true));
     }
 
     /// The peer asks for a keyframe on every video stream it receives.
@@ -292,17 +451,47 @@ impl Sim {
         }
     }
 
-    fn send(&mut self, link: Link, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
-        if link.loss > 0.0 && self.rng.random_bool(link.loss.min(1.0)) {
+    /// Put a datagram on leg (`peer`, `up`) of the network.
+    fn send(&mut self, peer: Option<usize>, up: bool, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        let Some(peer) = peer else {
+            self.seq += 1;
+            self.in_flight.insert((self.now, self.seq), Datagram { from, to, bytes });
+            return;
+        };
+        let link = if up { self.peers[peer].up } else { self.peers[peer].down };
+        let leg = self.legs.entry((peer, up)).or_default();
+        // Burst loss (Gilbert–Elliott with a lossless good state and a lossy bad state).
+        if leg.in_burst {
+            if self.rng.random_bool((1.0 / link.burst_len.max(1.0)).min(1.0)) {
+                leg.in_burst = false;
+            }
+        } else if link.burst_start > 0.0 && self.rng.random_bool(link.burst_start.min(1.0)) {
+            leg.in_burst = true;
+        }
+        if leg.in_burst || (link.loss > 0.0 && self.rng.random_bool(link.loss.min(1.0))) {
+            self.dropped += 1;
             return;
         }
-        let jitter = if link.jitter.is_zero() {
-            Duration::ZERO
-        } else {
-            Duration::from_micros(self.rng.random_range(0..link.jitter.as_micros() as u64))
-        };
+        let mut at = self.now;
+        if let Some(rate) = link.rate_bps {
+            let start = leg.free_at.unwrap_or(self.now).max(self.now);
+            if start.saturating_duration_since(self.now) > link.queue {
+                self.dropped += 1;
+                return;
+            }
+            let done = start + Duration::from_secs_f64(bytes.len() as f64 * 8.0 / rate as f64);
+            leg.free_at = Some(done);
+            at = done;
+        }
+        at += link.delay;
+        if !link.jitter.is_zero() {
+            at += Duration::from_micros(self.rng.random_range(0..link.jitter.as_micros() as u64));
+        }
+        if link.reorder > 0.0 && self.rng.random_bool(link.reorder.min(1.0)) {
+            at += link.reorder_by;
+        }
         self.seq += 1;
-        self.in_flight.insert((self.now + link.delay + jitter, self.seq), Datagram { from, to, bytes });
+        self.in_flight.insert((at, self.seq), Datagram { from, to, bytes });
     }
 
     /// Carry out the engine's outputs: datagrams onto the net, events to the peers.
@@ -311,9 +500,9 @@ impl Sim {
             match out {
                 Output::Transmit { key, destination, contents } => {
                     let from = self.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a);
-                    let link = self.peers.iter().find(|p| p.addr == destination).map(|p| p.down).unwrap_or_default();
+                    let peer = self.peers.iter().position(|p| p.addr == destination);
                     if let Some(from) = from {
-                        self.send(link, from, destination, contents);
+                        self.send(peer, false, from, destination, contents);
                     }
                 }
                 Output::Event(e) => {
@@ -372,15 +561,20 @@ impl Sim {
                     return;
                 }
                 Ok(RtcOutput::Transmit(t)) => {
-                    let link = self.peers[i].up;
                     let from = self.peers[i].addr;
-                    self.send(link, from, t.destination, t.contents.into());
+                    self.send(Some(i), true, from, t.destination, t.contents.into());
                 }
                 Ok(RtcOutput::Event(e)) => {
                     let p = &mut self.peers[i];
                     match e {
                         Event::Connected => p.connected = true,
-                        Event::KeyframeRequest(_) => p.keyframe_requests += 1,
+                        Event::KeyframeRequest(r) => {
+                            p.keyframe_requests += 1;
+                            let due = now + p.encoder_delay;
+                            for l in p.layers.iter_mut().filter(|l| r.rid.is_none() || l.rid == r.rid) {
+                                l.keyframe_due.get_or_insert(due);
+                            }
+                        }
                         Event::RtpPacket(pkt) => {
                             let kind = p
                                 .rtc
@@ -392,7 +586,14 @@ impl Sim {
                             if kind == MediaKind::Video && !p.video_ssrcs.contains(&pkt.header.ssrc) {
                                 p.video_ssrcs.push(pkt.header.ssrc);
                             }
-                            p.received.push((kind, pkt.payload.to_vec()));
+                            p.received.push(Received {
+                                at: now,
+                                kind,
+                                ssrc: pkt.header.ssrc,
+                                seq: *pkt.seq_no,
+                                ts: pkt.header.timestamp,
+                                payload: pkt.payload.to_vec(),
+                            });
                         }
                         _ => {}
                     }
@@ -407,7 +608,18 @@ impl Sim {
 
     /// Video payloads a peer received, in arrival order.
     pub fn video_received(&self, peer: usize) -> Vec<Vec<u8>> {
-        self.peers[peer].received.iter().filter(|(k, _)| *k == MediaKind::Video).map(|(_, b)| b.clone()).collect()
+        self.peers[peer].received.iter().filter(|r| r.kind == MediaKind::Video).map(|r| r.payload.clone()).collect()
+    }
+
+    /// When the peer received its first keyframe (its first decodable video frame).
+    pub fn first_keyframe_at(&self, peer: usize) -> Option<Instant> {
+        self.peers[peer].received.iter().find(|r| r.starts_keyframe()).map(|r| r.at)
+    }
+
+    /// The publisher layer (index into its layers) of a received payload, from its tag.
+    pub fn layer_of(payload: &[u8]) -> Option<usize> {
+        let text = std::str::from_utf8(payload.get(2..)?.split(|b| *b == b'-').nth(1)?).ok()?;
+        text.strip_prefix('L')?.parse().ok()
     }
 }
 
@@ -437,7 +649,8 @@ mod tests {
             sim.run_for(Duration::from_millis(20));
         }
         sim.run_for(Duration::from_millis(200));
-        assert_eq!(sim.video_received(v), sent);
+        let got = sim.video_received(v);
+        assert!(got == sent, "received {} of {} payloads, or out of order", got.len(), sent.len());
         assert!(sim.peers[p].keyframe_requests >= 1, "the new subscriber's keyframe request reached the publisher");
         assert!(wall.elapsed() < Duration::from_secs(5), "virtual time runs fast: {:?}", wall.elapsed());
     }
@@ -446,7 +659,12 @@ mod tests {
     fn same_seed_same_result_with_loss() {
         let run = |seed| {
             let (mut sim, p, v) = call(seed);
-            sim.peers[v].down = Link { loss: 0.05, delay: Duration::from_millis(20), jitter: Duration::from_millis(5) };
+            sim.peers[v].down = Link {
+                loss: 0.05,
+                delay: Duration::from_millis(20),
+                jitter: Duration::from_millis(5),
+                ..Link::default()
+            };
             let mut sent = Vec::new();
             // Packets 1..=200 of 221 are judged: a receiver cannot NACK what comes before the
             // first sequence number it sees, nor a lost tail packet no successor reveals.

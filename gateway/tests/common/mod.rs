@@ -248,6 +248,8 @@ struct PeerState {
     sent: u64,
     ignore_offers: bool,
     plis_left: usize,
+    /// A keyframe request arrived: the next video packet is a keyframe.
+    keyframe_owed: bool,
     ticks: u64,
     loss: (u64, u64),
     block_dtls: bool,
@@ -282,6 +284,7 @@ async fn run_peer(
         sent: 0,
         ignore_offers: false,
         plis_left: 0,
+        keyframe_owed: false,
         ticks: 0,
         loss: (0, 0),
         block_dtls: false,
@@ -413,7 +416,10 @@ impl PeerState {
         let mut log = self.log.lock().unwrap();
         match e {
             Event::Connected => log.connected = true,
-            Event::KeyframeRequest(_) => log.keyframe_requests += 1,
+            Event::KeyframeRequest(_) => {
+                log.keyframe_requests += 1;
+                self.keyframe_owed = true;
+            }
             Event::RtpPacket(p) => {
                 let kind = self
                     .rtc
@@ -504,7 +510,15 @@ impl PeerState {
                 continue;
             };
             let size = if kind == MediaKind::Video { 900 } else { 120 };
-            let mut payload = format!("{}-{:?}-{n}-", self.name, kind).into_bytes();
+            // Video is VP8-shaped (payload descriptor with S=1, then the key/delta bit), so the
+            // gateway's keyframe detection sees what a browser would send: a keyframe first and
+            // whenever one was asked for.
+            let mut payload = Vec::new();
+            if kind == MediaKind::Video {
+                let key = n == 1 || std::mem::take(&mut self.keyframe_owed);
+                payload.extend_from_slice(&[0x10, if key { 0x00 } else { 0x01 }]);
+            }
+            payload.extend_from_slice(format!("{}-{:?}-{n}-", self.name, kind).as_bytes());
             while payload.len() < size {
                 payload.push((payload.len() as u64 * 31 + n) as u8);
             }

@@ -1,0 +1,291 @@
+//! The encodings of a published track (one, or up to three simulcast layers) and the choice of
+//! the layer each subscriber receives.
+//!
+//! - [`LayerIn`]: one incoming encoding: its rid and SSRC, measured bitrate, keyframe throttle,
+//!   and the sequence gaps that were never repaired ([`LossTracker`]).
+//! - [`allocate`]: given a subscriber's bandwidth estimate and its video tracks' layers, the
+//!   layer for each track (or none: video paused). Pure, so it is unit tested on its own.
+//!
+//! Layers are ranked by measured bitrate, not by rid names: browsers name them freely ("q/h/f",
+//! "l/m/h", "0/1/2") and order them either way in the SDP.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use str0m::media::Rid;
+use str0m::rtp::Ssrc;
+
+use crate::keyframe::KeyframeThrottle;
+
+/// A layer that sent nothing for this long is not offered to subscribers.
+pub const LAYER_IDLE: Duration = Duration::from_secs(2);
+/// Gaps remembered per layer; a larger burst counts the rest as lost at once.
+const MAX_GAPS: usize = 512;
+/// Bitrate measuring window.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+/// One encoding of a published track.
+pub struct LayerIn {
+    pub rid: Option<Rid>,
+    /// The SSRC it arrives on (a publisher that restarts the stream gets a new one).
+    pub ssrc: Option<Ssrc>,
+    pub keyframes: KeyframeThrottle,
+    /// Since when the gateway has wanted a keyframe on this layer without one arriving (new
+    /// subscriber, layer switch, unrecoverable loss): the request is repeated while it lasts.
+    pub keyframe_wanted: Option<Instant>,
+    pub rate: RateMeter,
+    pub loss: LossTracker,
+    pub last_packet: Option<Instant>,
+    /// The publisher paused it (str0m's `StreamPaused`).
+    pub paused: bool,
+}
+
+impl LayerIn {
+    pub fn new(rid: Option<Rid>, throttle: Duration) -> Self {
+        Self {
+            rid,
+            ssrc: None,
+            keyframes: KeyframeThrottle::new(throttle),
+            keyframe_wanted: None,
+            rate: RateMeter::default(),
+            loss: LossTracker::default(),
+            last_packet: None,
+            paused: false,
+        }
+    }
+
+    /// Sending, and recently.
+    pub fn active(&self, now: Instant) -> bool {
+        !self.paused && self.last_packet.is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE)
+    }
+}
+
+/// Bitrate over the last completed window.
+#[derive(Debug, Default, Clone)]
+pub struct RateMeter {
+    window_start: Option<Instant>,
+    bytes: u64,
+    bps: u64,
+}
+
+impl RateMeter {
+    pub fn add(&mut self, now: Instant, bytes: usize) {
+        let start = *self.window_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= RATE_WINDOW {
+            self.bps = (self.bytes as f64 * 8.0 / elapsed.as_secs_f64()) as u64;
+            self.bytes = 0;
+            self.window_start = Some(now);
+        }
+        self.bytes += bytes as u64;
+    }
+
+    /// Bits per second over the last completed window (0 before one completed).
+    pub fn bps(&self) -> u64 {
+        self.bps
+    }
+}
+
+/// Sequence numbers that arrived out of order leave gaps; NACK/RTX usually fills them. A gap
+/// still open after the give-up time is an unrecoverable loss: the decoder downstream needs a
+/// keyframe, so the caller asks for one instead of leaving the subscribers frozen.
+#[derive(Debug, Default, Clone)]
+pub struct LossTracker {
+    highest: Option<u64>,
+    /// Missing sequence numbers and when they were found missing, oldest first.
+    missing: VecDeque<(u64, Instant)>,
+    /// Lost beyond `MAX_GAPS` in one burst, to be reported by the next `expire`.
+    overflow: u64,
+}
+
+impl LossTracker {
+    /// Note an arrival (extended sequence number).
+    pub fn on_packet(&mut self, seq: u64, now: Instant) {
+        let Some(h) = self.highest else {
+            self.highest = Some(seq);
+            return;
+        };
+        if seq > h {
+            let gap = seq - h - 1;
+            let tracked = gap.min((MAX_GAPS - self.missing.len().min(MAX_GAPS)) as u64);
+            self.overflow += gap - tracked;
+            for s in (seq - tracked)..seq {
+                self.missing.push_back((s, now));
+            }
+            self.highest = Some(seq);
+        } else if let Some(i) = self.missing.iter().position(|(s, _)| *s == seq) {
+            self.missing.remove(i);
+        }
+    }
+
+    /// Forget gaps open for `give_up` or longer; returns how many.
+    pub fn expire(&mut self, now: Instant, give_up: Duration) -> u64 {
+        let mut n = std::mem::take(&mut self.overflow);
+        while self.missing.front().is_some_and(|(_, t)| now.saturating_duration_since(*t) >= give_up) {
+            self.missing.pop_front();
+            n += 1;
+        }
+        n
+    }
+
+    /// When the oldest open gap is given up.
+    pub fn deadline(&self, give_up: Duration) -> Option<Instant> {
+        self.missing.front().map(|(_, t)| *t + give_up)
+    }
+
+    pub fn open_gaps(&self) -> usize {
+        self.missing.len()
+    }
+}
+
+/// One video track of a subscriber, as the allocator sees it.
+#[derive(Debug, Clone)]
+pub struct TrackChoice {
+    /// Bitrates of the layers it may use, lowest first (already capped at the subscriber's
+    /// preferred layer). A layer whose rate is not known yet counts as 0.
+    pub rates: Vec<u64>,
+    /// Position in `rates` of the layer it receives now (`None`: paused or not started).
+    pub current: Option<usize>,
+    /// It may move up (the hold time since its last move down has passed).
+    pub may_go_up: bool,
+}
+
+/// Up-switches need the estimate to exceed what the higher layers need by this factor, so an
+/// estimate hovering at a layer's rate does not flap between two layers.
+pub const UP_HEADROOM: f64 = 1.15;
+
+/// Choose a layer for each video track within `budget` bits/s (`None`: no estimate, take the
+/// best). Every track first gets its lowest layer while they fit, in order; then tracks move up
+/// one layer at a time, round-robin, while the total fits. Hysteresis: a track moves up from
+/// its current layer only if the allocation still holds with `UP_HEADROOM` and `may_go_up`; it
+/// moves down as soon as the budget cannot carry it.
+pub fn allocate(budget: Option<u64>, tracks: &[TrackChoice]) -> Vec<Option<usize>> {
+    let Some(budget) = budget else {
+        return tracks.iter().map(|t| t.rates.len().checked_sub(1)).collect();
+    };
+    let relaxed = greedy(budget as f64, tracks);
+    let strict = greedy(budget as f64 / UP_HEADROOM, tracks);
+    tracks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let cur = t.current.filter(|c| *c < t.rates.len());
+            match (cur, relaxed[i], strict[i]) {
+                // The current layer no longer fits: down (or paused).
+                (Some(c), r, _) if r.is_none_or(|r| r < c) => r,
+                // Starting (or resuming): what fits without headroom is fine.
+                (None, r, _) if t.may_go_up => r,
+                // Up only with headroom and once the hold time has passed.
+                (c, _, s) if t.may_go_up && s > c => s,
+                (c, _, _) => c,
+            }
+        })
+        .collect()
+}
+
+fn greedy(budget: f64, tracks: &[TrackChoice]) -> Vec<Option<usize>> {
+    let mut left = budget;
+    let mut choice: Vec<Option<usize>> = vec![None; tracks.len()];
+    for (i, t) in tracks.iter().enumerate() {
+        if let Some(&r) = t.rates.first() {
+            if (r as f64) <= left {
+                choice[i] = Some(0);
+                left -= r as f64;
+            }
+        }
+    }
+    loop {
+        let mut moved = false;
+        for (i, t) in tracks.iter().enumerate() {
+            let Some(c) = choice[i] else { continue };
+            let Some(&next) = t.rates.get(c + 1) else { continue };
+            let extra = next.saturating_sub(t.rates[c]) as f64;
+            if extra <= left {
+                choice[i] = Some(c + 1);
+                left -= extra;
+                moved = true;
+            }
+        }
+        if !moved {
+            return choice;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(rates: &[u64], current: Option<usize>) -> TrackChoice {
+        TrackChoice { rates: rates.to_vec(), current, may_go_up: true }
+    }
+
+    const SIMULCAST: [u64; 3] = [150_000, 500_000, 1_500_000];
+
+    #[test]
+    fn no_estimate_takes_the_best() {
+        assert_eq!(allocate(None, &[t(&SIMULCAST, None), t(&[300_000], Some(0))]), vec![Some(2), Some(0)]);
+    }
+
+    #[test]
+    fn the_estimate_picks_the_highest_layer_that_fits() {
+        assert_eq!(allocate(Some(2_000_000), &[t(&SIMULCAST, None)]), vec![Some(2)]);
+        assert_eq!(allocate(Some(700_000), &[t(&SIMULCAST, None)]), vec![Some(1)]);
+        assert_eq!(allocate(Some(200_000), &[t(&SIMULCAST, None)]), vec![Some(0)]);
+        // Not even the lowest: paused.
+        assert_eq!(allocate(Some(100_000), &[t(&SIMULCAST, None)]), vec![None]);
+    }
+
+    #[test]
+    fn moving_up_needs_headroom_moving_down_does_not() {
+        // 1.6 Mbit/s carries the top layer, but not with 15% headroom: stay at the middle.
+        assert_eq!(allocate(Some(1_600_000), &[t(&SIMULCAST, Some(1))]), vec![Some(1)]);
+        assert_eq!(allocate(Some(1_800_000), &[t(&SIMULCAST, Some(1))]), vec![Some(2)]);
+        // On the top layer, 1.6 Mbit/s still carries it: stay; 1.4 does not: down.
+        assert_eq!(allocate(Some(1_600_000), &[t(&SIMULCAST, Some(2))]), vec![Some(2)]);
+        assert_eq!(allocate(Some(1_400_000), &[t(&SIMULCAST, Some(2))]), vec![Some(1)]);
+        // Inside the hold time: no move up even with plenty.
+        let held = TrackChoice { may_go_up: false, ..t(&SIMULCAST, Some(0)) };
+        assert_eq!(allocate(Some(9_000_000), &[held]), vec![Some(0)]);
+    }
+
+    #[test]
+    fn tracks_share_the_budget_lowest_layers_first() {
+        let two = [t(&SIMULCAST, None), t(&SIMULCAST, None)];
+        assert_eq!(allocate(Some(350_000), &two), vec![Some(0), Some(0)]);
+        assert_eq!(allocate(Some(1_100_000), &two), vec![Some(1), Some(1)]);
+        // Only one track's lowest layer fits: the second pauses, the first keeps video.
+        assert_eq!(allocate(Some(200_000), &two), vec![Some(0), None]);
+    }
+
+    #[test]
+    fn gaps_that_stay_open_are_unrecoverable() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = LossTracker::default();
+        for s in [1, 2, 5, 6] {
+            l.on_packet(s, t0);
+        }
+        assert_eq!(l.open_gaps(), 2);
+        l.on_packet(3, t0 + ms(30)); // repaired by RTX
+        assert_eq!(l.expire(t0 + ms(100), ms(200)), 0);
+        assert_eq!(l.deadline(ms(200)), Some(t0 + ms(200)));
+        assert_eq!(l.expire(t0 + ms(200), ms(200)), 1, "4 never came");
+        assert_eq!(l.open_gaps(), 0);
+        // A huge jump counts everything beyond the tracked gaps at once.
+        l.on_packet(10_006, t0 + ms(300));
+        assert_eq!(l.open_gaps(), MAX_GAPS);
+        assert_eq!(l.expire(t0 + ms(300), ms(200)), 10_006 - 6 - 1 - MAX_GAPS as u64);
+    }
+
+    #[test]
+    fn the_rate_meter_measures_whole_windows() {
+        let t0 = Instant::now();
+        let mut r = RateMeter::default();
+        for i in 0..=50 {
+            r.add(t0 + Duration::from_millis(i * 10), 1250);
+        }
+        // 50 packets of 10 kbit in 0.5 s.
+        assert_eq!(r.bps(), 1_000_000);
+    }
+}
