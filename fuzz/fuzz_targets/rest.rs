@@ -39,6 +39,9 @@ impl MediaPlane for Accepting {
     async fn add_candidate(&self, _: &str, _: String) -> Result<(), MediaError> {
         Ok(())
     }
+    async fn set_layer(&self, _: &str, _: &str, _: Option<String>) -> Result<(), MediaError> {
+        Ok(())
+    }
     async fn close_connection(&self, _: &str, _: &str) {}
     async fn connection_stats(&self, _: &str) -> Option<serde_json::Value> {
         None
