@@ -1281,6 +1281,21 @@ impl Engine {
                 wanted.push((Arc::clone(&out.stream_id), t));
             }
         }
+        if sub.state == ConnectionState::Ready {
+            // Still waiting for a keyframe of the target (e.g. the one asked for at the answer
+            // arrived before READY and could not be used): ask again, merged by the throttle.
+            for o in sub.outs.iter().filter(|o| o.live && !o.stopped && o.kind == MediaKind::Video) {
+                if let Some(t) = o.target.filter(|t| o.current != Some(*t)) {
+                    if !wanted.iter().any(|(s, l)| *s == o.stream_id && *l == t) {
+                        wanted.push((Arc::clone(&o.stream_id), t));
+                    }
+                }
+            }
+        }
+        if sub.state != ConnectionState::Ready {
+            // A keyframe now would arrive before the subscriber can take it; READY asks.
+            wanted.clear();
+        }
         if cfg.bwe && !choices.is_empty() {
             // Let the estimator probe for what the best layers would need.
             sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired.max(cfg.bwe_initial_bps)));

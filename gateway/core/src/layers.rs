@@ -154,6 +154,11 @@ pub struct TrackChoice {
 /// estimate hovering at a layer's rate does not flap between two layers.
 pub const UP_HEADROOM: f64 = 1.15;
 
+/// Pausing video is drastic and estimates are noisy (random loss alone pulls a delay/loss
+/// estimator down): a track keeps its lowest layer until the estimate falls below this share of
+/// what that layer needs.
+pub const PAUSE_BELOW: f64 = 0.75;
+
 /// Choose a layer for each video track within `budget` bits/s (`None`: no estimate, take the
 /// best). Every track first gets its lowest layer while they fit, in order; then tracks move up
 /// one layer at a time, round-robin, while the total fits. Hysteresis: a track moves up from
@@ -165,12 +170,15 @@ pub fn allocate(budget: Option<u64>, tracks: &[TrackChoice]) -> Vec<Option<usize
     };
     let relaxed = greedy(budget as f64, tracks);
     let strict = greedy(budget as f64 / UP_HEADROOM, tracks);
+    let lenient = greedy(budget as f64 / PAUSE_BELOW, tracks);
     tracks
         .iter()
         .enumerate()
         .map(|(i, t)| {
             let cur = t.current.filter(|c| *c < t.rates.len());
             match (cur, relaxed[i], strict[i]) {
+                // Not even the lowest layer fits, but nearly: keep it rather than pause.
+                (Some(_), None, _) if lenient[i].is_some() => Some(0),
                 // The current layer no longer fits: down (or paused).
                 (Some(c), r, _) if r.is_none_or(|r| r < c) => r,
                 // Starting (or resuming): what fits without headroom is fine.
@@ -234,6 +242,9 @@ mod tests {
         assert_eq!(allocate(Some(200_000), &[t(&SIMULCAST, None)]), vec![Some(0)]);
         // Not even the lowest: paused.
         assert_eq!(allocate(Some(100_000), &[t(&SIMULCAST, None)]), vec![None]);
+        // A video already flowing pauses only well below its lowest layer's needs.
+        assert_eq!(allocate(Some(130_000), &[t(&SIMULCAST, Some(0))]), vec![Some(0)]);
+        assert_eq!(allocate(Some(100_000), &[t(&SIMULCAST, Some(0))]), vec![None]);
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub struct Peer {
     pub keyframe_interval: Option<u32>,
     /// When it subscribed (for time to first frame).
     pub subscribed_at: Option<Instant>,
+    /// Video is written resendable (it answers NACKs from its RTX buffer); off models a sender
+    /// whose buffer no longer has the packet.
+    pub rtx: bool,
     pending: Option<SdpPendingOffer>,
     audio: Option<Mid>,
     video: Option<Mid>,
@@ -202,6 +205,7 @@ impl Sim {
             encoder_delay: Duration::from_millis(10),
             keyframe_interval: None,
             subscribed_at: None,
+            rtx: true,
             pending: None,
             audio: None,
             video: None,
@@ -334,10 +338,11 @@ impl Sim {
                 payload.resize(size, (frame % 251) as u8);
                 let seq = layer.seq;
                 layer.seq += 1;
+                let rtx = p.rtx;
                 let mut api = p.rtc.direct_api();
                 let Some(tx) = api.stream_tx_by_mid(mid, rid) else { continue };
                 tx.write_rtp(
-                    RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(part + 1 == parts).nackable(true),
+                    RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(part + 1 == parts).nackable(rtx),
                 );
                 p.sent.push(Sent {
                     at: now,

