@@ -21,6 +21,32 @@ const gw = {
 window.gw = gw;
 const params = new URLSearchParams(location.search);
 
+// ICE servers and transport policy of both peer connections. None by default: the gateway is
+// ICE-lite on an address clients can reach, so a browser needs neither STUN nor TURN. A client
+// whose network lets UDP out only to a TURN server gets them from the page URL (URL-encoded JSON
+// array of RTCIceServer; the policy is "all" or "relay"):
+//   /?iceServers=[{"urls":"turn:turn.example.org:3478","username":"u","credential":"p"}]&iceTransportPolicy=relay
+// or from an embedding page, by setting window.gw.options before joining.
+gw.options = { iceServers: [], iceTransportPolicy: "all" };
+if (params.get("iceServers")) {
+  try {
+    const servers = JSON.parse(params.get("iceServers"));
+    gw.options.iceServers = Array.isArray(servers) ? servers : [servers];
+  } catch (e) {
+    gw.options.problem = `iceServers is not JSON (${e.message}); using none`;
+  }
+}
+if (["all", "relay"].includes(params.get("iceTransportPolicy"))) gw.options.iceTransportPolicy = params.get("iceTransportPolicy");
+
+function rtcConfiguration() {
+  return {
+    bundlePolicy: "max-bundle",
+    rtcpMuxPolicy: "require",
+    iceServers: gw.options.iceServers || [],
+    iceTransportPolicy: gw.options.iceTransportPolicy || "all",
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 // UI helpers
 // ---------------------------------------------------------------------------------------------
@@ -218,7 +244,7 @@ async function onJoined(msg) {
 }
 
 async function publish() {
-  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", rtcpMuxPolicy: "require" });
+  const pc = new RTCPeerConnection(rtcConfiguration());
   gw.pub.pc = pc;
   for (const track of gw.localStream.getTracks()) {
     const tr = pc.addTransceiver(track, { direction: "sendonly", streams: [gw.localStream] });
@@ -253,7 +279,7 @@ async function onAnswer(msg) {
 
 function ensureSubscriber() {
   if (gw.sub.pc) return gw.sub.pc;
-  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", rtcpMuxPolicy: "require" });
+  const pc = new RTCPeerConnection(rtcConfiguration());
   gw.sub.pc = pc;
   pc.ontrack = (ev) => {
     const pid = ev.streams[0] ? ev.streams[0].id : "unknown";
@@ -382,6 +408,7 @@ $("cam-button").addEventListener("click", (ev) => {
   ev.currentTarget.textContent = track.enabled ? "Cam" : "Cam off";
 });
 
+if (gw.options.problem) toast(gw.options.problem, 8000);
 if (params.get("room")) $("room-input").value = params.get("room");
 if (params.get("name")) $("name-input").value = params.get("name");
 window.addEventListener("beforeunload", () => send({ type: "leave" }));

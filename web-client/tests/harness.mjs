@@ -25,15 +25,22 @@ export async function freePort() {
   });
 }
 
-/** Start the gateway binary; resolves once /healthz answers. */
-export async function startGateway({ portMin, portMax, env = {} } = {}) {
+/**
+ * Start the gateway binary; resolves once /healthz answers. By default on 127.0.0.1 and a free
+ * port; `host`/`port` choose the HTTP address, `wrap(bin)` returns the `[command, args]` that
+ * runs it (e.g. `ip netns exec …`), and `healthy(url)` checks /healthz where this process
+ * cannot reach it itself.
+ */
+export async function startGateway({ portMin, portMax, env = {}, host = "127.0.0.1", port, wrap, healthy } = {}) {
   const bin = process.env.GATEWAY_BIN || path.join(repoRoot, "target", "debug", "gateway");
-  const httpPort = await freePort();
-  const base = `http://127.0.0.1:${httpPort}`;
-  const child = spawn(bin, [], {
+  const httpPort = port ?? (await freePort());
+  const base = `http://${host}:${httpPort}`;
+  const [command, args] = wrap ? wrap(bin) : [bin, []];
+  const isUp = healthy ?? (async (url) => (await fetch(url)).ok);
+  const child = spawn(command, args, {
     env: {
       ...process.env,
-      GATEWAY__HTTP__BIND: `127.0.0.1:${httpPort}`,
+      GATEWAY__HTTP__BIND: `${host}:${httpPort}`,
       GATEWAY__MEDIA__PORT_MIN: String(portMin ?? 43000),
       GATEWAY__MEDIA__PORT_MAX: String(portMax ?? 43099),
       GATEWAY__AUTH__API_KEY: API_KEY,
@@ -49,8 +56,7 @@ export async function startGateway({ portMin, portMax, env = {} } = {}) {
   const deadline = Date.now() + 15000;
   for (;;) {
     try {
-      const r = await fetch(`${base}/healthz`);
-      if (r.ok) break;
+      if (await isUp(`${base}/healthz`)) break;
     } catch {}
     if (Date.now() > deadline || child.exitCode !== null) {
       child.kill("SIGKILL");
@@ -72,10 +78,11 @@ export async function startGateway({ portMin, portMax, env = {} } = {}) {
   };
 }
 
-export async function launchChromium() {
+/** `executablePath` may be a wrapper script (e.g. one that enters a network namespace). */
+export async function launchChromium({ executablePath, extraArgs = [] } = {}) {
   // playwright gives every launch a fresh temporary profile (its own --user-data-dir).
   return chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    executablePath: executablePath || process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
     args: [
       "--no-sandbox",
@@ -89,6 +96,7 @@ export async function launchChromium() {
       "--use-fake-ui-for-media-stream",
       "--allow-loopback-in-peer-connection",
       "--autoplay-policy=no-user-gesture-required",
+      ...extraArgs,
     ],
   });
 }

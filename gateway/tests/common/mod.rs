@@ -139,6 +139,9 @@ enum Cmd {
         rx_every: u64,
         tx_every: u64,
     },
+    /// No loss repair: send NACKs for nothing we receive and write media that cannot be resent,
+    /// so every RTP packet counted arrived in its first transmission.
+    NoRepair,
 }
 
 /// A participant: a WebSocket session plus one str0m `Rtc` (publish or subscribe).
@@ -192,6 +195,9 @@ impl Peer {
     }
     pub fn mute_udp(&self) {
         let _ = self.cmd.send(Cmd::MuteUdp);
+    }
+    pub fn no_repair(&self) {
+        let _ = self.cmd.send(Cmd::NoRepair);
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&Log) -> R) -> R {
@@ -253,6 +259,7 @@ struct PeerState {
     ticks: u64,
     loss: (u64, u64),
     block_dtls: bool,
+    no_repair: bool,
     rtp_rx: u64,
     rtp_tx: u64,
     video_ssrcs: Vec<str0m::rtp::Ssrc>,
@@ -288,6 +295,7 @@ async fn run_peer(
         ticks: 0,
         loss: (0, 0),
         block_dtls: false,
+        no_repair: false,
         rtp_rx: 0,
         rtp_tx: 0,
         video_ssrcs: Vec::new(),
@@ -365,6 +373,7 @@ async fn run_peer(
                     Cmd::RequestKeyframes(n) => { st.plis_left += n; None }
                     Cmd::Lossy { rx_every, tx_every } => { st.loss = (rx_every, tx_every); None }
                     Cmd::BlockDtls => { st.block_dtls = true; None }
+                    Cmd::NoRepair => { st.no_repair = true; None }
                 };
                 if let Some(out) = out {
                     let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
@@ -421,6 +430,12 @@ impl PeerState {
                 self.keyframe_owed = true;
             }
             Event::RtpPacket(p) => {
+                if self.no_repair {
+                    // Before any gap can be seen: the first packet of a stream cannot be missing.
+                    if let Some(rx) = self.rtc.direct_api().stream_rx(&p.header.ssrc) {
+                        rx.suppress_nack(true);
+                    }
+                }
                 let kind = self
                     .rtc
                     .direct_api()
@@ -526,7 +541,8 @@ impl PeerState {
             let ts = (n * 20 * clock) as u32;
             let mut api = self.rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(mid, None) else { continue };
-            tx.write_rtp(RtpWrite::new(pt, (1000 + n).into(), ts, now, payload.clone()).marker(true).nackable(true));
+            let write = RtpWrite::new(pt, (1000 + n).into(), ts, now, payload.clone()).marker(true);
+            tx.write_rtp(write.nackable(!self.no_repair));
             self.log.lock().unwrap().sent.push((kind, payload));
         }
     }
