@@ -87,6 +87,13 @@ fn starts_keyframe(codec: Codec, payload: &[u8]) -> bool {
     }
 }
 
+/// Ask for a subscriber's layers to be chosen again (once, however often it is asked).
+fn queue_reallocation(queue: &mut Vec<ConnKey>, key: ConnKey) {
+    if !queue.contains(&key) {
+        queue.push(key);
+    }
+}
+
 fn kind_index(kind: KeyframeRequestKind) -> usize {
     usize::from(kind == KeyframeRequestKind::Fir)
 }
@@ -519,7 +526,7 @@ impl Engine {
                 o.ttff_from = Some(now);
             }
         }
-        self.realloc.push(key);
+        queue_reallocation(&mut self.realloc, key);
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if std::mem::take(&mut conn.offer_wanted) {
             self.renegotiate(now, key);
@@ -657,11 +664,8 @@ impl Engine {
         if self.next_realloc.is_none_or(|t| now >= t) {
             self.next_realloc = Some(now + REALLOCATE_EVERY);
             let subs = self.conns.values().filter(|c| c.role == Role::Subscribe && c.state == ConnectionState::Ready);
-            let subs: Vec<ConnKey> = subs.map(|c| c.key).collect();
-            for k in subs {
-                if !self.realloc.contains(&k) {
-                    self.realloc.push(k);
-                }
+            for c in subs {
+                queue_reallocation(&mut self.realloc, c.key);
             }
         }
         self.process(now);
@@ -734,7 +738,7 @@ impl Engine {
                     for o in conn.outs.iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
                         o.ttff_from = Some(now);
                     }
-                    self.realloc.push(key);
+                    queue_reallocation(&mut self.realloc, key);
                 }
             }
             Event::IceConnectionStateChange(s) => match s {
@@ -775,9 +779,7 @@ impl Engine {
                     _ => {}
                 }
                 conn.stats.bwe_estimate_bps = conn.bandwidth();
-                if !self.realloc.contains(&key) {
-                    self.realloc.push(key);
-                }
+                queue_reallocation(&mut self.realloc, key);
             }
             Event::StreamPaused(p) if conn.role == Role::Publish => {
                 let Some(room) = self.rooms.get_mut(&conn.room) else { return };
@@ -785,11 +787,8 @@ impl Engine {
                 if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == p.rid) {
                     layer.paused = p.paused;
                 }
-                let subs: Vec<ConnKey> = track.outs.iter().map(|(k, _)| *k).collect();
-                for k in subs {
-                    if !self.realloc.contains(&k) {
-                        self.realloc.push(k);
-                    }
+                for (k, _) in &track.outs {
+                    queue_reallocation(&mut self.realloc, *k);
                 }
             }
             Event::MediaIngressStats(s) => {
@@ -1027,7 +1026,8 @@ impl Engine {
         };
         note_codec(&mut publisher.stats, mid, params);
         let Some(room) = rooms.get_mut(&publisher.room) else { return };
-        let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
+        let Some(ti) = room.tracks.iter().position(|t| t.conn == key && t.mid == mid) else { return };
+        let track = &mut room.tracks[ti];
         let Some(li) = track.layer_index(rid, cfg.keyframe_throttle) else { return };
         let video = track.kind == MediaKind::Video;
         let layer = &mut track.layers[li];
@@ -1053,7 +1053,8 @@ impl Engine {
                 self.reallocate(now, k);
             }
         }
-        self.fan_out(now, key, mid, li, p, params, keyframe);
+        // Reallocation leaves the room's track list as it is, so `ti` still names this track.
+        self.fan_out(now, key, ti, li, p, params, keyframe);
     }
 
     /// Write one publisher packet to the subscribers of its track that receive its layer.
@@ -1062,7 +1063,7 @@ impl Engine {
         &mut self,
         now: Instant,
         key: ConnKey,
-        mid: Mid,
+        ti: usize,
         li: usize,
         p: RtpPacket,
         params: PayloadParams,
@@ -1070,7 +1071,7 @@ impl Engine {
     ) {
         let Self { rooms, conns, q, counters, first_frames, .. } = self;
         let Some(room) = conns.get(&key).and_then(|c| rooms.get_mut(&c.room)) else { return };
-        let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == mid) else { return };
+        let Some(track) = room.tracks.get_mut(ti) else { return };
         let video = track.kind == MediaKind::Video;
         let ssrc = *p.header.ssrc;
         let bytes = p.payload.len() as u64;

@@ -298,12 +298,15 @@ impl Sim {
     }
 
     /// Send media from `peer` at 50 frames/s for `d` of virtual time, running everything.
-    pub fn stream_for(&mut self, peer: usize, d: Duration) {
+    /// Returns the video payloads written.
+    pub fn stream_for(&mut self, peer: usize, d: Duration) -> Vec<Vec<u8>> {
         let end = self.now + d;
+        let mut written = Vec::new();
         while self.now < end {
-            self.send_media(peer, 1);
+            written.extend(self.send_media(peer, 1));
             self.run_for(Duration::from_millis(20));
         }
+        written
     }
 
     fn pt_for(p: &Peer, mid: Mid, want: Codec) -> Option<str0m::media::Pt> {
@@ -648,11 +651,8 @@ mod tests {
     fn a_call_forwards_every_packet_in_virtual_time() {
         let wall = std::time::Instant::now();
         let (mut sim, p, v) = call(1);
-        let mut sent = Vec::new();
-        for _ in 0..50 {
-            sent.extend(sim.send_media(p, 1));
-            sim.run_for(Duration::from_millis(20));
-        }
+        let sent = sim.stream_for(p, Duration::from_secs(1));
+        assert_eq!(sent.len(), 50);
         sim.run_for(Duration::from_millis(200));
         let got = sim.video_received(v);
         assert!(got == sent, "received {} of {} payloads, or out of order", got.len(), sent.len());
@@ -670,13 +670,10 @@ mod tests {
                 jitter: Duration::from_millis(5),
                 ..Link::default()
             };
-            let mut sent = Vec::new();
             // Packets 1..=200 of 221 are judged: a receiver cannot NACK what comes before the
             // first sequence number it sees, nor a lost tail packet no successor reveals.
-            for _ in 0..221 {
-                sent.extend(sim.send_media(p, 1));
-                sim.run_for(Duration::from_millis(20));
-            }
+            let sent = sim.stream_for(p, Duration::from_millis(221 * 20));
+            assert_eq!(sent.len(), 221);
             sim.run_for(Duration::from_millis(500));
             let got = sim.video_received(v);
             (sent[1..201].iter().filter(|x| got.contains(x)).count(), got.len())
