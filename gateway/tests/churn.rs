@@ -64,7 +64,7 @@ async fn churn_room(api: &Api, r: usize, cycles: usize) -> Churned {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if subs[0].with(|l| l.rtp.is_empty()) {
-            // Seen about once in 17,000 release-soak cycles: a fresh subscriber gets none of the
+            // Seen about once in 12,000 release-soak cycles: a fresh subscriber gets none of the
             // first burst. Report it with the gateway's view, then check a second burst arrives.
             let sent = publisher.with(|l| l.sent.len());
             eprintln!(
