@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of the project. On a fresh Debian machine it first installs what the tests
-# need (Debian's chromium, prometheus and systemd-analyze; the npm packages of web-client/).
+# need (Debian's chromium, prometheus, systemd-analyze, iproute2, iptables and coturn; the npm
+# packages of web-client/).
 #   scripts/test.sh            install if missing, lint, then all Rust and browser tests
 #   SKIP_LINT=1 scripts/test.sh   skip cargo fmt --check and clippy
 #   FUZZ_SECONDS=60 (default)     libFuzzer time per fuzz target; 0 skips fuzzing
+#   SOAK_ROOMS=60 SOAK_CYCLES=40 SOAK_PARALLEL=6 (default)  release-build churn soak: rooms x cycles
+#                                 full cycles (+ as many vanishing clients), rooms at a time; SOAK_ROOMS=0 skips it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +15,8 @@ log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use: chromium (browser tests), prometheus + promtool (deploy
-# tests against a real Prometheus), systemd-analyze (unit verification).
+# tests against a real Prometheus), systemd-analyze (unit verification), ip + iptables + coturn
+# (NAT and TURN tests in network namespaces, web-client/tests/nat.test.mjs).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
@@ -33,10 +37,13 @@ if [ "${#need[@]}" -gt 0 ]; then
     sleep 3
   done
 fi
-# The Debian package starts a Prometheus service where systemd runs; the tests start their own.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-  as_root systemctl stop prometheus || true
-fi
+# The Debian packages start Prometheus and coturn services where systemd runs; the tests start
+# their own (coturn inside a network namespace of their own).
+for service in prometheus coturn; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+    as_root systemctl stop "$service" || true
+  fi
+done
 
 log "installing web-client test packages (npm ci)"
 (cd web-client && npm ci --no-audit --no-fund --loglevel=error)
@@ -55,8 +62,18 @@ log "building the gateway binary for the browser tests"
 cargo build -p gateway
 export GATEWAY_BIN="$PWD/target/debug/gateway"
 
-log "browser end-to-end tests in headless Chromium (web-client/tests)"
+log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN in network namespaces)"
 (cd web-client && node --test --test-concurrency=1 tests/)
+
+# ~2 minutes of churn on 2 cores (2400 cycles), after the release build of the test.
+SOAK_ROOMS="${SOAK_ROOMS:-60}"
+SOAK_CYCLES="${SOAK_CYCLES:-40}"
+SOAK_PARALLEL="${SOAK_PARALLEL:-6}"
+if [ "$SOAK_ROOMS" != 0 ]; then
+  log "churn soak in a release build: $SOAK_ROOMS rooms x $SOAK_CYCLES cycles, $SOAK_PARALLEL rooms at a time"
+  CHURN_ROOMS="$SOAK_ROOMS" CHURN_CYCLES="$SOAK_CYCLES" CHURN_PARALLEL="$SOAK_PARALLEL" \
+    cargo test --release -p gateway --test churn -- --nocapture
+fi
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 if [ "$FUZZ_SECONDS" != 0 ]; then
