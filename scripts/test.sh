@@ -12,11 +12,14 @@ log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use: chromium (browser tests), prometheus + promtool (deploy
-# tests against a real Prometheus), systemd-analyze (unit verification).
+# tests against a real Prometheus), systemd-analyze (unit verification), ip + iptables (the
+# browser loss test's network namespace and its random UDP loss).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
   as_root apt-get update -qq
@@ -52,6 +55,8 @@ cargo build -p gateway
 export GATEWAY_BIN="$PWD/target/debug/gateway"
 
 log "browser end-to-end tests in headless Chromium (web-client/tests)"
+# As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
+if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"

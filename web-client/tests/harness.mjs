@@ -25,15 +25,21 @@ export async function freePort() {
   });
 }
 
-/** Start the gateway binary; resolves once /healthz answers. */
-export async function startGateway({ portMin, portMax, env = {} } = {}) {
+/**
+ * Start the gateway binary; resolves once /healthz answers. `host` is the address HTTP and media
+ * bind to (default loopback); `prefix` runs it through a command such as `ip netns exec NAME`
+ * (which execs, so the child is the gateway itself).
+ */
+export async function startGateway({ portMin, portMax, env = {}, host = "127.0.0.1", prefix = [] } = {}) {
   const bin = process.env.GATEWAY_BIN || path.join(repoRoot, "target", "debug", "gateway");
   const httpPort = await freePort();
-  const base = `http://127.0.0.1:${httpPort}`;
-  const child = spawn(bin, [], {
+  const base = `http://${host}:${httpPort}`;
+  const [cmd, ...args] = [...prefix, bin];
+  const child = spawn(cmd, args, {
     env: {
       ...process.env,
-      GATEWAY__HTTP__BIND: `127.0.0.1:${httpPort}`,
+      GATEWAY__HTTP__BIND: `${host}:${httpPort}`,
+      GATEWAY__MEDIA__BIND_IP: host,
       GATEWAY__MEDIA__PORT_MIN: String(portMin ?? 43000),
       GATEWAY__MEDIA__PORT_MAX: String(portMax ?? 43099),
       GATEWAY__AUTH__API_KEY: API_KEY,
@@ -72,7 +78,7 @@ export async function startGateway({ portMin, portMax, env = {} } = {}) {
   };
 }
 
-export async function launchChromium() {
+export async function launchChromium(extraArgs = []) {
   // playwright gives every launch a fresh temporary profile (its own --user-data-dir).
   return chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -89,6 +95,7 @@ export async function launchChromium() {
       "--use-fake-ui-for-media-stream",
       "--allow-loopback-in-peer-connection",
       "--autoplay-policy=no-user-gesture-required",
+      ...extraArgs,
     ],
   });
 }
@@ -121,4 +128,46 @@ export async function api(base, method, route, body) {
   });
   const text = await r.text();
   return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+/** Sum of a Prometheus metric's samples over all label sets (0 when absent). */
+export async function metric(base, name) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  let sum = 0;
+  for (const line of text.split("\n")) {
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/);
+    if (m && m[1] === name) sum += Number(m[3]);
+  }
+  return sum;
+}
+
+/** Inbound and outbound RTP stats of a page's connections, for the figures the tests report. */
+export async function rtpStats(page) {
+  return page.evaluate(async () => {
+    const pick = (s, keys) => Object.fromEntries(keys.filter((k) => s[k] !== undefined).map((k) => [k, s[k]]));
+    const out = { inbound: {}, outbound: [] };
+    if (window.gw.sub.pc) {
+      const stats = await window.gw.sub.pc.getStats();
+      stats.forEach((s) => {
+        if (s.type !== "inbound-rtp") return;
+        out.inbound[s.kind] = pick(s, [
+          "framesDecoded", "framesReceived", "framesDropped", "frameWidth", "frameHeight", "keyFramesDecoded",
+          "freezeCount", "totalFreezesDuration", "pauseCount", "packetsReceived", "packetsLost", "nackCount",
+          "pliCount", "firCount", "retransmittedPacketsReceived", "jitter", "bytesReceived",
+        ]);
+      });
+    }
+    if (window.gw.pub.pc) {
+      const stats = await window.gw.pub.pc.getStats();
+      stats.forEach((s) => {
+        if (s.type !== "outbound-rtp") return;
+        out.outbound.push(pick(s, [
+          "kind", "rid", "active", "frameWidth", "frameHeight", "framesEncoded", "framesSent", "keyFramesEncoded",
+          "packetsSent", "retransmittedPacketsSent", "nackCount", "pliCount", "targetBitrate", "bytesSent",
+          "qualityLimitationReason", "scalabilityMode", "encoderImplementation",
+        ]));
+      });
+    }
+    return out;
+  });
 }
