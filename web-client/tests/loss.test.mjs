@@ -6,9 +6,12 @@
 // iptables' statistic match in R's FORWARD chain drops a random 5% of UDP datagrams in each
 // direction (TCP signaling is untouched). Dropping in transit, not in an endpoint's OUTPUT
 // chain, matters: a datagram dropped in OUTPUT fails the sender's sendmsg with EPERM, so the
-// sender knows, which real loss never tells it. Over 15 s the subscriber's decoded frame count
-// must rise every second and its freezes stay rare; NACK/RTX figures from getStats and the
-// gateway are printed.
+// sender knows, which real loss never tells it. After 15 s of the same call without loss (the
+// baseline), 15 s with loss: the subscriber's decoded frame count must rise every second and
+// loss may add only a few short freezes; NACK/RTX figures from getStats and the gateway are
+// printed.
+// LOSS_SIMULCAST=1 publishes simulcast, LOSS_DIRECTIONS=toChromium|fromChromium drops one way
+// only, LOSS_TRACE=1 prints a line per second (for investigating; CI uses the defaults).
 //
 // Needs root, `ip netns` and iptables. Without them the test is skipped with the reason, unless
 // REQUIRE_LOSS_TEST=1 (scripts/test.sh sets it when it runs as root), which makes it fail instead.
@@ -23,13 +26,19 @@ import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, w
 
 const PROBABILITY = Number(process.env.LOSS_PROBABILITY || "0.05");
 const SECONDS = Number(process.env.LOSS_SECONDS || "15");
-// The freezes allowed over the run. Chromium counts a freeze when one frame interval exceeds
-// max(3 x the average interval, average + 150 ms). At 5% random loss on a sub-millisecond path
-// NACK/RTX repairs a gap within a few ms; a freeze needs a loss NACK cannot repair in time (a
-// lost retransmission and a lost second NACK, or a keyframe hit repeatedly), after which the
-// gateway asks for a keyframe. None were seen in the runs behind this bound, which leaves
-// room for two on a loaded machine.
-const MAX_FREEZES = 2;
+// The freezes loss may add. Chromium counts a freeze when one frame interval exceeds max(3 x the
+// average interval, average + 150 ms): at the fake camera's 20 frames/s, a frame 200 ms late.
+// Measured over 15 s at 5% each way (2-core machine, load average 3-5 from other jobs): 0, 0, 1, 1,
+// 3 and 4 freezes, 0.23-0.27 s each, at most 0.93 s in all; the 15 s before, without loss, had none
+// except where the gateway paused the video (the todo subtest below). With loss one way only:
+// toward Chromium (the gateway answering NACKs) 0-3 freezes in 7 runs (8 once, on a CPU-starved
+// machine decoding 3-7 frames/s), from Chromium (str0m NACKing the publisher) none in 4. So the
+// bound: loss may add at most 5 freezes and 1.5 s of frozen video in 15 s (video smooth 90% of the
+// time), over the freezes of the 15 s just before without loss (not counting those when the gateway
+// paused the video). A stall of a second or more (a gateway bug these tests found caused 3 s) fails
+// the every-second check whatever the baseline.
+const MAX_ADDED_FREEZES = 5;
+const MAX_ADDED_FREEZE_SECONDS = 1.5;
 const PREFIX = "gwsim-loss-";
 
 const id = process.pid;
@@ -124,7 +133,9 @@ const DIRECTIONS = { fromChromium: () => veth("r"), toChromium: () => veth("s") 
 
 /** In the router: count the UDP datagrams entering from each side and drop `p` of them at random. */
 function startLoss(p) {
-  for (const dev of Object.values(DIRECTIONS).map((f) => f())) {
+  // LOSS_DIRECTIONS=toChromium (or fromChromium) limits the loss to one direction, to tell them apart.
+  const dirs = (process.env.LOSS_DIRECTIONS || Object.keys(DIRECTIONS).join(",")).split(",");
+  for (const dev of dirs.map((d) => DIRECTIONS[d]())) {
     inNs(nsRouter, "iptables", "-A", "FORWARD", "-i", dev, "-p", "udp"); // counts only
     inNs(nsRouter, "iptables", "-A", "FORWARD", "-i", dev, "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", String(p), "-j", "DROP");
   }
@@ -219,31 +230,64 @@ test(`video keeps decoding in Chromium with ${PROBABILITY * 100}% random UDP los
 
   const subId = await b.evaluate(() => window.gw.sub.id);
   const pubId = await a.evaluate(() => window.gw.pub.id);
+
+  /** Sample bob's video every second for SECONDS: decoded frames, freezes, widths. */
+  const sample = async (phase) => {
+    const out = { series: [], freezes: [], widths: [], freezeSeconds: [] };
+    const pauses0 = await metric(gateway.base, "gateway_video_pauses_total");
+    const t0 = Date.now();
+    for (let i = 0; i <= SECONDS; i++) {
+      await new Promise((r) => setTimeout(r, Math.max(0, t0 + i * 1000 - Date.now())));
+      const v = (await rtpStats(b)).inbound.video;
+      out.series.push(v.framesDecoded);
+      out.freezes.push(v.freezeCount);
+      out.widths.push(v.frameWidth);
+      out.freezeSeconds.push(v.totalFreezesDuration || 0);
+      if (process.env.LOSS_TRACE === "1") {
+        const st = (await api(gateway.base, "GET", `/v1/connections/${subId}`)).body.stats;
+        const l = st.layers[0] || {};
+        const eg = st.egress.filter((x) => x.mid === l.mid).map((x) => `nacks ${x.nacks} plis ${x.plis}`).join(" ");
+        console.log(`${phase} t=${i}s decoded ${v.framesDecoded} received ${v.framesReceived} width ${v.frameWidth} keyframes ${v.keyFramesDecoded} freezes ${v.freezeCount} (${v.totalFreezesDuration}s) plis ${v.pliCount} nacks ${v.nackCount} lost ${v.packetsLost} rtx ${v.retransmittedPacketsReceived}; gateway rid ${l.rid} target ${l.target_rid} estimate ${st.bwe_estimate_bps} switches ${st.layer_switches} paused ${l.paused} resent ${st.retransmitted_packets} egress ${eg}`);
+      }
+    }
+    const last = out.series.length - 1;
+    return {
+      ...out,
+      freezeCount: out.freezes[last] - out.freezes[0],
+      freezeDuration: Number((out.freezeSeconds[last] - out.freezeSeconds[0]).toFixed(3)),
+      // Subscriber videos the gateway paused because the bandwidth estimate fell below them.
+      videoPauses: (await metric(gateway.base, "gateway_video_pauses_total")) - pauses0,
+    };
+  };
+  // The same call without loss first: what this machine's load alone costs in freezes.
+  const baseline = await sample("no loss");
+  // A known gateway problem, checked here without failing the suite (node:test `todo`): on this
+  // clean path the gateway sometimes pauses a video without simulcast layers because the
+  // subscriber's estimate dipped just below the stream's bitrate (the estimate follows what is
+  // sent, and the gateway asks str0m neither to pad nor to probe beyond a constant rate); the
+  // video then freezes for seconds. Seen in 2 of 5 calls within their first 12 s on loopback.
+  await t.test(
+    "without loss, the gateway does not pause the video and it decodes every second",
+    { todo: "gateway: video paused when the estimate dips below the stream's bitrate" },
+    () => {
+      assert.equal(baseline.videoPauses, 0, `gateway_video_pauses_total rose by ${baseline.videoPauses}`);
+      for (let i = 1; i < baseline.series.length; i++) {
+        assert.ok(baseline.series[i] > baseline.series[i - 1], `decoded frames: ${baseline.series.join(", ")}`);
+      }
+    },
+  );
   const m0 = {
     retransmitted: await metric(gateway.base, "gateway_retransmitted_packets_total"),
     unrecoverable: await metric(gateway.base, "gateway_unrecoverable_losses_total"),
     keyframesOut: await metric(gateway.base, "gateway_keyframe_requests_total"),
+    pauses: await metric(gateway.base, "gateway_video_pauses_total"),
   };
   const b0 = await rtpStats(b);
   const a0 = await rtpStats(a);
-
+  const load0 = os.loadavg()[0];
   startLoss(PROBABILITY);
-  const series = [];
-  const freezes = [];
-  const widths = [];
-  const t0 = Date.now();
-  for (let i = 0; i <= SECONDS; i++) {
-    await new Promise((r) => setTimeout(r, Math.max(0, t0 + i * 1000 - Date.now())));
-    const v = (await rtpStats(b)).inbound.video;
-    series.push(v.framesDecoded);
-    freezes.push(v.freezeCount);
-    widths.push(v.frameWidth);
-    if (process.env.LOSS_TRACE === "1") {
-      const st = (await api(gateway.base, "GET", `/v1/connections/${subId}`)).body.stats;
-      const l = st.layers[0] || {};
-      console.log(`t=${i}s decoded ${v.framesDecoded} width ${v.frameWidth} keyframes ${v.keyFramesDecoded} freezes ${v.freezeCount} plis ${v.pliCount} nacks ${v.nackCount}; gateway rid ${l.rid} target ${l.target_rid} estimate ${st.bwe_estimate_bps} switches ${st.layer_switches}`);
-    }
-  }
+  const lossy = await sample("loss");
+  const { series, widths } = lossy;
   const drops = lossCounters();
   const b1 = await rtpStats(b);
   const a1 = await rtpStats(a);
@@ -257,16 +301,27 @@ test(`video keeps decoding in Chromium with ${PROBABILITY * 100}% random UDP los
     retransmitted: await metric(gateway.base, "gateway_retransmitted_packets_total"),
     unrecoverable: await metric(gateway.base, "gateway_unrecoverable_losses_total"),
     keyframesOut: await metric(gateway.base, "gateway_keyframe_requests_total"),
+    pauses: await metric(gateway.base, "gateway_video_pauses_total"),
   };
 
   const d = (k) => (vB1[k] || 0) - (vB0[k] || 0);
   const report = {
     probability: PROBABILITY,
+    // The machine's 1-minute load average at the start and end (2 cores here): freezes under
+    // a heavy load are not all the network's.
+    loadavg: [Number(load0.toFixed(1)), Number(os.loadavg()[0].toFixed(1))],
     iptables: drops,
     framesDecoded: series,
     frameWidth: widths,
-    freezeCount: freezes[freezes.length - 1] - freezes[0],
-    totalFreezesDuration_s: Number(((vB1.totalFreezesDuration || 0) - (vB0.totalFreezesDuration || 0)).toFixed(3)),
+    freezeCount: lossy.freezeCount,
+    totalFreezesDuration_s: lossy.freezeDuration,
+    without_loss: {
+      framesDecoded: baseline.series,
+      freezeCount: baseline.freezeCount,
+      totalFreezesDuration_s: baseline.freezeDuration,
+      gateway_video_pauses_total: baseline.videoPauses,
+    },
+    gateway_video_pauses_with_loss: lossy.videoPauses,
     bob_inbound_video: {
       packetsReceived: d("packetsReceived"),
       packetsLost: d("packetsLost"),
@@ -286,6 +341,7 @@ test(`video keeps decoding in Chromium with ${PROBABILITY * 100}% random UDP los
       gateway_retransmitted_packets_total: m1.retransmitted - m0.retransmitted,
       gateway_unrecoverable_losses_total: m1.unrecoverable - m0.unrecoverable,
       gateway_keyframe_requests_total: m1.keyframesOut - m0.keyframesOut,
+      gateway_video_pauses_total: m1.pauses - m0.pauses,
       subscriber_bwe_estimate_bps: sub.bwe_estimate_bps,
       subscriber_layers: sub.layers,
       subscriber_egress_loss_fraction: sub.egress_loss_fraction,
@@ -297,16 +353,27 @@ test(`video keeps decoding in Chromium with ${PROBABILITY * 100}% random UDP los
   await b.screenshot({ path: path.join(ensureOutputDir(), "loss-subscriber.png") });
 
   const ratio = (x) => x.dropped / Math.max(1, x.datagrams);
-  for (const [dir, c] of Object.entries(drops)) {
+  for (const [dir, c] of Object.entries(drops).filter(([, c]) => !Number.isNaN(c.dropped))) {
     assert.ok(c.datagrams > 500 && ratio(c) > PROBABILITY / 3, `loss really applied ${dir}: ${JSON.stringify(c)}`);
   }
   for (let i = 1; i < series.length; i++) {
     assert.ok(series[i] > series[i - 1], `framesDecoded rises every second: ${series.join(", ")}`);
   }
-  assert.ok(report.freezeCount <= MAX_FREEZES, `at most ${MAX_FREEZES} freezes, got ${report.freezeCount}`);
-  assert.ok(report.bob_inbound_video.nackCount > 0, "bob NACKed the losses on the gateway leg");
-  assert.ok(report.alice_outbound_video.retransmittedPacketsSent > 0, "alice resent what the gateway NACKed");
-  assert.ok(report.gateway.gateway_retransmitted_packets_total > 0, "the gateway resent what bob NACKed");
+  // Freezes the gateway caused by pausing the baseline's video do not widen the bound.
+  const clean = baseline.videoPauses === 0;
+  const why = `${lossy.freezeCount} freezes (${lossy.freezeDuration} s) with loss, ${baseline.freezeCount} (${baseline.freezeDuration} s) without; gateway pauses ${baseline.videoPauses} then, ${lossy.videoPauses} with loss`;
+  assert.ok(lossy.freezeCount <= (clean ? baseline.freezeCount : 0) + MAX_ADDED_FREEZES, `loss adds at most ${MAX_ADDED_FREEZES} freezes: ${why}`);
+  assert.ok(
+    lossy.freezeDuration <= (clean ? baseline.freezeDuration : 0) + MAX_ADDED_FREEZE_SECONDS,
+    `loss adds at most ${MAX_ADDED_FREEZE_SECONDS} s of frozen video: ${why}`,
+  );
+  if (!Number.isNaN(drops.toChromium.dropped)) {
+    assert.ok(report.bob_inbound_video.nackCount > 0, "bob NACKed the losses on the gateway leg");
+    assert.ok(report.gateway.gateway_retransmitted_packets_total > 0, "the gateway resent what bob NACKed");
+  }
+  if (!Number.isNaN(drops.fromChromium.dropped)) {
+    assert.ok(report.alice_outbound_video.retransmittedPacketsSent > 0, "alice resent what the gateway NACKed");
+  }
 
   await a.evaluate(() => window.gw.leave());
   await b.evaluate(() => window.gw.leave());

@@ -22,6 +22,14 @@ const bweEnv = process.env.SIMULCAST_BWE_INITIAL_BPS ? { GATEWAY__MEDIA__BWE_INI
 // changes the browser's encoder policy, not anything the gateway does.
 const THREE_LAYERS = "--force-fieldtrials=WebRTC-LegacySimulcastLayerLimit/Disabled/";
 
+// How long one switch may take. A move down is quick (0.1-0.3 s). A move up also waits until
+// the subscriber's bandwidth estimate carries the layer with 15% headroom, and on this loopback
+// path the estimate can sit near 1.5-2.5x what the subscriber receives: 207-433 kbit/s while
+// receiving h (~200 kbit/s) held a set_layer f (f ~500 kbit/s) for 13.6 s once, until a probe
+// lifted it to 1.18 Mbit/s; 2.5-7 s in other runs. The test reports every wait longer than 1 s
+// with the estimate meanwhile.
+const SWITCH_TIMEOUT_MS = 30000;
+
 before(async () => {
   gateway = await startGateway({ portMin: 43100, portMax: 43199, env: bweEnv });
   browser = await launchChromium([THREE_LAYERS]);
@@ -86,7 +94,7 @@ async function layersAtGateway(connectionId) {
   return { layers: d.stats.layers, bwe: d.stats.bwe_estimate_bps, switches: d.stats.layer_switches };
 }
 
-test("set_layer switches a Chromium subscriber between simulcast layers", { timeout: 150000 }, async () => {
+test("set_layer switches a Chromium subscriber between simulcast layers", { timeout: 240000 }, async () => {
   const a = await joinPage("simulcast-room", "alice", "simulcast=1");
   const b = await joinPage("simulcast-room", "bob", "layers=1");
 
@@ -122,13 +130,29 @@ test("set_layer switches a Chromium subscriber between simulcast layers", { time
       window.gw.setLayer(sid, r);
       return performance.now();
     }, [streamId, rid]);
-    let want;
-    const got = await waitFor(`bob decoding layer ${rid}`, async () => {
-      want = (await sentLayers(a))[rid].frameWidth;
-      const d = await decoded(b);
-      return d && d.frameWidth === want ? d : null;
-    }, 15000, 50);
+    // While waiting, what held the switch back: the gateway's layer and estimate, and the
+    // bitrate of each layer alice sends (a layer Chromium paused arrives at 0).
+    const waiting = [];
+    let lastLook = 0;
+    let got;
+    try {
+      got = await waitFor(`bob decoding layer ${rid}`, async () => {
+        const want = (await sentLayers(a))[rid].frameWidth;
+        const d = await decoded(b);
+        if (Date.now() - lastLook >= 500) {
+          lastLook = Date.now();
+          const g = await layersAtGateway(subId);
+          const l = g.layers.find((x) => x.stream_id === streamId) || {};
+          waiting.push(`${((Date.now() - t0) / 1000).toFixed(1)}s ${l.rid}->${l.target_rid} est ${Math.round(g.bwe / 1000)} ${JSON.stringify(await layerRates(pubId))}`);
+        }
+        return d && d.frameWidth === want ? d : null;
+      }, SWITCH_TIMEOUT_MS, 50);
+    } catch (e) {
+      console.log(`set_layer ${rid} not done after ${SWITCH_TIMEOUT_MS / 1000} s; gateway layer, estimate and layer rates (kbit/s) meanwhile: ${waiting.join("; ")}`);
+      throw e;
+    }
     const ms = Date.now() - t0;
+    if (ms > 1000) console.log(`set_layer ${rid} waited ${ms} ms; gateway layer, estimate and layer rates (kbit/s) meanwhile: ${waiting.join("; ")}`);
     const gw = await waitFor(`the gateway to report layer ${rid}`, async () => {
       const g = await layersAtGateway(subId);
       const l = g.layers.find((x) => x.stream_id === streamId);
@@ -142,7 +166,7 @@ test("set_layer switches a Chromium subscriber between simulcast layers", { time
     const held = await layersAtGateway(subId);
     const rates = await layerRates(pubId);
     figures.push({ rid, width: got.frameWidth, height: got.frameHeight, switchMs, pollMs: ms, bweAtSwitch: gw.bwe, bweAfter: held.bwe, rates });
-    console.log(`set_layer ${rid}: bob shows ${got.frameWidth}x${got.frameHeight} ${switchMs} ms after set_layer (seen by polling getStats after ${ms} ms); estimate ${gw.bwe} bit/s at the switch, ${held.bwe} bit/s 1.5 s later; layers arrive at ${JSON.stringify(rates)} kbit/s`);
+    console.log(`set_layer ${rid}: bob shows ${got.frameWidth}x${got.frameHeight} ${switchMs === null ? "(already before set_layer)" : `${switchMs} ms after set_layer`} (seen by polling getStats after ${ms} ms); estimate ${gw.bwe} bit/s at the switch, ${held.bwe} bit/s 1.5 s later; layers arrive at ${JSON.stringify(rates)} kbit/s`);
     if (rid === "q") assert.ok(got.frameWidth < previous, `q is smaller than before (${previous})`);
     else if (previous !== got.frameWidth) assert.ok(got.frameWidth > previous, `${rid} is larger than before (${previous})`);
     previous = got.frameWidth;
