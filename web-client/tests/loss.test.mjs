@@ -62,6 +62,8 @@ function sh(cmd, args) {
 const inNs = (ns, cmd, ...args) => sh("ip", ["netns", "exec", ns, cmd, ...args]);
 
 function cleanup() {
+  // On an interrupted run the gateway would outlive the test; after() has stopped it otherwise.
+  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
   if (nsCreated) {
     for (const ns of [nsClient, nsRouter]) {
       try {
