@@ -158,8 +158,15 @@ test("set_layer switches a Chromium subscriber between simulcast layers", { time
       const l = g.layers.find((x) => x.stream_id === streamId);
       return l && l.rid === rid && l.target_rid === rid && l.preferred_rid === rid ? g : null;
     }, 5000);
-    // The first frame of the new size bob's <video> presented, timed in the page.
-    const shown = await b.evaluate(([t, w]) => window.frameSizes.find((f) => f.at >= t && f.width === w), [sentAt, got.frameWidth]);
+    // The first frame of the new size bob's <video> presented, timed in the page (unless it
+    // showed that size already when set_layer went out).
+    const already = await b.evaluate(([t, w]) => {
+      const before = window.frameSizes.filter((f) => f.at < t);
+      return before.length > 0 && before[before.length - 1].width === w;
+    }, [sentAt, got.frameWidth]);
+    const shown = already
+      ? null
+      : await waitFor("the new size on bob's <video>", () => b.evaluate(([t, w]) => window.frameSizes.find((f) => f.at >= t && f.width === w), [sentAt, got.frameWidth]), 5000, 50);
     const switchMs = shown ? Math.round(shown.at - sentAt) : null;
     // Hold the layer a moment, so the estimate reflects what bob now receives.
     await new Promise((r) => setTimeout(r, 1500));
