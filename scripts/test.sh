@@ -16,14 +16,14 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use: chromium (browser tests), prometheus + promtool (deploy
 # tests against a real Prometheus), systemd-analyze (unit verification), ip + iptables + coturn
-# (NAT and TURN tests in network namespaces, web-client/tests/nat.test.mjs).
+# (NAT and TURN tests in network namespaces, web-client/tests/nat.test.mjs; the browser loss
+# test's router namespace and its random UDP loss).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-# NAT and TURN tests in network namespaces (web-client/tests/nat.test.mjs).
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v turnserver >/dev/null 2>&1 || need+=(coturn)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
@@ -62,7 +62,9 @@ log "building the gateway binary for the browser tests"
 cargo build -p gateway
 export GATEWAY_BIN="$PWD/target/debug/gateway"
 
-log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN in network namespaces)"
+log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN and loss in network namespaces)"
+# As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
+if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
 
 # ~2 minutes of churn on 2 cores (2400 cycles), after the release build of the test.

@@ -17,9 +17,27 @@ const gw = {
   connections: new Map(), // connection_id -> { role, state, code, steps: [] }
   events: [], // every message received, in order
   left: false,
+  // Options of the page; tests may change them before joining. `?simulcast=1` publishes the
+  // camera as three simulcast layers and shows a layer picker on every remote tile; `?layers=1`
+  // shows only the pickers.
+  options: {},
+  layerChoices: new Map(), // stream_id -> rid asked for with set_layer (null: automatic)
 };
 window.gw = gw;
 const params = new URLSearchParams(location.search);
+gw.options.simulcast = params.get("simulcast") === "1";
+gw.options.layers = gw.options.simulcast || params.get("layers") === "1";
+gw.options.codec = params.get("codec");
+
+// The simulcast encodings of the camera, lowest first. With Chromium's fake 640x480 camera they
+// are 160x120, 320x240 and 640x480.
+const SIMULCAST_ENCODINGS = [
+  { rid: "q", scaleResolutionDownBy: 4 },
+  { rid: "h", scaleResolutionDownBy: 2 },
+  { rid: "f", scaleResolutionDownBy: 1 },
+];
+const LAYER_LABELS = { q: "Low", h: "Medium", f: "High" };
+gw.simulcastRids = SIMULCAST_ENCODINGS.map((e) => e.rid);
 
 // ICE servers and transport policy of both peer connections. None by default: the gateway is
 // ICE-lite on an address clients can reach, so a browser needs neither STUN nor TURN. A client
@@ -27,7 +45,8 @@ const params = new URLSearchParams(location.search);
 // array of RTCIceServer; the policy is "all" or "relay"):
 //   /?iceServers=[{"urls":"turn:turn.example.org:3478","username":"u","credential":"p"}]&iceTransportPolicy=relay
 // or from an embedding page, by setting window.gw.options before joining.
-gw.options = { iceServers: [], iceTransportPolicy: "all" };
+gw.options.iceServers = [];
+gw.options.iceTransportPolicy = "all";
 if (params.get("iceServers")) {
   try {
     const servers = JSON.parse(params.get("iceServers"));
@@ -93,12 +112,73 @@ function tileFor(pid, name, local = false) {
   text.textContent = local ? `${name} (you)` : name;
   label.append(dot, text);
   tile.append(video, avatar, label);
-  $("grid").append(tile);
   p = { name, tile, video, dot, stream: new MediaStream() };
+  if (!local && gw.options.layers) addLayerPicker(pid, p);
+  $("grid").append(tile);
   gw.participants.set(pid, p);
   updateCount();
   return p;
 }
+
+// A remote tile's simulcast layer picker (set_layer) and the size of the video it decodes.
+function addLayerPicker(pid, p) {
+  const select = document.createElement("select");
+  select.className = "layer-picker";
+  select.title = "Simulcast layer to receive";
+  select.disabled = true;
+  const auto = document.createElement("option");
+  auto.value = "";
+  auto.textContent = "Auto";
+  select.append(auto);
+  for (const rid of gw.simulcastRids) {
+    const o = document.createElement("option");
+    o.value = rid;
+    o.textContent = `${LAYER_LABELS[rid] || rid} (${rid})`;
+    select.append(o);
+  }
+  select.addEventListener("change", () => {
+    const stream = videoStreamOf(pid);
+    if (stream) gw.setLayer(stream.stream_id, select.value || null);
+  });
+  const size = document.createElement("span");
+  size.className = "size";
+  const box = document.createElement("div");
+  box.className = "layer";
+  box.append(size, select);
+  p.tile.append(box);
+  p.picker = select;
+  p.size = size;
+}
+
+function videoStreamOf(pid) {
+  return [...gw.streams.values()].find((s) => s.participant_id === pid && s.kind === "video") || null;
+}
+
+function refreshPickers() {
+  for (const [pid, p] of gw.participants) {
+    if (!p.picker) continue;
+    const stream = videoStreamOf(pid);
+    p.picker.disabled = !stream || !gw.sub.id;
+    if (stream) p.picker.value = gw.layerChoices.get(stream.stream_id) || "";
+  }
+}
+
+/** Ask the gateway for a simulcast layer of a stream this page receives (`null`: automatic). */
+gw.setLayer = (streamId, rid) => {
+  if (!gw.sub.id) throw new Error("no subscribe connection yet");
+  const msg = { type: "set_layer", connection_id: gw.sub.id, stream_id: streamId, rid: rid || null };
+  send(msg);
+  gw.layerChoices.set(streamId, msg.rid);
+  refreshPickers();
+  return msg;
+};
+
+function showSizes() {
+  for (const p of gw.participants.values()) {
+    if (p.size) p.size.textContent = p.video.videoWidth ? `${p.video.videoWidth}\u00d7${p.video.videoHeight}` : "";
+  }
+}
+setInterval(showSizes, 500);
 
 function removeTile(pid) {
   const p = gw.participants.get(pid);
@@ -217,6 +297,7 @@ function onMessage(msg) {
     case "stream_added":
       gw.streams.set(msg.stream_id, msg);
       if (msg.participant_id !== gw.me) activity(`${msg.participant_id} published ${msg.kind}`);
+      refreshPickers();
       break;
     case "stream_removed":
       onStreamRemoved(msg);
@@ -238,6 +319,7 @@ async function onJoined(msg) {
   me.tile.classList.add("has-video");
   for (const p of msg.participants) tileFor(p.participant_id, p.name);
   for (const s of msg.streams) gw.streams.set(s.stream_id, s);
+  refreshPickers();
   activity(`joined ${$("room-title").textContent}`);
   await publish();
   send({ type: "subscribe" });
@@ -247,8 +329,10 @@ async function publish() {
   const pc = new RTCPeerConnection(rtcConfiguration());
   gw.pub.pc = pc;
   for (const track of gw.localStream.getTracks()) {
-    const tr = pc.addTransceiver(track, { direction: "sendonly", streams: [gw.localStream] });
-    if (track.kind === "video") preferCodec(tr, params.get("codec"));
+    const init = { direction: "sendonly", streams: [gw.localStream] };
+    if (track.kind === "video" && gw.options.simulcast) init.sendEncodings = SIMULCAST_ENCODINGS.map((e) => ({ ...e }));
+    const tr = pc.addTransceiver(track, init);
+    if (track.kind === "video") preferCodec(tr, gw.options.codec);
   }
   pc.onicecandidate = (ev) => {
     if (!ev.candidate) return;
@@ -303,6 +387,7 @@ function ensureSubscriber() {
 function onOffer(msg) {
   gw.sub.queue = gw.sub.queue.then(async () => {
     gw.sub.id = msg.connection_id;
+    refreshPickers();
     const pc = ensureSubscriber();
     await pc.setRemoteDescription({ type: "offer", sdp: msg.sdp });
     const answer = await pc.createAnswer();
@@ -337,6 +422,8 @@ function onConnectionEvent(msg) {
 
 function onStreamRemoved(msg) {
   gw.streams.delete(msg.stream_id);
+  gw.layerChoices.delete(msg.stream_id);
+  refreshPickers();
   const p = gw.participants.get(msg.participant_id);
   if (p && msg.participant_id !== gw.me) {
     const left = [...gw.streams.values()].some((s) => s.participant_id === msg.participant_id && s.kind === "video");
@@ -353,6 +440,7 @@ function teardown() {
   }
   if (gw.localStream) for (const t of gw.localStream.getTracks()) t.stop();
   for (const pid of [...gw.participants.keys()]) removeTile(pid);
+  gw.layerChoices.clear();
   $("room").hidden = true;
   $("controls").hidden = true;
   $("room-info").hidden = true;

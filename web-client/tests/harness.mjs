@@ -29,7 +29,7 @@ export async function freePort() {
  * Start the gateway binary; resolves once /healthz answers. By default on 127.0.0.1 and a free
  * port; `host`/`port` choose the HTTP address, `wrap(bin)` returns the `[command, args]` that
  * runs it (e.g. `ip netns exec …`), and `healthy(url)` checks /healthz where this process
- * cannot reach it itself.
+ * cannot reach it itself. Media binds to `host` too unless `env` says otherwise.
  */
 export async function startGateway({ portMin, portMax, env = {}, host = "127.0.0.1", port, wrap, healthy } = {}) {
   const bin = process.env.GATEWAY_BIN || path.join(repoRoot, "target", "debug", "gateway");
@@ -41,6 +41,7 @@ export async function startGateway({ portMin, portMax, env = {}, host = "127.0.0
     env: {
       ...process.env,
       GATEWAY__HTTP__BIND: `${host}:${httpPort}`,
+      GATEWAY__MEDIA__BIND_IP: host,
       GATEWAY__MEDIA__PORT_MIN: String(portMin ?? 43000),
       GATEWAY__MEDIA__PORT_MAX: String(portMax ?? 43099),
       GATEWAY__AUTH__API_KEY: API_KEY,
@@ -129,4 +130,46 @@ export async function api(base, method, route, body) {
   });
   const text = await r.text();
   return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+/** Sum of a Prometheus metric's samples over all label sets (0 when absent). */
+export async function metric(base, name) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  let sum = 0;
+  for (const line of text.split("\n")) {
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/);
+    if (m && m[1] === name) sum += Number(m[3]);
+  }
+  return sum;
+}
+
+/** Inbound and outbound RTP stats of a page's connections, for the figures the tests report. */
+export async function rtpStats(page) {
+  return page.evaluate(async () => {
+    const pick = (s, keys) => Object.fromEntries(keys.filter((k) => s[k] !== undefined).map((k) => [k, s[k]]));
+    const out = { inbound: {}, outbound: [] };
+    if (window.gw.sub.pc) {
+      const stats = await window.gw.sub.pc.getStats();
+      stats.forEach((s) => {
+        if (s.type !== "inbound-rtp") return;
+        out.inbound[s.kind] = pick(s, [
+          "framesDecoded", "framesReceived", "framesDropped", "frameWidth", "frameHeight", "keyFramesDecoded",
+          "freezeCount", "totalFreezesDuration", "pauseCount", "packetsReceived", "packetsLost", "nackCount",
+          "pliCount", "firCount", "retransmittedPacketsReceived", "jitter", "bytesReceived",
+        ]);
+      });
+    }
+    if (window.gw.pub.pc) {
+      const stats = await window.gw.pub.pc.getStats();
+      stats.forEach((s) => {
+        if (s.type !== "outbound-rtp") return;
+        out.outbound.push(pick(s, [
+          "kind", "rid", "active", "frameWidth", "frameHeight", "framesEncoded", "framesSent", "keyFramesEncoded",
+          "packetsSent", "retransmittedPacketsSent", "nackCount", "pliCount", "targetBitrate", "bytesSent",
+          "qualityLimitationReason", "scalabilityMode", "encoderImplementation",
+        ]));
+      });
+    }
+    return out;
+  });
 }

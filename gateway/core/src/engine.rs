@@ -738,6 +738,9 @@ impl Engine {
                     for o in conn.outs.iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
                         o.ttff_from = Some(now);
                     }
+                    // The keyframes asked for when the answer came may have arrived before READY,
+                    // when nothing could be forwarded: ask again.
+                    self.want_waiting_keyframes(now, key);
                     queue_reallocation(&mut self.realloc, key);
                 }
             }
@@ -1013,7 +1016,7 @@ impl Engine {
     /// Forward one publisher packet to every live subscriber of its track: video only to those
     /// whose layer it is, switching a subscriber to its target layer at that layer's keyframe.
     fn forward(&mut self, now: Instant, key: ConnKey, p: RtpPacket) {
-        let Self { rooms, conns, counters, cfg, .. } = self;
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
         let Some(publisher) = conns.get_mut(&key) else { return };
         let bytes = p.payload.len() as u64;
         publisher.stats.rtp_packets_in += 1;
@@ -1039,10 +1042,22 @@ impl Engine {
             layer.ssrc = Some(p.header.ssrc);
             layer.loss = Default::default();
         }
-        layer.loss.on_packet(*p.seq_no, now);
-        let keyframe = video && starts_keyframe(params.spec().codec, &p.payload);
+        let newest = layer.loss.on_packet(*p.seq_no, now);
+        let starts = video && starts_keyframe(params.spec().codec, &p.payload);
+        // A keyframe's first packet that comes late (reordered, or repaired by RTX) follows the
+        // rest of its frame, which subscribers waiting for a keyframe did not get: starting them
+        // on it would leave them a keyframe they can never complete. Ask for another.
+        let keyframe = starts && newest;
         if keyframe {
             layer.keyframe_wanted = None;
+        } else if starts {
+            let waiting = track.outs.iter().any(|(k, m)| {
+                let out = conns.get(k).and_then(|c| c.outs.iter().find(|o| o.mid == *m));
+                out.is_some_and(|o| o.target == Some(li) && o.current != Some(li))
+            });
+            if waiting {
+                want_keyframe(now, track, li, conns, q, counters);
+            }
         }
         counters.count_in(video, bytes);
         if !was_active && !track.outs.is_empty() {
@@ -1159,6 +1174,25 @@ impl Engine {
         if track.layers[li].keyframes.deadline().is_some() {
             // Deferred into the merged request the throttle sends when its window ends.
             counters.keyframe_requests_throttled[kind_index(kind)] += 1;
+        }
+    }
+
+    /// Ask for a keyframe of every layer a subscriber waits to start (or switch) on: its target,
+    /// not yet the layer it receives.
+    fn want_waiting_keyframes(&mut self, now: Instant, sub_key: ConnKey) {
+        let Self { rooms, conns, q, counters, .. } = self;
+        let Some(sub) = conns.get(&sub_key) else { return };
+        let waiting: Vec<(Arc<str>, usize)> = sub
+            .outs
+            .iter()
+            .filter(|o| o.live && !o.stopped && o.kind == MediaKind::Video)
+            .filter_map(|o| o.target.filter(|t| o.current != Some(*t)).map(|t| (Arc::clone(&o.stream_id), t)))
+            .collect();
+        let Some(room) = rooms.get_mut(&sub.room) else { return };
+        for (stream_id, li) in waiting {
+            if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == stream_id) {
+                want_keyframe(now, track, li, conns, q, counters);
+            }
         }
     }
 

@@ -99,11 +99,12 @@ pub struct LossTracker {
 }
 
 impl LossTracker {
-    /// Note an arrival (extended sequence number).
-    pub fn on_packet(&mut self, seq: u64, now: Instant) {
+    /// Note an arrival (extended sequence number). Returns whether it is the newest so far (not
+    /// a late one: reordered, or repaired by RTX).
+    pub fn on_packet(&mut self, seq: u64, now: Instant) -> bool {
         let Some(h) = self.highest else {
             self.highest = Some(seq);
-            return;
+            return true;
         };
         if seq > h {
             let gap = seq - h - 1;
@@ -113,9 +114,12 @@ impl LossTracker {
                 self.missing.push_back((s, now));
             }
             self.highest = Some(seq);
-        } else if let Some(i) = self.missing.iter().position(|(s, _)| *s == seq) {
+            return true;
+        }
+        if let Some(i) = self.missing.iter().position(|(s, _)| *s == seq) {
             self.missing.remove(i);
         }
+        false
     }
 
     /// Forget gaps open for `give_up` or longer; returns how many.
@@ -278,7 +282,7 @@ mod tests {
             l.on_packet(s, t0);
         }
         assert_eq!(l.open_gaps(), 2);
-        l.on_packet(3, t0 + ms(30)); // repaired by RTX
+        assert!(!l.on_packet(3, t0 + ms(30)), "repaired by RTX: late");
         assert_eq!(l.expire(t0 + ms(100), ms(200)), 0);
         assert_eq!(l.deadline(ms(200)), Some(t0 + ms(200)));
         assert_eq!(l.expire(t0 + ms(200), ms(200)), 1, "4 never came");

@@ -682,4 +682,132 @@ mod tests {
         assert_eq!(a, run(7), "deterministic");
         assert_eq!(a.0, 200, "5% downlink loss is repaired by RTX: {a:?}");
     }
+
+    /// A subscriber that joins while the publisher streams answers the gateway's first offer
+    /// before ICE and DTLS are done. The keyframe asked for at the answer can arrive before
+    /// READY, when nothing may be forwarded yet; the subscriber must still get a keyframe after
+    /// READY instead of waiting for the publisher's next natural one (which browsers send only
+    /// on request). Seen with Chromium: the subscriber stayed black.
+    #[test]
+    fn a_keyframe_that_came_before_ready_is_asked_for_again() {
+        for layers in [
+            vec![LayerSpec { rid: None, frame_bytes: 1000 }],
+            vec![
+                LayerSpec { rid: Some("q"), frame_bytes: 300 },
+                LayerSpec { rid: Some("h"), frame_bytes: 1000 },
+                LayerSpec { rid: Some("f"), frame_bytes: 3000 },
+            ],
+        ] {
+            let mut sim = Sim::new(3, CoreConfig::default());
+            let publisher = sim.add_peer("pub");
+            let viewer = sim.add_peer("sub");
+            sim.publish_layers(publisher, &layers);
+            assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[publisher].connected), "publisher connects");
+            for _ in 0..25 {
+                sim.send_media(publisher, 1);
+                sim.run_for(Duration::from_millis(20));
+            }
+            // ICE and DTLS take a few round trips on the viewer's 40 ms path; the publisher's
+            // keyframe takes 10 ms.
+            let slow = Link { delay: Duration::from_millis(20), ..Link::default() };
+            sim.peers[viewer].up = slow;
+            sim.peers[viewer].down = slow;
+            sim.subscribe(viewer);
+            let mut ready_at = None;
+            for _ in 0..100 {
+                sim.send_media(publisher, 1);
+                sim.run_for(Duration::from_millis(20));
+                if ready_at.is_none() && sim.peers[viewer].connected {
+                    ready_at = Some(sim.now);
+                }
+            }
+            let ready_at = ready_at.expect("viewer connects");
+            let first = sim.first_keyframe_at(viewer);
+            assert!(
+                first.is_some_and(|t| t.saturating_duration_since(ready_at) < Duration::from_millis(500)),
+                "{} layer(s): first keyframe {:?} after READY; keyframe requests at the publisher: {}",
+                layers.len(),
+                first.map(|t| t.saturating_duration_since(ready_at)),
+                sim.peers[publisher].keyframe_requests
+            );
+        }
+    }
+
+    /// A layer switch happens at the first packet of a keyframe. When that packet arrives late
+    /// (reordered, or lost and brought back by RTX), the rest of the keyframe has already gone
+    /// by and was not forwarded; switching on it anyway leaves the subscriber with a keyframe it
+    /// can never complete (its NACKs name packets the gateway never sent). Seen with Chromium at
+    /// 5% loss: a 3 s freeze after an automatic switch. Every keyframe a subscriber starts a
+    /// layer on must arrive whole.
+    #[test]
+    fn a_switch_never_starts_on_a_keyframe_whose_rest_went_by() {
+        let cfg = CoreConfig { bwe: false, ..CoreConfig::default() };
+        let mut sim = Sim::new(11, cfg);
+        let publisher = sim.add_peer("pub");
+        let viewer = sim.add_peer("sub");
+        let layers = [
+            LayerSpec { rid: Some("q"), frame_bytes: 2000 },
+            LayerSpec { rid: Some("h"), frame_bytes: 4000 },
+            LayerSpec { rid: Some("f"), frame_bytes: 8000 },
+        ];
+        sim.publish_layers(publisher, &layers);
+        assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[publisher].connected), "publisher connects");
+        sim.subscribe(viewer);
+        for _ in 0..50 {
+            sim.send_media(publisher, 1);
+            sim.run_for(Duration::from_millis(20));
+        }
+        assert!(sim.peers[viewer].connected, "viewer connects");
+        let stream_id = sim
+            .events
+            .iter()
+            .find_map(|e| match e {
+                MediaEvent::StreamAdded { stream_id, kind, .. } if kind == "video" => Some(stream_id.clone()),
+                _ => None,
+            })
+            .expect("a video stream");
+        let sub_id = sim.peers[viewer].connection_id.clone().expect("subscribed");
+        // One datagram in five from the publisher arrives 15 ms late (a frame is 20 ms).
+        sim.peers[publisher].up = Link { reorder: 0.2, reorder_by: Duration::from_millis(15), ..Link::default() };
+        for round in 0..30 {
+            let rid = ["q", "f", "h"][round % 3];
+            let now = sim.now;
+            sim.engine.set_layer(now, &sub_id, &stream_id, Some(rid)).expect("set_layer");
+            for _ in 0..25 {
+                sim.send_media(publisher, 1);
+                sim.run_for(Duration::from_millis(20));
+            }
+        }
+        sim.run_for(Duration::from_millis(500));
+        // Parts per frame of each layer, and the parts of each keyframe the viewer got.
+        let parts: Vec<usize> = layers.iter().map(|l| l.frame_bytes.div_ceil(MAX_PACKET)).collect();
+        let tag = |payload: &[u8]| -> Option<(usize, u32, usize)> {
+            let text = std::str::from_utf8(payload.get(2..)?).ok()?;
+            let mut f = text.split('-').skip(1);
+            let l = f.next()?.strip_prefix('L')?.parse().ok()?;
+            let fr = f.next()?.strip_prefix('F')?.parse().ok()?;
+            let pa = f.next()?.strip_prefix('P')?.parse().ok()?;
+            Some((l, fr, pa))
+        };
+        let video: Vec<&Received> = sim.peers[viewer].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+        let starts: Vec<(usize, u32)> = video
+            .iter()
+            .filter(|r| r.starts_keyframe())
+            .filter_map(|r| tag(&r.payload).map(|(l, f, _)| (l, f)))
+            .collect();
+        assert!(starts.len() >= 10, "the viewer got keyframes for its switches: {}", starts.len());
+        let mut broken = Vec::new();
+        for &(l, f) in &starts {
+            let got = video.iter().filter(|r| tag(&r.payload).is_some_and(|(l2, f2, _)| l2 == l && f2 == f)).count();
+            if got < parts[l] {
+                broken.push(format!("L{l} F{f}: {got}/{}", parts[l]));
+            }
+        }
+        assert!(
+            broken.is_empty(),
+            "keyframes the viewer could not complete ({} of {}): {broken:?}",
+            broken.len(),
+            starts.len()
+        );
+    }
 }
