@@ -47,9 +47,10 @@ fi
 log "cargo test --workspace (unit, API, loopback UDP integration)"
 cargo test --workspace
 
-log "building the gateway binary for the browser tests"
-cargo build -p gateway
+log "building the gateway and loadtest binaries for the browser tests"
+cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
+export LOADTEST_BIN="$PWD/target/debug/loadtest"
 
 log "browser end-to-end tests in headless Chromium (web-client/tests)"
 (cd web-client && node --test --test-concurrency=1 tests/)

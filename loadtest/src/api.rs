@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use signaling_api::protocol::{RoomCreated, TokenResponse};
+use signaling_api::protocol::{RoomCreated, RoomList, TokenResponse};
 
 #[derive(Clone)]
 pub struct Api {
@@ -54,6 +54,24 @@ impl Api {
         let v = self.post(&format!("/v1/rooms/{room}/tokens"), body).await?;
         let t: TokenResponse = serde_json::from_value(v)?;
         Ok(t.token)
+    }
+
+    /// The id of the room with this name (`GET /v1/rooms`), if there is one.
+    pub async fn room_by_name(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let resp = self.client.get(format!("{}/v1/rooms", self.base)).bearer_auth(&self.key).send().await?;
+        let list: RoomList = resp.error_for_status()?.json().await?;
+        Ok(list.rooms.into_iter().find(|r| r.name.as_deref() == Some(name)).map(|r| r.room_id))
+    }
+
+    /// Create the room, or use the one that already has this name.
+    pub async fn create_or_find_room(&self, name: &str, max_participants: u32) -> anyhow::Result<String> {
+        match self.create_room(name, max_participants).await {
+            Ok(id) => Ok(id),
+            Err(e) => match self.room_by_name(name).await {
+                Ok(Some(id)) => Ok(id),
+                _ => Err(e),
+            },
+        }
     }
 
     /// `DELETE /v1/rooms/{id}` (best effort, at the end of a run).

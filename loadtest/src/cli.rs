@@ -100,7 +100,8 @@ pub struct Args {
     /// Room name prefix (rooms are <prefix>-0, <prefix>-1, …); default random.
     #[arg(long)]
     pub room_prefix: Option<String>,
-    /// With one room: use exactly this room name (e.g. to let a browser join the same room).
+    /// One room with exactly this name, created if missing and joined if it exists (e.g. a
+    /// browser's room); it is not deleted at the end.
     #[arg(long, conflicts_with = "room_prefix")]
     pub room: Option<String>,
     /// Address our UDP sockets bind to; the gateway must be able to reach it.

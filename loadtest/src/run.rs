@@ -192,7 +192,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let media = Arc::new(media_plan(&cfg)?);
     let per_room =
         cfg.publishers + cfg.subscribers + cfg.ramp.as_ref().map_or(0, |r| r.max_subscribers.div_ceil(cfg.rooms));
-    let max_participants = per_room.clamp(1, 256) as u32;
+    // A named room is shared (browsers, other load testers): leave room for them.
+    let floor = if cfg.exact_room_name { 16 } else { 1 };
+    let max_participants = per_room.clamp(floor, 256) as u32;
     let mut rooms = Vec::new();
     for i in 0..cfg.rooms {
         let name = if cfg.exact_room_name && cfg.rooms == 1 {
@@ -200,7 +202,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         } else {
             format!("{}-{i}", cfg.room_prefix)
         };
-        let id = api.create_room(&name, max_participants).await.with_context(|| format!("creating room {name}"))?;
+        let id = if cfg.exact_room_name {
+            // A named room may exist already (another load tester, a browser): join it.
+            api.create_or_find_room(&name, max_participants).await
+        } else {
+            api.create_room(&name, max_participants).await
+        };
+        let id = id.with_context(|| format!("creating room {name}"))?;
         rooms.push((name, id));
     }
 
@@ -221,6 +229,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
 
     let mut running: Vec<Running> = Vec::new();
     let mut planned = 0usize;
+    // Identities are unique per run: several load testers may share a room.
+    let run_id = format!("{:04x}", rand::random::<u16>());
     let spawn = |name: String, room: &str, publish: bool, subscribe: bool| -> Running {
         let plan = Plan {
             room_id: room.to_owned(),
@@ -246,7 +256,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     for (r, (_, room)) in rooms.iter().enumerate() {
         for i in 0..cfg.publishers {
             pace(1).await;
-            running.push(spawn(format!("pub-{r}-{i}"), room, true, cfg.publishers_subscribe));
+            running.push(spawn(format!("pub-{r}-{i}-{run_id}"), room, true, cfg.publishers_subscribe));
             planned += 1;
         }
     }
@@ -255,7 +265,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         let mut batch = Vec::new();
         for _ in 0..n {
             let r = sub_counter % rooms.len();
-            batch.push((format!("sub-{r}-{}", sub_counter / rooms.len()), rooms[r].1.clone()));
+            batch.push((format!("sub-{r}-{}-{run_id}", sub_counter / rooms.len()), rooms[r].1.clone()));
             sub_counter += 1;
         }
         let _ = running;
@@ -331,7 +341,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         let knee = steps.iter().rev().find(|s| s.within_thresholds).cloned();
         ramp_report = Some(RampReport { steps, knee, stop_reason });
     } else {
-        tokio::time::sleep(cfg.duration - settle).await;
+        // Ctrl-C or SIGTERM ends the run early, with a full report.
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.duration - settle) => {}
+            _ = interrupted() => bar.println("interrupted: stopping and reporting"),
+        }
         // Let the sampler publish the gateway's counters for the end of the window.
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
@@ -351,7 +365,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let _ = sampler.await;
     let _ = progress.await;
     bar.finish_and_clear();
-    if cfg.cleanup {
+    // A room named with --room may be someone else's too: it is left alone.
+    if cfg.cleanup && !cfg.exact_room_name {
         for (_, id) in &rooms {
             api.delete_room(id).await;
         }
@@ -372,6 +387,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         threads,
         &media,
     ))
+}
+
+/// SIGINT or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn media_plan(cfg: &Config) -> anyhow::Result<MediaPlan> {

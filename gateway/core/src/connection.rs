@@ -47,6 +47,8 @@ pub(crate) struct TrackOut {
     pub written: u64,
     /// Retransmissions already counted.
     pub resent: u64,
+    /// The publisher payload type last recorded in the subscriber's `stats.codecs`.
+    pub noted_pt: Option<Pt>,
 }
 
 /// Live statistics, shown by `GET /v1/connections/{id}`.
