@@ -19,7 +19,7 @@ HTTP_PORT=${HTTP_PORT:-46080}
 KEY=baseline-api-key
 mkdir -p "$OUT"
 
-cargo build --release -p gateway -p loadtest
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p gateway -p loadtest
 GW_BIN=target/release/gateway
 LT_BIN=target/release/loadtest
 
@@ -94,6 +94,8 @@ for s in scenarios:
         "gateway CPU us/forwarded packet": [r["steady"]["gateway_cpu_us_per_forwarded_packet"] for r in runs],
         "gateway RSS max MB": [r["gateway"]["rss_mb_max"] for r in runs],
         "loadtest CPU %": [r["steady"]["loadtest_cpu_pct"] for r in runs],
+        "gateway waited for CPU %": [r["steady"]["gateway_cpu_wait_pct"] for r in runs],
+        "loadtest waited for CPU %": [r["steady"]["loadtest_cpu_wait_pct"] for r in runs],
         "unmatched payloads": [r["media"]["unmatched_payloads"] for r in runs],
     }
     if runs[0].get("ramp"):
@@ -105,6 +107,7 @@ for s in scenarios:
             "knee gateway forwarded pkt/s": [k and k["window"]["gateway_forwarded_pps"] for k in knees],
             "knee gateway CPU %": [k and k["window"]["gateway_cpu_pct"] for k in knees],
             "knee loadtest CPU %": [k and k["window"]["loadtest_cpu_pct"] for k in knees],
+            "knee gateway waited for CPU %": [k and k["window"]["gateway_cpu_wait_pct"] for k in knees],
         })
         for r in runs:
             print(f"  stop reason: {r['ramp']['stop_reason']}")
@@ -112,6 +115,8 @@ for s in scenarios:
         m = med(v)
         shown = "-" if m is None else f"{m:.3f}" if isinstance(m, float) else str(m)
         print(f"  {k:34} {shown:>12}   runs: {v}")
+    loads = [open("/proc/loadavg").read().split()[0]]
     fails = [r["participants"]["failures"] for r in runs]
     print(f"  not READY by reason, per run: {fails}")
+    print(f"  load average (1 min) at the end: {loads[0]}")
 EOF

@@ -17,7 +17,7 @@ use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpPacket, RtpWrite, Ssrc};
-use str0m::{Candidate, Event, Input, Output, Rtc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -57,6 +57,8 @@ pub struct Join {
     /// From sending `publish`/`subscribe` to the READY event arriving here.
     pub client_ms: Option<f64>,
     pub failed: Option<String>,
+    /// Lost after READY: the gateway's FAILED reason, or `client ICE disconnected`.
+    pub dropped: Option<String>,
 }
 
 /// One received stream at one subscriber.
@@ -223,6 +225,10 @@ struct Side {
     join: Join,
     requested_at: Option<Instant>,
     initial_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+    /// The last state event the gateway reported for this connection.
+    last_state: &'static str,
+    /// Our ICE agent reached Connected (DTLS may still be going).
+    ice_connected: bool,
     connected: bool,
     dead: bool,
 }
@@ -250,6 +256,8 @@ impl Side {
             join: Join::default(),
             requested_at: None,
             initial_at: None,
+            last_state: "none",
+            ice_connected: false,
             connected: false,
             dead: false,
         })
@@ -537,6 +545,18 @@ impl<'a> Participant<'a> {
         side.join.role = role.clone();
         side.join.connection_id = v["connection_id"].as_str().map(str::to_owned);
         match event {
+            "INITIAL" | "GATHERED" | "READY" | "FINISHED" | "FAILED" => {
+                side.last_state = match event {
+                    "INITIAL" => "INITIAL",
+                    "GATHERED" => "GATHERED",
+                    "READY" => "READY",
+                    "FINISHED" => "FINISHED",
+                    _ => "FAILED",
+                }
+            }
+            _ => {}
+        }
+        match event {
             "INITIAL" => side.initial_at = at,
             // READY after our own connect timeout stays a failure (`timeout`).
             "READY" if side.join.failed.is_none() => {
@@ -552,6 +572,9 @@ impl<'a> Participant<'a> {
                 } else {
                     live.subscribe_ready.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            "FAILED" if side.join.ready_ms.is_some() => {
+                side.join.dropped.get_or_insert_with(|| v["reason"].as_str().unwrap_or("unknown").to_owned());
             }
             "FAILED" => {
                 let reason = v["reason"].as_str().unwrap_or("unknown");
@@ -623,6 +646,12 @@ impl<'a> Participant<'a> {
     fn on_publisher_event(&mut self, e: Event, now: Instant) {
         let Some(p) = self.publisher.as_mut() else { return };
         match e {
+            Event::IceConnectionStateChange(s) => {
+                p.side.ice_connected |= matches!(s, IceConnectionState::Connected | IceConnectionState::Completed);
+                if s == IceConnectionState::Disconnected && p.side.join.ready_ms.is_some() {
+                    p.side.join.dropped.get_or_insert_with(|| "client ICE disconnected".into());
+                }
+            }
             Event::Connected => {
                 p.side.connected = true;
                 p.next_frame_at = (!p.video.is_empty()).then_some(now);
@@ -643,6 +672,12 @@ impl<'a> Participant<'a> {
     fn on_subscriber_event(&mut self, e: Event) {
         let Some(s) = self.subscriber.as_mut() else { return };
         match e {
+            Event::IceConnectionStateChange(st) => {
+                s.side.ice_connected |= matches!(st, IceConnectionState::Connected | IceConnectionState::Completed);
+                if st == IceConnectionState::Disconnected && s.side.join.ready_ms.is_some() {
+                    s.side.join.dropped.get_or_insert_with(|| "client ICE disconnected".into());
+                }
+            }
             Event::Connected => s.side.connected = true,
             Event::RtpPacket(p) => s.on_rtp(self.shared, &self.published, p),
             Event::MediaIngressStats(st) => {
@@ -686,7 +721,14 @@ impl<'a> Participant<'a> {
             next = next.min(side.next_timeout);
             let late = side.requested_at.is_some_and(|t| now.duration_since(t) > timeout);
             if late && side.join.ready_ms.is_none() && side.join.failed.is_none() {
-                side.join.failed = Some("timeout".into());
+                // How far it got: the gateway's state, and our ICE and DTLS (str0m issue #932:
+                // ICE done but DTLS never finishing shows as `GATHERED, ICE connected`).
+                let stage = match (side.last_state, side.ice_connected, side.connected) {
+                    (s, _, true) => format!("{s}, ICE and DTLS done here"),
+                    (s, true, false) => format!("{s}, ICE connected, DTLS not done"),
+                    (s, false, _) => format!("{s}, ICE not connected"),
+                };
+                side.join.failed = Some(format!("timeout: {stage}"));
                 self.shared.live.failed.fetch_add(1, Ordering::Relaxed);
                 settle(&self.unsettled);
             }

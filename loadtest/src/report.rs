@@ -60,6 +60,9 @@ pub struct ParticipantFigures {
     pub failures: BTreeMap<String, u64>,
     /// Participants that stopped on an error (token, WebSocket), by message.
     pub errors: BTreeMap<String, u64>,
+    /// READY connections lost later, by reason (the gateway's FAILED reason, e.g.
+    /// `ice_disconnected`, or `client ICE disconnected` when our own agent gave up first).
+    pub dropped_after_ready: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -117,6 +120,10 @@ pub struct Window {
     pub gateway_cpu_us_per_forwarded_packet: Option<f64>,
     pub loadtest_cpu_pct: f64,
     pub loadtest_saturated: bool,
+    /// Share of the window the gateway's / our threads were runnable but waiting for a CPU
+    /// (other load on the machine; 100 = one thread waiting all the time).
+    pub gateway_cpu_wait_pct: Option<f64>,
+    pub loadtest_cpu_wait_pct: Option<f64>,
     pub latency_ms: Percentiles,
 }
 
@@ -189,6 +196,8 @@ pub struct Sample {
     pub gateway_rss_mb: Option<f64>,
     pub gateway_forwarded_pps: Option<f64>,
     pub loadtest_cpu_pct: f64,
+    pub gateway_cpu_wait_pct: Option<f64>,
+    pub loadtest_cpu_wait_pct: Option<f64>,
     pub publish_ready: u64,
     pub subscribe_ready: u64,
     pub failed: u64,
@@ -237,6 +246,10 @@ impl Report {
             ("connections READY", format!("{} of {} (publish {}, subscribe {})", p.publish_ready + p.subscribe_ready, p.connections, p.publish_ready, p.subscribe_ready)),
             ("not READY", if p.failures.is_empty() { "0".into() } else { format!("{:?}", p.failures) }),
             ("errors", if p.errors.is_empty() { "0".into() } else { format!("{:?}", p.errors) }),
+            (
+                "dropped after READY",
+                if p.dropped_after_ready.is_empty() { "0".into() } else { format!("{:?}", p.dropped_after_ready) },
+            ),
             ("join phase", format!("{:.1} s", self.join_phase_s)),
             ("join INITIAL→READY publish", pcts(&self.join_ms.publish, " ms")),
             ("join INITIAL→READY subscribe", pcts(&self.join_ms.subscribe, " ms")),
@@ -271,11 +284,12 @@ impl Report {
             (
                 "gateway",
                 format!(
-                    "[{}] CPU {} (mean {:.0}%, max {:.0}%), RSS max {:.0} MB, forwarded {} pkt/s, {} CPU per forwarded packet",
+                    "[{}] CPU {} (mean {:.0}%, max {:.0}%), waited for a CPU {}, RSS max {:.0} MB, forwarded {} pkt/s, {} CPU per forwarded packet",
                     self.gateway.source,
                     opt(self.gateway.steady_cpu_pct, "%"),
                     self.gateway.cpu_pct.mean,
                     self.gateway.cpu_pct.max,
+                    opt(self.steady.gateway_cpu_wait_pct, "%"),
                     self.gateway.rss_mb_max,
                     opt(self.gateway.steady_forwarded_pps, ""),
                     opt(self.gateway.steady_cpu_us_per_forwarded_packet, " µs")
@@ -283,7 +297,14 @@ impl Report {
             ),
             (
                 "load tester",
-                format!("CPU {:.0}% mean, {:.0}% max on {} thread(s){}", self.loadtest.cpu_pct.mean, self.loadtest.cpu_pct.max, self.loadtest.threads, if self.loadtest.saturated { " — SATURATED" } else { "" }),
+                format!(
+                    "CPU {:.0}% mean, {:.0}% max on {} thread(s), waited for a CPU {}{}",
+                    self.loadtest.cpu_pct.mean,
+                    self.loadtest.cpu_pct.max,
+                    self.loadtest.threads,
+                    opt(self.steady.loadtest_cpu_wait_pct, "%"),
+                    if self.loadtest.saturated { " — SATURATED" } else { "" }
+                ),
             ),
         ];
         let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);

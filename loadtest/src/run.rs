@@ -159,8 +159,18 @@ fn window(shared: &Shared, a: &Snapshot, b: &Snapshot, threads: usize) -> Window
         (Some(x), Some(y), Some(pps)) if pps > 0.0 => Some((y.cpu_s - x.cpu_s) * 1e6 / (pps * secs)),
         _ => None,
     };
+    let gw_wait = match (a.gateway.and_then(|g| g.proc), b.gateway.and_then(|g| g.proc)) {
+        (Some(x), Some(y)) => sysmon::wait_pct(&x, &y),
+        _ => None,
+    };
+    let own_wait = match (&a.own, &b.own) {
+        (Some(x), Some(y)) => sysmon::wait_pct(x, y),
+        _ => None,
+    };
     Window {
         seconds: secs,
+        gateway_cpu_wait_pct: gw_wait,
+        loadtest_cpu_wait_pct: own_wait,
         expected_packets: expected,
         received_packets: received,
         loss_pct,
@@ -310,13 +320,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             let ok = w.loss_pct <= ramp.max_loss_pct && w.latency_ms.p99 <= ramp.max_p99_ms && joined;
             let step = RampStep { subscribers, forwarded_streams: streams, window: w.clone(), within_thresholds: ok };
             bar.println(format!(
-                "ramp: {} subscribers, {} streams: {:.0} pkt/s received, loss {:.2}%, p99 {:.1} ms, gateway CPU {}, loadtest CPU {:.0}%{}",
+                "ramp: {} subscribers, {} streams: {:.0} pkt/s received, loss {:.2}%, p99 {:.1} ms, gateway CPU {} (waited {}), loadtest CPU {:.0}%{}",
                 step.subscribers,
                 step.forwarded_streams,
                 step.window.received_pps,
                 step.window.loss_pct,
                 step.window.latency_ms.p99,
                 step.window.gateway_cpu_pct.map_or("?".into(), |c| format!("{c:.0}%")),
+                step.window.gateway_cpu_wait_pct.map_or("?".into(), |c| format!("{c:.0}%")),
                 step.window.loadtest_cpu_pct,
                 if ok { "" } else { "  <- threshold broken" }
             ));
@@ -485,6 +496,8 @@ async fn sample_loop(
                 gateway_rss_mb: g.proc.map(|p| p.rss_bytes as f64 / 1e6),
                 gateway_forwarded_pps: w.gateway_forwarded_pps,
                 loadtest_cpu_pct: w.loadtest_cpu_pct,
+                gateway_cpu_wait_pct: w.gateway_cpu_wait_pct,
+                loadtest_cpu_wait_pct: w.loadtest_cpu_wait_pct,
                 publish_ready: l.publish_ready.load(Ordering::Relaxed),
                 subscribe_ready: l.subscribe_ready.load(Ordering::Relaxed),
                 failed: l.failed.load(Ordering::Relaxed),
@@ -560,6 +573,7 @@ fn build_report(
 ) -> Report {
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
     let (mut pub_ready, mut sub_ready, mut connections) = (0u64, 0u64, 0u64);
     let (mut pub_ms, mut sub_ms, mut client_ms) = (Vec::new(), Vec::new(), Vec::new());
     for r in &reports {
@@ -568,6 +582,9 @@ fn build_report(
         }
         for j in &r.joins {
             connections += 1;
+            if let Some(d) = &j.dropped {
+                *dropped.entry(d.clone()).or_default() += 1;
+            }
             if let Some(ms) = j.ready_ms {
                 if j.role == "publish" {
                     pub_ready += 1;
@@ -684,10 +701,24 @@ fn build_report(
     if !join_done {
         warnings.push("not every connection was READY or FAILED when the join phase timed out".into());
     }
+    if !dropped.is_empty() {
+        warnings.push(format!(
+            "{} READY connection(s) were lost later ({dropped:?}): figures after that point describe fewer subscribers",
+            dropped.values().sum::<u64>()
+        ));
+    }
     if loadtest.saturated {
         warnings.push(format!(
             "the load tester used {:.0}% CPU on {} thread(s) in the measured window: it may be the bottleneck, and the latency it measures includes its own queueing",
             steady.loadtest_cpu_pct, threads
+        ));
+    }
+    let starved = |w: Option<f64>| w.is_some_and(|w| w > 10.0);
+    if starved(steady.gateway_cpu_wait_pct) || starved(steady.loadtest_cpu_wait_pct) {
+        warnings.push(format!(
+            "other load on this machine delayed the test: gateway threads waited for a CPU {} of the time, ours {}; latency, loss and capacity are pessimistic",
+            steady.gateway_cpu_wait_pct.map_or("?".into(), |w| format!("{w:.0}%")),
+            steady.loadtest_cpu_wait_pct.map_or("?".into(), |w| format!("{w:.0}%")),
         ));
     }
     if media_totals.unmatched_payloads > 0 {
@@ -724,6 +755,7 @@ fn build_report(
             subscribe_ready: sub_ready,
             failures,
             errors,
+            dropped_after_ready: dropped.clone(),
         },
         join_phase_s,
         join_ms: JoinFigures {

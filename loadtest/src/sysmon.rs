@@ -18,6 +18,9 @@ pub struct ProcSample {
     /// User + system CPU seconds since the process started.
     pub cpu_s: f64,
     pub rss_bytes: u64,
+    /// Seconds its threads were runnable but waited for a CPU (scheduler run-queue time, summed
+    /// over threads); `None` when unknown (from `/metrics`).
+    pub wait_s: Option<f64>,
 }
 
 /// CPU seconds and RSS of a process from `/proc/<pid>/stat` and `/proc/<pid>/status`.
@@ -36,7 +39,23 @@ pub fn read_proc(pid: &str) -> Option<ProcSample> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Some(ProcSample { at: Instant::now(), cpu_s: (utime + stime) / USER_HZ, rss_bytes: rss_kb * 1024 })
+    Some(ProcSample {
+        at: Instant::now(),
+        cpu_s: (utime + stime) / USER_HZ,
+        rss_bytes: rss_kb * 1024,
+        wait_s: run_queue_wait(pid),
+    })
+}
+
+/// Time the process's threads spent runnable but not running (second field of
+/// `/proc/<pid>/task/<tid>/schedstat`, ns), summed: how much other load on the machine delayed it.
+fn run_queue_wait(pid: &str) -> Option<f64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        total += text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Some(total as f64 / 1e9)
 }
 
 /// The gateway as seen at one moment.
@@ -73,7 +92,9 @@ pub async fn sample_gateway(api: &Api, source: &Source) -> GatewaySample {
         Source::Proc(pid) => read_proc(pid),
         Source::Metrics => {
             match (from_metrics("process_cpu_seconds_total", &[]), from_metrics("process_resident_memory_bytes", &[])) {
-                (Some(cpu_s), Some(rss)) => Some(ProcSample { at: Instant::now(), cpu_s, rss_bytes: rss as u64 }),
+                (Some(cpu_s), Some(rss)) => {
+                    Some(ProcSample { at: Instant::now(), cpu_s, rss_bytes: rss as u64, wait_s: None })
+                }
                 _ => None,
             }
         }
@@ -90,6 +111,16 @@ pub fn cpu_pct(a: &ProcSample, b: &ProcSample) -> f64 {
     (b.cpu_s - a.cpu_s).max(0.0) / wall * 100.0
 }
 
+/// Percent of the time between two readings its threads waited for a CPU (100 = one thread
+/// waiting all the time).
+pub fn wait_pct(a: &ProcSample, b: &ProcSample) -> Option<f64> {
+    let wall = b.at.saturating_duration_since(a.at).as_secs_f64();
+    match (a.wait_s, b.wait_s) {
+        (Some(x), Some(y)) if wall > 0.0 => Some((y - x).max(0.0) / wall * 100.0),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +130,6 @@ mod tests {
         let s = read_proc("self").expect("/proc/self");
         assert!(s.rss_bytes > 0);
         assert!(s.cpu_s >= 0.0);
+        assert!(s.wait_s.is_some());
     }
 }

@@ -40,6 +40,7 @@ async fn one_publisher_three_subscribers() {
     let p = &report.participants;
     assert_eq!((p.publish_ready, p.subscribe_ready), (1, 3), "every connection READY: {:?}", p.failures);
     assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(p.dropped_after_ready.is_empty(), "no connection lost after READY: {:?}", p.dropped_after_ready);
     assert_eq!(report.join_ms.subscribe.count, 3);
     assert!(report.join_ms.subscribe.p50 > 0.0);
 
