@@ -58,9 +58,10 @@ fi
 log "cargo test --workspace (unit, API, loopback UDP integration)"
 cargo test --workspace
 
-log "building the gateway binary for the browser tests"
-cargo build -p gateway
+log "building the gateway and loadtest binaries for the browser tests"
+cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
+export LOADTEST_BIN="$PWD/target/debug/loadtest"
 
 log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN and loss in network namespaces)"
 # As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.

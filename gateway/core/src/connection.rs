@@ -59,6 +59,8 @@ pub(crate) struct TrackOut {
     pub last_forward: Option<Instant>,
     /// Since when the subscriber waits for its first frame on this track.
     pub ttff_from: Option<Instant>,
+    /// The publisher payload type last recorded in the subscriber's `stats.codecs`.
+    pub noted_pt: Option<Pt>,
 }
 
 impl TrackOut {
@@ -79,6 +81,7 @@ impl TrackOut {
             last_down: None,
             last_forward: None,
             ttff_from: None,
+            noted_pt: None,
         }
     }
 }

@@ -1137,7 +1137,12 @@ impl Engine {
                 out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
             }
             let Some(pt) = map_pt(rtc, out, params) else { continue };
-            note_codec(stats, out_mid, params);
+            // Per packet per subscriber: only when the publisher's payload type changes (the
+            // lookup compares mids as strings, ~1.5% of a forward at fan-out 100).
+            if out.noted_pt != Some(params.pt()) {
+                note_codec(stats, out_mid, params);
+                out.noted_pt = Some(params.pt());
+            }
             let Some((seq, ts)) = out.rewrite.rewrite(ssrc, *p.seq_no, p.header.timestamp) else { continue };
             let mut api = rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(out_mid, None) else { continue };

@@ -25,6 +25,9 @@ use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
 
 use crate::{ConnKey, CoreConfig, Engine, MediaEvent, NewConnection, Output};
 
+/// Benchmark support: a publisher fanned out to N subscribers, measured engine-only.
+pub mod bench;
+
 /// Network conditions on one leg (peer → gateway or gateway → peer).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Link {

@@ -1,0 +1,348 @@
+//! Benchmark support on top of the simulation: a publisher and N subscribers connected to one
+//! engine, publisher datagrams prepared outside the measured region, and a measured region that
+//! is only the engine's work: `handle_receive` of each publisher datagram (SRTP unprotect,
+//! forwarding, one SRTP protect per subscriber), its due timers, and taking every output.
+//! Nothing goes on the simulated network while measuring; between batches the network runs
+//! briefly so ICE consent, RTCP and the engine's liveness deadlines stay satisfied.
+//!
+//! SRTP profile: str0m 0.25 has no setting for the profiles it offers or accepts (its DTLS,
+//! dimpl, always prefers AEAD_AES_256_GCM, then AEAD_AES_128_GCM, then AES_CM_128_HMAC_SHA1_80).
+//! To measure the others, [`install_srtp_override`] installs a process-wide crypto provider
+//! whose DTLS reports the negotiated keying material as the chosen profile on both ends (the
+//! material is cut to that profile's length; both ends cut the same bytes, so the keys agree).
+//! The SRTP that follows is the real implementation of that profile.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use str0m::crypto::dtls::{
+    DtlsCert, DtlsImplError, DtlsInstance, DtlsOutput, DtlsProvider, DtlsVersion, KeyingMaterial, ProtocolVersion,
+    SrtpProfile,
+};
+use str0m::crypto::{CryptoError, CryptoProvider};
+use str0m::format::Codec;
+use str0m::media::MediaKind;
+use str0m::rtp::RtpWrite;
+use str0m::Output as RtcOutput;
+
+use super::Sim;
+use crate::{ConnKey, CoreConfig, Output};
+
+/// SRTP profiles a benchmark can force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Srtp {
+    /// What str0m negotiates by itself (and with every browser): AEAD_AES_256_GCM.
+    AeadAes256Gcm,
+    AeadAes128Gcm,
+    AesCm128HmacSha1_80,
+}
+
+impl fmt::Display for Srtp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Srtp::AeadAes256Gcm => "aes256gcm",
+            Srtp::AeadAes128Gcm => "aes128gcm",
+            Srtp::AesCm128HmacSha1_80 => "aescm-sha1",
+        })
+    }
+}
+
+static FORCED: AtomicU8 = AtomicU8::new(0);
+static INNER: OnceLock<CryptoProvider> = OnceLock::new();
+
+/// Install the overriding provider as the process default (once; before any `Rtc` is built),
+/// then pick the profile for connections made from now on.
+pub fn install_srtp_override(profile: Srtp) {
+    let inner = INNER.get_or_init(str0m::crypto::from_feature_flags);
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        static DTLS: ForcedProfileDtls = ForcedProfileDtls;
+        let mut p = inner.clone();
+        p.dtls_provider = &DTLS;
+        p.install_process_default();
+    });
+    FORCED.store(profile as u8, Ordering::Relaxed);
+}
+
+#[derive(Debug)]
+struct ForcedProfileDtls;
+
+impl DtlsProvider for ForcedProfileDtls {
+    fn generate_certificate(&self) -> Option<DtlsCert> {
+        INNER.get()?.dtls_provider.generate_certificate()
+    }
+
+    fn new_dtls(
+        &self,
+        cert: &DtlsCert,
+        now: Instant,
+        version: DtlsVersion,
+        mtu: Option<usize>,
+    ) -> Result<Box<dyn DtlsInstance>, CryptoError> {
+        let inner = INNER.get().expect("installed before use").dtls_provider.new_dtls(cert, now, version, mtu)?;
+        Ok(Box::new(ForcedProfileInstance { inner, forced: FORCED.load(Ordering::Relaxed) }))
+    }
+}
+
+#[derive(Debug)]
+struct ForcedProfileInstance {
+    inner: Box<dyn DtlsInstance>,
+    forced: u8,
+}
+
+impl DtlsInstance for ForcedProfileInstance {
+    fn set_active(&mut self, active: bool) {
+        self.inner.set_active(active)
+    }
+    fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
+        self.inner.handle_packet(packet)
+    }
+    fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
+        match self.inner.poll_output(buf) {
+            DtlsOutput::KeyingMaterial(km, negotiated) => {
+                let (profile, len) = match self.forced {
+                    x if x == Srtp::AeadAes128Gcm as u8 => (SrtpProfile::AEAD_AES_128_GCM, 16 * 2 + 12 * 2),
+                    x if x == Srtp::AesCm128HmacSha1_80 as u8 => (SrtpProfile::AES128_CM_SHA1_80, 16 * 2 + 14 * 2),
+                    _ => return DtlsOutput::KeyingMaterial(km, negotiated),
+                };
+                let bytes: &[u8] = &km;
+                DtlsOutput::KeyingMaterial(KeyingMaterial::new(&bytes[..len.min(bytes.len())]), profile)
+            }
+            other => other,
+        }
+    }
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {
+        self.inner.handle_timeout(now)
+    }
+    fn send_application_data(&mut self, data: &[u8]) -> Result<usize, DtlsImplError> {
+        self.inner.send_application_data(data)
+    }
+    fn is_active(&self) -> bool {
+        self.inner.is_active()
+    }
+    fn protocol_version(&self) -> Option<ProtocolVersion> {
+        self.inner.protocol_version()
+    }
+    fn is_closing(&self) -> bool {
+        self.inner.is_closing()
+    }
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+    fn close(&mut self) -> Result<(), DtlsImplError> {
+        self.inner.close()
+    }
+}
+
+/// Virtual time between two publisher packets (500 packets/s, a 1080p-class video stream).
+const PACKET_INTERVAL: Duration = Duration::from_millis(2);
+/// Datagrams handled between two timer checks in [`Fanout::forward`].
+const TIMER_CHECK_EVERY: usize = 8;
+/// Most publisher packets in one measured batch: 1 s of virtual time, well inside ICE consent
+/// and the engine's disconnect grace.
+pub const MAX_BATCH: usize = 500;
+
+/// One publisher fanned out to `subscribers` subscribers.
+pub struct Fanout {
+    pub sim: Sim,
+    publisher: usize,
+    key: ConnKey,
+    from: SocketAddr,
+    to: SocketAddr,
+    seq: u64,
+    payload_len: usize,
+    /// Datagrams for the publisher, delivered after the measured region.
+    back: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+/// A prepared publisher datagram and the instant it arrives.
+pub struct Datagram {
+    pub at: Instant,
+    pub bytes: Vec<u8>,
+    /// SRTP (not SRTCP), by RFC 5761 demultiplexing.
+    pub rtp: bool,
+}
+
+impl Fanout {
+    /// Connect a publisher and `subscribers` subscribers (each receiving its audio and video).
+    pub fn new(subscribers: usize, payload_len: usize, seed: u64) -> Self {
+        // Bandwidth estimation off: its pacer would hold packets back to the estimate's rate, and
+        // the measured region sends at 4 Mbit/s without letting virtual time pass.
+        let cfg = CoreConfig { stats_interval: Duration::from_secs(1), bwe: false, ..CoreConfig::default() };
+        let mut sim = Sim::new(seed, cfg);
+        let publisher = sim.add_peer("pub");
+        sim.publish(publisher);
+        assert!(sim.run_until(Duration::from_secs(10), |s| s.peers[publisher].connected), "publisher connects");
+        let subs: Vec<usize> = (0..subscribers).map(|i| sim.add_peer(&format!("sub{i}"))).collect();
+        for &s in &subs {
+            sim.subscribe(s);
+        }
+        let all = subs.clone();
+        assert!(
+            sim.run_until(Duration::from_secs(30), move |s| all.iter().all(|&i| s.peers[i].connected)),
+            "subscribers connect"
+        );
+        // Media until every subscriber has started on a keyframe (the gateway forwards video to a
+        // subscriber only from a keyframe on, and asks the publisher for one at READY).
+        let all = subs.clone();
+        let started = move |s: &Sim| all.iter().all(|&i| s.first_keyframe_at(i).is_some());
+        for _ in 0..250 {
+            if started(&sim) {
+                break;
+            }
+            sim.send_media(publisher, 1);
+            sim.run_for(Duration::from_millis(20));
+        }
+        assert!(started(&sim), "every subscriber receives video");
+        let key = sim.peers[publisher].key.expect("publisher has a connection");
+        let to = sim.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a).expect("publisher socket");
+        let from = sim.peers[publisher].addr;
+        // Continue the publisher's sequence numbers: a jump of 2^15 or more would make the
+        // receiver guess the wrong SRTP rollover counter.
+        let seq = sim.peers[publisher].layers.first().map_or(1000, |l| l.seq) - 1;
+        Self { sim, publisher, key, from, to, seq, payload_len, back: Vec::new() }
+    }
+
+    /// Write `n` (≤ [`MAX_BATCH`]) video packets at the publisher, one every 2 ms of virtual time
+    /// from now, and return the datagrams it sends (RTP and whatever RTCP comes with them),
+    /// without delivering them.
+    pub fn prepare(&mut self, n: usize) -> Vec<Datagram> {
+        let mut out = Vec::with_capacity(n + 8);
+        let p = &mut self.sim.peers[self.publisher];
+        let Some(mid) = p.video else { return out };
+        let Some(pt) = p.rtc.media(mid).and_then(|m| {
+            let remote = m.remote_pts().to_vec();
+            p.rtc.codec_config().find(|c| c.spec().codec == Codec::Vp8 && remote.contains(&c.pt())).map(|c| c.pt())
+        }) else {
+            return out;
+        };
+        let mut at = self.sim.now;
+        for _ in 0..n.min(MAX_BATCH) {
+            at += PACKET_INTERVAL;
+            self.seq += 1;
+            // A one-packet VP8 delta frame (payload descriptor with S set, P bit set), numbered.
+            let mut payload = vec![0u8; self.payload_len.max(10)];
+            payload[0] = 0x10;
+            payload[1] = 0x01;
+            payload[2..10].copy_from_slice(&self.seq.to_be_bytes());
+            let mut api = p.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else { break };
+            p.frames += 1;
+            let ts = p.frames.wrapping_mul(20 * 90);
+            tx.write_rtp(RtpWrite::new(pt, self.seq.into(), ts, at, payload).marker(true).nackable(true));
+            loop {
+                match p.rtc.poll_output() {
+                    Ok(RtcOutput::Transmit(t)) => {
+                        let bytes: Vec<u8> = t.contents.into();
+                        let rtp = bytes.len() > 1 && !(192..=223).contains(&bytes[1]);
+                        out.push(Datagram { at, bytes, rtp });
+                    }
+                    Ok(RtcOutput::Timeout(t)) if t <= at => {
+                        let _ = p.rtc.handle_input(str0m::Input::Timeout(at));
+                    }
+                    // Stats and feedback events of the publisher are of no interest here.
+                    Ok(RtcOutput::Event(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+        // The simulation's own writer continues after these.
+        if let Some(l) = p.layers.first_mut() {
+            l.seq = self.seq + 1;
+        }
+        out
+    }
+
+    /// The measured part: the engine receives each datagram at its instant, runs due timers, and
+    /// every output is taken (and dropped). Returns the datagrams the engine sent.
+    pub fn forward(&mut self, batch: &[Datagram]) -> usize {
+        let mut sent = 0;
+        let engine = &mut self.sim.engine;
+        for (i, d) in batch.iter().enumerate() {
+            engine.handle_receive(d.at, self.key, self.from, self.to, &d.bytes);
+            // The media worker looks at timers once per loop iteration, after reading what its
+            // sockets had; `poll_timeout` scans every connection, so not per datagram here either.
+            if i % TIMER_CHECK_EVERY == 0 && engine.poll_timeout().is_some_and(|t| t <= d.at) {
+                engine.handle_timeout(d.at);
+            }
+            while let Some(o) = engine.poll_output() {
+                match o {
+                    // What goes back to the publisher (STUN answers to its consent checks, RTCP)
+                    // is delivered, or its ICE agent would give up after ~40 s.
+                    Output::Transmit { destination, contents, .. } if destination == self.from => {
+                        self.back.push((destination, contents));
+                    }
+                    Output::Transmit { contents, .. } => {
+                        sent += 1;
+                        std::hint::black_box(contents);
+                    }
+                    Output::Event(e) => self.sim.events.push(e),
+                    Output::Closed { .. } => {}
+                }
+            }
+        }
+        if let Some(last) = batch.last() {
+            self.sim.now = self.sim.now.max(last.at);
+        }
+        sent
+    }
+
+    fn deliver_back(&mut self) {
+        for (to, bytes) in std::mem::take(&mut self.back) {
+            self.sim.send(Some(self.publisher), false, self.to, to, bytes);
+        }
+    }
+
+    /// Unmeasured: let the network run a little so consent checks and RTCP flow both ways.
+    pub fn keepalive(&mut self) {
+        self.deliver_back();
+        self.sim.run_for(Duration::from_millis(30));
+    }
+
+    /// How many subscribers still receive (a benchmark must not measure a dying call).
+    pub fn live_subscribers(&self) -> usize {
+        self.sim.engine.connection_count().saturating_sub(1)
+    }
+
+    /// The SRTP profile the publisher's connection ended up with (inferred from the tag).
+    pub fn srtp_profile(&self) -> Option<String> {
+        let id = self.sim.peers[self.publisher].connection_id.clone()?;
+        self.sim.engine.stats(&id)?.srtp_profile
+    }
+
+    /// Video packets the subscribers received during setup and keepalives.
+    pub fn received_video(&self) -> usize {
+        self.sim.peers.iter().map(|p| p.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
+    }
+}
+
+/// CPU time this thread has run, from the scheduler (`/proc/thread-self/schedstat`, ns). The
+/// benchmarks measure this rather than wall time: on a shared machine other processes' load
+/// inflates wall time, not the CPU the engine itself needed.
+pub fn thread_cpu_time() -> Duration {
+    let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_fans_out_to_every_subscriber() {
+        let mut f = Fanout::new(3, 1000, 1);
+        let batch = f.prepare(50);
+        assert!(batch.len() >= 50);
+        let sent = f.forward(&batch);
+        assert!(sent >= 150, "one SRTP datagram per packet per subscriber: {sent}");
+        f.keepalive();
+        assert_eq!(f.live_subscribers(), 3);
+        assert_eq!(f.srtp_profile().as_deref(), Some("AEAD_AES_256_GCM"));
+    }
+}

@@ -1,0 +1,1122 @@
+//! One synthetic participant: a WebSocket session and up to two str0m peers (RTP mode, full
+//! ICE agent, DTLS client), each on its own UDP socket, exactly as a browser would use the
+//! public API. A publisher replays the clips in real time; a subscriber receives every stream
+//! it is offered and measures it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::{json, Value};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpPacket, RtpWrite, Ssrc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::api::Api;
+use crate::media::{self, Clip, H264Packetizer, OpusPacketizer, Packetize, VideoCodec, Vp8Packetizer};
+use crate::stats::{payload_hash, Percentiles, SentIndex, Shared};
+
+/// What this participant does.
+#[derive(Clone)]
+pub struct Plan {
+    pub room_id: String,
+    pub name: String,
+    pub publish: bool,
+    pub subscribe: bool,
+    /// Address our UDP sockets bind to (the gateway must reach it).
+    pub local_ip: IpAddr,
+    /// READY must be reached within this, or the connection counts as failed (`timeout`).
+    pub connect_timeout: Duration,
+}
+
+/// What publishers send.
+pub struct MediaPlan {
+    pub codec: VideoCodec,
+    /// Video layers, lowest first; one without simulcast, none without video.
+    pub video: Vec<Arc<Clip>>,
+    pub audio: Option<Arc<Clip>>,
+}
+
+/// A connection's join, as this participant saw it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Join {
+    pub role: String,
+    pub connection_id: Option<String>,
+    /// INITIAL → READY by the gateway's own event timestamps.
+    pub ready_ms: Option<f64>,
+    /// From sending `publish`/`subscribe` to the READY event arriving here.
+    pub client_ms: Option<f64>,
+    pub failed: Option<String>,
+    /// Lost after READY: the gateway's FAILED reason, or `client ICE disconnected`.
+    pub dropped: Option<String>,
+}
+
+/// One received stream at one subscriber.
+#[derive(Debug, Clone, Serialize)]
+pub struct RxReport {
+    pub publisher: String,
+    pub stream: usize,
+    pub kind: String,
+    pub received: u64,
+    pub bytes: u64,
+    /// Sequence number span seen: what should have arrived between the first and last packet.
+    pub expected: u64,
+    pub lost: u64,
+    pub unmatched: u64,
+    pub jitter_ms: f64,
+    pub keyframes: u64,
+    /// First packet of the stream → first keyframe start (what a decoder waits for).
+    pub first_keyframe_ms: Option<f64>,
+    pub latency_ms: Percentiles,
+}
+
+/// Publisher-side figures of one sent stream.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct TxReport {
+    pub stream: usize,
+    pub kind: String,
+    pub rid: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    /// NACKs, PLIs, FIRs the gateway sent us (str0m's egress stats).
+    pub nacks_in: u64,
+    pub plis_in: u64,
+    pub firs_in: u64,
+    /// Packets str0m resent from its buffer (egress count minus packets written).
+    pub retransmitted: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ParticipantReport {
+    pub name: String,
+    pub error: Option<String>,
+    pub joins: Vec<Join>,
+    pub rx: Vec<RxReport>,
+    pub tx: Vec<TxReport>,
+    /// NACKs and PLIs this subscriber sent (str0m's ingress stats, ours for PLI).
+    pub nacks_out: u64,
+    pub plis_out: u64,
+    /// Keyframe requests received by this publisher (`Event::KeyframeRequest`).
+    pub keyframe_requests_in: u64,
+    pub forced_keyframes: u64,
+}
+
+/// Run one participant until `stop` turns true, then leave.
+pub async fn run(
+    api: Api,
+    plan: Plan,
+    media: Arc<MediaPlan>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> ParticipantReport {
+    let mut report = ParticipantReport { name: plan.name.clone(), ..Default::default() };
+    let connections = u64::from(plan.publish) + u64::from(plan.subscribe);
+    shared.live.requested.fetch_add(connections, Ordering::Relaxed);
+    shared.live.started.fetch_add(1, Ordering::Relaxed);
+    let unsettled = Arc::new(AtomicU64::new(connections));
+    let result = session(&api, &plan, &media, &shared, stop, Arc::clone(&unsettled), &mut report).await;
+    if let Err(e) = result {
+        report.error = Some(format!("{e:#}"));
+    }
+    // Connections that never became READY nor FAILED (the session ended first) count as failed.
+    shared.live.failed.fetch_add(unsettled.load(Ordering::Relaxed), Ordering::Relaxed);
+    shared.live.finished.fetch_add(1, Ordering::Relaxed);
+    report
+}
+
+async fn session(
+    api: &Api,
+    plan: &Plan,
+    media: &Arc<MediaPlan>,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    unsettled: Arc<AtomicU64>,
+    report: &mut ParticipantReport,
+) -> anyhow::Result<()> {
+    let token = api.token(&plan.room_id, &plan.name, plan.publish, plan.subscribe).await?;
+    let (ws, _) = tokio_tungstenite::connect_async(api.ws_url(&token)).await?;
+    let (mut ws_tx, mut ws_rx) = ws.split();
+
+    let mut p = Participant::new(plan, media, shared, unsettled).await?;
+    let mut buf_pub = vec![0u8; 2048];
+    let mut buf_sub = vec![0u8; 2048];
+    let sleep = tokio::time::sleep(Duration::from_millis(1));
+    tokio::pin!(sleep);
+    let mut leaving: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let next = p.poll(now);
+        if leaving.is_some_and(|t| now >= t) {
+            break;
+        }
+        let deadline = leaving.map_or(next, |t| next.min(t));
+        sleep.as_mut().reset(tokio::time::Instant::from_std(deadline));
+        tokio::select! {
+            r = recv(p.publisher.as_ref().map(|x| &x.side.socket), &mut buf_pub) => {
+                if let Ok((n, from)) = r {
+                    let now = Instant::now();
+                    p.on_datagram(true, now, from, &buf_pub[..n]);
+                    // Everything else already waiting, without going back to the reactor.
+                    while let Some(Ok((n, from))) = p.publisher.as_ref().map(|x| x.side.socket.try_recv_from(&mut buf_pub)) {
+                        p.on_datagram(true, Instant::now(), from, &buf_pub[..n]);
+                    }
+                }
+            }
+            r = recv(p.subscriber.as_ref().map(|x| &x.side.socket), &mut buf_sub) => {
+                if let Ok((n, from)) = r {
+                    let now = Instant::now();
+                    p.on_datagram(false, now, from, &buf_sub[..n]);
+                    while let Some(Ok((n, from))) = p.subscriber.as_ref().map(|x| x.side.socket.try_recv_from(&mut buf_sub)) {
+                        p.on_datagram(false, Instant::now(), from, &buf_sub[..n]);
+                    }
+                }
+            }
+            m = ws_rx.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                    let first_joined = v["type"] == "joined" && !p.joined;
+                    for reply in p.on_message(&v) {
+                        ws_tx.send(Message::Text(reply.to_string().into())).await?;
+                    }
+                    if first_joined {
+                        for m in p.start() {
+                            ws_tx.send(Message::Text(m.to_string().into())).await?;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = stop.changed(), if leaving.is_none() => {
+                let _ = ws_tx.send(Message::Text(json!({ "type": "leave" }).to_string().into())).await;
+                leaving = Some(Instant::now() + Duration::from_secs(3));
+            }
+            _ = &mut sleep => {}
+        }
+    }
+    p.finish(report);
+    Ok(())
+}
+
+async fn recv(socket: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One str0m peer and its socket.
+struct Side {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    next_timeout: Instant,
+    connection_id: Option<String>,
+    join: Join,
+    requested_at: Option<Instant>,
+    initial_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+    /// The last state event the gateway reported for this connection.
+    last_state: &'static str,
+    /// Our ICE agent reached Connected (DTLS may still be going).
+    ice_connected: bool,
+    connected: bool,
+    dead: bool,
+}
+
+impl Side {
+    async fn new(ip: IpAddr, publisher: Option<VideoCodec>) -> anyhow::Result<Self> {
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+        let local = socket.local_addr()?;
+        let mut b = Rtc::builder().set_rtp_mode(true).set_stats_interval(Some(Duration::from_secs(1)));
+        if let Some(codec) = publisher {
+            b = b.clear_codecs().enable_opus(true, false);
+            b = match codec {
+                VideoCodec::Vp8 => b.enable_vp8(true),
+                VideoCodec::H264 => b.enable_h264(true),
+            };
+        }
+        let mut rtc = b.build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp")?);
+        Ok(Self {
+            rtc,
+            socket,
+            local,
+            next_timeout: Instant::now(),
+            connection_id: None,
+            join: Join::default(),
+            requested_at: None,
+            initial_at: None,
+            last_state: "none",
+            ice_connected: false,
+            connected: false,
+            dead: false,
+        })
+    }
+
+    fn input(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let Ok(contents) = data.try_into() else { return };
+        let r = Receive { proto: Protocol::Udp, source: from, destination: self.local, contents };
+        if self.rtc.handle_input(Input::Receive(now, r)).is_err() {
+            self.dead = true;
+        }
+    }
+}
+
+/// Outgoing state of one publisher stream (a simulcast layer, or the audio).
+struct TxTrack {
+    mid: Mid,
+    rid: Option<Rid>,
+    index: Arc<SentIndex>,
+    clip: Arc<Clip>,
+    packetizer: Box<dyn Packetize>,
+    seq: u64,
+    ts: u32,
+    written: u64,
+}
+
+/// Cumulative egress counters of one sent stream: packets (with resends), NACKs, PLIs, FIRs.
+#[derive(Clone, Copy, Default)]
+struct Egress {
+    packets: u64,
+    nacks: u64,
+    plis: u64,
+    firs: u64,
+}
+
+struct Publisher {
+    side: Side,
+    pending: Option<SdpPendingOffer>,
+    video: Vec<TxTrack>,
+    audio: Option<TxTrack>,
+    codec: VideoCodec,
+    /// Next video frame (index into the clips, which share their frame timing) and when it is due.
+    frame: usize,
+    next_frame_at: Option<Instant>,
+    next_audio_at: Option<Instant>,
+    audio_frame: usize,
+    keyframe_wanted: bool,
+    last_forced_keyframe: Option<Instant>,
+    keyframe_requests: u64,
+    forced_keyframes: u64,
+    /// str0m's latest egress stats per (mid, rid).
+    egress: HashMap<(String, Option<String>), Egress>,
+    scratch: Vec<Vec<u8>>,
+}
+
+/// One received stream.
+struct RxStream {
+    index: Option<Arc<SentIndex>>,
+    publisher: String,
+    mid: String,
+    kind: MediaKind,
+    codec: Option<VideoCodec>,
+    clock: f64,
+    received: u64,
+    bytes: u64,
+    first_seq: Option<u64>,
+    max_seq: u64,
+    unmatched: u64,
+    jitter: f64,
+    last: Option<(f64, u32)>,
+    keyframes: u64,
+    first_rx: Option<Instant>,
+    first_key: Option<Instant>,
+    last_pli: Option<Instant>,
+    latencies: Vec<u32>,
+}
+
+struct Subscriber {
+    side: Side,
+    /// Our mid → (publisher participant, publisher stream id) from the offers' msid lines.
+    mids: HashMap<String, (String, String)>,
+    by_ssrc: HashMap<Ssrc, usize>,
+    streams: Vec<RxStream>,
+    nacks_by_mid: HashMap<Mid, u64>,
+    nacks_out: u64,
+    plis_out: u64,
+    pending_latency: Vec<(u32, u32)>,
+    last_flush: Instant,
+}
+
+struct Participant<'a> {
+    plan: &'a Plan,
+    media: &'a Arc<MediaPlan>,
+    shared: &'a Arc<Shared>,
+    joined: bool,
+    publisher: Option<Publisher>,
+    subscriber: Option<Subscriber>,
+    /// stream id → (publisher, publisher's mid), from `joined` and `stream_added`.
+    published: HashMap<String, (String, String)>,
+    /// This participant's connections not yet READY or failed.
+    unsettled: Arc<AtomicU64>,
+}
+
+impl<'a> Participant<'a> {
+    async fn new(
+        plan: &'a Plan,
+        media: &'a Arc<MediaPlan>,
+        shared: &'a Arc<Shared>,
+        unsettled: Arc<AtomicU64>,
+    ) -> anyhow::Result<Self> {
+        let publisher = if plan.publish {
+            Some(Publisher {
+                side: Side::new(plan.local_ip, Some(media.codec)).await?,
+                pending: None,
+                video: Vec::new(),
+                audio: None,
+                codec: media.codec,
+                frame: 0,
+                next_frame_at: None,
+                next_audio_at: None,
+                audio_frame: 0,
+                keyframe_wanted: false,
+                last_forced_keyframe: None,
+                keyframe_requests: 0,
+                forced_keyframes: 0,
+                egress: HashMap::new(),
+                scratch: Vec::new(),
+            })
+        } else {
+            None
+        };
+        let subscriber = if plan.subscribe {
+            Some(Subscriber {
+                side: Side::new(plan.local_ip, None).await?,
+                mids: HashMap::new(),
+                by_ssrc: HashMap::new(),
+                streams: Vec::new(),
+                nacks_by_mid: HashMap::new(),
+                nacks_out: 0,
+                plis_out: 0,
+                pending_latency: Vec::new(),
+                last_flush: Instant::now(),
+            })
+        } else {
+            None
+        };
+        Ok(Self { plan, media, shared, joined: false, publisher, subscriber, published: HashMap::new(), unsettled })
+    }
+
+    /// After `joined`: the publish offer and/or the subscribe request.
+    fn start(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let now = Instant::now();
+        if let Some(p) = self.publisher.as_mut() {
+            let mut api = p.side.rtc.sdp_api();
+            let audio_mid = self
+                .media
+                .audio
+                .as_ref()
+                .map(|_| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+            let layers = self.media.video.len();
+            let simulcast = (layers > 1).then(|| {
+                let mut s = Simulcast::new();
+                for l in media::LAYERS.iter().take(layers) {
+                    s.add_send_layer(SimulcastLayer::new(l.rid));
+                }
+                s
+            });
+            let video_mid =
+                (layers > 0).then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast));
+            if let Some((offer, pending)) = api.apply() {
+                p.pending = Some(pending);
+                out.push(json!({ "type": "publish", "sdp": offer.to_sdp_string() }));
+            }
+            let name = &self.plan.name;
+            if let (Some(mid), Some(clip)) = (audio_mid, self.media.audio.as_ref()) {
+                let index = self.shared.register(name, &mid.to_string(), None, "audio", "opus");
+                p.audio = Some(TxTrack::new(mid, None, index, Arc::clone(clip), Box::new(OpusPacketizer)));
+            }
+            if let Some(mid) = video_mid {
+                for (i, clip) in self.media.video.iter().enumerate() {
+                    let rid = (layers > 1).then(|| Rid::from(media::LAYERS[i].rid));
+                    let rid_s = rid.map(|r| r.to_string());
+                    let codec = self.media.codec.to_string();
+                    let index = self.shared.register(name, &mid.to_string(), rid_s.as_deref(), "video", &codec);
+                    let packetizer: Box<dyn Packetize> = match self.media.codec {
+                        VideoCodec::Vp8 => Box::new(Vp8Packetizer::new(rand::random())),
+                        VideoCodec::H264 => Box::new(H264Packetizer),
+                    };
+                    p.video.push(TxTrack::new(mid, rid, index, Arc::clone(clip), packetizer));
+                }
+            }
+            p.side.requested_at = Some(now);
+        }
+        if let Some(s) = self.subscriber.as_mut() {
+            s.side.requested_at = Some(now);
+            out.push(json!({ "type": "subscribe" }));
+        }
+        out
+    }
+
+    fn side_mut(&mut self, role: &str) -> Option<&mut Side> {
+        match role {
+            "publish" => self.publisher.as_mut().map(|p| &mut p.side),
+            "subscribe" => self.subscriber.as_mut().map(|s| &mut s.side),
+            _ => None,
+        }
+    }
+
+    fn on_message(&mut self, v: &Value) -> Vec<Value> {
+        let mut replies = Vec::new();
+        match v["type"].as_str().unwrap_or("") {
+            "joined" => {
+                self.joined = true;
+                self.shared.live.joined.fetch_add(1, Ordering::Relaxed);
+                for s in v["streams"].as_array().into_iter().flatten() {
+                    self.note_stream(s);
+                }
+            }
+            "stream_added" => self.note_stream(v),
+            "answer" => {
+                if let Some(p) = self.publisher.as_mut() {
+                    p.side.connection_id = v["connection_id"].as_str().map(str::to_owned);
+                    let answer = v["sdp"].as_str().and_then(|s| SdpAnswer::from_sdp_string(s).ok());
+                    if let (Some(pending), Some(answer)) = (p.pending.take(), answer) {
+                        if let Err(e) = p.side.rtc.sdp_api().accept_answer(pending, answer) {
+                            p.side.join.failed = Some(format!("answer rejected: {e}"));
+                        }
+                    }
+                }
+            }
+            "offer" => {
+                if let Some(s) = self.subscriber.as_mut() {
+                    s.side.connection_id = v["connection_id"].as_str().map(str::to_owned);
+                    let sdp = v["sdp"].as_str().unwrap_or("");
+                    s.mids.extend(msid_by_mid(sdp));
+                    if let Ok(offer) = SdpOffer::from_sdp_string(sdp) {
+                        match s.side.rtc.sdp_api().accept_offer(offer) {
+                            Ok(answer) => replies.push(json!({
+                                "type": "answer",
+                                "connection_id": v["connection_id"],
+                                "sdp": answer.to_sdp_string(),
+                            })),
+                            Err(e) => s.side.join.failed = Some(format!("offer rejected: {e}")),
+                        }
+                    }
+                }
+            }
+            "candidate" => {
+                let id = v["connection_id"].as_str();
+                let c = v["candidate"].as_str().and_then(|c| Candidate::from_sdp_string(c).ok());
+                for side in
+                    [self.publisher.as_mut().map(|p| &mut p.side), self.subscriber.as_mut().map(|s| &mut s.side)]
+                        .into_iter()
+                        .flatten()
+                {
+                    if side.connection_id.as_deref() == id {
+                        if let Some(c) = c.clone() {
+                            side.rtc.add_remote_candidate(c);
+                        }
+                    }
+                }
+            }
+            "connection_event" => self.on_connection_event(v),
+            _ => {}
+        }
+        replies
+    }
+
+    fn note_stream(&mut self, s: &Value) {
+        if let (Some(id), Some(p), Some(mid)) =
+            (s["stream_id"].as_str(), s["participant_id"].as_str(), s["mid"].as_str())
+        {
+            self.published.insert(id.to_owned(), (p.to_owned(), mid.to_owned()));
+        }
+    }
+
+    fn on_connection_event(&mut self, v: &Value) {
+        let role = v["role"].as_str().unwrap_or("").to_owned();
+        let event = v["event"].as_str().unwrap_or("");
+        let at = v["at"].as_str().and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok());
+        let live = &self.shared.live;
+        let unsettled = Arc::clone(&self.unsettled);
+        let Some(side) = self.side_mut(&role) else { return };
+        side.join.role = role.clone();
+        side.join.connection_id = v["connection_id"].as_str().map(str::to_owned);
+        match event {
+            "INITIAL" | "GATHERED" | "READY" | "FINISHED" | "FAILED" => {
+                side.last_state = match event {
+                    "INITIAL" => "INITIAL",
+                    "GATHERED" => "GATHERED",
+                    "READY" => "READY",
+                    "FINISHED" => "FINISHED",
+                    _ => "FAILED",
+                }
+            }
+            _ => {}
+        }
+        match event {
+            "INITIAL" => side.initial_at = at,
+            // READY after our own connect timeout stays a failure (`timeout`).
+            "READY" if side.join.failed.is_none() => {
+                settle(&unsettled);
+                if let (Some(a), Some(b)) = (side.initial_at, at) {
+                    side.join.ready_ms = Some((b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                }
+                if let Some(t) = side.requested_at {
+                    side.join.client_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                if role == "publish" {
+                    live.publish_ready.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    live.subscribe_ready.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            "FAILED" if side.join.ready_ms.is_some() => {
+                side.join.dropped.get_or_insert_with(|| v["reason"].as_str().unwrap_or("unknown").to_owned());
+            }
+            "FAILED" => {
+                let reason = v["reason"].as_str().unwrap_or("unknown");
+                if side.join.ready_ms.is_none() && side.join.failed.is_none() {
+                    side.join.failed = Some(reason.to_owned());
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    settle(&unsettled);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_datagram(&mut self, publish: bool, now: Instant, from: SocketAddr, data: &[u8]) {
+        let side = if publish {
+            self.publisher.as_mut().map(|p| &mut p.side)
+        } else {
+            self.subscriber.as_mut().map(|s| &mut s.side)
+        };
+        if let Some(side) = side {
+            side.input(now, from, data);
+        }
+        // Drain at once: in RTP mode str0m holds only one undelivered packet.
+        self.drain(publish, now);
+    }
+
+    /// Drain one side's `Rtc` to its timeout: transmit, and handle events.
+    fn drain(&mut self, publish: bool, now: Instant) {
+        loop {
+            let side = if publish {
+                self.publisher.as_mut().map(|p| &mut p.side)
+            } else {
+                self.subscriber.as_mut().map(|s| &mut s.side)
+            };
+            let Some(side) = side else { return };
+            if side.dead {
+                return;
+            }
+            match side.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    if t <= now {
+                        if side.rtc.handle_input(Input::Timeout(now)).is_err() {
+                            side.dead = true;
+                        }
+                        continue;
+                    }
+                    side.next_timeout = t;
+                    return;
+                }
+                Ok(Output::Transmit(t)) => {
+                    // A full socket buffer drops the datagram, as the network would.
+                    let _ = side.socket.try_send_to(&t.contents, t.destination);
+                }
+                Ok(Output::Event(e)) => {
+                    if publish {
+                        self.on_publisher_event(e, now);
+                    } else {
+                        self.on_subscriber_event(e);
+                    }
+                }
+                Err(_) => {
+                    side.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_publisher_event(&mut self, e: Event, now: Instant) {
+        let Some(p) = self.publisher.as_mut() else { return };
+        match e {
+            Event::IceConnectionStateChange(s) => {
+                p.side.ice_connected |= matches!(s, IceConnectionState::Connected | IceConnectionState::Completed);
+                if s == IceConnectionState::Disconnected && p.side.join.ready_ms.is_some() {
+                    p.side.join.dropped.get_or_insert_with(|| "client ICE disconnected".into());
+                }
+            }
+            Event::Connected => {
+                p.side.connected = true;
+                p.next_frame_at = (!p.video.is_empty()).then_some(now);
+                p.next_audio_at = p.audio.as_ref().map(|_| now);
+            }
+            Event::KeyframeRequest(_) => {
+                p.keyframe_requests += 1;
+                p.keyframe_wanted = true;
+            }
+            Event::MediaEgressStats(s) => {
+                let key = (s.mid.to_string(), s.rid.map(|r| r.to_string()));
+                p.egress.insert(key, Egress { packets: s.packets, nacks: s.nacks, plis: s.plis, firs: s.firs });
+            }
+            _ => {}
+        }
+    }
+
+    fn on_subscriber_event(&mut self, e: Event) {
+        let Some(s) = self.subscriber.as_mut() else { return };
+        match e {
+            Event::IceConnectionStateChange(st) => {
+                s.side.ice_connected |= matches!(st, IceConnectionState::Connected | IceConnectionState::Completed);
+                if st == IceConnectionState::Disconnected && s.side.join.ready_ms.is_some() {
+                    s.side.join.dropped.get_or_insert_with(|| "client ICE disconnected".into());
+                }
+            }
+            Event::Connected => s.side.connected = true,
+            Event::RtpPacket(p) => s.on_rtp(self.shared, &self.published, p),
+            Event::MediaIngressStats(st) => {
+                // Cumulative per mid; keep the latest per stream and sum at the end.
+                s.nacks_by_mid.insert(st.mid, st.nacks);
+                s.nacks_out = s.nacks_by_mid.values().sum();
+            }
+            _ => {}
+        }
+    }
+
+    /// Time-driven work (media, str0m timeouts, flushes); returns when to come back.
+    fn poll(&mut self, now: Instant) -> Instant {
+        let mut next = now + Duration::from_millis(250);
+        // Drained every time round, not only when due: SDP and candidate changes made by
+        // messages want to send at once.
+        if let Some(p) = self.publisher.as_mut() {
+            if p.side.connected && !p.side.dead {
+                p.send_due(now, self.shared);
+            }
+        }
+        if self.publisher.is_some() {
+            self.drain(true, now);
+        }
+        if let Some(s) = self.subscriber.as_mut() {
+            s.request_missing_keyframes(now);
+        }
+        if self.subscriber.is_some() {
+            self.drain(false, now);
+        }
+        if let Some(s) = self.subscriber.as_mut() {
+            if now.duration_since(s.last_flush) >= Duration::from_millis(250) {
+                s.flush(self.shared);
+            }
+        }
+        let timeout = self.plan.connect_timeout;
+        for side in [self.publisher.as_mut().map(|p| &mut p.side), self.subscriber.as_mut().map(|s| &mut s.side)]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(side.next_timeout);
+            let late = side.requested_at.is_some_and(|t| now.duration_since(t) > timeout);
+            if late && side.join.ready_ms.is_none() && side.join.failed.is_none() {
+                // How far it got: the gateway's state, and our ICE and DTLS (str0m issue #932:
+                // ICE done but DTLS never finishing shows as `GATHERED, ICE connected`).
+                let stage = match (side.last_state, side.ice_connected, side.connected) {
+                    (s, _, true) => format!("{s}, ICE and DTLS done here"),
+                    (s, true, false) => format!("{s}, ICE connected, DTLS not done"),
+                    (s, false, _) => format!("{s}, ICE not connected"),
+                };
+                side.join.failed = Some(format!("timeout: {stage}"));
+                self.shared.live.failed.fetch_add(1, Ordering::Relaxed);
+                settle(&self.unsettled);
+            }
+        }
+        if let Some(p) = &self.publisher {
+            for t in [p.next_frame_at, p.next_audio_at].into_iter().flatten() {
+                next = next.min(t);
+            }
+        }
+        next.max(now)
+    }
+
+    fn finish(mut self, report: &mut ParticipantReport) {
+        if let Some(p) = self.publisher.take() {
+            let mut join = p.side.join.clone();
+            join.role = "publish".into();
+            report.joins.push(join);
+            report.keyframe_requests_in = p.keyframe_requests;
+            report.forced_keyframes = p.forced_keyframes;
+            for t in p.video.iter().chain(p.audio.iter()) {
+                let key = (t.mid.to_string(), t.rid.map(|r| r.to_string()));
+                let Egress { packets, nacks, plis, firs } = p.egress.get(&key).copied().unwrap_or_default();
+                report.tx.push(TxReport {
+                    stream: t.index.id,
+                    kind: t.index.kind.into(),
+                    rid: t.rid.map(|r| r.to_string()),
+                    packets: t.written,
+                    bytes: t.index.sent_bytes.load(Ordering::Relaxed),
+                    nacks_in: nacks,
+                    plis_in: plis,
+                    firs_in: firs,
+                    retransmitted: packets.saturating_sub(t.written),
+                });
+            }
+        }
+        if let Some(mut s) = self.subscriber.take() {
+            s.flush(self.shared);
+            let mut join = s.side.join.clone();
+            join.role = "subscribe".into();
+            report.joins.push(join);
+            report.nacks_out = s.nacks_out;
+            report.plis_out = s.plis_out;
+            for rx in s.streams {
+                if let Some(idx) = &rx.index {
+                    idx.receivers.fetch_sub(1, Ordering::Relaxed);
+                    if let Ok(mut l) = idx.latencies.lock() {
+                        l.extend_from_slice(&rx.latencies);
+                    }
+                }
+                let expected = rx.first_seq.map_or(0, |f| rx.max_seq - f + 1);
+                report.rx.push(RxReport {
+                    publisher: rx.publisher.clone(),
+                    stream: rx.index.as_ref().map_or(usize::MAX, |i| i.id),
+                    kind: if rx.kind == MediaKind::Audio { "audio".into() } else { "video".into() },
+                    received: rx.received,
+                    bytes: rx.bytes,
+                    expected,
+                    lost: expected.saturating_sub(rx.received),
+                    unmatched: rx.unmatched,
+                    jitter_ms: rx.jitter / rx.clock * 1000.0,
+                    keyframes: rx.keyframes,
+                    first_keyframe_ms: match (rx.first_rx, rx.first_key) {
+                        (Some(a), Some(b)) => Some(b.duration_since(a).as_secs_f64() * 1000.0),
+                        _ => None,
+                    },
+                    latency_ms: Percentiles::of_us_as_ms(&rx.latencies),
+                });
+            }
+        }
+    }
+}
+
+impl TxTrack {
+    fn new(mid: Mid, rid: Option<Rid>, index: Arc<SentIndex>, clip: Arc<Clip>, packetizer: Box<dyn Packetize>) -> Self {
+        Self { mid, rid, index, clip, packetizer, seq: rand::random_range(1000..30000), ts: rand::random(), written: 0 }
+    }
+}
+
+impl Publisher {
+    /// The payload type to send `kind` with, as negotiated (the gateway's answer decides).
+    fn pt_for(&self, kind: MediaKind, mid: Mid) -> Option<Pt> {
+        let remote = self.side.rtc.media(mid)?.remote_pts().to_vec();
+        let want = if kind == MediaKind::Audio {
+            Codec::Opus
+        } else {
+            match self.codec {
+                VideoCodec::Vp8 => Codec::Vp8,
+                VideoCodec::H264 => Codec::H264,
+            }
+        };
+        let candidates: Vec<_> = self
+            .side
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .filter(|p| p.spec().codec == want && remote.contains(&p.pt()))
+            .collect();
+        // H.264: the clip is constrained baseline, packetization-mode 1.
+        let best = candidates
+            .iter()
+            .find(|p| {
+                want != Codec::H264
+                    || (p.spec().format.packetization_mode == Some(1)
+                        && p.spec().format.profile_level_id.is_some_and(|id| id >> 16 == 0x42))
+            })
+            .or(candidates.first());
+        best.map(|p| p.pt())
+    }
+
+    /// Write every frame and audio packet whose time has come.
+    fn send_due(&mut self, now: Instant, shared: &Shared) {
+        // More than this behind (a stalled process): skip ahead rather than burst.
+        const MAX_BEHIND: Duration = Duration::from_millis(200);
+        if let Some(mut at) = self.next_audio_at {
+            if now.duration_since(at) > MAX_BEHIND {
+                at = now;
+            }
+            while at <= now {
+                self.write_audio(now, shared);
+                at += Duration::from_millis(20);
+            }
+            self.next_audio_at = Some(at);
+        }
+        if let Some(mut at) = self.next_frame_at {
+            if now.duration_since(at) > MAX_BEHIND {
+                at = now;
+            }
+            let frame_time = Duration::from_micros(
+                self.video.first().map_or(33_333, |t| t.clip.frame_ticks as u64 * 1_000_000 / 90_000),
+            );
+            while at <= now {
+                self.write_video_frame(now, shared);
+                at += frame_time;
+            }
+            self.next_frame_at = Some(at);
+        }
+    }
+
+    fn write_video_frame(&mut self, now: Instant, shared: &Shared) {
+        let Some(first) = self.video.first() else { return };
+        let frames = first.clip.frames.len();
+        // A keyframe request (at most one forced keyframe per 300 ms): jump to the clip's next
+        // keyframe, as an encoder would start a new GOP. Timestamps stay continuous.
+        if self.keyframe_wanted
+            && self.last_forced_keyframe.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(300))
+        {
+            self.keyframe_wanted = false;
+            if !first.clip.frames[self.frame % frames].keyframe {
+                self.frame = first.clip.next_keyframe(self.frame % frames);
+                self.forced_keyframes += 1;
+            }
+            self.last_forced_keyframe = Some(now);
+        }
+        let frame = self.frame % frames;
+        self.frame = (frame + 1) % frames;
+        for i in 0..self.video.len() {
+            let pt = self.pt_for(MediaKind::Video, self.video[i].mid);
+            let t = &mut self.video[i];
+            let Some(f) = t.clip.frames.get(frame).cloned() else { continue };
+            self.scratch.clear();
+            t.packetizer.packetize(&f, &mut self.scratch);
+            let ticks = t.clip.frame_ticks;
+            if let Some(pt) = pt {
+                write_packets(&mut self.side.rtc, t, pt, &self.scratch, now, shared, true);
+            }
+            t.ts = t.ts.wrapping_add(ticks);
+        }
+    }
+
+    fn write_audio(&mut self, now: Instant, shared: &Shared) {
+        let Some(mid) = self.audio.as_ref().map(|a| a.mid) else { return };
+        let pt = self.pt_for(MediaKind::Audio, mid);
+        let Some(t) = self.audio.as_mut() else { return };
+        let frames = t.clip.frames.len();
+        let f = &t.clip.frames[self.audio_frame % frames];
+        self.audio_frame = (self.audio_frame + 1) % frames;
+        self.scratch.clear();
+        let f = f.clone();
+        t.packetizer.packetize(&f, &mut self.scratch);
+        if let Some(pt) = pt {
+            write_packets(&mut self.side.rtc, t, pt, &self.scratch, now, shared, false);
+        }
+        t.ts = t.ts.wrapping_add(960);
+    }
+}
+
+/// Write one frame's payloads on a track; record each payload's hash and send instant first.
+fn write_packets(
+    rtc: &mut Rtc,
+    t: &mut TxTrack,
+    pt: Pt,
+    payloads: &[Vec<u8>],
+    now: Instant,
+    shared: &Shared,
+    video: bool,
+) {
+    let n = payloads.len();
+    for (i, p) in payloads.iter().enumerate() {
+        let mut api = rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(t.mid, t.rid) else { return };
+        t.index.record(payload_hash(p), Instant::now(), p.len());
+        let w = RtpWrite::new(pt, t.seq.into(), t.ts, now, p.clone()).marker(video && i + 1 == n).nackable(video);
+        tx.write_rtp(w);
+        t.seq += 1;
+        t.written += 1;
+        shared.live.tx_packets.fetch_add(1, Ordering::Relaxed);
+        shared.live.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+    }
+    // The caller drains the `Rtc` right after: str0m queues the writes and, with no pacer (no
+    // BWE), sends them all on that drain.
+}
+
+impl Subscriber {
+    fn on_rtp(&mut self, shared: &Shared, published: &HashMap<String, (String, String)>, p: RtpPacket) {
+        let arrived = p.timestamp;
+        let idx = match self.by_ssrc.get(&p.header.ssrc) {
+            Some(&i) => i,
+            None => {
+                let Some((mid, kind)) = self
+                    .side
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&p.header.ssrc)
+                    .map(|s| s.mid())
+                    .and_then(|mid| self.side.rtc.media(mid).map(|m| (mid, m.kind())))
+                else {
+                    return;
+                };
+                let (publisher, pub_mid) = self
+                    .mids
+                    .get(&mid.to_string())
+                    .and_then(|(_, stream_id)| published.get(stream_id).cloned())
+                    .unwrap_or_default();
+                let codec =
+                    self.side.rtc.codec_config().find(|c| c.pt() == p.header.payload_type).map(|c| c.spec().codec);
+                let codec = match codec {
+                    Some(Codec::Vp8) => Some(VideoCodec::Vp8),
+                    Some(Codec::H264) => Some(VideoCodec::H264),
+                    _ => None,
+                };
+                self.streams.push(RxStream {
+                    index: None,
+                    publisher,
+                    mid: pub_mid,
+                    kind,
+                    codec,
+                    clock: if kind == MediaKind::Audio { 48_000.0 } else { 90_000.0 },
+                    received: 0,
+                    bytes: 0,
+                    first_seq: None,
+                    max_seq: 0,
+                    unmatched: 0,
+                    jitter: 0.0,
+                    last: None,
+                    keyframes: 0,
+                    first_rx: None,
+                    first_key: None,
+                    last_pli: None,
+                    latencies: Vec::new(),
+                });
+                let i = self.streams.len() - 1;
+                self.by_ssrc.insert(p.header.ssrc, i);
+                i
+            }
+        };
+        let rx = &mut self.streams[idx];
+        let seq = *p.seq_no;
+        rx.first_seq = Some(rx.first_seq.map_or(seq, |f| f.min(seq)));
+        rx.max_seq = rx.max_seq.max(seq);
+        rx.received += 1;
+        rx.bytes += p.payload.len() as u64;
+        rx.first_rx.get_or_insert(arrived);
+        shared.live.rx_packets.fetch_add(1, Ordering::Relaxed);
+        shared.live.rx_bytes.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+        // RFC 3550 interarrival jitter, in RTP ticks.
+        let arrival = arrived.duration_since(shared.start).as_secs_f64() * rx.clock;
+        if let Some((last_arrival, last_ts)) = rx.last {
+            let d = (arrival - last_arrival) - f64::from(p.header.timestamp.wrapping_sub(last_ts) as i32);
+            rx.jitter += (d.abs() - rx.jitter) / 16.0;
+        }
+        rx.last = Some((arrival, p.header.timestamp));
+        if let Some(codec) = rx.codec {
+            if media::payload_starts_keyframe(codec, &p.payload) {
+                rx.keyframes += 1;
+                rx.first_key.get_or_insert(arrived);
+            }
+        }
+        // Which publisher stream (simulcast: which layer) sent this payload, and when.
+        let hash = payload_hash(&p.payload);
+        if rx.index.is_none() && !rx.publisher.is_empty() {
+            for layer in shared.layers(&rx.publisher, &rx.mid) {
+                if layer.lookup(hash, arrived).is_some() {
+                    layer.receivers.fetch_add(1, Ordering::Relaxed);
+                    rx.index = Some(layer);
+                    break;
+                }
+            }
+        }
+        match rx.index.as_ref().and_then(|i| i.lookup(hash, arrived)) {
+            Some(sent) => {
+                let us = arrived.saturating_duration_since(sent).as_micros().min(u32::MAX as u128) as u32;
+                rx.latencies.push(us);
+                self.pending_latency.push((shared.second_of(arrived) as u32, us));
+            }
+            None => {
+                rx.unmatched += 1;
+                shared.live.unmatched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A decoder that has packets but no keyframe asks for one, once a second.
+    fn request_missing_keyframes(&mut self, now: Instant) {
+        for i in 0..self.streams.len() {
+            let rx = &self.streams[i];
+            let waiting = rx.kind == MediaKind::Video && rx.first_key.is_none();
+            let since = rx.last_pli.or(rx.first_rx);
+            if !waiting || since.is_none_or(|t| now.duration_since(t) < Duration::from_secs(1)) {
+                continue;
+            }
+            let ssrc = self.by_ssrc.iter().find(|(_, &k)| k == i).map(|(s, _)| *s);
+            if let Some(ssrc) = ssrc {
+                if let Some(rx_stream) = self.side.rtc.direct_api().stream_rx(&ssrc) {
+                    rx_stream.request_keyframe(KeyframeRequestKind::Pli);
+                    self.plis_out += 1;
+                }
+            }
+            self.streams[i].last_pli = Some(now);
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        self.last_flush = Instant::now();
+        if !self.pending_latency.is_empty() {
+            shared.add_latencies(&self.pending_latency);
+            self.pending_latency.clear();
+        }
+    }
+}
+
+/// One connection of this participant settled (READY or failed).
+fn settle(unsettled: &AtomicU64) {
+    let _ = unsettled.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+}
+
+/// `a=mid` → (`a=msid` participant, stream id) for every media section of an SDP.
+pub fn msid_by_mid(sdp: &str) -> Vec<(String, (String, String))> {
+    let mut out = Vec::new();
+    let mut mid: Option<String> = None;
+    let mut msid: Option<(String, String)> = None;
+    let mut flush = |mid: &mut Option<String>, msid: &mut Option<(String, String)>| {
+        if let (Some(m), Some(s)) = (mid.take(), msid.take()) {
+            out.push((m, s));
+        }
+    };
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            flush(&mut mid, &mut msid);
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(m.to_owned());
+        } else if let Some(m) = line.strip_prefix("a=msid:") {
+            let mut parts = m.split_whitespace();
+            if let (Some(p), Some(s)) = (parts.next(), parts.next()) {
+                msid = Some((p.to_owned(), s.to_owned()));
+            }
+        }
+    }
+    flush(&mut mid, &mut msid);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msid_lines_map_mids_to_streams() {
+        let sdp = "v=0\r\nm=application 9 x\r\na=mid:0\r\nm=video 9 x\r\na=mid:1\r\na=msid:alice st_1\r\n\
+                   m=audio 9 x\r\na=msid:bob st_2\r\na=mid:2\r\n";
+        let got = msid_by_mid(sdp);
+        assert_eq!(
+            got,
+            vec![
+                ("1".to_owned(), ("alice".to_owned(), "st_1".to_owned())),
+                ("2".to_owned(), ("bob".to_owned(), "st_2".to_owned()))
+            ]
+        );
+    }
+}
