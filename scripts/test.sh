@@ -74,6 +74,9 @@ SOAK_CYCLES="${SOAK_CYCLES:-40}"
 SOAK_PARALLEL="${SOAK_PARALLEL:-6}"
 if [ "$SOAK_ROOMS" != 0 ]; then
   log "churn soak in a release build: $SOAK_ROOMS rooms x $SOAK_CYCLES cycles, $SOAK_PARALLEL rooms at a time"
+  # Optimised like the shipped binary (opt-level 3, no debug assertions) but without its thin LTO
+  # and with more codegen units: the same code paths, built in about half the time.
+  CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_DEBUG=false \
   CHURN_ROOMS="$SOAK_ROOMS" CHURN_CYCLES="$SOAK_CYCLES" CHURN_PARALLEL="$SOAK_PARALLEL" \
     cargo test --release -p gateway --test churn -- --nocapture
 fi
