@@ -45,10 +45,24 @@ fn on_time(sim: &Sim, publisher: usize, sub: usize, from: Instant, to: Instant, 
     (ok as f64 / sent.len().max(1) as f64, sent.len())
 }
 
-/// Downlink loss with the subscriber's bandwidth estimation off (`bwe`) or on: with it on,
-/// str0m's pacer sends at 1.1× an estimate that random loss pulls down toward the stream's own
-/// rate, so some packets (lost or not) wait in the pacer.
-fn downlink_loss(bwe: bool) -> (f64, f64, u64) {
+/// What a subscriber got through 5% random loss on its downlink (RTT 50 ms) over 20 s of one
+/// 1000-byte packet per 20 ms frame.
+struct LossRepair {
+    /// Share of video packets that arrived within the one-way trip plus two round trips of
+    /// being sent (125 ms).
+    two_rtt: f64,
+    /// The same plus one frame interval (145 ms): a receiver notices a lone lost packet only when
+    /// its successor arrives, 20 ms later, so no sender can repair it sooner than that.
+    two_rtt_after_detection: f64,
+    eventually: f64,
+    resent: u64,
+}
+
+/// Downlink loss with the subscriber's bandwidth estimation off (`bwe`) or on. Forwarded video
+/// is not paced (the publisher paced it already): with str0m's pacer, at 1.1× an estimate that
+/// random loss pulls down toward the stream's own rate, packets and their retransmissions
+/// waited in its queue (96.0% within 2 RTT instead of 99.2%).
+fn downlink_loss(bwe: bool) -> LossRepair {
     let wall = Instant::now();
     let cfg = CoreConfig { bwe, ..CoreConfig::default() };
     let (mut sim, p, subs) = room(11, cfg, &one_layer(), 1);
@@ -63,41 +77,55 @@ fn downlink_loss(bwe: bool) -> (f64, f64, u64) {
     let end = sim.now;
     sim.stream_for(p, ms(500));
     // On time: the one-way trip plus two round trips.
-    let (share, n) = on_time(&sim, p, v, start, end, ms(25 + 2 * 50));
+    let (two_rtt, n) = on_time(&sim, p, v, start, end, ms(25 + 2 * 50));
+    let (two_rtt_after_detection, _) = on_time(&sim, p, v, start, end, ms(25 + 2 * 50 + 20));
     let (eventually, _) = on_time(&sim, p, v, start, end, Duration::from_secs(5));
     let stats = sim.engine.stats(sim.peers[v].connection_id.as_deref().unwrap()).unwrap();
     let video_out = stats.rtp_packets_out;
     println!(
-        "downlink 5% loss, bwe {bwe}: {n} video packets, {:.2}% within 2 RTT, {:.2}% eventually; {} datagrams \
-         dropped; {} retransmissions = {:.1}% extra video packets; wall {:?}",
-        share * 100.0,
+        "downlink 5% loss, bwe {bwe}: {n} video packets, {:.2}% within 2 RTT, {:.2}% within 2 RTT + one frame, \
+         {:.2}% eventually; {} datagrams dropped; {} retransmissions = {:.1}% extra video packets; estimate {:?}; \
+         wall {:?}",
+        two_rtt * 100.0,
+        two_rtt_after_detection * 100.0,
         eventually * 100.0,
         sim.dropped - dropped_before,
         stats.retransmitted_packets,
         stats.retransmitted_packets as f64 * 100.0 / video_out as f64,
+        stats.bwe_estimate_bps,
         wall.elapsed()
     );
     assert!(n >= 900, "{n} packets judged");
-    (share, eventually, stats.retransmitted_packets)
+    LossRepair { two_rtt, two_rtt_after_detection, eventually, resent: stats.retransmitted_packets }
+}
+
+/// The goal is 99.5% within two round trips. Measured (seed 11) 99.2% (BWE off) and 99.3% (on),
+/// 99.1–99.7% over seeds 11–20: the rest are not the gateway's to win. The subscriber here is
+/// str0m, which sends NACKs on a 33 ms timer after it notices a gap at the next packet (20 ms),
+/// so a first retransmission arrives 95–128 ms after the original was sent and some miss 125 ms
+/// by a few ms; and 5% of retransmissions are lost too, needing a third round trip. Every NACK,
+/// repeated or not, is answered at once from str0m's buffer. Counting from when the loss could
+/// be noticed (one frame later), 99.8% arrive within two round trips.
+fn assert_loss_repaired(r: &LossRepair) {
+    assert!(r.two_rtt >= 0.99, "only {:.2}% arrived within two round trips", r.two_rtt * 100.0);
+    assert!(
+        r.two_rtt_after_detection >= 0.995,
+        "only {:.2}% arrived within two round trips of the loss being noticeable",
+        r.two_rtt_after_detection * 100.0
+    );
+    assert!(r.eventually >= 0.999, "{:.2}% arrived at all", r.eventually * 100.0);
+    assert!(r.resent > 0, "the repair came from the gateway's buffer");
 }
 
 #[test]
 fn five_percent_downlink_loss_is_repaired_within_two_round_trips() {
-    let (share, eventually, resent) = downlink_loss(false);
-    // Measured 99.2% (seed 11): the misses are packets whose retransmission was lost too (a
-    // second NACK round) — short of the 99.5% goal; see docs/media-quality.md.
-    assert!(share >= 0.99, "only {:.2}% arrived within two round trips", share * 100.0);
-    assert!(eventually >= 0.999, "{:.2}% arrived at all", eventually * 100.0);
-    assert!(resent > 0, "the repair came from the gateway's buffer");
+    assert_loss_repaired(&downlink_loss(false));
 }
 
 #[test]
 fn five_percent_downlink_loss_with_bandwidth_estimation() {
-    let (share, eventually, resent) = downlink_loss(true);
-    // Everything arrives; the pacer delays a few percent beyond two round trips.
-    assert!(eventually >= 0.999, "{:.2}% arrived at all", eventually * 100.0);
-    assert!(share >= 0.95, "only {:.2}% within two round trips", share * 100.0);
-    assert!(resent > 0);
+    // The default configuration: the same figures as without bandwidth estimation.
+    assert_loss_repaired(&downlink_loss(true));
 }
 
 #[test]
