@@ -1042,7 +1042,9 @@ impl Engine {
             layer.ssrc = Some(p.header.ssrc);
             layer.loss = Default::default();
         }
-        let newest = layer.loss.on_packet(*p.seq_no, now);
+        // Gaps are tracked for video only: a lost audio packet is concealed by the decoder, and
+        // a keyframe request would not help it (audio has no RTX to repair it either).
+        let newest = !video || layer.loss.on_packet(*p.seq_no, now);
         let starts = video && starts_keyframe(params.spec().codec, &p.payload);
         // A keyframe's first packet that comes late (reordered, or repaired by RTX) follows the
         // rest of its frame, which subscribers waiting for a keyframe did not get: starting them

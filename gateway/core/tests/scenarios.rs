@@ -135,6 +135,7 @@ fn five_percent_uplink_loss_is_nacked_upstream_for_every_subscriber() {
     sim.peers[p].up = Link { loss: 0.05, delay: ms(25), ..Link::default() };
     sim.peers[p].down = Link { delay: ms(25), ..Link::default() };
     let nacks_before = sim.engine.counters().nacks_out;
+    let requests_before = sim.peers[p].keyframe_requests;
     let start = sim.now;
     sim.stream_for(p, Duration::from_secs(20));
     let end = sim.now;
@@ -145,11 +146,23 @@ fn five_percent_uplink_loss_is_nacked_upstream_for_every_subscriber() {
         assert!(share >= 0.995, "subscriber {v}: {:.2}%", share * 100.0);
     }
     let nacks = sim.engine.counters().nacks_out - nacks_before;
+    let unrecoverable = sim.engine.counters().unrecoverable_losses;
+    let requests = sim.peers[p].keyframe_requests - requests_before;
+    let audio_sent = sim.peers[p].audio_sent;
+    let audio_got = subs.iter().map(|&v| sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Audio).count());
     println!(
-        "uplink 5% loss: {nacks} NACKs sent upstream, {} unrecoverable",
-        sim.engine.counters().unrecoverable_losses
+        "uplink 5% loss: {nacks} NACKs sent upstream, {unrecoverable} unrecoverable, {requests} keyframe requests; \
+         audio (no RTX) {audio_sent} sent, received {:?}",
+        audio_got.collect::<Vec<_>>()
     );
     assert!(nacks > 0, "the gateway NACKed the publisher");
+    // Every video loss was repaired. Audio losses (never repaired: no RTX) are not video losses:
+    // they neither count as unrecoverable nor bring keyframe requests.
+    assert!(subs
+        .iter()
+        .all(|&v| sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Audio).count() < audio_sent));
+    assert_eq!(unrecoverable, 0, "audio gaps are not unrecoverable video losses");
+    assert_eq!(requests, 0, "no keyframe requests for audio gaps");
 }
 
 #[test]
@@ -188,6 +201,8 @@ fn a_loss_the_publisher_cannot_repair_brings_a_keyframe_not_silence() {
         keyframes.len()
     );
     assert!(lost >= 1 && !lost_at.is_empty(), "losses happened and were counted");
+    // Video only: the audio lost on the same link is not counted (it was 11 with audio).
+    assert_eq!(lost, lost_at.len() as u64, "unrecoverable losses are the video packets lost");
     assert!(requests >= 1, "the gateway asked for a keyframe");
     assert_eq!(waits.len(), lost_at.len(), "every loss was followed by a keyframe");
     // Give-up (4 RTT, at least 250 ms) + throttle window (500 ms) + the trip: well under 1.5 s.
