@@ -19,7 +19,7 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
 use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, TrackOut};
-use crate::layers::{allocate, LayerIn, TrackChoice};
+use crate::layers::{allocate, desired_bitrate, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
 use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
 
@@ -30,6 +30,9 @@ const MAX_LAYERS: usize = 4;
 const BWE_WARMUP: std::time::Duration = std::time::Duration::from_secs(3);
 /// How often every subscriber's layers are chosen again (layer bitrates change, layers stop).
 const REALLOCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// While a subscriber is held below its best layers by its estimate, its estimator is asked to
+/// probe at most this often.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A published track and the subscribers it fans out to.
 struct TrackIn {
@@ -376,6 +379,8 @@ impl Engine {
             ready_at: None,
             twcc_estimate: None,
             remb_estimate: None,
+            bwe_desired: None,
+            next_probe: None,
             stats: ConnStats::default(),
             span,
         };
@@ -1293,19 +1298,27 @@ impl Engine {
         }
         let budget = if cfg.bwe { sub.bandwidth().map(|b| b.saturating_sub(audio_bps)) } else { None };
         let mut picks = allocate(budget, &choices);
-        if sub.ready_at.is_none_or(|t| now.saturating_duration_since(t) < BWE_WARMUP) {
-            // The estimate is still the initial guess, not a measurement: start with the lowest
-            // layer rather than pause.
-            for (p, c) in picks.iter_mut().zip(&choices) {
-                if p.is_none() && !c.rates.is_empty() {
+        // What the estimate alone allows, before the rules below keep video flowing.
+        let fits = picks.clone();
+        let warming_up = sub.ready_at.is_none_or(|t| now.saturating_duration_since(t) < BWE_WARMUP);
+        for ((oi, _), (p, c)) in ranked_of.iter().zip(picks.iter_mut().zip(&choices)) {
+            let out = &mut sub.outs[*oi];
+            if p.is_some() || c.rates.is_empty() {
+                out.starved_since = None;
+            } else if warming_up {
+                // The estimate is still the initial guess, not a measurement: start with the
+                // lowest layer rather than pause.
+                *p = Some(0);
+            } else if c.rates.len() == 1 && out.target.is_some() {
+                // The only layer: paused only when starved for a while, not on a dip.
+                let since = *out.starved_since.get_or_insert(now);
+                if now.saturating_duration_since(since) < SINGLE_PAUSE_AFTER {
                     *p = Some(0);
                 }
             }
         }
-        let mut desired = audio_bps;
         let mut wanted = Vec::new();
-        for ((oi, ranked), (pick, choice)) in ranked_of.iter().zip(picks.iter().zip(&choices)) {
-            desired += choice.rates.last().copied().unwrap_or(0);
+        for ((oi, ranked), pick) in ranked_of.iter().zip(picks.iter()) {
             let out = &mut sub.outs[*oi];
             let new_target = pick.map(|p| ranked[p]);
             if new_target == out.target {
@@ -1339,9 +1352,8 @@ impl Engine {
             // A keyframe now would arrive before the subscriber can take it; READY asks.
             wanted.clear();
         }
-        if cfg.bwe && !choices.is_empty() {
-            // Let the estimator probe for what the best layers would need.
-            sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired.max(cfg.bwe_initial_bps)));
+        if cfg.bwe {
+            steer_estimator(now, sub, audio_bps, &choices, &fits, warming_up, cfg.bwe_initial_bps);
         }
         sub.drain(now, q);
         for (stream_id, li) in wanted {
@@ -1376,6 +1388,46 @@ impl Engine {
             conn.drain(now, &mut self.q);
         }
         self.q.out.push_back(Output::Closed { key, connection_id: conn.id.to_string() });
+    }
+}
+
+/// Tell str0m's estimator what the subscriber's best layers need (it probes toward it; no floor,
+/// so a small stream does not probe for bandwidth it will never use), and while the estimate
+/// holds a track below its best layer (`fits`: what it allows), ask for a probe every
+/// [`PROBE_EVERY`]. Without one, a subscriber whose link cleared waited for str0m's own periodic
+/// probe (every 5 s) and then the hold time; and after congestion str0m's estimate was seen to
+/// keep sinking for seconds on a clean link until a probe lifted it.
+fn steer_estimator(
+    now: Instant,
+    sub: &mut Conn,
+    audio_bps: u64,
+    choices: &[TrackChoice],
+    fits: &[Option<usize>],
+    warming_up: bool,
+    initial_bps: u64,
+) {
+    // Until a layer's rate is measured (its first 500 ms), the initial estimate stands in, so
+    // str0m's initial probing is not held back.
+    let desired = desired_bitrate(audio_bps, choices).unwrap_or(initial_bps);
+    // Small changes (rates are measured, so they wobble) are not worth telling: every increase
+    // above the estimate asks for a probe.
+    let changed = sub.bwe_desired.is_none_or(|d| desired.abs_diff(d) * 10 > d);
+    let held_below = choices.iter().zip(fits).any(|(c, p)| c.may_go_up && p.is_none_or(|p| p + 1 < c.rates.len()));
+    let short = sub.bandwidth().is_some_and(|b| b < desired);
+    let probe = !warming_up && held_below && short && sub.next_probe.is_none_or(|t| now >= t);
+    if probe {
+        // str0m probes when the desired bitrate rises above the estimate; lower it for one of
+        // its timeouts first so raising it again counts as a rise.
+        sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired / 2));
+        let _ = sub.rtc.handle_input(Input::Timeout(now));
+        sub.next_probe = Some(now + PROBE_EVERY);
+    }
+    if changed || probe {
+        sub.bwe_desired = Some(desired);
+        sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        if probe {
+            let _ = sub.rtc.handle_input(Input::Timeout(now));
+        }
     }
 }
 

@@ -419,7 +419,9 @@ fn the_bandwidth_estimate_moves_a_subscriber_down_up_and_pauses_video() {
     }
     report(&sim, "open again", t);
     println!("back on the top layer after {up_at:?}");
-    assert!(up_at.is_some(), "moved up again");
+    // Measured 2.8 s (a probe asked for every 2 s while held below the best layer); it was
+    // 5.2–5.8 s waiting for str0m's own periodic probe.
+    assert!(up_at.is_some_and(|d| d < Duration::from_secs(4)), "moved up again after {up_at:?}");
 
     // 60 kbit/s: not even the lowest layer fits. Video pauses, audio continues.
     sim.peers[v].down = Link { rate_bps: Some(60_000), queue: ms(300), delay: ms(20), ..Link::default() };
@@ -433,4 +435,114 @@ fn the_bandwidth_estimate_moves_a_subscriber_down_up_and_pauses_video() {
     assert_eq!(video, 0, "video paused");
     assert!(audio >= 50, "audio keeps flowing: {audio}");
     assert!(sim.engine.counters().video_pauses >= 1);
+}
+
+/// Whether a subscriber got video in every `window` from `from` to now, and the longest gap.
+fn longest_video_gap(sim: &Sim, v: usize, from: Instant) -> Duration {
+    let mut last = from;
+    let mut worst = Duration::ZERO;
+    for r in sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video && r.at >= from) {
+        worst = worst.max(r.at.duration_since(last));
+        last = r.at;
+    }
+    worst.max(sim.now.duration_since(last))
+}
+
+/// A publisher without simulcast (the only layer: pausing it blanks the video) on a clean path.
+/// Seen with Chromium: the estimate dipped below the stream's rate and the gateway paused it.
+#[test]
+fn a_single_layer_on_a_clean_link_never_pauses() {
+    // 400 kbit/s, and 2 Mbit/s (twice the initial estimate).
+    for frame_bytes in [1000, 5000] {
+        let layers = [LayerSpec { rid: None, frame_bytes }];
+        let (mut sim, p, subs) = room(18, CoreConfig::default(), &layers, 1);
+        let v = subs[0];
+        sim.peers[v].down = Link { delay: ms(20), ..Link::default() };
+        sim.peers[v].up = Link { delay: ms(20), ..Link::default() };
+        let conn = sim.peers[v].connection_id.clone().unwrap();
+        let start = sim.now;
+        let mut lowest = u64::MAX;
+        while sim.now < start + Duration::from_secs(20) {
+            sim.stream_for(p, ms(500));
+            if sim.now >= start + Duration::from_secs(3) {
+                lowest = lowest.min(sim.engine.stats(&conn).unwrap().bwe_estimate_bps.unwrap_or(0));
+            }
+        }
+        let gap = longest_video_gap(&sim, v, start);
+        let pauses = sim.engine.counters().video_pauses;
+        println!(
+            "single layer {} kbit/s, clean link, 20 s: {pauses} pauses, longest video gap {gap:?}, lowest estimate \
+             after 3 s {lowest} bit/s, final {:?}",
+            frame_bytes * 8 * 50 / 1000,
+            sim.engine.stats(&conn).unwrap().bwe_estimate_bps
+        );
+        assert_eq!(pauses, 0, "the only layer was paused");
+        assert!(gap < ms(100), "video stopped for {gap:?}");
+    }
+}
+
+/// The only layer (400 kbit/s) through a 2 s dip to 300 kbit/s: kept (the estimate fell to
+/// ~54% of its rate during the dip and to ~28% for a few seconds after it; the old rule paused
+/// below 75% at once). Through 120 kbit/s for 15 s: paused after
+/// being starved for 5 s, audio continues; resumed when the link clears.
+#[test]
+fn a_single_layer_rides_out_a_dip_but_pauses_when_starved() {
+    let (mut sim, p, subs) = room(19, CoreConfig::default(), &one_layer(), 1);
+    let v = subs[0];
+    let conn = sim.peers[v].connection_id.clone().unwrap();
+    let clean = Link { delay: ms(20), ..Link::default() };
+    sim.peers[v].down = clean;
+    sim.peers[v].up = clean;
+    sim.stream_for(p, Duration::from_secs(5));
+    let estimate = |sim: &Sim| sim.engine.stats(&conn).unwrap().bwe_estimate_bps.unwrap_or(0);
+
+    sim.peers[v].down = Link { rate_bps: Some(300_000), queue: ms(300), ..clean };
+    let t = sim.now;
+    let mut lowest = u64::MAX;
+    while sim.now < t + Duration::from_secs(2) {
+        sim.stream_for(p, ms(200));
+        lowest = lowest.min(estimate(&sim));
+    }
+    sim.peers[v].down = clean;
+    // str0m's estimate keeps sinking for a few seconds after such a loss episode, clean link or
+    // not (its loss-based part), then a probe lifts it: 6 s covers that.
+    sim.stream_for(p, Duration::from_secs(6));
+    let dip_pauses = sim.engine.counters().video_pauses;
+    let gap = longest_video_gap(&sim, v, t);
+    println!("single layer 400 kbit/s, 2 s at 300 kbit/s: lowest estimate {lowest}, {dip_pauses} pauses, longest video gap {gap:?}");
+    assert_eq!(dip_pauses, 0, "paused on a dip");
+
+    sim.peers[v].down = Link { rate_bps: Some(120_000), queue: ms(300), ..clean };
+    let t = sim.now;
+    let mut paused_at = None;
+    while sim.now < t + Duration::from_secs(15) {
+        sim.stream_for(p, ms(200));
+        if paused_at.is_none() && sim.engine.stats(&conn).unwrap().layers[0].paused {
+            paused_at = Some(sim.now.duration_since(t));
+        }
+    }
+    let t3 = sim.now;
+    sim.stream_for(p, Duration::from_secs(3));
+    let video = layers_since(&sim, v, t3).len();
+    let audio = sim.peers[v].received.iter().filter(|r| r.at >= t3 && r.kind == MediaKind::Audio).count();
+    println!(
+        "single layer at 120 kbit/s: paused after {paused_at:?} (estimate {}), then {video} video and {audio} audio \
+         packets in 3 s",
+        estimate(&sim)
+    );
+    let paused_at = paused_at.expect("paused when starved");
+    assert!(paused_at >= Duration::from_secs(5), "paused after only {paused_at:?}");
+    assert_eq!(video, 0, "video paused");
+    assert!(audio >= 50, "audio keeps flowing: {audio}");
+
+    sim.peers[v].down = clean;
+    let t = sim.now;
+    let mut resumed = None;
+    while sim.now < t + Duration::from_secs(20) && resumed.is_none() {
+        sim.stream_for(p, ms(200));
+        resumed =
+            sim.peers[v].received.iter().find(|r| r.at >= t && r.starts_keyframe()).map(|r| r.at.duration_since(t));
+    }
+    println!("single layer: video back {resumed:?} after the link cleared (estimate {})", estimate(&sim));
+    assert!(resumed.is_some_and(|d| d < Duration::from_secs(8)), "resumed after {resumed:?}");
 }
