@@ -19,7 +19,7 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
 use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, TrackOut};
-use crate::layers::{allocate, desired_bitrate, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
+use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
 use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
 
@@ -641,6 +641,8 @@ impl Engine {
                     let lost = layer.loss.expire(now, give_up);
                     let mut want = false;
                     if lost > 0 {
+                        // The cached group has a hole now: no decoder could start on it.
+                        layer.gop.clear();
                         counters.unrecoverable_losses += lost;
                         if let Some(p) = conns.get_mut(&track.conn) {
                             p.stats.unrecoverable_losses += lost;
@@ -1046,6 +1048,7 @@ impl Engine {
             // A new stream (or a restarted one): its sequence numbers start over.
             layer.ssrc = Some(p.header.ssrc);
             layer.loss = Default::default();
+            layer.gop.clear();
         }
         // Gaps are tracked for video only: a lost audio packet is concealed by the decoder, and
         // a keyframe request would not help it (audio has no RTX to repair it either).
@@ -1055,6 +1058,23 @@ impl Engine {
         // rest of its frame, which subscribers waiting for a keyframe did not get: starting them
         // on it would leave them a keyframe they can never complete. Ask for another.
         let keyframe = starts && newest;
+        if video && cfg.keyframe_cache {
+            layer.gop.add(
+                keyframe,
+                CachedPacket {
+                    seq: *p.seq_no,
+                    ts: p.header.timestamp,
+                    marker: p.header.marker,
+                    payload: p.payload.clone(),
+                    wallclock: p.timestamp,
+                    params,
+                    ext: ExtensionValues {
+                        video_orientation: p.header.ext_vals.video_orientation,
+                        ..Default::default()
+                    },
+                },
+            );
+        }
         if keyframe {
             layer.keyframe_wanted = None;
         } else if starts {
@@ -1091,7 +1111,7 @@ impl Engine {
         params: PayloadParams,
         keyframe: bool,
     ) {
-        let Self { rooms, conns, q, counters, first_frames, .. } = self;
+        let Self { rooms, conns, q, counters, first_frames, cfg, .. } = self;
         let Some(room) = conns.get(&key).and_then(|c| rooms.get_mut(&c.room)) else { return };
         let Some(track) = room.tracks.get_mut(ti) else { return };
         let video = track.kind == MediaKind::Video;
@@ -1120,6 +1140,20 @@ impl Engine {
                 if out.current == Some(li) && same_source {
                     // The usual case: this subscriber's layer.
                 } else if out.target == Some(li) {
+                    if out.current.is_none() && cfg.keyframe_cache {
+                        // Starting: from the cached group of pictures (which ends with this
+                        // packet), if it is whole.
+                        if let Some(gop) = track.layers[li].gop.complete() {
+                            let clock_rate = clock;
+                            replay_gop(now, rtc, out, stats, counters, gop, ssrc, clock_rate);
+                            if let Some(t0) = out.ttff_from.take() {
+                                first_frames.push(now.saturating_duration_since(t0));
+                            }
+                            out.current = Some(li);
+                            sub.drain(now, q);
+                            continue;
+                        }
+                    }
                     if !keyframe {
                         // A decoder cannot start (or change streams) on a delta frame.
                         source_changed |= out.current == Some(li);
@@ -1193,18 +1227,23 @@ impl Engine {
     /// Ask for a keyframe of every layer a subscriber waits to start (or switch) on: its target,
     /// not yet the layer it receives.
     fn want_waiting_keyframes(&mut self, now: Instant, sub_key: ConnKey) {
-        let Self { rooms, conns, q, counters, .. } = self;
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
         let Some(sub) = conns.get(&sub_key) else { return };
-        let waiting: Vec<(Arc<str>, usize)> = sub
+        let waiting: Vec<(Arc<str>, usize, bool)> = sub
             .outs
             .iter()
             .filter(|o| o.live && !o.stopped && o.kind == MediaKind::Video)
-            .filter_map(|o| o.target.filter(|t| o.current != Some(*t)).map(|t| (Arc::clone(&o.stream_id), t)))
+            .filter_map(|o| {
+                o.target.filter(|t| o.current != Some(*t)).map(|t| (Arc::clone(&o.stream_id), t, o.current.is_none()))
+            })
             .collect();
         let Some(room) = rooms.get_mut(&sub.room) else { return };
-        for (stream_id, li) in waiting {
+        for (stream_id, li, starting) in waiting {
             if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == stream_id) {
-                want_keyframe(now, track, li, conns, q, counters);
+                // A subscriber that starts from the cache needs no keyframe from the publisher.
+                if !(starting && cached(cfg, track, li)) {
+                    want_keyframe(now, track, li, conns, q, counters);
+                }
             }
         }
     }
@@ -1356,9 +1395,13 @@ impl Engine {
             steer_estimator(now, sub, audio_bps, &choices, &fits, warming_up, cfg.bwe_initial_bps);
         }
         sub.drain(now, q);
-        for (stream_id, li) in wanted {
+        let starting: Vec<bool> =
+            wanted.iter().map(|(s, _)| sub.outs.iter().any(|o| o.stream_id == *s && o.current.is_none())).collect();
+        for ((stream_id, li), starting) in wanted.into_iter().zip(starting) {
             if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == stream_id) {
-                want_keyframe(now, track, li, conns, q, counters);
+                if !(starting && cached(cfg, track, li)) {
+                    want_keyframe(now, track, li, conns, q, counters);
+                }
             }
         }
     }
@@ -1431,6 +1474,11 @@ fn steer_estimator(
     }
 }
 
+/// Whether a subscriber starting on a layer can start from its keyframe cache.
+fn cached(cfg: &CoreConfig, track: &TrackIn, li: usize) -> bool {
+    cfg.keyframe_cache && track.layers.get(li).is_some_and(|l| l.gop.complete().is_some())
+}
+
 /// Send a layer's merged keyframe request upstream if the throttle allows it now.
 fn send_due_keyframe_request(
     now: Instant,
@@ -1471,6 +1519,69 @@ fn want_keyframe(
     layer.keyframe_wanted.get_or_insert(now);
     layer.keyframes.request(KeyframeRequestKind::Pli);
     send_due_keyframe_request(now, track, li, conns, q, counters);
+}
+
+/// Ticks between the frames of a replayed group of pictures: 1 ms. A decoder gets them as one
+/// burst and shows the newest at once; with their original spacing a jitter buffer would hold
+/// the live frames back by the age of the keyframe.
+const REPLAY_FRAME_STEP_MS: f64 = 1.0;
+
+/// Start a subscriber's track on a cached group of pictures (whose last packet is the live one
+/// being forwarded): sequence numbers continue the outgoing stream, frames are packed 1 ms apart
+/// ending at the live frame's timestamp, so live packets that follow keep their spacing.
+#[allow(clippy::too_many_arguments)]
+fn replay_gop(
+    now: Instant,
+    rtc: &mut Rtc,
+    out: &mut TrackOut,
+    stats: &mut ConnStats,
+    counters: &mut Counters,
+    gop: &[CachedPacket],
+    ssrc: u32,
+    clock: f64,
+) {
+    let (Some(first), Some(last)) = (gop.first(), gop.last()) else { return };
+    let step = ((clock * REPLAY_FRAME_STEP_MS / 1000.0) as u32).max(1);
+    let mut frames = 0u32;
+    let mut prev_ts = None;
+    for c in gop {
+        if prev_ts != Some(c.ts) {
+            frames += 1;
+            prev_ts = Some(c.ts);
+        }
+    }
+    // The timestamp the first frame would have if frames were `step` apart up to the last one.
+    let ts_ref = last.ts.wrapping_sub(step.wrapping_mul(frames - 1));
+    let advance = ts_advance(out.last_forward, now, clock);
+    out.rewrite.switch(ssrc, first.seq, ts_ref, advance);
+    let mut k = 0u32;
+    let mut prev_ts = None;
+    for c in gop {
+        if prev_ts.is_some_and(|t| t != c.ts) {
+            k += 1;
+        }
+        prev_ts = Some(c.ts);
+        let Some(pt) = map_pt(rtc, out, c.params) else { return };
+        let Some((seq, ts)) = out.rewrite.rewrite(ssrc, c.seq, ts_ref.wrapping_add(k.wrapping_mul(step))) else {
+            continue;
+        };
+        let mut api = rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(out.mid, None) else { return };
+        tx.set_unpaced(true);
+        let w = RtpWrite::new(pt, seq.into(), ts, c.wallclock, c.payload.clone())
+            .marker(c.marker)
+            .ext_vals(c.ext.clone())
+            .nackable(true);
+        tx.write_rtp(w);
+        let bytes = c.payload.len() as u64;
+        out.written += 1;
+        stats.rtp_packets_out += 1;
+        stats.rtp_bytes_out += bytes;
+        counters.count_out(true, bytes);
+        counters.keyframe_cache_packets += 1;
+    }
+    out.last_forward = Some(now);
+    counters.keyframe_cache_starts += 1;
 }
 
 /// RTP ticks to advance the timestamp by when an outgoing stream changes source: the time since

@@ -10,10 +10,12 @@
 //! "l/m/h", "0/1/2") and order them either way in the SDP.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use str0m::format::PayloadParams;
 use str0m::media::Rid;
-use str0m::rtp::Ssrc;
+use str0m::rtp::{ExtensionValues, Ssrc};
 
 use crate::keyframe::KeyframeThrottle;
 
@@ -38,6 +40,9 @@ pub struct LayerIn {
     pub last_packet: Option<Instant>,
     /// The publisher paused it (str0m's `StreamPaused`).
     pub paused: bool,
+    /// The packets since its last keyframe, for subscribers that start on it
+    /// (`media.keyframe_cache`).
+    pub gop: GopCache,
 }
 
 impl LayerIn {
@@ -51,12 +56,85 @@ impl LayerIn {
             loss: LossTracker::default(),
             last_packet: None,
             paused: false,
+            gop: GopCache::default(),
         }
     }
 
     /// Sending, and recently.
     pub fn active(&self, now: Instant) -> bool {
         !self.paused && self.last_packet.is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE)
+    }
+}
+
+/// One packet of a cached group of pictures, as it came from the publisher.
+#[derive(Debug, Clone)]
+pub struct CachedPacket {
+    /// Extended sequence number.
+    pub seq: u64,
+    pub ts: u32,
+    pub marker: bool,
+    pub payload: Arc<[u8]>,
+    pub wallclock: Instant,
+    pub params: PayloadParams,
+    pub ext: ExtensionValues,
+}
+
+/// The packets of a layer from its last keyframe on (the whole group of pictures: a decoder
+/// needs the keyframe and every frame after it), so a subscriber can start at once instead of
+/// waiting for a keyframe round trip to the publisher. Bounded: past [`GopCache::MAX_BYTES`] it
+/// is dropped until the next keyframe.
+#[derive(Debug, Default, Clone)]
+pub struct GopCache {
+    /// Sorted by sequence number, no duplicates.
+    packets: Vec<CachedPacket>,
+    bytes: usize,
+    /// The keyframe's first sequence number (`None`: nothing usable cached).
+    start: Option<u64>,
+}
+
+impl GopCache {
+    pub const MAX_BYTES: usize = 2 << 20;
+
+    /// Note a packet of the layer; `keyframe`: it starts a keyframe (and is the newest packet).
+    pub fn add(&mut self, keyframe: bool, p: CachedPacket) {
+        if keyframe {
+            self.clear();
+            self.start = Some(p.seq);
+        }
+        let Some(start) = self.start else { return };
+        if p.seq < start {
+            return;
+        }
+        if self.bytes + p.payload.len() > Self::MAX_BYTES {
+            self.clear();
+            return;
+        }
+        match self.packets.binary_search_by_key(&p.seq, |c| c.seq) {
+            Ok(_) => {}
+            Err(i) => {
+                self.bytes += p.payload.len();
+                self.packets.insert(i, p);
+            }
+        }
+    }
+
+    /// Forget everything (a new stream, or a gap that will never be filled).
+    pub fn clear(&mut self) {
+        self.packets.clear();
+        self.bytes = 0;
+        self.start = None;
+    }
+
+    /// The cached group if a decoder can start on it: from the keyframe on, no packet missing.
+    pub fn complete(&self) -> Option<&[CachedPacket]> {
+        let first = self.packets.first()?;
+        let last = self.packets.last()?;
+        let whole = Some(first.seq) == self.start && last.seq - first.seq + 1 == self.packets.len() as u64;
+        whole.then_some(self.packets.as_slice())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 

@@ -62,6 +62,10 @@ pub struct CoreConfig {
     pub bwe_initial_bps: u64,
     /// After a subscriber's layer moved down, it moves up again only after this long.
     pub layer_up_hold: Duration,
+    /// Keep each video layer's packets since its last keyframe and start a new subscriber on
+    /// them at once (timestamps compressed into a burst) instead of asking the publisher for a
+    /// keyframe.
+    pub keyframe_cache: bool,
 }
 
 impl Default for CoreConfig {
@@ -78,6 +82,7 @@ impl Default for CoreConfig {
             bwe: true,
             bwe_initial_bps: 1_000_000,
             layer_up_hold: Duration::from_secs(2),
+            keyframe_cache: false,
         }
     }
 }
@@ -119,6 +124,9 @@ pub struct Counters {
     pub layer_switches: u64,
     /// Subscriber tracks paused because not even the lowest layer fit the estimate.
     pub video_pauses: u64,
+    /// Subscriber tracks started from the keyframe cache, and the packets replayed for them.
+    pub keyframe_cache_starts: u64,
+    pub keyframe_cache_packets: u64,
     /// NACKs received from subscribers / sent to publishers (from str0m's stats).
     pub nacks_in: u64,
     pub nacks_out: u64,

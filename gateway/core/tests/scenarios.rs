@@ -211,10 +211,24 @@ fn a_loss_the_publisher_cannot_repair_brings_a_keyframe_not_silence() {
 
 /// Time from a late joiner's READY to its first keyframe, with the publisher 30 ms away.
 fn late_joiner_ttff(cfg: CoreConfig, lose_first_request: bool) -> (Duration, usize) {
+    let (ttff, requests, _) = late_joiner(cfg, lose_first_request, None, Duration::from_secs(2));
+    (ttff, requests)
+}
+
+/// A late joiner (subscriber 20 ms away) after `before` of streaming from a publisher 30 ms
+/// away with a keyframe every `keyframe_interval` frames: time from READY to its first keyframe,
+/// keyframe requests that reached the publisher, and the sim for more checks.
+fn late_joiner(
+    cfg: CoreConfig,
+    lose_first_request: bool,
+    keyframe_interval: Option<u32>,
+    before: Duration,
+) -> (Duration, usize, Sim) {
     let (mut sim, p, _) = room(14, cfg, &one_layer(), 0);
+    sim.peers[p].keyframe_interval = keyframe_interval;
     sim.peers[p].up = Link { delay: ms(30), ..Link::default() };
     sim.peers[p].down = Link { delay: ms(30), ..Link::default() };
-    sim.stream_for(p, Duration::from_secs(2));
+    sim.stream_for(p, before);
     let requests_before = sim.peers[p].keyframe_requests;
     let v = sim.add_peer("late");
     sim.peers[v].down = Link { delay: ms(20), ..Link::default() };
@@ -240,7 +254,8 @@ fn late_joiner_ttff(cfg: CoreConfig, lose_first_request: bool) -> (Duration, usi
     let ttff = sim.first_keyframe_at(v).expect("a first frame").duration_since(ready_at.expect("READY"));
     let gateway_view = sim.engine.take_first_frame_times();
     assert!(!gateway_view.is_empty(), "the engine measured it too");
-    (ttff, sim.peers[p].keyframe_requests - requests_before)
+    let requests = sim.peers[p].keyframe_requests - requests_before;
+    (ttff, requests, sim)
 }
 
 #[test]
@@ -545,4 +560,45 @@ fn a_single_layer_rides_out_a_dip_but_pauses_when_starved() {
     }
     println!("single layer: video back {resumed:?} after the link cleared (estimate {})", estimate(&sim));
     assert!(resumed.is_some_and(|d| d < Duration::from_secs(8)), "resumed after {resumed:?}");
+}
+
+/// Keyframe cache on and off: a late joiner's time to first frame, with a publisher that sends a
+/// keyframe every 3 s (and on request), joining at several points of its group of pictures; and
+/// with the first keyframe request lost. The cache replays the group since the last keyframe as
+/// one burst (timestamps 1 ms apart), so the joiner decodes at once.
+#[test]
+fn keyframe_cache_time_to_first_frame() {
+    let mut rows = Vec::new();
+    for cache in [false, true] {
+        let mut ttffs = Vec::new();
+        let mut burst = Vec::new();
+        let mut requests = 0;
+        // Join 0.5 s, 1.5 s and 2.5 s after the last periodic keyframe (3 s apart).
+        for before in [2500, 3500, 4500] {
+            let cfg = CoreConfig { keyframe_cache: cache, ..CoreConfig::default() };
+            let (ttff, req, sim) = late_joiner(cfg, false, Some(150), ms(before));
+            let v = sim.peers.len() - 1;
+            // What the joiner got decodes: its first packet starts a keyframe and sequence
+            // numbers continue (nothing lost on these links), timestamps never go back.
+            let video: Vec<_> = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+            assert!(video[0].starts_keyframe(), "cache {cache}: the first packet starts a keyframe");
+            for w in video.windows(2) {
+                assert_eq!(w[1].seq, w[0].seq + 1, "cache {cache}: continuous");
+                assert!(w[1].ts.wrapping_sub(w[0].ts) < 1 << 31, "cache {cache}: timestamps forward");
+            }
+            ttffs.push(ttff);
+            burst.push(sim.engine.counters().keyframe_cache_packets);
+            requests += req;
+        }
+        let cfg = CoreConfig { keyframe_cache: cache, keyframe_retry: ms(300), ..CoreConfig::default() };
+        let (lost_ttff, _, _) = late_joiner(cfg, true, Some(150), ms(3500));
+        println!(
+            "keyframe cache {cache}: time to first frame {ttffs:?} (joining 0.5/1.5/2.5 s into a 3 s group), \
+             {requests} keyframe requests; packets replayed {burst:?}; first request lost: {lost_ttff:?}"
+        );
+        rows.push((ttffs, lost_ttff));
+    }
+    let (without, with) = (&rows[0], &rows[1]);
+    assert!(with.0.iter().zip(&without.0).all(|(a, b)| a < b), "the cache is faster: {rows:?}");
+    assert!(with.1 < without.1, "the cache does not depend on the request: {rows:?}");
 }
