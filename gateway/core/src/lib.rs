@@ -7,8 +7,9 @@
 //!   keyframe relay, connection deadlines.
 //! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
 //! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
-//! - `layers`: a published track's encodings (simulcast layers), their bitrates and unrepaired
-//!   losses, and the choice of layer per subscriber from its bandwidth estimate.
+//! - `layers`: a published track's encodings (simulcast layers), their bitrates, unrepaired
+//!   losses and (optionally) cached group of pictures, and the choice of layer per subscriber
+//!   from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.

@@ -573,7 +573,7 @@ fn keyframe_cache_time_to_first_frame() {
         let mut ttffs = Vec::new();
         let mut burst = Vec::new();
         let mut requests = 0;
-        // Join 0.5 s, 1.5 s and 2.5 s after the last periodic keyframe (3 s apart).
+        // Three join points in the publisher's 3 s group of pictures (replays of 0.6-2.6 s).
         for before in [2500, 3500, 4500] {
             let cfg = CoreConfig { keyframe_cache: cache, ..CoreConfig::default() };
             let (ttff, req, sim) = late_joiner(cfg, false, Some(150), ms(before));
@@ -593,7 +593,7 @@ fn keyframe_cache_time_to_first_frame() {
         let cfg = CoreConfig { keyframe_cache: cache, keyframe_retry: ms(300), ..CoreConfig::default() };
         let (lost_ttff, _, _) = late_joiner(cfg, true, Some(150), ms(3500));
         println!(
-            "keyframe cache {cache}: time to first frame {ttffs:?} (joining 0.5/1.5/2.5 s into a 3 s group), \
+            "keyframe cache {cache}: time to first frame {ttffs:?} (three join points in a 3 s group), \
              {requests} keyframe requests; packets replayed {burst:?}; first request lost: {lost_ttff:?}"
         );
         rows.push((ttffs, lost_ttff));
