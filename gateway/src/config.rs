@@ -63,6 +63,9 @@ pub struct MediaConfig {
     /// After a subscriber's layer moved down for lack of bandwidth, it moves up again only after
     /// this many ms.
     pub layer_up_hold_ms: u64,
+    /// Keep each video layer's packets since its last keyframe and start new subscribers on them
+    /// at once instead of asking the publisher for a keyframe (docs/media-quality.md).
+    pub keyframe_cache: bool,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -160,6 +163,7 @@ impl Default for MediaConfig {
             bwe: true,
             bwe_initial_bps: 1_000_000,
             layer_up_hold_ms: 2_000,
+            keyframe_cache: false,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -314,6 +318,7 @@ impl GatewayConfig {
             bwe: self.media.bwe,
             bwe_initial_bps: self.media.bwe_initial_bps,
             layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
+            keyframe_cache: self.media.keyframe_cache,
         }
     }
 

@@ -61,6 +61,9 @@ pub(crate) struct TrackOut {
     pub ttff_from: Option<Instant>,
     /// The publisher payload type last recorded in the subscriber's `stats.codecs`.
     pub noted_pt: Option<Pt>,
+    /// Since when the estimate has been too low for this track's only layer (it pauses once
+    /// that has lasted `layers::SINGLE_PAUSE_AFTER`).
+    pub starved_since: Option<Instant>,
 }
 
 impl TrackOut {
@@ -82,6 +85,7 @@ impl TrackOut {
             last_forward: None,
             ttff_from: None,
             noted_pt: None,
+            starved_since: None,
         }
     }
 }
@@ -208,6 +212,10 @@ pub(crate) struct Conn {
     /// Latest TWCC estimate and latest REMB toward this peer, bits/s.
     pub twcc_estimate: Option<u64>,
     pub remb_estimate: Option<u64>,
+    /// The desired bitrate last given to str0m's estimator.
+    pub bwe_desired: Option<u64>,
+    /// When the estimator may next be asked to probe for a higher layer.
+    pub next_probe: Option<Instant>,
     pub stats: ConnStats,
     /// `connection{connection_id, room, participant, role}`: every log line of this connection
     /// carries these, so its life can be followed by grepping the id.

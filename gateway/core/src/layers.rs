@@ -10,10 +10,12 @@
 //! "l/m/h", "0/1/2") and order them either way in the SDP.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use str0m::format::PayloadParams;
 use str0m::media::Rid;
-use str0m::rtp::Ssrc;
+use str0m::rtp::{ExtensionValues, Ssrc};
 
 use crate::keyframe::KeyframeThrottle;
 
@@ -38,6 +40,9 @@ pub struct LayerIn {
     pub last_packet: Option<Instant>,
     /// The publisher paused it (str0m's `StreamPaused`).
     pub paused: bool,
+    /// The packets since its last keyframe, for subscribers that start on it
+    /// (`media.keyframe_cache`).
+    pub gop: GopCache,
 }
 
 impl LayerIn {
@@ -51,12 +56,85 @@ impl LayerIn {
             loss: LossTracker::default(),
             last_packet: None,
             paused: false,
+            gop: GopCache::default(),
         }
     }
 
     /// Sending, and recently.
     pub fn active(&self, now: Instant) -> bool {
         !self.paused && self.last_packet.is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE)
+    }
+}
+
+/// One packet of a cached group of pictures, as it came from the publisher.
+#[derive(Debug, Clone)]
+pub struct CachedPacket {
+    /// Extended sequence number.
+    pub seq: u64,
+    pub ts: u32,
+    pub marker: bool,
+    pub payload: Arc<[u8]>,
+    pub wallclock: Instant,
+    pub params: PayloadParams,
+    pub ext: ExtensionValues,
+}
+
+/// The packets of a layer from its last keyframe on (the whole group of pictures: a decoder
+/// needs the keyframe and every frame after it), so a subscriber can start at once instead of
+/// waiting for a keyframe round trip to the publisher. Bounded: past [`GopCache::MAX_BYTES`] it
+/// is dropped until the next keyframe.
+#[derive(Debug, Default, Clone)]
+pub struct GopCache {
+    /// Sorted by sequence number, no duplicates.
+    packets: Vec<CachedPacket>,
+    bytes: usize,
+    /// The keyframe's first sequence number (`None`: nothing usable cached).
+    start: Option<u64>,
+}
+
+impl GopCache {
+    pub const MAX_BYTES: usize = 2 << 20;
+
+    /// Note a packet of the layer; `keyframe`: it starts a keyframe (and is the newest packet).
+    pub fn add(&mut self, keyframe: bool, p: CachedPacket) {
+        if keyframe {
+            self.clear();
+            self.start = Some(p.seq);
+        }
+        let Some(start) = self.start else { return };
+        if p.seq < start {
+            return;
+        }
+        if self.bytes + p.payload.len() > Self::MAX_BYTES {
+            self.clear();
+            return;
+        }
+        match self.packets.binary_search_by_key(&p.seq, |c| c.seq) {
+            Ok(_) => {}
+            Err(i) => {
+                self.bytes += p.payload.len();
+                self.packets.insert(i, p);
+            }
+        }
+    }
+
+    /// Forget everything (a new stream, or a gap that will never be filled).
+    pub fn clear(&mut self) {
+        self.packets.clear();
+        self.bytes = 0;
+        self.start = None;
+    }
+
+    /// The cached group if a decoder can start on it: from the keyframe on, no packet missing.
+    pub fn complete(&self) -> Option<&[CachedPacket]> {
+        let first = self.packets.first()?;
+        let last = self.packets.last()?;
+        let whole = Some(first.seq) == self.start && last.seq - first.seq + 1 == self.packets.len() as u64;
+        whole.then_some(self.packets.as_slice())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -159,9 +237,32 @@ pub struct TrackChoice {
 pub const UP_HEADROOM: f64 = 1.15;
 
 /// Pausing video is drastic and estimates are noisy (random loss alone pulls a delay/loss
-/// estimator down): a track keeps its lowest layer until the estimate falls below this share of
-/// what that layer needs.
+/// estimator down): a simulcast track keeps its lowest layer until the estimate falls below this
+/// share of what that layer needs.
 pub const PAUSE_BELOW: f64 = 0.75;
+
+/// A track with one layer to offer (no simulcast, or capped at its lowest by `set_layer`) has
+/// nothing lower to fall back to: pausing it blanks the picture. It keeps flowing until the
+/// estimate falls below this share of its rate, and (the caller's part, [`SINGLE_PAUSE_AFTER`])
+/// stays there for a while. Seen with Chromium on a clean loopback path: the estimate dipped
+/// below a non-simulcast stream's rate for a moment and the gateway paused the only layer.
+pub const SINGLE_PAUSE_BELOW: f64 = 0.5;
+
+/// How long a single-layer track must have been starved (below [`SINGLE_PAUSE_BELOW`]) before it
+/// pauses.
+pub const SINGLE_PAUSE_AFTER: Duration = Duration::from_secs(5);
+
+/// The estimator is asked to find this much more than the best layers need, so probing can
+/// prove the headroom an up-switch waits for ([`UP_HEADROOM`]) plus a margin for rate noise.
+pub const DESIRED_HEADROOM: f64 = 1.25;
+
+/// The bitrate a subscriber would use with the best layers it may receive: audio plus, per
+/// video track, the highest layer it may get (the last of `rates`), with [`DESIRED_HEADROOM`]
+/// over the video. `None` while no video rate is known (nothing measured yet).
+pub fn desired_bitrate(audio_bps: u64, tracks: &[TrackChoice]) -> Option<u64> {
+    let video: u64 = tracks.iter().filter_map(|t| t.rates.last()).sum();
+    (video > 0).then(|| audio_bps + (video as f64 * DESIRED_HEADROOM) as u64)
+}
 
 /// Choose a layer for each video track within `budget` bits/s (`None`: no estimate, take the
 /// best). Every track first gets its lowest layer while they fit, in order; then tracks move up
@@ -175,14 +276,16 @@ pub fn allocate(budget: Option<u64>, tracks: &[TrackChoice]) -> Vec<Option<usize
     let relaxed = greedy(budget as f64, tracks);
     let strict = greedy(budget as f64 / UP_HEADROOM, tracks);
     let lenient = greedy(budget as f64 / PAUSE_BELOW, tracks);
+    let lenient_single = greedy(budget as f64 / SINGLE_PAUSE_BELOW, tracks);
     tracks
         .iter()
         .enumerate()
         .map(|(i, t)| {
             let cur = t.current.filter(|c| *c < t.rates.len());
+            let nearly = if t.rates.len() == 1 { lenient_single[i] } else { lenient[i] };
             match (cur, relaxed[i], strict[i]) {
                 // Not even the lowest layer fits, but nearly: keep it rather than pause.
-                (Some(_), None, _) if lenient[i].is_some() => Some(0),
+                (Some(_), None, _) if nearly.is_some() => Some(0),
                 // The current layer no longer fits: down (or paused).
                 (Some(c), r, _) if r.is_none_or(|r| r < c) => r,
                 // Starting (or resuming): what fits without headroom is fine.
@@ -249,6 +352,28 @@ mod tests {
         // A video already flowing pauses only well below its lowest layer's needs.
         assert_eq!(allocate(Some(130_000), &[t(&SIMULCAST, Some(0))]), vec![Some(0)]);
         assert_eq!(allocate(Some(100_000), &[t(&SIMULCAST, Some(0))]), vec![None]);
+    }
+
+    #[test]
+    fn a_single_layer_pauses_only_far_below_its_rate() {
+        // 400 kbit/s and nothing lower: kept down to half its rate (the caller adds the time).
+        assert_eq!(allocate(Some(250_000), &[t(&[400_000], Some(0))]), vec![Some(0)]);
+        assert_eq!(allocate(Some(190_000), &[t(&[400_000], Some(0))]), vec![None]);
+        // Starting (or resuming) still needs the whole rate.
+        assert_eq!(allocate(Some(390_000), &[t(&[400_000], None)]), vec![None]);
+        assert_eq!(allocate(Some(400_000), &[t(&[400_000], None)]), vec![Some(0)]);
+        // The lowest of several layers keeps the stricter rule: there is a layer to come back on.
+        assert_eq!(allocate(Some(100_000), &[t(&SIMULCAST, Some(0))]), vec![None]);
+    }
+
+    #[test]
+    fn the_desired_bitrate_is_the_best_layers_with_headroom_and_no_floor() {
+        assert_eq!(desired_bitrate(40_000, &[t(&SIMULCAST, Some(0))]), Some(40_000 + 1_875_000));
+        // Capped by set_layer at the middle layer: only what that needs.
+        assert_eq!(desired_bitrate(0, &[t(&SIMULCAST[..2], Some(0)), t(&[200_000], None)]), Some(875_000));
+        // A small stream asks for little (no floor at the initial estimate).
+        assert_eq!(desired_bitrate(0, &[t(&[100_000], Some(0))]), Some(125_000));
+        assert_eq!(desired_bitrate(40_000, &[t(&[0], None)]), None, "nothing measured yet");
     }
 
     #[test]

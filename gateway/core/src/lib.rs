@@ -7,8 +7,9 @@
 //!   keyframe relay, connection deadlines.
 //! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
 //! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
-//! - `layers`: a published track's encodings (simulcast layers), their bitrates and unrepaired
-//!   losses, and the choice of layer per subscriber from its bandwidth estimate.
+//! - `layers`: a published track's encodings (simulcast layers), their bitrates, unrepaired
+//!   losses and (optionally) cached group of pictures, and the choice of layer per subscriber
+//!   from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
@@ -62,6 +63,10 @@ pub struct CoreConfig {
     pub bwe_initial_bps: u64,
     /// After a subscriber's layer moved down, it moves up again only after this long.
     pub layer_up_hold: Duration,
+    /// Keep each video layer's packets since its last keyframe and start a new subscriber on
+    /// them at once (timestamps compressed into a burst) instead of asking the publisher for a
+    /// keyframe.
+    pub keyframe_cache: bool,
 }
 
 impl Default for CoreConfig {
@@ -78,6 +83,7 @@ impl Default for CoreConfig {
             bwe: true,
             bwe_initial_bps: 1_000_000,
             layer_up_hold: Duration::from_secs(2),
+            keyframe_cache: false,
         }
     }
 }
@@ -119,6 +125,9 @@ pub struct Counters {
     pub layer_switches: u64,
     /// Subscriber tracks paused because not even the lowest layer fit the estimate.
     pub video_pauses: u64,
+    /// Subscriber tracks started from the keyframe cache, and the packets replayed for them.
+    pub keyframe_cache_starts: u64,
+    pub keyframe_cache_packets: u64,
     /// NACKs received from subscribers / sent to publishers (from str0m's stats).
     pub nacks_in: u64,
     pub nacks_out: u64,

@@ -118,6 +118,8 @@ pub struct Peer {
     /// Video is written resendable (it answers NACKs from its RTX buffer); off models a sender
     /// whose buffer no longer has the packet.
     pub rtx: bool,
+    /// Audio packets sent.
+    pub audio_sent: usize,
     pending: Option<SdpPendingOffer>,
     audio: Option<Mid>,
     video: Option<Mid>,
@@ -209,6 +211,7 @@ impl Sim {
             keyframe_interval: None,
             subscribed_at: None,
             rtx: true,
+            audio_sent: 0,
             pending: None,
             audio: None,
             video: None,
@@ -375,6 +378,7 @@ impl Sim {
         let mut api = p.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else { return };
         tx.write_rtp(RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true));
+        p.audio_sent += 1;
     }
 
     /// The peer asks for a keyframe on every video stream it receives.
