@@ -63,9 +63,13 @@ struct LossRepair {
 /// random loss pulls down toward the stream's own rate, packets and their retransmissions
 /// waited in its queue (96.0% within 2 RTT instead of 99.2%).
 fn downlink_loss(bwe: bool) -> LossRepair {
+    downlink_loss_with(bwe, 1000, 11)
+}
+
+fn downlink_loss_with(bwe: bool, frame_bytes: usize, seed: u64) -> LossRepair {
     let wall = Instant::now();
     let cfg = CoreConfig { bwe, ..CoreConfig::default() };
-    let (mut sim, p, subs) = room(11, cfg, &one_layer(), 1);
+    let (mut sim, p, subs) = room(seed, cfg, &[LayerSpec { rid: None, frame_bytes }], 1);
     let v = subs[0];
     sim.stream_for(p, Duration::from_secs(1));
     // 25 ms each way: RTT 50 ms. Loss only on the gateway → subscriber leg.
@@ -83,7 +87,7 @@ fn downlink_loss(bwe: bool) -> LossRepair {
     let stats = sim.engine.stats(sim.peers[v].connection_id.as_deref().unwrap()).unwrap();
     let video_out = stats.rtp_packets_out;
     println!(
-        "downlink 5% loss, bwe {bwe}: {n} video packets, {:.2}% within 2 RTT, {:.2}% within 2 RTT + one frame, \
+        "downlink 5% loss, bwe {bwe}, {frame_bytes}-byte frames, seed {seed}: {n} video packets, {:.2}% within 2 RTT, {:.2}% within 2 RTT + one frame, \
          {:.2}% eventually; {} datagrams dropped; {} retransmissions = {:.1}% extra video packets; estimate {:?}; \
          wall {:?}",
         two_rtt * 100.0,
@@ -120,6 +124,20 @@ fn assert_loss_repaired(r: &LossRepair) {
 #[test]
 fn five_percent_downlink_loss_is_repaired_within_two_round_trips() {
     assert_loss_repaired(&downlink_loss(false));
+}
+
+/// A 1.5 Mbit/s stream (3,750-byte frames: four packets per 20 ms frame, as an HD camera sends):
+/// a lost packet is noticed within a few ms by the next packet of its frame, and the goal holds
+/// with the default configuration. Seeds 11–20 measured 99.52–99.78% within 2 RTT (100%
+/// eventually, 3.9–5.1% extra packets); the assertion runs three of them (the simulation is
+/// deterministic per seed).
+#[test]
+fn five_percent_downlink_loss_on_an_hd_stream_within_two_round_trips() {
+    for seed in 11..14 {
+        let r = downlink_loss_with(true, 3750, seed);
+        assert!(r.two_rtt >= 0.995, "seed {seed}: only {:.2}% arrived within two round trips", r.two_rtt * 100.0);
+        assert!(r.eventually >= 0.999, "seed {seed}: {:.2}% arrived at all", r.eventually * 100.0);
+    }
 }
 
 #[test]
