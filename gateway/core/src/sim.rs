@@ -392,6 +392,18 @@ impl Sim {
         self.drain_peer(peer);
     }
 
+    /// The peer sends a REMB (receiver estimated maximum bitrate) on every video stream it
+    /// receives, as a receiver without TWCC feedback does.
+    pub fn send_remb(&mut self, peer: usize, bps: u64) {
+        let p = &mut self.peers[peer];
+        for ssrc in p.video_ssrcs.clone() {
+            if let Some(rx) = p.rtc.direct_api().stream_rx(&ssrc) {
+                rx.request_remb(str0m::bwe::Bitrate::bps(bps));
+            }
+        }
+        self.drain_peer(peer);
+    }
+
     /// Hand a raw datagram to the engine as if `from` had sent it to connection `key`.
     pub fn inject(&mut self, key: ConnKey, from: SocketAddr, bytes: &[u8]) {
         let Some(local) = self.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a) else { return };

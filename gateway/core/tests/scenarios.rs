@@ -470,6 +470,39 @@ fn the_bandwidth_estimate_moves_a_subscriber_down_up_and_pauses_video() {
     assert!(sim.engine.counters().video_pauses >= 1);
 }
 
+/// REMB from a subscriber caps its estimate (the lower of TWCC and REMB): a subscriber on an
+/// open link that reports 400 kbit/s by REMB is moved off the 960 kbit/s top layer, and back
+/// onto it when its REMB rises again.
+#[test]
+fn remb_from_a_subscriber_caps_its_layer() {
+    let (mut sim, p, subs) = room(23, CoreConfig::default(), &simulcast(), 1);
+    let v = subs[0];
+    let conn = sim.peers[v].connection_id.clone().unwrap();
+    sim.stream_for(p, Duration::from_secs(4));
+    let t = sim.now;
+    sim.stream_for(p, Duration::from_secs(1));
+    assert_eq!(layers_since(&sim, v, t).last(), Some(&2), "open link: the top layer");
+    let stream_with_remb = |sim: &mut Sim, bps: u64, secs: u64| {
+        for _ in 0..secs * 2 {
+            sim.send_remb(v, bps);
+            sim.stream_for(p, ms(500));
+        }
+    };
+    let t = sim.now;
+    stream_with_remb(&mut sim, 400_000, 4);
+    let s = sim.engine.stats(&conn).unwrap();
+    let got = layers_since(&sim, v, sim.now - Duration::from_secs(1));
+    println!("REMB 400 kbit/s: estimate {:?}, layers {:?} in the last second", s.bwe_estimate_bps, dedup(&got));
+    assert!(s.bwe_estimate_bps.is_some_and(|e| e <= 400_000), "REMB caps the estimate: {:?}", s.bwe_estimate_bps);
+    assert!(!got.is_empty() && got.iter().all(|l| *l < 2), "moved off the top layer: {:?}", dedup(&got));
+    assert!(layers_since(&sim, v, t).contains(&2), "it was on the top layer before");
+    stream_with_remb(&mut sim, 5_000_000, 6);
+    let got = layers_since(&sim, v, sim.now - Duration::from_secs(1));
+    println!("REMB 5 Mbit/s: layers {:?} in the last second", dedup(&got));
+    assert_eq!(got.last(), Some(&2), "back on the top layer");
+    assert_continuous(&sim, v);
+}
+
 /// Whether a subscriber got video in every `window` from `from` to now, and the longest gap.
 fn longest_video_gap(sim: &Sim, v: usize, from: Instant) -> Duration {
     let mut last = from;
