@@ -1702,6 +1702,27 @@ mod tests {
         assert_eq!(preferred_video_codec("v=0\r\nm=audio 9 X 0\r\n"), None);
     }
 
+    /// Where a subscriber may start or switch layers: a VP8 keyframe's first packet; for H.264
+    /// the SPS that leads an IDR (single NAL or in a STAP-A) or an IDR slice, never a delta slice
+    /// or the middle of a fragmented IDR.
+    #[test]
+    fn keyframe_starts_by_codec() {
+        // VP8: payload descriptor with S set and partition 0, payload header P bit clear.
+        assert!(starts_keyframe(Codec::Vp8, &[0x10, 0x00, 0x9d, 0x01, 0x2a, 0, 0, 0, 0, 0]));
+        assert!(!starts_keyframe(Codec::Vp8, &[0x10, 0x01, 0, 0, 0, 0]), "delta frame");
+        assert!(!starts_keyframe(Codec::Vp8, &[0x00, 0x00, 0, 0, 0, 0]), "not the first packet");
+        // H.264 (RFC 6184): NAL header forbidden bit 0, NRI 3, type in the low 5 bits.
+        let sps = [0x67, 0x42, 0xe0, 0x1f, 0xda];
+        assert!(starts_keyframe(Codec::H264, &sps), "SPS as a single NAL unit");
+        let stap_a = [0x78, 0x00, 0x05, 0x67, 0x42, 0xe0, 0x1f, 0xda, 0x00, 0x02, 0x68, 0xce];
+        assert!(starts_keyframe(Codec::H264, &stap_a), "SPS + PPS in a STAP-A");
+        assert!(starts_keyframe(Codec::H264, &[0x65, 0x88, 0x84]), "IDR slice");
+        assert!(starts_keyframe(Codec::H264, &[0x7c, 0x85, 0x88, 0x84]), "first FU-A fragment of an IDR");
+        assert!(!starts_keyframe(Codec::H264, &[0x7c, 0x05, 0x88, 0x84]), "later FU-A fragment of an IDR");
+        assert!(!starts_keyframe(Codec::H264, &[0x41, 0x9a, 0x02]), "non-IDR slice");
+        assert!(!starts_keyframe(Codec::H264, &[0x7c, 0x41, 0x9a]), "FU-A fragment of a non-IDR slice");
+    }
+
     #[test]
     fn preferred_codec_goes_first() {
         let mut cc = CodecConfig::new_with_defaults();
