@@ -67,6 +67,8 @@ log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN
 # As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
 if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
+log "the Chromium simulcast test again with H.264 simulcast"
+(cd web-client && SIMULCAST_CODEC=H264 node --test tests/simulcast.test.mjs)
 
 # ~2 minutes of churn on 2 cores (2400 cycles), after the release build of the test.
 SOAK_ROOMS="${SOAK_ROOMS:-60}"

@@ -55,11 +55,13 @@ async function decoded(page) {
     const pc = window.gw.sub.pc;
     if (!pc) return null;
     let v = null;
-    (await pc.getStats()).forEach((s) => {
+    const stats = await pc.getStats();
+    stats.forEach((s) => {
       if (s.type === "inbound-rtp" && s.kind === "video") v = s;
     });
     const el = document.querySelector(".tile:not(.local) video");
-    return v && { frameWidth: v.frameWidth, frameHeight: v.frameHeight, framesDecoded: v.framesDecoded, keyFramesDecoded: v.keyFramesDecoded, videoWidth: el ? el.videoWidth : 0 };
+    const codec = v && v.codecId && stats.get(v.codecId) ? stats.get(v.codecId).mimeType : null;
+    return v && { frameWidth: v.frameWidth, frameHeight: v.frameHeight, framesDecoded: v.framesDecoded, keyFramesDecoded: v.keyFramesDecoded, videoWidth: el ? el.videoWidth : 0, codec };
   });
 }
 
@@ -95,7 +97,9 @@ async function layersAtGateway(connectionId) {
 }
 
 test("set_layer switches a Chromium subscriber between simulcast layers", { timeout: 240000 }, async () => {
-  const a = await joinPage("simulcast-room", "alice", "simulcast=1");
+  // SIMULCAST_CODEC=H264 runs the same test with H.264 simulcast.
+  const codec = process.env.SIMULCAST_CODEC ? `&codec=${process.env.SIMULCAST_CODEC}` : "";
+  const a = await joinPage("simulcast-room", "alice", `simulcast=1${codec}`);
   const b = await joinPage("simulcast-room", "bob", "layers=1");
 
   const first = await waitFor("bob decoding alice's simulcast video", async () => {
@@ -183,6 +187,9 @@ test("set_layer switches a Chromium subscriber between simulcast layers", { time
     }
   }
   assert.deepEqual(figures.map((f) => f.rid), ["f", "q", "h", "f"]);
+  const codecSeen = (await decoded(b)).codec;
+  console.log(`bob decodes ${codecSeen}`);
+  assert.equal(codecSeen, `video/${process.env.SIMULCAST_CODEC || "VP8"}`, "the codec the publisher was asked to prefer");
   assert.ok(figures[1].width < figures[2].width && figures[2].width < figures[3].width, JSON.stringify(figures));
   // f -> q -> h -> f are three switches at least (four if bob was not on f before); the stats
   // count this connection's, the metric every connection's (published once a second).
