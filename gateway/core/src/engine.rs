@@ -745,9 +745,9 @@ impl Engine {
                     for o in conn.outs.iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
                         o.ttff_from = Some(now);
                     }
-                    // The keyframes asked for when the answer came may have arrived before READY,
-                    // when nothing could be forwarded: ask again.
-                    self.want_waiting_keyframes(now, key);
+                    // Reallocation (in this same pass) asks again for the keyframes the
+                    // subscriber waits for: one asked for at the answer may have arrived before
+                    // READY, when nothing could be forwarded.
                     queue_reallocation(&mut self.realloc, key);
                 }
             }
@@ -1226,30 +1226,6 @@ impl Engine {
         if track.layers[li].keyframes.deadline().is_some() {
             // Deferred into the merged request the throttle sends when its window ends.
             counters.keyframe_requests_throttled[kind_index(kind)] += 1;
-        }
-    }
-
-    /// Ask for a keyframe of every layer a subscriber waits to start (or switch) on: its target,
-    /// not yet the layer it receives.
-    fn want_waiting_keyframes(&mut self, now: Instant, sub_key: ConnKey) {
-        let Self { rooms, conns, q, counters, cfg, .. } = self;
-        let Some(sub) = conns.get(&sub_key) else { return };
-        let waiting: Vec<(Arc<str>, usize, bool)> = sub
-            .outs
-            .iter()
-            .filter(|o| o.live && !o.stopped && o.kind == MediaKind::Video)
-            .filter_map(|o| {
-                o.target.filter(|t| o.current != Some(*t)).map(|t| (Arc::clone(&o.stream_id), t, o.current.is_none()))
-            })
-            .collect();
-        let Some(room) = rooms.get_mut(&sub.room) else { return };
-        for (stream_id, li, starting) in waiting {
-            if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == stream_id) {
-                // A subscriber that starts from the cache needs no keyframe from the publisher.
-                if !(starting && cached(cfg, track, li)) {
-                    want_keyframe(now, track, li, conns, q, counters);
-                }
-            }
         }
     }
 
