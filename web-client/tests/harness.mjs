@@ -102,6 +102,19 @@ export async function launchChromium({ executablePath, extraArgs = [] } = {}) {
   });
 }
 
+/**
+ * Open the web client in a fresh browser context of `browser` and press Join: `room` as `name`,
+ * with extra URL parameters in `query` (e.g. "simulcast=1").
+ */
+export async function joinPage(browser, base, room, name, query = "") {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
+  await page.goto(`${base}/?room=${room}&name=${name}${query ? `&${query}` : ""}`);
+  await page.click("#join-button");
+  return page;
+}
+
 export async function waitFor(what, fn, timeoutMs = 20000, everyMs = 200) {
   const deadline = Date.now() + timeoutMs;
   let last;

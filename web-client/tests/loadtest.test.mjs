@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { API_KEY, api, launchChromium, repoRoot, startGateway, waitFor } from "./harness.mjs";
+import { API_KEY, api, launchChromium, repoRoot, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
 
 let gateway;
 let browser;
@@ -67,11 +67,7 @@ test("a browser decodes the load tester's synthetic VP8 and H.264", { timeout: 1
     return found && found.streams >= 4 ? found : null;
   }, 30000);
 
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.error(`[viewer] page error: ${e.message}`));
-  await page.goto(`${gateway.base}/?room=${room}&name=viewer`);
-  await page.click("#join-button");
+  const page = await joinPageOf(browser, gateway.base, room, "viewer");
 
   const want = { "video/VP8": [640, 360], "video/H264": [1280, 720] };
   const first = await waitFor("the viewer decoding both synthetic streams", async () => {

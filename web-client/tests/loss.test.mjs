@@ -22,7 +22,7 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, waitFor } from "./harness.mjs";
+import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
 
 const PROBABILITY = Number(process.env.LOSS_PROBABILITY || "0.05");
 const SECONDS = Number(process.env.LOSS_SECONDS || "15");
@@ -191,14 +191,7 @@ after(async () => {
   cleanup();
 });
 
-async function joinPage(room, name, query = "") {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(`${gateway.base}/?room=${room}&name=${name}&${query}`);
-  await page.click("#join-button");
-  return page;
-}
+const joinPage = (room, name, query) => joinPageOf(browser, gateway.base, room, name, query);
 
 test(`video keeps decoding in Chromium with ${PROBABILITY * 100}% random UDP loss both ways`, { timeout: 120000 }, async (t) => {
   if (skipReason) {

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { api, ensureOutputDir, launchChromium, startGateway, waitFor } from "./harness.mjs";
+import { api, ensureOutputDir, launchChromium, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
 
 let gateway;
 let browser;
@@ -19,14 +19,7 @@ after(async () => {
   if (gateway) await gateway.stop();
 });
 
-async function joinPage(room, name, codec) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(`${gateway.base}/?room=${room}&name=${name}${codec ? `&codec=${codec}` : ""}`);
-  await page.click("#join-button");
-  return page;
-}
+const joinPage = (room, name, codec) => joinPageOf(browser, gateway.base, room, name, codec ? `codec=${codec}` : "");
 
 /** Inbound RTP stats of the page's subscribe connection. */
 async function inbound(page) {

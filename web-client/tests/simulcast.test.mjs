@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, waitFor } from "./harness.mjs";
+import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
 
 let gateway;
 let browser;
@@ -40,14 +40,7 @@ after(async () => {
   if (gateway) await gateway.stop();
 });
 
-async function joinPage(room, name, query) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(`${gateway.base}/?room=${room}&name=${name}&${query}`);
-  await page.click("#join-button");
-  return page;
-}
+const joinPage = (room, name, query) => joinPageOf(browser, gateway.base, room, name, query);
 
 /** B's decoded video as getStats and the <video> element see it. */
 async function decoded(page) {
