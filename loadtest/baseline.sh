@@ -6,9 +6,13 @@
 #   RUNS=1 SCENARIOS="storm" loadtest/baseline.sh
 # Scenarios:
 #   fanout  1 room, 1 publisher (1.5 Mbit/s VP8 720p + Opus) x 200 subscribers, 60 s
-#   ramp    4 rooms x 1 publisher (same media), subscribers +40 per step until loss > 1% or
+#   ramp    4 rooms x 1 publisher (same media), subscribers +RAMP_STEP (40) per step until loss > 1% or
 #           p99 > 50 ms; capacity at the knee with media.workers = 1
 #   storm   1 room, 200 participants (1 publisher + 199 subscribers) joining at 50/s
+# GATEWAY_CPU_QUOTA=50 runs the gateway under a CFS quota of 50% of one core (a cgroup, as root;
+# 10 ms period so a throttled gateway stalls for at most 5 ms). On a 2-core machine the load
+# tester, one core, runs out before a whole gateway core does; under a quota the ramp reaches
+# the gateway's own knee, and its capacity per core is the knee divided by the quota.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +27,24 @@ mkdir -p "$OUT"
 GW_BIN=target/release/gateway
 LT_BIN=target/release/loadtest
 
+CPU_QUOTA=${GATEWAY_CPU_QUOTA:-}
+CGROUP=
+limit_cpu() { # pid: move the gateway into a cgroup with a CPU quota of $CPU_QUOTA % of one core
+  [ -n "$CPU_QUOTA" ] || return 0
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then # cgroup v2
+    CGROUP=/sys/fs/cgroup/gateway-baseline
+    mkdir -p "$CGROUP"
+    echo "$((CPU_QUOTA * 100)) 10000" > "$CGROUP/cpu.max"
+  else # cgroup v1
+    CGROUP=/sys/fs/cgroup/cpu/gateway-baseline
+    mkdir -p "$CGROUP"
+    echo 10000 > "$CGROUP/cpu.cfs_period_us"
+    echo $((CPU_QUOTA * 100)) > "$CGROUP/cpu.cfs_quota_us"
+  fi
+  echo "$1" > "$CGROUP/cgroup.procs"
+  echo "gateway $1 limited to $CPU_QUOTA% of one core ($CGROUP)"
+}
+
 GW_PID=
 start_gateway() {
   GATEWAY__HTTP__BIND=127.0.0.1:$HTTP_PORT \
@@ -32,6 +54,7 @@ start_gateway() {
   GATEWAY__LOG__LEVEL=warn \
     taskset -c 0 "$GW_BIN" > "$OUT/gateway-$1.log" 2>&1 &
   GW_PID=$!
+  limit_cpu "$GW_PID"
   for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" > /dev/null && return 0
     sleep 0.1
@@ -42,6 +65,7 @@ start_gateway() {
 stop_gateway() {
   [ -n "$GW_PID" ] && kill -TERM "$GW_PID" 2>/dev/null && wait "$GW_PID" 2>/dev/null || true
   GW_PID=
+  if [ -n "$CGROUP" ]; then rmdir "$CGROUP" 2>/dev/null || true; CGROUP=; fi
 }
 trap stop_gateway EXIT
 
@@ -59,7 +83,7 @@ for scenario in $SCENARIOS; do
     case $scenario in
       fanout) loadtest "fanout-$run" --rooms 1 --publishers 1 --subscribers 200 --video-bitrate 1.5M --join-rate 50 --duration 60s ;;
       ramp) loadtest "ramp-$run" --rooms 4 --publishers 1 --subscribers 0 --video-bitrate 1.5M --join-rate 50 \
-              --ramp --ramp-step 40 --ramp-step-duration 5s --max-loss 1 --max-p99-ms 50 --ramp-max 960 ;;
+              --ramp --ramp-step "${RAMP_STEP:-40}" --ramp-step-duration 5s --max-loss 1 --max-p99-ms 50 --ramp-max 960 ;;
       storm) loadtest "storm-$run" --rooms 1 --publishers 1 --subscribers 199 --video-bitrate 1.5M --join-rate 50 --duration 10s ;;
     esac
     stop_gateway

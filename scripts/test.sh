@@ -10,7 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf "\n==> [%dm%02ds] %s\n" $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
+# Each step prints the time since the start and the disk still free (a CI run once ran out).
+log() {
+  printf "\n==> [%dm%02ds, %s free] %s\n" $((SECONDS / 60)) $((SECONDS % 60)) \
+    "$(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ')" "$*"
+}
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
