@@ -9,10 +9,6 @@
 #   ramp    4 rooms x 1 publisher (same media), subscribers +RAMP_STEP (40) per step until loss > 1% or
 #           p99 > 50 ms; capacity at the knee with media.workers = 1
 #   storm   1 room, 200 participants (1 publisher + 199 subscribers) joining at 50/s
-# GATEWAY_CPU_QUOTA=50 runs the gateway under a CFS quota of 50% of one core (a cgroup, as root;
-# 10 ms period so a throttled gateway stalls for at most 5 ms). On a 2-core machine the load
-# tester, one core, runs out before a whole gateway core does; under a quota the ramp reaches
-# the gateway's own knee, and its capacity per core is the knee divided by the quota.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,24 +23,6 @@ mkdir -p "$OUT"
 GW_BIN=target/release/gateway
 LT_BIN=target/release/loadtest
 
-CPU_QUOTA=${GATEWAY_CPU_QUOTA:-}
-CGROUP=
-limit_cpu() { # pid: move the gateway into a cgroup with a CPU quota of $CPU_QUOTA % of one core
-  [ -n "$CPU_QUOTA" ] || return 0
-  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then # cgroup v2
-    CGROUP=/sys/fs/cgroup/gateway-baseline
-    mkdir -p "$CGROUP"
-    echo "$((CPU_QUOTA * 100)) 10000" > "$CGROUP/cpu.max"
-  else # cgroup v1
-    CGROUP=/sys/fs/cgroup/cpu/gateway-baseline
-    mkdir -p "$CGROUP"
-    echo 10000 > "$CGROUP/cpu.cfs_period_us"
-    echo $((CPU_QUOTA * 100)) > "$CGROUP/cpu.cfs_quota_us"
-  fi
-  echo "$1" > "$CGROUP/cgroup.procs"
-  echo "gateway $1 limited to $CPU_QUOTA% of one core ($CGROUP)"
-}
-
 GW_PID=
 start_gateway() {
   GATEWAY__HTTP__BIND=127.0.0.1:$HTTP_PORT \
@@ -54,7 +32,6 @@ start_gateway() {
   GATEWAY__LOG__LEVEL=warn \
     taskset -c 0 "$GW_BIN" > "$OUT/gateway-$1.log" 2>&1 &
   GW_PID=$!
-  limit_cpu "$GW_PID"
   for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" > /dev/null && return 0
     sleep 0.1
@@ -65,7 +42,6 @@ start_gateway() {
 stop_gateway() {
   [ -n "$GW_PID" ] && kill -TERM "$GW_PID" 2>/dev/null && wait "$GW_PID" 2>/dev/null || true
   GW_PID=
-  if [ -n "$CGROUP" ]; then rmdir "$CGROUP" 2>/dev/null || true; CGROUP=; fi
 }
 trap stop_gateway EXIT
 
@@ -83,7 +59,7 @@ for scenario in $SCENARIOS; do
     case $scenario in
       fanout) loadtest "fanout-$run" --rooms 1 --publishers 1 --subscribers 200 --video-bitrate 1.5M --join-rate 50 --duration 60s ;;
       ramp) loadtest "ramp-$run" --rooms 4 --publishers 1 --subscribers 0 --video-bitrate 1.5M --join-rate 50 \
-              --ramp --ramp-step "${RAMP_STEP:-40}" --ramp-step-duration 5s --max-loss 1 --max-p99-ms 50 --ramp-max 960 ;;
+              --ramp --ramp-step "${RAMP_STEP:-40}" --ramp-step-duration 5s --max-loss 1 --max-p99-ms "${MAX_P99_MS:-50}" --ramp-max 960 ;;
       storm) loadtest "storm-$run" --rooms 1 --publishers 1 --subscribers 199 --video-bitrate 1.5M --join-rate 50 --duration 10s ;;
     esac
     stop_gateway
@@ -120,6 +96,7 @@ for s in scenarios:
         "loadtest CPU %": [r["steady"]["loadtest_cpu_pct"] for r in runs],
         "gateway waited for CPU %": [r["steady"]["gateway_cpu_wait_pct"] for r in runs],
         "loadtest waited for CPU %": [r["steady"]["loadtest_cpu_wait_pct"] for r in runs],
+        "machine CPU stolen by hypervisor %": [r["steady"].get("machine_steal_pct") for r in runs],
         "unmatched payloads": [r["media"]["unmatched_payloads"] for r in runs],
     }
     if runs[0].get("ramp"):
@@ -132,6 +109,7 @@ for s in scenarios:
             "knee gateway CPU %": [k and k["window"]["gateway_cpu_pct"] for k in knees],
             "knee loadtest CPU %": [k and k["window"]["loadtest_cpu_pct"] for k in knees],
             "knee gateway waited for CPU %": [k and k["window"]["gateway_cpu_wait_pct"] for k in knees],
+            "knee machine steal %": [k and k["window"].get("machine_steal_pct") for k in knees],
         })
         for r in runs:
             print(f"  stop reason: {r['ramp']['stop_reason']}")

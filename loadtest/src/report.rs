@@ -124,6 +124,10 @@ pub struct Window {
     /// (other load on the machine; 100 = one thread waiting all the time).
     pub gateway_cpu_wait_pct: Option<f64>,
     pub loadtest_cpu_wait_pct: Option<f64>,
+    /// Share of the machine's CPU time (all CPUs) the hypervisor gave to other guests: on a
+    /// shared VM the same load then costs more wall time per packet, and no process counter
+    /// shows it.
+    pub machine_steal_pct: Option<f64>,
     pub latency_ms: Percentiles,
 }
 
@@ -277,8 +281,9 @@ impl Report {
             (
                 "steady window",
                 format!(
-                    "{:.0} s: {:.0} pkt/s received, loss {:.3}%, latency p50 {:.1} ms p99 {:.1} ms",
-                    self.steady.seconds, self.steady.received_pps, self.steady.loss_pct, self.steady.latency_ms.p50, self.steady.latency_ms.p99
+                    "{:.0} s: {:.0} pkt/s received, loss {:.3}%, latency p50 {:.1} ms p99 {:.1} ms, machine CPU stolen by the hypervisor {}",
+                    self.steady.seconds, self.steady.received_pps, self.steady.loss_pct, self.steady.latency_ms.p50, self.steady.latency_ms.p99,
+                    opt(self.steady.machine_steal_pct, "%")
                 ),
             ),
             (
@@ -341,14 +346,23 @@ impl Report {
             let _ = writeln!(s, "  ramp (stopped: {}):", r.stop_reason);
             let _ = writeln!(
                 s,
-                "    {:>5} {:>8} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>9}",
-                "subs", "streams", "rx pkt/s", "gw out/s", "loss %", "p99 ms", "gw CPU", "gw µs/pkt", "our CPU"
+                "    {:>5} {:>8} {:>11} {:>11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7}",
+                "subs",
+                "streams",
+                "rx pkt/s",
+                "gw out/s",
+                "loss %",
+                "p99 ms",
+                "gw CPU",
+                "gw µs/pkt",
+                "our CPU",
+                "steal"
             );
             for st in &r.steps {
                 let w = &st.window;
                 let _ = writeln!(
                     s,
-                    "    {:>5} {:>8} {:>11.0} {:>11} {:>8.3} {:>8.1} {:>8} {:>9} {:>8.0}%{}",
+                    "    {:>5} {:>8} {:>11.0} {:>11} {:>8.3} {:>8.1} {:>8} {:>9} {:>8.0}% {:>7}{}",
                     st.subscribers,
                     st.forwarded_streams,
                     w.received_pps,
@@ -358,6 +372,7 @@ impl Report {
                     opt(w.gateway_cpu_pct, "%"),
                     opt(w.gateway_cpu_us_per_forwarded_packet, ""),
                     w.loadtest_cpu_pct,
+                    opt(w.machine_steal_pct, "%"),
                     if st.within_thresholds { "" } else { "  x" }
                 );
             }

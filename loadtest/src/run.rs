@@ -18,7 +18,7 @@ use crate::media::{self, VideoCodec};
 use crate::peer::{self, MediaPlan, ParticipantReport, Plan};
 use crate::report::*;
 use crate::stats::{Percentiles, Shared};
-use crate::sysmon::{self, GatewaySample, ProcSample, Source};
+use crate::sysmon::{self, GatewaySample, ProcSample, Source, StealSample};
 
 /// Everything a run needs (the CLI fills it; tests build it directly).
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +117,7 @@ struct Snapshot {
     sent: Vec<(u64, u64)>,
     gateway: Option<GatewaySample>,
     own: Option<ProcSample>,
+    steal: Option<StealSample>,
 }
 
 fn snapshot(shared: &Shared, monitor: &Monitor) -> Snapshot {
@@ -131,6 +132,7 @@ fn snapshot(shared: &Shared, monitor: &Monitor) -> Snapshot {
         sent,
         gateway: monitor.gateway.lock().unwrap_or_else(|e| e.into_inner()).last().map(|g| g.1),
         own: sysmon::read_proc("self"),
+        steal: sysmon::read_steal(),
     }
 }
 
@@ -180,6 +182,10 @@ fn window(shared: &Shared, a: &Snapshot, b: &Snapshot, threads: usize) -> Window
         gateway_cpu_us_per_forwarded_packet: cpu_us_per_packet,
         loadtest_cpu_pct: own,
         loadtest_saturated: own > 90.0 * threads as f64,
+        machine_steal_pct: match (&a.steal, &b.steal) {
+            (Some(x), Some(y)) => sysmon::steal_pct(x, y),
+            _ => None,
+        },
         latency_ms: latency,
     }
 }
@@ -320,7 +326,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             let ok = w.loss_pct <= ramp.max_loss_pct && w.latency_ms.p99 <= ramp.max_p99_ms && joined;
             let step = RampStep { subscribers, forwarded_streams: streams, window: w.clone(), within_thresholds: ok };
             bar.println(format!(
-                "ramp: {} subscribers, {} streams: {:.0} pkt/s received, loss {:.2}%, p99 {:.1} ms, gateway CPU {} (waited {}), loadtest CPU {:.0}%{}",
+                "ramp: {} subscribers, {} streams: {:.0} pkt/s received, loss {:.2}%, p99 {:.1} ms, gateway CPU {} (waited {}), loadtest CPU {:.0}%, steal {}{}",
                 step.subscribers,
                 step.forwarded_streams,
                 step.window.received_pps,
@@ -329,6 +335,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 step.window.gateway_cpu_pct.map_or("?".into(), |c| format!("{c:.0}%")),
                 step.window.gateway_cpu_wait_pct.map_or("?".into(), |c| format!("{c:.0}%")),
                 step.window.loadtest_cpu_pct,
+                step.window.machine_steal_pct.map_or("?".into(), |c| format!("{c:.0}%")),
                 if ok { "" } else { "  <- threshold broken" }
             ));
             let saturated = step.window.loadtest_saturated;
@@ -725,6 +732,21 @@ fn build_report(
         warnings.push(format!(
             "{} received payloads matched no sent packet (corruption?)",
             media_totals.unmatched_payloads
+        ));
+    }
+    // The hypervisor's share: a noisy neighbour makes every figure worse without any counter of
+    // either process showing it.
+    const STEAL_WARN_PCT: f64 = 5.0;
+    let stolen: Vec<String> = ramp
+        .iter()
+        .flat_map(|r| r.steps.iter().map(|s| (format!("{} subscribers", s.subscribers), s.window.machine_steal_pct)))
+        .chain(std::iter::once(("the steady phase".to_string(), steady.machine_steal_pct)))
+        .filter_map(|(what, p)| p.filter(|p| *p > STEAL_WARN_PCT).map(|p| format!("{what} {p:.0}%")))
+        .collect();
+    if !stolen.is_empty() {
+        warnings.push(format!(
+            "the hypervisor gave more than {STEAL_WARN_PCT}% of this machine's CPU time to other guests (steal: {}): latency, loss and capacity are the host's as much as the gateway's; compare runs only at low steal",
+            stolen.join(", ")
         ));
     }
     if gateway.source == "none" {

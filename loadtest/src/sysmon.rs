@@ -58,6 +58,36 @@ fn run_queue_wait(pid: &str) -> Option<f64> {
     Some(total as f64 / 1e9)
 }
 
+/// CPU time the hypervisor gave to other guests while this machine's CPUs wanted to run
+/// (`steal`, the 8th value of the `cpu` line of `/proc/stat`): seconds summed over CPUs, and the
+/// number of CPUs. A guest's own accounting cannot see it — processes look as if they ran — so a
+/// busy host shows up here only, as slower packets and higher latency on the same load.
+#[derive(Debug, Clone, Copy)]
+pub struct StealSample {
+    pub at: Instant,
+    pub steal_s: f64,
+    pub cpus: usize,
+}
+
+pub fn read_steal() -> Option<StealSample> {
+    parse_steal(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_steal(stat: &str) -> Option<StealSample> {
+    let total = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // cpu user nice system idle iowait irq softirq steal guest guest_nice
+    let steal: f64 = total.split_whitespace().nth(8)?.parse().ok()?;
+    let cpus =
+        stat.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count();
+    Some(StealSample { at: Instant::now(), steal_s: steal / USER_HZ, cpus: cpus.max(1) })
+}
+
+/// Percent of the machine's CPU time (all CPUs) stolen between two readings.
+pub fn steal_pct(a: &StealSample, b: &StealSample) -> Option<f64> {
+    let wall = b.at.saturating_duration_since(a.at).as_secs_f64();
+    (wall > 0.0).then(|| ((b.steal_s - a.steal_s).max(0.0) / (wall * b.cpus as f64) * 100.0).min(100.0))
+}
+
 /// The gateway as seen at one moment.
 #[derive(Debug, Clone, Copy)]
 pub struct GatewaySample {
@@ -131,5 +161,17 @@ mod tests {
         assert!(s.rss_bytes > 0);
         assert!(s.cpu_s >= 0.0);
         assert!(s.wait_s.is_some());
+    }
+
+    #[test]
+    fn steal_from_proc_stat() {
+        let stat = "cpu  100 0 50 1000 5 0 2 300 0 0\ncpu0 50 0 25 500 2 0 1 150 0 0\ncpu1 50 0 25 500 3 0 1 150 0 0\nintr 1 2\n";
+        let a = parse_steal(stat).expect("cpu line");
+        assert_eq!(a.cpus, 2);
+        assert!((a.steal_s - 3.0).abs() < 1e-9);
+        // 1 s later 0.5 s more stolen over 2 CPUs: 25% of the machine's CPU time.
+        let b = StealSample { at: a.at + std::time::Duration::from_secs(1), steal_s: 3.5, cpus: 2 };
+        assert!((steal_pct(&a, &b).unwrap() - 25.0).abs() < 1e-9);
+        assert!(read_steal().is_some(), "/proc/stat of this machine");
     }
 }

@@ -24,6 +24,9 @@ pub(crate) fn routes(state: AppState) -> Router {
     Router::new().route("/v1/ws", get(upgrade)).with_state(state)
 }
 
+/// Bytes read from a client's WebSocket per poll.
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 async fn upgrade(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -39,8 +42,12 @@ async fn upgrade(
             return ApiError::bad_request(format!("WebSocket upgrade required: {}", r.body_text())).into_response()
         }
     };
+    // tungstenite zero-fills its whole read buffer (128 KiB by default) every time the socket is
+    // polled, and keeps it per connection; signaling messages are a few KiB, and a longer frame
+    // (up to the message limit) still gets the room it needs.
     ws.max_message_size(state.config.ws_max_message_bytes)
         .max_frame_size(state.config.ws_max_message_bytes)
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| run_session(state, claims, socket))
 }
 

@@ -440,3 +440,45 @@ async fn message_floods_are_rate_limited_and_the_session_survives() {
     assert_eq!(next(&mut ws).await["event"], "INITIAL");
     assert_eq!(next(&mut ws).await["type"], "offer");
 }
+
+#[tokio::test]
+async fn websocket_message_size_limit_closes_only_the_offender() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut bystander = join(&addr, &state, &room, "bystander").await;
+    assert_eq!(next(&mut bystander).await["type"], "joined");
+    let mut big = join(&addr, &state, &room, "big").await;
+    assert_eq!(next(&mut big).await["type"], "joined");
+    // 100 KB: far beyond one read of the socket, within the 256 KiB limit — handled.
+    let padded = format!(r#"{{"type":"nope","pad":"{}"}}"#, "a".repeat(100_000));
+    big.send(Message::Text(padded.into())).await.unwrap();
+    let v = next(&mut big).await;
+    assert_eq!(v["code"], "bad_request", "a long message is read whole and answered: {v}");
+    // Over the limit: that session ends, nothing else does.
+    let huge = format!(r#"{{"type":"nope","pad":"{}"}}"#, "a".repeat(300 * 1024));
+    let _ = big.send(Message::Text(huge.into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match big.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "an oversized message closes its session");
+    // The bystander may first hear of the departure (a room event); its session still works.
+    send(&mut bystander, json!({ "type": "subscribe" })).await;
+    let mut heard = Vec::new();
+    loop {
+        let v = next(&mut bystander).await;
+        if v["event"] == "INITIAL" {
+            break;
+        }
+        assert!(heard.len() < 5 && !v["type"].as_str().unwrap_or("").starts_with("__"), "{heard:?} then {v}");
+        heard.push(v);
+    }
+    assert_eq!(next(&mut bystander).await["type"], "offer", "after {heard:?}");
+}
