@@ -21,7 +21,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # Debian packages the tests use: chromium (browser tests), prometheus + promtool (deploy
 # tests against a real Prometheus), systemd-analyze (unit verification), ip + iptables + coturn
 # (NAT and TURN tests in network namespaces, web-client/tests/nat.test.mjs; the browser loss
-# test's router namespace and its random UDP loss).
+# test's router namespace and its random UDP loss), GStreamer with webrtcbin and its Python
+# bindings (a stock GStreamer client publishing and subscribing).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
@@ -29,6 +30,11 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v turnserver >/dev/null 2>&1 || need+=(coturn)
+# Stock GStreamer webrtcbin clients (web-client/tests/gstreamer.test.mjs) run on Debian's python3.
+/usr/bin/python3 web-client/tests/gst_client.py --check >/dev/null 2>&1 ||
+  need+=(python3 python3-gi python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
+    python3-websocket)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
   as_root apt-get update -qq
@@ -69,7 +75,8 @@ export LOADTEST_BIN="$PWD/target/debug/loadtest"
 
 log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN and loss in network namespaces)"
 # As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
-if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1; fi
+# So must the GStreamer interop test (its clients run in a namespace of their own).
+if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
 log "the Chromium simulcast test again with H.264 simulcast"
 (cd web-client && SIMULCAST_CODEC=H264 node --test tests/simulcast.test.mjs)

@@ -130,12 +130,6 @@ function addLayerPicker(pid, p) {
   auto.value = "";
   auto.textContent = "Auto";
   select.append(auto);
-  for (const rid of gw.simulcastRids) {
-    const o = document.createElement("option");
-    o.value = rid;
-    o.textContent = `${LAYER_LABELS[rid] || rid} (${rid})`;
-    select.append(o);
-  }
   select.addEventListener("change", () => {
     const stream = videoStreamOf(pid);
     if (stream) gw.setLayer(stream.stream_id, select.value || null);
@@ -154,12 +148,30 @@ function videoStreamOf(pid) {
   return [...gw.streams.values()].find((s) => s.participant_id === pid && s.kind === "video") || null;
 }
 
+// A picker offers Auto plus the layers the publisher is sending now (the gateway's `layers` on
+// the stream, updated by `stream_layers`): a layer the camera does not produce (Chromium sends
+// no high layer from a small camera) is never offered. A chosen layer that stopped stays listed,
+// marked as not sent, until the choice changes.
 function refreshPickers() {
   for (const [pid, p] of gw.participants) {
     if (!p.picker) continue;
     const stream = videoStreamOf(pid);
-    p.picker.disabled = !stream || !gw.sub.id;
-    if (stream) p.picker.value = gw.layerChoices.get(stream.stream_id) || "";
+    const chosen = stream ? gw.layerChoices.get(stream.stream_id) || "" : "";
+    const layers = (stream && stream.layers) || [];
+    const wanted = layers.filter((l) => l.active || l.rid === chosen);
+    const key = wanted.map((l) => `${l.rid}:${l.active}`).join(",");
+    if (p.picker.dataset.layers !== key) {
+      p.picker.dataset.layers = key;
+      while (p.picker.options.length > 1) p.picker.remove(1);
+      for (const l of wanted) {
+        const o = document.createElement("option");
+        o.value = l.rid;
+        o.textContent = `${LAYER_LABELS[l.rid] || l.rid} (${l.rid})${l.active ? "" : " – not sent"}`;
+        p.picker.append(o);
+      }
+    }
+    p.picker.disabled = !stream || !gw.sub.id || layers.length === 0;
+    p.picker.value = chosen;
   }
 }
 
@@ -302,6 +314,12 @@ function onMessage(msg) {
     case "stream_removed":
       onStreamRemoved(msg);
       break;
+    case "stream_layers": {
+      const s = gw.streams.get(msg.stream_id);
+      if (s) s.layers = msg.layers;
+      refreshPickers();
+      break;
+    }
     case "error":
       toast(`Gateway: ${msg.message}`);
       activity(`error ${msg.code}: ${msg.message}`);

@@ -1,7 +1,7 @@
 //! Events the media plane reports to the control plane. Plain data, built without the `server`
 //! feature so the sans-IO core can produce them directly.
 
-use crate::protocol::EventKind;
+use crate::protocol::{EventKind, LayerInfo};
 
 /// What the media plane reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,4 +18,6 @@ pub enum MediaEvent {
     StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
     /// A publication ended.
     StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+    /// The simulcast encodings a video publication is sending changed.
+    StreamLayers { room_id: String, stream_id: String, layers: Vec<LayerInfo> },
 }

@@ -331,6 +331,19 @@ pub struct StreamInfo {
     pub kind: String,
     /// The publisher's mid.
     pub mid: String,
+    /// Simulcast video: its encodings, in the publisher's order, and which it is sending now
+    /// (absent for a single encoding). `set_layer` takes these rids; a `stream_layers` message
+    /// says when the set being sent changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerInfo>,
+}
+
+/// One simulcast encoding of a published video stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub rid: String,
+    /// The publisher is sending it (packets within the last second or so, not paused).
+    pub active: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,6 +413,8 @@ pub enum ServerMessage {
     ParticipantLeft(ParticipantInfo),
     StreamAdded(StreamInfo),
     StreamRemoved(StreamInfo),
+    /// The simulcast encodings a publisher sends changed (one started or stopped).
+    StreamLayers(StreamInfo),
     Error {
         code: ErrorCode,
         message: String,

@@ -288,7 +288,7 @@ impl EventSink for Registry {
                 }
             }
             MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid };
+                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new() };
                 match self.rooms.get_mut(&room_id) {
                     Some(mut room) => room.streams.push(info.clone()),
                     None => return,
@@ -296,12 +296,22 @@ impl EventSink for Registry {
                 self.broadcast(&room_id, None, ServerMessage::StreamAdded(info));
             }
             MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid };
+                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new() };
                 match self.rooms.get_mut(&room_id) {
                     Some(mut room) => room.streams.retain(|s| s.stream_id != info.stream_id),
                     None => return,
                 }
                 self.broadcast(&room_id, None, ServerMessage::StreamRemoved(info));
+            }
+            MediaEvent::StreamLayers { room_id, stream_id, layers } => {
+                // Kept with the stream, so `joined` and the REST room view carry it too.
+                let info = {
+                    let Some(mut room) = self.rooms.get_mut(&room_id) else { return };
+                    let Some(s) = room.streams.iter_mut().find(|s| s.stream_id == stream_id) else { return };
+                    s.layers = layers;
+                    s.clone()
+                };
+                self.broadcast(&room_id, None, ServerMessage::StreamLayers(info));
             }
         }
     }

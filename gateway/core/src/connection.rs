@@ -12,6 +12,7 @@ use str0m::change::SdpPendingOffer;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
+use crate::descriptor::PictureRewriter;
 use crate::rewrite::SeqRewriter;
 use crate::{ConnKey, MediaEvent, Output};
 
@@ -41,6 +42,8 @@ pub(crate) struct TrackOut {
     /// The m-line was stopped (the track ended).
     pub stopped: bool,
     pub rewrite: SeqRewriter,
+    /// VP8/VP9 picture numbering, continuous across layer switches.
+    pub pictures: PictureRewriter,
     /// Publisher payload type → ours (`None`: the subscriber cannot take that codec).
     pub pts: Vec<(Pt, Option<Pt>)>,
     /// Packets we wrote; str0m's egress count minus this is what it retransmitted.
@@ -75,6 +78,7 @@ impl TrackOut {
             live: false,
             stopped: false,
             rewrite,
+            pictures: PictureRewriter::default(),
             pts: Vec::new(),
             written: 0,
             resent: 0,
@@ -192,7 +196,6 @@ pub(crate) struct Conn {
     pub gathered_at: Option<Instant>,
     pub ready_at: Option<Instant>,
     pub ice_connected: bool,
-    pub disconnected_since: Option<Instant>,
     /// Last datagram accepted from the peer (STUN consent, RTCP, media).
     pub last_rx: Instant,
     pub next_timeout: Option<Instant>,
@@ -311,15 +314,14 @@ impl Conn {
         }
     }
 
-    /// When a READY connection counts as lost: its peer silent (nothing at all, not even ICE
-    /// consent checks, which browsers send every few seconds) or its ICE disconnected, for the
-    /// grace period. str0m's ICE-lite agent alone would notice only after its own ~15 s timeout.
+    /// When a READY connection counts as lost: its ICE-authenticated peer has sent nothing at
+    /// all (media, RTCP, STUN requests or indications) for the grace period. str0m's ICE-lite
+    /// agent's own verdict is not used: it reports Disconnected 15 s after the last Binding
+    /// *request*, but RFC 8445 §11 lets a peer that sends media keep only indications (libnice,
+    /// and so GStreamer's webrtcbin, sends one every 25 s and no consent checks), so a healthy
+    /// call would fail. A peer that really went away goes silent and fails on this rule alone.
     fn lost_at(&self, cfg: &crate::CoreConfig) -> Instant {
-        let silent = self.last_rx + cfg.disconnect_grace;
-        match self.disconnected_since {
-            Some(t) => silent.min(t + cfg.disconnect_grace),
-            None => silent,
-        }
+        self.last_rx + cfg.disconnect_grace
     }
 
     /// The reason to fail this connection now, if a connection-level deadline passed.

@@ -8,17 +8,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::Rng;
-use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, Role};
+use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, LayerInfo, Role};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
 use str0m::format::{Codec, CodecConfig, PayloadParams};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
 use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, TrackOut};
+use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
 use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
 use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
@@ -45,6 +46,8 @@ struct TrackIn {
     layers: Vec<LayerIn>,
     /// Subscriber connection and our mid there.
     outs: Vec<(ConnKey, Mid)>,
+    /// Which layers were last reported as being sent (`stream_layers`; simulcast only).
+    announced: Vec<bool>,
 }
 
 impl TrackIn {
@@ -69,6 +72,25 @@ impl TrackIn {
         }
         r.sort_by_key(|&i| (self.layers[i].rate.bps(), i));
         r
+    }
+
+    /// The layers and whether each is being sent, if that changed since it was last reported
+    /// (simulcast tracks only: a single encoding has nothing to choose from).
+    fn layers_changed(&mut self, now: Instant) -> Option<Vec<LayerInfo>> {
+        if self.layers.iter().all(|l| l.rid.is_none()) {
+            return None;
+        }
+        let same = self.announced.len() == self.layers.len()
+            && self.layers.iter().zip(&self.announced).all(|(l, a)| l.active(now) == *a);
+        if same {
+            return None;
+        }
+        self.announced = self.layers.iter().map(|l| l.active(now)).collect();
+        let info = |(l, active): (&LayerIn, &bool)| LayerInfo {
+            rid: l.rid.map(|r| r.to_string()).unwrap_or_default(),
+            active: *active,
+        };
+        Some(self.layers.iter().zip(&self.announced).map(info).collect())
     }
 
     fn rid_name(&self, layer: Option<usize>) -> Option<String> {
@@ -364,7 +386,6 @@ impl Engine {
             created: now,
             gathered_at: None,
             ice_connected: false,
-            disconnected_since: None,
             last_rx: now,
             next_timeout: None,
             trusted: Vec::new(),
@@ -633,8 +654,12 @@ impl Engine {
             }
         }
         let Self { rooms, conns, q, counters, cfg, .. } = self;
-        for room in rooms.values_mut() {
+        for (room_id, room) in rooms.iter_mut() {
             for track in room.tracks.iter_mut() {
+                if let Some(layers) = track.layers_changed(now) {
+                    let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());
+                    q.out.push_back(Output::Event(MediaEvent::StreamLayers { room_id, stream_id, layers }));
+                }
                 let give_up = give_up_after(conns.get(&track.conn));
                 for li in 0..track.layers.len() {
                     let layer = &mut track.layers[li];
@@ -754,11 +779,12 @@ impl Engine {
             Event::IceConnectionStateChange(s) => match s {
                 IceConnectionState::Connected | IceConnectionState::Completed => {
                     conn.ice_connected = true;
-                    conn.disconnected_since = None;
                 }
                 IceConnectionState::Disconnected => {
-                    conn.span.in_scope(|| tracing::info!("ICE disconnected"));
-                    conn.disconnected_since.get_or_insert(now);
+                    // Only a silent peer fails a READY connection (`Conn::lost_at`); an agent
+                    // that sends media and no Binding requests is still here.
+                    let silent_ms = now.saturating_duration_since(conn.last_rx).as_millis() as u64;
+                    conn.span.in_scope(|| tracing::info!(silent_ms, "ICE agent reports disconnected"));
                 }
                 _ => {}
             },
@@ -899,6 +925,7 @@ impl Engine {
             kind,
             layers,
             outs: Vec::new(),
+            announced: Vec::new(),
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
@@ -1035,7 +1062,8 @@ impl Engine {
             return;
         };
         note_codec(&mut publisher.stats, mid, params);
-        let Some(room) = rooms.get_mut(&publisher.room) else { return };
+        let room_id = Arc::clone(&publisher.room);
+        let Some(room) = rooms.get_mut(&room_id) else { return };
         let Some(ti) = room.tracks.iter().position(|t| t.conn == key && t.mid == mid) else { return };
         let track = &mut room.tracks[ti];
         let Some(li) = track.layer_index(rid, cfg.keyframe_throttle) else { return };
@@ -1087,6 +1115,12 @@ impl Engine {
             }
         }
         counters.count_in(video, bytes);
+        if !was_active {
+            if let Some(layers) = track.layers_changed(now) {
+                let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());
+                q.out.push_back(Output::Event(MediaEvent::StreamLayers { room_id, stream_id, layers }));
+            }
+        }
         if !was_active && !track.outs.is_empty() {
             // A layer (re)appeared: choose its subscribers' layers before this packet goes out,
             // so a first keyframe is not wasted.
@@ -1123,6 +1157,15 @@ impl Engine {
             voice_activity: p.header.ext_vals.voice_activity,
             video_orientation: p.header.ext_vals.video_orientation,
             ..Default::default()
+        };
+        // VP8/VP9 picture numbering, rewritten per subscriber after a layer switch.
+        let codec = params.spec().codec;
+        let vp8 = if video && codec == Codec::Vp8 { Vp8Descriptor::parse(&p.payload).ok() } else { None };
+        let vp9 = if video && codec == Codec::Vp9 { Vp9Descriptor::parse(&p.payload) } else { None };
+        let picture = match (&vp8, &vp9) {
+            (Some(d), _) => Some(vp8_picture(d, &p.payload)),
+            (_, Some(d)) => Some(d.picture(&p.payload)),
+            _ => None,
         };
         let mut source_changed = false;
         for &(sub_key, out_mid) in &track.outs {
@@ -1161,6 +1204,7 @@ impl Engine {
                     }
                     let advance = ts_advance(out.last_forward, now, clock);
                     out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
+                    out.pictures.switch();
                     if out.current.is_some() && out.current != Some(li) {
                         counters.layer_switches += 1;
                         stats.layer_switches += 1;
@@ -1185,6 +1229,16 @@ impl Engine {
                 out.noted_pt = Some(params.pt());
             }
             let Some((seq, ts)) = out.rewrite.rewrite(ssrc, *p.seq_no, p.header.timestamp) else { continue };
+            // After a layer switch the new layer continues the picture numbering sent so far.
+            let mut payload = None;
+            let mut patch = None;
+            if let Some(r) = picture.and_then(|pic| out.pictures.rewrite(pic)) {
+                if let Some(d) = &vp8 {
+                    patch = vp8_patch(d, r);
+                } else if let Some(d) = &vp9 {
+                    payload = Some(Arc::<[u8]>::from(rewrite_vp9(&p.payload, d, r)));
+                }
+            }
             let mut api = rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(out_mid, None) else { continue };
             // Not through str0m's pacer: the publisher paced this already, and the pacer runs at
@@ -1193,10 +1247,13 @@ impl Engine {
             // round trips at 5% loss instead of 99.3%). The estimate still chooses the layers.
             // (A field store; cheaper than tracking whether it was set.)
             tx.set_unpaced(true);
-            let w = RtpWrite::new(pt, seq.into(), ts, p.timestamp, p.payload.clone())
+            let mut w = RtpWrite::new(pt, seq.into(), ts, p.timestamp, payload.unwrap_or_else(|| p.payload.clone()))
                 .marker(p.header.marker)
                 .ext_vals(ext.clone())
                 .nackable(video);
+            if let Some(patch) = patch {
+                w = w.vp8_patch(patch);
+            }
             tx.write_rtp(w);
             out.written += 1;
             out.last_forward = Some(now);
@@ -1535,6 +1592,7 @@ fn replay_gop(
     let ts_ref = last.ts.wrapping_sub(step.wrapping_mul(frames - 1));
     let advance = ts_advance(out.last_forward, now, clock);
     out.rewrite.switch(ssrc, first.seq, ts_ref, advance);
+    out.pictures.switch();
     let mut k = 0u32;
     let mut prev_ts = None;
     for c in gop {
@@ -1546,13 +1604,33 @@ fn replay_gop(
         let Some((seq, ts)) = out.rewrite.rewrite(ssrc, c.seq, ts_ref.wrapping_add(k.wrapping_mul(step))) else {
             continue;
         };
+        let mut payload = c.payload.clone();
+        let mut patch = None;
+        match c.params.spec().codec {
+            Codec::Vp8 => {
+                if let Ok(d) = Vp8Descriptor::parse(&c.payload) {
+                    patch = out.pictures.rewrite(vp8_picture(&d, &c.payload)).and_then(|r| vp8_patch(&d, r));
+                }
+            }
+            Codec::Vp9 => {
+                if let Some(d) = Vp9Descriptor::parse(&c.payload) {
+                    if let Some(r) = out.pictures.rewrite(d.picture(&c.payload)) {
+                        payload = rewrite_vp9(&c.payload, &d, r).into();
+                    }
+                }
+            }
+            _ => {}
+        }
         let mut api = rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(out.mid, None) else { return };
         tx.set_unpaced(true);
-        let w = RtpWrite::new(pt, seq.into(), ts, c.wallclock, c.payload.clone())
+        let mut w = RtpWrite::new(pt, seq.into(), ts, c.wallclock, payload)
             .marker(c.marker)
             .ext_vals(c.ext.clone())
             .nackable(true);
+        if let Some(patch) = patch {
+            w = w.vp8_patch(patch);
+        }
         tx.write_rtp(w);
         let bytes = c.payload.len() as u64;
         out.written += 1;

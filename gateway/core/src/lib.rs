@@ -11,10 +11,12 @@
 //!   losses and (optionally) cached group of pictures, and the choice of layer per subscriber
 //!   from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
+//! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
 
 mod connection;
+pub mod descriptor;
 mod engine;
 pub mod keyframe;
 pub mod layers;

@@ -47,6 +47,9 @@ pub struct Link {
     /// one that would wait longer than `queue` is dropped (a tail-drop router).
     pub rate_bps: Option<u64>,
     pub queue: Duration,
+    /// Drop every STUN datagram (first byte 0-3, RFC 7983) on this leg: a peer that, like
+    /// libnice with consent freshness off, sends media but no Binding requests after nomination.
+    pub block_stun: bool,
 }
 
 /// A simulcast (or single) video encoding a publisher sends.
@@ -89,6 +92,11 @@ struct LayerTx {
     rid: Option<Rid>,
     frame_bytes: usize,
     seq: u64,
+    /// VP8 payload descriptor numbering of this layer's pictures (each layer its own, as an
+    /// encoder's simulcast streams have): 15-bit picture ID, TL0PICIDX, KEYIDX.
+    picture_id: u16,
+    tl0_pic_idx: u8,
+    key_idx: u8,
     /// A keyframe is owed (first frame, or requested; due at the instant).
     keyframe_due: Option<Instant>,
 }
@@ -165,6 +173,8 @@ pub struct Sim {
 
 const GATEWAY_IP: [u8; 4] = [10, 0, 0, 1];
 const MAX_PACKET: usize = 1100;
+/// Bytes ahead of the sim's payload tag: the VP8 payload descriptor and payload header byte.
+const VP8_HEADER: usize = 7;
 
 impl Sim {
     /// A simulation with one room, `room`, and the given seed.
@@ -259,10 +269,15 @@ impl Sim {
         });
         p.layers = layers
             .iter()
-            .map(|l| LayerTx {
+            .enumerate()
+            .map(|(i, l)| LayerTx {
                 rid: l.rid.map(Rid::from),
                 frame_bytes: l.frame_bytes,
                 seq: 1000,
+                // Far apart, and the first near the 15-bit wrap.
+                picture_id: ((32_700 + 11_000 * i as u32) % 32_768) as u16,
+                tl0_pic_idx: (250 + 70 * i) as u8,
+                key_idx: (30 + 9 * i as u8) % 32,
                 keyframe_due: Some(now),
             })
             .collect();
@@ -338,11 +353,25 @@ impl Sim {
             }
             let parts = layer.frame_bytes.div_ceil(MAX_PACKET).max(1);
             let rid = layer.rid;
+            layer.picture_id = (layer.picture_id + 1) % 32_768;
+            layer.tl0_pic_idx = layer.tl0_pic_idx.wrapping_add(1);
+            if keyframe {
+                layer.key_idx = (layer.key_idx + 1) % 32;
+            }
             for part in 0..parts {
                 let size = (layer.frame_bytes / parts).max(16);
-                // VP8 payload descriptor: S bit on the first packet of the frame (partition 0);
-                // the payload header's P bit clear on a keyframe.
-                let mut payload = vec![if part == 0 { 0x10 } else { 0x00 }, if keyframe { 0x00 } else { 0x01 }];
+                // VP8 payload descriptor as a browser writes it: X and S (first packet of the
+                // frame) bits; I, L, T, K; 15-bit picture ID, TL0PICIDX, TID 0 with KEYIDX. Then
+                // the payload header's first byte, P bit clear on a keyframe.
+                let mut payload = vec![
+                    if part == 0 { 0x90 } else { 0x80 },
+                    0xf0,
+                    0x80 | (layer.picture_id >> 8) as u8,
+                    layer.picture_id as u8,
+                    layer.tl0_pic_idx,
+                    layer.key_idx,
+                    if keyframe { 0x00 } else { 0x01 },
+                ];
                 payload.extend_from_slice(format!("{}-L{li}-F{frame}-P{part}-", p.name).as_bytes());
                 payload.resize(size, (frame % 251) as u8);
                 let seq = layer.seq;
@@ -486,6 +515,10 @@ impl Sim {
             return;
         };
         let link = if up { self.peers[peer].up } else { self.peers[peer].down };
+        if link.block_stun && bytes.first().is_some_and(|b| *b < 4) {
+            self.dropped += 1;
+            return;
+        }
         let leg = self.legs.entry((peer, up)).or_default();
         // Burst loss (Gilbert–Elliott with a lossless good state and a lossy bad state).
         if leg.in_burst {
@@ -645,8 +678,15 @@ impl Sim {
 
     /// The publisher layer (index into its layers) of a received payload, from its tag.
     pub fn layer_of(payload: &[u8]) -> Option<usize> {
-        let text = std::str::from_utf8(payload.get(2..)?.split(|b| *b == b'-').nth(1)?).ok()?;
+        let text = std::str::from_utf8(payload.get(VP8_HEADER..)?.split(|b| *b == b'-').nth(1)?).ok()?;
         text.strip_prefix('L')?.parse().ok()
+    }
+
+    /// The VP8 picture ID, TL0PICIDX and KEYIDX of a payload the sim's publishers wrote (as
+    /// rewritten on the way).
+    pub fn vp8_numbers(payload: &[u8]) -> Option<(u16, u8, u8)> {
+        let d = str0m::rtp::Vp8Descriptor::parse(payload).ok()?;
+        Some((d.picture_id()?, d.tl0_pic_idx()?, d.key_idx()?))
     }
 }
 
@@ -801,7 +841,7 @@ mod tests {
         // Parts per frame of each layer, and the parts of each keyframe the viewer got.
         let parts: Vec<usize> = layers.iter().map(|l| l.frame_bytes.div_ceil(MAX_PACKET)).collect();
         let tag = |payload: &[u8]| -> Option<(usize, u32, usize)> {
-            let text = std::str::from_utf8(payload.get(2..)?).ok()?;
+            let text = std::str::from_utf8(payload.get(VP8_HEADER..)?).ok()?;
             let mut f = text.split('-').skip(1);
             let l = f.next()?.strip_prefix('L')?.parse().ok()?;
             let fr = f.next()?.strip_prefix('F')?.parse().ok()?;

@@ -342,16 +342,36 @@ fn layers_since(sim: &Sim, v: usize, from: Instant) -> Vec<usize> {
 }
 
 /// The outgoing video of a subscriber: sequence numbers continuous (no loss here), timestamps
-/// never going back, and each change of layer starting with a keyframe.
-fn assert_continuous(sim: &Sim, v: usize) {
+/// never going back, each change of layer starting with a keyframe, and the VP8 picture
+/// numbering continuous across switches (picture ID +1 per picture, TL0PICIDX +1 per base-layer
+/// picture, KEYIDX +1 per keyframe, each in its own wrapping space), though every layer numbers
+/// its own pictures from far apart. Returns the number of layer switches seen.
+fn assert_continuous(sim: &Sim, v: usize) -> usize {
     let video: Vec<_> = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+    let mut switches = 0;
     for w in video.windows(2) {
         assert_eq!(w[1].seq, w[0].seq + 1, "sequence numbers continue");
         assert!(w[1].ts.wrapping_sub(w[0].ts) < 1 << 31, "timestamps move forward");
-        if Sim::layer_of(&w[1].payload) != Sim::layer_of(&w[0].payload) {
+        let switched = Sim::layer_of(&w[1].payload) != Sim::layer_of(&w[0].payload);
+        if switched {
+            switches += 1;
             assert!(w[1].starts_keyframe(), "a layer switch starts at a keyframe");
         }
+        let (Some((pid0, tl0_0, key0)), Some((pid1, tl0_1, key1))) =
+            (Sim::vp8_numbers(&w[0].payload), Sim::vp8_numbers(&w[1].payload))
+        else {
+            panic!("the sim's publishers write picture IDs, TL0PICIDX and KEYIDX");
+        };
+        if w[1].ts == w[0].ts {
+            assert_eq!((pid1, tl0_1, key1), (pid0, tl0_0, key0), "one picture, one numbering");
+            continue;
+        }
+        assert_eq!(pid1, (pid0 + 1) % 32_768, "picture ID continues (switch: {switched})");
+        assert_eq!(tl0_1, tl0_0.wrapping_add(1), "TL0PICIDX continues (switch: {switched})");
+        let key_step = u8::from(w[1].starts_keyframe());
+        assert_eq!(key1, (key0 + key_step) % 32, "KEYIDX moves with keyframes only (switch: {switched})");
     }
+    switches
 }
 
 #[test]
@@ -381,7 +401,8 @@ fn set_layer_switches_at_keyframes_and_the_stream_stays_continuous() {
         assert_eq!(got.last(), Some(&layer), "set_layer {rid}");
         switch_times.push(switched.unwrap());
     }
-    assert_continuous(&sim, v);
+    let switches = assert_continuous(&sim, v);
+    assert!(switches >= 3, "the stream changed layers {switches} times");
     let stats = sim.engine.stats(&conn).unwrap();
     assert!(stats.layer_switches >= 3, "switches counted: {}", stats.layer_switches);
     assert!(sim.engine.counters().layer_switches >= 3);
@@ -652,4 +673,59 @@ fn keyframe_cache_time_to_first_frame() {
     let (without, with) = (&rows[0], &rows[1]);
     assert!(with.0.iter().zip(&without.0).all(|(a, b)| a < b), "the cache is faster: {rows:?}");
     assert!(with.1 < without.1, "the cache does not depend on the request: {rows:?}");
+}
+
+/// The FAILED events the engine reported for a peer's connection, with their reasons.
+fn failures(sim: &Sim, peer: usize) -> Vec<Option<String>> {
+    let id = sim.peers[peer].connection_id.clone().unwrap_or_default();
+    sim.events
+        .iter()
+        .filter_map(|e| match e {
+            gateway_core::MediaEvent::Connection { connection_id, event: gateway_core::EventKind::Failed, reason }
+                if *connection_id == id =>
+            {
+                Some(reason.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A stock GStreamer peer (libnice 0.1.21, consent freshness off) sends no Binding request after
+/// nomination, only an indication every 25 s. str0m's ICE-lite agent calls that Disconnected
+/// after 15 s; the connections must stay READY while media and RTCP keep arriving.
+#[test]
+fn peers_that_send_media_but_no_binding_requests_stay_ready() {
+    let (mut sim, p, subs) = room(21, CoreConfig::default(), &one_layer(), 1);
+    let v = subs[0];
+    sim.stream_for(p, Duration::from_secs(1));
+    for i in [p, v] {
+        sim.peers[i].up.block_stun = true;
+    }
+    let t = sim.now;
+    // Past str0m's 15 s plus the 10 s grace, twice over.
+    sim.stream_for(p, Duration::from_secs(50));
+    let late = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video && r.at >= t + ms(49_000)).count();
+    println!("no Binding requests for 50 s: publisher failures {:?}, subscriber failures {:?}, video packets in the last second {late}", failures(&sim, p), failures(&sim, v));
+    assert!(failures(&sim, p).is_empty(), "publisher stays READY: {:?}", failures(&sim, p));
+    assert!(failures(&sim, v).is_empty(), "subscriber stays READY: {:?}", failures(&sim, v));
+    assert!(late >= 40, "video still flows to the subscriber: {late} packets in the last second");
+}
+
+/// The rule that keeps such peers READY still fails a peer that went silent, after the grace.
+#[test]
+fn a_silent_peer_fails_after_the_grace() {
+    let cfg = CoreConfig { disconnect_grace: ms(2000), ..CoreConfig::default() };
+    let (mut sim, p, subs) = room(22, cfg, &one_layer(), 1);
+    let v = subs[0];
+    sim.stream_for(p, Duration::from_secs(1));
+    sim.peers[v].up = Link { loss: 1.0, ..Link::default() };
+    let t = sim.now;
+    let failed = sim.run_until(Duration::from_secs(10), |s| !failures(s, v).is_empty());
+    let after = sim.now.duration_since(t);
+    println!("silent subscriber FAILED after {after:?}: {:?}", failures(&sim, v));
+    assert!(failed, "the silent subscriber fails");
+    assert_eq!(failures(&sim, v), vec![Some("ice_disconnected".to_owned())]);
+    assert!(after >= ms(1900) && after <= ms(2600), "after the 2 s grace: {after:?}");
+    assert!(failures(&sim, p).is_empty(), "the publisher is unaffected");
 }
