@@ -28,6 +28,10 @@ const params = new URLSearchParams(location.search);
 gw.options.simulcast = params.get("simulcast") === "1";
 gw.options.layers = gw.options.simulcast || params.get("layers") === "1";
 gw.options.codec = params.get("codec");
+// `?recvCodecs=h264` (comma-separated): the video codecs this page accepts to receive, as a
+// browser that cannot decode the others would (setCodecPreferences on every receiving video
+// transceiver). A stream in another codec is then declined and the gateway says why.
+gw.options.recvCodecs = params.get("recvCodecs") ? params.get("recvCodecs").split(",") : null;
 
 // The simulcast encodings of the camera, lowest first. With Chromium's fake 640x480 camera they
 // are 160x120, 320x240 and 640x480.
@@ -314,6 +318,18 @@ function onMessage(msg) {
     case "stream_removed":
       onStreamRemoved(msg);
       break;
+    case "stream_unavailable": {
+      // A stream this page was offered but cannot receive (the gateway does not transcode).
+      const s = gw.streams.get(msg.stream_id);
+      const who = s ? (gw.participants.get(s.participant_id)?.name ?? s.participant_id) : "someone";
+      const text = msg.reason === "codec_unsupported"
+        ? `${who}'s video is ${(msg.codec || "in a codec").split("/")[0].toUpperCase()}, which this browser cannot play`
+        : `${who}'s video was declined by this browser`;
+      gw.unavailable = [...(gw.unavailable || []), msg];
+      toast(text);
+      activity(text);
+      break;
+    }
     case "stream_layers": {
       const s = gw.streams.get(msg.stream_id);
       if (s) s.layers = msg.layers;
@@ -408,10 +424,22 @@ function onOffer(msg) {
     refreshPickers();
     const pc = ensureSubscriber();
     await pc.setRemoteDescription({ type: "offer", sdp: msg.sdp });
+    if (gw.options.recvCodecs) restrictReceiveCodecs(pc, gw.options.recvCodecs);
     const answer = await pc.createAnswer();
     await pc.setLocalDescription(answer);
     send({ type: "answer", connection_id: msg.connection_id, sdp: answer.sdp });
   }).catch((e) => toast(`Could not apply the gateway's offer: ${e.message}`));
+}
+
+/** Accept only these video codecs (and their retransmission/FEC helpers) on every receiver. */
+function restrictReceiveCodecs(pc, names) {
+  if (!RTCRtpReceiver.getCapabilities) return;
+  const want = names.map((n) => `video/${n}`.toLowerCase());
+  const helpers = ["video/rtx", "video/red", "video/ulpfec", "video/flexfec-03"];
+  const codecs = RTCRtpReceiver.getCapabilities("video").codecs.filter((c) => want.includes(c.mimeType.toLowerCase()) || helpers.includes(c.mimeType.toLowerCase()));
+  for (const t of pc.getTransceivers()) {
+    if (t.receiver.track && t.receiver.track.kind === "video" && t.setCodecPreferences) t.setCodecPreferences(codecs);
+  }
 }
 
 function onCandidate(msg) {

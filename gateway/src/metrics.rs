@@ -15,6 +15,7 @@ pub struct MediaMetrics {
     pub unrecoverable: IntCounter,
     pub layer_switches: IntCounter,
     pub video_pauses: IntCounter,
+    pub streams_unavailable: IntCounterVec,
     pub first_frame: Histogram,
     pub dropped_datagrams: IntCounterVec,
     pub send_errors: IntCounter,
@@ -74,6 +75,14 @@ impl MediaMetrics {
                 "Subscriber video tracks paused because not even the lowest layer fit the bandwidth estimate",
             )
             .expect("valid metric"),
+            streams_unavailable: IntCounterVec::new(
+                Opts::new(
+                    "gateway_streams_unavailable_total",
+                    "Streams a subscriber was offered but cannot receive, by reason (codec_unsupported: it cannot decode the publication's codec)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
             first_frame: Histogram::with_opts(
                 HistogramOpts::new(
                     "gateway_time_to_first_frame_seconds",
@@ -115,6 +124,7 @@ impl MediaMetrics {
             Box::new(m.unrecoverable.clone()),
             Box::new(m.layer_switches.clone()),
             Box::new(m.video_pauses.clone()),
+            Box::new(m.streams_unavailable.clone()),
             Box::new(m.first_frame.clone()),
             Box::new(m.dropped_datagrams.clone()),
             Box::new(m.send_errors.clone()),
@@ -126,6 +136,8 @@ impl MediaMetrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // Exported from the start (at 0), so dashboards and alerts see the series before the first.
+        m.streams_unavailable.with_label_values(&["codec_unsupported"]);
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for direction in ["in", "out"] {
             for kind in ["audio", "video"] {

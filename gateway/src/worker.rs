@@ -353,6 +353,9 @@ impl Worker {
         m.unrecoverable.inc_by(c.unrecoverable_losses - p.unrecoverable_losses);
         m.layer_switches.inc_by(c.layer_switches - p.layer_switches);
         m.video_pauses.inc_by(c.video_pauses - p.video_pauses);
+        m.streams_unavailable
+            .with_label_values(&["codec_unsupported"])
+            .inc_by(c.codec_unsupported - p.codec_unsupported);
         for t in self.engine.take_first_frame_times() {
             m.first_frame.observe(t.as_secs_f64());
         }

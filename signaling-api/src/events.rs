@@ -18,6 +18,8 @@ pub enum MediaEvent {
     StreamAdded { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
     /// A publication ended.
     StreamRemoved { room_id: String, participant_id: String, stream_id: String, kind: String, mid: String },
+    /// A subscriber will not receive a stream it was offered (it rejected the section), and why.
+    StreamUnavailable { connection_id: String, stream_id: String, reason: String, codec: Option<String> },
     /// The simulcast encodings a video publication is sending changed.
     StreamLayers { room_id: String, stream_id: String, layers: Vec<LayerInfo> },
 }

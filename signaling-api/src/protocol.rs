@@ -415,6 +415,16 @@ pub enum ServerMessage {
     StreamRemoved(StreamInfo),
     /// The simulcast encodings a publisher sends changed (one started or stopped).
     StreamLayers(StreamInfo),
+    /// This subscribe connection will not receive a stream it was offered: `reason`
+    /// `codec_unsupported` (the client cannot decode `codec`, the one codec the publication
+    /// carries; the gateway does not transcode) or `rejected` (the client declined it).
+    StreamUnavailable {
+        connection_id: String,
+        stream_id: String,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        codec: Option<String>,
+    },
     Error {
         code: ErrorCode,
         message: String,

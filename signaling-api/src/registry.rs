@@ -303,6 +303,12 @@ impl EventSink for Registry {
                 }
                 self.broadcast(&room_id, None, ServerMessage::StreamRemoved(info));
             }
+            MediaEvent::StreamUnavailable { connection_id, stream_id, reason, codec } => {
+                if let Some(s) = self.session_of(&connection_id) {
+                    let msg = ServerMessage::StreamUnavailable { connection_id, stream_id, reason, codec };
+                    self.send_to_session(s, Outbound::Message(msg));
+                }
+            }
             MediaEvent::StreamLayers { room_id, stream_id, layers } => {
                 // Kept with the stream, so `joined` and the REST room view carry it too.
                 let info = {

@@ -64,6 +64,9 @@ pub(crate) struct TrackOut {
     pub ttff_from: Option<Instant>,
     /// The publisher payload type last recorded in the subscriber's `stats.codecs`.
     pub noted_pt: Option<Pt>,
+    /// The subscriber rejected this track (port 0 in its answer), and why: `codec_unsupported`
+    /// when it cannot decode the one codec the publication carries.
+    pub unavailable: Option<&'static str>,
     /// Since when the estimate has been too low for this track's only layer (it pauses once
     /// that has lasted `layers::SINGLE_PAUSE_AFTER`).
     pub starved_since: Option<Instant>,
@@ -90,6 +93,7 @@ impl TrackOut {
             ttff_from: None,
             noted_pt: None,
             starved_since: None,
+            unavailable: None,
         }
     }
 }
@@ -145,6 +149,12 @@ pub struct LayerInUse {
     pub preferred_rid: Option<String>,
     /// No layer fits the bandwidth estimate: video is paused, audio continues.
     pub paused: bool,
+    /// The subscriber rejected the stream, and why (`codec_unsupported`: it cannot decode the
+    /// publication's codec, named in `codec`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -211,6 +221,9 @@ pub(crate) struct Conn {
     pub idle_reoffer: bool,
     pub candidate_added: bool,
     pub first_mid: Option<String>,
+    /// Publish connections: the one payload type each media section of our answer left the
+    /// publisher (by mid), so each publication carries one definite codec.
+    pub sending_pts: Vec<(String, u8)>,
     pub outs: Vec<TrackOut>,
     /// Latest TWCC estimate and latest REMB toward this peer, bits/s.
     pub twcc_estimate: Option<u64>,

@@ -22,6 +22,7 @@ use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Que
 use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
 use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
+use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
 use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
 
 /// Most encodings of one published track (browsers send up to three simulcast layers).
@@ -48,6 +49,9 @@ struct TrackIn {
     outs: Vec<(ConnKey, Mid)>,
     /// Which layers were last reported as being sent (`stream_layers`; simulcast only).
     announced: Vec<bool>,
+    /// The one codec the publication carries (the publisher's answer lists only it), as the
+    /// publisher's session numbers it; subscribers are offered only this codec.
+    codec: Option<PayloadParams>,
 }
 
 impl TrackIn {
@@ -160,27 +164,6 @@ pub struct Engine {
 
 fn err(code: ErrorCode, message: impl Into<String>) -> CoreError {
     CoreError { code, message: message.into() }
-}
-
-/// Each media section becomes a track every subscriber is offered: cap them before parsing.
-fn check_sections(offer: &str, limit: usize) -> Result<(), String> {
-    let sections = offer.lines().filter(|l| l.starts_with("m=")).count();
-    if sections > limit {
-        return Err(format!("offer has {sections} media sections; at most {limit}"));
-    }
-    Ok(())
-}
-
-/// Count `m=audio`/`m=video` sections that were accepted (port not 0).
-fn accepted_media_sections(sdp: &str) -> usize {
-    sdp.lines()
-        .filter(|l| l.starts_with("m=audio ") || l.starts_with("m=video "))
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p != "0"))
-        .count()
-}
-
-fn first_mid(sdp: &str) -> Option<String> {
-    sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:").map(str::to_owned))
 }
 
 /// The first video codec of the offer's first video section that we support.
@@ -298,7 +281,8 @@ impl Engine {
         let conn = self.conns.get(key)?;
         let mut stats = conn.stats.clone();
         let tracks = self.rooms.get(&conn.room).map(|r| r.tracks.as_slice()).unwrap_or_default();
-        for o in conn.outs.iter().filter(|o| o.kind == MediaKind::Video && o.live && !o.stopped) {
+        let shown = |o: &&TrackOut| (o.kind == MediaKind::Video && o.live || o.unavailable.is_some()) && !o.stopped;
+        for o in conn.outs.iter().filter(shown) {
             let Some(t) = tracks.iter().find(|t| t.stream_id == o.stream_id) else { continue };
             stats.layers.push(LayerInUse {
                 mid: o.mid.to_string(),
@@ -307,6 +291,8 @@ impl Engine {
                 target_rid: t.rid_name(o.target),
                 preferred_rid: o.preferred.map(|r| r.to_string()),
                 paused: o.target.is_none() && o.last_down.is_some(),
+                unavailable: o.unavailable.map(str::to_owned),
+                codec: o.unavailable.and(t.codec).map(codec_name),
             });
         }
         Some(stats)
@@ -396,6 +382,7 @@ impl Engine {
             idle_reoffer: false,
             candidate_added: false,
             first_mid: None,
+            sending_pts: Vec::new(),
             outs: Vec::new(),
             ready_at: None,
             twcc_estimate: None,
@@ -438,7 +425,7 @@ impl Engine {
             conn.rtc.add_local_candidate(c);
         }
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
-            Ok(a) => a.to_sdp_string(),
+            Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
         };
         if accepted_media_sections(&answer) == 0 {
@@ -468,7 +455,7 @@ impl Engine {
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
-            Ok(a) => a.to_sdp_string(),
+            Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
         };
         conn.event(&mut self.q, EventKind::SdpProcessed, None);
@@ -533,10 +520,29 @@ impl Engine {
         }
         conn.event(&mut self.q, EventKind::SdpProcessed, None);
         let mut newly_live = Vec::new();
-        for o in conn.outs.iter_mut().filter(|o| !o.live && !o.stopped) {
+        let mut unavailable = Vec::new();
+        let answered = crate::sdp::codecs(sdp);
+        let Conn { rtc, outs, .. } = conn;
+        for o in outs.iter_mut().filter(|o| !o.live && !o.stopped && o.unavailable.is_none()) {
+            if rtc.media(o.mid).is_none_or(|m| m.disabled()) {
+                // Rejected (port 0). With one codec offered, a section that does not list it
+                // back is one the subscriber cannot decode.
+                let mid = o.mid.to_string();
+                let section = answered.iter().find(|s| s.mid.as_deref() == Some(mid.as_str()));
+                let offered = o.pts.iter().filter_map(|(_, ours)| *ours).map(|p| *p).collect::<Vec<u8>>();
+                let listed = section.is_some_and(|s| s.pts.iter().any(|p| offered.contains(p)));
+                let reason = if listed { "rejected" } else { "codec_unsupported" };
+                o.unavailable = Some(reason);
+                unavailable.push((o.stream_id.to_string(), reason));
+                continue;
+            }
             o.live = true;
             newly_live.push(o.mid);
         }
+        for (stream_id, reason) in unavailable {
+            self.stream_unavailable(key, stream_id, reason);
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if !conn.candidate_added {
             conn.candidate_added = true;
             if let Ok(c) = Candidate::host(conn.local, "udp") {
@@ -709,6 +715,27 @@ impl Engine {
 
     fn key_of(&self, connection_id: &str) -> Result<ConnKey, CoreError> {
         self.keys.get(connection_id).copied().ok_or_else(|| err(ErrorCode::NotFound, "connection not found"))
+    }
+
+    /// Tell the subscriber (and the inspection and metrics) that it will not receive a stream.
+    fn stream_unavailable(&mut self, key: ConnKey, stream_id: String, reason: &'static str) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let codec = self
+            .rooms
+            .get(&conn.room)
+            .and_then(|r| r.tracks.iter().find(|t| *t.stream_id == *stream_id))
+            .and_then(|t| t.codec)
+            .map(codec_name);
+        conn.span.in_scope(|| tracing::info!(%stream_id, reason, codec = codec.as_deref().unwrap_or("-"), "subscriber cannot receive a stream"));
+        if reason == "codec_unsupported" {
+            self.counters.codec_unsupported += 1;
+        }
+        self.q.out.push_back(Output::Event(MediaEvent::StreamUnavailable {
+            connection_id: conn.id.to_string(),
+            stream_id,
+            reason: reason.to_owned(),
+            codec,
+        }));
     }
 
     /// Trickle our host candidate to the client and enter GATHERED.
@@ -906,6 +933,12 @@ impl Engine {
             return;
         }
         let stream_id: Arc<str> = Arc::from(format!("st_{:016x}", rand::rng().random::<u64>()));
+        let mid_str = mid.to_string();
+        let codec = conn
+            .sending_pts
+            .iter()
+            .find(|(m, _)| *m == mid_str)
+            .and_then(|(_, pt)| conn.rtc.codec_config().find(|c| *c.pt() == *pt).copied());
         let layers = if rids.is_empty() {
             vec![LayerIn::new(None, self.cfg.keyframe_throttle)]
         } else {
@@ -926,6 +959,7 @@ impl Engine {
             layers,
             outs: Vec::new(),
             announced: Vec::new(),
+            codec,
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
@@ -1037,7 +1071,7 @@ impl Engine {
         conn.idle_reoffer = false;
         conn.pending = Some(pending);
         conn.offered = true;
-        let sdp = offer.to_sdp_string();
+        let sdp = offers_publication_codecs(conn, &room.tracks, &offer.to_sdp_string());
         if conn.first_mid.is_none() {
             conn.first_mid = first_mid(&sdp);
         }
@@ -1641,6 +1675,33 @@ fn replay_gop(
     }
     out.last_forward = Some(now);
     counters.keyframe_cache_starts += 1;
+}
+
+/// Narrow our answer to a publisher to one codec per media section (plus its RTX): the first,
+/// which the publisher would send anyway. The publication then carries one definite codec that
+/// subscribers can be offered alone. Records that payload type per mid on the connection.
+fn one_codec_per_section(conn: &mut Conn, answer: &str) -> String {
+    let narrowed = restrict_codecs(answer, |s| Some(s.primary_with_rtx()));
+    for s in crate::sdp::codecs(&narrowed) {
+        if let (Some(mid), Some(&pt)) = (s.mid, s.pts.first()) {
+            conn.sending_pts.retain(|(m, _)| *m != mid);
+            conn.sending_pts.push((mid, pt));
+        }
+    }
+    narrowed
+}
+
+/// Narrow a subscriber offer so each track's section lists only the codec its publication
+/// carries (and that codec's RTX), in the subscriber session's payload types. A subscriber that
+/// cannot decode it rejects the section (port 0) instead of accepting a codec nobody sends.
+fn offers_publication_codecs(conn: &Conn, tracks: &[TrackIn], offer: &str) -> String {
+    restrict_codecs(offer, |s| {
+        let mid = s.mid.as_deref()?;
+        let out = conn.outs.iter().find(|o| o.mid.to_string() == mid)?;
+        let codec = tracks.iter().find(|t| t.stream_id == out.stream_id)?.codec?;
+        let ours = conn.rtc.codec_config().match_params(codec)?;
+        Some([Some(*ours.pt()), ours.resend().map(|p| *p)].into_iter().flatten().collect())
+    })
 }
 
 /// RTP ticks to advance the timestamp by when an outgoing stream changes source: the time since

@@ -11,6 +11,7 @@
 //!   losses and (optionally) cached group of pictures, and the choice of layer per subscriber
 //!   from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
+//! - `sdp`: SDP text helpers (counting sections, narrowing a section's codecs).
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
@@ -21,6 +22,7 @@ mod engine;
 pub mod keyframe;
 pub mod layers;
 pub mod rewrite;
+pub mod sdp;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
@@ -135,6 +137,8 @@ pub struct Counters {
     pub nacks_out: u64,
     /// Packets resent to subscribers from str0m's buffer.
     pub retransmitted_packets: u64,
+    /// Subscriber tracks rejected because the subscriber cannot decode the publication's codec.
+    pub codec_unsupported: u64,
     pub garbage_datagrams: u64,
     pub untrusted_datagrams: u64,
     pub failed: u64,

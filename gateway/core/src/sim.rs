@@ -128,6 +128,9 @@ pub struct Peer {
     pub rtx: bool,
     /// Audio packets sent.
     pub audio_sent: usize,
+    /// RTCP Sender Reports received: when, for which mid, the RTP time (in the clock rate of the
+    /// stream, 90 kHz for video) and the packet count they carry.
+    pub sender_reports: Vec<(Instant, Mid, u64, u32)>,
     pending: Option<SdpPendingOffer>,
     audio: Option<Mid>,
     video: Option<Mid>,
@@ -199,9 +202,29 @@ impl Sim {
 
     /// Add a client peer; returns its index.
     pub fn add_peer(&mut self, name: &str) -> usize {
+        self.add_peer_with(name, None)
+    }
+
+    /// Add a client peer that knows only Opus and this one video codec (a client that can
+    /// decode nothing else); returns its index.
+    pub fn add_peer_with_codec(&mut self, name: &str, video: Codec) -> usize {
+        self.add_peer_with(name, Some(video))
+    }
+
+    fn add_peer_with(&mut self, name: &str, video: Option<Codec>) -> usize {
         let i = self.peers.len();
         let addr = SocketAddr::from(([10, 0, (i / 250 + 1) as u8, (i % 250 + 1) as u8], 5000));
-        let mut rtc = Rtc::builder().set_rtp_mode(true).build(self.now);
+        let mut builder = Rtc::builder().set_rtp_mode(true);
+        if let Some(video) = video {
+            builder = builder.clear_codecs().enable_opus(true, false);
+            builder = match video {
+                Codec::H264 => builder.enable_h264(true),
+                Codec::Vp9 => builder.enable_vp9(true),
+                Codec::Av1 => builder.enable_av1(true),
+                _ => builder.enable_vp8(true),
+            };
+        }
+        let mut rtc = builder.build(self.now);
         if let Ok(c) = Candidate::host(addr, "udp") {
             rtc.add_local_candidate(c);
         }
@@ -222,6 +245,7 @@ impl Sim {
             subscribed_at: None,
             rtx: true,
             audio_sent: 0,
+            sender_reports: Vec::new(),
             pending: None,
             audio: None,
             video: None,
@@ -628,6 +652,19 @@ impl Sim {
                     let p = &mut self.peers[i];
                     match e {
                         Event::Connected => p.connected = true,
+                        Event::SenderFeedback(f) => {
+                            let clock = if p.rtc.media(f.mid).is_some_and(|m| m.kind() == MediaKind::Audio) {
+                                48_000
+                            } else {
+                                90_000
+                            };
+                            let rtp = f
+                                .sender_info
+                                .rtp_time
+                                .rebase(str0m::media::Frequency::new(clock).expect("nonzero"))
+                                .numer();
+                            p.sender_reports.push((now, f.mid, rtp, f.sender_info.sender_packet_count));
+                        }
                         Event::KeyframeRequest(r) => {
                             p.keyframe_requests += 1;
                             let due = now + p.encoder_delay;
