@@ -1,6 +1,6 @@
 // Browser client of the gateway: join a room, publish camera + microphone on a publish
 // connection, receive everyone else on a subscribe connection the gateway (re)offers, and show
-// each connection's erizo-like state live. Speaks the WebSocket API of API.md §3.
+// each connection's erizo-like state live. Speaks the WebSocket API of docs/api.md §3.
 
 const $ = (id) => document.getElementById(id);
 

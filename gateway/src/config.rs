@@ -1,4 +1,4 @@
-//! Gateway configuration (API.md §5): defaults that run on a laptop with no file, an optional
+//! Gateway configuration (docs/api.md §5): defaults that run on a laptop with no file, an optional
 //! TOML file, and `GATEWAY__SECTION__KEY` environment overrides. Unknown keys are errors that
 //! name the key.
 

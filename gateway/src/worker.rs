@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use gateway_core::{ConnKey, CoreConfig, CoreError, Engine, NewConnection, Output};
+use gateway_core::{ConnKey, CoreConfig, Engine, MediaError, NewConnection, Output};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
-use signaling_api::media::{EventSink, MediaError};
+use signaling_api::media::EventSink;
 use signaling_api::protocol::ErrorCode;
 use tokio::sync::oneshot;
 
@@ -112,10 +112,6 @@ struct Worker {
     published: gateway_core::Counters,
     busy: Duration,
     last_metrics: Instant,
-}
-
-fn media_err(e: CoreError) -> MediaError {
-    MediaError::new(e.code, e.message)
 }
 
 impl Worker {
@@ -270,27 +266,27 @@ impl Worker {
                     let _ = reply.send(r);
                 }
                 Command::Republish { connection_id, offer, reply } => {
-                    let r = self.engine.republish(now, &connection_id, &offer).map_err(media_err);
+                    let r = self.engine.republish(now, &connection_id, &offer);
                     self.flush();
                     let _ = reply.send(r);
                 }
                 Command::Resubscribe { connection_id, reply } => {
-                    let r = self.engine.resubscribe(now, &connection_id).map_err(media_err);
+                    let r = self.engine.resubscribe(now, &connection_id);
                     self.flush();
                     let _ = reply.send(r);
                 }
                 Command::Answer { connection_id, sdp, reply } => {
-                    let r = self.engine.answer(now, &connection_id, &sdp).map_err(media_err);
+                    let r = self.engine.answer(now, &connection_id, &sdp);
                     self.flush();
                     let _ = reply.send(r);
                 }
                 Command::SetLayer { connection_id, stream_id, rid, reply } => {
-                    let r = self.engine.set_layer(now, &connection_id, &stream_id, rid.as_deref()).map_err(media_err);
+                    let r = self.engine.set_layer(now, &connection_id, &stream_id, rid.as_deref());
                     self.flush();
                     let _ = reply.send(r);
                 }
                 Command::Candidate { connection_id, candidate, reply } => {
-                    let r = self.engine.add_candidate(now, &connection_id, &candidate).map_err(media_err);
+                    let r = self.engine.add_candidate(now, &connection_id, &candidate);
                     self.flush();
                     let _ = reply.send(r);
                 }
@@ -328,7 +324,7 @@ impl Worker {
             // Refused before or while it was created: make sure the port is back.
             self.release(key);
         }
-        r.map_err(media_err)
+        r
     }
 
     fn publish_metrics(&mut self) {
@@ -337,35 +333,17 @@ impl Worker {
         let c = self.engine.counters().clone();
         let m = &self.setup.metrics;
         let p = &self.published;
-        for (i, kind) in ["audio", "video"].iter().enumerate() {
-            m.rtp_packets.with_label_values(&["in", kind]).inc_by(c.rtp_packets_in[i] - p.rtp_packets_in[i]);
-            m.rtp_bytes.with_label_values(&["in", kind]).inc_by(c.rtp_bytes_in[i] - p.rtp_bytes_in[i]);
-            m.rtp_packets.with_label_values(&["out", kind]).inc_by(c.rtp_packets_out[i] - p.rtp_packets_out[i]);
-            m.rtp_bytes.with_label_values(&["out", kind]).inc_by(c.rtp_bytes_out[i] - p.rtp_bytes_out[i]);
-        }
-        for (i, kind) in ["pli", "fir"].iter().enumerate() {
-            let kf = &m.keyframe_requests;
-            kf.with_label_values(&["in", kind]).inc_by(c.keyframe_requests_in[i] - p.keyframe_requests_in[i]);
-            kf.with_label_values(&["out", kind]).inc_by(c.keyframe_requests_out[i] - p.keyframe_requests_out[i]);
-            kf.with_label_values(&["throttled", kind])
-                .inc_by(c.keyframe_requests_throttled[i] - p.keyframe_requests_throttled[i]);
-        }
-        m.unrecoverable.inc_by(c.unrecoverable_losses - p.unrecoverable_losses);
-        m.layer_switches.inc_by(c.layer_switches - p.layer_switches);
-        m.video_pauses.inc_by(c.video_pauses - p.video_pauses);
-        m.streams_unavailable
-            .with_label_values(&["codec_unsupported"])
-            .inc_by(c.codec_unsupported - p.codec_unsupported);
+        // Every counter, as the delta since the last publication (the same order each time).
+        let mut previous = Vec::with_capacity(48);
+        p.samples(|_, _, v| previous.push(v));
+        let mut i = 0;
+        c.samples(|fam, labels, v| {
+            m.counters[fam.name].with_label_values(labels).inc_by(v.saturating_sub(previous[i]));
+            i += 1;
+        });
         for t in self.engine.take_first_frame_times() {
             m.first_frame.observe(t.as_secs_f64());
         }
-        m.nacks.with_label_values(&["in"]).inc_by(c.nacks_in - p.nacks_in);
-        m.retransmitted.inc_by(c.retransmitted_packets - p.retransmitted_packets);
-        m.nacks.with_label_values(&["out"]).inc_by(c.nacks_out - p.nacks_out);
-        m.dropped_datagrams.with_label_values(&["garbage"]).inc_by(c.garbage_datagrams - p.garbage_datagrams);
-        m.dropped_datagrams
-            .with_label_values(&["untrusted_source"])
-            .inc_by(c.untrusted_datagrams - p.untrusted_datagrams);
         let label = self.setup.index.to_string();
         m.worker_busy
             .with_label_values(&[label.as_str()])

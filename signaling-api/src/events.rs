@@ -1,7 +1,22 @@
 //! Events the media plane reports to the control plane. Plain data, built without the `server`
 //! feature so the sans-IO core can produce them directly.
 
-use crate::protocol::{EventKind, LayerInfo};
+use crate::protocol::{ErrorCode, EventKind, LayerInfo};
+
+/// A media plane refusal (the sans-IO core's and the media workers' alike), rendered in the
+/// contract's error shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct MediaError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl MediaError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
 
 /// What the media plane reports.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,22 +3,8 @@
 //! [`EventSink`], called synchronously and in order by the media plane, so that an `answer` always
 //! reaches the client before the candidates and state events that follow it.
 
-pub use crate::events::MediaEvent;
-use crate::protocol::{ErrorCode, Role};
-
-/// A media plane refusal, rendered in the contract's error shape.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code:?}: {message}")]
-pub struct MediaError {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl MediaError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
-    }
-}
+pub use crate::events::{MediaError, MediaEvent};
+use crate::protocol::Role;
 
 /// What the media plane needs to know about a new connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Wire types of the public contract (API.md): every REST body and WebSocket message, the error
+//! Wire types of the public contract (docs/api.md): every REST body and WebSocket message, the error
 //! shape, and the erizo-like connection state machine. Clients (tests, the load tester) use these
 //! with the `server` feature off.
 
@@ -27,7 +27,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    /// The HTTP status that goes with the code (API.md table).
+    /// The HTTP status that goes with the code (docs/api.md table).
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::BadRequest | ErrorCode::BadSdp => 400,
@@ -57,7 +57,7 @@ pub struct ErrorDetail {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Connection state machine (API.md §1)
+// Connection state machine (docs/api.md §1)
 // ---------------------------------------------------------------------------------------------
 
 /// The role of a connection within its participant.
@@ -205,7 +205,7 @@ pub fn now_rfc3339() -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// REST bodies (API.md §2)
+// REST bodies (docs/api.md §2)
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,7 +319,7 @@ pub struct Health {
 }
 
 // ---------------------------------------------------------------------------------------------
-// WebSocket messages (API.md §3)
+// WebSocket messages (docs/api.md §3)
 // ---------------------------------------------------------------------------------------------
 
 /// A publication in a room.

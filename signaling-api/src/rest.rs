@@ -1,4 +1,4 @@
-//! REST API for app backends (API.md §2): rooms, join tokens, kick, connection inspection,
+//! REST API for app backends (docs/api.md §2): rooms, join tokens, kick, connection inspection,
 //! health and metrics. Every refusal uses the contract's error shape.
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};

@@ -1,4 +1,4 @@
-//! WebSocket API for clients (API.md §3). One task reads client messages and acts on them; one
+//! WebSocket API for clients (docs/api.md §3). One task reads client messages and acts on them; one
 //! writer task drains the session's outbound queue, which the registry fills in event order.
 
 use std::collections::HashMap;

@@ -23,7 +23,7 @@ use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
 use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
 use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
-use crate::{ConnKey, CoreConfig, CoreError, Counters, MediaEvent, Output};
+use crate::{ConnKey, CoreConfig, Counters, MediaError, MediaEvent, Output};
 
 /// Most encodings of one published track (browsers send up to three simulcast layers).
 const MAX_LAYERS: usize = 4;
@@ -162,8 +162,8 @@ pub struct Engine {
     first_frames: Vec<std::time::Duration>,
 }
 
-fn err(code: ErrorCode, message: impl Into<String>) -> CoreError {
-    CoreError { code, message: message.into() }
+fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
+    MediaError { code, message: message.into() }
 }
 
 /// The first video codec of the offer's first video section that we support.
@@ -329,7 +329,7 @@ impl Engine {
         spec: NewConnection,
         role: Role,
         first_video: Option<Codec>,
-    ) -> Result<ConnKey, CoreError> {
+    ) -> Result<ConnKey, MediaError> {
         let room = Arc::clone(
             self.rooms
                 .get_key_value(spec.room_id.as_str())
@@ -402,14 +402,14 @@ impl Engine {
     }
 
     /// Fail a connection because of its SDP, and return the error for the client.
-    fn reject_sdp(&mut self, now: Instant, key: ConnKey, message: String) -> CoreError {
+    fn reject_sdp(&mut self, now: Instant, key: ConnKey, message: String) -> MediaError {
         self.end(now, key, ConnectionState::Failed, &format!("bad_sdp: {message}"));
         self.process(now);
         err(ErrorCode::BadSdp, message)
     }
 
     /// Open a publish connection with the client's offer; emits the answer.
-    pub fn publish(&mut self, now: Instant, spec: NewConnection, offer: &str) -> Result<(), CoreError> {
+    pub fn publish(&mut self, now: Instant, spec: NewConnection, offer: &str) -> Result<(), MediaError> {
         let local = spec.local;
         // Answer with the publisher's preferred video codec first: browsers send the first one.
         let key = self.new_conn(now, spec, Role::Publish, preferred_video_codec(offer))?;
@@ -445,7 +445,7 @@ impl Engine {
     }
 
     /// A new offer on an existing publish connection.
-    pub fn republish(&mut self, now: Instant, connection_id: &str, offer: &str) -> Result<(), CoreError> {
+    pub fn republish(&mut self, now: Instant, connection_id: &str, offer: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if conn.role != Role::Publish {
@@ -467,7 +467,7 @@ impl Engine {
 
     /// Open a subscribe connection; emits the first offer (a data channel plus every track in
     /// the room that is not the participant's own).
-    pub fn subscribe(&mut self, now: Instant, spec: NewConnection) -> Result<(), CoreError> {
+    pub fn subscribe(&mut self, now: Instant, spec: NewConnection) -> Result<(), MediaError> {
         let key = self.new_conn(now, spec, Role::Subscribe, None)?;
         self.renegotiate(now, key);
         self.process(now);
@@ -475,7 +475,7 @@ impl Engine {
     }
 
     /// A fresh offer on an existing subscribe connection (or the outstanding one again).
-    pub fn resubscribe(&mut self, now: Instant, connection_id: &str) -> Result<(), CoreError> {
+    pub fn resubscribe(&mut self, now: Instant, connection_id: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if conn.role != Role::Subscribe {
@@ -499,7 +499,7 @@ impl Engine {
     }
 
     /// The client's answer to our latest offer.
-    pub fn answer(&mut self, now: Instant, connection_id: &str, sdp: &str) -> Result<(), CoreError> {
+    pub fn answer(&mut self, now: Instant, connection_id: &str, sdp: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if conn.role != Role::Subscribe {
@@ -569,7 +569,7 @@ impl Engine {
 
     /// A trickled remote candidate. ICE-lite needs none (the client's checks reveal its
     /// address), but valid ones are added; mDNS and TCP candidates are ignored.
-    pub fn add_candidate(&mut self, now: Instant, connection_id: &str, candidate: &str) -> Result<(), CoreError> {
+    pub fn add_candidate(&mut self, now: Instant, connection_id: &str, candidate: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let candidate = candidate.trim();
         if candidate.is_empty() {
@@ -713,7 +713,7 @@ impl Engine {
     // Internals
     // -----------------------------------------------------------------------------------------
 
-    fn key_of(&self, connection_id: &str) -> Result<ConnKey, CoreError> {
+    fn key_of(&self, connection_id: &str) -> Result<ConnKey, MediaError> {
         self.keys.get(connection_id).copied().ok_or_else(|| err(ErrorCode::NotFound, "connection not found"))
     }
 
@@ -1328,7 +1328,7 @@ impl Engine {
         connection_id: &str,
         stream_id: &str,
         rid: Option<&str>,
-    ) -> Result<(), CoreError> {
+    ) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         if conn.role != Role::Subscribe {
@@ -1483,9 +1483,6 @@ impl Engine {
     fn end(&mut self, now: Instant, key: ConnKey, state: ConnectionState, reason: &str) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         conn.enter(&mut self.q, state, Some(reason.to_owned()));
-        if state == ConnectionState::Failed {
-            self.counters.failed += 1;
-        }
         let role = conn.role;
         let room_id = Arc::clone(&conn.room);
         if role == Role::Publish {

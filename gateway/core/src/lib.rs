@@ -92,13 +92,9 @@ impl Default for CoreConfig {
     }
 }
 
-/// A refused command, with the contract's error code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code:?}: {message}")]
-pub struct CoreError {
-    pub code: ErrorCode,
-    pub message: String,
-}
+/// A refused command, with the contract's error code: the one error type of the media plane,
+/// shared with the signaling API.
+pub use signaling_api::events::MediaError;
 
 /// What the driver must do.
 #[derive(Debug)]
@@ -111,7 +107,8 @@ pub enum Output {
     Closed { key: ConnKey, connection_id: String },
 }
 
-/// Running totals of one engine, for metrics.
+/// Running totals of one engine, for metrics. [`Counters::samples`] names every field, so a
+/// counter added here does not compile until it says which `/metrics` family it feeds.
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     pub rtp_packets_in: [u64; 2],
@@ -141,10 +138,149 @@ pub struct Counters {
     pub codec_unsupported: u64,
     pub garbage_datagrams: u64,
     pub untrusted_datagrams: u64,
-    pub failed: u64,
+}
+
+/// A counter family on `/metrics`: its name, help text and label names.
+#[derive(Debug)]
+pub struct CounterFamily {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: &'static [&'static str],
+}
+
+macro_rules! family {
+    ($id:ident, $name:literal, $help:literal, [$($label:literal),*]) => {
+        pub const $id: CounterFamily = CounterFamily { name: $name, help: $help, labels: &[$($label),*] };
+    };
+}
+
+/// The families [`Counters`] feeds.
+pub mod families {
+    use super::CounterFamily;
+    family!(
+        RTP_PACKETS,
+        "gateway_rtp_packets_total",
+        "RTP packets received from publishers (in) and sent to subscribers (out)",
+        ["direction", "kind"]
+    );
+    family!(RTP_BYTES, "gateway_rtp_bytes_total", "RTP payload bytes in and out", ["direction", "kind"]);
+    family!(KEYFRAME_REQUESTS, "gateway_keyframe_requests_total", "Keyframe requests from subscribers (in), to publishers (out), merged by the throttle (throttled), by kind (pli, fir)", ["direction", "kind"]);
+    family!(
+        UNRECOVERABLE,
+        "gateway_unrecoverable_losses_total",
+        "Publisher packets lost for good (NACK did not bring them back in time); each leads to a keyframe request",
+        []
+    );
+    family!(
+        LAYER_SWITCHES,
+        "gateway_layer_switches_total",
+        "Simulcast layer switches for subscribers (set_layer or bandwidth estimate), not counting the first layer",
+        []
+    );
+    family!(
+        VIDEO_PAUSES,
+        "gateway_video_pauses_total",
+        "Subscriber video tracks paused because not even the lowest layer fit the bandwidth estimate",
+        []
+    );
+    family!(
+        KEYFRAME_CACHE_STARTS,
+        "gateway_keyframe_cache_starts_total",
+        "Subscriber video tracks started from the keyframe cache instead of a keyframe request (media.keyframe_cache)",
+        []
+    );
+    family!(
+        KEYFRAME_CACHE_PACKETS,
+        "gateway_keyframe_cache_packets_total",
+        "Packets replayed from the keyframe cache to start subscribers",
+        []
+    );
+    family!(
+        NACKS,
+        "gateway_nacks_total",
+        "NACKs received from subscribers (in) and sent to publishers (out)",
+        ["direction"]
+    );
+    family!(
+        RETRANSMITTED,
+        "gateway_retransmitted_packets_total",
+        "Packets resent to subscribers from the send buffer (RTX) in answer to NACKs",
+        []
+    );
+    family!(STREAMS_UNAVAILABLE, "gateway_streams_unavailable_total", "Streams a subscriber was offered but cannot receive, by reason (codec_unsupported: it cannot decode the publication's codec)", ["reason"]);
+    family!(
+        DROPPED_DATAGRAMS,
+        "gateway_dropped_datagrams_total",
+        "Datagrams dropped before reaching a connection",
+        ["reason"]
+    );
+
+    /// Every family, once.
+    pub const ALL: &[&CounterFamily] = &[
+        &RTP_PACKETS,
+        &RTP_BYTES,
+        &KEYFRAME_REQUESTS,
+        &UNRECOVERABLE,
+        &LAYER_SWITCHES,
+        &VIDEO_PAUSES,
+        &KEYFRAME_CACHE_STARTS,
+        &KEYFRAME_CACHE_PACKETS,
+        &NACKS,
+        &RETRANSMITTED,
+        &STREAMS_UNAVAILABLE,
+        &DROPPED_DATAGRAMS,
+    ];
 }
 
 impl Counters {
+    /// Every counter with its family and label values, always in the same order. The
+    /// destructuring names every field: a new one is a compile error until it is exported here.
+    pub fn samples(&self, mut f: impl FnMut(&'static CounterFamily, &[&'static str], u64)) {
+        use families::*;
+        let Counters {
+            rtp_packets_in,
+            rtp_bytes_in,
+            rtp_packets_out,
+            rtp_bytes_out,
+            keyframe_requests_in,
+            keyframe_requests_out,
+            keyframe_requests_throttled,
+            unrecoverable_losses,
+            layer_switches,
+            video_pauses,
+            keyframe_cache_starts,
+            keyframe_cache_packets,
+            nacks_in,
+            nacks_out,
+            retransmitted_packets,
+            codec_unsupported,
+            garbage_datagrams,
+            untrusted_datagrams,
+        } = self;
+        for (i, kind) in ["audio", "video"].into_iter().enumerate() {
+            f(&RTP_PACKETS, &["in", kind], rtp_packets_in[i]);
+            f(&RTP_BYTES, &["in", kind], rtp_bytes_in[i]);
+            f(&RTP_PACKETS, &["out", kind], rtp_packets_out[i]);
+            f(&RTP_BYTES, &["out", kind], rtp_bytes_out[i]);
+        }
+        for (i, kind) in ["pli", "fir"].into_iter().enumerate() {
+            f(&KEYFRAME_REQUESTS, &["in", kind], keyframe_requests_in[i]);
+            f(&KEYFRAME_REQUESTS, &["out", kind], keyframe_requests_out[i]);
+            f(&KEYFRAME_REQUESTS, &["throttled", kind], keyframe_requests_throttled[i]);
+        }
+        f(&UNRECOVERABLE, &[], *unrecoverable_losses);
+        f(&LAYER_SWITCHES, &[], *layer_switches);
+        f(&VIDEO_PAUSES, &[], *video_pauses);
+        f(&KEYFRAME_CACHE_STARTS, &[], *keyframe_cache_starts);
+        f(&KEYFRAME_CACHE_PACKETS, &[], *keyframe_cache_packets);
+        f(&NACKS, &["in"], *nacks_in);
+        f(&NACKS, &["out"], *nacks_out);
+        f(&RETRANSMITTED, &[], *retransmitted_packets);
+        f(&STREAMS_UNAVAILABLE, &["codec_unsupported"], *codec_unsupported);
+        f(&DROPPED_DATAGRAMS, &["garbage"], *garbage_datagrams);
+        f(&DROPPED_DATAGRAMS, &["untrusted_source"], *untrusted_datagrams);
+    }
+
     fn count_in(&mut self, video: bool, bytes: u64) {
         self.rtp_packets_in[usize::from(video)] += 1;
         self.rtp_bytes_in[usize::from(video)] += bytes;
@@ -152,5 +288,53 @@ impl Counters {
     fn count_out(&mut self, video: bool, bytes: u64) {
         self.rtp_packets_out[usize::from(video)] += 1;
         self.rtp_bytes_out[usize::from(video)] += bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sample belongs to a listed family and carries one value per label name; every
+    /// family is fed; no (family, labels) pair appears twice; each field lands in its own sample.
+    #[test]
+    fn counters_export_every_field_to_a_listed_family() {
+        let mut seen: Vec<(&str, Vec<&str>)> = Vec::new();
+        Counters::default().samples(|fam, labels, v| {
+            assert_eq!(v, 0);
+            assert!(families::ALL.iter().any(|f| std::ptr::eq(*f, fam) || f.name == fam.name), "{} listed", fam.name);
+            assert_eq!(labels.len(), fam.labels.len(), "{} label values", fam.name);
+            let key = (fam.name, labels.to_vec());
+            assert!(!seen.contains(&key), "{key:?} twice");
+            seen.push(key);
+        });
+        for f in families::ALL {
+            assert!(seen.iter().any(|(n, _)| *n == f.name), "{} is fed", f.name);
+        }
+        // Distinct values come out distinct: no field is exported twice or dropped.
+        let c = Counters {
+            rtp_packets_in: [1, 2],
+            rtp_bytes_in: [3, 4],
+            rtp_packets_out: [5, 6],
+            rtp_bytes_out: [7, 8],
+            keyframe_requests_in: [9, 10],
+            keyframe_requests_out: [11, 12],
+            keyframe_requests_throttled: [13, 14],
+            unrecoverable_losses: 15,
+            layer_switches: 16,
+            video_pauses: 17,
+            keyframe_cache_starts: 18,
+            keyframe_cache_packets: 19,
+            nacks_in: 20,
+            nacks_out: 21,
+            retransmitted_packets: 22,
+            codec_unsupported: 23,
+            garbage_datagrams: 24,
+            untrusted_datagrams: 25,
+        };
+        let mut values = Vec::new();
+        c.samples(|_, _, v| values.push(v));
+        values.sort_unstable();
+        assert_eq!(values, (1..=25).collect::<Vec<u64>>());
     }
 }
