@@ -3,8 +3,10 @@
 //! shape of `str0m::Rtc` itself.
 //!
 //! Layout:
-//! - `engine`: [`Engine`], one per media worker: rooms, tracks, forwarding, renegotiation,
-//!   keyframe relay, connection deadlines.
+//! - `engine`: [`Engine`], one per media worker: the front (commands, `handle_*`, `poll_*`,
+//!   deadlines) in `engine/mod.rs`, and one file per job — `track` (receive side of a published
+//!   track), `negotiation` (SDP, renegotiation), `forward` (the packet's path), `keyframes`
+//!   (keyframe policy), `allocation` (layer choice, bandwidth steering), `stats`.
 //! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
 //! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
 //! - `layers`: a published track's encodings (simulcast layers), their bitrates, unrepaired

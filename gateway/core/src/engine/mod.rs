@@ -1,0 +1,490 @@
+//! The SFU engine of one media worker: its rooms, their connections and the forwarding between
+//! them. Sans-IO: it is fed commands, datagrams and time, and hands back datagrams to send,
+//! events to report and the next moment it wants to be woken.
+//!
+//! This file is the front (commands, `handle_*`, `poll_*`, the event loop, ending connections);
+//! each job lives in its own file: `track` (the receive side of a published track), `negotiation`
+//! (SDP and renegotiation), `forward` (the packet's path), `keyframes` (keyframe policy),
+//! `allocation` (layer choice and bandwidth steering), `stats` (inspection).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::Rng;
+use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, LayerInfo, Role};
+use str0m::bwe::{Bitrate, BweKind};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::config::DtlsCert;
+use str0m::format::{Codec, CodecConfig, PayloadParams};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
+
+use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, TrackOut};
+use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
+use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
+use crate::rewrite::SeqRewriter;
+use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
+use crate::{ConnKey, CoreConfig, Counters, MediaError, MediaEvent, Output};
+
+mod allocation;
+mod forward;
+mod keyframes;
+mod negotiation;
+mod stats;
+mod track;
+
+use allocation::*;
+use keyframes::*;
+use stats::*;
+use track::*;
+
+/// What a new connection needs.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    pub key: ConnKey,
+    pub connection_id: String,
+    pub room_id: String,
+    pub participant_id: String,
+    /// The address of our host candidate (announced or bind IP, and the socket's port).
+    pub local: SocketAddr,
+}
+
+pub struct Engine {
+    cfg: CoreConfig,
+    /// One DTLS certificate for every connection of this engine: generating an ECDSA key per
+    /// connection dominates connection setup (join storms). DTLS key exchange stays ephemeral
+    /// (ECDHE) per connection; the certificate only identifies us via the SDP fingerprint.
+    cert: Option<DtlsCert>,
+    rooms: HashMap<Arc<str>, Room>,
+    conns: HashMap<ConnKey, Conn>,
+    keys: HashMap<Arc<str>, ConnKey>,
+    q: Queues,
+    counters: Counters,
+    /// Subscribers whose layers must be chosen again.
+    realloc: Vec<ConnKey>,
+    next_realloc: Option<Instant>,
+    /// Time to first frame of each new subscriber track, until the driver collects them.
+    first_frames: Vec<std::time::Duration>,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
+    MediaError { code, message: message.into() }
+}
+
+fn kind_str(kind: MediaKind) -> &'static str {
+    if kind == MediaKind::Audio {
+        "audio"
+    } else {
+        "video"
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: CoreConfig) -> Self {
+        let cert = str0m::crypto::from_feature_flags().dtls_provider.generate_certificate();
+        Self {
+            cfg,
+            cert,
+            rooms: HashMap::new(),
+            conns: HashMap::new(),
+            keys: HashMap::new(),
+            q: Queues::default(),
+            counters: Counters::default(),
+            realloc: Vec::new(),
+            next_realloc: None,
+            first_frames: Vec::new(),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Outputs
+    // -----------------------------------------------------------------------------------------
+
+    /// Next thing for the driver: a datagram, an event, or a closed connection whose socket can go.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.q.out.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let conns = self.conns.values().filter_map(|c| c.deadline(&self.cfg));
+        let retry = self.cfg.keyframe_retry;
+        let tracks = self.rooms.values().flat_map(|r| r.tracks.iter()).flat_map(|t| {
+            let give_up = give_up_after(self.conns.get(&t.conn));
+            t.layers.iter().filter_map(move |l| {
+                [l.keyframes.deadline(), l.keyframe_wanted.map(|w| w + retry), l.loss.deadline(give_up)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            })
+        });
+        let realloc = self.next_realloc.filter(|_| self.conns.values().any(|c| c.role == Role::Subscribe));
+        conns.chain(tracks).chain(realloc).min()
+    }
+
+    /// Time to first frame of subscriber tracks since the last call: from the moment a track
+    /// could be received (answered, READY) to its first keyframe forwarded.
+    pub fn take_first_frame_times(&mut self) -> Vec<std::time::Duration> {
+        std::mem::take(&mut self.first_frames)
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn has_connection(&self, key: ConnKey) -> bool {
+        self.conns.contains_key(&key)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Commands
+    // -----------------------------------------------------------------------------------------
+
+    pub fn create_room(&mut self, room_id: &str) {
+        self.rooms.entry(Arc::from(room_id)).or_default();
+    }
+
+    pub fn has_room(&self, room_id: &str) -> bool {
+        self.rooms.contains_key(room_id)
+    }
+
+    /// End every connection of the room (FINISHED with `reason`) and forget the room.
+    pub fn close_room(&mut self, now: Instant, room_id: &str, reason: &str) {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        // Subscribers first, so the publishers' departures do not trigger pointless re-offers.
+        let mut keys = room.conns.clone();
+        keys.sort_by_key(|k| self.conns.get(k).map(|c| c.role == Role::Publish));
+        for key in keys {
+            self.end(now, key, ConnectionState::Finished, reason);
+        }
+        self.rooms.remove(room_id);
+        self.process(now);
+    }
+
+    /// End a connection on purpose. Unknown ids are ignored.
+    pub fn close_connection(&mut self, now: Instant, connection_id: &str, reason: &str) {
+        if let Ok(key) = self.key_of(connection_id) {
+            self.end(now, key, ConnectionState::Finished, reason);
+            self.process(now);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Network and time
+    // -----------------------------------------------------------------------------------------
+
+    /// A datagram arrived on a connection's socket. `destination` is the connection's candidate
+    /// address. Garbage and datagrams from unauthenticated sources are dropped and counted.
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        key: ConnKey,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Ok(contents) = data.try_into() else {
+            self.counters.garbage_datagrams += 1;
+            return;
+        };
+        let recv = Receive { proto: Protocol::Udp, source, destination, contents };
+        // RFC 7983 demultiplexing: a first byte of 0-3 is STUN.
+        let is_stun = data.first().is_some_and(|b| *b < 4);
+        if !is_stun && !conn.trusted.contains(&source) {
+            conn.stats.dropped_untrusted_datagrams += 1;
+            self.counters.untrusted_datagrams += 1;
+            return;
+        }
+        let work_before = self.q.work.len();
+        if let Err(e) = conn.rtc.handle_input(Input::Receive(now, recv)) {
+            let reason = format!("dtls_error: {e}");
+            self.q.doomed.push((key, reason));
+        } else {
+            conn.drain(now, &mut self.q);
+            if conn.stats.srtp_profile.is_none() {
+                conn.stats.srtp_profile = infer_srtp_profile(data, self.q.work.range(work_before..));
+            }
+        }
+        // Only the authenticated peer keeps a connection alive; spoofed STUN does not.
+        if conn.trusted.contains(&source) {
+            conn.last_rx = now;
+        }
+        self.process(now);
+    }
+
+    /// Time passed: drive every `Rtc` that is due, send merged keyframe requests, and fail
+    /// connections whose deadlines passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if conn.next_timeout.is_some_and(|t| t <= now) {
+                if let Err(e) = conn.rtc.handle_input(Input::Timeout(now)) {
+                    self.q.doomed.push((conn.key, format!("rtc_error: {e}")));
+                    continue;
+                }
+                conn.drain(now, &mut self.q);
+            }
+            if let Some(reason) = conn.expired(now, &self.cfg) {
+                self.q.doomed.push((conn.key, reason.to_owned()));
+            }
+        }
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
+        for (room_id, room) in rooms.iter_mut() {
+            for track in room.tracks.iter_mut() {
+                if let Some(layers) = track.layers_changed(now) {
+                    let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());
+                    q.out.push_back(Output::Event(MediaEvent::StreamLayers { room_id, stream_id, layers }));
+                }
+                let give_up = give_up_after(conns.get(&track.conn));
+                for li in 0..track.layers.len() {
+                    let layer = &mut track.layers[li];
+                    let lost = layer.loss.expire(now, give_up);
+                    let mut want = false;
+                    if lost > 0 {
+                        // The cached group has a hole now: no decoder could start on it.
+                        layer.gop.clear();
+                        counters.unrecoverable_losses += lost;
+                        if let Some(p) = conns.get_mut(&track.conn) {
+                            p.stats.unrecoverable_losses += lost;
+                        }
+                        want = !track.outs.is_empty();
+                    }
+                    let layer = &mut track.layers[li];
+                    if layer.keyframe_wanted.is_some_and(|t| now >= t + cfg.keyframe_retry) {
+                        // Still nothing: ask again (or stop, if nobody needs it any more).
+                        layer.keyframe_wanted = None;
+                        want |= track.outs.iter().any(|(k, m)| {
+                            conns
+                                .get(k)
+                                .and_then(|c| c.outs.iter().find(|o| o.mid == *m))
+                                .is_some_and(|o| o.target == Some(li))
+                        });
+                    }
+                    if want {
+                        want_keyframe(now, track, li, conns, q, counters);
+                    } else {
+                        send_due_keyframe_request(now, track, li, conns, q, counters);
+                    }
+                }
+            }
+        }
+        if self.next_realloc.is_none_or(|t| now >= t) {
+            self.next_realloc = Some(now + REALLOCATE_EVERY);
+            let subs = self.conns.values().filter(|c| c.role == Role::Subscribe && c.state == ConnectionState::Ready);
+            for c in subs {
+                queue_reallocation(&mut self.realloc, c.key);
+            }
+        }
+        self.process(now);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------------------------
+
+    fn key_of(&self, connection_id: &str) -> Result<ConnKey, MediaError> {
+        self.keys.get(connection_id).copied().ok_or_else(|| err(ErrorCode::NotFound, "connection not found"))
+    }
+
+    /// Handle queued str0m events and fatal errors until both queues are empty.
+    fn process(&mut self, now: Instant) {
+        loop {
+            if let Some((key, event)) = self.q.work.pop_front() {
+                self.on_event(now, key, event);
+                continue;
+            }
+            if let Some((key, reason)) = self.q.doomed.pop() {
+                self.end(now, key, ConnectionState::Failed, &reason);
+                continue;
+            }
+            if let Some(key) = self.realloc.pop() {
+                self.reallocate(now, key);
+                continue;
+            }
+            break;
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, key: ConnKey, event: Event) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        match event {
+            Event::RtpPacket(p) => self.forward(now, key, p),
+            Event::Connected => {
+                let entered = conn.enter(&mut self.q, ConnectionState::Ready, None);
+                if entered {
+                    conn.ready_at = Some(now);
+                    let remote = conn.trusted.last().map(|a| a.to_string()).unwrap_or_default();
+                    let setup_ms = now.duration_since(conn.created).as_millis() as u64;
+                    let _in = conn.span.enter();
+                    let local = conn.local.to_string();
+                    if self.cfg.log_client_ips {
+                        tracing::info!(setup_ms, local, remote, "ICE and DTLS done");
+                    } else {
+                        tracing::info!(setup_ms, local, "ICE and DTLS done");
+                        tracing::debug!(remote, "selected remote address");
+                    }
+                }
+                if entered && conn.role == Role::Subscribe {
+                    for o in conn.outs.iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
+                        o.ttff_from = Some(now);
+                    }
+                    // Reallocation (in this same pass) asks again for the keyframes the
+                    // subscriber waits for: one asked for at the answer may have arrived before
+                    // READY, when nothing could be forwarded.
+                    queue_reallocation(&mut self.realloc, key);
+                }
+            }
+            Event::IceConnectionStateChange(s) => match s {
+                IceConnectionState::Connected | IceConnectionState::Completed => {
+                    conn.ice_connected = true;
+                }
+                IceConnectionState::Disconnected => {
+                    // Only a silent peer fails a READY connection (`Conn::lost_at`); an agent
+                    // that sends media and no Binding requests is still here.
+                    let silent_ms = now.saturating_duration_since(conn.last_rx).as_millis() as u64;
+                    conn.span.in_scope(|| tracing::info!(silent_ms, "ICE agent reports disconnected"));
+                }
+                _ => {}
+            },
+            Event::MediaAdded(m) if conn.role == Role::Publish && m.direction.is_receiving() => {
+                let rids: Vec<Rid> =
+                    m.simulcast.iter().flat_map(|s| s.recv.iter().chain(s.send.iter())).map(|l| l.rid).collect();
+                self.add_track(now, key, m.mid, m.kind, &rids);
+            }
+            Event::MediaChanged(m) if conn.role == Role::Publish => {
+                if m.direction.is_receiving() {
+                    let kind = conn.rtc.media(m.mid).map(|x| x.kind());
+                    if let Some(kind) = kind {
+                        self.add_track(now, key, m.mid, kind, &[]);
+                    }
+                } else {
+                    self.remove_tracks(now, key, Some(m.mid));
+                }
+            }
+            Event::KeyframeRequest(r) if conn.role == Role::Subscribe => {
+                conn.stats.keyframe_requests_in += 1;
+                self.counters.keyframe_requests_in[kind_index(r.kind)] += 1;
+                self.relay_keyframe_request(now, key, r.mid, r.kind);
+            }
+            Event::EgressBitrateEstimate(estimate) if conn.role == Role::Subscribe => {
+                match estimate {
+                    BweKind::Twcc { estimate, .. } => conn.twcc_estimate = Some(estimate.as_u64()),
+                    BweKind::Remb { estimate, .. } => conn.remb_estimate = Some(estimate.as_u64()),
+                    _ => {}
+                }
+                conn.stats.bwe_estimate_bps = conn.bandwidth();
+                queue_reallocation(&mut self.realloc, key);
+            }
+            Event::StreamPaused(p) if conn.role == Role::Publish => {
+                let Some(room) = self.rooms.get_mut(&conn.room) else { return };
+                let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == p.mid) else { return };
+                if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == p.rid) {
+                    layer.paused = p.paused;
+                }
+                for (k, _) in &track.outs {
+                    queue_reallocation(&mut self.realloc, *k);
+                }
+            }
+            Event::MediaIngressStats(s) => {
+                let st = MediaStats {
+                    mid: s.mid.to_string(),
+                    rid: s.rid.map(|r| r.to_string()),
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    nacks: s.nacks,
+                    plis: s.plis,
+                    firs: s.firs,
+                    loss: s.loss,
+                    rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    jitter: Some(s.jitter),
+                    bitrate_bps: None,
+                    at: Some(s.timestamp),
+                };
+                // NACKs we sent to the publisher since the last report.
+                self.counters.nacks_out += upsert(&mut conn.stats.ingress, st);
+            }
+            Event::MediaEgressStats(s) => {
+                let st = MediaStats {
+                    mid: s.mid.to_string(),
+                    rid: s.rid.map(|r| r.to_string()),
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    nacks: s.nacks,
+                    plis: s.plis,
+                    firs: s.firs,
+                    loss: s.loss,
+                    rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    jitter: None,
+                    bitrate_bps: None,
+                    at: Some(s.timestamp),
+                };
+                // Retransmissions: str0m's packet count includes them, ours does not.
+                if let Some(out) = conn.outs.iter_mut().find(|o| o.mid == s.mid) {
+                    let resent = s.packets.saturating_sub(out.written);
+                    if resent > out.resent {
+                        self.counters.retransmitted_packets += resent - out.resent;
+                        conn.stats.retransmitted_packets += resent - out.resent;
+                        out.resent = resent;
+                    }
+                }
+                // NACKs the subscriber sent us since the last report.
+                self.counters.nacks_in += upsert(&mut conn.stats.egress, st);
+            }
+            Event::PeerStats(s) => {
+                conn.stats.peer_bytes_rx = s.peer_bytes_rx;
+                conn.stats.peer_bytes_tx = s.peer_bytes_tx;
+                conn.stats.rtt_ms = s.rtt.map(|d| d.as_secs_f64() * 1000.0);
+                conn.stats.ingress_loss_fraction = s.ingress_loss_fraction;
+                conn.stats.egress_loss_fraction = s.egress_loss_fraction;
+                if let Some(pair) = s.selected_candidate_pair {
+                    conn.stats.selected_pair = Some(SelectedPair {
+                        protocol: format!("{:?}", pair.protocol).to_ascii_lowercase(),
+                        local: pair.local.addr.to_string(),
+                        remote: pair.remote.addr.to_string(),
+                        rtt_ms: pair.current_round_trip_time.map(|d| d.as_secs_f64() * 1000.0),
+                    });
+                }
+            }
+            Event::Closed => {
+                self.end(now, key, ConnectionState::Finished, "remote_closed");
+            }
+            _ => {}
+        }
+    }
+
+    /// Move a connection to FINISHED or FAILED, undo everything it took part in, close its `Rtc`
+    /// (BYE and close_notify go out) and tell the driver its socket can go.
+    fn end(&mut self, now: Instant, key: ConnKey, state: ConnectionState, reason: &str) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.enter(&mut self.q, state, Some(reason.to_owned()));
+        let role = conn.role;
+        let room_id = Arc::clone(&conn.room);
+        if role == Role::Publish {
+            self.remove_tracks(now, key, None);
+        }
+        let Some(mut conn) = self.conns.remove(&key) else { return };
+        self.keys.remove(&conn.id);
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.conns.retain(|k| *k != key);
+            for t in room.tracks.iter_mut() {
+                t.outs.retain(|(k, _)| *k != key);
+            }
+        }
+        if conn.rtc.close().is_ok() {
+            conn.drain(now, &mut self.q);
+        }
+        self.q.out.push_back(Output::Closed { key, connection_id: conn.id.to_string() });
+    }
+}

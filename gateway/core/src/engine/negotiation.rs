@@ -1,0 +1,560 @@
+//! Connection setup and SDP: publish answers (one codec per section), subscriber offers (each
+//! track's codec alone) and renegotiation when a room's tracks change, answers, trickled
+//! candidates.
+
+use super::*;
+
+/// The first video codec of the offer's first video section that we support.
+pub(super) fn preferred_video_codec(sdp: &str) -> Option<Codec> {
+    let mline = sdp.lines().find(|l| l.starts_with("m=video "))?;
+    for pt in mline.split_whitespace().skip(3) {
+        let prefix = format!("a=rtpmap:{pt} ");
+        let Some(name) = sdp.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else { continue };
+        let name = name.split('/').next().unwrap_or("").to_ascii_uppercase();
+        let codec = match name.as_str() {
+            "VP8" => Codec::Vp8,
+            "H264" => Codec::H264,
+            "VP9" => Codec::Vp9,
+            "AV1" => Codec::Av1,
+            _ => continue,
+        };
+        return Some(codec);
+    }
+    None
+}
+
+/// Move `first` ahead of the other video codecs (`enable_*` re-adds a codec at the end).
+pub(super) fn prefer_video_codec(cc: &mut CodecConfig, first: Codec) {
+    type Enable = fn(&mut CodecConfig, bool);
+    let all: [(Codec, Enable); 5] = [
+        (Codec::Vp8, CodecConfig::enable_vp8),
+        (Codec::H264, CodecConfig::enable_h264),
+        (Codec::H265, CodecConfig::enable_h265),
+        (Codec::Vp9, CodecConfig::enable_vp9),
+        (Codec::Av1, CodecConfig::enable_av1),
+    ];
+    for (codec, enable) in all {
+        if codec != first {
+            enable(cc, true);
+        }
+    }
+}
+
+/// Narrow our answer to a publisher to one codec per media section (plus its RTX): the first,
+/// which the publisher would send anyway. The publication then carries one definite codec that
+/// subscribers can be offered alone. Records that payload type per mid on the connection.
+pub(super) fn one_codec_per_section(conn: &mut Conn, answer: &str) -> String {
+    let narrowed = restrict_codecs(answer, |s| Some(s.primary_with_rtx()));
+    for s in crate::sdp::codecs(&narrowed) {
+        if let (Some(mid), Some(&pt)) = (s.mid, s.pts.first()) {
+            conn.sending_pts.retain(|(m, _)| *m != mid);
+            conn.sending_pts.push((mid, pt));
+        }
+    }
+    narrowed
+}
+
+/// Narrow a subscriber offer so each track's section lists only the codec its publication
+/// carries (and that codec's RTX), in the subscriber session's payload types. A subscriber that
+/// cannot decode it rejects the section (port 0) instead of accepting a codec nobody sends.
+pub(super) fn offers_publication_codecs(conn: &Conn, tracks: &[TrackIn], offer: &str) -> String {
+    restrict_codecs(offer, |s| {
+        let mid = s.mid.as_deref()?;
+        let out = conn.outs.iter().find(|o| o.mid.to_string() == mid)?;
+        let codec = tracks.iter().find(|t| t.stream_id == out.stream_id)?.codec?;
+        let ours = conn.rtc.codec_config().match_params(codec)?;
+        Some([Some(*ours.pt()), ours.resend().map(|p| *p)].into_iter().flatten().collect())
+    })
+}
+
+impl Engine {
+    pub(super) fn new_conn(
+        &mut self,
+        now: Instant,
+        spec: NewConnection,
+        role: Role,
+        first_video: Option<Codec>,
+    ) -> Result<ConnKey, MediaError> {
+        let room = Arc::clone(
+            self.rooms
+                .get_key_value(spec.room_id.as_str())
+                .ok_or_else(|| err(ErrorCode::NotFound, "room not found"))?
+                .0,
+        );
+        if self.keys.contains_key(spec.connection_id.as_str()) || self.conns.contains_key(&spec.key) {
+            return Err(err(ErrorCode::Conflict, "connection already exists"));
+        }
+        let mut builder =
+            Rtc::builder().set_ice_lite(true).set_rtp_mode(true).set_stats_interval(Some(self.cfg.stats_interval));
+        if let Some(first) = first_video {
+            prefer_video_codec(builder.codec_config(), first);
+        }
+        if let Some(cert) = &self.cert {
+            builder = builder.set_dtls_cert(cert.clone());
+        }
+        if role == Role::Subscribe && self.cfg.bwe {
+            // TWCC feedback from the subscriber drives str0m's estimator and pacer.
+            builder = builder.enable_bwe(Some(Bitrate::bps(self.cfg.bwe_initial_bps)));
+        }
+        let rtc = builder.build(now);
+        let id: Arc<str> = Arc::from(spec.connection_id.as_str());
+        let span = tracing::info_span!(
+            "connection",
+            connection_id = %spec.connection_id,
+            room = %spec.room_id,
+            participant = %spec.participant_id,
+            role = if role == Role::Publish { "publish" } else { "subscribe" }
+        );
+        let mut conn = Conn {
+            key: spec.key,
+            id: Arc::clone(&id),
+            room: Arc::clone(&room),
+            participant: Arc::from(spec.participant_id.as_str()),
+            role,
+            rtc,
+            state: ConnectionState::Initial,
+            local: spec.local,
+            created: now,
+            gathered_at: None,
+            ice_connected: false,
+            last_rx: now,
+            next_timeout: None,
+            trusted: Vec::new(),
+            pending: None,
+            offered: false,
+            offer_wanted: false,
+            last_offer: None,
+            idle_reoffer: false,
+            candidate_added: false,
+            first_mid: None,
+            sending_pts: Vec::new(),
+            outs: Vec::new(),
+            ready_at: None,
+            twcc_estimate: None,
+            remb_estimate: None,
+            bwe_desired: None,
+            next_probe: None,
+            stats: ConnStats::default(),
+            span,
+        };
+        conn.enter(&mut self.q, ConnectionState::Initial, None);
+        self.keys.insert(id, spec.key);
+        self.conns.insert(spec.key, conn);
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.conns.push(spec.key);
+        }
+        Ok(spec.key)
+    }
+
+    /// Fail a connection because of its SDP, and return the error for the client.
+    pub(super) fn reject_sdp(&mut self, now: Instant, key: ConnKey, message: String) -> MediaError {
+        self.end(now, key, ConnectionState::Failed, &format!("bad_sdp: {message}"));
+        self.process(now);
+        err(ErrorCode::BadSdp, message)
+    }
+
+    /// Open a publish connection with the client's offer; emits the answer.
+    pub fn publish(&mut self, now: Instant, spec: NewConnection, offer: &str) -> Result<(), MediaError> {
+        let local = spec.local;
+        // Answer with the publisher's preferred video codec first: browsers send the first one.
+        let key = self.new_conn(now, spec, Role::Publish, preferred_video_codec(offer))?;
+        if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
+            return Err(self.reject_sdp(now, key, message));
+        }
+        let offer = match SdpOffer::from_sdp_string(offer) {
+            Ok(o) => o,
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
+        };
+        let conn = self.conns.get_mut(&key).expect("inserted above");
+        if let Ok(c) = Candidate::host(local, "udp") {
+            conn.rtc.add_local_candidate(c);
+        }
+        let answer = match conn.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        if accepted_media_sections(&answer) == 0 {
+            return Err(self.reject_sdp(now, key, "offer has no audio or video with a usable codec".into()));
+        }
+        let conn = self.conns.get_mut(&key).expect("inserted above");
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        let mid = first_mid(&answer);
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        conn.candidate_added = true;
+        self.announce_candidate(key, mid, now);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.drain(now, &mut self.q);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// A new offer on an existing publish connection.
+    pub fn republish(&mut self, now: Instant, connection_id: &str, offer: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Publish {
+            return Err(err(ErrorCode::BadRequest, "not a publish connection"));
+        }
+        check_sections(offer, self.cfg.max_media_sections).map_err(|m| err(ErrorCode::BadSdp, m))?;
+        let offer = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let answer = match conn.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        conn.drain(now, &mut self.q);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Open a subscribe connection; emits the first offer (a data channel plus every track in
+    /// the room that is not the participant's own).
+    pub fn subscribe(&mut self, now: Instant, spec: NewConnection) -> Result<(), MediaError> {
+        let key = self.new_conn(now, spec, Role::Subscribe, None)?;
+        self.renegotiate(now, key);
+        self.process(now);
+        Ok(())
+    }
+
+    /// A fresh offer on an existing subscribe connection (or the outstanding one again).
+    pub fn resubscribe(&mut self, now: Instant, connection_id: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Subscribe {
+            return Err(err(ErrorCode::BadRequest, "not a subscribe connection"));
+        }
+        if conn.pending.is_some() {
+            // The client has not answered the outstanding offer yet: send it again.
+            if let Some(sdp) = conn.last_offer.clone() {
+                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+            }
+        } else if !self.renegotiate(now, key) {
+            // Nothing changed: the same description again, so the client can re-answer it.
+            let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+            if let Some(sdp) = conn.last_offer.clone() {
+                conn.idle_reoffer = true;
+                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+            }
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// The client's answer to our latest offer.
+    pub fn answer(&mut self, now: Instant, connection_id: &str, sdp: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if conn.role != Role::Subscribe {
+            return Err(err(ErrorCode::BadRequest, "answers are for subscribe connections"));
+        }
+        let answer = SdpAnswer::from_sdp_string(sdp)
+            .map_err(|e| err(ErrorCode::BadSdp, format!("answer is not valid SDP: {e}")))?;
+        let Some(pending) = conn.pending.take() else {
+            if std::mem::take(&mut conn.idle_reoffer) {
+                // The answer to a repeated, unchanged offer: nothing to apply.
+                conn.event(&mut self.q, EventKind::SdpProcessed, None);
+                return Ok(());
+            }
+            return Err(err(ErrorCode::BadRequest, "no offer is waiting for an answer"));
+        };
+        if let Err(e) = conn.rtc.sdp_api().accept_answer(pending, answer) {
+            return Err(self.reject_sdp(now, key, format!("answer was rejected: {e}")));
+        }
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        let mut newly_live = Vec::new();
+        let mut unavailable = Vec::new();
+        let answered = crate::sdp::codecs(sdp);
+        let Conn { rtc, outs, .. } = conn;
+        for o in outs.iter_mut().filter(|o| !o.live && !o.stopped && o.unavailable.is_none()) {
+            if rtc.media(o.mid).is_none_or(|m| m.disabled()) {
+                // Rejected (port 0). With one codec offered, a section that does not list it
+                // back is one the subscriber cannot decode.
+                let mid = o.mid.to_string();
+                let section = answered.iter().find(|s| s.mid.as_deref() == Some(mid.as_str()));
+                let offered = o.pts.iter().filter_map(|(_, ours)| *ours).map(|p| *p).collect::<Vec<u8>>();
+                let listed = section.is_some_and(|s| s.pts.iter().any(|p| offered.contains(p)));
+                let reason = if listed { "rejected" } else { "codec_unsupported" };
+                o.unavailable = Some(reason);
+                unavailable.push((o.stream_id.to_string(), reason));
+                continue;
+            }
+            o.live = true;
+            newly_live.push(o.mid);
+        }
+        for (stream_id, reason) in unavailable {
+            self.stream_unavailable(key, stream_id, reason);
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if !conn.candidate_added {
+            conn.candidate_added = true;
+            if let Ok(c) = Candidate::host(conn.local, "udp") {
+                conn.rtc.add_local_candidate(c);
+            }
+            let mid = conn.first_mid.clone();
+            self.announce_candidate(key, mid, now);
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        conn.drain(now, &mut self.q);
+        if conn.state == ConnectionState::Ready {
+            for o in conn.outs.iter_mut().filter(|o| newly_live.contains(&o.mid) && o.kind == MediaKind::Video) {
+                o.ttff_from = Some(now);
+            }
+        }
+        queue_reallocation(&mut self.realloc, key);
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        if std::mem::take(&mut conn.offer_wanted) {
+            self.renegotiate(now, key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// A trickled remote candidate. ICE-lite needs none (the client's checks reveal its
+    /// address), but valid ones are added; mDNS and TCP candidates are ignored.
+    pub fn add_candidate(&mut self, now: Instant, connection_id: &str, candidate: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let candidate = candidate.trim();
+        if candidate.is_empty() {
+            return Ok(());
+        }
+        // mDNS host names (`….local`) cannot be resolved here and are not needed: ICE-lite learns
+        // the client's address from its checks.
+        if candidate.split_whitespace().nth(4).is_some_and(|addr| addr.ends_with(".local")) {
+            return Ok(());
+        }
+        let c = Candidate::from_sdp_string(candidate)
+            .map_err(|e| err(ErrorCode::BadRequest, format!("candidate could not be parsed: {e}")))?;
+        if c.proto() != Protocol::Udp {
+            return Ok(());
+        }
+        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        conn.rtc.add_remote_candidate(c);
+        conn.drain(now, &mut self.q);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Tell the subscriber (and the inspection and metrics) that it will not receive a stream.
+    pub(super) fn stream_unavailable(&mut self, key: ConnKey, stream_id: String, reason: &'static str) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let codec = self
+            .rooms
+            .get(&conn.room)
+            .and_then(|r| r.tracks.iter().find(|t| *t.stream_id == *stream_id))
+            .and_then(|t| t.codec)
+            .map(codec_name);
+        conn.span.in_scope(|| tracing::info!(%stream_id, reason, codec = codec.as_deref().unwrap_or("-"), "subscriber cannot receive a stream"));
+        if reason == "codec_unsupported" {
+            self.counters.codec_unsupported += 1;
+        }
+        self.q.out.push_back(Output::Event(MediaEvent::StreamUnavailable {
+            connection_id: conn.id.to_string(),
+            stream_id,
+            reason: reason.to_owned(),
+            codec,
+        }));
+    }
+
+    /// Trickle our host candidate to the client and enter GATHERED.
+    pub(super) fn announce_candidate(&mut self, key: ConnKey, mid: Option<String>, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Ok(c) = Candidate::host(conn.local, "udp") else { return };
+        let line = c.to_sdp_string();
+        let candidate = line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned();
+        self.q.out.push_back(Output::Event(MediaEvent::Candidate {
+            connection_id: conn.id.to_string(),
+            candidate,
+            sdp_mid: mid,
+            sdp_mline_index: Some(0),
+        }));
+        conn.event(&mut self.q, EventKind::Candidate, None);
+        conn.gathered_at = Some(now);
+        conn.enter(&mut self.q, ConnectionState::Gathered, None);
+    }
+
+    /// A publisher's media section started receiving: announce the track and offer it to every
+    /// other participant's subscribe connection.
+    pub(super) fn add_track(&mut self, now: Instant, key: ConnKey, mid: Mid, kind: MediaKind, rids: &[Rid]) {
+        if !matches!(kind, MediaKind::Audio | MediaKind::Video) {
+            return;
+        }
+        let Some(conn) = self.conns.get(&key) else { return };
+        let Some(room) = self.rooms.get_mut(&conn.room) else { return };
+        if room.tracks.iter().any(|t| t.conn == key && t.mid == mid) {
+            return;
+        }
+        let stream_id: Arc<str> = Arc::from(format!("st_{:016x}", rand::rng().random::<u64>()));
+        let mid_str = mid.to_string();
+        let codec = conn
+            .sending_pts
+            .iter()
+            .find(|(m, _)| *m == mid_str)
+            .and_then(|(_, pt)| conn.rtc.codec_config().find(|c| *c.pt() == *pt).copied());
+        let layers = if rids.is_empty() {
+            vec![LayerIn::new(None, self.cfg.keyframe_throttle)]
+        } else {
+            let mut unique: Vec<Rid> = Vec::new();
+            for r in rids {
+                if !unique.contains(r) && unique.len() < MAX_LAYERS {
+                    unique.push(*r);
+                }
+            }
+            unique.into_iter().map(|r| LayerIn::new(Some(r), self.cfg.keyframe_throttle)).collect()
+        };
+        room.tracks.push(TrackIn {
+            stream_id: Arc::clone(&stream_id),
+            owner: Arc::clone(&conn.participant),
+            conn: key,
+            mid,
+            kind,
+            layers,
+            outs: Vec::new(),
+            announced: Vec::new(),
+            codec,
+        });
+        conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
+        self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
+            room_id: conn.room.to_string(),
+            participant_id: conn.participant.to_string(),
+            stream_id: stream_id.to_string(),
+            kind: kind_str(kind).into(),
+            mid: mid.to_string(),
+        }));
+        let room_id = Arc::clone(&conn.room);
+        self.renegotiate_room(now, &room_id);
+    }
+
+    /// Remove a publisher's tracks (one mid, or all) and renegotiate the subscribers.
+    pub(super) fn remove_tracks(&mut self, now: Instant, key: ConnKey, mid: Option<Mid>) {
+        let Some(conn) = self.conns.get(&key) else { return };
+        let room_id = Arc::clone(&conn.room);
+        let Some(room) = self.rooms.get_mut(&room_id) else { return };
+        let mut removed = Vec::new();
+        room.tracks.retain(|t| {
+            let gone = t.conn == key && mid.is_none_or(|m| m == t.mid);
+            if gone {
+                removed.push((Arc::clone(&t.owner), Arc::clone(&t.stream_id), t.kind, t.mid));
+            }
+            !gone
+        });
+        if removed.is_empty() {
+            return;
+        }
+        for (owner, stream_id, kind, mid) in removed {
+            self.q.out.push_back(Output::Event(MediaEvent::StreamRemoved {
+                room_id: room_id.to_string(),
+                participant_id: owner.to_string(),
+                stream_id: stream_id.to_string(),
+                kind: kind_str(kind).into(),
+                mid: mid.to_string(),
+            }));
+        }
+        self.renegotiate_room(now, &room_id);
+    }
+
+    pub(super) fn renegotiate_room(&mut self, now: Instant, room_id: &str) {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        let subs: Vec<ConnKey> = room
+            .conns
+            .iter()
+            .copied()
+            .filter(|k| self.conns.get(k).is_some_and(|c| c.role == Role::Subscribe))
+            .collect();
+        for k in subs {
+            self.renegotiate(now, k);
+        }
+    }
+
+    /// Bring a subscribe connection's media sections in line with the room's tracks and send
+    /// an offer if anything changed (or if none was ever sent). One offer is outstanding at a
+    /// time; changes meanwhile are folded into the next one.
+    /// Returns whether an offer went out.
+    pub(super) fn renegotiate(&mut self, now: Instant, key: ConnKey) -> bool {
+        let Self { rooms, conns, q, .. } = self;
+        let Some(conn) = conns.get_mut(&key) else { return false };
+        if conn.role != Role::Subscribe || conn.state.is_terminal() {
+            return false;
+        }
+        if conn.pending.is_some() {
+            conn.offer_wanted = true;
+            return false;
+        }
+        let Some(room) = rooms.get_mut(&conn.room) else { return false };
+        let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != conn.participant).collect();
+        let mut api = conn.rtc.sdp_api();
+        if !conn.offered {
+            api.add_channel("gateway".into());
+        }
+        let mut added = Vec::new();
+        for &i in &wanted {
+            let t = &room.tracks[i];
+            if conn.outs.iter().any(|o| !o.stopped && o.stream_id == t.stream_id) {
+                continue;
+            }
+            let mid = api.add_media(
+                t.kind,
+                Direction::SendOnly,
+                Some(t.owner.to_string()),
+                Some(t.stream_id.to_string()),
+                None,
+            );
+            added.push((i, mid));
+        }
+        for o in conn.outs.iter_mut().filter(|o| !o.stopped) {
+            if !wanted.iter().any(|&i| room.tracks[i].stream_id == o.stream_id) {
+                api.stop_media(o.mid);
+                o.stopped = true;
+                o.live = false;
+            }
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return false;
+        };
+        let start_seq: u16 = rand::rng().random_range(1000..30000);
+        for (i, mid) in added {
+            let t = &mut room.tracks[i];
+            t.outs.push((key, mid));
+            let rewrite = SeqRewriter::new(start_seq, rand::rng().random());
+            conn.outs.push(TrackOut::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
+        }
+        // Stopped sections belong to tracks that are gone; forget them.
+        conn.outs.retain(|o| !o.stopped);
+        conn.idle_reoffer = false;
+        conn.pending = Some(pending);
+        conn.offered = true;
+        let sdp = offers_publication_codecs(conn, &room.tracks, &offer.to_sdp_string());
+        if conn.first_mid.is_none() {
+            conn.first_mid = first_mid(&sdp);
+        }
+        conn.last_offer = Some(sdp.clone());
+        q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+        conn.drain(now, q);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_offers_first_supported_video_codec() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 45 102 96\r\na=rtpmap:45 XYZ/90000\r\n\
+                   a=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n";
+        assert_eq!(preferred_video_codec(sdp), Some(Codec::H264));
+        assert_eq!(preferred_video_codec("v=0\r\nm=audio 9 X 0\r\n"), None);
+    }
+
+    #[test]
+    fn preferred_codec_goes_first() {
+        let mut cc = CodecConfig::new_with_defaults();
+        prefer_video_codec(&mut cc, Codec::H264);
+        let first_video = cc.params().iter().find(|p| p.spec().codec.is_video()).map(|p| p.spec().codec);
+        assert_eq!(first_video, Some(Codec::H264));
+        assert!(cc.params().iter().any(|p| p.spec().codec == Codec::Vp8), "others stay");
+    }
+}
