@@ -266,6 +266,10 @@ async function join(room, name) {
     audio: true,
     video: { width: { ideal: 640 }, height: { ideal: 480 } },
   });
+  // New tracks start live; a choice made before (mute, camera off) carries over to them, and
+  // the buttons show what is really sent.
+  for (const t of gw.localStream.getTracks()) t.enabled = !gw.off[t.kind];
+  renderToggles();
 
   const proto = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${proto}://${location.host}/v1/ws?token=${encodeURIComponent(body.token)}`);
@@ -492,6 +496,7 @@ function teardown() {
   $("room-info").hidden = true;
   $("lobby").hidden = false;
   $("join-button").disabled = false;
+  renderToggles();
 }
 
 async function leave() {
@@ -526,21 +531,33 @@ $("join-form").addEventListener("submit", async (ev) => {
 
 $("leave-button").addEventListener("click", () => leave());
 
-$("mic-button").addEventListener("click", (ev) => {
-  const track = gw.localStream && gw.localStream.getAudioTracks()[0];
-  if (!track) return;
-  track.enabled = !track.enabled;
-  ev.currentTarget.setAttribute("aria-pressed", String(!track.enabled));
-  ev.currentTarget.textContent = track.enabled ? "Mic" : "Muted";
-});
-
-$("cam-button").addEventListener("click", (ev) => {
-  const track = gw.localStream && gw.localStream.getVideoTracks()[0];
-  if (!track) return;
-  track.enabled = !track.enabled;
-  ev.currentTarget.setAttribute("aria-pressed", String(!track.enabled));
-  ev.currentTarget.textContent = track.enabled ? "Cam" : "Cam off";
-});
+// The mic and camera buttons always show the state of the tracks being sent (after a leave and
+// a new join too): pressed = off. The choice is kept across joins in `gw.off`.
+gw.off = { audio: false, video: false };
+const TOGGLES = {
+  audio: { button: "mic-button", on: ["Mic", "Mute microphone"], off: ["Muted", "Unmute microphone"] },
+  video: { button: "cam-button", on: ["Cam", "Turn camera off"], off: ["Cam off", "Turn camera on"] },
+};
+function renderToggles() {
+  for (const [kind, t] of Object.entries(TOGGLES)) {
+    const track = gw.localStream && gw.localStream.getTracks().find((x) => x.kind === kind && x.readyState === "live");
+    const off = track ? !track.enabled : gw.off[kind];
+    const [text, title] = off ? t.off : t.on;
+    const b = $(t.button);
+    b.setAttribute("aria-pressed", String(off));
+    b.textContent = text;
+    b.title = title;
+    b.setAttribute("aria-label", title);
+  }
+}
+for (const kind of Object.keys(TOGGLES)) {
+  $(TOGGLES[kind].button).addEventListener("click", () => {
+    gw.off[kind] = !gw.off[kind];
+    if (gw.localStream) for (const t of gw.localStream.getTracks()) if (t.kind === kind) t.enabled = !gw.off[kind];
+    renderToggles();
+  });
+}
+renderToggles();
 
 if (gw.options.problem) toast(gw.options.problem, 8000);
 if (params.get("room")) $("room-input").value = params.get("room");

@@ -127,3 +127,73 @@ test("H.264 and VP8 publishers in one room are both forwarded and decoded", { ti
   await carol.evaluate(() => window.gw.leave());
   await dave.evaluate(() => window.gw.leave());
 });
+
+/** What alice sends (her audio sender's track) and what her mic button says. */
+async function micState(page) {
+  return page.evaluate(() => {
+    const s = window.gw.pub.pc && window.gw.pub.pc.getSenders().find((x) => x.track && x.track.kind === "audio");
+    const b = document.getElementById("mic-button");
+    return { sending: s ? s.track.enabled && s.track.readyState === "live" : null, pressed: b.getAttribute("aria-pressed"), text: b.textContent, title: b.title };
+  });
+}
+
+/** The energy of the audio bob receives (Chromium's fake microphone beeps; a muted track is silence). */
+async function receivedEnergy(page) {
+  return page.evaluate(async () => {
+    let e = 0;
+    (await window.gw.sub.pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "audio") e = s.totalAudioEnergy || 0;
+    });
+    return e;
+  });
+}
+
+// Chromium's fake microphone beeps: ~0.23 of energy a second at the receiver (measured); a
+// disabled track sends silence, ~1e-9 (comfort noise).
+const AUDIBLE = 1e-4;
+const SILENT = 1e-6;
+
+/** How much bob's received audio energy grows over `ms`. */
+async function energyGrowth(page, ms = 1500) {
+  const a = await receivedEnergy(page);
+  await new Promise((r) => setTimeout(r, ms));
+  return (await receivedEnergy(page)) - a;
+}
+
+test("the mic button tells the truth across leave and join", { timeout: 90000 }, async () => {
+  const alice = await joinPage("mute-room", "alice");
+  const bob = await joinPage("mute-room", "bob");
+  try {
+    await waitFor("bob hearing alice", async () => (await energyGrowth(bob, 500)) > AUDIBLE, 30000);
+    await alice.click("#mic-button");
+    let s = await micState(alice);
+    assert.deepEqual([s.sending, s.pressed, s.text, s.title], [false, "true", "Muted", "Unmute microphone"]);
+    await waitFor("silence at bob", async () => (await energyGrowth(bob, 1000)) < SILENT, 10000);
+
+    // Leave and join again: still muted, and really so (the new track is not sent live).
+    await alice.evaluate(() => window.gw.leave());
+    s = await micState(alice);
+    assert.equal(s.pressed, "true", "the button keeps the choice while out of the room");
+    await alice.click("#join-button");
+    await waitFor("alice publishing again", () => alice.evaluate(() => window.gw.pub.pc && window.gw.pub.pc.connectionState === "connected"), 20000);
+    s = await micState(alice);
+    console.log(`after rejoin: ${JSON.stringify(s)}`);
+    assert.deepEqual([s.sending, s.pressed, s.text], [false, "true", "Muted"], "muted before: muted now, button and track alike");
+    await waitFor("bob subscribed to alice again", async () => (await receivedEnergy(bob)) >= 0 && bob.evaluate(() => [...window.gw.streams.values()].some((x) => x.participant_id === "alice" && x.kind === "audio")), 20000);
+    const muted = await energyGrowth(bob, 2000);
+    console.log(`bob's received audio energy over 2 s from the muted alice: ${muted}`);
+    assert.ok(muted < SILENT, `bob hears nothing from the muted alice: energy ${muted}`);
+
+    // Unmute: the button and the sound come back.
+    await alice.click("#mic-button");
+    s = await micState(alice);
+    assert.deepEqual([s.sending, s.pressed, s.text, s.title], [true, "false", "Mic", "Mute microphone"]);
+    const back = await waitFor("bob hearing alice again", async () => { const e = await energyGrowth(bob, 500); return e > AUDIBLE ? e : null; }, 20000);
+    console.log(`after unmuting, energy over 0.5 s: ${back}`);
+  } finally {
+    for (const p of [alice, bob]) {
+      await p.evaluate(() => window.gw.leave()).catch(() => {});
+      await p.context().close().catch(() => {});
+    }
+  }
+});
