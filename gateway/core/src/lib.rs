@@ -13,6 +13,7 @@
 //!   losses and (optionally) cached group of pictures, and the choice of layer per subscriber
 //!   from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
+//! - `select`: the layer selector, a pure decision per packet and subscriber track.
 //! - `sdp`: SDP text helpers (counting sections, narrowing a section's codecs).
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
@@ -25,6 +26,7 @@ pub mod keyframe;
 pub mod layers;
 pub mod rewrite;
 pub mod sdp;
+pub mod select;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 

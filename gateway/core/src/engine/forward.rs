@@ -3,6 +3,7 @@
 //! timestamps and VP8/VP9 picture numbering), or started from the keyframe cache.
 
 use super::*;
+use crate::select::{select, DownState, Packet, Verdict, Why};
 
 /// Ticks between the frames of a replayed group of pictures: 1 ms. A decoder gets them as one
 /// burst and shows the newest at once; with their original spacing a jitter buffer would hold
@@ -244,48 +245,44 @@ impl Engine {
             if !out.live {
                 continue;
             }
-            let same_source = out.rewrite.source() == Some(ssrc);
-            if video {
-                if out.current == Some(li) && same_source {
-                    // The usual case: this subscriber's layer.
-                } else if out.target == Some(li) {
-                    if out.current.is_none() && cfg.keyframe_cache {
-                        // Starting: from the cached group of pictures (which ends with this
-                        // packet), if it is whole.
-                        if let Some(gop) = track.layers[li].gop.complete() {
-                            let clock_rate = clock;
-                            replay_gop(now, rtc, out, stats, counters, gop, ssrc, clock_rate);
-                            if let Some(t0) = out.ttff_from.take() {
-                                first_frames.push(now.saturating_duration_since(t0));
-                            }
-                            out.current = Some(li);
-                            sub.drain(now, q);
-                            continue;
-                        }
-                    }
-                    if !keyframe {
-                        // A decoder cannot start (or change streams) on a delta frame.
-                        source_changed |= out.current == Some(li);
-                        continue;
-                    }
-                    let advance = ts_advance(out.last_forward, now, clock);
-                    out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
-                    out.pictures.switch();
-                    if out.current.is_some() && out.current != Some(li) {
-                        counters.layer_switches += 1;
-                        stats.layer_switches += 1;
-                    }
-                    out.current = Some(li);
-                    if let Some(t0) = out.ttff_from.take() {
-                        first_frames.push(now.saturating_duration_since(t0));
-                    }
-                } else {
+            // Decide, then apply.
+            let state =
+                DownState { current: out.current, target: out.target, same_source: out.rewrite.source() == Some(ssrc) };
+            let packet = Packet { video, layer: li, keyframe };
+            let layer = &track.layers[li];
+            match select(state, packet, cfg.keyframe_cache, || layer.gop.complete().is_some()) {
+                Verdict::Forward => {}
+                Verdict::Drop(why) => {
+                    source_changed |= why == Why::SourceRestarted;
                     continue;
                 }
-            } else if !same_source {
-                // Audio (no layers): a new SSRC continues the same outgoing stream.
-                let advance = ts_advance(out.last_forward, now, clock);
-                out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
+                Verdict::StartFromCache => {
+                    // From the cached group of pictures, which ends with this packet.
+                    if let Some(gop) = layer.gop.complete() {
+                        replay_gop(now, rtc, out, stats, counters, gop, ssrc, clock);
+                        if let Some(t0) = out.ttff_from.take() {
+                            first_frames.push(now.saturating_duration_since(t0));
+                        }
+                        out.current = Some(li);
+                        sub.drain(now, q);
+                    }
+                    continue;
+                }
+                Verdict::Switch { layer_change } => {
+                    let advance = ts_advance(out.last_forward, now, clock);
+                    out.rewrite.switch(ssrc, *p.seq_no, p.header.timestamp, advance);
+                    if video {
+                        out.pictures.switch();
+                        if layer_change {
+                            counters.layer_switches += 1;
+                            stats.layer_switches += 1;
+                        }
+                        out.current = Some(li);
+                        if let Some(t0) = out.ttff_from.take() {
+                            first_frames.push(now.saturating_duration_since(t0));
+                        }
+                    }
+                }
             }
             let Some(pt) = map_pt(rtc, out, params) else { continue };
             // Per packet per subscriber: only when the publisher's payload type changes (the
