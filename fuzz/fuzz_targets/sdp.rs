@@ -7,16 +7,20 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use gateway_core::{ConnKey, CoreConfig, Engine, NewConnection, Output};
+use gateway_core::{ConnKey, ConnectionSpec, CoreConfig, Engine, NewConnection, Output};
+use signaling_api::protocol::Role;
 use libfuzzer_sys::fuzz_target;
 
-fn spec(key: u64, room: &str) -> NewConnection {
+fn spec(key: u64, room: &str, role: Role) -> NewConnection {
     NewConnection {
         key: ConnKey(key),
-        connection_id: format!("c_{key}"),
-        room_id: room.into(),
-        participant_id: format!("p{key}"),
         local: SocketAddr::from(([127, 0, 0, 1], 40000 + (key % 20000) as u16)),
+        spec: ConnectionSpec {
+            connection_id: format!("c_{key}"),
+            room_id: room.into(),
+            participant_id: format!("p{key}"),
+            role,
+        },
     }
 }
 
@@ -33,14 +37,14 @@ fuzz_target!(|data: &[u8]| {
     engine.create_room(&room);
 
     // As a publish offer, then as a renegotiation of a connection that accepted it.
-    if engine.publish(now, spec(publisher, &room), &text).is_ok() {
+    if engine.publish(now, spec(publisher, &room, Role::Publish), &text).is_ok() {
         let _ = engine.republish(now, &format!("c_{publisher}"), &text);
     } else {
         assert!(!engine.has_connection(ConnKey(publisher)), "a refused offer leaves no connection");
     }
 
     // As the answer to a subscribe offer, and as a candidate.
-    engine.subscribe(now, spec(subscriber, &room)).expect("subscribe in a fresh room");
+    engine.subscribe(now, spec(subscriber, &room, Role::Subscribe)).expect("subscribe in a fresh room");
     let _ = engine.answer(now, &format!("c_{subscriber}"), &text);
     let _ = engine.add_candidate(now, &format!("c_{subscriber}"), &text);
     engine.close_room(now, &room, "done");

@@ -9,7 +9,7 @@ use signaling_api::media::{ConnectionSpec, MediaError, MediaPlane};
 use signaling_api::protocol::ErrorCode;
 use tokio::sync::oneshot;
 
-use crate::worker::{Command, Directory, Reply, Spec, WorkerHandle};
+use crate::worker::{Command, Directory, Reply, WorkerHandle};
 
 pub struct GatewayMedia {
     workers: Vec<WorkerHandle>,
@@ -63,10 +63,9 @@ impl GatewayMedia {
         let w = self.room_worker(&spec.room_id)?;
         let id = spec.connection_id.clone();
         self.directory.insert(id.clone(), w);
-        let s = Spec { connection_id: spec.connection_id, room_id: spec.room_id, participant_id: spec.participant_id };
         let r = match offer {
-            Some(offer) => self.call(w, |reply| Command::Publish { spec: s, offer, reply }).await,
-            None => self.call(w, |reply| Command::Subscribe { spec: s, reply }).await,
+            Some(offer) => self.call(w, |reply| Command::Publish { spec, offer, reply }).await,
+            None => self.call(w, |reply| Command::Subscribe { spec, reply }).await,
         };
         if r.is_err() {
             // Either never created or already ended (FAILED): no entry may stay behind.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use gateway_core::{ConnKey, CoreConfig, Engine, MediaError, NewConnection, Output};
+use gateway_core::{ConnKey, ConnectionSpec, CoreConfig, Engine, MediaError, NewConnection, Output};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use signaling_api::media::EventSink;
@@ -32,9 +32,9 @@ pub type Reply<T> = oneshot::Sender<Result<T, MediaError>>;
 pub enum Command {
     CreateRoom { room_id: String, reply: Reply<()> },
     CloseRoom { room_id: String, reason: &'static str, reply: Reply<()> },
-    Publish { spec: Spec, offer: String, reply: Reply<()> },
+    Publish { spec: ConnectionSpec, offer: String, reply: Reply<()> },
     Republish { connection_id: String, offer: String, reply: Reply<()> },
-    Subscribe { spec: Spec, reply: Reply<()> },
+    Subscribe { spec: ConnectionSpec, reply: Reply<()> },
     Resubscribe { connection_id: String, reply: Reply<()> },
     Answer { connection_id: String, sdp: String, reply: Reply<()> },
     SetLayer { connection_id: String, stream_id: String, rid: Option<String>, reply: Reply<()> },
@@ -42,12 +42,6 @@ pub enum Command {
     Close { connection_id: String, reason: String, reply: Reply<()> },
     Stats { connection_id: String, reply: oneshot::Sender<Option<serde_json::Value>> },
     Shutdown,
-}
-
-pub struct Spec {
-    pub connection_id: String,
-    pub room_id: String,
-    pub participant_id: String,
 }
 
 /// What the rest of the process holds of a worker.
@@ -303,18 +297,12 @@ impl Worker {
         }
     }
 
-    fn open(&mut self, now: Instant, spec: Spec, offer: Option<String>) -> Result<(), MediaError> {
+    fn open(&mut self, now: Instant, spec: ConnectionSpec, offer: Option<String>) -> Result<(), MediaError> {
         if !self.engine.has_room(&spec.room_id) {
             return Err(MediaError::new(ErrorCode::NotFound, "room not found"));
         }
         let (key, local) = self.open_socket()?;
-        let new = NewConnection {
-            key,
-            connection_id: spec.connection_id,
-            room_id: spec.room_id,
-            participant_id: spec.participant_id,
-            local,
-        };
+        let new = NewConnection { key, local, spec };
         let r = match offer {
             Some(offer) => self.engine.publish(now, new, &offer),
             None => self.engine.subscribe(now, new),

@@ -1,7 +1,17 @@
 //! Events the media plane reports to the control plane. Plain data, built without the `server`
 //! feature so the sans-IO core can produce them directly.
 
-use crate::protocol::{ErrorCode, EventKind, LayerInfo};
+use crate::protocol::{ErrorCode, EventKind, LayerInfo, Role};
+
+/// What the media plane needs to know about a new connection: the one description of it, from
+/// the signaling API through the media workers into the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSpec {
+    pub room_id: String,
+    pub participant_id: String,
+    pub connection_id: String,
+    pub role: Role,
+}
 
 /// A media plane refusal (the sans-IO core's and the media workers' alike), rendered in the
 /// contract's error shape.

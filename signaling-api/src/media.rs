@@ -3,17 +3,7 @@
 //! [`EventSink`], called synchronously and in order by the media plane, so that an `answer` always
 //! reaches the client before the candidates and state events that follow it.
 
-pub use crate::events::{MediaError, MediaEvent};
-use crate::protocol::Role;
-
-/// What the media plane needs to know about a new connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionSpec {
-    pub room_id: String,
-    pub participant_id: String,
-    pub connection_id: String,
-    pub role: Role,
-}
+pub use crate::events::{ConnectionSpec, MediaError, MediaEvent};
 
 /// The media plane as the signaling API sees it. Every call returns once the media plane has
 /// acted; the events it caused have already been given to the [`EventSink`] by then.

@@ -23,7 +23,8 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{RtpWrite, Ssrc};
 use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
 
-use crate::{ConnKey, CoreConfig, Engine, MediaEvent, NewConnection, Output};
+use crate::{ConnKey, ConnectionSpec, CoreConfig, Engine, MediaEvent, NewConnection, Output};
+use signaling_api::protocol::Role;
 
 /// Benchmark support: a publisher fanned out to N subscribers, measured engine-only.
 pub mod bench;
@@ -258,7 +259,7 @@ impl Sim {
         i
     }
 
-    fn new_connection(&mut self, peer: usize) -> NewConnection {
+    fn new_connection(&mut self, peer: usize, role: Role) -> NewConnection {
         let key = ConnKey(self.next_key);
         self.next_key += 1;
         let local = SocketAddr::from((GATEWAY_IP, 40000 + key.0 as u16));
@@ -268,10 +269,13 @@ impl Sim {
         self.peers[peer].key = Some(key);
         NewConnection {
             key,
-            connection_id,
-            room_id: self.room.clone(),
-            participant_id: self.peers[peer].name.clone(),
             local,
+            spec: ConnectionSpec {
+                connection_id,
+                room_id: self.room.clone(),
+                participant_id: self.peers[peer].name.clone(),
+                role,
+            },
         }
     }
 
@@ -310,7 +314,7 @@ impl Sim {
         p.video = Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast));
         let (offer, pending) = api.apply().expect("an offer with two sections");
         p.pending = Some(pending);
-        let spec = self.new_connection(peer);
+        let spec = self.new_connection(peer, Role::Publish);
         let sdp = offer.to_sdp_string();
         if let Err(e) = self.engine.publish(self.now, spec, &sdp) {
             panic!("publish refused: {e}");
@@ -321,7 +325,7 @@ impl Sim {
     /// The peer subscribes (the gateway offers; the peer answers every offer).
     pub fn subscribe(&mut self, peer: usize) {
         self.peers[peer].subscribed_at = Some(self.now);
-        let spec = self.new_connection(peer);
+        let spec = self.new_connection(peer, Role::Subscribe);
         if let Err(e) = self.engine.subscribe(self.now, spec) {
             panic!("subscribe refused: {e}");
         }

@@ -28,7 +28,7 @@ use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
 use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
 use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
-use crate::{ConnKey, CoreConfig, Counters, MediaError, MediaEvent, Output};
+use crate::{ConnKey, ConnectionSpec, CoreConfig, Counters, MediaError, MediaEvent, Output};
 
 mod allocation;
 mod forward;
@@ -42,15 +42,13 @@ use keyframes::*;
 use stats::*;
 use track::*;
 
-/// What a new connection needs.
+/// A new connection: its description, and the socket the driver opened for it.
 #[derive(Debug, Clone)]
 pub struct NewConnection {
     pub key: ConnKey,
-    pub connection_id: String,
-    pub room_id: String,
-    pub participant_id: String,
     /// The address of our host candidate (announced or bind IP, and the socket's port).
     pub local: SocketAddr,
+    pub spec: ConnectionSpec,
 }
 
 pub struct Engine {

@@ -75,13 +75,16 @@ impl Engine {
         role: Role,
         first_video: Option<Codec>,
     ) -> Result<ConnKey, MediaError> {
+        if spec.spec.role != role {
+            return Err(err(ErrorCode::BadRequest, "the connection's role does not match the request"));
+        }
         let room = Arc::clone(
             self.rooms
-                .get_key_value(spec.room_id.as_str())
+                .get_key_value(spec.spec.room_id.as_str())
                 .ok_or_else(|| err(ErrorCode::NotFound, "room not found"))?
                 .0,
         );
-        if self.keys.contains_key(spec.connection_id.as_str()) || self.conns.contains_key(&spec.key) {
+        if self.keys.contains_key(spec.spec.connection_id.as_str()) || self.conns.contains_key(&spec.key) {
             return Err(err(ErrorCode::Conflict, "connection already exists"));
         }
         let mut builder =
@@ -97,19 +100,19 @@ impl Engine {
             builder = builder.enable_bwe(Some(Bitrate::bps(self.cfg.bwe_initial_bps)));
         }
         let rtc = builder.build(now);
-        let id: Arc<str> = Arc::from(spec.connection_id.as_str());
+        let id: Arc<str> = Arc::from(spec.spec.connection_id.as_str());
         let span = tracing::info_span!(
             "connection",
-            connection_id = %spec.connection_id,
-            room = %spec.room_id,
-            participant = %spec.participant_id,
+            connection_id = %spec.spec.connection_id,
+            room = %spec.spec.room_id,
+            participant = %spec.spec.participant_id,
             role = if role == Role::Publish { "publish" } else { "subscribe" }
         );
         let mut conn = Conn {
             key: spec.key,
             id: Arc::clone(&id),
             room: Arc::clone(&room),
-            participant: Arc::from(spec.participant_id.as_str()),
+            participant: Arc::from(spec.spec.participant_id.as_str()),
             role,
             rtc,
             state: ConnectionState::Initial,
