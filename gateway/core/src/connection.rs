@@ -197,7 +197,8 @@ pub(crate) struct Conn {
     pub id: Arc<str>,
     pub room: Arc<str>,
     pub participant: Arc<str>,
-    pub role: Role,
+    /// Its role, with the state only that role has.
+    pub side: Side,
     pub rtc: Rtc,
     pub state: ConnectionState,
     /// The address in our host candidate (announced or bind address) and the socket's port.
@@ -212,18 +213,41 @@ pub(crate) struct Conn {
     /// Remote addresses ICE has authenticated (we have sent to them). Only these may feed DTLS,
     /// RTP and RTCP into the `Rtc`, so a spoofed datagram cannot fail a healthy connection.
     pub trusted: Vec<SocketAddr>,
-    // Subscribe side.
+    /// Our host candidate was added to the `Rtc` (and trickled to the client).
+    pub candidate_added: bool,
+    pub first_mid: Option<String>,
+    pub stats: ConnStats,
+    /// `connection{connection_id, room, participant, role}`: every log line of this connection
+    /// carries these, so its life can be followed by grepping the id.
+    pub span: tracing::Span,
+}
+
+/// What a connection does, with the state only that role has: role checks are matches.
+pub(crate) enum Side {
+    /// The client sends media up (the client offers).
+    Publish(PublishSide),
+    /// The gateway sends the room's media down (the gateway offers).
+    Subscribe(SubscribeSide),
+}
+
+#[derive(Default)]
+pub(crate) struct PublishSide {
+    /// The one payload type each media section of our answer left the publisher (by mid), so
+    /// each publication carries one definite codec.
+    pub sending_pts: Vec<(String, u8)>,
+}
+
+#[derive(Default)]
+pub(crate) struct SubscribeSide {
+    /// Our offer waiting for the client's answer (one at a time).
     pub pending: Option<SdpPendingOffer>,
     pub offered: bool,
+    /// Something changed while an offer was pending: offer again after the answer.
     pub offer_wanted: bool,
     pub last_offer: Option<String>,
     /// An unchanged offer was sent again; its answer has nothing to apply.
     pub idle_reoffer: bool,
-    pub candidate_added: bool,
-    pub first_mid: Option<String>,
-    /// Publish connections: the one payload type each media section of our answer left the
-    /// publisher (by mid), so each publication carries one definite codec.
-    pub sending_pts: Vec<(String, u8)>,
+    /// The subscriber's copy of every published track it is offered.
     pub outs: Vec<TrackOut>,
     /// Latest TWCC estimate and latest REMB toward this peer, bits/s.
     pub twcc_estimate: Option<u64>,
@@ -232,19 +256,65 @@ pub(crate) struct Conn {
     pub bwe_desired: Option<u64>,
     /// When the estimator may next be asked to probe for a higher layer.
     pub next_probe: Option<Instant>,
-    pub stats: ConnStats,
-    /// `connection{connection_id, room, participant, role}`: every log line of this connection
-    /// carries these, so its life can be followed by grepping the id.
-    pub span: tracing::Span,
 }
 
-impl Conn {
+impl SubscribeSide {
     /// What the link toward the peer carries, as far as we know (`None`: no estimate).
     pub fn bandwidth(&self) -> Option<u64> {
         match (self.twcc_estimate, self.remb_estimate) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+impl Side {
+    pub fn new(role: Role) -> Self {
+        match role {
+            Role::Publish => Side::Publish(PublishSide::default()),
+            Role::Subscribe => Side::Subscribe(SubscribeSide::default()),
+        }
+    }
+}
+
+impl Conn {
+    pub fn role(&self) -> Role {
+        match self.side {
+            Side::Publish(_) => Role::Publish,
+            Side::Subscribe(_) => Role::Subscribe,
+        }
+    }
+
+    /// The subscribe side (`None` for a publish connection).
+    pub fn sub(&self) -> Option<&SubscribeSide> {
+        match &self.side {
+            Side::Subscribe(s) => Some(s),
+            Side::Publish(_) => None,
+        }
+    }
+
+    pub fn sub_mut(&mut self) -> Option<&mut SubscribeSide> {
+        match &mut self.side {
+            Side::Subscribe(s) => Some(s),
+            Side::Publish(_) => None,
+        }
+    }
+
+    /// The subscriber's tracks (none for a publish connection).
+    pub fn outs(&self) -> &[TrackOut] {
+        self.sub().map(|s| s.outs.as_slice()).unwrap_or_default()
+    }
+
+    pub fn outs_mut(&mut self) -> &mut [TrackOut] {
+        match self.sub_mut() {
+            Some(s) => &mut s.outs,
+            None => &mut [],
+        }
+    }
+
+    /// The bandwidth estimate toward a subscriber (`None`: none yet, or a publish connection).
+    pub fn bandwidth(&self) -> Option<u64> {
+        self.sub().and_then(SubscribeSide::bandwidth)
     }
 
     /// Move the state machine and report the step. Returns false if the step is not allowed.

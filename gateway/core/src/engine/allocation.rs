@@ -29,13 +29,14 @@ pub(super) fn queue_reallocation(queue: &mut Vec<ConnKey>, key: ConnKey) {
 /// keep sinking for seconds on a clean link until a probe lifted it.
 pub(super) fn steer_estimator(
     now: Instant,
-    sub: &mut Conn,
+    conn: &mut Conn,
     audio_bps: u64,
     choices: &[TrackChoice],
     fits: &[Option<usize>],
     warming_up: bool,
     initial_bps: u64,
 ) {
+    let Conn { rtc, side: Side::Subscribe(sub), .. } = conn else { return };
     // Until a layer's rate is measured (its first 500 ms), the initial estimate stands in, so
     // str0m's initial probing is not held back.
     let desired = desired_bitrate(audio_bps, choices).unwrap_or(initial_bps);
@@ -48,15 +49,15 @@ pub(super) fn steer_estimator(
     if probe {
         // str0m probes when the desired bitrate rises above the estimate; lower it for one of
         // its timeouts first so raising it again counts as a rise.
-        sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired / 2));
-        let _ = sub.rtc.handle_input(Input::Timeout(now));
+        rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired / 2));
+        let _ = rtc.handle_input(Input::Timeout(now));
         sub.next_probe = Some(now + PROBE_EVERY);
     }
     if changed || probe {
         sub.bwe_desired = Some(desired);
-        sub.rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        rtc.bwe().set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
         if probe {
-            let _ = sub.rtc.handle_input(Input::Timeout(now));
+            let _ = rtc.handle_input(Input::Timeout(now));
         }
     }
 }
@@ -73,16 +74,17 @@ impl Engine {
     ) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
-        if conn.role != Role::Subscribe {
+        if conn.role() != Role::Subscribe {
             return Err(err(ErrorCode::BadRequest, "set_layer is for subscribe connections"));
         }
-        let Some(out) = conn.outs.iter_mut().find(|o| &*o.stream_id == stream_id && !o.stopped) else {
+        let room_id = Arc::clone(&conn.room);
+        let Some(out) = conn.outs_mut().iter_mut().find(|o| &*o.stream_id == stream_id && !o.stopped) else {
             return Err(err(ErrorCode::NotFound, "this connection does not receive that stream"));
         };
         if out.kind != MediaKind::Video {
             return Err(err(ErrorCode::BadRequest, "layers exist for video streams only"));
         }
-        let track = self.rooms.get(&conn.room).and_then(|r| r.tracks.iter().find(|t| &*t.stream_id == stream_id));
+        let track = self.rooms.get(&room_id).and_then(|r| r.tracks.iter().find(|t| &*t.stream_id == stream_id));
         let preferred = match (rid, track) {
             (None, _) => None,
             (Some(r), Some(t)) => {
@@ -117,14 +119,14 @@ impl Engine {
     pub(super) fn reallocate(&mut self, now: Instant, sub_key: ConnKey) {
         let Self { rooms, conns, q, counters, cfg, .. } = self;
         let Some(sub) = conns.get_mut(&sub_key) else { return };
-        if sub.role != Role::Subscribe || sub.state.is_terminal() {
+        if sub.role() != Role::Subscribe || sub.state.is_terminal() {
             return;
         }
         let Some(room) = rooms.get_mut(&sub.room) else { return };
         let mut audio_bps = 0;
         let mut choices = Vec::new();
         let mut ranked_of = Vec::new();
-        for (oi, o) in sub.outs.iter().enumerate() {
+        for (oi, o) in sub.outs().iter().enumerate() {
             if !o.live || o.stopped {
                 continue;
             }
@@ -155,7 +157,7 @@ impl Engine {
         let fits = picks.clone();
         let warming_up = sub.ready_at.is_none_or(|t| now.saturating_duration_since(t) < BWE_WARMUP);
         for ((oi, _), (p, c)) in ranked_of.iter().zip(picks.iter_mut().zip(&choices)) {
-            let out = &mut sub.outs[*oi];
+            let out = &mut sub.outs_mut()[*oi];
             if p.is_some() || c.rates.is_empty() {
                 out.starved_since = None;
             } else if warming_up {
@@ -172,7 +174,7 @@ impl Engine {
         }
         let mut wanted = Vec::new();
         for ((oi, ranked), pick) in ranked_of.iter().zip(picks.iter()) {
-            let out = &mut sub.outs[*oi];
+            let out = &mut sub.outs_mut()[*oi];
             let new_target = pick.map(|p| ranked[p]);
             if new_target == out.target {
                 continue;
@@ -193,7 +195,7 @@ impl Engine {
         if sub.state == ConnectionState::Ready {
             // Still waiting for a keyframe of the target (e.g. the one asked for at the answer
             // arrived before READY and could not be used): ask again, merged by the throttle.
-            for o in sub.outs.iter().filter(|o| o.live && !o.stopped && o.kind == MediaKind::Video) {
+            for o in sub.outs().iter().filter(|o| o.live && !o.stopped && o.kind == MediaKind::Video) {
                 if let Some(t) = o.target.filter(|t| o.current != Some(*t)) {
                     if !wanted.iter().any(|(s, l)| *s == o.stream_id && *l == t) {
                         wanted.push((Arc::clone(&o.stream_id), t));
@@ -210,7 +212,7 @@ impl Engine {
         }
         sub.drain(now, q);
         let starting: Vec<bool> =
-            wanted.iter().map(|(s, _)| sub.outs.iter().any(|o| o.stream_id == *s && o.current.is_none())).collect();
+            wanted.iter().map(|(s, _)| sub.outs().iter().any(|o| o.stream_id == *s && o.current.is_none())).collect();
         for ((stream_id, li), starting) in wanted.into_iter().zip(starting) {
             if let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == stream_id) {
                 if !(starting && cached(cfg, track, li)) {

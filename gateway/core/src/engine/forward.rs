@@ -174,7 +174,7 @@ impl Engine {
             layer.keyframe_wanted = None;
         } else if starts {
             let waiting = track.outs.iter().any(|(k, m)| {
-                let out = conns.get(k).and_then(|c| c.outs.iter().find(|o| o.mid == *m));
+                let out = conns.get(k).and_then(|c| c.outs().iter().find(|o| o.mid == *m));
                 out.is_some_and(|o| o.target == Some(li) && o.current != Some(li))
             });
             if waiting {
@@ -240,8 +240,8 @@ impl Engine {
             if sub.state != ConnectionState::Ready {
                 continue;
             }
-            let Conn { rtc, outs, stats, .. } = sub;
-            let Some(out) = outs.iter_mut().find(|o| o.mid == out_mid) else { continue };
+            let Conn { rtc, side: Side::Subscribe(side), stats, .. } = sub else { continue };
+            let Some(out) = side.outs.iter_mut().find(|o| o.mid == out_mid) else { continue };
             if !out.live {
                 continue;
             }

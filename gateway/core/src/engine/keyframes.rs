@@ -76,7 +76,7 @@ impl Engine {
     ) {
         let Self { rooms, conns, q, counters, .. } = self;
         let Some(sub) = conns.get(&sub_key) else { return };
-        let Some(out) = sub.outs.iter().find(|o| o.mid == mid) else { return };
+        let Some(out) = sub.outs().iter().find(|o| o.mid == mid) else { return };
         let Some(li) = out.current.or(out.target) else { return };
         let Some(room) = rooms.get_mut(&sub.room) else { return };
         let Some(track) = room.tracks.iter_mut().find(|t| t.stream_id == out.stream_id) else { return };

@@ -23,7 +23,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
-use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, TrackOut};
+use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, Side, TrackOut};
 use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
 use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
@@ -120,7 +120,7 @@ impl Engine {
                     .min()
             })
         });
-        let realloc = self.next_realloc.filter(|_| self.conns.values().any(|c| c.role == Role::Subscribe));
+        let realloc = self.next_realloc.filter(|_| self.conns.values().any(|c| c.role() == Role::Subscribe));
         conns.chain(tracks).chain(realloc).min()
     }
 
@@ -163,7 +163,7 @@ impl Engine {
         let Some(room) = self.rooms.get(room_id) else { return };
         // Subscribers first, so the publishers' departures do not trigger pointless re-offers.
         let mut keys = room.conns.clone();
-        keys.sort_by_key(|k| self.conns.get(k).map(|c| c.role == Role::Publish));
+        keys.sort_by_key(|k| self.conns.get(k).map(|c| c.role() == Role::Publish));
         for key in keys {
             self.end(now, key, ConnectionState::Finished, reason);
         }
@@ -266,7 +266,7 @@ impl Engine {
                         want |= track.outs.iter().any(|(k, m)| {
                             conns
                                 .get(k)
-                                .and_then(|c| c.outs.iter().find(|o| o.mid == *m))
+                                .and_then(|c| c.outs().iter().find(|o| o.mid == *m))
                                 .is_some_and(|o| o.target == Some(li))
                         });
                     }
@@ -280,7 +280,7 @@ impl Engine {
         }
         if self.next_realloc.is_none_or(|t| now >= t) {
             self.next_realloc = Some(now + REALLOCATE_EVERY);
-            let subs = self.conns.values().filter(|c| c.role == Role::Subscribe && c.state == ConnectionState::Ready);
+            let subs = self.conns.values().filter(|c| c.role() == Role::Subscribe && c.state == ConnectionState::Ready);
             for c in subs {
                 queue_reallocation(&mut self.realloc, c.key);
             }
@@ -334,8 +334,8 @@ impl Engine {
                         tracing::debug!(remote, "selected remote address");
                     }
                 }
-                if entered && conn.role == Role::Subscribe {
-                    for o in conn.outs.iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
+                if entered && conn.role() == Role::Subscribe {
+                    for o in conn.outs_mut().iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
                         o.ttff_from = Some(now);
                     }
                     // Reallocation (in this same pass) asks again for the keyframes the
@@ -356,12 +356,12 @@ impl Engine {
                 }
                 _ => {}
             },
-            Event::MediaAdded(m) if conn.role == Role::Publish && m.direction.is_receiving() => {
+            Event::MediaAdded(m) if conn.role() == Role::Publish && m.direction.is_receiving() => {
                 let rids: Vec<Rid> =
                     m.simulcast.iter().flat_map(|s| s.recv.iter().chain(s.send.iter())).map(|l| l.rid).collect();
                 self.add_track(now, key, m.mid, m.kind, &rids);
             }
-            Event::MediaChanged(m) if conn.role == Role::Publish => {
+            Event::MediaChanged(m) if conn.role() == Role::Publish => {
                 if m.direction.is_receiving() {
                     let kind = conn.rtc.media(m.mid).map(|x| x.kind());
                     if let Some(kind) = kind {
@@ -371,21 +371,22 @@ impl Engine {
                     self.remove_tracks(now, key, Some(m.mid));
                 }
             }
-            Event::KeyframeRequest(r) if conn.role == Role::Subscribe => {
+            Event::KeyframeRequest(r) if conn.role() == Role::Subscribe => {
                 conn.stats.keyframe_requests_in += 1;
                 self.counters.keyframe_requests_in[kind_index(r.kind)] += 1;
                 self.relay_keyframe_request(now, key, r.mid, r.kind);
             }
-            Event::EgressBitrateEstimate(estimate) if conn.role == Role::Subscribe => {
+            Event::EgressBitrateEstimate(estimate) => {
+                let Some(side) = conn.sub_mut() else { return };
                 match estimate {
-                    BweKind::Twcc { estimate, .. } => conn.twcc_estimate = Some(estimate.as_u64()),
-                    BweKind::Remb { estimate, .. } => conn.remb_estimate = Some(estimate.as_u64()),
+                    BweKind::Twcc { estimate, .. } => side.twcc_estimate = Some(estimate.as_u64()),
+                    BweKind::Remb { estimate, .. } => side.remb_estimate = Some(estimate.as_u64()),
                     _ => {}
                 }
                 conn.stats.bwe_estimate_bps = conn.bandwidth();
                 queue_reallocation(&mut self.realloc, key);
             }
-            Event::StreamPaused(p) if conn.role == Role::Publish => {
+            Event::StreamPaused(p) if conn.role() == Role::Publish => {
                 let Some(room) = self.rooms.get_mut(&conn.room) else { return };
                 let Some(track) = room.tracks.iter_mut().find(|t| t.conn == key && t.mid == p.mid) else { return };
                 if let Some(layer) = track.layers.iter_mut().find(|l| l.rid == p.rid) {
@@ -429,12 +430,14 @@ impl Engine {
                     at: Some(s.timestamp),
                 };
                 // Retransmissions: str0m's packet count includes them, ours does not.
-                if let Some(out) = conn.outs.iter_mut().find(|o| o.mid == s.mid) {
-                    let resent = s.packets.saturating_sub(out.written);
-                    if resent > out.resent {
-                        self.counters.retransmitted_packets += resent - out.resent;
-                        conn.stats.retransmitted_packets += resent - out.resent;
-                        out.resent = resent;
+                if let Conn { side: Side::Subscribe(side), stats, .. } = &mut *conn {
+                    if let Some(out) = side.outs.iter_mut().find(|o| o.mid == s.mid) {
+                        let resent = s.packets.saturating_sub(out.written);
+                        if resent > out.resent {
+                            self.counters.retransmitted_packets += resent - out.resent;
+                            stats.retransmitted_packets += resent - out.resent;
+                            out.resent = resent;
+                        }
                     }
                 }
                 // NACKs the subscriber sent us since the last report.
@@ -467,7 +470,7 @@ impl Engine {
     fn end(&mut self, now: Instant, key: ConnKey, state: ConnectionState, reason: &str) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         conn.enter(&mut self.q, state, Some(reason.to_owned()));
-        let role = conn.role;
+        let role = conn.role();
         let room_id = Arc::clone(&conn.room);
         if role == Role::Publish {
             self.remove_tracks(now, key, None);

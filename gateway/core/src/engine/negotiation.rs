@@ -45,10 +45,11 @@ pub(super) fn prefer_video_codec(cc: &mut CodecConfig, first: Codec) {
 /// subscribers can be offered alone. Records that payload type per mid on the connection.
 pub(super) fn one_codec_per_section(conn: &mut Conn, answer: &str) -> String {
     let narrowed = restrict_codecs(answer, |s| Some(s.primary_with_rtx()));
+    let Side::Publish(side) = &mut conn.side else { return narrowed };
     for s in crate::sdp::codecs(&narrowed) {
         if let (Some(mid), Some(&pt)) = (s.mid, s.pts.first()) {
-            conn.sending_pts.retain(|(m, _)| *m != mid);
-            conn.sending_pts.push((mid, pt));
+            side.sending_pts.retain(|(m, _)| *m != mid);
+            side.sending_pts.push((mid, pt));
         }
     }
     narrowed
@@ -60,7 +61,7 @@ pub(super) fn one_codec_per_section(conn: &mut Conn, answer: &str) -> String {
 pub(super) fn offers_publication_codecs(conn: &Conn, tracks: &[TrackIn], offer: &str) -> String {
     restrict_codecs(offer, |s| {
         let mid = s.mid.as_deref()?;
-        let out = conn.outs.iter().find(|o| o.mid.to_string() == mid)?;
+        let out = conn.outs().iter().find(|o| o.mid.to_string() == mid)?;
         let codec = tracks.iter().find(|t| t.stream_id == out.stream_id)?.codec?;
         let ours = conn.rtc.codec_config().match_params(codec)?;
         Some([Some(*ours.pt()), ours.resend().map(|p| *p)].into_iter().flatten().collect())
@@ -113,7 +114,7 @@ impl Engine {
             id: Arc::clone(&id),
             room: Arc::clone(&room),
             participant: Arc::from(spec.spec.participant_id.as_str()),
-            role,
+            side: Side::new(role),
             rtc,
             state: ConnectionState::Initial,
             local: spec.local,
@@ -123,20 +124,9 @@ impl Engine {
             last_rx: now,
             next_timeout: None,
             trusted: Vec::new(),
-            pending: None,
-            offered: false,
-            offer_wanted: false,
-            last_offer: None,
-            idle_reoffer: false,
             candidate_added: false,
             first_mid: None,
-            sending_pts: Vec::new(),
-            outs: Vec::new(),
             ready_at: None,
-            twcc_estimate: None,
-            remb_estimate: None,
-            bwe_desired: None,
-            next_probe: None,
             stats: ConnStats::default(),
             span,
         };
@@ -196,7 +186,7 @@ impl Engine {
     pub fn republish(&mut self, now: Instant, connection_id: &str, offer: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
-        if conn.role != Role::Publish {
+        if conn.role() != Role::Publish {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
         check_sections(offer, self.cfg.max_media_sections).map_err(|m| err(ErrorCode::BadSdp, m))?;
@@ -226,20 +216,23 @@ impl Engine {
     pub fn resubscribe(&mut self, now: Instant, connection_id: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
-        if conn.role != Role::Subscribe {
+        let id = conn.id.to_string();
+        let Side::Subscribe(side) = &mut conn.side else {
             return Err(err(ErrorCode::BadRequest, "not a subscribe connection"));
-        }
-        if conn.pending.is_some() {
+        };
+        if side.pending.is_some() {
             // The client has not answered the outstanding offer yet: send it again.
-            if let Some(sdp) = conn.last_offer.clone() {
-                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+            if let Some(sdp) = side.last_offer.clone() {
+                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: id, sdp }));
             }
         } else if !self.renegotiate(now, key) {
             // Nothing changed: the same description again, so the client can re-answer it.
             let conn = self.conns.get_mut(&key).expect("keys and conns agree");
-            if let Some(sdp) = conn.last_offer.clone() {
-                conn.idle_reoffer = true;
-                self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
+            if let Some(side) = conn.sub_mut() {
+                if let Some(sdp) = side.last_offer.clone() {
+                    side.idle_reoffer = true;
+                    self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: id, sdp }));
+                }
             }
         }
         self.process(now);
@@ -250,13 +243,13 @@ impl Engine {
     pub fn answer(&mut self, now: Instant, connection_id: &str, sdp: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
-        if conn.role != Role::Subscribe {
+        let Side::Subscribe(side) = &mut conn.side else {
             return Err(err(ErrorCode::BadRequest, "answers are for subscribe connections"));
-        }
+        };
         let answer = SdpAnswer::from_sdp_string(sdp)
             .map_err(|e| err(ErrorCode::BadSdp, format!("answer is not valid SDP: {e}")))?;
-        let Some(pending) = conn.pending.take() else {
-            if std::mem::take(&mut conn.idle_reoffer) {
+        let Some(pending) = side.pending.take() else {
+            if std::mem::take(&mut side.idle_reoffer) {
                 // The answer to a repeated, unchanged offer: nothing to apply.
                 conn.event(&mut self.q, EventKind::SdpProcessed, None);
                 return Ok(());
@@ -270,8 +263,8 @@ impl Engine {
         let mut newly_live = Vec::new();
         let mut unavailable = Vec::new();
         let answered = crate::sdp::codecs(sdp);
-        let Conn { rtc, outs, .. } = conn;
-        for o in outs.iter_mut().filter(|o| !o.live && !o.stopped && o.unavailable.is_none()) {
+        let Conn { rtc, side: Side::Subscribe(side), .. } = conn else { unreachable!("checked above") };
+        for o in side.outs.iter_mut().filter(|o| !o.live && !o.stopped && o.unavailable.is_none()) {
             if rtc.media(o.mid).is_none_or(|m| m.disabled()) {
                 // Rejected (port 0). With one codec offered, a section that does not list it
                 // back is one the subscriber cannot decode.
@@ -302,13 +295,13 @@ impl Engine {
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
         conn.drain(now, &mut self.q);
         if conn.state == ConnectionState::Ready {
-            for o in conn.outs.iter_mut().filter(|o| newly_live.contains(&o.mid) && o.kind == MediaKind::Video) {
+            for o in conn.outs_mut().iter_mut().filter(|o| newly_live.contains(&o.mid) && o.kind == MediaKind::Video) {
                 o.ttff_from = Some(now);
             }
         }
         queue_reallocation(&mut self.realloc, key);
         let conn = self.conns.get_mut(&key).expect("keys and conns agree");
-        if std::mem::take(&mut conn.offer_wanted) {
+        if conn.sub_mut().is_some_and(|s| std::mem::take(&mut s.offer_wanted)) {
             self.renegotiate(now, key);
         }
         self.process(now);
@@ -391,8 +384,11 @@ impl Engine {
         }
         let stream_id: Arc<str> = Arc::from(format!("st_{:016x}", rand::rng().random::<u64>()));
         let mid_str = mid.to_string();
-        let codec = conn
-            .sending_pts
+        let sending: &[(String, u8)] = match &conn.side {
+            Side::Publish(p) => &p.sending_pts,
+            Side::Subscribe(_) => &[],
+        };
+        let codec = sending
             .iter()
             .find(|(m, _)| *m == mid_str)
             .and_then(|(_, pt)| conn.rtc.codec_config().find(|c| *c.pt() == *pt).copied());
@@ -464,7 +460,7 @@ impl Engine {
             .conns
             .iter()
             .copied()
-            .filter(|k| self.conns.get(k).is_some_and(|c| c.role == Role::Subscribe))
+            .filter(|k| self.conns.get(k).is_some_and(|c| c.role() == Role::Subscribe))
             .collect();
         for k in subs {
             self.renegotiate(now, k);
@@ -478,23 +474,26 @@ impl Engine {
     pub(super) fn renegotiate(&mut self, now: Instant, key: ConnKey) -> bool {
         let Self { rooms, conns, q, .. } = self;
         let Some(conn) = conns.get_mut(&key) else { return false };
-        if conn.role != Role::Subscribe || conn.state.is_terminal() {
+        if conn.state.is_terminal() {
             return false;
         }
-        if conn.pending.is_some() {
-            conn.offer_wanted = true;
+        let Conn { rtc, side: Side::Subscribe(side), room: room_id, participant, .. } = &mut *conn else {
+            return false;
+        };
+        if side.pending.is_some() {
+            side.offer_wanted = true;
             return false;
         }
-        let Some(room) = rooms.get_mut(&conn.room) else { return false };
-        let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != conn.participant).collect();
-        let mut api = conn.rtc.sdp_api();
-        if !conn.offered {
+        let Some(room) = rooms.get_mut(room_id) else { return false };
+        let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != *participant).collect();
+        let mut api = rtc.sdp_api();
+        if !side.offered {
             api.add_channel("gateway".into());
         }
         let mut added = Vec::new();
         for &i in &wanted {
             let t = &room.tracks[i];
-            if conn.outs.iter().any(|o| !o.stopped && o.stream_id == t.stream_id) {
+            if side.outs.iter().any(|o| !o.stopped && o.stream_id == t.stream_id) {
                 continue;
             }
             let mid = api.add_media(
@@ -506,7 +505,7 @@ impl Engine {
             );
             added.push((i, mid));
         }
-        for o in conn.outs.iter_mut().filter(|o| !o.stopped) {
+        for o in side.outs.iter_mut().filter(|o| !o.stopped) {
             if !wanted.iter().any(|&i| room.tracks[i].stream_id == o.stream_id) {
                 api.stop_media(o.mid);
                 o.stopped = true;
@@ -521,18 +520,20 @@ impl Engine {
             let t = &mut room.tracks[i];
             t.outs.push((key, mid));
             let rewrite = SeqRewriter::new(start_seq, rand::rng().random());
-            conn.outs.push(TrackOut::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
+            side.outs.push(TrackOut::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
         }
         // Stopped sections belong to tracks that are gone; forget them.
-        conn.outs.retain(|o| !o.stopped);
-        conn.idle_reoffer = false;
-        conn.pending = Some(pending);
-        conn.offered = true;
+        side.outs.retain(|o| !o.stopped);
+        side.idle_reoffer = false;
+        side.pending = Some(pending);
+        side.offered = true;
         let sdp = offers_publication_codecs(conn, &room.tracks, &offer.to_sdp_string());
         if conn.first_mid.is_none() {
             conn.first_mid = first_mid(&sdp);
         }
-        conn.last_offer = Some(sdp.clone());
+        if let Some(side) = conn.sub_mut() {
+            side.last_offer = Some(sdp.clone());
+        }
         q.out.push_back(Output::Event(MediaEvent::Offer { connection_id: conn.id.to_string(), sdp }));
         conn.drain(now, q);
         true
