@@ -22,7 +22,7 @@ import { execFileSync, spawn } from "node:child_process";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, test } from "node:test";
-import { api, startGateway, waitFor } from "./harness.mjs";
+import { api, removeStaleNamespaces, startGateway, waitFor } from "./harness.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CLIENT = path.join(here, "gst_client.py");
@@ -65,35 +65,9 @@ function cleanup() {
   }
 }
 
-/** Namespaces of earlier runs of this test that died without cleaning up. */
-function removeStale() {
-  let list = "";
-  try {
-    list = sh("ip", ["netns", "list"]);
-  } catch {
-    return;
-  }
-  for (const line of list.split("\n")) {
-    const m = line.match(new RegExp(`^(${PREFIX}(\\d+))\\b`));
-    if (!m) continue;
-    let alive = true;
-    try {
-      process.kill(Number(m[2]), 0);
-    } catch (e) {
-      alive = e.code !== "ESRCH";
-    }
-    if (!alive) {
-      try {
-        sh("ip", ["netns", "del", m[1]]);
-        console.log(`removed stale namespace ${m[1]}`);
-      } catch {}
-    }
-  }
-}
-
 function setUpNamespace() {
   if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
-  removeStale();
+  removeStaleNamespaces(new RegExp(`^(${PREFIX}(\\d+))\\b`));
   sh("ip", ["netns", "add", ns]);
   nsCreated = true;
   sh("ip", ["link", "add", veth("h"), "type", "veth", "peer", "name", veth("c"), "netns", ns]);

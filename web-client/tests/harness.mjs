@@ -1,7 +1,7 @@
 // Shared pieces of the browser tests: start a real gateway binary on free ports, launch Debian's
 // Chromium with the flags this machine needs, and small polling helpers.
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { mkdirSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
@@ -185,4 +185,34 @@ export async function rtpStats(page) {
     }
     return out;
   });
+}
+
+/**
+ * Remove the network namespaces that earlier runs of a test left behind when they died: those
+ * `pattern` matches (group 1: the namespace's name, group 2: the id of the process that made
+ * it) whose process is gone.
+ */
+export function removeStaleNamespaces(pattern) {
+  let list = "";
+  try {
+    list = execFileSync("ip", ["netns", "list"], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  } catch {
+    return;
+  }
+  for (const line of list.split("\n")) {
+    const m = line.match(pattern);
+    if (!m) continue;
+    let alive = true;
+    try {
+      process.kill(Number(m[2]), 0);
+    } catch (e) {
+      alive = e.code !== "ESRCH";
+    }
+    if (!alive) {
+      try {
+        execFileSync("ip", ["netns", "del", m[1]], { stdio: "ignore" });
+        console.log(`removed stale namespace ${m[1]}`);
+      } catch {}
+    }
+  }
 }

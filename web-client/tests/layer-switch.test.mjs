@@ -47,7 +47,7 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
-import { api, ensureOutputDir, joinPage, launchChromium, rtpStats, startGateway, waitFor } from "./harness.mjs";
+import { api, ensureOutputDir, joinPage, launchChromium, removeStaleNamespaces, rtpStats, startGateway, waitFor } from "./harness.mjs";
 
 const THREE_LAYERS = "--force-fieldtrials=WebRTC-LegacySimulcastLayerLimit/Disabled/";
 const CODECS = (process.env.LAYER_SWITCH_CODECS || process.env.SIMULCAST_CODEC || "VP8,H264").split(",").filter(Boolean);
@@ -552,35 +552,9 @@ for (const sig of ["SIGINT", "SIGTERM"]) {
   });
 }
 
-/** Namespaces of earlier runs of this file whose process is gone. */
-function removeStaleNamespaces() {
-  let list = "";
-  try {
-    list = sh("ip", ["netns", "list"]);
-  } catch {
-    return;
-  }
-  for (const line of list.split("\n")) {
-    const m = line.match(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
-    if (!m) continue;
-    let alive = true;
-    try {
-      process.kill(Number(m[2]), 0);
-    } catch (e) {
-      alive = e.code !== "ESRCH";
-    }
-    if (!alive) {
-      try {
-        sh("ip", ["netns", "del", m[1]]);
-        console.log(`removed stale namespace ${m[1]}`);
-      } catch {}
-    }
-  }
-}
-
 function setUpLossyPath() {
   if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
-  removeStaleNamespaces();
+  removeStaleNamespaces(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
   sh("ip", ["netns", "add", nsClient]);
   nsCreated = true;
   sh("ip", ["netns", "add", nsRouter]);

@@ -22,7 +22,7 @@ import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
+import { api, ensureOutputDir, launchChromium, metric, removeStaleNamespaces, rtpStats, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
 
 const PROBABILITY = Number(process.env.LOSS_PROBABILITY || "0.05");
 const SECONDS = Number(process.env.LOSS_SECONDS || "15");
@@ -78,35 +78,9 @@ function cleanup() {
   }
 }
 
-/** Namespaces of earlier runs of this test that died without cleaning up. */
-function removeStale() {
-  let list = "";
-  try {
-    list = sh("ip", ["netns", "list"]);
-  } catch {
-    return;
-  }
-  for (const line of list.split("\n")) {
-    const m = line.match(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
-    if (!m) continue;
-    let alive = true;
-    try {
-      process.kill(Number(m[2]), 0);
-    } catch (e) {
-      alive = e.code !== "ESRCH";
-    }
-    if (!alive) {
-      try {
-        sh("ip", ["netns", "del", m[1]]);
-        console.log(`removed stale namespace ${m[1]}`);
-      } catch {}
-    }
-  }
-}
-
 function setUpNamespaces() {
   if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
-  removeStale();
+  removeStaleNamespaces(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
   sh("ip", ["netns", "add", nsClient]);
   nsCreated = true;
   sh("ip", ["netns", "add", nsRouter]);
