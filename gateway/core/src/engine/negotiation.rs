@@ -263,6 +263,7 @@ impl Engine {
         let mut newly_live = Vec::new();
         let mut unavailable = Vec::new();
         let answered = crate::sdp::codecs(sdp);
+        let tracks = self.rooms.get(&conn.room).map(|r| r.tracks.as_slice()).unwrap_or_default();
         let Conn { rtc, side: Side::Subscribe(side), .. } = conn else { unreachable!("checked above") };
         for o in side.outs.iter_mut().filter(|o| !o.live && !o.stopped && o.unavailable.is_none()) {
             if rtc.media(o.mid).is_none_or(|m| m.disabled()) {
@@ -270,8 +271,15 @@ impl Engine {
                 // back is one the subscriber cannot decode.
                 let mid = o.mid.to_string();
                 let section = answered.iter().find(|s| s.mid.as_deref() == Some(mid.as_str()));
-                let offered = o.pts.iter().filter_map(|(_, ours)| *ours).map(|p| *p).collect::<Vec<u8>>();
-                let listed = section.is_some_and(|s| s.pts.iter().any(|p| offered.contains(p)));
+                // The one codec we offered for it, in this session's numbers (what
+                // `offers_publication_codecs` put in the offer).
+                let offered = tracks
+                    .iter()
+                    .find(|t| t.stream_id == o.stream_id)
+                    .and_then(|t| t.codec)
+                    .and_then(|c| rtc.codec_config().match_params(c))
+                    .map(|p| *p.pt());
+                let listed = section.is_some_and(|s| offered.is_some_and(|pt| s.pts.contains(&pt)));
                 let reason = if listed { "rejected" } else { "codec_unsupported" };
                 o.unavailable = Some(reason);
                 unavailable.push((o.stream_id.to_string(), reason));
