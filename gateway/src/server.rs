@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use signaling_api::media::{EventSink, MediaPlane};
-use signaling_api::registry::{Outbound, Registry};
+use signaling_api::registry::Registry;
 use signaling_api::AppState;
 
 use crate::config::{GatewayConfig, TlsMode};
@@ -41,7 +41,7 @@ impl Running {
     pub async fn shutdown(self, drain: Duration) {
         let state = &self.state;
         state.draining.store(true, Ordering::Relaxed);
-        let rooms: Vec<String> = state.registry.rooms.iter().map(|r| r.key().clone()).collect();
+        let rooms = state.registry.room_ids();
         let close_all = async {
             for room in &rooms {
                 self.media.close_room_because(room, "shutdown").await;
@@ -50,10 +50,7 @@ impl Running {
         if tokio::time::timeout(drain, close_all).await.is_err() {
             tracing::warn!("drain time over before every room was closed");
         }
-        let sessions: Vec<u64> = state.registry.sessions.iter().map(|s| *s.key()).collect();
-        for s in sessions {
-            state.registry.send_to_session(s, Outbound::Close(1001, "shutdown".into()));
-        }
+        state.registry.close_all_sessions(1001, "shutdown");
         self.server_handle.graceful_shutdown(Some(drain));
         let _ = tokio::time::timeout(drain + Duration::from_secs(1), self.server).await;
         for w in self.media.workers() {

@@ -139,17 +139,17 @@ async fn churn_leaves_nothing_behind() {
     // Ghosts' grace periods end; their connections end FINISHED and free their ports.
     eventually("every port back in the pool", 15, || gw.ports.free() == total_ports).await;
     let reg = &gw.state.registry;
-    eventually("every participant gone", 10, || reg.rooms.iter().all(|r| r.participants.is_empty())).await;
-    assert!(reg.connections.iter().all(|c| c.state.is_terminal()), "no live connection remains");
-    assert!(reg.sessions.is_empty(), "no session remains");
+    eventually("every participant gone", 10, || reg.census().participants == 0).await;
+    assert_eq!(reg.census().live_connections, 0, "no live connection remains");
+    assert_eq!(reg.census().sessions, 0, "no session remains");
     // Delete the rest of the rooms; history is purged by the janitor (forced here).
-    let ids: Vec<String> = reg.rooms.iter().map(|r| r.room_id.clone()).collect();
-    for id in ids {
+    for id in reg.room_ids() {
         api.call("DELETE", &format!("/v1/rooms/{id}"), None).await;
     }
-    assert!(reg.rooms.is_empty() && reg.names.is_empty(), "no room remains");
+    let census = reg.census();
+    assert!(census.rooms == 0 && census.names == 0, "no room remains: {census:?}");
     reg.purge_history(Duration::ZERO);
-    assert!(reg.connections.is_empty(), "history purged");
+    assert_eq!(reg.census().connections, 0, "history purged");
     assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 0.0);
     assert_eq!(api.metric("gateway_participants").await, 0.0);
     assert_eq!(api.metric("gateway_ws_sessions").await, 0.0);

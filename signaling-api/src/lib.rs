@@ -7,6 +7,8 @@
 //! - `media`: the interface to the media plane ([`media::MediaPlane`], [`media::EventSink`]).
 //! - `auth`: API key and signed join tokens.
 //! - `registry`: rooms, participants, sessions, connection history; the event sink.
+//! - `lifecycle`: the registry's methods that create and end rooms, participants, sessions and
+//!   connections.
 //! - `rest`, `ws`: the REST API for app backends and the WebSocket API for clients.
 //! - `metrics`: the first Prometheus counters.
 //! - `error`: the one error type that renders `{ "error": { code, message } }`.
@@ -18,6 +20,8 @@ pub mod protocol;
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod error;
+#[cfg(feature = "server")]
+pub mod lifecycle;
 #[cfg(feature = "server")]
 pub mod media;
 #[cfg(feature = "server")]

@@ -289,8 +289,12 @@ pub struct TokenResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevTokenRequest {
+    /// The room's name (created if it does not exist).
     pub room: String,
     pub participant: String,
+    /// Display name; defaults to `participant`.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,6 +340,27 @@ pub struct StreamInfo {
     /// says when the set being sent changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerInfo>,
+    /// The publisher has muted it (`mute`); `track_muted`/`track_unmuted` say when this changes.
+    #[serde(default)]
+    pub muted: bool,
+}
+
+/// `track_muted` / `track_unmuted`: a publisher muted or unmuted one of its streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackMute {
+    pub participant_id: String,
+    pub stream_id: String,
+    /// `audio` or `video`.
+    pub kind: String,
+}
+
+/// One entry of `active_speakers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Speaker {
+    pub participant_id: String,
+    pub stream_id: String,
+    /// Loudness from 0 (silence) to 1 (full scale), from the audio-level header extension.
+    pub level: f32,
 }
 
 /// One simulcast encoding of a published video stream.
@@ -387,10 +412,16 @@ pub enum ClientMessage {
         #[serde(default)]
         rid: Option<String>,
     },
+    /// Mute (`true`) or unmute one of this participant's own published streams. The room hears
+    /// `track_muted`/`track_unmuted`; the client stops sending (or sends silence) itself.
+    Mute {
+        stream_id: String,
+        muted: bool,
+    },
 }
 
 /// Gateway → client.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     Joined {
@@ -424,6 +455,14 @@ pub enum ServerMessage {
         reason: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         codec: Option<String>,
+    },
+    /// A publisher muted one of its streams (also sent to the publisher).
+    TrackMuted(TrackMute),
+    TrackUnmuted(TrackMute),
+    /// The room's speakers changed: loudest first; empty when nobody speaks. Sent when the set
+    /// or its order changes, at most every 200 ms.
+    ActiveSpeakers {
+        speakers: Vec<Speaker>,
     },
     Error {
         code: ErrorCode,

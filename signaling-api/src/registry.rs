@@ -2,6 +2,8 @@
 //! connection's state and history. It is also the [`EventSink`] the media plane reports to: an
 //! event is recorded and forwarded to the owning client session in the order it was emitted.
 //!
+//! Room, participant and connection lifecycle: `lifecycle.rs`.
+//!
 //! Locking: `DashMap` entries are held only for short, synchronous updates, never across an
 //! `.await`. The media packet path never comes here.
 
@@ -17,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::protocol::*;
 
 /// What a session's writer task sends to the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
     Message(ServerMessage),
     /// Close the socket with this code and reason, after everything queued before it.
@@ -75,12 +77,15 @@ impl ConnRecord {
 }
 
 /// Registry of rooms, sessions and connections.
+///
+/// Its maps are its own: every change goes through its methods (here: sessions' queues, the
+/// media plane's events; `lifecycle.rs`: rooms, participants, connections).
 pub struct Registry {
-    pub rooms: DashMap<String, Room>,
+    pub(crate) rooms: DashMap<String, Room>,
     /// Room name → room id, for uniqueness of names.
-    pub names: DashMap<String, String>,
-    pub connections: DashMap<String, ConnRecord>,
-    pub sessions: DashMap<u64, SessionHandle>,
+    pub(crate) names: DashMap<String, String>,
+    pub(crate) connections: DashMap<String, ConnRecord>,
+    pub(crate) sessions: DashMap<u64, SessionHandle>,
     pub metrics: Metrics,
     next_session: AtomicU64,
 }
@@ -104,7 +109,7 @@ impl Registry {
         }
     }
 
-    pub fn next_session_id(&self) -> u64 {
+    pub(crate) fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -144,7 +149,7 @@ impl Registry {
 
     /// Register a connection before the media plane hears of it, so its events have a home.
     /// Refused (false) unless `session` still speaks for the participant.
-    pub fn insert_connection(&self, spec: &crate::media::ConnectionSpec, session: u64) -> bool {
+    pub(crate) fn insert_connection(&self, spec: &crate::media::ConnectionSpec, session: u64) -> bool {
         {
             let Some(mut room) = self.rooms.get_mut(&spec.room_id) else { return false };
             match room.participants.get_mut(&spec.participant_id) {
@@ -170,7 +175,7 @@ impl Registry {
     }
 
     /// The connection ids of a participant that are not terminal yet.
-    pub fn live_connections(&self, room_id: &str, participant_id: &str) -> Vec<String> {
+    pub(crate) fn live_connections(&self, room_id: &str, participant_id: &str) -> Vec<String> {
         let ids: Vec<String> = match self.rooms.get(room_id) {
             Some(room) => match room.participants.get(participant_id) {
                 Some(p) => p.connections.clone(),
@@ -182,7 +187,7 @@ impl Registry {
     }
 
     /// The participant's live connection with this role, if any.
-    pub fn live_connection_with_role(&self, room_id: &str, participant_id: &str, role: Role) -> Option<String> {
+    pub(crate) fn live_connection_with_role(&self, room_id: &str, participant_id: &str, role: Role) -> Option<String> {
         self.live_connections(room_id, participant_id)
             .into_iter()
             .find(|id| self.connections.get(id).is_some_and(|c| c.role == role))
@@ -288,7 +293,7 @@ impl EventSink for Registry {
                 }
             }
             MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new() };
+                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false };
                 match self.rooms.get_mut(&room_id) {
                     Some(mut room) => room.streams.push(info.clone()),
                     None => return,
@@ -296,7 +301,7 @@ impl EventSink for Registry {
                 self.broadcast(&room_id, None, ServerMessage::StreamAdded(info));
             }
             MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new() };
+                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false };
                 match self.rooms.get_mut(&room_id) {
                     Some(mut room) => room.streams.retain(|s| s.stream_id != info.stream_id),
                     None => return,

@@ -10,7 +10,6 @@ use axum::{Json, Router};
 
 use crate::error::{ApiError, ApiJson};
 use crate::protocol::*;
-use crate::registry::{new_id, Outbound, Room};
 use crate::AppState;
 
 pub(crate) fn routes(state: AppState) -> Router {
@@ -62,9 +61,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.registry.metrics.render())
 }
 
-/// A name or participant id: 1–64 characters that are safe in URLs and SDP msid tokens.
+const ROOM_NAME_RULE: &str =
+    "room name must be 1-64 characters (any script), without control characters or leading/trailing spaces";
+const DISPLAY_NAME_RULE: &str = "name must be 1-128 printable characters";
+
+/// A participant id: 1–64 characters that are safe in URLs and SDP msid tokens.
 pub(crate) fn valid_identifier(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+}
+
+/// A room name: 1–64 characters of any script (spaces inside allowed), no control characters,
+/// no leading or trailing whitespace. Rooms are addressed by id; the name is only looked up.
+pub(crate) fn valid_room_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().count() <= 64 && s.trim() == s && !s.chars().any(char::is_control)
 }
 
 fn valid_display_name(s: &str) -> bool {
@@ -85,13 +94,13 @@ async fn create_room(
     Ok((StatusCode::CREATED, Json(room)))
 }
 
-pub(crate) async fn create_room_inner(state: &AppState, req: CreateRoomRequest) -> Result<RoomCreated, ApiError> {
+async fn create_room_inner(state: &AppState, req: CreateRoomRequest) -> Result<RoomCreated, ApiError> {
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ApiError::new(ErrorCode::Conflict, "server is draining"));
     }
     if let Some(name) = &req.name {
-        if !valid_identifier(name) {
-            return Err(ApiError::bad_request("name must be 1-64 characters of A-Z a-z 0-9 - _ . +"));
+        if !valid_room_name(name) {
+            return Err(ApiError::bad_request(ROOM_NAME_RULE));
         }
     }
     let max = req.max_participants.unwrap_or(state.config.default_max_participants);
@@ -101,86 +110,20 @@ pub(crate) async fn create_room_inner(state: &AppState, req: CreateRoomRequest) 
             state.config.max_participants_limit
         )));
     }
-    let reg = &state.registry;
-    if reg.rooms.len() >= state.config.max_rooms {
-        return Err(ApiError::new(ErrorCode::Conflict, "room limit of this server reached"));
-    }
-    let room_id = new_id("r");
-    if let Some(name) = &req.name {
-        match reg.names.entry(name.clone()) {
-            dashmap::Entry::Occupied(_) => {
-                return Err(ApiError::new(ErrorCode::Conflict, format!("room name '{name}' is taken")))
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(room_id.clone());
-            }
-        }
-    }
-    if let Err(e) = state.media.create_room(&room_id).await {
-        if let Some(name) = &req.name {
-            reg.names.remove(name);
-        }
-        return Err(e.into());
-    }
-    let created_at = now_rfc3339();
-    reg.rooms.insert(
-        room_id.clone(),
-        Room {
-            room_id: room_id.clone(),
-            name: req.name.clone(),
-            max_participants: max,
-            created_at: created_at.clone(),
-            participants: Default::default(),
-            streams: Vec::new(),
-        },
-    );
-    reg.metrics.rooms.set(reg.rooms.len() as i64);
-    tracing::info!(room_id, name = ?req.name, "room created");
-    Ok(RoomCreated { room_id, name: req.name, max_participants: max, created_at })
+    state.registry.create_room(state.media.as_ref(), req.name, max, state.config.max_rooms).await
 }
 
 async fn list_rooms(State(state): State<AppState>) -> Json<RoomList> {
-    let mut rooms: Vec<RoomSummary> = state
-        .registry
-        .rooms
-        .iter()
-        .map(|r| RoomSummary {
-            room_id: r.room_id.clone(),
-            name: r.name.clone(),
-            participants: r.participants.len(),
-            streams: r.streams.len(),
-        })
-        .collect();
-    rooms.sort_by(|a, b| a.room_id.cmp(&b.room_id));
-    Json(RoomList { rooms })
+    Json(RoomList { rooms: state.registry.room_summaries() })
 }
 
 async fn get_room(State(state): State<AppState>, Path(room_id): Path<String>) -> Result<Json<RoomDetail>, ApiError> {
-    let reg = &state.registry;
-    let room = reg.rooms.get(&room_id).ok_or_else(|| ApiError::not_found("room"))?;
-    let mut participants: Vec<ParticipantDetail> = room
-        .participants
-        .values()
-        .map(|p| ParticipantDetail {
-            participant_id: p.participant_id.clone(),
-            name: p.name.clone(),
-            connections: p.connections.iter().filter_map(|id| reg.connections.get(id).map(|c| c.summary())).collect(),
-            streams: room.streams.iter().filter(|s| s.participant_id == p.participant_id).cloned().collect(),
-        })
-        .collect();
-    participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
-    Ok(Json(RoomDetail {
-        room_id: room.room_id.clone(),
-        name: room.name.clone(),
-        max_participants: room.max_participants,
-        created_at: room.created_at.clone(),
-        participants,
-        streams: room.streams.clone(),
-    }))
+    state.registry.room_detail(&room_id).map(Json).ok_or_else(|| ApiError::not_found("room"))
 }
 
 async fn delete_room(State(state): State<AppState>, Path(room_id): Path<String>) -> Result<StatusCode, ApiError> {
-    detached(async move { delete_room_inner(&state, &room_id).await }).await
+    detached(async move { state.registry.delete_room(state.media.as_ref(), &room_id).await }).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Run a handler's state changes to completion even if the client goes away mid-request:
@@ -193,33 +136,12 @@ async fn detached<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ApiError::new(ErrorCode::Internal, format!("request task failed: {e}"))))
 }
 
-async fn delete_room_inner(state: &AppState, room_id: &str) -> Result<StatusCode, ApiError> {
-    let room_id = room_id.to_owned();
-    let reg = &state.registry;
-    if !reg.rooms.contains_key(&room_id) {
-        return Err(ApiError::not_found("room"));
-    }
-    state.media.close_room(&room_id).await;
-    if let Some((_, room)) = reg.rooms.remove(&room_id) {
-        if let Some(name) = &room.name {
-            reg.names.remove(name);
-        }
-        for p in room.participants.values() {
-            reg.send_to_session(p.session, Outbound::Close(1000, "room_closed".into()));
-        }
-        reg.metrics.participants.sub(room.participants.len() as i64);
-    }
-    reg.metrics.rooms.set(reg.rooms.len() as i64);
-    tracing::info!(room_id, "room deleted");
-    Ok(StatusCode::NO_CONTENT)
-}
-
 async fn create_token(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     body: Result<ApiJson<TokenRequest>, ApiError>,
 ) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
-    if !state.registry.rooms.contains_key(&room_id) {
+    if !state.registry.has_room(&room_id) {
         return Err(ApiError::not_found("room"));
     }
     let ApiJson(req) = body?;
@@ -228,7 +150,7 @@ async fn create_token(
     }
     let name = req.name.clone().unwrap_or_else(|| req.participant.clone());
     if !valid_display_name(&name) {
-        return Err(ApiError::bad_request("name must be 1-128 printable characters"));
+        return Err(ApiError::bad_request(DISPLAY_NAME_RULE));
     }
     let ttl = req.ttl_s.unwrap_or(state.config.default_token_ttl_s);
     if ttl == 0 || ttl > state.config.max_token_ttl_s {
@@ -250,10 +172,17 @@ async fn dev_token(
     body: Result<ApiJson<DevTokenRequest>, ApiError>,
 ) -> Result<Json<DevTokenResponse>, ApiError> {
     let ApiJson(req) = body?;
-    if !valid_identifier(&req.room) || !valid_identifier(&req.participant) {
-        return Err(ApiError::bad_request("room and participant must be 1-64 characters of A-Z a-z 0-9 - _ . +"));
+    if !valid_room_name(&req.room) {
+        return Err(ApiError::bad_request(ROOM_NAME_RULE));
     }
-    let existing = state.registry.names.get(&req.room).map(|id| id.clone());
+    if !valid_identifier(&req.participant) {
+        return Err(ApiError::bad_request("participant must be 1-64 characters of A-Z a-z 0-9 - _ . +"));
+    }
+    let name = req.name.clone().unwrap_or_else(|| req.participant.clone());
+    if !valid_display_name(&name) {
+        return Err(ApiError::bad_request(DISPLAY_NAME_RULE));
+    }
+    let existing = state.registry.room_id_by_name(&req.room);
     let room_id = match existing {
         Some(id) => id,
         None => {
@@ -262,15 +191,13 @@ async fn dev_token(
             {
                 Ok(r) => r.room_id,
                 // Lost a race with another joiner creating the same room.
-                Err(e) if e.code == ErrorCode::Conflict => {
-                    state.registry.names.get(&req.room).map(|id| id.clone()).ok_or(e)?
-                }
+                Err(e) if e.code == ErrorCode::Conflict => state.registry.room_id_by_name(&req.room).ok_or(e)?,
                 Err(e) => return Err(e),
             }
         }
     };
     let ttl = state.config.default_token_ttl_s;
-    let (token, exp) = state.auth.issue(&room_id, &req.participant, &req.participant, true, true, ttl)?;
+    let (token, exp) = state.auth.issue(&room_id, &req.participant, &name, true, true, ttl)?;
     Ok(Json(DevTokenResponse {
         token,
         room_id,
@@ -283,21 +210,7 @@ async fn kick(
     State(state): State<AppState>,
     Path((room_id, participant_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let reg = &state.registry;
-    let session = {
-        let room = reg.rooms.get(&room_id).ok_or_else(|| ApiError::not_found("room"))?;
-        let p = room.participants.get(&participant_id).ok_or_else(|| ApiError::not_found("participant"))?;
-        p.session
-    };
-    let st = state.clone();
-    let (room, pid) = (room_id.clone(), participant_id.clone());
-    detached(async move {
-        crate::ws::remove_participant(&st, &room, &pid, session, "kicked").await;
-        st.registry.send_to_session(session, Outbound::Close(1000, "kicked".into()));
-        Ok(())
-    })
-    .await?;
-    tracing::info!(room_id, participant_id, "participant kicked");
+    detached(async move { state.registry.kick(state.media.as_ref(), &room_id, &participant_id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -305,19 +218,8 @@ async fn get_connection(
     State(state): State<AppState>,
     Path(connection_id): Path<String>,
 ) -> Result<Json<ConnectionDetail>, ApiError> {
-    let mut detail = {
-        let c = state.registry.connections.get(&connection_id).ok_or_else(|| ApiError::not_found("connection"))?;
-        ConnectionDetail {
-            connection_id: c.connection_id.clone(),
-            room_id: c.room_id.clone(),
-            participant_id: c.participant_id.clone(),
-            role: c.role,
-            state: c.state,
-            code: c.state.code(),
-            events: c.events.iter().cloned().map(HistoryItem::ConnectionEvent).collect(),
-            stats: serde_json::Value::Null,
-        }
-    };
+    let mut detail =
+        state.registry.connection_detail(&connection_id).ok_or_else(|| ApiError::not_found("connection"))?;
     detail.stats = if detail.state.is_terminal() {
         serde_json::json!({})
     } else {

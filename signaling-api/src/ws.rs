@@ -15,9 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::auth::Claims;
 use crate::error::ApiError;
-use crate::media::ConnectionSpec;
 use crate::protocol::*;
-use crate::registry::{new_id, Outbound, Participant, SessionHandle};
+use crate::registry::{Outbound, SessionHandle};
 use crate::AppState;
 
 pub(crate) fn routes(state: AppState) -> Router {
@@ -58,100 +57,33 @@ fn authorize(state: &AppState, token: Option<&str>) -> Result<Claims, ApiError> 
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ApiError::new(ErrorCode::Conflict, "server is draining"));
     }
-    let room = state.registry.rooms.get(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
-    if !room.participants.contains_key(&claims.sub) && room.participants.len() >= room.max_participants as usize {
-        return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
-    }
+    state.registry.check_admission(&claims.room, &claims.sub)?;
     Ok(claims)
-}
-
-/// Result of admitting a session to its room.
-struct Admitted {
-    /// The session this one replaces, and its connections.
-    replaced: Option<(u64, Vec<String>)>,
-}
-
-/// Put the session in its room and queue `joined` while the room is locked, so no room event
-/// can reach the client before it or repeat what it lists.
-fn admit(state: &AppState, claims: &Claims, session: u64) -> Result<Admitted, ApiError> {
-    let reg = &state.registry;
-    let mut room = reg.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
-    let replaced = room.participants.get(&claims.sub).map(|p| (p.session, p.connections.clone()));
-    if replaced.is_none() && room.participants.len() >= room.max_participants as usize {
-        return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
-    }
-    room.participants.insert(
-        claims.sub.clone(),
-        Participant {
-            participant_id: claims.sub.clone(),
-            name: claims.name.clone(),
-            session,
-            disconnected_at: None,
-            connections: replaced.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
-        },
-    );
-    if replaced.is_none() {
-        reg.metrics.participants.inc();
-    }
-    let mut participants: Vec<ParticipantInfo> = room
-        .participants
-        .values()
-        .filter(|p| p.participant_id != claims.sub)
-        .map(|p| ParticipantInfo { participant_id: p.participant_id.clone(), name: p.name.clone() })
-        .collect();
-    participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
-    let joined = ServerMessage::Joined {
-        room_id: claims.room.clone(),
-        participant_id: claims.sub.clone(),
-        participants,
-        streams: room.streams.clone(),
-    };
-    reg.send_to_session(session, Outbound::Message(joined));
-    Ok(Admitted { replaced })
 }
 
 async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
     let reg = state.registry.clone();
-    let session = reg.next_session_id();
     let (tx, rx) = mpsc::channel::<Outbound>(state.config.ws_outbound_queue);
     let kill = Arc::new(tokio::sync::Notify::new());
     let (sink, mut stream) = socket.split();
-    reg.sessions.insert(session, SessionHandle { tx: tx.clone(), kill: Arc::clone(&kill) });
+    let session = reg.open_session(SessionHandle { tx: tx.clone(), kill: Arc::clone(&kill) });
     reg.metrics.ws_sessions.inc();
     let writer = tokio::spawn(write_loop(sink, rx));
 
     let room_id = claims.room.clone();
     let participant_id = claims.sub.clone();
-    match admit(&state, &claims, session) {
-        Ok(Admitted { replaced }) => {
-            match replaced {
-                Some((old_session, old_conns)) => {
-                    for id in old_conns {
-                        state.media.close_connection(&id, "replaced").await;
-                    }
-                    reg.send_to_session(old_session, Outbound::Close(1000, "replaced".into()));
-                    reg.sessions.remove(&old_session);
-                }
-                None => {
-                    let info = ParticipantInfo { participant_id: participant_id.clone(), name: claims.name.clone() };
-                    reg.broadcast(&room_id, Some(&participant_id), ServerMessage::ParticipantJoined(info));
-                }
-            }
-            tracing::info!(room_id, participant_id, session, "participant joined");
-        }
-        Err(e) => {
-            let _ = tx.try_send(Outbound::Message(ServerMessage::Error {
-                code: e.code,
-                message: e.message,
-                connection_id: None,
-            }));
-            let _ = tx.try_send(Outbound::Close(1008, "refused".into()));
-            reg.sessions.remove(&session);
-            drop(tx);
-            let _ = writer.await;
-            reg.metrics.ws_sessions.dec();
-            return;
-        }
+    if let Err(e) = reg.join(state.media.as_ref(), &claims, session).await {
+        let _ = tx.try_send(Outbound::Message(ServerMessage::Error {
+            code: e.code,
+            message: e.message,
+            connection_id: None,
+        }));
+        let _ = tx.try_send(Outbound::Close(1008, "refused".into()));
+        reg.close_session(session);
+        drop(tx);
+        let _ = writer.await;
+        reg.metrics.ws_sessions.dec();
+        return;
     }
 
     let mut left = false;
@@ -191,26 +123,19 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
 
     if !left {
         // The socket dropped without `leave`: keep the connections for the grace period.
-        let still_ours = match reg.rooms.get_mut(&room_id) {
-            Some(mut room) => match room.participants.get_mut(&participant_id) {
-                Some(p) if p.session == session => {
-                    p.disconnected_at = Some(Instant::now());
-                    true
-                }
-                _ => false,
-            },
-            None => false,
-        };
+        let still_ours = reg.signaling_lost(&room_id, &participant_id, session);
         if still_ours {
             let state = state.clone();
             let (room_id, participant_id) = (room_id.clone(), participant_id.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(state.config.reconnect_grace).await;
-                remove_participant(&state, &room_id, &participant_id, session, "signaling_lost").await;
+                let reg = &state.registry;
+                reg.remove_participant(state.media.as_ref(), &room_id, &participant_id, session, "signaling_lost")
+                    .await;
             });
         }
     }
-    reg.sessions.remove(&session);
+    reg.close_session(session);
     drop(tx);
     // A client that stopped reading can block the writer on TCP backpressure: give it a moment.
     let mut writer = writer;
@@ -300,14 +225,14 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
             if !claims.can_publish {
                 Err((ApiError::forbidden("this token may not publish"), None))
             } else {
-                open_or_renegotiate(state, claims, session, Role::Publish, Some(sdp)).await
+                reg.open_connection(state.media.as_ref(), claims, session, Role::Publish, Some(sdp)).await
             }
         }
         ClientMessage::Subscribe {} => {
             if !claims.can_subscribe {
                 Err((ApiError::forbidden("this token may not subscribe"), None))
             } else {
-                open_or_renegotiate(state, claims, session, Role::Subscribe, None).await
+                reg.open_connection(state.media.as_ref(), claims, session, Role::Subscribe, None).await
             }
         }
         ClientMessage::Answer { connection_id, sdp } => match owned(state, claims, session, &connection_id) {
@@ -332,8 +257,11 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
                 Err(e) => Err((e, Some(connection_id))),
             }
         }
+        ClientMessage::Mute { stream_id, muted } => {
+            reg.set_muted(claims, session, &stream_id, muted).map_err(|e| (e, None))
+        }
         ClientMessage::Leave {} => {
-            remove_participant(state, room_id, pid, session, "leave").await;
+            reg.remove_participant(state.media.as_ref(), room_id, pid, session, "leave").await;
             reg.send_to_session(session, Outbound::Close(1000, "leave".into()));
             return true;
         }
@@ -347,98 +275,9 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
 /// The connection exists and belongs to this participant; anything else is `not_found`, so one
 /// participant learns nothing about another's connections.
 fn owned(state: &AppState, claims: &Claims, session: u64, connection_id: &str) -> Result<(), ApiError> {
-    match state.registry.connections.get(connection_id) {
-        Some(c) if c.room_id == claims.room && c.participant_id == claims.sub && c.session == session => Ok(()),
-        _ => Err(ApiError::not_found("connection")),
+    if state.registry.owns_connection(claims, session, connection_id) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("connection"))
     }
-}
-
-async fn open_or_renegotiate(
-    state: &AppState,
-    claims: &Claims,
-    session: u64,
-    role: Role,
-    offer: Option<String>,
-) -> Result<(), (ApiError, Option<String>)> {
-    let reg = &state.registry;
-    if !is_current(state, claims, session) {
-        return Err((ApiError::not_found("room"), None));
-    }
-    if let Some(id) = reg.live_connection_with_role(&claims.room, &claims.sub, role) {
-        let r = match offer {
-            Some(sdp) => state.media.republish(&id, sdp).await,
-            None => state.media.resubscribe(&id).await,
-        };
-        return r.map_err(|e| (e.into(), Some(id)));
-    }
-    let spec = ConnectionSpec {
-        room_id: claims.room.clone(),
-        participant_id: claims.sub.clone(),
-        connection_id: new_id("c"),
-        role,
-    };
-    if !reg.insert_connection(&spec, session) {
-        return Err((ApiError::not_found("room"), None));
-    }
-    let id = spec.connection_id.clone();
-    let r = match offer {
-        Some(sdp) => state.media.publish(spec, sdp).await,
-        None => state.media.subscribe(spec).await,
-    };
-    if let Err(e) = &r {
-        // The media plane refused before it created anything: record the failure so the
-        // connection's history tells the story and nothing stays half-made.
-        let not_created = reg.connections.get(&id).is_some_and(|c| c.events.is_empty());
-        if not_created {
-            reg.connections.remove(&id);
-            if let Some(mut room) = reg.rooms.get_mut(&claims.room) {
-                if let Some(p) = room.participants.get_mut(&claims.sub) {
-                    p.connections.retain(|c| c != &id);
-                }
-            }
-            return Err((ApiError::from(e.clone()), None));
-        }
-    }
-    if r.is_ok() && !is_current(state, claims, session) {
-        // Removed (kicked, replaced, room closed) while the media plane was opening it.
-        state.media.close_connection(&id, "participant_removed").await;
-    }
-    r.map_err(|e| (e.into(), Some(id)))
-}
-
-/// This session still speaks for its participant.
-fn is_current(state: &AppState, claims: &Claims, session: u64) -> bool {
-    state.registry.rooms.get(&claims.room).and_then(|r| r.participants.get(&claims.sub).map(|p| p.session))
-        == Some(session)
-}
-
-/// End a participant: close its connections (FINISHED with `reason`), take it out of its room and
-/// tell the others. Does nothing if another session has replaced `session` meanwhile.
-pub(crate) async fn remove_participant(
-    state: &AppState,
-    room_id: &str,
-    participant_id: &str,
-    session: u64,
-    reason: &str,
-) {
-    let reg = &state.registry;
-    // Out of the room first, so nothing new can be opened for it while its connections close.
-    let removed = match reg.rooms.get_mut(room_id) {
-        Some(mut room) => match room.participants.get(participant_id) {
-            Some(p) if p.session == session => room.participants.remove(participant_id),
-            _ => None,
-        },
-        None => None,
-    };
-    let Some(p) = removed else { return };
-    reg.metrics.participants.dec();
-    for id in &p.connections {
-        let live = reg.connections.get(id).is_some_and(|c| !c.state.is_terminal());
-        if live {
-            state.media.close_connection(id, reason).await;
-        }
-    }
-    let info = ParticipantInfo { participant_id: p.participant_id, name: p.name };
-    reg.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
-    tracing::info!(room_id, participant_id, reason, "participant left");
 }

@@ -140,9 +140,13 @@ async fn rooms_crud_and_errors() {
     let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"standup"}"#), true).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_error(&v, "conflict");
-    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"bad name!"}"#), true).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_error(&v, "bad_request");
+    let long = "é".repeat(65);
+    for bad in [" padded", "tab\there", "", long.as_str()] {
+        let body = json!({ "name": bad }).to_string();
+        let (s, v) = call(&app, "POST", "/v1/rooms", Some(&body), true).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "room name {bad:?}");
+        assert_error(&v, "bad_request");
+    }
     let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"max_participants":0}"#), true).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_error(&v, "bad_request");
@@ -324,8 +328,7 @@ async fn websocket_flow_and_event_order() {
     assert_eq!(next(&mut bob).await["event"], "INITIAL");
     let offer = next(&mut bob).await;
     assert_eq!(offer["type"], "offer");
-    let alice_conn =
-        state.registry.connections.iter().find(|c| c.participant_id == "alice").unwrap().connection_id.clone();
+    let alice_conn = state.registry.connections_of(&room, "alice").pop().unwrap();
     send(&mut bob, json!({ "type": "answer", "connection_id": alice_conn, "sdp": "v=0" })).await;
     let e = next(&mut bob).await;
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("not_found")));
@@ -481,4 +484,89 @@ async fn websocket_message_size_limit_closes_only_the_offender() {
         heard.push(v);
     }
     assert_eq!(next(&mut bystander).await["type"], "offer", "after {heard:?}");
+}
+
+#[tokio::test]
+async fn room_and_display_names_may_use_any_script() {
+    let (app, state, _) = app();
+    let (s, room) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"café 山田"}"#), true).await;
+    assert_eq!(s, StatusCode::CREATED, "{room}");
+    assert_eq!(room["name"], "café 山田");
+    let limit = "é".repeat(64);
+    let (s, _) = call(&app, "POST", "/v1/rooms", Some(&json!({ "name": limit }).to_string()), true).await;
+    assert_eq!(s, StatusCode::CREATED, "64 characters (128 bytes) fit");
+
+    // The dev route: the room by its name, the display name apart from the safe identity.
+    let body = json!({ "room": "café 山田", "participant": "p-1", "name": "Zoë 山田" }).to_string();
+    let (s, v) = call(&app, "POST", "/v1/dev/token", Some(&body), false).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["room_id"], room["room_id"]);
+    assert_eq!(state.auth.verify(v["token"].as_str().unwrap()).unwrap().name, "Zoë 山田");
+    let body = json!({ "room": "café 山田", "participant": "Zoë", "name": "Zoë" }).to_string();
+    let (s, v) = call(&app, "POST", "/v1/dev/token", Some(&body), false).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "identities stay ASCII-safe");
+    assert_error(&v, "bad_request");
+    let body = json!({ "room": "café 山田", "participant": "p-2", "name": "a\u{7}b" }).to_string();
+    let (s, _) = call(&app, "POST", "/v1/dev/token", Some(&body), false).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "no control characters in display names");
+
+    // Others see the display name.
+    let addr = serve(app.clone()).await;
+    let room_id = room["room_id"].as_str().unwrap();
+    let (token, _) = state.auth.issue(room_id, "p-1", "Zoë 山田", true, true, 60).unwrap();
+    let (mut zoe, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}")).await.unwrap();
+    assert_eq!(next(&mut zoe).await["type"], "joined");
+    let mut bob = join(&addr, &state, room_id, "bob").await;
+    let j = next(&mut bob).await;
+    assert_eq!(j["participants"], json!([{ "participant_id": "p-1", "name": "Zoë 山田" }]));
+}
+
+#[tokio::test]
+async fn a_publisher_mutes_its_own_streams_and_the_room_hears_it() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    assert_eq!(next(&mut alice).await["type"], "participant_joined");
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let added = loop {
+        let m = next(&mut bob).await;
+        if m["type"] == "stream_added" {
+            break m;
+        }
+    };
+    assert_eq!(added["muted"], false);
+
+    // Bob cannot mute alice's stream, and an unknown stream is not found.
+    for (who, stream) in [(&mut bob, "st_1"), (&mut alice, "st_nope")] {
+        send(who, json!({ "type": "mute", "stream_id": stream, "muted": true })).await;
+        let e = loop {
+            let m = next(who).await;
+            if m["type"] == "error" {
+                break m;
+            }
+        };
+        assert_eq!(e["code"], "not_found", "{e}");
+    }
+
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": true })).await;
+    let want = json!({ "type": "track_muted", "participant_id": "alice", "stream_id": "st_1", "kind": "video" });
+    assert_eq!(next(&mut bob).await, want);
+    // Muting twice changes nothing and says nothing; unmuting is heard.
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": true })).await;
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": false })).await;
+    assert_eq!(next(&mut bob).await["type"], "track_unmuted");
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": true })).await;
+    assert_eq!(next(&mut bob).await["type"], "track_muted");
+
+    // A late joiner and the REST view see the state.
+    let mut carol = join(&addr, &state, &room, "carol").await;
+    let j = next(&mut carol).await;
+    assert_eq!(j["streams"][0]["muted"], true, "{j}");
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["streams"][0]["muted"], true);
 }

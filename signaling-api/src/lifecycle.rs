@@ -1,0 +1,471 @@
+//! The lifecycle of rooms, participants, sessions and connections, as methods of the
+//! [`Registry`]: every change to its maps happens here or in `registry.rs`, so `rest.rs` and
+//! `ws.rs` only translate HTTP and WebSocket to these calls and back.
+//!
+//! Owns the rules: a name names one room; a participant is spoken for by one session at a time
+//! (a second session replaces the first); a participant is taken out of its room before its
+//! connections close, so nothing new is opened for it meanwhile; a connection the media plane
+//! refused before creating it leaves no record.
+//!
+//! Methods that act on media take the [`MediaPlane`] as an argument: the registry is the media
+//! plane's event sink, so it is built first and cannot own it.
+
+use std::time::Instant;
+
+use crate::auth::Claims;
+use crate::error::ApiError;
+use crate::media::{ConnectionSpec, MediaPlane};
+use crate::protocol::*;
+use crate::registry::{new_id, Outbound, Participant, Registry, Room, SessionHandle};
+
+/// Counts of what the registry holds, for tests and leak checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Census {
+    pub rooms: usize,
+    pub names: usize,
+    pub participants: usize,
+    pub sessions: usize,
+    /// Connection records, terminal ones included until their history is purged.
+    pub connections: usize,
+    pub live_connections: usize,
+}
+
+/// A participant's admission to its room.
+pub enum Joined {
+    /// First session of this participant.
+    New,
+    /// It replaced an earlier session of the same participant.
+    Replaced,
+}
+
+impl Registry {
+    // -----------------------------------------------------------------------------------------
+    // Rooms
+    // -----------------------------------------------------------------------------------------
+
+    /// Create a room (the media plane pins it to a worker first). Inputs are validated by the
+    /// caller; here: the room limit and the uniqueness of the name.
+    pub async fn create_room(
+        &self,
+        media: &dyn MediaPlane,
+        name: Option<String>,
+        max_participants: u32,
+        max_rooms: usize,
+    ) -> Result<RoomCreated, ApiError> {
+        if self.rooms.len() >= max_rooms {
+            return Err(ApiError::new(ErrorCode::Conflict, "room limit of this server reached"));
+        }
+        let room_id = new_id("r");
+        if let Some(name) = &name {
+            match self.names.entry(name.clone()) {
+                dashmap::Entry::Occupied(_) => {
+                    return Err(ApiError::new(ErrorCode::Conflict, format!("room name '{name}' is taken")))
+                }
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(room_id.clone());
+                }
+            }
+        }
+        if let Err(e) = media.create_room(&room_id).await {
+            if let Some(name) = &name {
+                self.names.remove(name);
+            }
+            return Err(e.into());
+        }
+        let created_at = now_rfc3339();
+        self.rooms.insert(
+            room_id.clone(),
+            Room {
+                room_id: room_id.clone(),
+                name: name.clone(),
+                max_participants,
+                created_at: created_at.clone(),
+                participants: Default::default(),
+                streams: Vec::new(),
+            },
+        );
+        self.metrics.rooms.set(self.rooms.len() as i64);
+        tracing::info!(room_id, ?name, "room created");
+        Ok(RoomCreated { room_id, name, max_participants, created_at })
+    }
+
+    /// Close a room: every connection ends FINISHED (`room_closed`), every session is closed,
+    /// the name is free again.
+    pub async fn delete_room(&self, media: &dyn MediaPlane, room_id: &str) -> Result<(), ApiError> {
+        if !self.rooms.contains_key(room_id) {
+            return Err(ApiError::not_found("room"));
+        }
+        media.close_room(room_id).await;
+        if let Some((_, room)) = self.rooms.remove(room_id) {
+            if let Some(name) = &room.name {
+                self.names.remove(name);
+            }
+            for p in room.participants.values() {
+                self.send_to_session(p.session, Outbound::Close(1000, "room_closed".into()));
+            }
+            self.metrics.participants.sub(room.participants.len() as i64);
+        }
+        self.metrics.rooms.set(self.rooms.len() as i64);
+        tracing::info!(room_id, "room deleted");
+        Ok(())
+    }
+
+    pub fn has_room(&self, room_id: &str) -> bool {
+        self.rooms.contains_key(room_id)
+    }
+
+    /// The id of the room with this name.
+    pub fn room_id_by_name(&self, name: &str) -> Option<String> {
+        self.names.get(name).map(|id| id.clone())
+    }
+
+    pub fn room_ids(&self) -> Vec<String> {
+        self.rooms.iter().map(|r| r.key().clone()).collect()
+    }
+
+    /// Every room, sorted by id.
+    pub fn room_summaries(&self) -> Vec<RoomSummary> {
+        let mut rooms: Vec<RoomSummary> = self
+            .rooms
+            .iter()
+            .map(|r| RoomSummary {
+                room_id: r.room_id.clone(),
+                name: r.name.clone(),
+                participants: r.participants.len(),
+                streams: r.streams.len(),
+            })
+            .collect();
+        rooms.sort_by(|a, b| a.room_id.cmp(&b.room_id));
+        rooms
+    }
+
+    /// A room with its participants (sorted by id), their connections and streams.
+    pub fn room_detail(&self, room_id: &str) -> Option<RoomDetail> {
+        let room = self.rooms.get(room_id)?;
+        let mut participants: Vec<ParticipantDetail> = room
+            .participants
+            .values()
+            .map(|p| ParticipantDetail {
+                participant_id: p.participant_id.clone(),
+                name: p.name.clone(),
+                connections: p
+                    .connections
+                    .iter()
+                    .filter_map(|id| self.connections.get(id).map(|c| c.summary()))
+                    .collect(),
+                streams: room.streams.iter().filter(|s| s.participant_id == p.participant_id).cloned().collect(),
+            })
+            .collect();
+        participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
+        Some(RoomDetail {
+            room_id: room.room_id.clone(),
+            name: room.name.clone(),
+            max_participants: room.max_participants,
+            created_at: room.created_at.clone(),
+            participants,
+            streams: room.streams.clone(),
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Sessions and participants
+    // -----------------------------------------------------------------------------------------
+
+    /// Register a client session's outbound queue; returns its id.
+    pub fn open_session(&self, handle: SessionHandle) -> u64 {
+        let session = self.next_session_id();
+        self.sessions.insert(session, handle);
+        session
+    }
+
+    /// Forget a session's queue (its writer then ends once the queue is drained).
+    pub fn close_session(&self, session: u64) {
+        self.sessions.remove(&session);
+    }
+
+    /// Close every session with this WebSocket close code and reason.
+    pub fn close_all_sessions(&self, code: u16, reason: &str) {
+        let sessions: Vec<u64> = self.sessions.iter().map(|s| *s.key()).collect();
+        for s in sessions {
+            self.send_to_session(s, Outbound::Close(code, reason.to_owned()));
+        }
+    }
+
+    /// Would this identity be let into the room now (checked before a WebSocket upgrade)?
+    pub fn check_admission(&self, room_id: &str, participant_id: &str) -> Result<(), ApiError> {
+        let room = self.rooms.get(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+        if !room.participants.contains_key(participant_id) && room.participants.len() >= room.max_participants as usize
+        {
+            return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
+        }
+        Ok(())
+    }
+
+    /// Let a session speak for its participant: `joined` is queued to it while the room is
+    /// locked (so no room event reaches the client before it or repeats what it lists), the
+    /// others hear `participant_joined`, and a session this one replaces loses its connections
+    /// (FINISHED, `replaced`) and is closed.
+    pub async fn join(&self, media: &dyn MediaPlane, claims: &Claims, session: u64) -> Result<Joined, ApiError> {
+        let replaced = self.admit(claims, session)?;
+        let (room_id, participant_id) = (claims.room.as_str(), claims.sub.as_str());
+        let joined = match replaced {
+            Some((old_session, old_conns)) => {
+                for id in old_conns {
+                    media.close_connection(&id, "replaced").await;
+                }
+                self.send_to_session(old_session, Outbound::Close(1000, "replaced".into()));
+                self.sessions.remove(&old_session);
+                Joined::Replaced
+            }
+            None => {
+                let info = ParticipantInfo { participant_id: participant_id.to_owned(), name: claims.name.clone() };
+                self.broadcast(room_id, Some(participant_id), ServerMessage::ParticipantJoined(info));
+                Joined::New
+            }
+        };
+        tracing::info!(room_id, participant_id, session, "participant joined");
+        Ok(joined)
+    }
+
+    /// The room part of [`Registry::join`]; returns the replaced session and its connections.
+    fn admit(&self, claims: &Claims, session: u64) -> Result<Option<(u64, Vec<String>)>, ApiError> {
+        let mut room = self.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
+        let replaced = room.participants.get(&claims.sub).map(|p| (p.session, p.connections.clone()));
+        if replaced.is_none() && room.participants.len() >= room.max_participants as usize {
+            return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
+        }
+        room.participants.insert(
+            claims.sub.clone(),
+            Participant {
+                participant_id: claims.sub.clone(),
+                name: claims.name.clone(),
+                session,
+                disconnected_at: None,
+                connections: replaced.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
+            },
+        );
+        if replaced.is_none() {
+            self.metrics.participants.inc();
+        }
+        let mut participants: Vec<ParticipantInfo> = room
+            .participants
+            .values()
+            .filter(|p| p.participant_id != claims.sub)
+            .map(|p| ParticipantInfo { participant_id: p.participant_id.clone(), name: p.name.clone() })
+            .collect();
+        participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
+        let joined = ServerMessage::Joined {
+            room_id: claims.room.clone(),
+            participant_id: claims.sub.clone(),
+            participants,
+            streams: room.streams.clone(),
+        };
+        self.send_to_session(session, Outbound::Message(joined));
+        Ok(replaced)
+    }
+
+    /// The session's WebSocket dropped without `leave`. If it still speaks for its participant,
+    /// the participant is marked disconnected and true is returned: the caller then gives it
+    /// the reconnect grace before [`Registry::remove_participant`].
+    pub fn signaling_lost(&self, room_id: &str, participant_id: &str, session: u64) -> bool {
+        match self.rooms.get_mut(room_id) {
+            Some(mut room) => match room.participants.get_mut(participant_id) {
+                Some(p) if p.session == session => {
+                    p.disconnected_at = Some(Instant::now());
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        }
+    }
+
+    /// This session still speaks for its participant.
+    pub fn speaks_for(&self, room_id: &str, participant_id: &str, session: u64) -> bool {
+        self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id).map(|p| p.session)) == Some(session)
+    }
+
+    /// End a participant: take it out of its room, close its connections (FINISHED with
+    /// `reason`) and tell the others. Does nothing if another session has replaced `session`.
+    pub async fn remove_participant(
+        &self,
+        media: &dyn MediaPlane,
+        room_id: &str,
+        participant_id: &str,
+        session: u64,
+        reason: &str,
+    ) {
+        // Out of the room first, so nothing new can be opened for it while its connections close.
+        let removed = match self.rooms.get_mut(room_id) {
+            Some(mut room) => match room.participants.get(participant_id) {
+                Some(p) if p.session == session => room.participants.remove(participant_id),
+                _ => None,
+            },
+            None => None,
+        };
+        let Some(p) = removed else { return };
+        self.metrics.participants.dec();
+        for id in &p.connections {
+            let live = self.connections.get(id).is_some_and(|c| !c.state.is_terminal());
+            if live {
+                media.close_connection(id, reason).await;
+            }
+        }
+        let info = ParticipantInfo { participant_id: p.participant_id, name: p.name };
+        self.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
+        tracing::info!(room_id, participant_id, reason, "participant left");
+    }
+
+    /// Remove a participant on the backend's request; its session is closed with `kicked`.
+    pub async fn kick(&self, media: &dyn MediaPlane, room_id: &str, participant_id: &str) -> Result<(), ApiError> {
+        let session = {
+            let room = self.rooms.get(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+            let p = room.participants.get(participant_id).ok_or_else(|| ApiError::not_found("participant"))?;
+            p.session
+        };
+        self.remove_participant(media, room_id, participant_id, session, "kicked").await;
+        self.send_to_session(session, Outbound::Close(1000, "kicked".into()));
+        tracing::info!(room_id, participant_id, "participant kicked");
+        Ok(())
+    }
+
+    /// The participant mutes or unmutes one of its own streams; the room hears of a change.
+    pub fn set_muted(&self, claims: &Claims, session: u64, stream_id: &str, muted: bool) -> Result<(), ApiError> {
+        let changed = {
+            let mut room = self.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
+            if room.participants.get(&claims.sub).map(|p| p.session) != Some(session) {
+                return Err(ApiError::not_found("room"));
+            }
+            let stream = room
+                .streams
+                .iter_mut()
+                .find(|s| s.stream_id == stream_id && s.participant_id == claims.sub)
+                .ok_or_else(|| ApiError::not_found("stream"))?;
+            if stream.muted == muted {
+                None
+            } else {
+                stream.muted = muted;
+                Some(TrackMute {
+                    participant_id: stream.participant_id.clone(),
+                    stream_id: stream.stream_id.clone(),
+                    kind: stream.kind.clone(),
+                })
+            }
+        };
+        if let Some(t) = changed {
+            let msg = if muted { ServerMessage::TrackMuted(t) } else { ServerMessage::TrackUnmuted(t) };
+            self.broadcast(&claims.room, None, msg);
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connections
+    // -----------------------------------------------------------------------------------------
+
+    /// Publish (with the client's offer) or subscribe: renegotiates the participant's live
+    /// connection of that role, or opens a new one. Errors carry the connection they concern.
+    pub async fn open_connection(
+        &self,
+        media: &dyn MediaPlane,
+        claims: &Claims,
+        session: u64,
+        role: Role,
+        offer: Option<String>,
+    ) -> Result<(), (ApiError, Option<String>)> {
+        if !self.speaks_for(&claims.room, &claims.sub, session) {
+            return Err((ApiError::not_found("room"), None));
+        }
+        if let Some(id) = self.live_connection_with_role(&claims.room, &claims.sub, role) {
+            let r = match offer {
+                Some(sdp) => media.republish(&id, sdp).await,
+                None => media.resubscribe(&id).await,
+            };
+            return r.map_err(|e| (e.into(), Some(id)));
+        }
+        let spec = ConnectionSpec {
+            room_id: claims.room.clone(),
+            participant_id: claims.sub.clone(),
+            connection_id: new_id("c"),
+            role,
+        };
+        if !self.insert_connection(&spec, session) {
+            return Err((ApiError::not_found("room"), None));
+        }
+        let id = spec.connection_id.clone();
+        let r = match offer {
+            Some(sdp) => media.publish(spec, sdp).await,
+            None => media.subscribe(spec).await,
+        };
+        if let Err(e) = &r {
+            // Refused before the media plane created anything: leave no half-made record. A
+            // connection that was created has its FAILED event in its history instead.
+            if self.forget_unborn(&claims.room, &claims.sub, &id) {
+                return Err((ApiError::from(e.clone()), None));
+            }
+        }
+        if r.is_ok() && !self.speaks_for(&claims.room, &claims.sub, session) {
+            // Removed (kicked, replaced, room closed) while the media plane was opening it.
+            media.close_connection(&id, "participant_removed").await;
+        }
+        r.map_err(|e| (e.into(), Some(id)))
+    }
+
+    /// Drop a connection record that never had an event; true if it was dropped.
+    fn forget_unborn(&self, room_id: &str, participant_id: &str, connection_id: &str) -> bool {
+        let unborn = self.connections.get(connection_id).is_some_and(|c| c.events.is_empty());
+        if !unborn {
+            return false;
+        }
+        self.connections.remove(connection_id);
+        if let Some(mut room) = self.rooms.get_mut(room_id) {
+            if let Some(p) = room.participants.get_mut(participant_id) {
+                p.connections.retain(|c| c != connection_id);
+            }
+        }
+        true
+    }
+
+    /// The connection exists and belongs to this session's participant.
+    pub fn owns_connection(&self, claims: &Claims, session: u64, connection_id: &str) -> bool {
+        self.connections
+            .get(connection_id)
+            .is_some_and(|c| c.room_id == claims.room && c.participant_id == claims.sub && c.session == session)
+    }
+
+    /// A connection's state and history (stats are the media plane's to add).
+    pub fn connection_detail(&self, connection_id: &str) -> Option<ConnectionDetail> {
+        let c = self.connections.get(connection_id)?;
+        Some(ConnectionDetail {
+            connection_id: c.connection_id.clone(),
+            room_id: c.room_id.clone(),
+            participant_id: c.participant_id.clone(),
+            role: c.role,
+            state: c.state,
+            code: c.state.code(),
+            events: c.events.iter().cloned().map(HistoryItem::ConnectionEvent).collect(),
+            stats: serde_json::Value::Null,
+        })
+    }
+
+    /// Ids of every connection record of a participant (live or ended), in no particular order.
+    pub fn connections_of(&self, room_id: &str, participant_id: &str) -> Vec<String> {
+        self.connections
+            .iter()
+            .filter(|c| c.room_id == room_id && c.participant_id == participant_id)
+            .map(|c| c.connection_id.clone())
+            .collect()
+    }
+
+    pub fn census(&self) -> Census {
+        let participants = self.rooms.iter().map(|r| r.participants.len()).sum();
+        Census {
+            rooms: self.rooms.len(),
+            names: self.names.len(),
+            participants,
+            sessions: self.sessions.len(),
+            connections: self.connections.len(),
+            live_connections: self.connections.iter().filter(|c| !c.state.is_terminal()).count(),
+        }
+    }
+}
