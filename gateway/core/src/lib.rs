@@ -16,6 +16,8 @@
 //! - `select`: the layer selector, a pure decision per packet and subscriber track.
 //! - `sdp`: SDP text helpers (counting sections, narrowing a section's codecs).
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
+//! - `speakers`: active speakers from the audio-level header extension (per-track loudness
+//!   windows, the room's ordered list).
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
 
@@ -29,6 +31,7 @@ pub mod sdp;
 pub mod select;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod speakers;
 
 use std::net::SocketAddr;
 use std::time::Duration;

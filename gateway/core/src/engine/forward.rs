@@ -135,6 +135,10 @@ impl Engine {
         let track = &mut room.tracks[ti];
         let Some(li) = track.layer_index(rid, cfg.keyframe_throttle) else { return };
         let video = track.kind == MediaKind::Video;
+        if let Some(level) = p.header.ext_vals.audio_level.filter(|_| !video) {
+            track.level.observe(level);
+            room.speakers.wake(now);
+        }
         let layer = &mut track.layers[li];
         let was_active = layer.active(now);
         layer.last_packet = Some(now);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::Rng;
-use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, LayerInfo, Role};
+use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, LayerInfo, Role, Speaker};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
@@ -28,6 +28,7 @@ use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
 use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
 use crate::rewrite::SeqRewriter;
 use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
+use crate::speakers::{AudioLevel, Speakers};
 use crate::{ConnKey, ConnectionSpec, CoreConfig, Counters, MediaError, MediaEvent, Output};
 
 mod allocation;
@@ -121,7 +122,8 @@ impl Engine {
             })
         });
         let realloc = self.next_realloc.filter(|_| self.conns.values().any(|c| c.role() == Role::Subscribe));
-        conns.chain(tracks).chain(realloc).min()
+        let speakers = self.rooms.values().filter_map(|r| r.speakers.deadline());
+        conns.chain(tracks).chain(realloc).chain(speakers).min()
     }
 
     /// Time to first frame of subscriber tracks since the last call: from the moment a track
@@ -240,6 +242,9 @@ impl Engine {
         }
         let Self { rooms, conns, q, counters, cfg, .. } = self;
         for (room_id, room) in rooms.iter_mut() {
+            if let Some(event) = room.speakers_changed(now, room_id) {
+                q.out.push_back(Output::Event(event));
+            }
             for track in room.tracks.iter_mut() {
                 if let Some(layers) = track.layers_changed(now) {
                     let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());

@@ -421,6 +421,7 @@ impl Engine {
             outs: Vec::new(),
             announced: Vec::new(),
             codec,
+            level: Default::default(),
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {

@@ -22,6 +22,8 @@ pub(super) struct TrackIn {
     /// The one codec the publication carries (the publisher's answer lists only it), as the
     /// publisher's session numbers it; subscribers are offered only this codec.
     pub(super) codec: Option<PayloadParams>,
+    /// Audio: loudness for the room's active speakers.
+    pub(super) level: AudioLevel,
 }
 
 impl TrackIn {
@@ -90,6 +92,24 @@ pub(super) fn starts_keyframe(codec: Codec, payload: &[u8]) -> bool {
 pub(super) struct Room {
     pub(super) tracks: Vec<TrackIn>,
     pub(super) conns: Vec<ConnKey>,
+    pub(super) speakers: Speakers,
+}
+
+impl Room {
+    /// If the speaker list is due and changed, the event that reports it.
+    pub(super) fn speakers_changed(&mut self, now: Instant, room_id: &str) -> Option<MediaEvent> {
+        let audio = self.tracks.iter_mut().filter(|t| t.kind == MediaKind::Audio);
+        let listed = self.speakers.tick(now, audio.map(|t| (&t.owner, &t.stream_id, &mut t.level)))?;
+        let speakers = listed
+            .into_iter()
+            .map(|l| Speaker {
+                participant_id: l.participant_id.to_string(),
+                stream_id: l.stream_id.to_string(),
+                level: l.level,
+            })
+            .collect();
+        Some(MediaEvent::ActiveSpeakers { room_id: room_id.to_owned(), speakers })
+    }
 }
 
 #[cfg(test)]
