@@ -84,7 +84,7 @@ impl Speakers {
         }
     }
 
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.next_tick
     }
 
@@ -194,7 +194,7 @@ mod tests {
             }
         }
         assert_eq!(last, Some(vec![]), "an empty list once the hold is over");
-        assert_eq!(room.speakers.deadline(), None, "nothing left to compute: no more wake-ups");
+        assert_eq!(room.speakers.poll_timeout(), None, "nothing left to compute: no more wake-ups");
     }
 
     #[test]
