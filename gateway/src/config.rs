@@ -66,6 +66,10 @@ pub struct MediaConfig {
     /// Keep each video layer's packets since its last keyframe and start new subscribers on them
     /// at once instead of asking the publisher for a keyframe (docs/media-quality.md).
     pub keyframe_cache: bool,
+    /// Forwarded packets go straight to an encrypted datagram (the vendored str0m's
+    /// `send_rtp_now`) instead of through a poll of the subscriber's connection per packet.
+    /// A switch to measure against and a fallback; on by default.
+    pub direct_send: bool,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -164,6 +168,7 @@ impl Default for MediaConfig {
             bwe_initial_bps: 1_000_000,
             layer_up_hold_ms: 2_000,
             keyframe_cache: false,
+            direct_send: true,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -319,6 +324,7 @@ impl GatewayConfig {
             bwe_initial_bps: self.media.bwe_initial_bps,
             layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
             keyframe_cache: self.media.keyframe_cache,
+            direct_send: self.media.direct_send,
         }
     }
 

@@ -140,7 +140,9 @@ async fn churn_leaves_nothing_behind() {
     eventually("every port back in the pool", 15, || gw.ports.free() == total_ports).await;
     let reg = &gw.state.registry;
     eventually("every participant gone", 10, || reg.census().participants == 0).await;
-    assert_eq!(reg.census().live_connections, 0, "no live connection remains");
+    // A participant leaves its room before its connections have closed (so nothing new can be
+    // opened for it meanwhile): their FINISHED events may follow a moment later.
+    eventually("no live connection remains", 10, || reg.census().live_connections == 0).await;
     assert_eq!(reg.census().sessions, 0, "no session remains");
     // Delete the rest of the rooms; history is purged by the janitor (forced here).
     for id in reg.room_ids() {

@@ -63,6 +63,17 @@ pub(crate) struct DownTrack {
     pub starved_since: Option<Instant>,
 }
 
+/// What became of a packet given to [`DownTrack::write`].
+pub(crate) enum Written {
+    /// Serialised and encrypted at once: the datagram to send.
+    Sent(str0m::net::Transmit),
+    /// Queued in the subscriber's `Rtc` (something else waited on the stream): drain it.
+    Queued,
+    /// Not written (no payload type for the codec, a sequence number from before the switch,
+    /// no send stream).
+    Not,
+}
+
 /// One publisher packet as every down track of its track writes it.
 pub(crate) struct Forwarded<'a> {
     pub ssrc: u32,
@@ -130,14 +141,14 @@ impl DownTrack {
         self.pictures.switch();
     }
 
-    /// Write one packet; false if it was not written (no payload type for the codec, a
-    /// sequence number from before the switch, no send stream).
-    pub fn write(&mut self, now: Instant, rtc: &mut Rtc, f: &Forwarded) -> bool {
-        let Some(pt) = self.map_pt(rtc, f.params) else { return false };
-        let Some((seq, ts)) = self.rewrite.rewrite(f.ssrc, f.seq, f.ts) else { return false };
+    /// Write one packet: straight to an encrypted datagram when the subscriber's stream has
+    /// nothing else waiting (str0m's `send_rtp_now`, vendored patch), else into its queue.
+    pub fn write(&mut self, now: Instant, rtc: &mut Rtc, f: &Forwarded, direct: bool) -> Written {
+        let Some(pt) = self.map_pt(rtc, f.params) else { return Written::Not };
+        let Some((seq, ts)) = self.rewrite.rewrite(f.ssrc, f.seq, f.ts) else { return Written::Not };
         let (payload, patch) = self.number(f.descriptor, f.payload);
         let mut api = rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return false };
+        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return Written::Not };
         // Not through str0m's pacer: the publisher paced this already, and the pacer runs at
         // 1.1x an estimate that random loss pulls down toward the stream's own rate, so
         // packets and their retransmissions waited in its queue (96% of video within two
@@ -151,10 +162,18 @@ impl DownTrack {
         if let Some(patch) = patch {
             w = w.vp8_patch(patch);
         }
-        tx.write_rtp(w);
+        let sent = if direct {
+            api.send_rtp_now(now, self.mid, None, w)
+        } else {
+            tx.write_rtp(w);
+            None
+        };
         self.written += 1;
         self.last_forward = Some(now);
-        true
+        match sent {
+            Some(t) => Written::Sent(t),
+            None => Written::Queued,
+        }
     }
 
     /// The payload to write and str0m's VP8 patch: after a switch the new source continues the
@@ -176,8 +195,17 @@ impl DownTrack {
     /// Start the track on a cached group of pictures (whose last packet is the live one being
     /// forwarded): sequence numbers continue the outgoing stream, frames are packed
     /// [`REPLAY_FRAME_STEP_MS`] apart ending at the live frame's timestamp, so live packets that
-    /// follow keep their spacing. Returns the packets and bytes written.
-    pub fn replay(&mut self, now: Instant, rtc: &mut Rtc, gop: &[CachedPacket], ssrc: u32, clock: f64) -> (u64, u64) {
+    /// follow keep their spacing. Returns the packets and bytes written. With `direct`, packets
+    /// that can go at once are serialised into it; the rest wait in the `Rtc` (drain it).
+    pub fn replay(
+        &mut self,
+        now: Instant,
+        rtc: &mut Rtc,
+        gop: &[CachedPacket],
+        ssrc: u32,
+        clock: f64,
+        mut direct: Option<&mut Vec<str0m::net::Transmit>>,
+    ) -> (u64, u64) {
         let (Some(first), Some(last)) = (gop.first(), gop.last()) else { return (0, 0) };
         let step = ((clock * REPLAY_FRAME_STEP_MS / 1000.0) as u32).max(1);
         let mut frames = 0u32;
@@ -212,10 +240,13 @@ impl DownTrack {
                 descriptor: &descriptor,
                 nackable: true,
             };
-            if self.write(now, rtc, &f) {
-                packets += 1;
-                bytes += c.payload.len() as u64;
+            match self.write(now, rtc, &f, direct.is_some()) {
+                Written::Not => continue,
+                Written::Sent(t) => direct.as_mut().expect("sent only when direct").push(t),
+                Written::Queued => {}
             }
+            packets += 1;
+            bytes += c.payload.len() as u64;
         }
         (packets, bytes)
     }

@@ -82,6 +82,11 @@ pub struct CoreConfig {
     /// them at once (timestamps compressed into a burst) instead of asking the publisher for a
     /// keyframe.
     pub keyframe_cache: bool,
+    /// Forwarded packets go straight from the write to an encrypted datagram when the
+    /// subscriber's stream has nothing else waiting (str0m's `send_rtp_now`, vendored patch),
+    /// with the `Rtc`'s timeout round once per timer pass. Off: each write is followed by a
+    /// full poll of the subscriber's `Rtc` (the old path; kept to measure against).
+    pub direct_send: bool,
 }
 
 impl Default for CoreConfig {
@@ -99,6 +104,7 @@ impl Default for CoreConfig {
             bwe_initial_bps: 1_000_000,
             layer_up_hold: Duration::from_secs(2),
             keyframe_cache: false,
+            direct_send: true,
         }
     }
 }

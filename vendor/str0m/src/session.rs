@@ -34,11 +34,11 @@ use crate::rtp_::SeqNo;
 use crate::rtp_::SeqNoWindow;
 use crate::rtp_::{Bitrate, ExtensionMap, Goodbye, Mid, ReportList, Rtcp, RtcpFb};
 use crate::rtp_::{Dlrr, DlrrItem, ExtendedReport, ReportBlock};
-use crate::rtp_::{RtpHeader, SessionId, TwccPacketId, extend_u16};
+use crate::rtp_::{RtpHeader, SessionId, TwccClusterId, TwccPacketId, extend_u16};
 use crate::rtp_::{SrtpContext, Ssrc};
 use crate::rtp_::{TwccRecvRegister, TwccSendRegister};
 use crate::stats::StatsSnapshot;
-use crate::streams::{RtpPacket, StreamTimeoutConfig, Streams};
+use crate::streams::{RtpPacket, RtpWrite, StreamTimeoutConfig, Streams};
 use crate::util::{Soonest, SystemTimeExt, already_happened, not_happening};
 use crate::{Reason, net};
 use crate::{RtcConfig, RtcError};
@@ -1229,11 +1229,40 @@ impl Session {
     }
 
     fn poll_packet(&mut self, now: Instant) -> Option<DatagramSend> {
-        let srtp_tx = self.srtp_tx.as_mut()?;
+        self.srtp_tx.as_ref()?;
 
         // Figure out which, if any, queue to poll
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
         let (midrid, cluster_id) = self.pacer.poll_queue()?;
+        self.poll_packet_of(now, midrid, cluster_id)
+    }
+
+    /// Write `rtp` on a send stream and, when nothing else waits on that stream, serialise
+    /// and encrypt it at once, bypassing the pacer's choice of queue: the datagram to transmit.
+    /// `None`: it was queued and goes out through the regular poll (the stream had packets or
+    /// resends waiting, or has not had its first timeout, or SRTP is not up yet).
+    ///
+    /// For unpaced streams whose owner writes packets already paced by their source (an SFU
+    /// forwarding RTP): the packet is registered with the pacer, TWCC and the bandwidth
+    /// estimator, cached for RTX and counted, exactly as when it is polled, without the full
+    /// output sweep and timeout round that the regular path needs for each written packet.
+    pub(crate) fn send_rtp_now(&mut self, now: Instant, midrid: MidRid, rtp: RtpWrite) -> Option<DatagramSend> {
+        let stream = self.streams.stream_tx_by_midrid(midrid)?;
+        if !stream.write_rtp_now(now, rtp) || self.srtp_tx.is_none() {
+            return None;
+        }
+        // A packet sent while a probe cluster runs belongs to it, as when the pacer picks it.
+        let cluster_id = self.pacer.active_cluster();
+        self.poll_packet_of(now, midrid, cluster_id)
+    }
+
+    fn poll_packet_of(
+        &mut self,
+        now: Instant,
+        midrid: MidRid,
+        cluster_id: Option<TwccClusterId>,
+    ) -> Option<DatagramSend> {
+        let srtp_tx = self.srtp_tx.as_mut()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
         let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
             trace!("Pacer pointed to mid {} which has no media", midrid.mid());

@@ -5,7 +5,7 @@
 //! after the fan-out, not in the middle of it.
 
 use super::*;
-use crate::downtrack::Forwarded;
+use crate::downtrack::{Forwarded, Written};
 use crate::select::{select, DownState, Packet, Verdict, Why};
 
 impl Engine {
@@ -164,7 +164,9 @@ impl Engine {
                 Verdict::StartFromCache => {
                     // From the cached group of pictures, which ends with this packet.
                     if let Some(gop) = layer.gop.complete() {
-                        let (packets, bytes) = out.replay(now, rtc, gop, ssrc, clock);
+                        let mut sent = Vec::new();
+                        let (packets, bytes) =
+                            out.replay(now, rtc, gop, ssrc, clock, cfg.direct_send.then_some(&mut sent));
                         stats.rtp_packets_out += packets;
                         stats.rtp_bytes_out += bytes;
                         counters.count_out_many(true, packets, bytes);
@@ -174,6 +176,10 @@ impl Engine {
                             first_frames.push(now.saturating_duration_since(t0));
                         }
                         out.current = Some(li);
+                        for t in sent {
+                            sub.transmit(t, q);
+                        }
+                        sub.sent_directly(now);
                         sub.drain(now, q);
                     }
                     continue;
@@ -192,7 +198,8 @@ impl Engine {
                     }
                 }
             }
-            if !out.write(now, rtc, &forwarded) {
+            let written = out.write(now, rtc, &forwarded, cfg.direct_send);
+            if matches!(written, Written::Not) {
                 continue;
             }
             // Per packet per subscriber: only when the publisher's payload type changes (the
@@ -204,7 +211,14 @@ impl Engine {
             stats.rtp_packets_out += 1;
             stats.rtp_bytes_out += bytes;
             counters.count_out(video, bytes);
-            sub.drain(now, q);
+            match written {
+                // Straight out; the `Rtc`'s own timeout round waits for the engine's timer pass.
+                Written::Sent(t) => {
+                    sub.transmit(t, q);
+                    sub.sent_directly(now);
+                }
+                _ => sub.drain(now, q),
+            }
         }
         if source_changed {
             // The publisher restarted this layer's stream: subscribers need a keyframe of it.

@@ -123,6 +123,7 @@ impl Engine {
             ice_connected: false,
             last_rx: now,
             next_timeout: None,
+            last_round: None,
             trusted: Vec::new(),
             candidate_added: false,
             first_mid: None,

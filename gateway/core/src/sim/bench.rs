@@ -156,6 +156,9 @@ pub struct Fanout {
     payload_len: usize,
     /// Datagrams for the publisher, delivered after the measured region.
     back: Vec<(SocketAddr, Vec<u8>)>,
+    /// Datagrams handled between two timer checks in [`Fanout::forward`] (a media worker's
+    /// loop pass reads every ready datagram before it looks at timers).
+    pub timer_check_every: usize,
 }
 
 /// A prepared publisher datagram and the instant it arrives.
@@ -169,9 +172,15 @@ pub struct Datagram {
 impl Fanout {
     /// Connect a publisher and `subscribers` subscribers (each receiving its audio and video).
     pub fn new(subscribers: usize, payload_len: usize, seed: u64) -> Self {
-        // Bandwidth estimation off: its pacer would hold packets back to the estimate's rate, and
-        // the measured region sends at 4 Mbit/s without letting virtual time pass.
+        // Bandwidth estimation off: the measured region sends at 4 Mbit/s without letting virtual
+        // time pass, which an estimator would not believe for long.
         let cfg = CoreConfig { stats_interval: Duration::from_secs(1), bwe: false, ..CoreConfig::default() };
+        Self::with_config(subscribers, payload_len, seed, cfg)
+    }
+
+    /// As [`Fanout::new`] with the engine's configuration given (bandwidth estimation on, the
+    /// old send path, …).
+    pub fn with_config(subscribers: usize, payload_len: usize, seed: u64, cfg: CoreConfig) -> Self {
         let mut sim = Sim::new(seed, cfg);
         let publisher = sim.add_peer("pub");
         sim.publish(publisher);
@@ -203,7 +212,7 @@ impl Fanout {
         // Continue the publisher's sequence numbers: a jump of 2^15 or more would make the
         // receiver guess the wrong SRTP rollover counter.
         let seq = sim.peers[publisher].layers.first().map_or(1000, |l| l.seq) - 1;
-        Self { sim, publisher, key, from, to, seq, payload_len, back: Vec::new() }
+        Self { sim, publisher, key, from, to, seq, payload_len, back: Vec::new(), timer_check_every: TIMER_CHECK_EVERY }
     }
 
     /// Write `n` (≤ [`MAX_BATCH`]) video packets at the publisher, one every 2 ms of virtual time
@@ -265,7 +274,7 @@ impl Fanout {
             engine.handle_receive(d.at, self.key, self.from, self.to, &d.bytes);
             // The media worker looks at timers once per loop iteration, after reading what its
             // sockets had; `poll_timeout` scans every connection, so not per datagram here either.
-            if i % TIMER_CHECK_EVERY == 0 && engine.poll_timeout().is_some_and(|t| t <= d.at) {
+            if i % self.timer_check_every.max(1) == 0 && engine.poll_timeout().is_some_and(|t| t <= d.at) {
                 engine.handle_timeout(d.at);
             }
             while let Some(o) = engine.poll_output() {

@@ -364,6 +364,43 @@ impl<'a> DirectApi<'a> {
         self.rtc.session.streams.stream_tx_by_midrid(midrid)
     }
 
+    /// Write an RTP packet on the send stream of `mid`/`rid` and, when it can go at once,
+    /// return it serialised and encrypted, ready to transmit.
+    ///
+    /// It can when the connection is up (ICE nominated a pair, SRTP keys exist), the stream has
+    /// had its first timeout, and nothing else waits on it (no queued packet, no resend). The
+    /// packet is then registered with the pacer, TWCC and the bandwidth estimator, kept for
+    /// RTX if nackable, and counted in the stream's statistics, as when it is polled. Otherwise
+    /// it is queued as by [`StreamTx::write_rtp()`] and `None` is returned: poll as usual.
+    ///
+    /// Meant for streams marked unpaced ([`StreamTx::set_unpaced()`]) whose packets are already
+    /// paced by their source, such as an SFU forwarding RTP: it saves the output sweep and the
+    /// timeout round that [`StreamTx::write_rtp()`] followed by [`Rtc::poll_output()`] cost per
+    /// packet. `now` must not be earlier than the last time given to the `Rtc`.
+    pub fn send_rtp_now(
+        &mut self,
+        now: std::time::Instant,
+        mid: Mid,
+        rid: Option<Rid>,
+        rtp: crate::rtp::RtpWrite,
+    ) -> Option<crate::net::Transmit> {
+        let midrid = MidRid(mid, rid);
+        let Some(send) = self.rtc.send_addr.as_ref() else {
+            // Not connected: queue it, as write_rtp does.
+            self.rtc.session.streams.stream_tx_by_midrid(midrid)?.write_rtp(rtp);
+            return None;
+        };
+        let (proto, source, destination) = (send.proto, send.source, send.destination);
+        let contents = self.rtc.session.send_rtp_now(now, midrid, rtp)?;
+        self.rtc.peer_bytes_tx += contents.len() as u64;
+        Some(crate::net::Transmit {
+            proto,
+            source,
+            destination,
+            contents,
+        })
+    }
+
     /// Reset a transmit stream to use a new SSRC and optionally a new RTX SSRC.
     ///
     /// This changes the SSRC of an existing stream and resets all relevant state.

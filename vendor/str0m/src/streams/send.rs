@@ -491,6 +491,25 @@ impl StreamTx {
     ///
     /// The write command carries the RTP payload and optional RTP metadata.
     pub fn write_rtp(&mut self, rtp: RtpWrite) {
+        let packet = self.packet_from(rtp);
+        self.send_queue.push(packet);
+    }
+
+    /// Queue `rtp` like [`StreamTx::write_rtp`] and, if nothing else waits on this stream
+    /// (no queued packet, no resend) and it has had its first timeout, mark it sendable at
+    /// `now` at once instead of at the next `handle_timeout`. Returns whether it was marked:
+    /// then the next `poll_packet` of this stream sends it.
+    pub(crate) fn write_rtp_now(&mut self, now: Instant, rtp: RtpWrite) -> bool {
+        let direct = self.kind.is_some() && self.send_queue.is_empty() && self.resends.is_empty();
+        let packet = self.packet_from(rtp);
+        self.send_queue.push(packet);
+        if direct {
+            self.send_queue.handle_timeout(now);
+        }
+        direct
+    }
+
+    fn packet_from(&mut self, rtp: RtpWrite) -> RtpPacket {
         let RtpWrite {
             pt,
             seq_no,
@@ -552,7 +571,7 @@ impl StreamTx {
             last_sender_info: None,
         };
 
-        self.send_queue.push(packet);
+        packet
     }
 
     fn padding_enabled(&self) -> bool {
