@@ -316,6 +316,7 @@ function tileFor(pid, name, local = false) {
   video.muted = local;
   const avatar = document.createElement("div");
   avatar.className = "avatar";
+  avatar.setAttribute("role", "img");
   const circle = document.createElement("span");
   circle.setAttribute("aria-hidden", "true");
   circle.style.setProperty("--avatar", colorOf(pid));
@@ -352,6 +353,7 @@ function setTileName(p, name) {
   p.nameEl.textContent = shown;
   p.nameEl.title = shown;
   p.avatar.textContent = initials(shown);
+  p.avatar.parentElement.setAttribute("aria-label", p.local ? "Your camera is off" : `${shown}, camera off`);
   p.video.setAttribute("aria-label", p.local ? `Your camera (${shown})` : `Video of ${shown}`);
   p.micOff.setAttribute("aria-label", p.local ? "Your microphone is muted" : `${shown}'s microphone is muted`);
   p.tile.setAttribute("aria-label", p.local ? `${shown} (you)` : shown);
@@ -386,6 +388,10 @@ function renderTile(pid) {
     micMuted = !s.audio || !!s.audio.muted;
   }
   p.tile.classList.toggle("has-video", videoOn);
+  // Without a picture the avatar stands for the person (to assistive technology too).
+  if (videoOn) p.video.removeAttribute("aria-hidden");
+  else p.video.setAttribute("aria-hidden", "true");
+  p.avatar.parentElement.setAttribute("aria-hidden", String(videoOn));
   p.tile.classList.toggle("camera-off", !videoOn);
   p.tile.classList.toggle("mic-muted", micMuted);
   p.tile.classList.toggle("speaking", gw.speakers.includes(pid));
@@ -453,6 +459,7 @@ function addLayerPicker(pid, p) {
   size.className = "size";
   const box = document.createElement("div");
   box.className = "layer";
+  box.hidden = true; // until the participant publishes video
   box.append(size, select);
   p.tile.append(box);
   p.picker = select;
@@ -486,6 +493,7 @@ function refreshPickers() {
       }
     }
     p.picker.disabled = !stream || !gw.sub.id || layers.length === 0;
+    p.picker.parentElement.hidden = !stream;
     p.picker.value = chosen;
   }
 }
