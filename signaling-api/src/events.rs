@@ -1,7 +1,7 @@
 //! Events the media plane reports to the control plane. Plain data, built without the `server`
 //! feature so the sans-IO core can produce them directly.
 
-use crate::protocol::{ErrorCode, EventKind, LayerInfo, Role};
+use crate::protocol::{ErrorCode, EventKind, LayerInfo, Role, Speaker};
 
 /// What the media plane needs to know about a new connection: the one description of it, from
 /// the signaling API through the media workers into the core.
@@ -29,7 +29,7 @@ impl MediaError {
 }
 
 /// What the media plane reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum MediaEvent {
     /// A state change or event of a connection.
     Connection { connection_id: String, event: EventKind, reason: Option<String> },
@@ -47,4 +47,6 @@ pub enum MediaEvent {
     StreamUnavailable { connection_id: String, stream_id: String, reason: String, codec: Option<String> },
     /// The simulcast encodings a video publication is sending changed.
     StreamLayers { room_id: String, stream_id: String, layers: Vec<LayerInfo> },
+    /// A room's active speakers changed (loudest first; empty when nobody speaks).
+    ActiveSpeakers { room_id: String, speakers: Vec<Speaker> },
 }

@@ -314,6 +314,9 @@ impl EventSink for Registry {
                     self.send_to_session(s, Outbound::Message(msg));
                 }
             }
+            MediaEvent::ActiveSpeakers { room_id, speakers } => {
+                self.broadcast(&room_id, None, ServerMessage::ActiveSpeakers { speakers });
+            }
             MediaEvent::StreamLayers { room_id, stream_id, layers } => {
                 // Kept with the stream, so `joined` and the REST room view carry it too.
                 let info = {

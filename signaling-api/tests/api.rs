@@ -570,3 +570,22 @@ async fn a_publisher_mutes_its_own_streams_and_the_room_hears_it() {
     let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
     assert_eq!(r["streams"][0]["muted"], true);
 }
+
+#[tokio::test]
+async fn active_speakers_reach_the_whole_room() {
+    let (app, state, media) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    assert_eq!(next(&mut alice).await["type"], "participant_joined");
+    let speaker =
+        signaling_api::protocol::Speaker { participant_id: "alice".into(), stream_id: "st_a".into(), level: 0.5 };
+    media.sink.emit(MediaEvent::ActiveSpeakers { room_id: room.clone(), speakers: vec![speaker] });
+    let want = json!({ "type": "active_speakers", "speakers": [{ "participant_id": "alice", "stream_id": "st_a", "level": 0.5 }] });
+    assert_eq!(next(&mut alice).await, want);
+    assert_eq!(next(&mut bob).await, want);
+}

@@ -9,11 +9,9 @@ use std::time::Instant;
 use serde::Serialize;
 use signaling_api::protocol::{ConnectionState, EventKind, Role};
 use str0m::change::SdpPendingOffer;
-use str0m::media::{MediaKind, Mid, Pt, Rid};
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
-use crate::descriptor::PictureRewriter;
-use crate::rewrite::SeqRewriter;
+use crate::downtrack::DownTrack;
 use crate::{ConnKey, MediaEvent, Output};
 
 /// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
@@ -29,73 +27,6 @@ pub(crate) struct Queues {
     pub work: VecDeque<(ConnKey, Event)>,
     /// Connections that hit a fatal error, with the reason.
     pub doomed: Vec<(ConnKey, String)>,
-}
-
-/// A subscriber's copy of one published track.
-pub(crate) struct TrackOut {
-    /// Our mid in the subscriber's session.
-    pub mid: Mid,
-    pub stream_id: Arc<str>,
-    pub kind: MediaKind,
-    /// Answered by the subscriber: media may be written.
-    pub live: bool,
-    /// The m-line was stopped (the track ended).
-    pub stopped: bool,
-    pub rewrite: SeqRewriter,
-    /// VP8/VP9 picture numbering, continuous across layer switches.
-    pub pictures: PictureRewriter,
-    /// Publisher payload type → ours (`None`: the subscriber cannot take that codec).
-    pub pts: Vec<(Pt, Option<Pt>)>,
-    /// Packets we wrote; str0m's egress count minus this is what it retransmitted.
-    pub written: u64,
-    /// Retransmissions already counted.
-    pub resent: u64,
-    /// The highest layer the subscriber wants (`set_layer`); `None`: the best available.
-    pub preferred: Option<Rid>,
-    /// Index of the publisher layer to receive (video); `None`: paused or not chosen yet.
-    pub target: Option<usize>,
-    /// Index of the layer being forwarded now. It becomes `target` at a keyframe of `target`.
-    pub current: Option<usize>,
-    /// When the target last moved down: moving up again waits for the hold time.
-    pub last_down: Option<Instant>,
-    /// When the last packet was forwarded (the timestamp advance at a source switch).
-    pub last_forward: Option<Instant>,
-    /// Since when the subscriber waits for its first frame on this track.
-    pub ttff_from: Option<Instant>,
-    /// The publisher payload type last recorded in the subscriber's `stats.codecs`.
-    pub noted_pt: Option<Pt>,
-    /// The subscriber rejected this track (port 0 in its answer), and why: `codec_unsupported`
-    /// when it cannot decode the one codec the publication carries.
-    pub unavailable: Option<&'static str>,
-    /// Since when the estimate has been too low for this track's only layer (it pauses once
-    /// that has lasted `layers::SINGLE_PAUSE_AFTER`).
-    pub starved_since: Option<Instant>,
-}
-
-impl TrackOut {
-    pub fn new(mid: Mid, stream_id: Arc<str>, kind: MediaKind, rewrite: SeqRewriter) -> Self {
-        Self {
-            mid,
-            stream_id,
-            kind,
-            live: false,
-            stopped: false,
-            rewrite,
-            pictures: PictureRewriter::default(),
-            pts: Vec::new(),
-            written: 0,
-            resent: 0,
-            preferred: None,
-            target: None,
-            current: None,
-            last_down: None,
-            last_forward: None,
-            ttff_from: None,
-            noted_pt: None,
-            starved_since: None,
-            unavailable: None,
-        }
-    }
 }
 
 /// Live statistics, shown by `GET /v1/connections/{id}`.
@@ -248,7 +179,7 @@ pub(crate) struct SubscribeSide {
     /// An unchanged offer was sent again; its answer has nothing to apply.
     pub idle_reoffer: bool,
     /// The subscriber's copy of every published track it is offered.
-    pub outs: Vec<TrackOut>,
+    pub outs: Vec<DownTrack>,
     /// Latest TWCC estimate and latest REMB toward this peer, bits/s.
     pub twcc_estimate: Option<u64>,
     pub remb_estimate: Option<u64>,
@@ -301,11 +232,11 @@ impl Conn {
     }
 
     /// The subscriber's tracks (none for a publish connection).
-    pub fn outs(&self) -> &[TrackOut] {
+    pub fn outs(&self) -> &[DownTrack] {
         self.sub().map(|s| s.outs.as_slice()).unwrap_or_default()
     }
 
-    pub fn outs_mut(&mut self) -> &mut [TrackOut] {
+    pub fn outs_mut(&mut self) -> &mut [DownTrack] {
         match self.sub_mut() {
             Some(s) => &mut s.outs,
             None => &mut [],
@@ -384,7 +315,7 @@ impl Conn {
     }
 
     /// The earliest moment the engine must look at this connection.
-    pub fn deadline(&self, cfg: &crate::CoreConfig) -> Option<Instant> {
+    pub fn poll_timeout(&self, cfg: &crate::CoreConfig) -> Option<Instant> {
         let own = match self.state {
             ConnectionState::Initial => Some(self.created + cfg.negotiation_timeout),
             ConnectionState::Gathered => self.gathered_at.map(|t| t + cfg.connect_timeout),

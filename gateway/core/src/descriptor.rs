@@ -136,6 +136,37 @@ impl PictureRewriter {
     }
 }
 
+/// A video payload's descriptor, parsed once per packet and read by every down track.
+pub enum PayloadDescriptor {
+    /// Not VP8/VP9, or a descriptor that could not be parsed: nothing to renumber.
+    Other,
+    Vp8(str0m::rtp::Vp8Descriptor, Picture),
+    Vp9(Vp9Descriptor, Picture),
+}
+
+impl PayloadDescriptor {
+    pub fn parse(codec: str0m::format::Codec, payload: &[u8]) -> Self {
+        use str0m::format::Codec;
+        match codec {
+            Codec::Vp8 => match str0m::rtp::Vp8Descriptor::parse(payload) {
+                Ok(d) => {
+                    let p = vp8_picture(&d, payload);
+                    Self::Vp8(d, p)
+                }
+                Err(_) => Self::Other,
+            },
+            Codec::Vp9 => match Vp9Descriptor::parse(payload) {
+                Some(d) => {
+                    let p = d.picture(payload);
+                    Self::Vp9(d, p)
+                }
+                None => Self::Other,
+            },
+            _ => Self::Other,
+        }
+    }
+}
+
 /// The numbering fields of a VP8 payload, read with str0m's parser (`None`: not a VP8 payload
 /// descriptor str0m can patch).
 pub fn vp8_picture(d: &str0m::rtp::Vp8Descriptor, payload: &[u8]) -> Picture {

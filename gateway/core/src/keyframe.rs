@@ -51,7 +51,7 @@ impl KeyframeThrottle {
     }
 
     /// When a pending request becomes due (for the engine's timer).
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.pending?;
         self.last_sent.map(|t| t + self.interval)
     }
@@ -73,10 +73,10 @@ mod tests {
         k.request(Fir);
         k.request(Pli);
         assert_eq!(k.due(t0 + Duration::from_millis(100)), None);
-        assert_eq!(k.deadline(), Some(t0 + Duration::from_millis(500)));
+        assert_eq!(k.poll_timeout(), Some(t0 + Duration::from_millis(500)));
         assert_eq!(k.due(t0 + Duration::from_millis(500)), Some(Fir));
         k.mark_sent(t0 + Duration::from_millis(500));
-        assert_eq!(k.deadline(), None);
+        assert_eq!(k.poll_timeout(), None);
         assert_eq!((k.requested, k.sent), (4, 2));
     }
 

@@ -7,20 +7,26 @@
 //!   deadlines) in `engine/mod.rs`, and one file per job — `track` (receive side of a published
 //!   track), `negotiation` (SDP, renegotiation), `forward` (the packet's path), `keyframes`
 //!   (keyframe policy), `allocation` (layer choice, bandwidth steering), `stats`.
-//! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + subscriber tracks).
+//! - `connection`: one WebRTC connection (`str0m::Rtc` + state machine + its role's state).
+//! - `downtrack`: a subscriber's copy of one published track (payload-type map, sequence,
+//!   timestamp and picture renumbering, the write, the keyframe-cache replay).
 //! - `keyframe`: merging/throttling of keyframe requests per publisher stream.
-//! - `layers`: a published track's encodings (simulcast layers), their bitrates, unrepaired
-//!   losses and (optionally) cached group of pictures, and the choice of layer per subscriber
-//!   from its bandwidth estimate.
+//! - `layers`: the receive side of a published track's encodings (simulcast layers): bitrates,
+//!   unrepaired losses, keyframe throttle, the cached group of pictures.
+//! - `allocator`: the choice of layer per subscriber track from its bandwidth estimate.
 //! - `rewrite`: per-subscriber sequence number rewriting.
 //! - `select`: the layer selector, a pure decision per packet and subscriber track.
 //! - `sdp`: SDP text helpers (counting sections, narrowing a section's codecs).
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
+//! - `speakers`: active speakers from the audio-level header extension (per-track loudness
+//!   windows, the room's ordered list).
 //! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
 //!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
 
+pub mod allocator;
 mod connection;
 pub mod descriptor;
+mod downtrack;
 mod engine;
 pub mod keyframe;
 pub mod layers;
@@ -29,6 +35,7 @@ pub mod sdp;
 pub mod select;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod speakers;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -290,7 +297,11 @@ impl Counters {
         self.rtp_bytes_in[usize::from(video)] += bytes;
     }
     fn count_out(&mut self, video: bool, bytes: u64) {
-        self.rtp_packets_out[usize::from(video)] += 1;
+        self.count_out_many(video, 1, bytes);
+    }
+
+    fn count_out_many(&mut self, video: bool, packets: u64, bytes: u64) {
+        self.rtp_packets_out[usize::from(video)] += packets;
         self.rtp_bytes_out[usize::from(video)] += bytes;
     }
 }

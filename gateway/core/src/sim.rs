@@ -20,7 +20,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpWrite, Ssrc};
+use str0m::rtp::{ExtensionValues, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
 
 use crate::{ConnKey, ConnectionSpec, CoreConfig, Engine, MediaEvent, NewConnection, Output};
@@ -129,6 +129,8 @@ pub struct Peer {
     pub rtx: bool,
     /// Audio packets sent.
     pub audio_sent: usize,
+    /// The audio level (RFC 6464, −dBov) its audio packets carry, if any.
+    pub audio_level: Option<i8>,
     /// RTCP Sender Reports received: when, for which mid, the RTP time (in the clock rate of the
     /// stream, 90 kHz for video) and the packet count they carry.
     pub sender_reports: Vec<(Instant, Mid, u64, u32)>,
@@ -246,6 +248,7 @@ impl Sim {
             subscribed_at: None,
             rtx: true,
             audio_sent: 0,
+            audio_level: None,
             sender_reports: Vec::new(),
             pending: None,
             audio: None,
@@ -434,7 +437,12 @@ impl Sim {
         payload.resize(100, (n % 251) as u8);
         let mut api = p.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else { return };
-        tx.write_rtp(RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true));
+        // str0m writes the level only with the voice-activity flag beside it.
+        let vad = p.audio_level.map(|l| l > -127);
+        let ext = ExtensionValues { audio_level: p.audio_level, voice_activity: vad, ..Default::default() };
+        tx.write_rtp(
+            RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true).ext_vals(ext),
+        );
         p.audio_sent += 1;
     }
 

@@ -890,3 +890,67 @@ fn the_first_sender_report_of_a_new_stream_follows_its_first_packet() {
     let diff = diff.min((1 << 32) - diff);
     assert!(diff < 9_000, "SR rtp time {rtp} vs {expected}: off by {diff} ticks");
 }
+
+/// Two publishers, one speaking (−20 dBov) and one silent (−127): only the first is reported as
+/// an active speaker, to the room, and once it falls silent an empty list follows.
+#[test]
+fn only_the_speaking_publisher_is_an_active_speaker() {
+    use gateway_core::MediaEvent;
+    let mut sim = Sim::new(7, CoreConfig::default());
+    let loud = sim.add_peer("loud");
+    let quiet = sim.add_peer("quiet");
+    sim.peers[loud].audio_level = Some(-20);
+    sim.peers[quiet].audio_level = Some(-127);
+    for p in [loud, quiet] {
+        sim.publish(p);
+    }
+    let sub = sim.add_peer("sub");
+    sim.subscribe(sub);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.peers.iter().all(|p| p.connected)), "everyone READY");
+    let stream_of = |sim: &Sim, who: &str| {
+        sim.events.iter().find_map(|e| match e {
+            MediaEvent::StreamAdded { participant_id, stream_id, kind, .. }
+                if participant_id == who && kind == "audio" =>
+            {
+                Some(stream_id.clone())
+            }
+            _ => None,
+        })
+    };
+    let (loud_stream, quiet_stream) = (stream_of(&sim, "loud").unwrap(), stream_of(&sim, "quiet").unwrap());
+    let lists = |sim: &Sim, from: usize| -> Vec<Vec<String>> {
+        sim.events[from..]
+            .iter()
+            .filter_map(|e| match e {
+                MediaEvent::ActiveSpeakers { speakers, .. } => {
+                    Some(speakers.iter().map(|s| s.stream_id.clone()).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mark = sim.events.len();
+    for _ in 0..100 {
+        sim.send_media(loud, 1);
+        sim.send_media(quiet, 1);
+        sim.run_for(ms(20));
+    }
+    let talking = lists(&sim, mark);
+    assert_eq!(talking, vec![vec![loud_stream.clone()]], "one report, the speaking publisher only");
+    assert!(!talking.iter().flatten().any(|s| *s == quiet_stream));
+    let level = sim.events[mark..].iter().find_map(|e| match e {
+        MediaEvent::ActiveSpeakers { speakers, .. } => speakers.first().map(|s| s.level),
+        _ => None,
+    });
+    assert!(level.is_some_and(|l| l > 0.7 && l < 0.9), "−20 dBov reads about 0.84, got {level:?}");
+
+    // The speaker falls silent: after the hold, an empty list.
+    sim.peers[loud].audio_level = Some(-127);
+    let mark = sim.events.len();
+    for _ in 0..100 {
+        sim.send_media(loud, 1);
+        sim.send_media(quiet, 1);
+        sim.run_for(ms(20));
+    }
+    assert_eq!(lists(&sim, mark), vec![Vec::<String>::new()], "an empty list once the speaker is quiet");
+}

@@ -73,7 +73,7 @@ impl Engine {
         rid: Option<&str>,
     ) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         if conn.role() != Role::Subscribe {
             return Err(err(ErrorCode::BadRequest, "set_layer is for subscribe connections"));
         }

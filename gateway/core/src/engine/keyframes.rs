@@ -83,7 +83,7 @@ impl Engine {
         let Some(layer) = track.layers.get_mut(li) else { return };
         layer.keyframes.request(kind);
         send_due_keyframe_request(now, track, li, conns, q, counters);
-        if track.layers[li].keyframes.deadline().is_some() {
+        if track.layers[li].keyframes.poll_timeout().is_some() {
             // Deferred into the merged request the throttle sends when its window ends.
             counters.keyframe_requests_throttled[kind_index(kind)] += 1;
         }

@@ -13,21 +13,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::Rng;
-use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, LayerInfo, Role};
+use signaling_api::protocol::{ConnectionState, ErrorCode, EventKind, LayerInfo, Role, Speaker};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
 use str0m::format::{Codec, CodecConfig, PayloadParams};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::rtp::{ExtensionValues, RtpPacket};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
-use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, Side, TrackOut};
-use crate::descriptor::{rewrite_vp9, vp8_patch, vp8_picture, Vp9Descriptor};
-use crate::layers::{allocate, desired_bitrate, CachedPacket, LayerIn, TrackChoice, SINGLE_PAUSE_AFTER};
+use crate::allocator::{allocate, desired_bitrate, TrackChoice, SINGLE_PAUSE_AFTER};
+use crate::connection::{CodecInUse, Conn, ConnStats, LayerInUse, MediaStats, Queues, SelectedPair, Side};
+use crate::descriptor::PayloadDescriptor;
+use crate::downtrack::DownTrack;
+use crate::layers::{CachedPacket, LayerIn};
 use crate::rewrite::SeqRewriter;
 use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
+use crate::speakers::{AudioLevel, Speakers};
 use crate::{ConnKey, ConnectionSpec, CoreConfig, Counters, MediaError, MediaEvent, Output};
 
 mod allocation;
@@ -73,6 +76,11 @@ fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
     MediaError { code, message: message.into() }
 }
 
+/// A connection by key (a free function, so the engine's other fields stay borrowable).
+fn conn_mut(conns: &mut HashMap<ConnKey, Conn>, key: ConnKey) -> Result<&mut Conn, MediaError> {
+    conns.get_mut(&key).ok_or_else(|| err(ErrorCode::NotFound, "connection not found"))
+}
+
 fn kind_str(kind: MediaKind) -> &'static str {
     if kind == MediaKind::Audio {
         "audio"
@@ -107,21 +115,14 @@ impl Engine {
         self.q.out.pop_front()
     }
 
-    /// When [`Engine::handle_timeout`] must be called next.
+    /// When [`Engine::handle_timeout`] must be called next: the earliest of what each part
+    /// asks for (connections and their `Rtc`s, rooms with their tracks, layers and speaker
+    /// lists, and the periodic reallocation while there are subscribers).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let conns = self.conns.values().filter_map(|c| c.deadline(&self.cfg));
-        let retry = self.cfg.keyframe_retry;
-        let tracks = self.rooms.values().flat_map(|r| r.tracks.iter()).flat_map(|t| {
-            let give_up = give_up_after(self.conns.get(&t.conn));
-            t.layers.iter().filter_map(move |l| {
-                [l.keyframes.deadline(), l.keyframe_wanted.map(|w| w + retry), l.loss.deadline(give_up)]
-                    .into_iter()
-                    .flatten()
-                    .min()
-            })
-        });
+        let conns = self.conns.values().filter_map(|c| c.poll_timeout(&self.cfg));
+        let rooms = self.rooms.values().filter_map(|r| r.poll_timeout(&self.conns, self.cfg.keyframe_retry));
         let realloc = self.next_realloc.filter(|_| self.conns.values().any(|c| c.role() == Role::Subscribe));
-        conns.chain(tracks).chain(realloc).min()
+        conns.chain(rooms).chain(realloc).min()
     }
 
     /// Time to first frame of subscriber tracks since the last call: from the moment a track
@@ -240,6 +241,9 @@ impl Engine {
         }
         let Self { rooms, conns, q, counters, cfg, .. } = self;
         for (room_id, room) in rooms.iter_mut() {
+            if let Some(event) = room.speakers_changed(now, room_id) {
+                q.out.push_back(Output::Event(event));
+            }
             for track in room.tracks.iter_mut() {
                 if let Some(layers) = track.layers_changed(now) {
                     let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());
@@ -478,10 +482,7 @@ impl Engine {
         let Some(mut conn) = self.conns.remove(&key) else { return };
         self.keys.remove(&conn.id);
         if let Some(room) = self.rooms.get_mut(&room_id) {
-            room.conns.retain(|k| *k != key);
-            for t in room.tracks.iter_mut() {
-                t.outs.retain(|(k, _)| *k != key);
-            }
+            room.unlink(key);
         }
         if conn.rtc.close().is_ok() {
             conn.drain(now, &mut self.q);

@@ -185,7 +185,7 @@ impl Engine {
     /// A new offer on an existing publish connection.
     pub fn republish(&mut self, now: Instant, connection_id: &str, offer: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         if conn.role() != Role::Publish {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
@@ -215,7 +215,7 @@ impl Engine {
     /// A fresh offer on an existing subscribe connection (or the outstanding one again).
     pub fn resubscribe(&mut self, now: Instant, connection_id: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         let id = conn.id.to_string();
         let Side::Subscribe(side) = &mut conn.side else {
             return Err(err(ErrorCode::BadRequest, "not a subscribe connection"));
@@ -227,7 +227,7 @@ impl Engine {
             }
         } else if !self.renegotiate(now, key) {
             // Nothing changed: the same description again, so the client can re-answer it.
-            let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+            let conn = conn_mut(&mut self.conns, key)?;
             if let Some(side) = conn.sub_mut() {
                 if let Some(sdp) = side.last_offer.clone() {
                     side.idle_reoffer = true;
@@ -242,7 +242,7 @@ impl Engine {
     /// The client's answer to our latest offer.
     pub fn answer(&mut self, now: Instant, connection_id: &str, sdp: &str) -> Result<(), MediaError> {
         let key = self.key_of(connection_id)?;
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         let Side::Subscribe(side) = &mut conn.side else {
             return Err(err(ErrorCode::BadRequest, "answers are for subscribe connections"));
         };
@@ -291,7 +291,7 @@ impl Engine {
         for (stream_id, reason) in unavailable {
             self.stream_unavailable(key, stream_id, reason);
         }
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         if !conn.candidate_added {
             conn.candidate_added = true;
             if let Ok(c) = Candidate::host(conn.local, "udp") {
@@ -300,7 +300,7 @@ impl Engine {
             let mid = conn.first_mid.clone();
             self.announce_candidate(key, mid, now);
         }
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         conn.drain(now, &mut self.q);
         if conn.state == ConnectionState::Ready {
             for o in conn.outs_mut().iter_mut().filter(|o| newly_live.contains(&o.mid) && o.kind == MediaKind::Video) {
@@ -308,7 +308,7 @@ impl Engine {
             }
         }
         queue_reallocation(&mut self.realloc, key);
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         if conn.sub_mut().is_some_and(|s| std::mem::take(&mut s.offer_wanted)) {
             self.renegotiate(now, key);
         }
@@ -334,7 +334,7 @@ impl Engine {
         if c.proto() != Protocol::Udp {
             return Ok(());
         }
-        let conn = self.conns.get_mut(&key).expect("keys and conns agree");
+        let conn = conn_mut(&mut self.conns, key)?;
         conn.rtc.add_remote_candidate(c);
         conn.drain(now, &mut self.q);
         self.process(now);
@@ -421,6 +421,7 @@ impl Engine {
             outs: Vec::new(),
             announced: Vec::new(),
             codec,
+            level: Default::default(),
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
@@ -525,10 +526,10 @@ impl Engine {
         };
         let start_seq: u16 = rand::rng().random_range(1000..30000);
         for (i, mid) in added {
-            let t = &mut room.tracks[i];
-            t.outs.push((key, mid));
+            room.link(i, key, mid);
+            let t = &room.tracks[i];
             let rewrite = SeqRewriter::new(start_seq, rand::rng().random());
-            side.outs.push(TrackOut::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
+            side.outs.push(DownTrack::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
         }
         // Stopped sections belong to tracks that are gone; forget them.
         side.outs.retain(|o| !o.stopped);

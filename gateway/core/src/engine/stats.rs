@@ -78,7 +78,7 @@ impl Engine {
         let conn = self.conns.get(key)?;
         let mut stats = conn.stats.clone();
         let tracks = self.rooms.get(&conn.room).map(|r| r.tracks.as_slice()).unwrap_or_default();
-        let shown = |o: &&TrackOut| (o.kind == MediaKind::Video && o.live || o.unavailable.is_some()) && !o.stopped;
+        let shown = |o: &&DownTrack| (o.kind == MediaKind::Video && o.live || o.unavailable.is_some()) && !o.stopped;
         for o in conn.outs().iter().filter(shown) {
             let Some(t) = tracks.iter().find(|t| t.stream_id == o.stream_id) else { continue };
             stats.layers.push(LayerInUse {

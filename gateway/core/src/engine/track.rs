@@ -15,13 +15,16 @@ pub(super) struct TrackIn {
     pub(super) kind: MediaKind,
     /// Its encodings: one, or one per simulcast rid. Indices are stable (layers are only added).
     pub(super) layers: Vec<LayerIn>,
-    /// Subscriber connection and our mid there.
+    /// Its subscribers: connection and our mid there (the down track's). Changed only through
+    /// [`Room::link`] and [`Room::unlink`].
     pub(super) outs: Vec<(ConnKey, Mid)>,
     /// Which layers were last reported as being sent (`stream_layers`; simulcast only).
     pub(super) announced: Vec<bool>,
     /// The one codec the publication carries (the publisher's answer lists only it), as the
     /// publisher's session numbers it; subscribers are offered only this codec.
     pub(super) codec: Option<PayloadParams>,
+    /// Audio: loudness for the room's active speakers.
+    pub(super) level: AudioLevel,
 }
 
 impl TrackIn {
@@ -67,6 +70,11 @@ impl TrackIn {
         Some(self.layers.iter().zip(&self.announced).map(info).collect())
     }
 
+    /// When one of its layers needs the engine.
+    pub(super) fn poll_timeout(&self, retry: std::time::Duration, give_up: std::time::Duration) -> Option<Instant> {
+        self.layers.iter().filter_map(|l| l.poll_timeout(retry, give_up)).min()
+    }
+
     pub(super) fn rid_name(&self, layer: Option<usize>) -> Option<String> {
         layer.and_then(|i| self.layers.get(i)).and_then(|l| l.rid).map(|r| r.to_string())
     }
@@ -90,6 +98,51 @@ pub(super) fn starts_keyframe(codec: Codec, payload: &[u8]) -> bool {
 pub(super) struct Room {
     pub(super) tracks: Vec<TrackIn>,
     pub(super) conns: Vec<ConnKey>,
+    pub(super) speakers: Speakers,
+}
+
+impl Room {
+    /// The track a publisher sends on `mid`.
+    pub(super) fn track_index(&self, publisher: ConnKey, mid: Mid) -> Option<usize> {
+        self.tracks.iter().position(|t| t.conn == publisher && t.mid == mid)
+    }
+
+    /// `sub` receives track `i` on its section `mid` (the down track is the subscriber's).
+    pub(super) fn link(&mut self, i: usize, sub: ConnKey, mid: Mid) {
+        if let Some(t) = self.tracks.get_mut(i) {
+            t.outs.push((sub, mid));
+        }
+    }
+
+    /// A connection leaves the room: it receives nothing any more.
+    pub(super) fn unlink(&mut self, key: ConnKey) {
+        self.conns.retain(|k| *k != key);
+        for t in self.tracks.iter_mut() {
+            t.outs.retain(|(k, _)| *k != key);
+        }
+    }
+
+    /// When one of its tracks or its speaker list needs the engine. `conns` gives each track's
+    /// publisher (its round trip sets how long a loss may stay open).
+    pub(super) fn poll_timeout(&self, conns: &HashMap<ConnKey, Conn>, retry: std::time::Duration) -> Option<Instant> {
+        let tracks = self.tracks.iter().filter_map(|t| t.poll_timeout(retry, give_up_after(conns.get(&t.conn))));
+        tracks.chain(self.speakers.poll_timeout()).min()
+    }
+
+    /// If the speaker list is due and changed, the event that reports it.
+    pub(super) fn speakers_changed(&mut self, now: Instant, room_id: &str) -> Option<MediaEvent> {
+        let audio = self.tracks.iter_mut().filter(|t| t.kind == MediaKind::Audio);
+        let listed = self.speakers.tick(now, audio.map(|t| (&t.owner, &t.stream_id, &mut t.level)))?;
+        let speakers = listed
+            .into_iter()
+            .map(|l| Speaker {
+                participant_id: l.participant_id.to_string(),
+                stream_id: l.stream_id.to_string(),
+                level: l.level,
+            })
+            .collect();
+        Some(MediaEvent::ActiveSpeakers { room_id: room_id.to_owned(), speakers })
+    }
 }
 
 #[cfg(test)]

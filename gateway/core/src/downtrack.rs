@@ -1,0 +1,229 @@
+//! The down track: a subscriber's copy of one published track. Owns what is per subscriber and
+//! per track on the way out — the payload-type map (the publisher's numbers to the
+//! subscriber's), sequence number and timestamp rewriting across source switches, VP8/VP9
+//! picture renumbering, the subscriber's layer wishes and the layer being forwarded — and the
+//! write into the subscriber's `Rtc`. Which packets to write is decided before, by
+//! `select::select`; the down track only carries the decision out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use str0m::format::PayloadParams;
+use str0m::media::{MediaKind, Mid, Pt, Rid};
+use str0m::rtp::{ExtensionValues, RtpWrite, Vp8Patch};
+use str0m::Rtc;
+
+use crate::descriptor::{rewrite_vp9, vp8_patch, PayloadDescriptor, PictureRewriter};
+use crate::layers::CachedPacket;
+use crate::rewrite::SeqRewriter;
+
+/// Ticks between the frames of a replayed group of pictures: 1 ms. A decoder gets them as one
+/// burst and shows the newest at once; with their original spacing a jitter buffer would hold
+/// the live frames back by the age of the keyframe.
+pub(crate) const REPLAY_FRAME_STEP_MS: f64 = 1.0;
+
+/// A subscriber's copy of one published track.
+pub(crate) struct DownTrack {
+    /// Our mid in the subscriber's session.
+    pub mid: Mid,
+    pub stream_id: Arc<str>,
+    pub kind: MediaKind,
+    /// Answered by the subscriber: media may be written.
+    pub live: bool,
+    /// The m-line was stopped (the track ended).
+    pub stopped: bool,
+    pub rewrite: SeqRewriter,
+    /// VP8/VP9 picture numbering, continuous across layer switches.
+    pub pictures: PictureRewriter,
+    /// Publisher payload type → ours (`None`: the subscriber cannot take that codec).
+    pub pts: Vec<(Pt, Option<Pt>)>,
+    /// Packets we wrote; str0m's egress count minus this is what it retransmitted.
+    pub written: u64,
+    /// Retransmissions already counted.
+    pub resent: u64,
+    /// The highest layer the subscriber wants (`set_layer`); `None`: the best available.
+    pub preferred: Option<Rid>,
+    /// Index of the publisher layer to receive (video); `None`: paused or not chosen yet.
+    pub target: Option<usize>,
+    /// Index of the layer being forwarded now. It becomes `target` at a keyframe of `target`.
+    pub current: Option<usize>,
+    /// When the target last moved down: moving up again waits for the hold time.
+    pub last_down: Option<Instant>,
+    /// When the last packet was forwarded (the timestamp advance at a source switch).
+    pub last_forward: Option<Instant>,
+    /// Since when the subscriber waits for its first frame on this track.
+    pub ttff_from: Option<Instant>,
+    /// The publisher payload type last recorded in the subscriber's `stats.codecs`.
+    pub noted_pt: Option<Pt>,
+    /// The subscriber rejected this track (port 0 in its answer), and why: `codec_unsupported`
+    /// when it cannot decode the one codec the publication carries.
+    pub unavailable: Option<&'static str>,
+    /// Since when the estimate has been too low for this track's only layer (it pauses once
+    /// that has lasted `allocator::SINGLE_PAUSE_AFTER`).
+    pub starved_since: Option<Instant>,
+}
+
+/// One publisher packet as every down track of its track writes it.
+pub(crate) struct Forwarded<'a> {
+    pub ssrc: u32,
+    /// Extended sequence number.
+    pub seq: u64,
+    pub ts: u32,
+    pub wallclock: Instant,
+    pub marker: bool,
+    pub payload: &'a Arc<[u8]>,
+    pub params: PayloadParams,
+    pub ext: &'a ExtensionValues,
+    pub descriptor: &'a PayloadDescriptor,
+    /// Written resendable (video: the subscriber's NACKs are answered from str0m's buffer).
+    pub nackable: bool,
+}
+
+impl DownTrack {
+    pub fn new(mid: Mid, stream_id: Arc<str>, kind: MediaKind, rewrite: SeqRewriter) -> Self {
+        Self {
+            mid,
+            stream_id,
+            kind,
+            live: false,
+            stopped: false,
+            rewrite,
+            pictures: PictureRewriter::default(),
+            pts: Vec::new(),
+            written: 0,
+            resent: 0,
+            preferred: None,
+            target: None,
+            current: None,
+            last_down: None,
+            last_forward: None,
+            ttff_from: None,
+            noted_pt: None,
+            starved_since: None,
+            unavailable: None,
+        }
+    }
+
+    /// The subscriber's payload type for the publisher's codec, cached per track.
+    pub fn map_pt(&mut self, rtc: &Rtc, params: PayloadParams) -> Option<Pt> {
+        if let Some((_, local)) = self.pts.iter().find(|(pt, _)| *pt == params.pt()) {
+            return *local;
+        }
+        let mid = self.mid;
+        let local = rtc
+            .codec_config()
+            .match_params(params)
+            .map(|p| p.pt())
+            .filter(|pt| rtc.media(mid).is_none_or(|m| m.remote_pts().is_empty() || m.remote_pts().contains(pt)));
+        if local.is_none() {
+            tracing::debug!(%mid, codec = ?params.spec().codec, "subscriber did not accept the publisher's codec");
+        }
+        self.pts.push((params.pt(), local));
+        local
+    }
+
+    /// The outgoing stream continues from a new source (a layer switch, a restarted publisher
+    /// stream, the first packet) at this packet.
+    pub fn switch_source(&mut self, now: Instant, ssrc: u32, seq: u64, ts: u32, clock: f64) {
+        let advance = ts_advance(self.last_forward, now, clock);
+        self.rewrite.switch(ssrc, seq, ts, advance);
+        self.pictures.switch();
+    }
+
+    /// Write one packet; false if it was not written (no payload type for the codec, a
+    /// sequence number from before the switch, no send stream).
+    pub fn write(&mut self, now: Instant, rtc: &mut Rtc, f: &Forwarded) -> bool {
+        let Some(pt) = self.map_pt(rtc, f.params) else { return false };
+        let Some((seq, ts)) = self.rewrite.rewrite(f.ssrc, f.seq, f.ts) else { return false };
+        let (payload, patch) = self.number(f.descriptor, f.payload);
+        let mut api = rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return false };
+        // Not through str0m's pacer: the publisher paced this already, and the pacer runs at
+        // 1.1x an estimate that random loss pulls down toward the stream's own rate, so
+        // packets and their retransmissions waited in its queue (96% of video within two
+        // round trips at 5% loss instead of 99.3%). The estimate still chooses the layers.
+        // (A field store; cheaper than tracking whether it was set.)
+        tx.set_unpaced(true);
+        let mut w = RtpWrite::new(pt, seq.into(), ts, f.wallclock, payload)
+            .marker(f.marker)
+            .ext_vals(f.ext.clone())
+            .nackable(f.nackable);
+        if let Some(patch) = patch {
+            w = w.vp8_patch(patch);
+        }
+        tx.write_rtp(w);
+        self.written += 1;
+        self.last_forward = Some(now);
+        true
+    }
+
+    /// The payload to write and str0m's VP8 patch: after a switch the new source continues the
+    /// picture numbering sent so far (VP8 patched while str0m serialises, VP9 copied).
+    fn number(&mut self, d: &PayloadDescriptor, payload: &Arc<[u8]>) -> (Arc<[u8]>, Option<Vp8Patch>) {
+        match d {
+            PayloadDescriptor::Vp8(d, picture) => {
+                let patch = self.pictures.rewrite(*picture).and_then(|r| vp8_patch(d, r));
+                (Arc::clone(payload), patch)
+            }
+            PayloadDescriptor::Vp9(d, picture) => match self.pictures.rewrite(*picture) {
+                Some(r) => (rewrite_vp9(payload, d, r).into(), None),
+                None => (Arc::clone(payload), None),
+            },
+            PayloadDescriptor::Other => (Arc::clone(payload), None),
+        }
+    }
+
+    /// Start the track on a cached group of pictures (whose last packet is the live one being
+    /// forwarded): sequence numbers continue the outgoing stream, frames are packed
+    /// [`REPLAY_FRAME_STEP_MS`] apart ending at the live frame's timestamp, so live packets that
+    /// follow keep their spacing. Returns the packets and bytes written.
+    pub fn replay(&mut self, now: Instant, rtc: &mut Rtc, gop: &[CachedPacket], ssrc: u32, clock: f64) -> (u64, u64) {
+        let (Some(first), Some(last)) = (gop.first(), gop.last()) else { return (0, 0) };
+        let step = ((clock * REPLAY_FRAME_STEP_MS / 1000.0) as u32).max(1);
+        let mut frames = 0u32;
+        let mut prev_ts = None;
+        for c in gop {
+            if prev_ts != Some(c.ts) {
+                frames += 1;
+                prev_ts = Some(c.ts);
+            }
+        }
+        // The timestamp the first frame would have if frames were `step` apart up to the last one.
+        let ts_ref = last.ts.wrapping_sub(step.wrapping_mul(frames - 1));
+        self.switch_source(now, ssrc, first.seq, ts_ref, clock);
+        let (mut packets, mut bytes) = (0, 0);
+        let mut k = 0u32;
+        let mut prev_ts = None;
+        for c in gop {
+            if prev_ts.is_some_and(|t| t != c.ts) {
+                k += 1;
+            }
+            prev_ts = Some(c.ts);
+            let descriptor = PayloadDescriptor::parse(c.params.spec().codec, &c.payload);
+            let f = Forwarded {
+                ssrc,
+                seq: c.seq,
+                ts: ts_ref.wrapping_add(k.wrapping_mul(step)),
+                wallclock: c.wallclock,
+                marker: c.marker,
+                payload: &c.payload,
+                params: c.params,
+                ext: &c.ext,
+                descriptor: &descriptor,
+                nackable: true,
+            };
+            if self.write(now, rtc, &f) {
+                packets += 1;
+                bytes += c.payload.len() as u64;
+            }
+        }
+        (packets, bytes)
+    }
+}
+
+/// RTP ticks to advance the timestamp by when an outgoing stream changes source: the time since
+/// the last forwarded packet.
+pub(crate) fn ts_advance(last: Option<Instant>, now: Instant, clock: f64) -> u32 {
+    let secs = last.map(|t| now.saturating_duration_since(t).as_secs_f64()).unwrap_or(0.0);
+    ((secs * clock) as u32).max(1)
+}
