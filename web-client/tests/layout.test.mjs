@@ -34,7 +34,7 @@ let gateway;
 let browser;
 
 before(async () => {
-  gateway = await startGateway({ portMin: 43850, portMax: 43899 });
+  gateway = await startGateway({ portMin: 43850, portMax: 43869 });
   browser = await launchChromium();
 });
 
