@@ -133,6 +133,33 @@ test("a dropped WebSocket: the page reconnects with backoff and the call resumes
   }
 });
 
+test("when the gateway stays away the page gives up in words and can try again", { timeout: 60000 }, async () => {
+  const alice = await joinPage(browser, gateway.base, "away-room", "alice");
+  try {
+    await waitFor("alice in the call", () => alice.evaluate(() => window.gw.status === "in-call"), 20000);
+    // Give up after 3 s instead of 60 s, so the test is short.
+    await alice.evaluate(() => (window.gw.options.giveUpMs = 3000));
+    await gateway.stop();
+    const t0 = Date.now();
+    const s = await waitFor("alice giving up", async () => {
+      const u = await uiState(alice);
+      return u.status === "gave-up" ? u : null;
+    }, 20000, 100);
+    const attempts = await alice.evaluate(() => window.gw.reconnect.attempts);
+    console.log(`gave up after ${Date.now() - t0} ms and ${attempts} attempts: ${JSON.stringify(s)}`);
+    assert.ok(attempts >= 2 && attempts <= 6, `retried with backoff, not in a tight loop: ${attempts} attempts in ~3 s`);
+    assert.match(s.banner, /^Could not get back into the call\. Cannot reach the meeting server\./);
+    assert.equal(await alice.textContent("#banner-action"), "Try again");
+    assert.equal(s.lobby, false);
+    gateway = await startGateway({ ...PORTS, port: httpPort });
+    await alice.click("#banner-action");
+    await waitFor("alice back in after Try again", () => alice.evaluate(() => window.gw.status === "in-call" && window.gw.pub.pc && window.gw.pub.pc.connectionState === "connected"), 20000);
+  } finally {
+    await alice.evaluate(() => window.gw.leave()).catch(() => {});
+    await alice.context().close().catch(() => {});
+  }
+});
+
 test("a reload comes back to the same room with the same name and identity", { timeout: 60000 }, async () => {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   const page = await context.newPage();
