@@ -335,8 +335,11 @@ function tileFor(pid, name, local = false) {
     you.textContent = "(you)";
     label.append(you);
   }
-  tile.append(video, avatar, label);
-  p = { name, tile, video, avatar: circle, nameEl, micOff, local, stream: new MediaStream() };
+  const note = document.createElement("div");
+  note.className = "note";
+  note.hidden = true;
+  tile.append(video, avatar, note, label);
+  p = { name, tile, video, avatar: circle, nameEl, micOff, note, local, stream: new MediaStream() };
   setTileName(p, name);
   if (!local && gw.options.layers) addLayerPicker(pid, p);
   $("grid").append(tile);
@@ -384,7 +387,7 @@ function renderTile(pid) {
   } else {
     const s = streamsOf(pid);
     const track = p.stream.getVideoTracks().find((t) => t.readyState === "live");
-    videoOn = !!s.video && !s.video.muted && !!track;
+    videoOn = !!s.video && !s.video.muted && !s.video.unavailable && !!track;
     micMuted = !s.audio || !!s.audio.muted;
   }
   p.tile.classList.toggle("has-video", videoOn);
@@ -850,6 +853,14 @@ function onMessage(msg) {
         ? `${who}'s video is ${(msg.codec || "in a codec").split("/")[0].toUpperCase()}, which this browser cannot play`
         : `${who}'s video was declined by this browser`;
       gw.unavailable = [...(gw.unavailable || []), msg];
+      // Said on the tile for as long as it holds, not only in a passing toast.
+      const p = s && gw.participants.get(s.participant_id);
+      if (s) s.unavailable = msg.reason;
+      if (p) {
+        p.note.textContent = `${text}.`;
+        p.note.hidden = false;
+        renderTile(s.participant_id);
+      }
       toast(text);
       activity(text);
       break;
@@ -1044,6 +1055,8 @@ function onStreamRemoved(msg) {
   }
   gw.streams.delete(msg.stream_id);
   gw.layerChoices.delete(msg.stream_id);
+  const p = gw.participants.get(msg.participant_id);
+  if (p && msg.kind === "video") p.note.hidden = true;
   refreshPickers();
   renderTile(msg.participant_id);
 }
