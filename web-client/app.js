@@ -192,6 +192,15 @@ const EXPLAIN = {
   internal: ["Something went wrong on the meeting server. Try again.", true],
 };
 
+// What a refusal during the call (an `error` message) means for the person.
+const IN_CALL_ERRORS = {
+  forbidden: "You can watch and listen in this room, but not send your camera or microphone.",
+  bad_sdp: "The server could not use this browser's media settings; the others may not see or hear you. Try a current Chrome or Firefox.",
+  no_ports: "The meeting server is out of capacity; the others may not see or hear you. Leave and join again in a minute.",
+  rate_limited: "Too many requests in a short time; wait a few seconds.",
+  internal: "Something went wrong on the meeting server. If the call does not work, leave and join again.",
+};
+
 function explain(code, fallback) {
   const e = EXPLAIN[code];
   return new JoinError(e ? e[0] : fallback || "The meeting server refused to let this page in. Try again.", { code, transient: e ? e[1] : true });
@@ -872,9 +881,10 @@ function onMessage(msg) {
       break;
     }
     case "error": {
-      const e = explain(msg.code, msg.message);
-      toast(e.message);
       activity(`error ${msg.code}: ${msg.message}`);
+      // A refused request during the call (the socket stays open). A stream or connection that
+      // is already gone (not_found) is a race with the room changing: nothing to tell.
+      if (msg.code !== "not_found") toast(IN_CALL_ERRORS[msg.code] || `The meeting server refused a request (${msg.message}).`, 8000);
       break;
     }
   }
