@@ -406,8 +406,10 @@ function renderTile(pid) {
   p.avatar.parentElement.setAttribute("aria-hidden", String(videoOn));
   p.tile.classList.toggle("camera-off", !videoOn);
   p.tile.classList.toggle("mic-muted", micMuted);
-  p.tile.classList.toggle("speaking", gw.speakers.includes(pid));
-  p.tile.dataset.speaking = String(gw.speakers.includes(pid));
+  // The gateway's list trails a mute by its loudness window: a muted mic is never ringed.
+  const speaking = gw.speakers.includes(pid) && !micMuted;
+  p.tile.classList.toggle("speaking", speaking);
+  p.tile.dataset.speaking = String(speaking);
 }
 
 function renderAllTiles() {
