@@ -773,7 +773,7 @@ async function reconnect({ immediate = false } = {}) {
   if (!gw.reconnect.since) gw.reconnect.since = Date.now();
   gw.reconnect.attempts = 0;
   $("room").classList.add("reconnecting");
-  const retryBanner = (detail) => banner(`Reconnecting…${detail ? ` ${detail}` : ""}`, { leave: true });
+  const retryBanner = (detail) => banner(`Reconnecting…${detail ? ` ${detail}` : ""}`);
   retryBanner("");
   activity("connection lost; reconnecting");
   for (;;) {
