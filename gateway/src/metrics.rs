@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::{
-    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -13,6 +13,8 @@ pub struct MediaMetrics {
     /// The engine's counters, one family each (`gateway_core::families`), by name.
     pub counters: Arc<HashMap<&'static str, IntCounterVec>>,
     pub first_frame: Histogram,
+    /// Per media worker: datagram read → `sendto` returned, per forwarded packet.
+    pub forward_latency: HistogramVec,
     pub send_errors: IntCounter,
     pub worker_busy: GaugeVec,
     pub worker_connections: IntGaugeVec,
@@ -38,6 +40,18 @@ impl MediaMetrics {
                 .buckets(vec![0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]),
             )
             .expect("valid metric"),
+            forward_latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_forward_latency_seconds",
+                    "Per forwarded packet: from the publisher's datagram read off its socket to the send to the subscriber returned",
+                )
+                .buckets(vec![
+                    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1,
+                ]),
+                &["worker"],
+            )
+            .expect("valid metric"),
             send_errors: IntCounter::new("gateway_udp_send_errors_total", "UDP sends that failed")
                 .expect("valid metric"),
             worker_busy: GaugeVec::new(
@@ -59,6 +73,7 @@ impl MediaMetrics {
         };
         for c in [
             Box::new(m.first_frame.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.forward_latency.clone()),
             Box::new(m.send_errors.clone()),
             Box::new(m.worker_busy.clone()),
             Box::new(m.worker_connections.clone()),

@@ -106,12 +106,18 @@ struct Worker {
     published: gateway_core::Counters,
     busy: Duration,
     last_metrics: Instant,
+    /// `gateway_forward_latency_seconds` of this worker, buffered locally (flushed with the
+    /// other metrics once a second) so the packet path touches no shared atomics.
+    forward_latency: prometheus::local::LocalHistogram,
 }
 
 impl Worker {
     fn new(setup: WorkerSetup, poll: Poll, rx: mpsc::Receiver<Command>, rooms: Arc<AtomicUsize>) -> Self {
         let engine = Engine::new(setup.core.clone());
+        let label = setup.index.to_string();
+        let forward_latency = setup.metrics.forward_latency.with_label_values(&[label.as_str()]).local();
         Self {
+            forward_latency,
             setup,
             poll,
             rx,
@@ -172,13 +178,34 @@ impl Worker {
             let candidate = sock.candidate;
             match sock.socket.recv_from(buf) {
                 Ok((n, source)) => {
-                    self.engine.handle_receive(Instant::now(), key, source, candidate, &buf[..n]);
-                    self.flush();
+                    let read_at = Instant::now();
+                    self.engine.handle_receive(read_at, key, source, candidate, &buf[..n]);
+                    self.flush_timed(key, read_at);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 // Anything else (an ICMP error on Linux): not fatal; wait for the next readiness.
                 Err(_) => return,
+            }
+        }
+    }
+
+    /// Carry out what the engine produced for a datagram read at `read_at` on `from`'s socket:
+    /// every datagram sent on another connection's socket is a forwarded packet, and the time
+    /// from the read to its `sendto` returning is recorded.
+    fn flush_timed(&mut self, from: ConnKey, read_at: Instant) {
+        while let Some(out) = self.engine.poll_output() {
+            match out {
+                Output::Transmit { key, destination, contents } => {
+                    if let Some(sock) = self.sockets.get(&key) {
+                        if sock.socket.send_to(&contents, destination).is_err() {
+                            self.setup.metrics.send_errors.inc();
+                        } else if key != from {
+                            self.forward_latency.observe(read_at.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                other => self.carry_out(other),
             }
         }
     }
@@ -194,11 +221,24 @@ impl Worker {
                         }
                     }
                 }
-                Output::Event(e) => self.setup.sink.emit(e),
-                Output::Closed { key, connection_id } => {
-                    self.release(key);
-                    self.setup.directory.remove(&connection_id);
+                other => self.carry_out(other),
+            }
+        }
+    }
+
+    fn carry_out(&mut self, out: Output) {
+        match out {
+            Output::Transmit { key, destination, contents } => {
+                if let Some(sock) = self.sockets.get(&key) {
+                    if sock.socket.send_to(&contents, destination).is_err() {
+                        self.setup.metrics.send_errors.inc();
+                    }
                 }
+            }
+            Output::Event(e) => self.setup.sink.emit(e),
+            Output::Closed { key, connection_id } => {
+                self.release(key);
+                self.setup.directory.remove(&connection_id);
             }
         }
     }
@@ -329,6 +369,7 @@ impl Worker {
             m.counters[fam.name].with_label_values(labels).inc_by(v.saturating_sub(previous[i]));
             i += 1;
         });
+        self.forward_latency.flush();
         for t in self.engine.take_first_frame_times() {
             m.first_frame.observe(t.as_secs_f64());
         }

@@ -78,6 +78,15 @@ async fn publish_fan_out_late_join_and_leave() {
     })
     .await;
     assert!(api.metric(r#"gateway_rtp_packets_total{direction="in",kind="video"}"#).await >= 100.0);
+    // The gateway timed every forwarded packet from its read to its send (300 media packets to
+    // the two subscribers, plus what flowed while they joined); on loopback each well under 100 ms.
+    let (mut timed, mut under_100ms) = (0.0, 0.0);
+    for w in ["0", "1"] {
+        timed += api.metric(&format!(r#"gateway_forward_latency_seconds_count{{worker="{w}"}}"#)).await;
+        under_100ms += api.metric(&format!(r#"gateway_forward_latency_seconds_bucket{{worker="{w}",le="0.1"}}"#)).await;
+    }
+    assert!(timed >= 300.0, "forwarded packets timed: {timed}");
+    assert_eq!(under_100ms, timed, "every forward under 100 ms");
     assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 3.0);
     assert_eq!(api.metric(r#"gateway_connection_setup_seconds_count{role="subscribe"}"#).await, 2.0);
     assert_eq!(api.metric(r#"gateway_connection_transitions_total{from="GATHERED",to="READY"}"#).await, 3.0);
