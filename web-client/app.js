@@ -1,6 +1,8 @@
 // Browser client of the gateway: join a room, publish camera + microphone on a publish
-// connection, receive everyone else on a subscribe connection the gateway (re)offers, and show
-// each connection's erizo-like state live. Speaks the WebSocket API of docs/api.md §3.
+// connection, receive everyone else on a subscribe connection the gateway (re)offers, show who
+// is muted, who has the camera off and who is speaking, and come back by itself when the
+// WebSocket drops or the gateway restarts. Speaks the WebSocket API of docs/api.md §3 and its
+// extensions (§6; docs/protocol.md).
 
 const $ = (id) => document.getElementById(id);
 
@@ -8,15 +10,21 @@ const $ = (id) => document.getElementById(id);
 const gw = {
   ws: null,
   roomId: null,
-  me: null,
+  room: null, // the room's name, as typed
+  me: null, // this page's participant id (an ASCII identifier, never shown)
+  name: null, // this page's display name (any script)
   localStream: null,
   pub: { pc: null, id: null, pendingCandidates: [] },
   sub: { pc: null, id: null, queue: Promise.resolve() },
-  participants: new Map(), // participant_id -> { name, tile, stream }
-  streams: new Map(), // stream_id -> stream info
-  connections: new Map(), // connection_id -> { role, state, code, steps: [] }
+  participants: new Map(), // participant_id -> { name, tile, video, stream, ... }
+  streams: new Map(), // stream_id -> stream info (stream_added, with `muted`)
+  connections: new Map(), // connection_id -> { role, state, code, steps: [] } (this session only)
   events: [], // every message received, in order
+  speakers: [], // participant ids the gateway last reported speaking, loudest first
   left: false,
+  // "lobby" | "joining" | "in-call" | "reconnecting" | "replaced"
+  status: "lobby",
+  reconnect: { since: 0, attempts: 0, run: 0 },
   // Options of the page; tests may change them before joining. `?simulcast=1` publishes the
   // camera as three simulcast layers and shows a layer picker on every remote tile; `?layers=1`
   // shows only the pickers.
@@ -32,6 +40,11 @@ gw.options.codec = params.get("codec");
 // browser that cannot decode the others would (setCodecPreferences on every receiving video
 // transceiver). A stream in another codec is then declined and the gateway says why.
 gw.options.recvCodecs = params.get("recvCodecs") ? params.get("recvCodecs").split(",") : null;
+// Reconnect: first retry after `retryMs`, doubling up to `retryMaxMs` (each ±25%), giving up
+// after `giveUpMs` without getting back in.
+gw.options.retryMs = 500;
+gw.options.retryMaxMs = 5000;
+gw.options.giveUpMs = 60000;
 
 // The simulcast encodings of the camera, lowest first. With Chromium's fake 640x480 camera they
 // are 160x120, 320x240 and 640x480.
@@ -56,7 +69,7 @@ if (params.get("iceServers")) {
     const servers = JSON.parse(params.get("iceServers"));
     gw.options.iceServers = Array.isArray(servers) ? servers : [servers];
   } catch (e) {
-    gw.options.problem = `iceServers is not JSON (${e.message}); using none`;
+    gw.options.problem = `The iceServers setting in the address is not valid JSON (${e.message}); the page uses none.`;
   }
 }
 if (["all", "relay"].includes(params.get("iceTransportPolicy"))) gw.options.iceTransportPolicy = params.get("iceTransportPolicy");
@@ -70,11 +83,157 @@ function rtcConfiguration() {
   };
 }
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---------------------------------------------------------------------------------------------
+// Names, identity and what survives a reload
+// ---------------------------------------------------------------------------------------------
+
+// The display name is what people see (any script, spaces, up to 128 characters); the
+// participant id is what the gateway keys on (ASCII, safe in URLs and SDP). The id is made once
+// per browser tab and kept in sessionStorage, so a reload comes back as the same participant
+// (replacing its old session instead of leaving a ghost) while a second tab, even with the same
+// name, is someone else. `?id=` sets it (an embedding app or a test that wants a known id).
+const NAME_MAX = 128;
+const ROOM_MAX = 64;
+const ID_RE = /^[A-Za-z0-9._+-]{1,64}$/;
+const CONTROL_RE = /\p{Cc}/u;
+const chars = (s) => [...s].length;
+
+function store(kind) {
+  try {
+    return kind === "session" ? window.sessionStorage : window.localStorage;
+  } catch {
+    return null;
+  }
+}
+function remember(kind, key, value) {
+  try {
+    const s = store(kind);
+    if (s) value === null ? s.removeItem(key) : s.setItem(key, value);
+  } catch {}
+}
+function recall(kind, key) {
+  try {
+    const s = store(kind);
+    return s ? s.getItem(key) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A readable ASCII slug of a display name ("Zoë Ann" -> "zoe-ann"), possibly empty. */
+function slug(name) {
+  return name
+    .normalize("NFKD")
+    .replace(/[\u0300-\u036f]/g, "")
+    .toLowerCase()
+    .replace(/[^a-z0-9]+/g, "-")
+    .replace(/^-+|-+$/g, "")
+    .slice(0, 24);
+}
+
+function participantIdFor(name) {
+  const fromUrl = params.get("id");
+  if (fromUrl && ID_RE.test(fromUrl)) return fromUrl;
+  let id = recall("session", "gw.participantId");
+  if (!id || !ID_RE.test(id)) {
+    const rand = Array.from(crypto.getRandomValues(new Uint8Array(5)), (b) => b.toString(36).padStart(2, "0")).join("").slice(0, 8);
+    id = `${slug(name) || "guest"}-${rand}`;
+    remember("session", "gw.participantId", id);
+  }
+  return id;
+}
+
+/** What is wrong with a typed name or room name, in words, or null. */
+function checkName(value, what, max) {
+  if (!value) return `Type ${what}.`;
+  if (CONTROL_RE.test(value)) return `${what[0].toUpperCase()}${what.slice(1)} cannot contain control characters.`;
+  const n = chars(value);
+  if (n > max) return `${what[0].toUpperCase()}${what.slice(1)} can be at most ${max} characters; this one has ${n}.`;
+  return null;
+}
+
+/** The room in the address bar, so a reload or a shared link lands in the same room. */
+function putRoomInUrl(room) {
+  const u = new URL(location.href);
+  u.searchParams.set("room", room);
+  u.searchParams.delete("name");
+  history.replaceState(null, "", u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain-language errors
+// ---------------------------------------------------------------------------------------------
+
+/** An error the page can explain: `text` for people, `code` for experts, `transient` to retry. */
+class JoinError extends Error {
+  constructor(text, { code = null, transient = false, action = null } = {}) {
+    super(text);
+    this.code = code;
+    this.transient = transient;
+    this.action = action;
+  }
+}
+
+// What a refusal of the gateway means for the person in front of the page, and what to do.
+// Codes are the contract's (docs/api.md); `transient` ones are retried while reconnecting.
+const EXPLAIN = {
+  room_full: ["This room is full. Try again later, or pick another room name.", false],
+  conflict: ["The meeting server is restarting. The page will try again in a moment.", true],
+  unauthorized: ["The invitation to this room was not accepted (it may have expired). Join again.", true],
+  forbidden: ["You are not allowed to do that in this room.", false],
+  not_found: ["This room no longer exists. Join again to start it anew.", true],
+  bad_request: ["The server did not accept that request.", false],
+  bad_sdp: ["The server could not use this browser's media settings. Try a current Chrome or Firefox.", false],
+  rate_limited: ["Too many attempts in a short time. Wait a few seconds and try again.", true],
+  no_ports: ["The meeting server is out of capacity right now. Try again in a minute.", true],
+  payload_too_large: ["The request was too large for the server.", false],
+  internal: ["Something went wrong on the meeting server. Try again.", true],
+};
+
+// What a refusal during the call (an `error` message) means for the person.
+const IN_CALL_ERRORS = {
+  forbidden: "You can watch and listen in this room, but not send your camera or microphone.",
+  bad_sdp: "The server could not use this browser's media settings; the others may not see or hear you. Try a current Chrome or Firefox.",
+  no_ports: "The meeting server is out of capacity; the others may not see or hear you. Leave and join again in a minute.",
+  rate_limited: "Too many requests in a short time; wait a few seconds.",
+  internal: "Something went wrong on the meeting server. If the call does not work, leave and join again.",
+};
+
+function explain(code, fallback) {
+  const e = EXPLAIN[code];
+  return new JoinError(e ? e[0] : fallback || "The meeting server refused to let this page in. Try again.", { code, transient: e ? e[1] : true });
+}
+
+const UNREACHABLE = "Cannot reach the meeting server. Check your network connection and that the server is running, then try again.";
+
+/** What a failed getUserMedia means, in words, with what to do about it. */
+function explainMedia(e) {
+  const action = { label: "Join without camera and microphone", run: () => submitJoin({ media: false }) };
+  switch (e && e.name) {
+    case "NotAllowedError":
+    case "SecurityError":
+      return new JoinError(
+        "The browser blocked the camera and microphone for this page. Allow them in the site settings (the camera icon at the left of the address bar), then press Join again.",
+        { code: e.name, action },
+      );
+    case "NotFoundError":
+    case "OverconstrainedError":
+      return new JoinError("No camera or microphone was found. Plug one in and press Join again, or join without.", { code: e.name, action });
+    case "NotReadableError":
+    case "AbortError":
+      return new JoinError("The camera or microphone is in use by another program. Close it and press Join again, or join without.", { code: e.name, action });
+    default:
+      return new JoinError(`The camera and microphone could not be started (${e && e.message}).`, { code: e && e.name, action });
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // UI helpers
 // ---------------------------------------------------------------------------------------------
 
-function toast(text, ms = 3500) {
+function toast(text, ms = 5000) {
   const t = $("toast");
   t.textContent = text;
   t.hidden = false;
@@ -91,44 +250,216 @@ function activity(text) {
   while ($("activity").children.length > 60) $("activity").firstChild.remove();
 }
 
+/** Banner over the call: "Reconnecting…", "You joined from another tab", … */
+function banner(text, { action = null, leave = false, bad = false } = {}) {
+  const b = $("banner");
+  if (!text) {
+    b.hidden = true;
+    return;
+  }
+  $("banner-text").textContent = text;
+  b.classList.toggle("bad", bad);
+  const a = $("banner-action");
+  a.hidden = !action;
+  if (action) {
+    a.textContent = action.label;
+    a.onclick = action.run;
+  }
+  $("banner-leave").hidden = !leave;
+  b.hidden = false;
+}
+
+function lobbyError(err) {
+  const box = $("join-error");
+  if (!err) {
+    box.hidden = true;
+    return;
+  }
+  $("join-error-text").textContent = err.message;
+  box.dataset.code = err.code || "";
+  const a = $("join-error-action");
+  a.hidden = !err.action;
+  if (err.action) {
+    a.textContent = err.action.label;
+    a.onclick = err.action.run;
+  }
+  box.hidden = false;
+}
+
+const graphemes = (s) => (Intl.Segmenter ? [...new Intl.Segmenter().segment(s)].map((x) => x.segment) : [...s]);
+
+/** "Zoë 山田" -> "Z山", "alice" -> "A". */
 function initials(name) {
-  return (name || "?").slice(0, 2).toUpperCase();
+  const words = (name || "?").trim().split(/\s+/).filter(Boolean);
+  if (!words.length) return "?";
+  const first = graphemes(words[0])[0];
+  const last = words.length > 1 ? graphemes(words[words.length - 1])[0] : "";
+  return (first + last).toLocaleUpperCase();
+}
+
+function colorOf(id) {
+  let h = 0;
+  for (const c of id) h = (h * 31 + c.codePointAt(0)) >>> 0;
+  return `hsl(${h % 360} 45% 38%)`;
+}
+
+function displayName(pid) {
+  if (pid === gw.me) return gw.name;
+  const p = gw.participants.get(pid);
+  return (p && p.name) || "Someone";
 }
 
 function tileFor(pid, name, local = false) {
   let p = gw.participants.get(pid);
-  if (p && p.tile) return p;
+  if (p && p.tile) {
+    if (name && name !== p.name) setTileName(p, name);
+    return p;
+  }
   const tile = document.createElement("div");
   tile.className = "tile" + (local ? " local" : "");
   tile.dataset.participant = pid;
+  tile.setAttribute("role", "listitem");
   const video = document.createElement("video");
   video.autoplay = true;
   video.playsInline = true;
   video.muted = local;
   const avatar = document.createElement("div");
   avatar.className = "avatar";
-  avatar.textContent = initials(name);
+  avatar.setAttribute("role", "img");
+  const circle = document.createElement("span");
+  circle.setAttribute("aria-hidden", "true");
+  circle.style.setProperty("--avatar", colorOf(pid));
+  avatar.append(circle);
   const label = document.createElement("div");
   label.className = "label";
-  const dot = document.createElement("span");
-  dot.className = "dot";
-  const text = document.createElement("span");
-  text.textContent = local ? `${name} (you)` : name;
-  label.append(dot, text);
-  tile.append(video, avatar, label);
-  p = { name, tile, video, dot, stream: new MediaStream() };
+  const nameEl = document.createElement("span");
+  nameEl.className = "name";
+  const micOff = document.createElement("span");
+  micOff.className = "mic-off";
+  micOff.setAttribute("role", "img");
+  label.append(micOff, nameEl);
+  if (local) {
+    const you = document.createElement("span");
+    you.className = "you";
+    you.textContent = "(you)";
+    label.append(you);
+  }
+  const note = document.createElement("div");
+  note.className = "note";
+  note.hidden = true;
+  tile.append(video, avatar, note, label);
+  p = { name, tile, video, avatar: circle, nameEl, micOff, note, local, stream: new MediaStream() };
+  setTileName(p, name);
   if (!local && gw.options.layers) addLayerPicker(pid, p);
   $("grid").append(tile);
   gw.participants.set(pid, p);
   updateCount();
+  renderTile(pid);
+  layoutGrid();
   return p;
 }
+
+function setTileName(p, name) {
+  p.name = name;
+  const shown = name || "Someone";
+  p.nameEl.textContent = shown;
+  p.nameEl.title = shown;
+  p.avatar.textContent = initials(shown);
+  p.avatar.parentElement.setAttribute("aria-label", p.local ? "Your camera is off" : `${shown}, camera off`);
+  p.video.setAttribute("aria-label", p.local ? `Your camera (${shown})` : `Video of ${shown}`);
+  p.micOff.setAttribute("aria-label", p.local ? "Your microphone is muted" : `${shown}'s microphone is muted`);
+  p.tile.setAttribute("aria-label", p.local ? `${shown} (you)` : shown);
+  if (p.picker) p.picker.setAttribute("aria-label", `Video quality of ${shown}`);
+}
+
+/** The streams `pid` publishes now, by kind. */
+function streamsOf(pid) {
+  const out = {};
+  for (const s of gw.streams.values()) if (s.participant_id === pid) out[s.kind] = s;
+  return out;
+}
+
+/**
+ * Show what a participant really sends: video (or the avatar when the camera is off or there is
+ * none), the muted-mic mark, and the speaking ring.
+ */
+function renderTile(pid) {
+  const p = gw.participants.get(pid);
+  if (!p) return;
+  let videoOn;
+  let micMuted;
+  if (p.local) {
+    const v = gw.localStream && gw.localStream.getVideoTracks()[0];
+    const a = gw.localStream && gw.localStream.getAudioTracks()[0];
+    videoOn = !!v && v.readyState === "live" && v.enabled;
+    micMuted = !a || a.readyState !== "live" || !a.enabled;
+  } else {
+    const s = streamsOf(pid);
+    const track = p.stream.getVideoTracks().find((t) => t.readyState === "live");
+    videoOn = !!s.video && !s.video.muted && !s.video.unavailable && !!track;
+    micMuted = !s.audio || !!s.audio.muted;
+  }
+  p.tile.classList.toggle("has-video", videoOn);
+  // Without a picture the avatar stands for the person (to assistive technology too).
+  if (videoOn) p.video.removeAttribute("aria-hidden");
+  else p.video.setAttribute("aria-hidden", "true");
+  p.avatar.parentElement.setAttribute("aria-hidden", String(videoOn));
+  p.tile.classList.toggle("camera-off", !videoOn);
+  p.tile.classList.toggle("mic-muted", micMuted);
+  // The gateway's list trails a mute by its loudness window: a muted mic is never ringed.
+  const speaking = gw.speakers.includes(pid) && !micMuted;
+  p.tile.classList.toggle("speaking", speaking);
+  p.tile.dataset.speaking = String(speaking);
+}
+
+function renderAllTiles() {
+  for (const pid of gw.participants.keys()) renderTile(pid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout: the largest tiles that fit the stage, in rows, centred.
+// ---------------------------------------------------------------------------------------------
+
+const TILE_MIN_W = 96;
+function layoutGrid() {
+  const grid = $("grid");
+  const tiles = grid.querySelectorAll(".tile");
+  const n = tiles.length;
+  if (!n || grid.clientWidth === 0) return;
+  const cs = getComputedStyle(grid);
+  const gap = parseFloat(cs.columnGap) || 0;
+  const W = grid.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+  const H = grid.clientHeight - parseFloat(cs.paddingTop) - parseFloat(cs.paddingBottom);
+  // Tiles may be anything from portrait 3:4 (phones) to 16:9; landscape screens keep them at
+  // least square. The video fills its tile (object-fit: cover).
+  const minAspect = W >= H ? 1 : 3 / 4;
+  const maxAspect = 16 / 9;
+  let best = null;
+  for (let cols = 1; cols <= n; cols++) {
+    const rows = Math.ceil(n / cols);
+    let w = (W - (cols - 1) * gap) / cols;
+    let h = (H - (rows - 1) * gap) / rows;
+    if (w <= 0 || h <= 0) continue;
+    if (w / h > maxAspect) w = h * maxAspect;
+    if (w / h < minAspect) h = w / minAspect;
+    // Prefer the biggest tiles; among near-equals, the one closer to 4:3.
+    const score = w * h * (1 - 0.1 * Math.abs(Math.log((w / h) / (4 / 3))));
+    if (!best || score > best.score) best = { w, h, score };
+  }
+  if (!best) best = { w: TILE_MIN_W, h: (TILE_MIN_W * 3) / 4 };
+  const w = Math.max(TILE_MIN_W, Math.floor(best.w));
+  const h = Math.max(Math.floor((TILE_MIN_W * 3) / 4), Math.floor(best.h));
+  grid.style.setProperty("--tile-w", `${w}px`);
+  grid.style.setProperty("--tile-h", `${h}px`);
+}
+new ResizeObserver(() => layoutGrid()).observe($("grid"));
 
 // A remote tile's simulcast layer picker (set_layer) and the size of the video it decodes.
 function addLayerPicker(pid, p) {
   const select = document.createElement("select");
   select.className = "layer-picker";
-  select.title = "Simulcast layer to receive";
+  select.title = "Video quality to receive";
+  select.setAttribute("aria-label", `Video quality of ${p.name || "this participant"}`);
   select.disabled = true;
   const auto = document.createElement("option");
   auto.value = "";
@@ -142,6 +473,7 @@ function addLayerPicker(pid, p) {
   size.className = "size";
   const box = document.createElement("div");
   box.className = "layer";
+  box.hidden = true; // until the participant publishes video
   box.append(size, select);
   p.tile.append(box);
   p.picker = select;
@@ -175,6 +507,7 @@ function refreshPickers() {
       }
     }
     p.picker.disabled = !stream || !gw.sub.id || layers.length === 0;
+    p.picker.parentElement.hidden = !stream;
     p.picker.value = chosen;
   }
 }
@@ -202,17 +535,22 @@ function removeTile(pid) {
   p.tile.remove();
   gw.participants.delete(pid);
   updateCount();
+  layoutGrid();
 }
 
 function updateCount() {
   const n = gw.participants.size;
-  $("participant-count").textContent = `${n} participant${n === 1 ? "" : "s"}`;
+  $("participant-count").textContent = `${n} ${n === 1 ? "person" : "people"}`;
 }
 
+// The connection details, for experts: this session's connections as they are now.
+const ROLE_WORDS = { publish: "Sending", subscribe: "Receiving" };
+const STATE_WORDS = { INITIAL: "starting", GATHERED: "connecting", READY: "connected", FINISHED: "ended", FAILED: "failed" };
 function renderConnections() {
   const ul = $("connections");
   ul.replaceChildren();
   for (const [id, c] of gw.connections) {
+    if (c.state === "FINISHED") continue;
     const li = document.createElement("li");
     li.className = "conn";
     li.dataset.role = c.role;
@@ -221,11 +559,11 @@ function renderConnections() {
     role.className = "role";
     const state = document.createElement("span");
     state.className = `state ${c.state}`;
-    state.textContent = `${c.state} ${c.code}`;
-    role.append(c.role, state);
+    state.textContent = `${STATE_WORDS[c.state] || c.state} · ${c.state} ${c.code}`;
+    role.append(`${ROLE_WORDS[c.role] || c.role} (${c.role})`, state);
     const idEl = document.createElement("div");
     idEl.className = "id";
-    idEl.textContent = id;
+    idEl.textContent = c.reason ? `${id} · ${c.reason}` : id;
     const steps = document.createElement("div");
     steps.className = "steps";
     for (const s of c.steps) {
@@ -236,11 +574,12 @@ function renderConnections() {
     li.append(role, idEl, steps);
     ul.append(li);
   }
-  const me = gw.participants.get(gw.me);
-  if (me) {
-    const states = [...gw.connections.values()].filter((c) => c.state !== "FINISHED").map((c) => c.state);
-    me.dot.className = "dot " + (states.includes("FAILED") ? "bad" : states.length && states.every((s) => s === "READY") ? "ok" : "warn");
-  }
+}
+
+function showDetails(open) {
+  $("details").hidden = !open;
+  $("details-button").setAttribute("aria-expanded", String(open));
+  layoutGrid();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,41 +590,230 @@ function send(msg) {
   if (gw.ws && gw.ws.readyState === WebSocket.OPEN) gw.ws.send(JSON.stringify(msg));
 }
 
-async function join(room, name) {
-  const res = await fetch("/v1/dev/token", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ room, participant: name }),
-  });
+/** A join token from the development route, or a JoinError that says why not. */
+async function fetchToken() {
+  let res;
+  try {
+    res = await fetch("/v1/dev/token", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ room: gw.room, participant: gw.me, name: gw.name }),
+    });
+  } catch {
+    throw new JoinError(UNREACHABLE, { code: "unreachable", transient: true });
+  }
   const body = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error(body.error ? body.error.message : `token request failed (${res.status})`);
-  gw.me = body.participant_id;
-  gw.roomId = body.room_id;
+  if (!res.ok) {
+    const code = body.error ? body.error.code : null;
+    if (code === "bad_request") {
+      throw new JoinError(`The server did not accept this room or name: ${body.error.message}.`, { code });
+    }
+    if (!code && res.status >= 500) throw new JoinError(UNREACHABLE, { code: `http_${res.status}`, transient: true });
+    throw explain(code, body.error && body.error.message);
+  }
+  return body;
+}
 
-  gw.localStream = await navigator.mediaDevices.getUserMedia({
-    audio: true,
-    video: { width: { ideal: 640 }, height: { ideal: 480 } },
+/**
+ * Open the WebSocket. A browser does not tell a page why an upgrade was refused, so on failure
+ * the page asks the same URL over plain HTTP: the gateway judges the token and the room before
+ * the upgrade and answers with the contract's error (409 room_full, 401, 404, 409 conflict).
+ */
+async function openSocket(token) {
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  const path = `/v1/ws?token=${encodeURIComponent(token)}`;
+  const ws = new WebSocket(`${proto}://${location.host}${path}`);
+  const opened = await new Promise((resolve) => {
+    ws.onopen = () => resolve(true);
+    ws.onerror = () => resolve(false);
+    ws.onclose = () => resolve(false);
   });
+  if (opened) return ws;
+  let code = null;
+  let message = null;
+  try {
+    const r = await fetch(path);
+    const body = await r.json().catch(() => ({}));
+    if (body.error && r.status !== 400) ({ code, message } = body.error);
+  } catch {
+    throw new JoinError(UNREACHABLE, { code: "unreachable", transient: true });
+  }
+  throw explain(code, message ? null : "The connection to the meeting server could not be opened. Try again.");
+}
+
+/** Get in (or back in): a fresh token, then the WebSocket; `joined` does the rest. */
+async function connect() {
+  const token = await fetchToken();
+  gw.roomId = token.room_id;
+  gw.me = token.participant_id;
+  if (gw.left) throw new JoinError("left", { code: "left" });
+  const ws = await openSocket(token.token);
+  if (gw.left) {
+    ws.close(1000, "leave");
+    throw new JoinError("left", { code: "left" });
+  }
+  gw.ws = ws;
+  ws.onmessage = (ev) => {
+    if (ws === gw.ws) onMessage(JSON.parse(ev.data));
+  };
+  ws.onerror = null;
+  ws.onclose = (ev) => onSocketClosed(ws, ev);
+}
+
+/** Start local media (or none), keeping the mute / camera-off choice already made. */
+async function startMedia(media) {
+  if (!media) return null;
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: true,
+      video: { width: { ideal: 640 }, height: { ideal: 480 } },
+    });
+  } catch (e) {
+    throw explainMedia(e);
+  }
   // New tracks start live; a choice made before (mute, camera off) carries over to them, and
   // the buttons show what is really sent.
-  for (const t of gw.localStream.getTracks()) t.enabled = !gw.off[t.kind];
-  renderToggles();
+  for (const t of stream.getTracks()) t.enabled = !gw.off[t.kind];
+  return stream;
+}
 
-  const proto = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${proto}://${location.host}/v1/ws?token=${encodeURIComponent(body.token)}`);
-  gw.ws = ws;
-  await new Promise((resolve, reject) => {
-    ws.onopen = resolve;
-    ws.onerror = () => reject(new Error("could not open the WebSocket"));
-  });
-  ws.onmessage = (ev) => onMessage(JSON.parse(ev.data));
-  ws.onclose = (ev) => {
-    if (!gw.left) {
-      toast(ev.reason ? `Disconnected: ${ev.reason}` : "Disconnected from the gateway");
-      teardown();
+/** Join from the lobby (the Join button, or by itself after a reload during a call). */
+async function submitJoin({ media = true } = {}) {
+  const room = $("room-input").value.trim();
+  const name = $("name-input").value.trim().replace(/\s+/g, " ");
+  const roomProblem = checkName(room, "a room name", ROOM_MAX);
+  const nameProblem = checkName(name, "your name", NAME_MAX);
+  $("room-input").setAttribute("aria-invalid", String(!!roomProblem));
+  $("name-input").setAttribute("aria-invalid", String(!!nameProblem));
+  if (roomProblem || nameProblem) {
+    lobbyError(new JoinError(nameProblem || roomProblem, { code: "invalid_input" }));
+    (nameProblem ? $("name-input") : $("room-input")).focus();
+    return;
+  }
+  lobbyError(null);
+  $("join-button").disabled = true;
+  gw.left = false;
+  gw.status = "joining";
+  gw.room = room;
+  gw.name = name;
+  gw.me = participantIdFor(name);
+  remember("local", "gw.name", name);
+  remember("local", "gw.room", room);
+  // A fresh session: no connections or activity of an earlier one.
+  gw.connections.clear();
+  $("activity").replaceChildren();
+  renderConnections();
+  try {
+    if (!gw.localStream || gw.localStream.getTracks().every((t) => t.readyState !== "live")) {
+      gw.localStream = await startMedia(media);
     }
-  };
-  $("room-title").textContent = room;
+    renderToggles();
+    await connect();
+    putRoomInUrl(room);
+    remember("session", "gw.inCall", room);
+  } catch (e) {
+    gw.status = "lobby";
+    if (gw.localStream) for (const t of gw.localStream.getTracks()) t.stop();
+    gw.localStream = null;
+    renderToggles();
+    if (e.code !== "left") lobbyError(e instanceof JoinError ? e : new JoinError(String(e.message || e)));
+    $("join-button").disabled = false;
+  }
+}
+
+function onSocketClosed(ws, ev) {
+  if (ws !== gw.ws) return; // an old socket of this page, already replaced
+  gw.ws = null;
+  if (gw.left) return;
+  closePeerConnections();
+  gw.speakers = [];
+  renderAllTiles();
+  const reason = ev.reason;
+  if (reason === "replaced") {
+    // The same participant joined elsewhere (another tab with this tab's identity).
+    gw.status = "replaced";
+    if (gw.localStream) for (const t of gw.localStream.getTracks()) t.stop();
+    for (const pid of [...gw.participants.keys()]) if (pid !== gw.me) removeTile(pid);
+    renderAllTiles();
+    activity("joined from another tab or window");
+    banner("You joined this room from another tab or window, so this one left the call.", {
+      action: { label: "Rejoin here", run: () => rejoinHere() },
+      leave: true,
+    });
+    return;
+  }
+  if (reason === "kicked" || reason === "room_closed") {
+    endCall(reason === "kicked" ? "You were removed from the room." : "The meeting was ended for everyone.");
+    return;
+  }
+  // Dropped, or the gateway is restarting ("shutdown"): get back in by ourselves.
+  reconnect();
+}
+
+async function rejoinHere() {
+  banner("Rejoining…");
+  gw.status = "reconnecting";
+  try {
+    gw.localStream = await startMedia(true);
+  } catch (e) {
+    gw.localStream = null;
+    toast(e.message, 8000);
+  }
+  const me = gw.participants.get(gw.me);
+  if (me) me.video.srcObject = gw.localStream;
+  renderToggles();
+  reconnect({ immediate: true });
+}
+
+/** Retry with backoff until back in, the user leaves, or `giveUpMs` passed. */
+async function reconnect({ immediate = false } = {}) {
+  const run = ++gw.reconnect.run;
+  gw.status = "reconnecting";
+  if (!gw.reconnect.since) gw.reconnect.since = Date.now();
+  gw.reconnect.attempts = 0;
+  $("room").classList.add("reconnecting");
+  const retryBanner = (detail) => banner(`Reconnecting…${detail ? ` ${detail}` : ""}`);
+  retryBanner("");
+  activity("connection lost; reconnecting");
+  for (;;) {
+    const step = Math.min(gw.options.retryMaxMs, gw.options.retryMs * 2 ** gw.reconnect.attempts);
+    const wait = immediate && gw.reconnect.attempts === 0 ? 0 : step * (0.75 + Math.random() * 0.5);
+    await sleep(wait);
+    if (gw.left || run !== gw.reconnect.run) return;
+    gw.reconnect.attempts++;
+    try {
+      await connect();
+      return; // `joined` finishes the job
+    } catch (e) {
+      if (gw.left || run !== gw.reconnect.run) return;
+      if (!e.transient) {
+        endCall(e.message);
+        return;
+      }
+      if (Date.now() - gw.reconnect.since > gw.options.giveUpMs) {
+        gw.status = "gave-up";
+        banner(`Could not get back into the call. ${e.message}`, {
+          action: { label: "Try again", run: () => { gw.reconnect.since = Date.now(); reconnect({ immediate: true }); } },
+          leave: true,
+          bad: true,
+        });
+        return;
+      }
+      retryBanner(e.code === "unreachable" || e.code === "conflict" ? "(the server is not answering yet)" : "");
+    }
+  }
+}
+
+/** Back to the lobby with a message. */
+function endCall(text) {
+  gw.left = true;
+  const ws = gw.ws;
+  gw.ws = null;
+  if (ws) ws.close();
+  teardown();
+  remember("session", "gw.inCall", null);
+  if (text) lobbyError(new JoinError(text));
 }
 
 function onMessage(msg) {
@@ -315,21 +843,35 @@ function onMessage(msg) {
       activity(`${msg.name} left`);
       break;
     case "stream_added":
-      gw.streams.set(msg.stream_id, msg);
-      if (msg.participant_id !== gw.me) activity(`${msg.participant_id} published ${msg.kind}`);
-      refreshPickers();
+      onStreamAdded(msg);
       break;
     case "stream_removed":
       onStreamRemoved(msg);
       break;
+    case "track_muted":
+    case "track_unmuted":
+      onTrackMute(msg, msg.type === "track_muted");
+      break;
+    case "active_speakers":
+      gw.speakers = [...new Set((msg.speakers || []).map((s) => s.participant_id))];
+      renderAllTiles();
+      break;
     case "stream_unavailable": {
       // A stream this page was offered but cannot receive (the gateway does not transcode).
       const s = gw.streams.get(msg.stream_id);
-      const who = s ? (gw.participants.get(s.participant_id)?.name ?? s.participant_id) : "someone";
+      const who = s ? displayName(s.participant_id) : "Someone";
       const text = msg.reason === "codec_unsupported"
         ? `${who}'s video is ${(msg.codec || "in a codec").split("/")[0].toUpperCase()}, which this browser cannot play`
         : `${who}'s video was declined by this browser`;
       gw.unavailable = [...(gw.unavailable || []), msg];
+      // Said on the tile for as long as it holds, not only in a passing toast.
+      const p = s && gw.participants.get(s.participant_id);
+      if (s) s.unavailable = msg.reason;
+      if (p) {
+        p.note.textContent = `${text}.`;
+        p.note.hidden = false;
+        renderTile(s.participant_id);
+      }
       toast(text);
       activity(text);
       break;
@@ -340,32 +882,54 @@ function onMessage(msg) {
       refreshPickers();
       break;
     }
-    case "error":
-      toast(`Gateway: ${msg.message}`);
+    case "error": {
       activity(`error ${msg.code}: ${msg.message}`);
+      // A refused request during the call (the socket stays open). A stream or connection that
+      // is already gone (not_found) is a race with the room changing: nothing to tell.
+      if (msg.code !== "not_found") toast(IN_CALL_ERRORS[msg.code] || `The meeting server refused a request (${msg.message}).`, 8000);
       break;
+    }
   }
 }
 
 async function onJoined(msg) {
+  const wasReconnecting = gw.status === "reconnecting";
+  gw.status = "in-call";
+  gw.reconnect.since = 0;
+  gw.reconnect.attempts = 0;
+  banner(null);
+  $("room").classList.remove("reconnecting");
   $("lobby").hidden = true;
   $("room").hidden = false;
   $("controls").hidden = false;
   $("room-info").hidden = false;
-  const me = tileFor(gw.me, gw.me, true);
-  me.video.srcObject = gw.localStream;
-  me.tile.classList.add("has-video");
+  $("room-title").textContent = gw.room;
+  $("room-title").title = gw.room;
+  document.title = `${gw.room} · Rooms`;
+  // The room as it is now: participants that went while this page was away go too.
+  const present = new Set([gw.me, ...msg.participants.map((p) => p.participant_id)]);
+  for (const pid of [...gw.participants.keys()]) if (!present.has(pid)) removeTile(pid);
+  gw.streams.clear();
+  gw.layerChoices.clear();
+  gw.speakers = [];
+  gw.connections.clear();
+  renderConnections();
+  const me = tileFor(gw.me, gw.name, true);
+  if (me.video.srcObject !== gw.localStream) me.video.srcObject = gw.localStream;
   for (const p of msg.participants) tileFor(p.participant_id, p.name);
-  for (const s of msg.streams) gw.streams.set(s.stream_id, s);
+  for (const s of msg.streams) if (s.participant_id !== gw.me) gw.streams.set(s.stream_id, s);
   refreshPickers();
-  activity(`joined ${$("room-title").textContent}`);
-  await publish();
+  renderAllTiles();
+  activity(wasReconnecting ? "back in the call" : `joined ${gw.room}`);
+  if (gw.localStream) await publish();
   send({ type: "subscribe" });
 }
 
 async function publish() {
   const pc = new RTCPeerConnection(rtcConfiguration());
   gw.pub.pc = pc;
+  gw.pub.id = null;
+  gw.pub.pendingCandidates = [];
   for (const track of gw.localStream.getTracks()) {
     const init = { direction: "sendonly", streams: [gw.localStream] };
     if (track.kind === "video" && gw.options.simulcast) init.sendEncodings = SIMULCAST_ENCODINGS.map((e) => ({ ...e }));
@@ -373,14 +937,14 @@ async function publish() {
     if (track.kind === "video") preferCodec(tr, gw.options.codec);
   }
   pc.onicecandidate = (ev) => {
-    if (!ev.candidate) return;
+    if (!ev.candidate || gw.pub.pc !== pc) return;
     const c = { candidate: ev.candidate.candidate, sdpMid: ev.candidate.sdpMid, sdpMLineIndex: ev.candidate.sdpMLineIndex };
     if (gw.pub.id) send({ type: "candidate", connection_id: gw.pub.id, ...c });
     else gw.pub.pendingCandidates.push(c);
   };
   const offer = await pc.createOffer();
   await pc.setLocalDescription(offer);
-  send({ type: "publish", sdp: offer.sdp });
+  if (gw.pub.pc === pc) send({ type: "publish", sdp: offer.sdp });
 }
 
 // `?codec=h264` (or vp8, vp9, av1) puts that codec first in the publish offer.
@@ -394,8 +958,10 @@ function preferCodec(transceiver, name) {
 }
 
 async function onAnswer(msg) {
+  const pc = gw.pub.pc;
+  if (!pc) return;
   gw.pub.id = msg.connection_id;
-  await gw.pub.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+  await pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
   for (const c of gw.pub.pendingCandidates.splice(0)) send({ type: "candidate", connection_id: gw.pub.id, ...c });
 }
 
@@ -406,15 +972,19 @@ function ensureSubscriber() {
   pc.ontrack = (ev) => {
     const pid = ev.streams[0] ? ev.streams[0].id : "unknown";
     const info = gw.participants.get(pid);
-    const p = tileFor(pid, info ? info.name : pid);
+    const p = tileFor(pid, info ? info.name : null);
+    // A track of the same kind from before a reconnect is over: the new one takes its place.
+    for (const old of p.stream.getTracks()) if (old.kind === ev.track.kind && old !== ev.track) p.stream.removeTrack(old);
     p.stream.addTrack(ev.track);
     if (p.video.srcObject !== p.stream) p.video.srcObject = p.stream;
-    if (ev.track.kind === "video") p.tile.classList.add("has-video");
-    p.dot.className = "dot ok";
-    ev.track.onended = () => p.stream.removeTrack(ev.track);
+    ev.track.onended = () => {
+      p.stream.removeTrack(ev.track);
+      renderTile(pid);
+    };
+    renderTile(pid);
   };
   pc.onicecandidate = (ev) => {
-    if (ev.candidate && gw.sub.id) {
+    if (ev.candidate && gw.sub.id && gw.sub.pc === pc) {
       send({ type: "candidate", connection_id: gw.sub.id, candidate: ev.candidate.candidate, sdpMid: ev.candidate.sdpMid, sdpMLineIndex: ev.candidate.sdpMLineIndex });
     }
   };
@@ -431,8 +1001,10 @@ function onOffer(msg) {
     if (gw.options.recvCodecs) restrictReceiveCodecs(pc, gw.options.recvCodecs);
     const answer = await pc.createAnswer();
     await pc.setLocalDescription(answer);
-    send({ type: "answer", connection_id: msg.connection_id, sdp: answer.sdp });
-  }).catch((e) => toast(`Could not apply the gateway's offer: ${e.message}`));
+    if (gw.sub.pc === pc) send({ type: "answer", connection_id: msg.connection_id, sdp: answer.sdp });
+  }).catch((e) => {
+    if (gw.status === "in-call") toast(`Could not receive the others' media (${e.message}).`);
+  });
 }
 
 /** Accept only these video codecs (and their retransmission/FEC helpers) on every receiver. */
@@ -465,48 +1037,96 @@ function onConnectionEvent(msg) {
   if (["INITIAL", "GATHERED", "READY", "FINISHED", "FAILED"].includes(msg.event)) {
     c.state = msg.event;
     c.code = msg.code;
-    if (msg.event === "FAILED") toast(`${msg.role} connection failed: ${msg.reason || "unknown reason"}`);
+    c.reason = msg.reason || null;
+    if (msg.event === "FAILED") {
+      const what = msg.role === "publish" ? "Your camera and microphone could not reach" : "The others' video and sound could not come from";
+      toast(`${what} the meeting server (the network may block it).`, 8000);
+      activity(`${msg.role} connection failed: ${msg.reason || "unknown reason"}`);
+    }
   }
   renderConnections();
 }
 
-function onStreamRemoved(msg) {
-  gw.streams.delete(msg.stream_id);
-  gw.layerChoices.delete(msg.stream_id);
-  refreshPickers();
-  const p = gw.participants.get(msg.participant_id);
-  if (p && msg.participant_id !== gw.me) {
-    const left = [...gw.streams.values()].some((s) => s.participant_id === msg.participant_id && s.kind === "video");
-    if (!left && msg.kind === "video") p.tile.classList.remove("has-video");
+function onStreamAdded(msg) {
+  if (msg.participant_id === gw.me) {
+    // Our own publication: the room learns its mute state from us (a new one starts unmuted).
+    gw.ownStreams = { ...(gw.ownStreams || {}), [msg.kind]: msg.stream_id };
+    if (gw.off[msg.kind] && !msg.muted) send({ type: "mute", stream_id: msg.stream_id, muted: true });
+    return;
   }
-  if (msg.participant_id !== gw.me) activity(`${msg.participant_id} stopped ${msg.kind}`);
+  gw.streams.set(msg.stream_id, msg);
+  tileFor(msg.participant_id, displayName(msg.participant_id));
+  refreshPickers();
+  renderTile(msg.participant_id);
 }
 
-function teardown() {
+function onStreamRemoved(msg) {
+  if (msg.participant_id === gw.me) {
+    if (gw.ownStreams && gw.ownStreams[msg.kind] === msg.stream_id) delete gw.ownStreams[msg.kind];
+    return;
+  }
+  gw.streams.delete(msg.stream_id);
+  gw.layerChoices.delete(msg.stream_id);
+  const p = gw.participants.get(msg.participant_id);
+  if (p && msg.kind === "video") p.note.hidden = true;
+  refreshPickers();
+  renderTile(msg.participant_id);
+}
+
+function onTrackMute(msg, muted) {
+  const s = gw.streams.get(msg.stream_id);
+  if (s) s.muted = muted;
+  if (msg.participant_id !== gw.me) {
+    const what = msg.kind === "audio" ? (muted ? "muted their microphone" : "unmuted their microphone") : muted ? "turned their camera off" : "turned their camera on";
+    activity(`${displayName(msg.participant_id)} ${what}`);
+  }
+  renderTile(msg.participant_id);
+}
+
+function closePeerConnections() {
   for (const side of [gw.pub, gw.sub]) {
     if (side.pc) side.pc.close();
     side.pc = null;
     side.id = null;
   }
+  gw.pub.pendingCandidates = [];
+  gw.sub.queue = Promise.resolve();
+  gw.ownStreams = {};
+}
+
+function teardown() {
+  gw.reconnect.run++;
+  gw.reconnect.since = 0;
+  closePeerConnections();
   if (gw.localStream) for (const t of gw.localStream.getTracks()) t.stop();
+  gw.localStream = null;
   for (const pid of [...gw.participants.keys()]) removeTile(pid);
   gw.layerChoices.clear();
+  gw.streams.clear();
+  gw.speakers = [];
+  gw.status = "lobby";
+  banner(null);
+  showDetails(false);
+  $("room").classList.remove("reconnecting");
   $("room").hidden = true;
   $("controls").hidden = true;
   $("room-info").hidden = true;
   $("lobby").hidden = false;
   $("join-button").disabled = false;
+  document.title = "Rooms · SFU Gateway";
   renderToggles();
 }
 
 async function leave() {
   gw.left = true;
+  remember("session", "gw.inCall", null);
   const ws = gw.ws;
   if (ws && ws.readyState === WebSocket.OPEN) {
     const closed = new Promise((resolve) => ws.addEventListener("close", resolve, { once: true }));
     send({ type: "leave" });
-    await Promise.race([closed, new Promise((r) => setTimeout(r, 3000))]);
+    await Promise.race([closed, sleep(3000)]);
   }
+  gw.ws = null;
   teardown();
 }
 gw.leave = leave;
@@ -515,24 +1135,19 @@ gw.leave = leave;
 // Wiring
 // ---------------------------------------------------------------------------------------------
 
-$("join-form").addEventListener("submit", async (ev) => {
+$("join-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  $("join-error").hidden = true;
-  $("join-button").disabled = true;
-  gw.left = false;
-  try {
-    await join($("room-input").value.trim(), $("name-input").value.trim());
-  } catch (e) {
-    $("join-error").textContent = e.message;
-    $("join-error").hidden = false;
-    $("join-button").disabled = false;
-  }
+  submitJoin();
 });
 
 $("leave-button").addEventListener("click", () => leave());
+$("banner-leave").addEventListener("click", () => leave());
+$("details-button").addEventListener("click", () => showDetails($("details").hidden));
+$("details-close").addEventListener("click", () => showDetails(false));
 
 // The mic and camera buttons always show the state of the tracks being sent (after a leave and
-// a new join too): pressed = off. The choice is kept across joins in `gw.off`.
+// a new join too): pressed = off. The choice is kept across joins in `gw.off`, and the room
+// hears it through the gateway (`mute` -> `track_muted` / `track_unmuted`).
 gw.off = { audio: false, video: false };
 const TOGGLES = {
   audio: { button: "mic-button", on: ["Mic", "Mute microphone"], off: ["Muted", "Unmute microphone"] },
@@ -549,17 +1164,28 @@ function renderToggles() {
     b.title = title;
     b.setAttribute("aria-label", title);
   }
+  if (gw.me) renderTile(gw.me);
 }
 for (const kind of Object.keys(TOGGLES)) {
   $(TOGGLES[kind].button).addEventListener("click", () => {
     gw.off[kind] = !gw.off[kind];
     if (gw.localStream) for (const t of gw.localStream.getTracks()) if (t.kind === kind) t.enabled = !gw.off[kind];
+    const stream = gw.ownStreams && gw.ownStreams[kind];
+    if (stream) send({ type: "mute", stream_id: stream, muted: gw.off[kind] });
     renderToggles();
   });
 }
 renderToggles();
 
 if (gw.options.problem) toast(gw.options.problem, 8000);
-if (params.get("room")) $("room-input").value = params.get("room");
-if (params.get("name")) $("name-input").value = params.get("name");
-window.addEventListener("beforeunload", () => send({ type: "leave" }));
+// The form remembers the room (address bar, then this browser) and the name (this browser).
+$("room-input").value = params.get("room") || recall("local", "gw.room") || "";
+$("name-input").value = params.get("name") || recall("local", "gw.name") || "";
+window.addEventListener("beforeunload", () => {
+  gw.left = true;
+  send({ type: "leave" });
+});
+// A reload during a call goes straight back in (same room, name and participant).
+if (recall("session", "gw.inCall") && recall("session", "gw.inCall") === $("room-input").value.trim() && $("name-input").value.trim()) {
+  submitJoin();
+}

@@ -104,13 +104,14 @@ export async function launchChromium({ executablePath, extraArgs = [] } = {}) {
 
 /**
  * Open the web client in a fresh browser context of `browser` and press Join: `room` as `name`,
- * with extra URL parameters in `query` (e.g. "simulcast=1").
+ * with extra URL parameters in `query` (e.g. "simulcast=1"). The participant id is `name` too
+ * (`id=`), so tests can find each other's streams by it; the page otherwise makes its own id.
  */
-export async function joinPage(browser, base, room, name, query = "") {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+export async function joinPage(browser, base, room, name, query = "", { viewport = { width: 1280, height: 800 } } = {}) {
+  const context = await browser.newContext({ viewport });
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(`${base}/?room=${room}&name=${name}${query ? `&${query}` : ""}`);
+  await page.goto(`${base}/?room=${encodeURIComponent(room)}&name=${encodeURIComponent(name)}&id=${encodeURIComponent(name)}${query ? `&${query}` : ""}`);
   await page.click("#join-button");
   return page;
 }

@@ -253,7 +253,7 @@ async function joinPageWithScript(browser, base, room, name, query, script) {
   await context.addInitScript(script);
   const page = await context.newPage();
   page.on("pageerror", (e) => console.error(`[${name}] page error: ${e.message}`));
-  await page.goto(`${base}/?room=${room}&name=${name}&${query}`);
+  await page.goto(`${base}/?room=${room}&name=${name}&id=${name}&${query}`);
   await page.click("#join-button");
   return page;
 }
