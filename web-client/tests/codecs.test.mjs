@@ -24,21 +24,25 @@ after(async () => {
 
 const joinPage = (room, name, query) => joinPageOf(browser, gateway.base, room, name, query);
 
-/** The codecs (rtpmap names, sorted) of `owner`'s video section in the last offer a page received. */
+/** The codecs (rtpmap names, sorted) of `owner`'s video section in the last offer a page received
+ * that carries it. (A section the page rejected comes back in later offers as a port-0 line
+ * without its msid: a later publication in the room can renegotiate after the rejection.) */
 async function offeredVideoCodecs(page, owner) {
   return page.evaluate((owner) => {
     const offers = window.gw.events.filter((m) => m.type === "offer");
-    const sdp = offers.length ? offers[offers.length - 1].sdp : "";
-    const names = new Set();
-    for (const section of sdp.split("\r\nm=").slice(1)) {
-      const lines = section.split("\r\n");
-      if (!lines[0].startsWith("video") || !lines.some((l) => l.startsWith(`a=msid:${owner} `))) continue;
-      for (const line of lines) {
-        const m = line.match(/^a=rtpmap:\d+ ([^/]+)\//);
-        if (m) names.add(m[1].toUpperCase());
+    for (const offer of offers.reverse()) {
+      const names = new Set();
+      for (const section of offer.sdp.split("\r\nm=").slice(1)) {
+        const lines = section.split("\r\n");
+        if (!lines[0].startsWith("video") || !lines.some((l) => l.startsWith(`a=msid:${owner} `))) continue;
+        for (const line of lines) {
+          const m = line.match(/^a=rtpmap:\d+ ([^/]+)\//);
+          if (m) names.add(m[1].toUpperCase());
+        }
       }
+      if (names.size) return [...names].sort();
     }
-    return [...names].sort();
+    return [];
   }, owner);
 }
 
