@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! cargo bench -p gateway-core --bench instructions --no-run
-//! SUBS=100 BWE=1 valgrind --tool=callgrind --toggle-collect='*Fanout*forward*' \
+//! SUBS=100 BWE=1 valgrind --tool=callgrind --toggle-collect='*measured*' \
 //!     target/release/deps/instructions-<hash>
 //! ```
+//! A warm-up of `WARMUP` (1600) publisher packets — longer than str0m's 3 s RTX cache at the
+//! bench's 500 packets/s, so its buffers have grown to their steady size — is not counted.
 //! Environment: `SUBS` (100), `PACKETS` (2000), `BWE` (1: bandwidth estimation on, as in
 //! production), `DIRECT` (1: the direct send path; 0: the old write-and-poll path), `BATCH`
 //! (datagrams per timer check, 1 = every datagram, the worst case), `SRTP` (`aes256gcm`,
@@ -20,6 +22,12 @@ use gateway_core::CoreConfig;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The counted region (callgrind: `--toggle-collect='*measured*'`).
+#[inline(never)]
+fn measured(f: &mut Fanout, batch: &[gateway_core::sim::bench::Datagram]) -> usize {
+    f.forward(batch)
 }
 
 fn main() {
@@ -40,16 +48,23 @@ fn main() {
     let mut f = Fanout::with_config(subs, 1100, 7, cfg);
     f.timer_check_every = env("BATCH", 1);
     f.keepalive();
+    let mut left = env("WARMUP", 1600);
+    while left > 0 {
+        let batch = f.prepare(left.min(100));
+        f.forward(&batch);
+        f.keepalive();
+        left = left.saturating_sub(100);
+    }
     let (mut forwarded, mut published, mut cpu) = (0usize, 0usize, Duration::ZERO);
     let mut left = packets;
     while left > 0 {
         let batch = f.prepare(left.min(MAX_BATCH).min(100));
         published += batch.iter().filter(|d| d.rtp).count();
         let t = thread_cpu_time();
-        forwarded += f.forward(&batch);
+        forwarded += measured(&mut f, &batch);
         cpu += thread_cpu_time().saturating_sub(t);
         f.keepalive();
-        left -= batch.len().min(left).max(1);
+        left = left.saturating_sub(100);
     }
     assert_eq!(f.live_subscribers(), subs, "no subscriber dropped out");
     assert!(forwarded * 100 >= published * subs * 95, "fan-out broke: {forwarded} < {published} x {subs}");

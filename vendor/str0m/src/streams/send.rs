@@ -1045,13 +1045,13 @@ impl StreamTx {
         use RtcpFb::*;
         match fb {
             ReceptionReport(r) => {
-                if let Some(rtx_ssrc) = self.rtx {
-                    if rtx_ssrc == r.ssrc {
-                        // Receiver has bound MidRid to RTX SSRC
-                        self.remote_acked_rtx_ssrc = true;
-                    }
-                } else if r.ssrc == self.ssrc {
-                    // Receiver has bound MidRid to SSRC
+                // A stream with RTX has two SSRCs; a report on either says the receiver bound
+                // that one to the MidRid. (Checking the main SSRC only when there is no RTX
+                // kept the MID/RID extensions on every packet of every stream with RTX.)
+                if self.rtx == Some(r.ssrc) {
+                    self.remote_acked_rtx_ssrc = true;
+                }
+                if r.ssrc == self.ssrc {
                     self.remote_acked_ssrc = true;
                 }
 
