@@ -9,6 +9,10 @@
 #   ramp    4 rooms x 1 publisher (same media), subscribers +RAMP_STEP (40) per step until loss > 1% or
 #           p99 > 50 ms; capacity at the knee with media.workers = 1
 #   storm   1 room, 200 participants (1 publisher + 199 subscribers) joining at 50/s
+#   fanout150  1 room, 1 publisher x 150 subscribers, 40 s (the per-packet cost figure of
+#           docs/performance.md)
+# GATEWAY_ENV="GATEWAY__MEDIA__DIRECT_SEND=false" adds environment to the gateway (A/B runs);
+# NAME_SUFFIX keeps such runs' files apart (fanout150-polled-1.json, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +34,7 @@ start_gateway() {
   GATEWAY__MEDIA__WORKERS=1 \
   GATEWAY__AUTH__API_KEY=$KEY \
   GATEWAY__LOG__LEVEL=warn \
-    taskset -c 0 "$GW_BIN" > "$OUT/gateway-$1.log" 2>&1 &
+    env ${GATEWAY_ENV:-} taskset -c 0 "$GW_BIN" > "$OUT/gateway-$1.log" 2>&1 &
   GW_PID=$!
   for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" > /dev/null && return 0
@@ -51,6 +55,8 @@ loadtest() { # name, args...
   echo "==> $name: loadtest $*"
   taskset -c 1 "$LT_BIN" --url "http://127.0.0.1:$HTTP_PORT" --api-key "$KEY" --pid "$GW_PID" --threads 1 --quiet \
     --json "$OUT/$name.json" --plot "$OUT/$name.png" "$@" | tee "$OUT/$name.txt"
+  # The gateway's own added latency (read to sendto, per forwarded packet) over the whole run.
+  curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" > "$OUT/$name.metrics" || true
 }
 
 for scenario in $SCENARIOS; do
@@ -61,13 +67,14 @@ for scenario in $SCENARIOS; do
       ramp) loadtest "ramp-$run" --rooms 4 --publishers 1 --subscribers 0 --video-bitrate 1.5M --join-rate 50 \
               --ramp --ramp-step "${RAMP_STEP:-40}" --ramp-step-duration 5s --max-loss 1 --max-p99-ms "${MAX_P99_MS:-50}" --ramp-max 960 ;;
       storm) loadtest "storm-$run" --rooms 1 --publishers 1 --subscribers 199 --video-bitrate 1.5M --join-rate 50 --duration 10s ;;
+      fanout150) loadtest "fanout150${NAME_SUFFIX:-}-$run" --rooms 1 --publishers 1 --subscribers 150 --video-bitrate 1.5M --join-rate 50 --duration 40s ;;
     esac
     stop_gateway
     sleep 2
   done
 done
 
-python3 - "$OUT" $SCENARIOS <<'EOF'
+python3 - "$OUT" $(for s in $SCENARIOS; do echo "$s${NAME_SUFFIX:-}"; done) <<'EOF'
 import glob, json, statistics, sys
 out, scenarios = sys.argv[1], sys.argv[2:]
 def med(xs):
@@ -113,6 +120,27 @@ for s in scenarios:
         })
         for r in runs:
             print(f"  stop reason: {r['ramp']['stop_reason']}")
+    def forward_latency_ms(path, q):
+        try:
+            text = open(path).read()
+        except OSError:
+            return None
+        buckets = {}
+        for line in text.splitlines():
+            if line.startswith("gateway_forward_latency_seconds_bucket{"):
+                le = line.split('le="')[1].split('"')[0]
+                le = float("inf") if le == "+Inf" else float(le)
+                buckets[le] = buckets.get(le, 0) + float(line.rsplit(" ", 1)[1])
+        total = buckets.get(float("inf"), 0)
+        if not total:
+            return None
+        for le in sorted(buckets):
+            if buckets[le] >= q * total:
+                return le * 1000
+        return None
+    names = sorted(glob.glob(f"{out}/{s}-*.json"))
+    rows["gateway added latency p50 ms (bucket)"] = [forward_latency_ms(n[:-5] + ".metrics", 0.5) for n in names]
+    rows["gateway added latency p99 ms (bucket)"] = [forward_latency_ms(n[:-5] + ".metrics", 0.99) for n in names]
     for k, v in rows.items():
         m = med(v)
         shown = "-" if m is None else f"{m:.3f}" if isinstance(m, float) else str(m)
