@@ -16,8 +16,9 @@
 //! - `select`: the layer selector, a pure decision per packet and subscriber track.
 //! - `sdp`: SDP text helpers (counting sections, narrowing a section's codecs).
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
-//! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
-//!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
+//! - `sim` (feature `sim`): the engine and str0m client peers (the `test-peer` crate's) on a
+//!   virtual clock over a seeded, lossy in-memory network, for scenario tests, fuzzing and
+//!   benchmarks.
 
 mod connection;
 pub mod descriptor;
