@@ -10,6 +10,8 @@
 
 use std::fmt;
 
+use test_peer::vp8;
+
 /// Largest RTP payload we produce; str0m adds the header, extensions and the SRTP tag and must
 /// stay under its ~1150-byte datagram target.
 pub const MAX_PAYLOAD: usize = 1100;
@@ -27,6 +29,16 @@ impl fmt::Display for VideoCodec {
             VideoCodec::Vp8 => "vp8",
             VideoCodec::H264 => "h264",
         })
+    }
+}
+
+impl VideoCodec {
+    /// The codec as str0m names it.
+    pub fn codec(self) -> str0m::format::Codec {
+        match self {
+            VideoCodec::Vp8 => str0m::format::Codec::Vp8,
+            VideoCodec::H264 => str0m::format::Codec::H264,
+        }
     }
 }
 
@@ -306,11 +318,8 @@ impl Packetize for Vp8Packetizer {
         self.picture_id = (self.picture_id + 1) & 0x7fff;
         for (i, chunk) in data.chunks(MAX_PAYLOAD - DESCRIPTOR).enumerate() {
             let mut p = Vec::with_capacity(DESCRIPTOR + chunk.len());
-            // X | S (start of partition 0 on the first packet), PID 0.
-            p.push(0x80 | if i == 0 { 0x10 } else { 0 });
-            p.push(0x80); // I: picture id present
-            p.push(0x80 | (pid >> 8) as u8); // M: 15-bit picture id
-            p.push(pid as u8);
+            // X | S (start of partition 0 on the first packet), PID 0; I: a 15-bit picture id.
+            vp8::push_descriptor(&mut p, i == 0, vp8::Descriptor::PictureId(pid));
             p.extend_from_slice(chunk);
             out.push(p);
         }
@@ -361,34 +370,7 @@ impl Packetize for OpusPacketizer {
 
 /// Whether an RTP payload starts a keyframe (what a decoder waits for).
 pub fn payload_starts_keyframe(codec: VideoCodec, p: &[u8]) -> bool {
-    match codec {
-        VideoCodec::Vp8 => {
-            // Descriptor: X, then I/L/T/K flags and their fields; S must be set, PID 0.
-            if p.is_empty() || p[0] & 0x10 == 0 || p[0] & 0x07 != 0 {
-                return false;
-            }
-            let mut at = 1;
-            if p[0] & 0x80 != 0 {
-                let Some(&x) = p.get(1) else { return false };
-                at = 2;
-                if x & 0x80 != 0 {
-                    at += if p.get(at).is_some_and(|b| b & 0x80 != 0) { 2 } else { 1 };
-                }
-                if x & 0x40 != 0 {
-                    at += 1;
-                }
-                if x & 0x30 != 0 {
-                    at += 1;
-                }
-            }
-            p.get(at).is_some_and(|b| b & 1 == 0)
-        }
-        VideoCodec::H264 => match p.first().map(|b| b & 0x1f) {
-            Some(5) | Some(7) => true,
-            Some(28) => p.get(1).is_some_and(|h| h & 0x80 != 0 && h & 0x1f == 5),
-            _ => false,
-        },
-    }
+    test_peer::starts_keyframe(codec.codec(), p)
 }
 
 #[cfg(test)]

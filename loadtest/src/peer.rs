@@ -2,6 +2,11 @@
 //! ICE agent, DTLS client), each on its own UDP socket, exactly as a browser would use the
 //! public API. A publisher replays the clips in real time; a subscriber receives every stream
 //! it is offered and measures it.
+//!
+//! The str0m peers are the shared `test_peer` crate's (SDP steps, drive loop, per-stream
+//! receive counting: loss, jitter, keyframes); this file owns the session loop and sockets, the
+//! join bookkeeping, the clip replay schedule, and matching received payloads to what the
+//! publishers sent (latency, unmatched) for the report.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,12 +17,12 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
-use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpPacket, RtpWrite, Ssrc};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use str0m::media::{MediaKind, Mid, Pt, Rid};
+use str0m::rtp::{RtpPacket, RtpWrite};
+use str0m::{Event, IceConnectionState};
+use test_peer::rx::Classified;
+use test_peer::{Out, PeerConfig, SdpError};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -225,9 +230,8 @@ async fn recv(socket: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(us
 
 /// One str0m peer and its socket.
 struct Side {
-    rtc: Rtc,
+    peer: test_peer::Peer,
     socket: UdpSocket,
-    local: SocketAddr,
     next_timeout: Instant,
     connection_id: Option<String>,
     join: Join,
@@ -237,7 +241,6 @@ struct Side {
     last_state: &'static str,
     /// Our ICE agent reached Connected (DTLS may still be going).
     ice_connected: bool,
-    connected: bool,
     dead: bool,
 }
 
@@ -245,20 +248,14 @@ impl Side {
     async fn new(ip: IpAddr, publisher: Option<VideoCodec>) -> anyhow::Result<Self> {
         let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
         let local = socket.local_addr()?;
-        let mut b = Rtc::builder().set_rtp_mode(true).set_stats_interval(Some(Duration::from_secs(1)));
-        if let Some(codec) = publisher {
-            b = b.clear_codecs().enable_opus(true, false);
-            b = match codec {
-                VideoCodec::Vp8 => b.enable_vp8(true),
-                VideoCodec::H264 => b.enable_h264(true),
-            };
-        }
-        let mut rtc = b.build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(local, "udp")?);
+        let cfg = PeerConfig {
+            video_codec: publisher.map(VideoCodec::codec),
+            stats_interval: Some(Duration::from_secs(1)),
+            record: false,
+        };
         Ok(Self {
-            rtc,
+            peer: test_peer::Peer::new(Instant::now(), local, &cfg)?,
             socket,
-            local,
             next_timeout: Instant::now(),
             connection_id: None,
             join: Join::default(),
@@ -266,15 +263,12 @@ impl Side {
             initial_at: None,
             last_state: "none",
             ice_connected: false,
-            connected: false,
             dead: false,
         })
     }
 
     fn input(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        let Ok(contents) = data.try_into() else { return };
-        let r = Receive { proto: Protocol::Udp, source: from, destination: self.local, contents };
-        if self.rtc.handle_input(Input::Receive(now, r)).is_err() {
+        if self.peer.handle_datagram(now, from, data).is_err() {
             self.dead = true;
         }
     }
@@ -303,7 +297,6 @@ struct Egress {
 
 struct Publisher {
     side: Side,
-    pending: Option<SdpPendingOffer>,
     video: Vec<TxTrack>,
     audio: Option<TxTrack>,
     codec: VideoCodec,
@@ -314,41 +307,27 @@ struct Publisher {
     audio_frame: usize,
     keyframe_wanted: bool,
     last_forced_keyframe: Option<Instant>,
-    keyframe_requests: u64,
     forced_keyframes: u64,
     /// str0m's latest egress stats per (mid, rid).
     egress: HashMap<(String, Option<String>), Egress>,
     scratch: Vec<Vec<u8>>,
 }
 
-/// One received stream.
-struct RxStream {
+/// What we know of one received stream beyond the peer's counts (`side.peer.rx.streams`, same
+/// index): whose it is, and its payloads matched to the publishers' sends.
+struct RxMatch {
     index: Option<Arc<SentIndex>>,
     publisher: String,
+    /// The publisher's mid.
     mid: String,
-    kind: MediaKind,
-    codec: Option<VideoCodec>,
-    clock: f64,
-    received: u64,
-    bytes: u64,
-    first_seq: Option<u64>,
-    max_seq: u64,
     unmatched: u64,
-    jitter: f64,
-    last: Option<(f64, u32)>,
-    keyframes: u64,
-    first_rx: Option<Instant>,
-    first_key: Option<Instant>,
     last_pli: Option<Instant>,
     latencies: Vec<u32>,
 }
 
 struct Subscriber {
     side: Side,
-    /// Our mid → (publisher participant, publisher stream id) from the offers' msid lines.
-    mids: HashMap<String, (String, String)>,
-    by_ssrc: HashMap<Ssrc, usize>,
-    streams: Vec<RxStream>,
+    streams: Vec<RxMatch>,
     nacks_by_mid: HashMap<Mid, u64>,
     nacks_out: u64,
     plis_out: u64,
@@ -379,7 +358,6 @@ impl<'a> Participant<'a> {
         let publisher = if plan.publish {
             Some(Publisher {
                 side: Side::new(plan.local_ip, Some(media.codec)).await?,
-                pending: None,
                 video: Vec::new(),
                 audio: None,
                 codec: media.codec,
@@ -389,7 +367,6 @@ impl<'a> Participant<'a> {
                 audio_frame: 0,
                 keyframe_wanted: false,
                 last_forced_keyframe: None,
-                keyframe_requests: 0,
                 forced_keyframes: 0,
                 egress: HashMap::new(),
                 scratch: Vec::new(),
@@ -400,8 +377,6 @@ impl<'a> Participant<'a> {
         let subscriber = if plan.subscribe {
             Some(Subscriber {
                 side: Side::new(plan.local_ip, None).await?,
-                mids: HashMap::new(),
-                by_ssrc: HashMap::new(),
                 streams: Vec::new(),
                 nacks_by_mid: HashMap::new(),
                 nacks_out: 0,
@@ -420,26 +395,13 @@ impl<'a> Participant<'a> {
         let mut out = Vec::new();
         let now = Instant::now();
         if let Some(p) = self.publisher.as_mut() {
-            let mut api = p.side.rtc.sdp_api();
-            let audio_mid = self
-                .media
-                .audio
-                .as_ref()
-                .map(|_| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
             let layers = self.media.video.len();
-            let simulcast = (layers > 1).then(|| {
-                let mut s = Simulcast::new();
-                for l in media::LAYERS.iter().take(layers) {
-                    s.add_send_layer(SimulcastLayer::new(l.rid));
-                }
-                s
-            });
-            let video_mid =
-                (layers > 0).then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast));
-            if let Some((offer, pending)) = api.apply() {
-                p.pending = Some(pending);
-                out.push(json!({ "type": "publish", "sdp": offer.to_sdp_string() }));
+            let rids: Vec<&str> = media::LAYERS.iter().take(layers).map(|l| l.rid).collect();
+            let video = (layers > 0).then_some(rids.as_slice());
+            if let Some(sdp) = p.side.peer.publish_offer(self.media.audio.is_some(), video) {
+                out.push(json!({ "type": "publish", "sdp": sdp }));
             }
+            let (audio_mid, video_mid) = (p.side.peer.audio_mid, p.side.peer.video_mid);
             let name = &self.plan.name;
             if let (Some(mid), Some(clip)) = (audio_mid, self.media.audio.as_ref()) {
                 let index = self.shared.register(name, &mid.to_string(), None, "audio", "opus");
@@ -489,11 +451,9 @@ impl<'a> Participant<'a> {
             "answer" => {
                 if let Some(p) = self.publisher.as_mut() {
                     p.side.connection_id = v["connection_id"].as_str().map(str::to_owned);
-                    let answer = v["sdp"].as_str().and_then(|s| SdpAnswer::from_sdp_string(s).ok());
-                    if let (Some(pending), Some(answer)) = (p.pending.take(), answer) {
-                        if let Err(e) = p.side.rtc.sdp_api().accept_answer(pending, answer) {
-                            p.side.join.failed = Some(format!("answer rejected: {e}"));
-                        }
+                    let answered = p.side.peer.accept_answer(v["sdp"].as_str().unwrap_or(""));
+                    if let Err(SdpError::Rejected(e)) = answered {
+                        p.side.join.failed = Some(format!("answer rejected: {e}"));
                     }
                 }
             }
@@ -501,30 +461,28 @@ impl<'a> Participant<'a> {
                 if let Some(s) = self.subscriber.as_mut() {
                     s.side.connection_id = v["connection_id"].as_str().map(str::to_owned);
                     let sdp = v["sdp"].as_str().unwrap_or("");
-                    s.mids.extend(msid_by_mid(sdp));
-                    if let Ok(offer) = SdpOffer::from_sdp_string(sdp) {
-                        match s.side.rtc.sdp_api().accept_offer(offer) {
-                            Ok(answer) => replies.push(json!({
-                                "type": "answer",
-                                "connection_id": v["connection_id"],
-                                "sdp": answer.to_sdp_string(),
-                            })),
-                            Err(e) => s.side.join.failed = Some(format!("offer rejected: {e}")),
-                        }
+                    match s.side.peer.accept_offer(sdp) {
+                        Ok(answer) => replies.push(json!({
+                            "type": "answer",
+                            "connection_id": v["connection_id"],
+                            "sdp": answer,
+                        })),
+                        Err(SdpError::Rejected(e)) => s.side.join.failed = Some(format!("offer rejected: {e}")),
+                        Err(_) => {}
                     }
                 }
             }
             "candidate" => {
                 let id = v["connection_id"].as_str();
-                let c = v["candidate"].as_str().and_then(|c| Candidate::from_sdp_string(c).ok());
+                let c = v["candidate"].as_str();
                 for side in
                     [self.publisher.as_mut().map(|p| &mut p.side), self.subscriber.as_mut().map(|s| &mut s.side)]
                         .into_iter()
                         .flatten()
                 {
                     if side.connection_id.as_deref() == id {
-                        if let Some(c) = c.clone() {
-                            side.rtc.add_remote_candidate(c);
+                        if let Some(c) = c {
+                            side.peer.add_remote_candidate(c);
                         }
                     }
                 }
@@ -621,22 +579,21 @@ impl<'a> Participant<'a> {
             if side.dead {
                 return;
             }
-            match side.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => {
-                    if t <= now {
-                        if side.rtc.handle_input(Input::Timeout(now)).is_err() {
-                            side.dead = true;
-                        }
-                        continue;
-                    }
+            match side.peer.poll_output(now) {
+                Ok(Out::Timeout(t)) => {
                     side.next_timeout = t;
                     return;
                 }
-                Ok(Output::Transmit(t)) => {
+                Ok(Out::Transmit(t)) => {
                     // A full socket buffer drops the datagram, as the network would.
                     let _ = side.socket.try_send_to(&t.contents, t.destination);
                 }
-                Ok(Output::Event(e)) => {
+                Ok(Out::Rtp(c, p)) => {
+                    if let (false, Some(s)) = (publish, self.subscriber.as_mut()) {
+                        s.on_rtp(self.shared, &self.published, c, &p);
+                    }
+                }
+                Ok(Out::Event(e)) => {
                     if publish {
                         self.on_publisher_event(e, now);
                     } else {
@@ -661,14 +618,10 @@ impl<'a> Participant<'a> {
                 }
             }
             Event::Connected => {
-                p.side.connected = true;
                 p.next_frame_at = (!p.video.is_empty()).then_some(now);
                 p.next_audio_at = p.audio.as_ref().map(|_| now);
             }
-            Event::KeyframeRequest(_) => {
-                p.keyframe_requests += 1;
-                p.keyframe_wanted = true;
-            }
+            Event::KeyframeRequest(_) => p.keyframe_wanted = true,
             Event::MediaEgressStats(s) => {
                 let key = (s.mid.to_string(), s.rid.map(|r| r.to_string()));
                 p.egress.insert(key, Egress { packets: s.packets, nacks: s.nacks, plis: s.plis, firs: s.firs });
@@ -686,8 +639,6 @@ impl<'a> Participant<'a> {
                     s.side.join.dropped.get_or_insert_with(|| "client ICE disconnected".into());
                 }
             }
-            Event::Connected => s.side.connected = true,
-            Event::RtpPacket(p) => s.on_rtp(self.shared, &self.published, p),
             Event::MediaIngressStats(st) => {
                 // Cumulative per mid; keep the latest per stream and sum at the end.
                 s.nacks_by_mid.insert(st.mid, st.nacks);
@@ -703,7 +654,7 @@ impl<'a> Participant<'a> {
         // Drained every time round, not only when due: SDP and candidate changes made by
         // messages want to send at once.
         if let Some(p) = self.publisher.as_mut() {
-            if p.side.connected && !p.side.dead {
+            if p.side.peer.connected && !p.side.dead {
                 p.send_due(now, self.shared);
             }
         }
@@ -731,7 +682,7 @@ impl<'a> Participant<'a> {
             if late && side.join.ready_ms.is_none() && side.join.failed.is_none() {
                 // How far it got: the gateway's state, and our ICE and DTLS (str0m issue #932:
                 // ICE done but DTLS never finishing shows as `GATHERED, ICE connected`).
-                let stage = match (side.last_state, side.ice_connected, side.connected) {
+                let stage = match (side.last_state, side.ice_connected, side.peer.connected) {
                     (s, _, true) => format!("{s}, ICE and DTLS done here"),
                     (s, true, false) => format!("{s}, ICE connected, DTLS not done"),
                     (s, false, _) => format!("{s}, ICE not connected"),
@@ -754,7 +705,7 @@ impl<'a> Participant<'a> {
             let mut join = p.side.join.clone();
             join.role = "publish".into();
             report.joins.push(join);
-            report.keyframe_requests_in = p.keyframe_requests;
+            report.keyframe_requests_in = p.side.peer.keyframe_requests as u64;
             report.forced_keyframes = p.forced_keyframes;
             for t in p.video.iter().chain(p.audio.iter()) {
                 let key = (t.mid.to_string(), t.rid.map(|r| r.to_string()));
@@ -779,30 +730,26 @@ impl<'a> Participant<'a> {
             report.joins.push(join);
             report.nacks_out = s.nacks_out;
             report.plis_out = s.plis_out;
-            for rx in s.streams {
-                if let Some(idx) = &rx.index {
+            for (rx, m) in s.side.peer.rx.streams.iter().zip(s.streams) {
+                if let Some(idx) = &m.index {
                     idx.receivers.fetch_sub(1, Ordering::Relaxed);
                     if let Ok(mut l) = idx.latencies.lock() {
-                        l.extend_from_slice(&rx.latencies);
+                        l.extend_from_slice(&m.latencies);
                     }
                 }
-                let expected = rx.first_seq.map_or(0, |f| rx.max_seq - f + 1);
                 report.rx.push(RxReport {
-                    publisher: rx.publisher.clone(),
-                    stream: rx.index.as_ref().map_or(usize::MAX, |i| i.id),
+                    publisher: m.publisher.clone(),
+                    stream: m.index.as_ref().map_or(usize::MAX, |i| i.id),
                     kind: if rx.kind == MediaKind::Audio { "audio".into() } else { "video".into() },
                     received: rx.received,
                     bytes: rx.bytes,
-                    expected,
-                    lost: expected.saturating_sub(rx.received),
-                    unmatched: rx.unmatched,
-                    jitter_ms: rx.jitter / rx.clock * 1000.0,
+                    expected: rx.expected(),
+                    lost: rx.lost(),
+                    unmatched: m.unmatched,
+                    jitter_ms: rx.jitter_ms(),
                     keyframes: rx.keyframes,
-                    first_keyframe_ms: match (rx.first_rx, rx.first_key) {
-                        (Some(a), Some(b)) => Some(b.duration_since(a).as_secs_f64() * 1000.0),
-                        _ => None,
-                    },
-                    latency_ms: Percentiles::of_us_as_ms(&rx.latencies),
+                    first_keyframe_ms: rx.first_keyframe_wait().map(|d| d.as_secs_f64() * 1000.0),
+                    latency_ms: Percentiles::of_us_as_ms(&m.latencies),
                 });
             }
         }
@@ -818,33 +765,8 @@ impl TxTrack {
 impl Publisher {
     /// The payload type to send `kind` with, as negotiated (the gateway's answer decides).
     fn pt_for(&self, kind: MediaKind, mid: Mid) -> Option<Pt> {
-        let remote = self.side.rtc.media(mid)?.remote_pts().to_vec();
-        let want = if kind == MediaKind::Audio {
-            Codec::Opus
-        } else {
-            match self.codec {
-                VideoCodec::Vp8 => Codec::Vp8,
-                VideoCodec::H264 => Codec::H264,
-            }
-        };
-        let candidates: Vec<_> = self
-            .side
-            .rtc
-            .codec_config()
-            .params()
-            .iter()
-            .filter(|p| p.spec().codec == want && remote.contains(&p.pt()))
-            .collect();
-        // H.264: the clip is constrained baseline, packetization-mode 1.
-        let best = candidates
-            .iter()
-            .find(|p| {
-                want != Codec::H264
-                    || (p.spec().format.packetization_mode == Some(1)
-                        && p.spec().format.profile_level_id.is_some_and(|id| id >> 16 == 0x42))
-            })
-            .or(candidates.first());
-        best.map(|p| p.pt())
+        let codec = if kind == MediaKind::Audio { Codec::Opus } else { self.codec.codec() };
+        self.side.peer.pt_for(mid, codec)
     }
 
     /// Write every frame and audio packet whose time has come.
@@ -901,7 +823,7 @@ impl Publisher {
             t.packetizer.packetize(&f, &mut self.scratch);
             let ticks = t.clip.frame_ticks;
             if let Some(pt) = pt {
-                write_packets(&mut self.side.rtc, t, pt, &self.scratch, now, shared, true);
+                write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, true);
             }
             t.ts = t.ts.wrapping_add(ticks);
         }
@@ -918,7 +840,7 @@ impl Publisher {
         let f = f.clone();
         t.packetizer.packetize(&f, &mut self.scratch);
         if let Some(pt) = pt {
-            write_packets(&mut self.side.rtc, t, pt, &self.scratch, now, shared, false);
+            write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, false);
         }
         t.ts = t.ts.wrapping_add(960);
     }
@@ -926,7 +848,7 @@ impl Publisher {
 
 /// Write one frame's payloads on a track; record each payload's hash and send instant first.
 fn write_packets(
-    rtc: &mut Rtc,
+    peer: &mut test_peer::Peer,
     t: &mut TxTrack,
     pt: Pt,
     payloads: &[Vec<u8>],
@@ -936,7 +858,7 @@ fn write_packets(
 ) {
     let n = payloads.len();
     for (i, p) in payloads.iter().enumerate() {
-        let mut api = rtc.direct_api();
+        let mut api = peer.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(t.mid, t.rid) else { return };
         t.index.record(payload_hash(p), Instant::now(), p.len());
         let w = RtpWrite::new(pt, t.seq.into(), t.ts, now, p.clone()).marker(video && i + 1 == n).nackable(video);
@@ -951,80 +873,32 @@ fn write_packets(
 }
 
 impl Subscriber {
-    fn on_rtp(&mut self, shared: &Shared, published: &HashMap<String, (String, String)>, p: RtpPacket) {
+    /// A packet the peer has classified and counted: match it to what its publisher sent.
+    fn on_rtp(&mut self, shared: &Shared, published: &HashMap<String, (String, String)>, c: Classified, p: &RtpPacket) {
+        let Some(idx) = c.stream else { return };
+        // A stream new to us: whose it is, by our mid's msid and the published streams.
+        while self.streams.len() <= idx {
+            let mid = self.side.peer.rx.streams[self.streams.len()].mid;
+            let (publisher, pub_mid) = self
+                .side
+                .peer
+                .mids
+                .get(&mid.to_string())
+                .and_then(|(_, stream_id)| published.get(stream_id).cloned())
+                .unwrap_or_default();
+            self.streams.push(RxMatch {
+                index: None,
+                publisher,
+                mid: pub_mid,
+                unmatched: 0,
+                last_pli: None,
+                latencies: Vec::new(),
+            });
+        }
         let arrived = p.timestamp;
-        let idx = match self.by_ssrc.get(&p.header.ssrc) {
-            Some(&i) => i,
-            None => {
-                let Some((mid, kind)) = self
-                    .side
-                    .rtc
-                    .direct_api()
-                    .stream_rx(&p.header.ssrc)
-                    .map(|s| s.mid())
-                    .and_then(|mid| self.side.rtc.media(mid).map(|m| (mid, m.kind())))
-                else {
-                    return;
-                };
-                let (publisher, pub_mid) = self
-                    .mids
-                    .get(&mid.to_string())
-                    .and_then(|(_, stream_id)| published.get(stream_id).cloned())
-                    .unwrap_or_default();
-                let codec =
-                    self.side.rtc.codec_config().find(|c| c.pt() == p.header.payload_type).map(|c| c.spec().codec);
-                let codec = match codec {
-                    Some(Codec::Vp8) => Some(VideoCodec::Vp8),
-                    Some(Codec::H264) => Some(VideoCodec::H264),
-                    _ => None,
-                };
-                self.streams.push(RxStream {
-                    index: None,
-                    publisher,
-                    mid: pub_mid,
-                    kind,
-                    codec,
-                    clock: if kind == MediaKind::Audio { 48_000.0 } else { 90_000.0 },
-                    received: 0,
-                    bytes: 0,
-                    first_seq: None,
-                    max_seq: 0,
-                    unmatched: 0,
-                    jitter: 0.0,
-                    last: None,
-                    keyframes: 0,
-                    first_rx: None,
-                    first_key: None,
-                    last_pli: None,
-                    latencies: Vec::new(),
-                });
-                let i = self.streams.len() - 1;
-                self.by_ssrc.insert(p.header.ssrc, i);
-                i
-            }
-        };
         let rx = &mut self.streams[idx];
-        let seq = *p.seq_no;
-        rx.first_seq = Some(rx.first_seq.map_or(seq, |f| f.min(seq)));
-        rx.max_seq = rx.max_seq.max(seq);
-        rx.received += 1;
-        rx.bytes += p.payload.len() as u64;
-        rx.first_rx.get_or_insert(arrived);
         shared.live.rx_packets.fetch_add(1, Ordering::Relaxed);
         shared.live.rx_bytes.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
-        // RFC 3550 interarrival jitter, in RTP ticks.
-        let arrival = arrived.duration_since(shared.start).as_secs_f64() * rx.clock;
-        if let Some((last_arrival, last_ts)) = rx.last {
-            let d = (arrival - last_arrival) - f64::from(p.header.timestamp.wrapping_sub(last_ts) as i32);
-            rx.jitter += (d.abs() - rx.jitter) / 16.0;
-        }
-        rx.last = Some((arrival, p.header.timestamp));
-        if let Some(codec) = rx.codec {
-            if media::payload_starts_keyframe(codec, &p.payload) {
-                rx.keyframes += 1;
-                rx.first_key.get_or_insert(arrived);
-            }
-        }
         // Which publisher stream (simulcast: which layer) sent this payload, and when.
         let hash = payload_hash(&p.payload);
         if rx.index.is_none() && !rx.publisher.is_empty() {
@@ -1052,18 +926,14 @@ impl Subscriber {
     /// A decoder that has packets but no keyframe asks for one, once a second.
     fn request_missing_keyframes(&mut self, now: Instant) {
         for i in 0..self.streams.len() {
-            let rx = &self.streams[i];
+            let rx = &self.side.peer.rx.streams[i];
             let waiting = rx.kind == MediaKind::Video && rx.first_key.is_none();
-            let since = rx.last_pli.or(rx.first_rx);
+            let since = self.streams[i].last_pli.or(rx.first_rx);
             if !waiting || since.is_none_or(|t| now.duration_since(t) < Duration::from_secs(1)) {
                 continue;
             }
-            let ssrc = self.by_ssrc.iter().find(|(_, &k)| k == i).map(|(s, _)| *s);
-            if let Some(ssrc) = ssrc {
-                if let Some(rx_stream) = self.side.rtc.direct_api().stream_rx(&ssrc) {
-                    rx_stream.request_keyframe(KeyframeRequestKind::Pli);
-                    self.plis_out += 1;
-                }
+            if self.side.peer.request_keyframe_on(i) {
+                self.plis_out += 1;
             }
             self.streams[i].last_pli = Some(now);
         }
@@ -1081,50 +951,4 @@ impl Subscriber {
 /// One connection of this participant settled (READY or failed).
 fn settle(unsettled: &AtomicU64) {
     let _ = unsettled.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-}
-
-/// `a=mid` → (`a=msid` participant, stream id) for every media section of an SDP.
-pub fn msid_by_mid(sdp: &str) -> Vec<(String, (String, String))> {
-    let mut out = Vec::new();
-    let mut mid: Option<String> = None;
-    let mut msid: Option<(String, String)> = None;
-    let mut flush = |mid: &mut Option<String>, msid: &mut Option<(String, String)>| {
-        if let (Some(m), Some(s)) = (mid.take(), msid.take()) {
-            out.push((m, s));
-        }
-    };
-    for line in sdp.lines() {
-        let line = line.trim_end();
-        if line.starts_with("m=") {
-            flush(&mut mid, &mut msid);
-        } else if let Some(m) = line.strip_prefix("a=mid:") {
-            mid = Some(m.to_owned());
-        } else if let Some(m) = line.strip_prefix("a=msid:") {
-            let mut parts = m.split_whitespace();
-            if let (Some(p), Some(s)) = (parts.next(), parts.next()) {
-                msid = Some((p.to_owned(), s.to_owned()));
-            }
-        }
-    }
-    flush(&mut mid, &mut msid);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn msid_lines_map_mids_to_streams() {
-        let sdp = "v=0\r\nm=application 9 x\r\na=mid:0\r\nm=video 9 x\r\na=mid:1\r\na=msid:alice st_1\r\n\
-                   m=audio 9 x\r\na=msid:bob st_2\r\na=mid:2\r\n";
-        let got = msid_by_mid(sdp);
-        assert_eq!(
-            got,
-            vec![
-                ("1".to_owned(), ("alice".to_owned(), "st_1".to_owned())),
-                ("2".to_owned(), ("bob".to_owned(), "st_2".to_owned()))
-            ]
-        );
-    }
 }

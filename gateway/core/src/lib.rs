@@ -20,8 +20,9 @@
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
 //! - `speakers`: active speakers from the audio-level header extension (per-track loudness
 //!   windows, the room's ordered list).
-//! - `sim` (feature `sim`): the engine and str0m client peers on a virtual clock over a seeded,
-//!   lossy in-memory network, for scenario tests, fuzzing and benchmarks.
+//! - `sim` (feature `sim`): the engine and str0m client peers (the `test-peer` crate's) on a
+//!   virtual clock over a seeded, lossy in-memory network, for scenario tests, fuzzing and
+//!   benchmarks.
 
 pub mod allocator;
 mod connection;

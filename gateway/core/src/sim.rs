@@ -7,21 +7,27 @@
 //! detection and layer switching work as with a browser), optionally as up to three simulcast
 //! layers, and answer keyframe requests after an encoder delay, like a browser does.
 //!
+//! The client side of each peer — its str0m `Rtc`, SDP steps, receive side (every packet
+//! classified and recorded) and VP8 descriptors — is the shared `test_peer` crate; this file
+//! owns the virtual clock, the network between the peers and the engine, and the publishers'
+//! synthetic encoders (frame sizes, layers, keyframe timing, payload tags).
+//!
 //! Used by scenario tests, the fuzz targets (a READY connection to throw datagrams at) and the
 //! benchmarks. Enabled by the `sim` feature (and in this crate's own tests).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer};
-use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite, Ssrc};
-use str0m::{Candidate, Event, Input, Output as RtcOutput, Rtc};
+use str0m::media::{MediaKind, Mid, Rid};
+use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::Event;
+use test_peer::vp8::{self, Descriptor, Numbering};
+use test_peer::{Out, PeerConfig};
 
 use crate::{ConnKey, ConnectionSpec, CoreConfig, Engine, MediaEvent, NewConnection, Output};
 use signaling_api::protocol::Role;
@@ -61,23 +67,8 @@ pub struct LayerSpec {
     pub frame_bytes: usize,
 }
 
-/// One received RTP packet.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub at: Instant,
-    pub kind: MediaKind,
-    pub ssrc: Ssrc,
-    pub seq: u64,
-    pub ts: u32,
-    pub payload: Vec<u8>,
-}
-
-impl Received {
-    /// The first packet of a keyframe (VP8: start of partition 0, P bit clear).
-    pub fn starts_keyframe(&self) -> bool {
-        self.kind == MediaKind::Video && str0m::format::detect_vp8_keyframe(&self.payload)
-    }
-}
+/// One received RTP packet (`starts_keyframe`: the first packet of a keyframe).
+pub use test_peer::Received;
 
 /// A video packet a publisher sent: its layer, frame number and when.
 #[derive(Debug, Clone)]
@@ -95,26 +86,22 @@ struct LayerTx {
     seq: u64,
     /// VP8 payload descriptor numbering of this layer's pictures (each layer its own, as an
     /// encoder's simulcast streams have): 15-bit picture ID, TL0PICIDX, KEYIDX.
-    picture_id: u16,
-    tl0_pic_idx: u8,
-    key_idx: u8,
+    numbering: Numbering,
     /// A keyframe is owed (first frame, or requested; due at the instant).
     keyframe_due: Option<Instant>,
 }
 
-/// A client peer: a full (non-lite) str0m agent in RTP mode.
+/// A client peer: a full (non-lite) str0m agent in RTP mode ([`test_peer::Peer`], which it
+/// derefs to: `rtc`, `connected`, `keyframe_requests`, and `rx.received`, every RTP packet in
+/// arrival order), plus its place on the network and its encoder.
 pub struct Peer {
     pub name: String,
     pub addr: SocketAddr,
-    pub rtc: Rtc,
+    pub client: test_peer::Peer,
     pub connection_id: Option<String>,
     pub key: Option<ConnKey>,
-    pub connected: bool,
-    /// RTP received, in arrival order.
-    pub received: Vec<Received>,
     /// Video packets sent, in order.
     pub sent: Vec<Sent>,
-    pub keyframe_requests: usize,
     /// Conditions toward the gateway and from it.
     pub up: Link,
     pub down: Link,
@@ -134,14 +121,23 @@ pub struct Peer {
     /// RTCP Sender Reports received: when, for which mid, the RTP time (in the clock rate of the
     /// stream, 90 kHz for video) and the packet count they carry.
     pub sender_reports: Vec<(Instant, Mid, u64, u32)>,
-    pending: Option<SdpPendingOffer>,
-    audio: Option<Mid>,
-    video: Option<Mid>,
     layers: Vec<LayerTx>,
     frames: u32,
     audio_seq: u64,
-    video_ssrcs: Vec<Ssrc>,
     next_timeout: Option<Instant>,
+}
+
+impl Deref for Peer {
+    type Target = test_peer::Peer;
+    fn deref(&self) -> &test_peer::Peer {
+        &self.client
+    }
+}
+
+impl DerefMut for Peer {
+    fn deref_mut(&mut self) -> &mut test_peer::Peer {
+        &mut self.client
+    }
 }
 
 struct Datagram {
@@ -180,7 +176,7 @@ pub struct Sim {
 const GATEWAY_IP: [u8; 4] = [10, 0, 0, 1];
 const MAX_PACKET: usize = 1100;
 /// Bytes ahead of the sim's payload tag: the VP8 payload descriptor and payload header byte.
-const VP8_HEADER: usize = 7;
+const VP8_HEADER: usize = vp8::FULL_HEADER_LEN;
 
 impl Sim {
     /// A simulation with one room, `room`, and the given seed.
@@ -217,30 +213,15 @@ impl Sim {
     fn add_peer_with(&mut self, name: &str, video: Option<Codec>) -> usize {
         let i = self.peers.len();
         let addr = SocketAddr::from(([10, 0, (i / 250 + 1) as u8, (i % 250 + 1) as u8], 5000));
-        let mut builder = Rtc::builder().set_rtp_mode(true);
-        if let Some(video) = video {
-            builder = builder.clear_codecs().enable_opus(true, false);
-            builder = match video {
-                Codec::H264 => builder.enable_h264(true),
-                Codec::Vp9 => builder.enable_vp9(true),
-                Codec::Av1 => builder.enable_av1(true),
-                _ => builder.enable_vp8(true),
-            };
-        }
-        let mut rtc = builder.build(self.now);
-        if let Ok(c) = Candidate::host(addr, "udp") {
-            rtc.add_local_candidate(c);
-        }
+        let cfg = PeerConfig { video_codec: video, record: true, ..PeerConfig::default() };
+        let client = test_peer::Peer::new(self.now, addr, &cfg).expect("a host candidate");
         self.peers.push(Peer {
             name: name.into(),
             addr,
-            rtc,
+            client,
             connection_id: None,
             key: None,
-            connected: false,
-            received: Vec::new(),
             sent: Vec::new(),
-            keyframe_requests: 0,
             up: Link::default(),
             down: Link::default(),
             encoder_delay: Duration::from_millis(10),
@@ -250,13 +231,9 @@ impl Sim {
             audio_sent: 0,
             audio_level: None,
             sender_reports: Vec::new(),
-            pending: None,
-            audio: None,
-            video: None,
             layers: Vec::new(),
             frames: 0,
             audio_seq: 0,
-            video_ssrcs: Vec::new(),
             next_timeout: None,
         });
         i
@@ -291,13 +268,8 @@ impl Sim {
     pub fn publish_layers(&mut self, peer: usize, layers: &[LayerSpec]) {
         let now = self.now;
         let p = &mut self.peers[peer];
-        let simulcast = (layers.len() > 1).then(|| {
-            let mut s = Simulcast::new();
-            for l in layers {
-                s.add_send_layer(SimulcastLayer::new(l.rid.expect("simulcast layers have rids")));
-            }
-            s
-        });
+        let rids: Vec<&str> = layers.iter().filter_map(|l| l.rid).collect();
+        assert!(layers.len() == 1 || rids.len() == layers.len(), "simulcast layers have rids");
         p.layers = layers
             .iter()
             .enumerate()
@@ -306,19 +278,16 @@ impl Sim {
                 frame_bytes: l.frame_bytes,
                 seq: 1000,
                 // Far apart, and the first near the 15-bit wrap.
-                picture_id: ((32_700 + 11_000 * i as u32) % 32_768) as u16,
-                tl0_pic_idx: (250 + 70 * i) as u8,
-                key_idx: (30 + 9 * i as u8) % 32,
+                numbering: Numbering {
+                    picture_id: ((32_700 + 11_000 * i as u32) % 32_768) as u16,
+                    tl0_pic_idx: (250 + 70 * i) as u8,
+                    key_idx: (30 + 9 * i as u8) % 32,
+                },
                 keyframe_due: Some(now),
             })
             .collect();
-        let mut api = p.rtc.sdp_api();
-        p.audio = Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
-        p.video = Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast));
-        let (offer, pending) = api.apply().expect("an offer with two sections");
-        p.pending = Some(pending);
+        let sdp = p.client.publish_offer(true, Some(&rids)).expect("an offer with two sections");
         let spec = self.new_connection(peer, Role::Publish);
-        let sdp = offer.to_sdp_string();
         if let Err(e) = self.engine.publish(self.now, spec, &sdp) {
             panic!("publish refused: {e}");
         }
@@ -361,16 +330,11 @@ impl Sim {
         written
     }
 
-    fn pt_for(p: &Peer, mid: Mid, want: Codec) -> Option<str0m::media::Pt> {
-        let remote = p.rtc.media(mid)?.remote_pts().to_vec();
-        Some(p.rtc.codec_config().find(|c| c.spec().codec == want && remote.contains(&c.pt()))?.pt())
-    }
-
     fn write_frame(&mut self, peer: usize) -> Vec<Vec<u8>> {
         let now = self.now;
         let p = &mut self.peers[peer];
-        let Some(mid) = p.video else { return Vec::new() };
-        let Some(pt) = Self::pt_for(p, mid, Codec::Vp8) else { return Vec::new() };
+        let Some(mid) = p.client.video_mid else { return Vec::new() };
+        let Some(pt) = p.client.pt_for(mid, Codec::Vp8) else { return Vec::new() };
         p.frames += 1;
         let frame = p.frames;
         let ts = frame.wrapping_mul(20 * 90);
@@ -384,35 +348,23 @@ impl Sim {
             }
             let parts = layer.frame_bytes.div_ceil(MAX_PACKET).max(1);
             let rid = layer.rid;
-            layer.picture_id = (layer.picture_id + 1) % 32_768;
-            layer.tl0_pic_idx = layer.tl0_pic_idx.wrapping_add(1);
-            if keyframe {
-                layer.key_idx = (layer.key_idx + 1) % 32;
-            }
+            layer.numbering.advance(keyframe);
             for part in 0..parts {
                 let size = (layer.frame_bytes / parts).max(16);
                 // VP8 payload descriptor as a browser writes it: X and S (first packet of the
                 // frame) bits; I, L, T, K; 15-bit picture ID, TL0PICIDX, TID 0 with KEYIDX. Then
                 // the payload header's first byte, P bit clear on a keyframe.
-                let mut payload = vec![
-                    if part == 0 { 0x90 } else { 0x80 },
-                    0xf0,
-                    0x80 | (layer.picture_id >> 8) as u8,
-                    layer.picture_id as u8,
-                    layer.tl0_pic_idx,
-                    layer.key_idx,
-                    if keyframe { 0x00 } else { 0x01 },
-                ];
+                let mut payload = Vec::with_capacity(size.max(VP8_HEADER));
+                vp8::push_synthetic_header(&mut payload, part == 0, Descriptor::Full(layer.numbering), keyframe);
                 payload.extend_from_slice(format!("{}-L{li}-F{frame}-P{part}-", p.name).as_bytes());
                 payload.resize(size, (frame % 251) as u8);
                 let seq = layer.seq;
                 layer.seq += 1;
-                let rtx = p.rtx;
-                let mut api = p.rtc.direct_api();
-                let Some(tx) = api.stream_tx_by_mid(mid, rid) else { continue };
-                tx.write_rtp(
-                    RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(part + 1 == parts).nackable(rtx),
-                );
+                let write =
+                    RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(part + 1 == parts).nackable(p.rtx);
+                if !p.client.write_rtp(mid, rid, write) {
+                    continue;
+                }
                 p.sent.push(Sent {
                     at: now,
                     layer: li,
@@ -429,43 +381,31 @@ impl Sim {
     fn write_audio(&mut self, peer: usize) {
         let now = self.now;
         let p = &mut self.peers[peer];
-        let Some(mid) = p.audio else { return };
-        let Some(pt) = Self::pt_for(p, mid, Codec::Opus) else { return };
+        let Some(mid) = p.client.audio_mid else { return };
+        let Some(pt) = p.client.pt_for(mid, Codec::Opus) else { return };
         p.audio_seq += 1;
         let n = p.audio_seq;
         let mut payload = format!("{}-audio-{n}-", p.name).into_bytes();
         payload.resize(100, (n % 251) as u8);
-        let mut api = p.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else { return };
         // str0m writes the level only with the voice-activity flag beside it.
         let vad = p.audio_level.map(|l| l > -127);
         let ext = ExtensionValues { audio_level: p.audio_level, voice_activity: vad, ..Default::default() };
-        tx.write_rtp(
-            RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true).ext_vals(ext),
-        );
-        p.audio_sent += 1;
+        let write = RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true).ext_vals(ext);
+        if p.client.write_rtp(mid, None, write) {
+            p.audio_sent += 1;
+        }
     }
 
     /// The peer asks for a keyframe on every video stream it receives.
     pub fn request_keyframe(&mut self, peer: usize) {
-        let p = &mut self.peers[peer];
-        for ssrc in p.video_ssrcs.clone() {
-            if let Some(rx) = p.rtc.direct_api().stream_rx(&ssrc) {
-                rx.request_keyframe(KeyframeRequestKind::Pli);
-            }
-        }
+        self.peers[peer].client.request_keyframes();
         self.drain_peer(peer);
     }
 
     /// The peer sends a REMB (receiver estimated maximum bitrate) on every video stream it
     /// receives, as a receiver without TWCC feedback does.
     pub fn send_remb(&mut self, peer: usize, bps: u64) {
-        let p = &mut self.peers[peer];
-        for ssrc in p.video_ssrcs.clone() {
-            if let Some(rx) = p.rtc.direct_api().stream_rx(&ssrc) {
-                rx.request_remb(str0m::bwe::Bitrate::bps(bps));
-            }
-        }
+        self.peers[peer].client.request_remb(bps);
         self.drain_peer(peer);
     }
 
@@ -518,7 +458,7 @@ impl Sim {
             for i in 0..self.peers.len() {
                 if self.peers[i].next_timeout.is_some_and(|t| t <= self.now) {
                     let now = self.now;
-                    let _ = self.peers[i].rtc.handle_input(Input::Timeout(now));
+                    let _ = self.peers[i].client.handle_timeout(now);
                 }
             }
         }
@@ -534,10 +474,7 @@ impl Sim {
                 self.engine.handle_receive(self.now, key, d.from, d.to, &d.bytes);
             } else if let Some(i) = self.peers.iter().position(|p| p.addr == d.to) {
                 let now = self.now;
-                if let Ok(contents) = d.bytes.as_slice().try_into() {
-                    let recv = Receive { proto: Protocol::Udp, source: d.from, destination: d.to, contents };
-                    let _ = self.peers[i].rtc.handle_input(Input::Receive(now, recv));
-                }
+                let _ = self.peers[i].client.handle_datagram(now, d.from, &d.bytes);
                 self.drain_peer(i);
             }
         }
@@ -620,24 +557,18 @@ impl Sim {
         match e {
             MediaEvent::Answer { connection_id, sdp } => {
                 let Some(i) = self.peer_of(connection_id) else { return };
-                let p = &mut self.peers[i];
-                if let (Some(pending), Ok(answer)) = (p.pending.take(), SdpAnswer::from_sdp_string(sdp)) {
-                    let _ = p.rtc.sdp_api().accept_answer(pending, answer);
-                }
+                let _ = self.peers[i].client.accept_answer(sdp);
             }
             MediaEvent::Offer { connection_id, sdp } => {
                 let Some(i) = self.peer_of(connection_id) else { return };
-                let Ok(offer) = SdpOffer::from_sdp_string(sdp) else { return };
-                let Ok(answer) = self.peers[i].rtc.sdp_api().accept_offer(offer) else { return };
-                let (now, id, sdp) = (self.now, connection_id.clone(), answer.to_sdp_string());
+                let Ok(sdp) = self.peers[i].client.accept_offer(sdp) else { return };
+                let (now, id) = (self.now, connection_id.clone());
                 // Queued output of the answer is handled by the caller's pump loop.
                 let _ = self.engine.answer(now, &id, &sdp);
             }
             MediaEvent::Candidate { connection_id, candidate, .. } => {
                 let Some(i) = self.peer_of(connection_id) else { return };
-                if let Ok(c) = Candidate::from_sdp_string(candidate) {
-                    self.peers[i].rtc.add_remote_candidate(c);
-                }
+                self.peers[i].client.add_remote_candidate(candidate);
             }
             _ => {}
         }
@@ -646,30 +577,24 @@ impl Sim {
     fn drain_peer(&mut self, i: usize) {
         loop {
             let now = self.now;
-            let out = self.peers[i].rtc.poll_output();
+            let out = self.peers[i].client.poll_output(now);
             match out {
-                Ok(RtcOutput::Timeout(t)) => {
-                    if t <= now {
-                        let _ = self.peers[i].rtc.handle_input(Input::Timeout(now));
-                        continue;
-                    }
+                Ok(Out::Timeout(t)) => {
                     self.peers[i].next_timeout = Some(t);
                     return;
                 }
-                Ok(RtcOutput::Transmit(t)) => {
+                Ok(Out::Transmit(t)) => {
                     let from = self.peers[i].addr;
                     self.send(Some(i), true, from, t.destination, t.contents.into());
                 }
-                Ok(RtcOutput::Event(e)) => {
+                // Counted and recorded by the client.
+                Ok(Out::Rtp(..)) => {}
+                Ok(Out::Event(e)) => {
                     let p = &mut self.peers[i];
                     match e {
-                        Event::Connected => p.connected = true,
                         Event::SenderFeedback(f) => {
-                            let clock = if p.rtc.media(f.mid).is_some_and(|m| m.kind() == MediaKind::Audio) {
-                                48_000
-                            } else {
-                                90_000
-                            };
+                            let audio = p.client.rtc.media(f.mid).is_some_and(|m| m.kind() == MediaKind::Audio);
+                            let clock = if audio { 48_000 } else { 90_000 };
                             let rtp = f
                                 .sender_info
                                 .rtp_time
@@ -678,31 +603,10 @@ impl Sim {
                             p.sender_reports.push((now, f.mid, rtp, f.sender_info.sender_packet_count));
                         }
                         Event::KeyframeRequest(r) => {
-                            p.keyframe_requests += 1;
                             let due = now + p.encoder_delay;
                             for l in p.layers.iter_mut().filter(|l| r.rid.is_none() || l.rid == r.rid) {
                                 l.keyframe_due.get_or_insert(due);
                             }
-                        }
-                        Event::RtpPacket(pkt) => {
-                            let kind = p
-                                .rtc
-                                .direct_api()
-                                .stream_rx(&pkt.header.ssrc)
-                                .map(|s| s.mid())
-                                .and_then(|mid| p.rtc.media(mid).map(|m| m.kind()))
-                                .unwrap_or(MediaKind::Video);
-                            if kind == MediaKind::Video && !p.video_ssrcs.contains(&pkt.header.ssrc) {
-                                p.video_ssrcs.push(pkt.header.ssrc);
-                            }
-                            p.received.push(Received {
-                                at: now,
-                                kind,
-                                ssrc: pkt.header.ssrc,
-                                seq: *pkt.seq_no,
-                                ts: pkt.header.timestamp,
-                                payload: pkt.payload.to_vec(),
-                            });
                         }
                         _ => {}
                     }
@@ -717,12 +621,12 @@ impl Sim {
 
     /// Video payloads a peer received, in arrival order.
     pub fn video_received(&self, peer: usize) -> Vec<Vec<u8>> {
-        self.peers[peer].received.iter().filter(|r| r.kind == MediaKind::Video).map(|r| r.payload.clone()).collect()
+        self.peers[peer].rx.received.iter().filter(|r| r.kind == MediaKind::Video).map(|r| r.payload.clone()).collect()
     }
 
     /// When the peer received its first keyframe (its first decodable video frame).
     pub fn first_keyframe_at(&self, peer: usize) -> Option<Instant> {
-        self.peers[peer].received.iter().find(|r| r.starts_keyframe()).map(|r| r.at)
+        self.peers[peer].rx.received.iter().find(|r| r.starts_keyframe()).map(|r| r.at)
     }
 
     /// The publisher layer (index into its layers) of a received payload, from its tag.
@@ -734,8 +638,7 @@ impl Sim {
     /// The VP8 picture ID, TL0PICIDX and KEYIDX of a payload the sim's publishers wrote (as
     /// rewritten on the way).
     pub fn vp8_numbers(payload: &[u8]) -> Option<(u16, u8, u8)> {
-        let d = str0m::rtp::Vp8Descriptor::parse(payload).ok()?;
-        Some((d.picture_id()?, d.tl0_pic_idx()?, d.key_idx()?))
+        vp8::numbers(payload)
     }
 }
 
@@ -897,7 +800,8 @@ mod tests {
             let pa = f.next()?.strip_prefix('P')?.parse().ok()?;
             Some((l, fr, pa))
         };
-        let video: Vec<&Received> = sim.peers[viewer].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+        let video: Vec<&Received> =
+            sim.peers[viewer].rx.received.iter().filter(|r| r.kind == MediaKind::Video).collect();
         let starts: Vec<(usize, u32)> = video
             .iter()
             .filter(|r| r.starts_keyframe())

@@ -38,7 +38,7 @@ fn one_layer() -> Vec<LayerSpec> {
 /// `deadline` of being sent, and the number judged.
 fn on_time(sim: &Sim, publisher: usize, sub: usize, from: Instant, to: Instant, deadline: Duration) -> (f64, usize) {
     let sent: Vec<_> = sim.peers[publisher].sent.iter().filter(|s| s.at >= from && s.at < to).collect();
-    let rx = &sim.peers[sub].received;
+    let rx = &sim.peers[sub].rx.received;
     let ok = sent
         .iter()
         .filter(|s| rx.iter().any(|r| r.payload == s.payload && r.at.saturating_duration_since(s.at) <= deadline))
@@ -190,7 +190,7 @@ fn uplink_loss(seed: u64) -> (Vec<f64>, u64, u64, usize) {
     // Audio losses (never repaired: no RTX) happened, and are not video losses.
     assert!(subs
         .iter()
-        .all(|&v| sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Audio).count() < audio_sent));
+        .all(|&v| sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Audio).count() < audio_sent));
     (shares, nacks, unrecoverable, requests)
 }
 
@@ -241,11 +241,11 @@ fn a_loss_the_publisher_cannot_repair_brings_a_keyframe_not_silence() {
     let sent = &sim.peers[p].sent;
     let lost_at: Vec<Instant> = sent
         .iter()
-        .filter(|s| s.at >= start && !sim.peers[v].received.iter().any(|r| r.payload == s.payload))
+        .filter(|s| s.at >= start && !sim.peers[v].rx.received.iter().any(|r| r.payload == s.payload))
         .map(|s| s.at)
         .collect();
     let keyframes: Vec<Instant> =
-        sim.peers[v].received.iter().filter(|r| r.starts_keyframe() && r.at >= start).map(|r| r.at).collect();
+        sim.peers[v].rx.received.iter().filter(|r| r.starts_keyframe() && r.at >= start).map(|r| r.at).collect();
     let waits: Vec<Duration> =
         lost_at.iter().filter_map(|l| keyframes.iter().find(|k| *k > l).map(|k| k.duration_since(*l))).collect();
     let worst = waits.iter().max().copied().unwrap_or_default();
@@ -372,6 +372,7 @@ fn simulcast() -> Vec<LayerSpec> {
 /// Layers (by publisher layer index) of the video a peer received since `from`, in order.
 fn layers_since(sim: &Sim, v: usize, from: Instant) -> Vec<usize> {
     sim.peers[v]
+        .rx
         .received
         .iter()
         .filter(|r| r.kind == MediaKind::Video && r.at >= from)
@@ -385,7 +386,7 @@ fn layers_since(sim: &Sim, v: usize, from: Instant) -> Vec<usize> {
 /// picture, KEYIDX +1 per keyframe, each in its own wrapping space), though every layer numbers
 /// its own pictures from far apart. Returns the number of layer switches seen.
 fn assert_continuous(sim: &Sim, v: usize) -> usize {
-    let video: Vec<_> = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+    let video: Vec<_> = sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video).collect();
     let mut switches = 0;
     for w in video.windows(2) {
         assert_eq!(w[1].seq, w[0].seq + 1, "sequence numbers continue");
@@ -431,6 +432,7 @@ fn set_layer_switches_at_keyframes_and_the_stream_stays_continuous() {
         sim.stream_for(p, ms(400));
         let got = layers_since(&sim, v, t);
         let switched = sim.peers[v]
+            .rx
             .received
             .iter()
             .find(|r| r.at >= t && Sim::layer_of(&r.payload) == Some(layer))
@@ -521,7 +523,7 @@ fn the_bandwidth_estimate_moves_a_subscriber_down_up_and_pauses_video() {
     let t = sim.now;
     sim.stream_for(p, Duration::from_secs(3));
     let video = layers_since(&sim, v, t).len();
-    let audio = sim.peers[v].received.iter().filter(|r| r.at >= t && r.kind == MediaKind::Audio).count();
+    let audio = sim.peers[v].rx.received.iter().filter(|r| r.at >= t && r.kind == MediaKind::Audio).count();
     report(&sim, "60 kbit/s", t);
     println!("60 kbit/s: {video} video and {audio} audio packets in 3 s; wall {:?}", wall.elapsed());
     assert_eq!(video, 0, "video paused");
@@ -566,7 +568,7 @@ fn remb_from_a_subscriber_caps_its_layer() {
 fn longest_video_gap(sim: &Sim, v: usize, from: Instant) -> Duration {
     let mut last = from;
     let mut worst = Duration::ZERO;
-    for r in sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video && r.at >= from) {
+    for r in sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video && r.at >= from) {
         worst = worst.max(r.at.duration_since(last));
         last = r.at;
     }
@@ -649,7 +651,7 @@ fn a_single_layer_rides_out_a_dip_but_pauses_when_starved() {
     let t3 = sim.now;
     sim.stream_for(p, Duration::from_secs(3));
     let video = layers_since(&sim, v, t3).len();
-    let audio = sim.peers[v].received.iter().filter(|r| r.at >= t3 && r.kind == MediaKind::Audio).count();
+    let audio = sim.peers[v].rx.received.iter().filter(|r| r.at >= t3 && r.kind == MediaKind::Audio).count();
     println!(
         "single layer at 120 kbit/s: paused after {paused_at:?} (estimate {}), then {video} video and {audio} audio \
          packets in 3 s",
@@ -666,7 +668,7 @@ fn a_single_layer_rides_out_a_dip_but_pauses_when_starved() {
     while sim.now < t + Duration::from_secs(20) && resumed.is_none() {
         sim.stream_for(p, ms(200));
         resumed =
-            sim.peers[v].received.iter().find(|r| r.at >= t && r.starts_keyframe()).map(|r| r.at.duration_since(t));
+            sim.peers[v].rx.received.iter().find(|r| r.at >= t && r.starts_keyframe()).map(|r| r.at.duration_since(t));
     }
     println!("single layer: video back {resumed:?} after the link cleared (estimate {})", estimate(&sim));
     assert!(resumed.is_some_and(|d| d < Duration::from_secs(8)), "resumed after {resumed:?}");
@@ -690,7 +692,7 @@ fn keyframe_cache_time_to_first_frame() {
             let v = sim.peers.len() - 1;
             // What the joiner got decodes: its first packet starts a keyframe and sequence
             // numbers continue (nothing lost on these links), timestamps never go back.
-            let video: Vec<_> = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+            let video: Vec<_> = sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video).collect();
             assert!(video[0].starts_keyframe(), "cache {cache}: the first packet starts a keyframe");
             for w in video.windows(2) {
                 assert_eq!(w[1].seq, w[0].seq + 1, "cache {cache}: continuous");
@@ -743,7 +745,7 @@ fn peers_that_send_media_but_no_binding_requests_stay_ready() {
     let t = sim.now;
     // Past str0m's 15 s plus the 10 s grace, twice over.
     sim.stream_for(p, Duration::from_secs(50));
-    let late = sim.peers[v].received.iter().filter(|r| r.kind == MediaKind::Video && r.at >= t + ms(49_000)).count();
+    let late = sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video && r.at >= t + ms(49_000)).count();
     println!("no Binding requests for 50 s: publisher failures {:?}, subscriber failures {:?}, video packets in the last second {late}", failures(&sim, p), failures(&sim, v));
     assert!(failures(&sim, p).is_empty(), "publisher stays READY: {:?}", failures(&sim, p));
     assert!(failures(&sim, v).is_empty(), "subscriber stays READY: {:?}", failures(&sim, v));
@@ -856,11 +858,11 @@ fn codec_mismatch(publisher_codec: Codec, other: Codec, seed: u64) {
     assert_eq!(layers.len(), 1, "the rejected stream shows in the inspection");
     assert_eq!(layers[0].unavailable.as_deref(), Some("codec_unsupported"));
     // Audio still reaches the subscriber that cannot take the video.
-    let audio = sim.peers[bad].received.iter().filter(|r| r.kind == MediaKind::Audio).count();
+    let audio = sim.peers[bad].rx.received.iter().filter(|r| r.kind == MediaKind::Audio).count();
     assert!(audio > 20, "audio flows to it: {audio} packets");
     if publisher_codec == Codec::Vp8 {
         // (The sim's publishers write VP8 frames only.)
-        let video = sim.peers[good].received.iter().filter(|r| r.kind == MediaKind::Video).count();
+        let video = sim.peers[good].rx.received.iter().filter(|r| r.kind == MediaKind::Video).count();
         assert!(video > 50, "video flows to the subscriber that decodes it: {video} packets");
     }
 }
@@ -893,7 +895,7 @@ fn the_first_sender_report_of_a_new_stream_follows_its_first_packet() {
     // The subscriber is offered the new stream and answers; nothing is forwarded for a while.
     sim.run_for(Duration::from_secs(3));
     sim.stream_for(p, Duration::from_secs(4));
-    let first = sim.peers[v].received.iter().find(|r| r.kind == MediaKind::Video).cloned().expect("video arrived");
+    let first = sim.peers[v].rx.received.iter().find(|r| r.kind == MediaKind::Video).cloned().expect("video arrived");
     let video_mid = sim.peers[v].rtc.direct_api().stream_rx(&first.ssrc).map(|s| s.mid()).expect("a stream");
     let peer = &sim.peers[v];
     let srs: Vec<_> = peer.sender_reports.iter().filter(|(_, mid, _, _)| *mid == video_mid).collect();

@@ -1,5 +1,10 @@
 //! Test harness: a real gateway started in-process on ephemeral ports, and str0m-based test
 //! peers that join through the public REST + WebSocket API and exchange RTP over loopback UDP.
+//!
+//! The str0m side of a peer (its `Rtc`, SDP steps, receive classification, VP8 descriptors) is
+//! the shared `test_peer` crate; this file owns the REST client, the WebSocket driver and the
+//! socket, the fault switches (lossy, muted, DTLS blocked, offers ignored, no repair) and the
+//! log the tests read.
 
 #![allow(dead_code)]
 
@@ -11,12 +16,13 @@ use futures_util::{SinkExt, StreamExt};
 use gateway::config::GatewayConfig;
 use gateway::server::Running;
 use serde_json::{json, Value};
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
-use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, Input, Output, Rtc};
+use str0m::media::MediaKind;
+use str0m::rtp::{RtpPacket, RtpWrite};
+use str0m::Event;
+use test_peer::rx::Classified;
+use test_peer::vp8::{self, Descriptor};
+use test_peer::{Out, PeerConfig, SdpError};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -243,13 +249,9 @@ impl Peer {
 
 struct PeerState {
     name: String,
-    rtc: Rtc,
+    peer: test_peer::Peer,
     socket: UdpSocket,
-    local: SocketAddr,
-    pending: Option<SdpPendingOffer>,
     connection_id: Option<String>,
-    audio_mid: Option<Mid>,
-    video_mid: Option<Mid>,
     to_send: usize,
     sent: u64,
     ignore_offers: bool,
@@ -262,7 +264,6 @@ struct PeerState {
     no_repair: bool,
     rtp_rx: u64,
     rtp_tx: u64,
-    video_ssrcs: Vec<str0m::rtp::Ssrc>,
     log: Arc<Mutex<Log>>,
 }
 
@@ -276,17 +277,12 @@ async fn run_peer(
     log: Arc<Mutex<Log>>,
 ) {
     let local = socket.local_addr().unwrap();
-    let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let peer = test_peer::Peer::new(Instant::now(), local, &PeerConfig::default()).unwrap();
     let mut st = PeerState {
         name,
-        rtc,
+        peer,
         socket,
-        local,
-        pending: None,
         connection_id: None,
-        audio_mid: None,
-        video_mid: None,
         to_send: 0,
         sent: 0,
         ignore_offers: false,
@@ -298,7 +294,6 @@ async fn run_peer(
         no_repair: false,
         rtp_rx: 0,
         rtp_tx: 0,
-        video_ssrcs: Vec::new(),
         log,
     };
     let (mut ws_tx, mut ws_rx) = ws.split();
@@ -335,10 +330,7 @@ async fn run_peer(
                         continue;
                     }
                 }
-                if let Ok(contents) = buf[..n].try_into() {
-                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: st.local, contents });
-                    let _ = st.rtc.handle_input(input);
-                }
+                let _ = st.peer.handle_datagram(Instant::now(), source, &buf[..n]);
             }
             m = ws_rx.next() => {
                 match m {
@@ -384,7 +376,7 @@ async fn run_peer(
                 st.send_pli();
             }
             _ = tokio::time::sleep(wait) => {
-                let _ = st.rtc.handle_input(Input::Timeout(Instant::now()));
+                let _ = st.peer.handle_timeout(Instant::now());
             }
         }
     }
@@ -394,15 +386,9 @@ impl PeerState {
     /// Poll the Rtc until it waits; returns when it next wants time.
     async fn drain(&mut self) -> Instant {
         loop {
-            match self.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => {
-                    if t <= Instant::now() {
-                        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
-                        continue;
-                    }
-                    return t;
-                }
-                Ok(Output::Transmit(t)) => {
+            match self.peer.poll_output(Instant::now()) {
+                Ok(Out::Timeout(t)) => return t,
+                Ok(Out::Transmit(t)) => {
                     if self.block_dtls && t.contents.first().is_some_and(|b| (20..=63).contains(b)) {
                         continue;
                     }
@@ -415,7 +401,8 @@ impl PeerState {
                     }
                     let _ = self.socket.send_to(&t.contents, t.destination).await;
                 }
-                Ok(Output::Event(e)) => self.on_event(e),
+                Ok(Out::Rtp(c, p)) => self.on_rtp(c, &p),
+                Ok(Out::Event(e)) => self.on_event(e),
                 Err(_) => return Instant::now() + Duration::from_millis(50),
             }
         }
@@ -429,59 +416,47 @@ impl PeerState {
                 log.keyframe_requests += 1;
                 self.keyframe_owed = true;
             }
-            Event::RtpPacket(p) => {
-                if self.no_repair {
-                    // Before any gap can be seen: the first packet of a stream cannot be missing.
-                    if let Some(rx) = self.rtc.direct_api().stream_rx(&p.header.ssrc) {
-                        rx.suppress_nack(true);
-                    }
-                }
-                let kind = self
-                    .rtc
-                    .direct_api()
-                    .stream_rx(&p.header.ssrc)
-                    .map(|s| s.mid())
-                    .and_then(|mid| self.rtc.media(mid).map(|m| m.kind()))
-                    .unwrap_or(MediaKind::Video);
-                if kind == MediaKind::Video && !self.video_ssrcs.contains(&p.header.ssrc) {
-                    self.video_ssrcs.push(p.header.ssrc);
-                }
-                log.rtp.push((kind, p.payload.to_vec()));
-            }
             _ => {}
         }
     }
 
+    fn on_rtp(&mut self, c: Classified, p: &RtpPacket) {
+        if self.no_repair {
+            // Before any gap can be seen: the first packet of a stream cannot be missing.
+            if let Some(rx) = self.peer.rtc.direct_api().stream_rx(&p.header.ssrc) {
+                rx.suppress_nack(true);
+            }
+        }
+        self.log.lock().unwrap().rtp.push((c.kind, p.payload.to_vec()));
+    }
+
     fn make_offer(&mut self) -> Value {
-        let mut api = self.rtc.sdp_api();
-        self.audio_mid = Some(api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
-        self.video_mid = Some(api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
-        let (offer, pending) = api.apply().expect("offer");
-        self.pending = Some(pending);
-        json!({ "type": "publish", "sdp": offer.to_sdp_string() })
+        let sdp = self.peer.publish_offer(true, Some(&[])).expect("offer");
+        json!({ "type": "publish", "sdp": sdp })
     }
 
     fn on_message(&mut self, v: &Value) -> Option<Value> {
         match v["type"].as_str()? {
             "answer" => {
                 self.connection_id = v["connection_id"].as_str().map(str::to_owned);
-                let answer = SdpAnswer::from_sdp_string(v["sdp"].as_str()?).ok()?;
-                let pending = self.pending.take()?;
-                self.rtc.sdp_api().accept_answer(pending, answer).expect("gateway answer is acceptable");
+                if let Err(SdpError::Rejected(e)) = self.peer.accept_answer(v["sdp"].as_str()?) {
+                    panic!("gateway answer is acceptable: {e}");
+                }
                 None
             }
             "offer" if !self.ignore_offers => {
                 self.connection_id = v["connection_id"].as_str().map(str::to_owned);
                 let sdp = v["sdp"].as_str()?;
                 self.log.lock().unwrap().offers.push(sdp.to_owned());
-                let offer = SdpOffer::from_sdp_string(sdp).ok()?;
-                let answer = self.rtc.sdp_api().accept_offer(offer).expect("gateway offer is acceptable");
-                Some(json!({ "type": "answer", "connection_id": v["connection_id"], "sdp": answer.to_sdp_string() }))
+                let answer = match self.peer.accept_offer(sdp) {
+                    Ok(answer) => answer,
+                    Err(SdpError::Rejected(e)) => panic!("gateway offer is acceptable: {e}"),
+                    Err(_) => return None,
+                };
+                Some(json!({ "type": "answer", "connection_id": v["connection_id"], "sdp": answer }))
             }
             "candidate" => {
-                if let Ok(c) = Candidate::from_sdp_string(v["candidate"].as_str()?) {
-                    self.rtc.add_remote_candidate(c);
-                }
+                self.peer.add_remote_candidate(v["candidate"].as_str()?);
                 None
             }
             _ => None,
@@ -495,11 +470,7 @@ impl PeerState {
             return;
         }
         self.plis_left -= 1;
-        for ssrc in self.video_ssrcs.clone() {
-            if let Some(rx) = self.rtc.direct_api().stream_rx(&ssrc) {
-                rx.request_keyframe(str0m::media::KeyframeRequestKind::Pli);
-            }
-        }
+        self.peer.request_keyframes();
         self.log.lock().unwrap().plis_sent += 1;
     }
 
@@ -512,18 +483,13 @@ impl PeerState {
         self.sent += 1;
         let n = self.sent;
         let now = Instant::now();
-        for (kind, mid) in [(MediaKind::Video, self.video_mid), (MediaKind::Audio, self.audio_mid)] {
+        for (kind, mid) in [(MediaKind::Video, self.peer.video_mid), (MediaKind::Audio, self.peer.audio_mid)] {
             let Some(mid) = mid else { continue };
             if kind == MediaKind::Audio && n % 2 == 0 {
                 continue;
             }
             let want = if kind == MediaKind::Video { Codec::Vp8 } else { Codec::Opus };
-            let Some(remote) = self.rtc.media(mid).map(|m| m.remote_pts().to_vec()) else { continue };
-            let Some(pt) =
-                self.rtc.codec_config().find(|p| p.spec().codec == want && remote.contains(&p.pt())).map(|p| p.pt())
-            else {
-                continue;
-            };
+            let Some(pt) = self.peer.pt_for(mid, want) else { continue };
             let size = if kind == MediaKind::Video { 900 } else { 120 };
             // Video is VP8-shaped (payload descriptor with S=1, then the key/delta bit), so the
             // gateway's keyframe detection sees what a browser would send: a keyframe first and
@@ -531,7 +497,7 @@ impl PeerState {
             let mut payload = Vec::new();
             if kind == MediaKind::Video {
                 let key = n == 1 || std::mem::take(&mut self.keyframe_owed);
-                payload.extend_from_slice(&[0x10, if key { 0x00 } else { 0x01 }]);
+                vp8::push_synthetic_header(&mut payload, true, Descriptor::Plain, key);
             }
             payload.extend_from_slice(format!("{}-{:?}-{n}-", self.name, kind).as_bytes());
             while payload.len() < size {
@@ -539,10 +505,10 @@ impl PeerState {
             }
             let clock = if kind == MediaKind::Video { 90 } else { 48 };
             let ts = (n * 20 * clock) as u32;
-            let mut api = self.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else { continue };
             let write = RtpWrite::new(pt, (1000 + n).into(), ts, now, payload.clone()).marker(true);
-            tx.write_rtp(write.nackable(!self.no_repair));
+            if !self.peer.write_rtp(mid, None, write.nackable(!self.no_repair)) {
+                continue;
+            }
             self.log.lock().unwrap().sent.push((kind, payload));
         }
     }

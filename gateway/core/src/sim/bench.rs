@@ -26,7 +26,8 @@ use str0m::crypto::{CryptoError, CryptoProvider};
 use str0m::format::Codec;
 use str0m::media::MediaKind;
 use str0m::rtp::RtpWrite;
-use str0m::Output as RtcOutput;
+use test_peer::vp8::{self, Descriptor};
+use test_peer::Out;
 
 use super::Sim;
 use crate::{ConnKey, CoreConfig, Output};
@@ -221,39 +222,32 @@ impl Fanout {
     pub fn prepare(&mut self, n: usize) -> Vec<Datagram> {
         let mut out = Vec::with_capacity(n + 8);
         let p = &mut self.sim.peers[self.publisher];
-        let Some(mid) = p.video else { return out };
-        let Some(pt) = p.rtc.media(mid).and_then(|m| {
-            let remote = m.remote_pts().to_vec();
-            p.rtc.codec_config().find(|c| c.spec().codec == Codec::Vp8 && remote.contains(&c.pt())).map(|c| c.pt())
-        }) else {
-            return out;
-        };
+        let Some(mid) = p.client.video_mid else { return out };
+        let Some(pt) = p.client.pt_for(mid, Codec::Vp8) else { return out };
         let mut at = self.sim.now;
         for _ in 0..n.min(MAX_BATCH) {
             at += PACKET_INTERVAL;
             self.seq += 1;
             // A one-packet VP8 delta frame (payload descriptor with S set, P bit set), numbered.
-            let mut payload = vec![0u8; self.payload_len.max(10)];
-            payload[0] = 0x10;
-            payload[1] = 0x01;
-            payload[2..10].copy_from_slice(&self.seq.to_be_bytes());
-            let mut api = p.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else { break };
+            let mut payload = Vec::with_capacity(self.payload_len.max(10));
+            vp8::push_synthetic_header(&mut payload, true, Descriptor::Plain, false);
+            payload.extend_from_slice(&self.seq.to_be_bytes());
+            payload.resize(self.payload_len.max(10), 0);
+            let ts = (p.frames + 1).wrapping_mul(20 * 90);
+            let write = RtpWrite::new(pt, self.seq.into(), ts, at, payload).marker(true).nackable(true);
+            if !p.client.write_rtp(mid, None, write) {
+                break;
+            }
             p.frames += 1;
-            let ts = p.frames.wrapping_mul(20 * 90);
-            tx.write_rtp(RtpWrite::new(pt, self.seq.into(), ts, at, payload).marker(true).nackable(true));
             loop {
-                match p.rtc.poll_output() {
-                    Ok(RtcOutput::Transmit(t)) => {
+                match p.client.poll_output(at) {
+                    Ok(Out::Transmit(t)) => {
                         let bytes: Vec<u8> = t.contents.into();
                         let rtp = bytes.len() > 1 && !(192..=223).contains(&bytes[1]);
                         out.push(Datagram { at, bytes, rtp });
                     }
-                    Ok(RtcOutput::Timeout(t)) if t <= at => {
-                        let _ = p.rtc.handle_input(str0m::Input::Timeout(at));
-                    }
                     // Stats and feedback events of the publisher are of no interest here.
-                    Ok(RtcOutput::Event(_)) => {}
+                    Ok(Out::Event(_) | Out::Rtp(..)) => {}
                     _ => break,
                 }
             }
@@ -324,7 +318,7 @@ impl Fanout {
 
     /// Video packets the subscribers received during setup and keepalives.
     pub fn received_video(&self) -> usize {
-        self.sim.peers.iter().map(|p| p.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
+        self.sim.peers.iter().map(|p| p.rx.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
     }
 }
 
