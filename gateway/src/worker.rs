@@ -195,17 +195,10 @@ impl Worker {
     /// from the read to its `sendto` returning is recorded.
     fn flush_timed(&mut self, from: ConnKey, read_at: Instant) {
         while let Some(out) = self.engine.poll_output() {
-            match out {
-                Output::Transmit { key, destination, contents } => {
-                    if let Some(sock) = self.sockets.get(&key) {
-                        if sock.socket.send_to(&contents, destination).is_err() {
-                            self.setup.metrics.send_errors.inc();
-                        } else if key != from {
-                            self.forward_latency.observe(read_at.elapsed().as_secs_f64());
-                        }
-                    }
+            if let Some(key) = self.carry_out(out) {
+                if key != from {
+                    self.forward_latency.observe(read_at.elapsed().as_secs_f64());
                 }
-                other => self.carry_out(other),
             }
         }
     }
@@ -213,27 +206,20 @@ impl Worker {
     /// Carry out everything the engine produced.
     fn flush(&mut self) {
         while let Some(out) = self.engine.poll_output() {
-            match out {
-                Output::Transmit { key, destination, contents } => {
-                    if let Some(sock) = self.sockets.get(&key) {
-                        if sock.socket.send_to(&contents, destination).is_err() {
-                            self.setup.metrics.send_errors.inc();
-                        }
-                    }
-                }
-                other => self.carry_out(other),
-            }
+            self.carry_out(out);
         }
     }
 
-    fn carry_out(&mut self, out: Output) {
+    /// Carry out one output; returns the connection a datagram was sent on, if one was.
+    fn carry_out(&mut self, out: Output) -> Option<ConnKey> {
         match out {
             Output::Transmit { key, destination, contents } => {
-                if let Some(sock) = self.sockets.get(&key) {
-                    if sock.socket.send_to(&contents, destination).is_err() {
-                        self.setup.metrics.send_errors.inc();
-                    }
+                let sock = self.sockets.get(&key)?;
+                if sock.socket.send_to(&contents, destination).is_err() {
+                    self.setup.metrics.send_errors.inc();
+                    return None;
                 }
+                return Some(key);
             }
             Output::Event(e) => self.setup.sink.emit(e),
             Output::Closed { key, connection_id } => {
@@ -241,6 +227,7 @@ impl Worker {
                 self.setup.directory.remove(&connection_id);
             }
         }
+        None
     }
 
     fn release(&mut self, key: ConnKey) {
