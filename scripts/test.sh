@@ -35,6 +35,8 @@ command -v turnserver >/dev/null 2>&1 || need+=(coturn)
   need+=(python3 python3-gi python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
     python3-websocket)
+# The webhook receiver of gateway/tests/webhooks.rs runs PyPI's standardwebhooks in a venv.
+/usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
   as_root apt-get update -qq
@@ -54,6 +56,15 @@ for service in prometheus coturn; do
     as_root systemctl stop "$service" || true
   fi
 done
+
+# PyPI's standardwebhooks (an implementation independent of the gateway's) verifies every
+# webhook the gateway sends in gateway/tests/webhooks.rs.
+export WEBHOOK_PYTHON="$PWD/target/webhook-venv/bin/python"
+if ! "$WEBHOOK_PYTHON" gateway/tests/webhook_receiver.py --check >/dev/null 2>&1; then
+  log "installing standardwebhooks (PyPI) into target/webhook-venv"
+  /usr/bin/python3 -m venv "$PWD/target/webhook-venv"
+  "$PWD/target/webhook-venv/bin/pip" install --quiet --disable-pip-version-check standardwebhooks
+fi
 
 log "installing web-client test packages (npm ci)"
 (cd web-client && npm ci --no-audit --no-fund --loglevel=error)

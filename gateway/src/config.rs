@@ -19,6 +19,47 @@ pub struct GatewayConfig {
     pub dev: DevConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub webhook: WebhookSettings,
+}
+
+/// Webhooks to the app backend (docs/api.md "Webhooks"). Off while `urls` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Every event is POSTed to each of these (comma-separated in GATEWAY__WEBHOOK__URLS).
+    pub urls: Vec<String>,
+    /// `whsec_<base64 of 24-64 bytes>`: the Standard Webhooks signing key. Required with urls.
+    pub secret: String,
+    /// Events waiting for delivery (all URLs and rooms); beyond it the oldest are dropped.
+    pub queue_capacity: usize,
+    /// One attempt's time limit.
+    pub timeout_ms: u64,
+    /// Wait after the first failed attempt, doubling up to `retry_max_interval_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_interval_ms: u64,
+    /// An event still undelivered this long after its first attempt is given up on.
+    pub retry_for_s: u64,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// At shutdown, how long to keep delivering what is queued.
+    pub shutdown_flush_ms: u64,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        let d = signaling_api::webhook::WebhookConfig::default();
+        Self {
+            urls: Vec::new(),
+            secret: String::new(),
+            queue_capacity: d.queue_capacity,
+            timeout_ms: d.timeout.as_millis() as u64,
+            retry_initial_ms: d.retry_initial.as_millis() as u64,
+            retry_max_interval_ms: d.retry_max_interval.as_millis() as u64,
+            retry_for_s: d.retry_for.as_secs(),
+            concurrency: d.concurrency,
+            shutdown_flush_ms: 3000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,8 +124,53 @@ pub struct MediaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub api_key: String,
+    /// The join-token key with id `default`. Left at its built-in development value while
+    /// `token_secrets` is set, it is not a key at all.
     pub token_secret: String,
+    /// More join-token keys, so a secret can be rotated without ending sessions: a map
+    /// kid → secret (`[auth.token_secrets]`, or GATEWAY__AUTH__TOKEN_SECRETS__<KID>; kids from
+    /// the environment are lower-case), or a list of secrets whose kids are derived from them
+    /// (comma-separated in GATEWAY__AUTH__TOKEN_SECRETS; the first signs).
+    #[serde(skip_serializing_if = "TokenSecrets::is_empty")]
+    pub token_secrets: TokenSecrets,
+    /// The kid new tokens are signed with: needed when `token_secrets` is a map of several;
+    /// otherwise its only (or first) key, or `default` (`token_secret`).
+    pub token_kid: String,
 }
+
+/// `auth.token_secrets`: kid → secret, or secrets alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenSecrets {
+    List(Vec<String>),
+    Map(std::collections::BTreeMap<String, String>),
+}
+
+impl Default for TokenSecrets {
+    fn default() -> Self {
+        TokenSecrets::List(Vec::new())
+    }
+}
+
+impl TokenSecrets {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            TokenSecrets::List(l) => l.is_empty(),
+            TokenSecrets::Map(m) => m.is_empty(),
+        }
+    }
+
+    /// (kid, secret) pairs.
+    pub fn keys(&self) -> Vec<(String, String)> {
+        match self {
+            TokenSecrets::List(l) => l.iter().map(|s| (signaling_api::auth::derived_kid(s), s.clone())).collect(),
+            TokenSecrets::Map(m) => m.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
+        }
+    }
+}
+
+/// The built-in `auth.token_secret`, for a laptop with no config file.
+pub const DEV_TOKEN_SECRET: &str = "dev-token-secret-change-me";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,7 +264,12 @@ impl Default for MediaConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { api_key: "dev-api-key".into(), token_secret: "dev-token-secret-change-me".into() }
+        Self {
+            api_key: "dev-api-key".into(),
+            token_secret: DEV_TOKEN_SECRET.into(),
+            token_secrets: TokenSecrets::default(),
+            token_kid: String::new(),
+        }
     }
 }
 
@@ -220,6 +311,10 @@ impl Default for LogConfig {
     }
 }
 
+fn valid_kid(k: &str) -> bool {
+    !k.is_empty() && k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -247,6 +342,8 @@ impl GatewayConfig {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("media.announced_ips")
+                .with_list_parse_key("webhook.urls")
+                .with_list_parse_key("auth.token_secrets")
                 .try_parsing(true)
                 .source(Some(vars)),
         );
@@ -278,8 +375,37 @@ impl GatewayConfig {
         if self.auth.api_key.is_empty() {
             return Err(invalid("auth.api_key", "must not be empty"));
         }
-        if self.auth.token_secret.len() < 16 {
-            return Err(invalid("auth.token_secret", "must be at least 16 characters"));
+        let (keys, kid) = self.token_keys();
+        if keys.is_empty() || keys.iter().any(|(_, s)| s.len() < 16) {
+            let key = if self.auth.token_secrets.is_empty() { "auth.token_secret" } else { "auth.token_secrets" };
+            return Err(invalid(key, "every token secret must be at least 16 characters"));
+        }
+        if let Some((k, _)) = keys.iter().find(|(k, _)| !valid_kid(k)) {
+            return Err(invalid("auth.token_secrets", format!("key id '{k}' must be 1-64 of A-Z a-z 0-9 . _ -")));
+        }
+        let mut ids: Vec<&String> = keys.iter().map(|(k, _)| k).collect();
+        ids.sort();
+        ids.dedup();
+        if ids.len() != keys.len() {
+            return Err(invalid("auth.token_secrets", "a key id appears twice (is `default` also auth.token_secret?)"));
+        }
+        if !keys.iter().any(|(k, _)| *k == kid) {
+            let message = if self.auth.token_kid.is_empty() {
+                "required to choose the signing key among several auth.token_secrets".to_owned()
+            } else {
+                format!("no token key has the id '{kid}'")
+            };
+            return Err(invalid("auth.token_kid", message));
+        }
+        if let Err(e) = signaling_api::webhook::validate(&self.webhook()) {
+            let key = match e {
+                signaling_api::webhook::WebhookConfigError::Secret => "webhook.secret",
+                signaling_api::webhook::WebhookConfigError::Url(_) => "webhook.urls",
+            };
+            return Err(invalid(key, e.to_string()));
+        }
+        if self.webhook.queue_capacity == 0 || self.webhook.concurrency == 0 {
+            return Err(invalid("webhook.queue_capacity", "webhook.queue_capacity and webhook.concurrency must be at least 1"));
         }
         if self.limits.default_max_participants == 0
             || self.limits.default_max_participants > self.limits.max_participants
@@ -287,6 +413,35 @@ impl GatewayConfig {
             return Err(invalid("limits.default_max_participants", "must be between 1 and limits.max_participants"));
         }
         Ok(())
+    }
+
+    /// Every join-token key (kid, secret) and the kid that signs: `token_secret` as `default`
+    /// (unless it is the built-in value and `token_secrets` is set), then `token_secrets`.
+    pub fn token_keys(&self) -> (Vec<(String, String)>, String) {
+        let a = &self.auth;
+        let mut keys = Vec::new();
+        let builtin = a.token_secret == DEV_TOKEN_SECRET && !a.token_secrets.is_empty();
+        if !a.token_secret.is_empty() && !builtin {
+            keys.push((signaling_api::auth::DEFAULT_KID.to_owned(), a.token_secret.clone()));
+        }
+        let more = a.token_secrets.keys();
+        let kid = if !a.token_kid.is_empty() {
+            a.token_kid.clone()
+        } else {
+            match &a.token_secrets {
+                TokenSecrets::List(l) if !l.is_empty() => more[0].0.clone(),
+                TokenSecrets::Map(m) if m.len() == 1 && keys.is_empty() => more[0].0.clone(),
+                TokenSecrets::Map(m) if !m.is_empty() => String::new(),
+                _ => signaling_api::auth::DEFAULT_KID.to_owned(),
+            }
+        };
+        keys.extend(more);
+        (keys, kid)
+    }
+
+    /// The tracing filter: `RUST_LOG` when it is set (and not empty), else `log.level`.
+    pub fn log_filter(&self, rust_log: Option<String>) -> String {
+        rust_log.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| self.log.level.clone())
     }
 
     /// The address in host candidates.
@@ -328,10 +483,26 @@ impl GatewayConfig {
         }
     }
 
+    pub fn webhook(&self) -> signaling_api::webhook::WebhookConfig {
+        let w = &self.webhook;
+        signaling_api::webhook::WebhookConfig {
+            urls: w.urls.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect(),
+            secret: w.secret.clone(),
+            queue_capacity: w.queue_capacity,
+            timeout: Duration::from_millis(w.timeout_ms),
+            retry_initial: Duration::from_millis(w.retry_initial_ms),
+            retry_max_interval: Duration::from_millis(w.retry_max_interval_ms),
+            retry_for: Duration::from_secs(w.retry_for_s),
+            concurrency: w.concurrency,
+        }
+    }
+
     pub fn api(&self) -> signaling_api::ApiConfig {
         signaling_api::ApiConfig {
             api_key: self.auth.api_key.clone(),
             token_secret: self.auth.token_secret.clone(),
+            token_keys: self.token_keys().0,
+            token_kid: self.token_keys().1,
             dev_token_route: self.dev_token_route(),
             default_max_participants: self.limits.default_max_participants,
             max_participants_limit: self.limits.max_participants,
@@ -388,6 +559,83 @@ mod tests {
         assert_eq!(c.media.announced_ips.len(), 2);
         assert_eq!(c.auth.api_key, "k");
         assert!(!c.dev_token_route(), "auto is off when bound beyond loopback");
+    }
+
+    #[test]
+    fn webhook_keys_from_env_and_their_checks() {
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let c = GatewayConfig::load(
+            None,
+            env(&[
+                ("GATEWAY__WEBHOOK__URLS", "http://127.0.0.1:9000/a,https://hooks.example.com/b"),
+                ("GATEWAY__WEBHOOK__SECRET", secret),
+                ("GATEWAY__WEBHOOK__RETRY_FOR_S", "30"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.webhook().urls, ["http://127.0.0.1:9000/a", "https://hooks.example.com/b"]);
+        assert_eq!(c.webhook().retry_for, Duration::from_secs(30));
+        assert!(GatewayConfig::load(None, env(&[])).unwrap().webhook().urls.is_empty(), "off by default");
+        let e = GatewayConfig::load(None, env(&[("GATEWAY__WEBHOOK__URLS", "http://127.0.0.1:9000/a")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("webhook.secret"), "urls without a secret: {e}");
+        let e = GatewayConfig::load(
+            None,
+            env(&[("GATEWAY__WEBHOOK__URLS", "mailto:ops@example.com"), ("GATEWAY__WEBHOOK__SECRET", secret)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("webhook.urls"), "{e}");
+    }
+
+    #[test]
+    fn several_token_keys_for_rotation() {
+        let old = "the-old-secret-0123456789";
+        let new = "the-new-secret-0123456789";
+        // Map form from the environment: kids come lower-case.
+        let c = GatewayConfig::load(
+            None,
+            env(&[
+                ("GATEWAY__AUTH__TOKEN_SECRET", old),
+                ("GATEWAY__AUTH__TOKEN_SECRETS__K2", new),
+                ("GATEWAY__AUTH__TOKEN_KID", "k2"),
+            ]),
+        )
+        .unwrap();
+        let (keys, kid) = c.token_keys();
+        assert_eq!(kid, "k2");
+        assert_eq!(keys, [("default".to_owned(), old.to_owned()), ("k2".to_owned(), new.to_owned())]);
+        // List form: kids derived, the first signs; the built-in token_secret is no key then.
+        let c = GatewayConfig::load(None, env(&[("GATEWAY__AUTH__TOKEN_SECRETS", &format!("{new},{old}"))])).unwrap();
+        let (keys, kid) = c.token_keys();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(kid, signaling_api::auth::derived_kid(new));
+        assert!(keys.iter().all(|(_, s)| s != DEV_TOKEN_SECRET), "the development secret is not a key");
+        // TOML map of several needs token_kid.
+        let dir = std::env::temp_dir().join(format!("gwcfg-kid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("g.toml");
+        std::fs::write(&f, format!("[auth.token_secrets]\na = \"{old}\"\nb = \"{new}\"\n")).unwrap();
+        let e = GatewayConfig::load(Some(&f), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("auth.token_kid"), "{e}");
+        let c = GatewayConfig::load(Some(&f), env(&[("GATEWAY__AUTH__TOKEN_KID", "b")])).unwrap();
+        assert_eq!(c.token_keys().1, "b");
+        let e = GatewayConfig::load(Some(&f), env(&[("GATEWAY__AUTH__TOKEN_KID", "zz")])).unwrap_err().to_string();
+        assert!(e.contains("no token key has the id 'zz'"), "{e}");
+        let e = GatewayConfig::load(None, env(&[("GATEWAY__AUTH__TOKEN_SECRETS", "short")])).unwrap_err().to_string();
+        assert!(e.contains("auth.token_secrets"), "{e}");
+        // The old configuration keeps working: one key, `default`.
+        let c = GatewayConfig::load(None, env(&[("GATEWAY__AUTH__TOKEN_SECRET", old)])).unwrap();
+        assert_eq!(c.token_keys(), (vec![("default".to_owned(), old.to_owned())], "default".to_owned()));
+    }
+
+    #[test]
+    fn rust_log_overrides_the_configured_level() {
+        let c = GatewayConfig::default();
+        assert_eq!(c.log_filter(None), "info");
+        assert_eq!(c.log_filter(Some("gateway=debug".into())), "gateway=debug");
+        assert_eq!(c.log_filter(Some("  ".into())), "info", "an empty RUST_LOG is not set");
     }
 
     #[test]

@@ -19,7 +19,9 @@ struct Args {
 }
 
 fn init_tracing(cfg: &GatewayConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| "info".into());
+    // RUST_LOG, when set, overrides log.level (the usual way to turn up one module for a while).
+    let spec = cfg.log_filter(std::env::var("RUST_LOG").ok());
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt().with_env_filter(filter);
     if cfg.log.format == "json" {
         b.json().init();
@@ -57,6 +59,17 @@ fn main() -> std::process::ExitCode {
         let mut shown = cfg.clone();
         shown.auth.api_key = "<redacted>".into();
         shown.auth.token_secret = "<redacted>".into();
+        shown.auth.token_secrets = match shown.auth.token_secrets {
+            gateway::config::TokenSecrets::List(l) => {
+                gateway::config::TokenSecrets::List(l.iter().map(|_| "<redacted>".into()).collect())
+            }
+            gateway::config::TokenSecrets::Map(m) => {
+                gateway::config::TokenSecrets::Map(m.into_keys().map(|k| (k, "<redacted>".into())).collect())
+            }
+        };
+        if !shown.webhook.secret.is_empty() {
+            shown.webhook.secret = "<redacted>".into();
+        }
         println!("{}", toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}")));
         return std::process::ExitCode::SUCCESS;
     }

@@ -89,6 +89,10 @@ impl MediaPlane for GatewayMedia {
         self.close_room_because(room_id, "room_closed").await;
     }
 
+    async fn close_room_with_reason(&self, room_id: &str, reason: &'static str) {
+        self.close_room_because(room_id, reason).await;
+    }
+
     async fn publish(&self, spec: ConnectionSpec, offer: String) -> Result<(), MediaError> {
         self.open(spec, Some(offer)).await
     }
@@ -123,6 +127,17 @@ impl MediaPlane for GatewayMedia {
             connection_id: connection_id.to_owned(),
             stream_id: stream_id.to_owned(),
             rid,
+            reply,
+        })
+        .await
+    }
+
+    async fn set_track_blocked(&self, room_id: &str, stream_id: &str, blocked: bool) -> Result<(), MediaError> {
+        let w = self.room_worker(room_id)?;
+        self.call(w, |reply| Command::SetTrackBlocked {
+            room_id: room_id.to_owned(),
+            stream_id: stream_id.to_owned(),
+            blocked,
             reply,
         })
         .await

@@ -25,6 +25,8 @@ pub struct Running {
     pub state: AppState,
     pub ports: Arc<PortPool>,
     media: Arc<GatewayMedia>,
+    /// At shutdown, how long queued webhook events may still be delivered.
+    webhook_flush: Duration,
     server: tokio::task::JoinHandle<()>,
     server_handle: axum_server::Handle<SocketAddr>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -44,13 +46,17 @@ impl Running {
         let rooms = state.registry.room_ids();
         let close_all = async {
             for room in &rooms {
-                self.media.close_room_because(room, "shutdown").await;
+                let _ = state.registry.close_room(self.media.as_ref(), room, "shutdown").await;
             }
         };
         if tokio::time::timeout(drain, close_all).await.is_err() {
             tracing::warn!("drain time over before every room was closed");
         }
         state.registry.close_all_sessions(1001, "shutdown");
+        // Tell the app backend what the shutdown ended (participant_left, room_finished).
+        if let Some(hooks) = state.registry.webhooks() {
+            hooks.flush(self.webhook_flush).await;
+        }
         self.server_handle.graceful_shutdown(Some(drain));
         let _ = tokio::time::timeout(drain + Duration::from_secs(1), self.server).await;
         for w in self.media.workers() {
@@ -64,7 +70,10 @@ impl Running {
 
 pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     let prom = prometheus::Registry::new();
-    let registry = Arc::new(Registry::new(signaling_api::metrics::Metrics::new(prom.clone())));
+    let api_metrics = signaling_api::metrics::Metrics::new(prom.clone());
+    let webhooks = signaling_api::webhook::Webhooks::start(cfg.webhook(), api_metrics.clone())
+        .context("webhook configuration")?;
+    let registry = Arc::new(Registry::new(api_metrics).with_webhooks(webhooks));
     let media_metrics = MediaMetrics::new(&prom);
     // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
     let _ = prom.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
@@ -135,7 +144,8 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
             }
         })
     };
-    Ok(Running { http_addr, tls, state, ports, media, server, server_handle: handle, workers: joins })
+    let webhook_flush = Duration::from_millis(cfg.webhook.shutdown_flush_ms);
+    Ok(Running { http_addr, tls, state, ports, media, webhook_flush, server, server_handle: handle, workers: joins })
 }
 
 /// TLS from files, or a self-signed certificate made now with rcgen for the bind address,

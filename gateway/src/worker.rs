@@ -38,6 +38,7 @@ pub enum Command {
     Resubscribe { connection_id: String, reply: Reply<()> },
     Answer { connection_id: String, sdp: String, reply: Reply<()> },
     SetLayer { connection_id: String, stream_id: String, rid: Option<String>, reply: Reply<()> },
+    SetTrackBlocked { room_id: String, stream_id: String, blocked: bool, reply: Reply<()> },
     Candidate { connection_id: String, candidate: String, reply: Reply<()> },
     Close { connection_id: String, reason: String, reply: Reply<()> },
     Stats { connection_id: String, reply: oneshot::Sender<Option<serde_json::Value>> },
@@ -303,6 +304,11 @@ impl Worker {
                 }
                 Command::SetLayer { connection_id, stream_id, rid, reply } => {
                     let r = self.engine.set_layer(now, &connection_id, &stream_id, rid.as_deref());
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::SetTrackBlocked { room_id, stream_id, blocked, reply } => {
+                    let r = self.engine.set_track_blocked(now, &room_id, &stream_id, blocked);
                     self.flush();
                     let _ = reply.send(r);
                 }

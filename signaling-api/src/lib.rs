@@ -9,7 +9,9 @@
 //! - `registry`: rooms, participants, sessions, connection history; the event sink.
 //! - `lifecycle`: the registry's methods that create and end rooms, participants, sessions and
 //!   connections.
-//! - `rest`, `ws`: the REST API for app backends and the WebSocket API for clients.
+//! - `rest`, `ws`: the REST API for app backends and the WebSocket API for clients;
+//!   `moderation`: the REST routes that mute, set metadata and send messages.
+//! - `webhook`: signed, ordered, retried webhook delivery of room events to the app backend.
 //! - `metrics`: the first Prometheus counters.
 //! - `error`: the one error type that renders `{ "error": { code, message } }`.
 
@@ -27,9 +29,13 @@ pub mod media;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
+mod moderation;
+#[cfg(feature = "server")]
 pub mod registry;
 #[cfg(feature = "server")]
 mod rest;
+#[cfg(feature = "server")]
+pub mod webhook;
 #[cfg(feature = "server")]
 mod ws;
 
@@ -53,6 +59,11 @@ mod server {
     pub struct ApiConfig {
         pub api_key: String,
         pub token_secret: String,
+        /// Several token keys (id, secret) instead of `token_secret` alone (key rotation);
+        /// empty: `token_secret` is the one key, id `default`.
+        pub token_keys: Vec<(String, String)>,
+        /// The key id new tokens are signed with (when `token_keys` is used).
+        pub token_kid: String,
         /// Serve `POST /v1/dev/token` (join a room by name without a backend). Development only.
         pub dev_token_route: bool,
         /// `max_participants` of a room created without one.
@@ -79,6 +90,8 @@ mod server {
             Self {
                 api_key: "dev-api-key".into(),
                 token_secret: "dev-token-secret".into(),
+                token_keys: Vec::new(),
+                token_kid: String::new(),
                 dev_token_route: true,
                 default_max_participants: 16,
                 max_participants_limit: 256,
@@ -108,7 +121,11 @@ mod server {
 
     impl AppState {
         pub fn new(config: ApiConfig, registry: Arc<Registry>, media: Arc<dyn MediaPlane>) -> Self {
-            let auth = Auth::new(&config.api_key, &config.token_secret);
+            let auth = if config.token_keys.is_empty() {
+                Auth::new(&config.api_key, &config.token_secret)
+            } else {
+                Auth::with_keys(&config.api_key, &config.token_keys, &config.token_kid)
+            };
             Self { config: Arc::new(config), registry, media, auth, draining: Arc::new(AtomicBool::new(false)) }
         }
     }

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::media::{ConnectionSpec, MediaPlane};
 use crate::protocol::*;
 use crate::registry::{new_id, Outbound, Participant, Registry, Room, SessionHandle};
+use crate::webhook::Happening;
 
 /// Counts of what the registry holds, for tests and leak checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,9 +83,11 @@ impl Registry {
                 created_at: created_at.clone(),
                 participants: Default::default(),
                 streams: Vec::new(),
+                metadata: None,
             },
         );
         self.metrics.rooms.set(self.rooms.len() as i64);
+        self.hook(|| Happening::new(WebhookEventType::RoomStarted, &room_id, name.as_ref()));
         tracing::info!(room_id, ?name, "room created");
         Ok(RoomCreated { room_id, name, max_participants, created_at })
     }
@@ -92,21 +95,38 @@ impl Registry {
     /// Close a room: every connection ends FINISHED (`room_closed`), every session is closed,
     /// the name is free again.
     pub async fn delete_room(&self, media: &dyn MediaPlane, room_id: &str) -> Result<(), ApiError> {
+        self.close_room(media, room_id, "room_closed").await
+    }
+
+    /// Close a room because of `reason` (`room_closed`, or `shutdown` when the server stops:
+    /// then sessions are closed with 1001). The webhooks hear every joined participant leave
+    /// with that reason, then `room_finished`.
+    pub async fn close_room(&self, media: &dyn MediaPlane, room_id: &str, reason: &'static str) -> Result<(), ApiError> {
         if !self.rooms.contains_key(room_id) {
             return Err(ApiError::not_found("room"));
         }
-        media.close_room(room_id).await;
+        media.close_room_with_reason(room_id, reason).await;
         if let Some((_, room)) = self.rooms.remove(room_id) {
             if let Some(name) = &room.name {
                 self.names.remove(name);
             }
+            let code = if reason == "shutdown" { 1001 } else { 1000 };
             for p in room.participants.values() {
-                self.send_to_session(p.session, Outbound::Close(1000, "room_closed".into()));
+                self.send_to_session(p.session, Outbound::Close(code, reason.into()));
             }
             self.metrics.participants.sub(room.participants.len() as i64);
+            if self.webhooks.is_some() {
+                let mut left: Vec<&Participant> = room.participants.values().filter(|p| p.announced).collect();
+                left.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
+                for p in left {
+                    let tracks = p.announced_tracks.clone();
+                    self.hook_left(room_id, room.name.as_ref(), &p.participant_id, &p.name, tracks, reason);
+                }
+                self.hook(|| Happening::new(WebhookEventType::RoomFinished, room_id, room.name.as_ref()).reason(reason));
+            }
         }
         self.metrics.rooms.set(self.rooms.len() as i64);
-        tracing::info!(room_id, "room deleted");
+        tracing::info!(room_id, reason, "room closed");
         Ok(())
     }
 
@@ -154,6 +174,7 @@ impl Registry {
                     .filter_map(|id| self.connections.get(id).map(|c| c.summary()))
                     .collect(),
                 streams: room.streams.iter().filter(|s| s.participant_id == p.participant_id).cloned().collect(),
+                metadata: p.metadata.clone(),
             })
             .collect();
         participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
@@ -164,6 +185,7 @@ impl Registry {
             created_at: room.created_at.clone(),
             participants,
             streams: room.streams.clone(),
+            metadata: room.metadata.clone(),
         })
     }
 
@@ -209,16 +231,24 @@ impl Registry {
         let replaced = self.admit(claims, session)?;
         let (room_id, participant_id) = (claims.room.as_str(), claims.sub.as_str());
         let joined = match replaced {
-            Some((old_session, old_conns)) => {
-                for id in old_conns {
+            Some(old) => {
+                for id in old.connections {
                     media.close_connection(&id, "replaced").await;
                 }
-                self.send_to_session(old_session, Outbound::Close(1000, "replaced".into()));
-                self.sessions.remove(&old_session);
+                self.send_to_session(old.session, Outbound::Close(1000, "replaced".into()));
+                self.sessions.remove(&old.session);
+                if old.announced {
+                    // The old session leaves; the new one joins at its first READY connection.
+                    let room_name = self.rooms.get(room_id).and_then(|r| r.name.clone());
+                    let name = old.name.as_str();
+                    self.hook_left(room_id, room_name.as_ref(), participant_id, name, old.announced_tracks, "replaced");
+                }
                 Joined::Replaced
             }
             None => {
-                let info = ParticipantInfo { participant_id: participant_id.to_owned(), name: claims.name.clone() };
+                let metadata = self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id)?.metadata.clone());
+                let info =
+                    ParticipantInfo { participant_id: participant_id.to_owned(), name: claims.name.clone(), metadata };
                 self.broadcast(room_id, Some(participant_id), ServerMessage::ParticipantJoined(info));
                 Joined::New
             }
@@ -227,23 +257,21 @@ impl Registry {
         Ok(joined)
     }
 
-    /// The room part of [`Registry::join`]; returns the replaced session and its connections.
-    fn admit(&self, claims: &Claims, session: u64) -> Result<Option<(u64, Vec<String>)>, ApiError> {
+    /// The room part of [`Registry::join`]; returns the participant as the replaced session
+    /// left it (its session, connections and what the webhooks were told).
+    fn admit(&self, claims: &Claims, session: u64) -> Result<Option<Participant>, ApiError> {
         let mut room = self.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
-        let replaced = room.participants.get(&claims.sub).map(|p| (p.session, p.connections.clone()));
-        if replaced.is_none() && room.participants.len() >= room.max_participants as usize {
+        if !room.participants.contains_key(&claims.sub) && room.participants.len() >= room.max_participants as usize {
             return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
         }
-        room.participants.insert(
-            claims.sub.clone(),
-            Participant {
-                participant_id: claims.sub.clone(),
-                name: claims.name.clone(),
-                session,
-                disconnected_at: None,
-                connections: replaced.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
-            },
-        );
+        let (connections, metadata) = room
+            .participants
+            .get(&claims.sub)
+            .map(|p| (p.connections.clone(), p.metadata.clone()))
+            .unwrap_or_default();
+        let mut admitted = Participant::new(&claims.sub, &claims.name, session, connections);
+        admitted.metadata = metadata;
+        let replaced = room.participants.insert(claims.sub.clone(), admitted);
         if replaced.is_none() {
             self.metrics.participants.inc();
         }
@@ -251,7 +279,7 @@ impl Registry {
             .participants
             .values()
             .filter(|p| p.participant_id != claims.sub)
-            .map(|p| ParticipantInfo { participant_id: p.participant_id.clone(), name: p.name.clone() })
+            .map(Participant::info)
             .collect();
         participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
         let joined = ServerMessage::Joined {
@@ -259,6 +287,7 @@ impl Registry {
             participant_id: claims.sub.clone(),
             participants,
             streams: room.streams.clone(),
+            metadata: room.metadata.clone(),
         };
         self.send_to_session(session, Outbound::Message(joined));
         Ok(replaced)
@@ -298,12 +327,12 @@ impl Registry {
         // Out of the room first, so nothing new can be opened for it while its connections close.
         let removed = match self.rooms.get_mut(room_id) {
             Some(mut room) => match room.participants.get(participant_id) {
-                Some(p) if p.session == session => room.participants.remove(participant_id),
+                Some(p) if p.session == session => room.participants.remove(participant_id).map(|p| (p, room.name.clone())),
                 _ => None,
             },
             None => None,
         };
-        let Some(p) = removed else { return };
+        let Some((p, room_name)) = removed else { return };
         self.metrics.participants.dec();
         for id in &p.connections {
             let live = self.connections.get(id).is_some_and(|c| !c.state.is_terminal());
@@ -311,7 +340,10 @@ impl Registry {
                 media.close_connection(id, reason).await;
             }
         }
-        let info = ParticipantInfo { participant_id: p.participant_id, name: p.name };
+        if p.announced {
+            self.hook_left(room_id, room_name.as_ref(), participant_id, &p.name, p.announced_tracks, reason);
+        }
+        let info = p.info();
         self.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
         tracing::info!(room_id, participant_id, reason, "participant left");
     }
@@ -341,6 +373,9 @@ impl Registry {
                 .iter_mut()
                 .find(|s| s.stream_id == stream_id && s.participant_id == claims.sub)
                 .ok_or_else(|| ApiError::not_found("stream"))?;
+            if stream.moderated && !muted {
+                return Err(ApiError::forbidden("muted by the app backend: only it can unmute this stream"));
+            }
             if stream.muted == muted {
                 None
             } else {
@@ -349,6 +384,7 @@ impl Registry {
                     participant_id: stream.participant_id.clone(),
                     stream_id: stream.stream_id.clone(),
                     kind: stream.kind.clone(),
+                    moderated: false,
                 })
             }
         };
@@ -357,6 +393,143 @@ impl Registry {
             self.broadcast(&claims.room, None, msg);
         }
         Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Moderation and room state from the app backend
+    // -----------------------------------------------------------------------------------------
+
+    /// A participant of a room (its detail as in the room view).
+    pub fn participant_detail(&self, room_id: &str, participant_id: &str) -> Result<ParticipantDetail, ApiError> {
+        let room = self.room_detail(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+        room.participants
+            .into_iter()
+            .find(|p| p.participant_id == participant_id)
+            .ok_or_else(|| ApiError::not_found("participant"))
+    }
+
+    /// The room and participant exist (checked before a request's body is judged).
+    pub fn check_participant(&self, room_id: &str, participant_id: &str) -> Result<(), ApiError> {
+        let room = self.rooms.get(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+        if room.participants.contains_key(participant_id) {
+            Ok(())
+        } else {
+            Err(ApiError::not_found("participant"))
+        }
+    }
+
+    /// The app backend mutes (the media plane stops forwarding; the publisher cannot unmute)
+    /// or unmutes a participant's streams: one, those of a kind, or all. The room hears
+    /// `track_muted`/`track_unmuted` with `moderated` for each stream whose state changed.
+    /// Unmuting lifts only the backend's mute, never the publisher's own.
+    pub async fn moderate_mute(
+        &self,
+        media: &dyn MediaPlane,
+        room_id: &str,
+        participant_id: &str,
+        req: &MuteRequest,
+    ) -> Result<Vec<StreamInfo>, ApiError> {
+        let selected = |s: &StreamInfo| {
+            s.participant_id == participant_id
+                && req.stream_id.as_ref().is_none_or(|id| *id == s.stream_id)
+                && req.kind.as_ref().is_none_or(|k| *k == s.kind)
+        };
+        let targets: Vec<String> = {
+            let room = self.rooms.get(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+            if !room.participants.contains_key(participant_id) {
+                return Err(ApiError::not_found("participant"));
+            }
+            room.streams.iter().filter(|s| selected(s)).map(|s| s.stream_id.clone()).collect()
+        };
+        if targets.is_empty() {
+            return Err(ApiError::not_found("stream"));
+        }
+        for id in &targets {
+            match media.set_track_blocked(room_id, id, req.muted).await {
+                Ok(()) => {}
+                // Unpublished meanwhile: nothing left to stop.
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut changed = Vec::new();
+        let mut now = Vec::new();
+        {
+            let mut room = self.rooms.get_mut(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+            for s in room.streams.iter_mut().filter(|s| targets.contains(&s.stream_id)) {
+                let before = (s.muted, s.moderated);
+                if req.muted {
+                    (s.muted, s.moderated) = (true, true);
+                } else if s.moderated {
+                    (s.muted, s.moderated) = (false, false);
+                }
+                if before != (s.muted, s.moderated) {
+                    let t = TrackMute {
+                        participant_id: s.participant_id.clone(),
+                        stream_id: s.stream_id.clone(),
+                        kind: s.kind.clone(),
+                        moderated: req.muted,
+                    };
+                    changed.push(if s.muted { ServerMessage::TrackMuted(t) } else { ServerMessage::TrackUnmuted(t) });
+                }
+                now.push(s.clone());
+            }
+        }
+        for msg in changed {
+            self.broadcast(room_id, None, msg);
+        }
+        tracing::info!(room_id, participant_id, muted = req.muted, streams = now.len(), "moderation: mute");
+        Ok(now)
+    }
+
+    /// Set (or clear with `null`) a participant's metadata; the room hears `participant_metadata`.
+    pub fn set_participant_metadata(
+        &self,
+        room_id: &str,
+        participant_id: &str,
+        metadata: serde_json::Value,
+    ) -> Result<ParticipantInfo, ApiError> {
+        let info = {
+            let mut room = self.rooms.get_mut(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+            let p = room.participants.get_mut(participant_id).ok_or_else(|| ApiError::not_found("participant"))?;
+            p.metadata = Some(metadata).filter(|m| !m.is_null());
+            p.info()
+        };
+        self.broadcast(room_id, None, ServerMessage::ParticipantMetadata(info.clone()));
+        Ok(info)
+    }
+
+    /// Set (or clear with `null`) the room's metadata; the room hears `room_metadata`.
+    pub fn set_room_metadata(&self, room_id: &str, metadata: serde_json::Value) -> Result<RoomMetadata, ApiError> {
+        let metadata = Some(metadata).filter(|m| !m.is_null());
+        {
+            let mut room = self.rooms.get_mut(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+            room.metadata = metadata.clone();
+        }
+        let msg = ServerMessage::RoomMetadata { room_id: room_id.to_owned(), metadata: metadata.clone() };
+        self.broadcast(room_id, None, msg);
+        Ok(RoomMetadata { room_id: room_id.to_owned(), metadata })
+    }
+
+    /// A `message` from the app backend to one participant (`to`) or everyone present; returns
+    /// how many sessions it was queued to.
+    pub fn send_message(&self, room_id: &str, to: Option<&str>, data: serde_json::Value) -> Result<usize, ApiError> {
+        let sessions: Vec<u64> = {
+            let room = self.rooms.get(room_id).ok_or_else(|| ApiError::not_found("room"))?;
+            let present = |p: &&Participant| p.disconnected_at.is_none();
+            match to {
+                Some(pid) => {
+                    let p = room.participants.get(pid).ok_or_else(|| ApiError::not_found("participant"))?;
+                    Some(p).filter(present).map(|p| p.session).into_iter().collect()
+                }
+                None => room.participants.values().filter(present).map(|p| p.session).collect(),
+            }
+        };
+        let msg = ServerMessage::Message { from: "backend".into(), data };
+        for s in &sessions {
+            self.send_to_session(*s, Outbound::Message(msg.clone()));
+        }
+        Ok(sessions.len())
     }
 
     // -----------------------------------------------------------------------------------------

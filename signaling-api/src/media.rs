@@ -13,6 +13,11 @@ pub trait MediaPlane: Send + Sync + 'static {
     async fn create_room(&self, room_id: &str) -> Result<(), MediaError>;
     /// Close every connection in the room (FINISHED, reason `room_closed`) and forget it.
     async fn close_room(&self, room_id: &str);
+    /// The same with another FINISHED reason (`shutdown` when the server stops).
+    async fn close_room_with_reason(&self, room_id: &str, reason: &'static str) {
+        let _ = reason;
+        self.close_room(room_id).await
+    }
     /// Open a publish connection with the client's offer. The answer is emitted as
     /// [`MediaEvent::Answer`]. On a rejected offer the connection ends FAILED and the error is returned.
     async fn publish(&self, spec: ConnectionSpec, offer: String) -> Result<(), MediaError>;
@@ -29,6 +34,12 @@ pub trait MediaPlane: Send + Sync + 'static {
     /// Choose the simulcast layer a subscribe connection receives of one stream (`None`:
     /// automatic).
     async fn set_layer(&self, connection_id: &str, stream_id: &str, rid: Option<String>) -> Result<(), MediaError>;
+    /// Stop (`true`) or resume forwarding one published stream to its subscribers (the app
+    /// backend's mute). A media plane without that control refuses.
+    async fn set_track_blocked(&self, room_id: &str, stream_id: &str, blocked: bool) -> Result<(), MediaError> {
+        let _ = (room_id, stream_id, blocked);
+        Err(MediaError::new(crate::protocol::ErrorCode::Internal, "this media plane cannot stop a stream"))
+    }
     /// End a connection on purpose (FINISHED with `reason`). Unknown ids are ignored.
     async fn close_connection(&self, connection_id: &str, reason: &str);
     /// Live statistics of a connection, if it is still open.

@@ -1,7 +1,7 @@
 //! The signaling side's Prometheus metrics. The gateway registers its media metrics in the same
 //! registry so `/metrics` shows both. Labels are bounded: never a room, participant or connection id.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -15,6 +15,18 @@ pub struct Metrics {
     pub setup_seconds: HistogramVec,
     pub failures: IntCounterVec,
     pub http_requests: IntCounterVec,
+    /// REST latency by method and route.
+    pub http_seconds: HistogramVec,
+    /// Webhook events emitted, by type.
+    pub webhook_events: IntCounterVec,
+    /// Webhook events' fate per URL: `delivered` or `given_up` (retried until `retry_for`).
+    pub webhook_deliveries: IntCounterVec,
+    /// Every webhook request: `ok`, `http_4xx`, `http_5xx`, `error` (no answer, timeout).
+    pub webhook_attempts: IntCounterVec,
+    /// Webhook events queued or being delivered.
+    pub webhook_queue_depth: IntGauge,
+    /// Webhook events dropped because the queue was full (the oldest go first).
+    pub webhook_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -52,10 +64,39 @@ impl Metrics {
         )
         .expect("valid metric");
         let http_requests = IntCounterVec::new(
-            Opts::new("gateway_http_requests_total", "REST requests by route and status"),
-            &["route", "status"],
+            Opts::new("gateway_http_requests_total", "REST requests by route, status and method"),
+            &["route", "status", "method"],
         )
         .expect("valid metric");
+        let http_seconds = HistogramVec::new(
+            HistogramOpts::new("gateway_http_request_duration_seconds", "REST request latency, by method and route")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["method", "route"],
+        )
+        .expect("valid metric");
+        let webhook_events = IntCounterVec::new(
+            Opts::new("gateway_webhook_events_total", "Webhook events emitted, by type"),
+            &["type"],
+        )
+        .expect("valid metric");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "gateway_webhook_deliveries_total",
+                "Webhook events per URL by outcome: delivered, or given_up after retrying",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let webhook_attempts = IntCounterVec::new(
+            Opts::new("gateway_webhook_attempts_total", "Webhook HTTP requests by result (ok, http_4xx, http_5xx, error)"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let webhook_queue_depth =
+            IntGauge::new("gateway_webhook_queue_depth", "Webhook events queued or being delivered").expect("valid metric");
+        let webhook_dropped =
+            IntCounter::new("gateway_webhook_dropped_total", "Webhook events dropped because the queue was full")
+                .expect("valid metric");
         // Registration fails only for duplicate names, which is a programming error.
         for c in [
             Box::new(rooms.clone()) as Box<dyn prometheus::core::Collector>,
@@ -67,6 +108,12 @@ impl Metrics {
             Box::new(setup_seconds.clone()),
             Box::new(failures.clone()),
             Box::new(http_requests.clone()),
+            Box::new(http_seconds.clone()),
+            Box::new(webhook_events.clone()),
+            Box::new(webhook_deliveries.clone()),
+            Box::new(webhook_attempts.clone()),
+            Box::new(webhook_queue_depth.clone()),
+            Box::new(webhook_dropped.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -96,6 +143,15 @@ impl Metrics {
                 connection_events.with_label_values(&[role, event]);
             }
         }
+        for t in crate::protocol::WebhookEventType::ALL {
+            webhook_events.with_label_values(&[t.as_str()]);
+        }
+        for o in ["delivered", "given_up"] {
+            webhook_deliveries.with_label_values(&[o]);
+        }
+        for r in ["ok", "http_4xx", "http_5xx", "error"] {
+            webhook_attempts.with_label_values(&[r]);
+        }
         Self {
             registry,
             rooms,
@@ -107,6 +163,12 @@ impl Metrics {
             setup_seconds,
             failures,
             http_requests,
+            http_seconds,
+            webhook_events,
+            webhook_deliveries,
+            webhook_attempts,
+            webhook_queue_depth,
+            webhook_dropped,
         }
     }
 

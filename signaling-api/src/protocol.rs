@@ -252,6 +252,8 @@ pub struct ParticipantDetail {
     pub name: String,
     pub connections: Vec<ConnectionSummary>,
     pub streams: Vec<StreamInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +264,8 @@ pub struct RoomDetail {
     pub created_at: String,
     pub participants: Vec<ParticipantDetail>,
     pub streams: Vec<StreamInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,6 +321,55 @@ pub struct ConnectionDetail {
     pub stats: serde_json::Value,
 }
 
+/// `POST /v1/rooms/{room_id}/participants/{participant_id}/mute`: the participant's streams
+/// to mute or unmute — one (`stream_id`), those of a `kind`, or all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MuteRequest {
+    #[serde(default)]
+    pub stream_id: Option<String>,
+    /// `audio` or `video`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub muted: bool,
+}
+
+/// The streams a mute request applied to, as they are now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MuteResponse {
+    pub streams: Vec<StreamInfo>,
+}
+
+/// `PUT …/metadata`: any JSON value (`null` clears it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataRequest {
+    pub metadata: serde_json::Value,
+}
+
+/// `PUT /v1/rooms/{room_id}/metadata` →
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMetadata {
+    pub room_id: String,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `POST /v1/rooms/{room_id}/messages`: `data` to one participant, or to everyone present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessageRequest {
+    #[serde(default)]
+    pub participant_id: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// How many sessions the message was queued to (participants in their reconnect grace get
+/// nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMessageResponse {
+    pub recipients: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     pub status: String,
@@ -343,6 +396,10 @@ pub struct StreamInfo {
     /// The publisher has muted it (`mute`); `track_muted`/`track_unmuted` say when this changes.
     #[serde(default)]
     pub muted: bool,
+    /// The app backend muted it (`POST …/participants/{id}/mute`): the gateway forwards none of
+    /// it, and only the backend can unmute it.
+    #[serde(default)]
+    pub moderated: bool,
 }
 
 /// `track_muted` / `track_unmuted`: a publisher muted or unmuted one of its streams.
@@ -352,6 +409,9 @@ pub struct TrackMute {
     pub stream_id: String,
     /// `audio` or `video`.
     pub kind: String,
+    /// The app backend muted it (and the gateway stopped forwarding it), not the publisher.
+    #[serde(default)]
+    pub moderated: bool,
 }
 
 /// One entry of `active_speakers`.
@@ -375,6 +435,9 @@ pub struct LayerInfo {
 pub struct ParticipantInfo {
     pub participant_id: String,
     pub name: String,
+    /// Set by the app backend (`PUT …/participants/{id}/metadata`); absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// `RTCIceCandidateInit` as browsers send and expect it.
@@ -429,6 +492,9 @@ pub enum ServerMessage {
         participant_id: String,
         participants: Vec<ParticipantInfo>,
         streams: Vec<StreamInfo>,
+        /// The room's metadata, if the app backend set any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metadata: Option<serde_json::Value>,
     },
     Answer {
         connection_id: String,
@@ -464,12 +530,110 @@ pub enum ServerMessage {
     ActiveSpeakers {
         speakers: Vec<Speaker>,
     },
+    /// The app backend set a participant's metadata (`null`/absent: cleared). To the whole room.
+    ParticipantMetadata(ParticipantInfo),
+    /// The app backend set the room's metadata (`null`: cleared). To the whole room.
+    RoomMetadata {
+        room_id: String,
+        metadata: Option<serde_json::Value>,
+    },
+    /// A message from the app backend (`POST /v1/rooms/{id}/messages`), to this participant or
+    /// the whole room. `from` is `backend`.
+    Message {
+        from: String,
+        data: serde_json::Value,
+    },
     Error {
         code: ErrorCode,
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         connection_id: Option<String>,
     },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks (docs/api.md "Webhooks"): what an app backend is told, signed per Standard Webhooks
+// ---------------------------------------------------------------------------------------------
+
+/// What happened. Per room, in this order of life: `room_started`, then per participant
+/// `participant_joined` (its first READY connection), its `track_published`/`track_unpublished`,
+/// `participant_left` (only after `participant_joined`), and last `room_finished`.
+/// `connection_failed` may come at any point between the first and the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEventType {
+    RoomStarted,
+    RoomFinished,
+    ParticipantJoined,
+    ParticipantLeft,
+    TrackPublished,
+    TrackUnpublished,
+    ConnectionFailed,
+}
+
+impl WebhookEventType {
+    pub const ALL: [WebhookEventType; 7] = [
+        WebhookEventType::RoomStarted,
+        WebhookEventType::RoomFinished,
+        WebhookEventType::ParticipantJoined,
+        WebhookEventType::ParticipantLeft,
+        WebhookEventType::TrackPublished,
+        WebhookEventType::TrackUnpublished,
+        WebhookEventType::ConnectionFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEventType::RoomStarted => "room_started",
+            WebhookEventType::RoomFinished => "room_finished",
+            WebhookEventType::ParticipantJoined => "participant_joined",
+            WebhookEventType::ParticipantLeft => "participant_left",
+            WebhookEventType::TrackPublished => "track_published",
+            WebhookEventType::TrackUnpublished => "track_unpublished",
+            WebhookEventType::ConnectionFailed => "connection_failed",
+        }
+    }
+}
+
+/// The room an event is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookRoom {
+    pub room_id: String,
+    pub name: Option<String>,
+}
+
+/// The publication a `track_published`/`track_unpublished` is about (as in `stream_added`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookTrack {
+    pub stream_id: String,
+    /// `audio` or `video`.
+    pub kind: String,
+    /// The publisher's mid.
+    pub mid: String,
+}
+
+/// The body of one webhook request. Every field is always present (`null` when it does not
+/// apply), so receivers can rely on the shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEvent {
+    /// Unique per event and the same on every retry of it (also the `webhook-id` header):
+    /// receivers deduplicate by it.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: WebhookEventType,
+    pub room: WebhookRoom,
+    pub participant: Option<ParticipantInfo>,
+    pub connection_id: Option<String>,
+    /// `participant_left`: leave, kicked, replaced, signaling_lost, room_closed, shutdown or
+    /// failed; `track_unpublished`: unpublished or participant_left; `connection_failed`: the
+    /// FAILED reason; `room_finished`: room_closed or shutdown.
+    pub reason: Option<String>,
+    pub track: Option<WebhookTrack>,
+    /// 1, 2, 3, … per room, in the order the events happened: a gap means an event was dropped
+    /// (queue overflow) or given up on.
+    pub sequence: u64,
+    /// When it happened (RFC 3339 with milliseconds, UTC).
+    pub timestamp: String,
 }
 
 #[cfg(test)]

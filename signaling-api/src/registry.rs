@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::media::{EventSink, MediaEvent};
 use crate::metrics::Metrics;
 use crate::protocol::*;
+use crate::webhook::{Happening, Webhooks};
 
 /// What a session's writer task sends to the client.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,8 @@ pub struct Room {
     pub created_at: String,
     pub participants: HashMap<String, Participant>,
     pub streams: Vec<StreamInfo>,
+    /// Set by the app backend; sent in `joined` and `room_metadata`.
+    pub metadata: Option<serde_json::Value>,
 }
 
 pub struct Participant {
@@ -51,6 +54,36 @@ pub struct Participant {
     /// Set while the WebSocket is gone and the grace period runs.
     pub disconnected_at: Option<Instant>,
     pub connections: Vec<String>,
+    /// `participant_joined` went to the webhooks for this session (at its first READY
+    /// connection); `participant_left` goes only then.
+    pub announced: bool,
+    /// Its publications the webhooks were told of (`track_published`), to be unpublished.
+    pub announced_tracks: Vec<WebhookTrack>,
+    /// Set by the app backend; kept when a new session replaces this one.
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl Participant {
+    pub fn new(participant_id: &str, name: &str, session: u64, connections: Vec<String>) -> Self {
+        Self {
+            participant_id: participant_id.to_owned(),
+            name: name.to_owned(),
+            session,
+            disconnected_at: None,
+            connections,
+            announced: false,
+            announced_tracks: Vec::new(),
+            metadata: None,
+        }
+    }
+
+    pub fn info(&self) -> ParticipantInfo {
+        ParticipantInfo {
+            participant_id: self.participant_id.clone(),
+            name: self.name.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
 }
 
 pub struct ConnRecord {
@@ -87,6 +120,9 @@ pub struct Registry {
     pub(crate) connections: DashMap<String, ConnRecord>,
     pub(crate) sessions: DashMap<u64, SessionHandle>,
     pub metrics: Metrics,
+    /// Where room events go for the app backend; `None` when webhooks are off (then no event
+    /// is even built).
+    pub(crate) webhooks: Option<Webhooks>,
     next_session: AtomicU64,
 }
 
@@ -105,7 +141,25 @@ impl Registry {
             connections: DashMap::new(),
             sessions: DashMap::new(),
             metrics,
+            webhooks: None,
             next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// Send room events to these webhooks (from now on).
+    pub fn with_webhooks(mut self, webhooks: Option<Webhooks>) -> Self {
+        self.webhooks = webhooks;
+        self
+    }
+
+    pub fn webhooks(&self) -> Option<&Webhooks> {
+        self.webhooks.as_ref()
+    }
+
+    /// Queue a webhook event; the closure runs only when webhooks are on.
+    pub(crate) fn hook(&self, happening: impl FnOnce() -> Happening) {
+        if let Some(w) = &self.webhooks {
+            w.emit(happening());
         }
     }
 
@@ -249,13 +303,108 @@ impl Registry {
         };
         rec.events.push(ev.clone());
         let session = rec.session;
+        let (room_id, participant_id) = (rec.room_id.clone(), rec.participant_id.clone());
         drop(rec);
+        let reason = ev.reason.clone();
         self.send_to_session(session, Outbound::Message(ServerMessage::ConnectionEvent(ev)));
+        if self.webhooks.is_some() {
+            match event {
+                EventKind::Ready => self.hook_ready(&room_id, &participant_id, session, connection_id),
+                EventKind::Failed => {
+                    self.hook_failed(&room_id, &participant_id, session, connection_id, reason.as_deref())
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A connection became READY: the participant's first one (this session) makes it
+    /// `participant_joined`, followed by the tracks it already publishes.
+    fn hook_ready(&self, room_id: &str, participant_id: &str, session: u64, connection_id: &str) {
+        let Some(mut guard) = self.rooms.get_mut(room_id) else { return };
+        let room = &mut *guard;
+        let Some(p) = room.participants.get_mut(participant_id) else { return };
+        if p.session != session || p.announced {
+            return;
+        }
+        p.announced = true;
+        let name = room.name.as_ref();
+        self.hook(|| {
+            Happening::new(WebhookEventType::ParticipantJoined, room_id, name)
+                .participant(participant_id, &p.name)
+                .connection(connection_id)
+        });
+        for s in room.streams.iter().filter(|s| s.participant_id == participant_id) {
+            let track = webhook_track(s);
+            p.announced_tracks.push(track.clone());
+            self.hook(|| {
+                Happening::new(WebhookEventType::TrackPublished, room_id, name)
+                    .participant(participant_id, &p.name)
+                    .track(track)
+            });
+        }
+    }
+
+    /// A connection FAILED: `connection_failed`; and if that leaves a joined participant with
+    /// no live connection, it has left (`failed`) until a connection of it is READY again.
+    fn hook_failed(&self, room_id: &str, participant_id: &str, session: u64, connection_id: &str, why: Option<&str>) {
+        let Some(mut guard) = self.rooms.get_mut(room_id) else { return };
+        let room = &mut *guard;
+        let name = room.name.as_ref();
+        let display = room.participants.get(participant_id).map(|p| p.name.clone()).unwrap_or_default();
+        self.hook(|| {
+            let h = Happening::new(WebhookEventType::ConnectionFailed, room_id, name)
+                .participant(participant_id, &display)
+                .connection(connection_id);
+            match why {
+                Some(r) => h.reason(r),
+                None => h,
+            }
+        });
+        let Some(p) = room.participants.get_mut(participant_id) else { return };
+        if p.session != session || !p.announced {
+            return;
+        }
+        let live = p.connections.iter().any(|id| self.connections.get(id).is_some_and(|c| !c.state.is_terminal()));
+        if !live {
+            p.announced = false;
+            let tracks = std::mem::take(&mut p.announced_tracks);
+            self.hook_left(room_id, name, participant_id, &p.name, tracks, "failed");
+        }
+    }
+
+    /// `track_unpublished` for each announced track, then `participant_left`.
+    pub(crate) fn hook_left(
+        &self,
+        room_id: &str,
+        room_name: Option<&String>,
+        participant_id: &str,
+        name: &str,
+        tracks: Vec<WebhookTrack>,
+        reason: &str,
+    ) {
+        for t in tracks {
+            self.hook(|| {
+                Happening::new(WebhookEventType::TrackUnpublished, room_id, room_name)
+                    .participant(participant_id, name)
+                    .track(t)
+                    .reason("participant_left")
+            });
+        }
+        self.hook(|| {
+            Happening::new(WebhookEventType::ParticipantLeft, room_id, room_name)
+                .participant(participant_id, name)
+                .reason(reason)
+        });
     }
 
     fn session_of(&self, connection_id: &str) -> Option<u64> {
         self.connections.get(connection_id).map(|c| c.session)
     }
+}
+
+fn webhook_track(s: &StreamInfo) -> WebhookTrack {
+    WebhookTrack { stream_id: s.stream_id.clone(), kind: s.kind.clone(), mid: s.mid.clone() }
 }
 
 fn role_label(role: Role) -> &'static str {
@@ -293,18 +442,41 @@ impl EventSink for Registry {
                 }
             }
             MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false };
-                match self.rooms.get_mut(&room_id) {
-                    Some(mut room) => room.streams.push(info.clone()),
-                    None => return,
+                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false, moderated: false };
+                {
+                    let Some(mut guard) = self.rooms.get_mut(&room_id) else { return };
+                    let room = &mut *guard;
+                    room.streams.push(info.clone());
+                    // Published to the webhooks once its publisher has joined (else at that point).
+                    if let Some(p) = room.participants.get_mut(&info.participant_id).filter(|p| p.announced) {
+                        let track = webhook_track(&info);
+                        p.announced_tracks.push(track.clone());
+                        self.hook(|| {
+                            Happening::new(WebhookEventType::TrackPublished, &room_id, room.name.as_ref())
+                                .participant(&p.participant_id, &p.name)
+                                .track(track)
+                        });
+                    }
                 }
                 self.broadcast(&room_id, None, ServerMessage::StreamAdded(info));
             }
             MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false };
-                match self.rooms.get_mut(&room_id) {
-                    Some(mut room) => room.streams.retain(|s| s.stream_id != info.stream_id),
-                    None => return,
+                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false, moderated: false };
+                {
+                    let Some(mut guard) = self.rooms.get_mut(&room_id) else { return };
+                    let room = &mut *guard;
+                    room.streams.retain(|s| s.stream_id != info.stream_id);
+                    if let Some(p) = room.participants.get_mut(&info.participant_id) {
+                        if let Some(i) = p.announced_tracks.iter().position(|t| t.stream_id == info.stream_id) {
+                            let track = p.announced_tracks.remove(i);
+                            self.hook(|| {
+                                Happening::new(WebhookEventType::TrackUnpublished, &room_id, room.name.as_ref())
+                                    .participant(&p.participant_id, &p.name)
+                                    .track(track)
+                                    .reason("unpublished")
+                            });
+                        }
+                    }
                 }
                 self.broadcast(&room_id, None, ServerMessage::StreamRemoved(info));
             }

@@ -2,10 +2,10 @@
 //! health and metrics. Every refusal uses the contract's error shape.
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::error::{ApiError, ApiJson};
@@ -17,10 +17,13 @@ pub(crate) fn routes(state: AppState) -> Router {
         .route("/v1/rooms", post(create_room).get(list_rooms))
         .route("/v1/rooms/{room_id}", get(get_room).delete(delete_room))
         .route("/v1/rooms/{room_id}/tokens", post(create_token))
-        .route("/v1/rooms/{room_id}/participants/{participant_id}", delete(kick))
+        .route("/v1/rooms/{room_id}/participants/{participant_id}", crate::moderation::participant_route().delete(kick))
         .route("/v1/connections/{connection_id}", get(get_connection))
+        // Moderation and room state from the app backend (mute, metadata, messages).
+        .merge(crate::moderation::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    let mut open = Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics));
+    let mut open =
+        Router::new().route("/healthz", get(healthz)).route("/livez", get(livez)).route("/metrics", get(metrics));
     if state.config.dev_token_route {
         open = open.route("/v1/dev/token", post(dev_token));
     }
@@ -45,16 +48,34 @@ async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req:
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
+    // A bounded label: the methods the API has, anything else is `other`.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m,
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
     let resp = next.run(req).await;
     if route != "/metrics" {
-        state.registry.metrics.http_requests.with_label_values(&[route.as_str(), resp.status().as_str()]).inc();
+        let m = &state.registry.metrics;
+        m.http_requests.with_label_values(&[route.as_str(), resp.status().as_str(), method]).inc();
+        m.http_seconds.with_label_values(&[method, route.as_str()]).observe(started.elapsed().as_secs_f64());
     }
     resp
 }
 
-async fn healthz(State(state): State<AppState>) -> Json<Health> {
-    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
-    Json(Health { status: if draining { "draining" } else { "ok" }.into() })
+/// Readiness: 200 `ok` while new work is taken, 503 `draining` once shutdown began (a load
+/// balancer then sends no one new here).
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "draining".into() }))
+    } else {
+        (StatusCode::OK, Json(Health { status: "ok".into() }))
+    }
+}
+
+/// Liveness: 200 while the process serves HTTP at all, draining or not.
+async fn livez() -> Json<Health> {
+    Json(Health { status: "ok".into() })
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -83,7 +104,7 @@ fn valid_display_name(s: &str) -> bool {
 async fn create_room(
     State(state): State<AppState>,
     body: Result<ApiJson<CreateRoomRequest>, ApiError>,
-) -> Result<(StatusCode, Json<RoomCreated>), ApiError> {
+) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<RoomCreated>), ApiError> {
     // An empty body means "all defaults".
     let req = match body {
         Ok(ApiJson(r)) => r,
@@ -91,7 +112,8 @@ async fn create_room(
         Err(e) => return Err(e),
     };
     let room = detached(async move { create_room_inner(&state, req).await }).await?;
-    Ok((StatusCode::CREATED, Json(room)))
+    let location = format!("/v1/rooms/{}", room.room_id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(room)))
 }
 
 async fn create_room_inner(state: &AppState, req: CreateRoomRequest) -> Result<RoomCreated, ApiError> {
@@ -140,7 +162,7 @@ async fn create_token(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     body: Result<ApiJson<TokenRequest>, ApiError>,
-) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<TokenResponse>), ApiError> {
     if !state.registry.has_room(&room_id) {
         return Err(ApiError::not_found("room"));
     }
@@ -164,7 +186,10 @@ async fn create_token(
         req.can_subscribe.unwrap_or(true),
         ttl,
     )?;
-    Ok((StatusCode::CREATED, Json(TokenResponse { token, expires_at: crate::auth::unix_to_rfc3339(exp) })))
+    // The participant the token admits (GET shows it once it has joined).
+    let location = format!("/v1/rooms/{room_id}/participants/{}", req.participant);
+    let body = TokenResponse { token, expires_at: crate::auth::unix_to_rfc3339(exp) };
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(body)))
 }
 
 async fn dev_token(

@@ -103,7 +103,16 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
                 continue;
             }
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(Message::Close(_)) => break,
+            Err(e) => {
+                if too_big(e) {
+                    // RFC 6455 §7.4.1: 1009, the message is too big to process. The session
+                    // ends as if the socket dropped (the participant gets the reconnect grace).
+                    let limit = state.config.ws_max_message_bytes;
+                    let _ = tx.try_send(Outbound::Close(1009, format!("message over {limit} bytes")));
+                }
+                break;
+            }
         };
         match bucket.take(Instant::now()) {
             Take::Ok => {}
@@ -162,6 +171,13 @@ async fn write_loop(mut sink: futures_util::stream::SplitSink<WebSocket, Message
         }
     }
     let _ = sink.close().await;
+}
+
+/// A read error that is a message or frame over the size limit.
+fn too_big(e: axum::Error) -> bool {
+    e.into_inner()
+        .downcast::<tungstenite::Error>()
+        .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)))
 }
 
 fn send_error(reg: &crate::registry::Registry, session: u64, e: ApiError, connection_id: Option<String>) {

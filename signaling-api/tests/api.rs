@@ -91,6 +91,10 @@ impl MediaPlane for FakeMedia {
     async fn close_connection(&self, connection_id: &str, reason: &str) {
         self.ev(connection_id, EventKind::Finished, Some(reason));
     }
+    async fn set_track_blocked(&self, room_id: &str, stream_id: &str, blocked: bool) -> Result<(), MediaError> {
+        self.calls.lock().unwrap().push(format!("blocked {room_id} {stream_id} {blocked}"));
+        Ok(())
+    }
     async fn connection_stats(&self, _: &str) -> Option<Value> {
         Some(json!({ "rtp_packets_in": 7 }))
     }
@@ -403,8 +407,11 @@ async fn draining_refuses_new_work_and_says_so() {
     let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
     let room = room["room_id"].as_str().unwrap().to_owned();
     state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Readiness says no (a load balancer sends no one new), liveness still yes.
     let (s, v) = call(&app, "GET", "/healthz", None, false).await;
-    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("draining")));
+    assert_eq!((s, v["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("draining")));
+    let (s, v) = call(&app, "GET", "/livez", None, false).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
     let (s, v) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_error(&v, "conflict");
@@ -554,7 +561,7 @@ async fn a_publisher_mutes_its_own_streams_and_the_room_hears_it() {
     }
 
     send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": true })).await;
-    let want = json!({ "type": "track_muted", "participant_id": "alice", "stream_id": "st_1", "kind": "video" });
+    let want = json!({ "type": "track_muted", "participant_id": "alice", "stream_id": "st_1", "kind": "video", "moderated": false });
     assert_eq!(next(&mut bob).await, want);
     // Muting twice changes nothing and says nothing; unmuting is heard.
     send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": true })).await;
@@ -588,4 +595,220 @@ async fn active_speakers_reach_the_whole_room() {
     let want = json!({ "type": "active_speakers", "speakers": [{ "participant_id": "alice", "stream_id": "st_a", "level": 0.5 }] });
     assert_eq!(next(&mut alice).await, want);
     assert_eq!(next(&mut bob).await, want);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Moderation and room state from the app backend
+// ---------------------------------------------------------------------------------------------
+
+/// The next message of a type, skipping others.
+async fn next_of(ws: &mut Ws, t: &str) -> Value {
+    loop {
+        let m = next(ws).await;
+        if m["type"] == t || m["type"].as_str().is_some_and(|x| x.starts_with("__")) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_backend_mutes_a_stream_and_only_it_can_unmute() {
+    let (app, state, media) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    assert_eq!(next_of(&mut bob, "stream_added").await["stream_id"], "st_1");
+    let mute = format!("/v1/rooms/{room}/participants/alice/mute");
+
+    // Targets first: unknown room, unknown participant (even with a bad body); then the body.
+    let (s, v) = call(&app, "POST", &format!("/v1/rooms/r_nope/participants/alice/mute"), Some("{bad"), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+    let (s, v) = call(&app, "POST", &format!("/v1/rooms/{room}/participants/nobody/mute"), Some("{bad"), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["message"], "participant not found");
+    let (s, v) = call(&app, "POST", &mute, Some(r#"{"muted":"yes"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let (s, v) = call(&app, "POST", &mute, Some(r#"{"muted":true,"kind":"smell"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = call(&app, "POST", &mute, Some(r#"{"muted":true,"stream_id":"st_nope"}"#), true).await;
+    assert_eq!((s, v["error"]["message"].as_str()), (StatusCode::NOT_FOUND, Some("stream not found")));
+    let (s, v) = call(&app, "POST", &mute, Some(r#"{"muted":true,"kind":"audio"}"#), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "alice publishes no audio: {v}");
+    let (s, _) = call(&app, "POST", &mute, Some(r#"{"muted":true}"#), false).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // Mute: the media plane stops the stream, everyone hears it, the views show it.
+    let (s, v) = call(&app, "POST", &mute, Some(r#"{"muted":true,"kind":"video"}"#), true).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["streams"][0]["stream_id"], "st_1");
+    assert_eq!((v["streams"][0]["muted"].as_bool(), v["streams"][0]["moderated"].as_bool()), (Some(true), Some(true)));
+    assert!(media.calls.lock().unwrap().contains(&format!("blocked {room} st_1 true")));
+    let want = json!({ "type": "track_muted", "participant_id": "alice", "stream_id": "st_1", "kind": "video", "moderated": true });
+    assert_eq!(next_of(&mut bob, "track_muted").await, want);
+    assert_eq!(next_of(&mut alice, "track_muted").await, want, "the publisher is told too");
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["streams"][0]["moderated"], true);
+
+    // The publisher cannot lift it.
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": false })).await;
+    let e = next_of(&mut alice, "error").await;
+    assert_eq!(e["code"], "forbidden", "{e}");
+
+    // The backend can; a second unmute changes nothing and says nothing.
+    let (s, v) = call(&app, "POST", &mute, Some(r#"{"muted":false,"stream_id":"st_1"}"#), true).await;
+    assert_eq!((s, v["streams"][0]["muted"].as_bool()), (StatusCode::OK, Some(false)));
+    assert!(media.calls.lock().unwrap().contains(&format!("blocked {room} st_1 false")));
+    let m = next_of(&mut bob, "track_unmuted").await;
+    assert_eq!(m["moderated"], false);
+    let (s, _) = call(&app, "POST", &mute, Some(r#"{"muted":false}"#), true).await;
+    assert_eq!(s, StatusCode::OK);
+    send(&mut bob, json!({ "type": "subscribe" })).await;
+    assert_eq!(next(&mut bob).await["event"], "INITIAL", "no second track_unmuted came before");
+}
+
+#[tokio::test]
+async fn metadata_and_messages_reach_the_room() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    assert_eq!(next(&mut alice).await["type"], "participant_joined");
+
+    // Participant metadata: to everyone, in the REST views, and to late joiners.
+    let path = format!("/v1/rooms/{room}/participants/alice/metadata");
+    let (s, v) = call(&app, "PUT", &path, Some(r#"{"metadata":{"role":"host","hand":false}}"#), true).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "participant_id": "alice", "name": "alice", "metadata": { "role": "host", "hand": false } }));
+    let want = json!({ "type": "participant_metadata", "participant_id": "alice", "name": "alice", "metadata": { "role": "host", "hand": false } });
+    assert_eq!(next(&mut bob).await, want);
+    assert_eq!(next(&mut alice).await, want);
+    let (s, p) = call(&app, "GET", &format!("/v1/rooms/{room}/participants/alice"), None, true).await;
+    assert_eq!((s, &p["metadata"]["role"]), (StatusCode::OK, &json!("host")));
+    let (s, _) = call(&app, "GET", &format!("/v1/rooms/{room}/participants/nobody"), None, true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Room metadata.
+    let (s, v) = call(&app, "PUT", &format!("/v1/rooms/{room}/metadata"), Some(r#"{"metadata":"quiz at 3"}"#), true).await;
+    assert_eq!((s, v["metadata"].as_str()), (StatusCode::OK, Some("quiz at 3")));
+    let want = json!({ "type": "room_metadata", "room_id": room, "metadata": "quiz at 3" });
+    assert_eq!(next(&mut bob).await, want);
+    assert_eq!(next(&mut alice).await, want);
+    let mut carol = join(&addr, &state, &room, "carol").await;
+    let j = next(&mut carol).await;
+    assert_eq!(j["metadata"], "quiz at 3", "{j}");
+    let alice_in = j["participants"].as_array().unwrap().iter().find(|p| p["participant_id"] == "alice").unwrap().clone();
+    assert_eq!(alice_in["metadata"]["role"], "host", "{j}");
+    assert_eq!(next(&mut alice).await["type"], "participant_joined");
+    assert_eq!(next(&mut bob).await["type"], "participant_joined");
+
+    // Messages: to one, then to all.
+    let msgs = format!("/v1/rooms/{room}/messages");
+    let (s, v) = call(&app, "POST", &msgs, Some(r#"{"participant_id":"bob","data":{"text":"you are next"}}"#), true).await;
+    assert_eq!((s, v["recipients"].as_u64()), (StatusCode::OK, Some(1)));
+    assert_eq!(next(&mut bob).await, json!({ "type": "message", "from": "backend", "data": { "text": "you are next" } }));
+    let (s, v) = call(&app, "POST", &msgs, Some(r#"{"data":[1,2,3]}"#), true).await;
+    assert_eq!((s, v["recipients"].as_u64()), (StatusCode::OK, Some(3)));
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(next(ws).await, json!({ "type": "message", "from": "backend", "data": [1, 2, 3] }));
+    }
+
+    // Refusals: unknown targets before bodies, sizes, shapes.
+    let (s, _) = call(&app, "POST", &msgs, Some(r#"{"participant_id":"nobody","data":1}"#), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = call(&app, "POST", "/v1/rooms/r_nope/messages", Some("{bad"), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found");
+    let (s, v) = call(&app, "PUT", "/v1/rooms/r_nope/metadata", Some("{bad"), true).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = call(&app, "POST", &msgs, Some(r#"{"text":"no data field"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "bad_request");
+    let big = format!(r#"{{"metadata":"{}"}}"#, "x".repeat(5000));
+    let (s, v) = call(&app, "PUT", &path, Some(&big), true).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "payload_too_large");
+    let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(20_000));
+    let (s, v) = call(&app, "POST", &msgs, Some(&big), true).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "payload_too_large");
+
+    // Clearing with null.
+    let (s, v) = call(&app, "PUT", &path, Some(r#"{"metadata":null}"#), true).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.get("metadata").is_none(), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conventions: Location, readiness/liveness, method label and latency histogram, 1009
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn created_resources_have_a_location_and_requests_are_measured() {
+    let (app, _, _) = app();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/rooms")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Body::from("{}"))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let id = body["room_id"].as_str().unwrap();
+    assert_eq!(location, format!("/v1/rooms/{id}"));
+    let (s, v) = call(&app, "GET", &location, None, true).await;
+    assert_eq!((s, v["room_id"].as_str()), (StatusCode::OK, Some(id)), "the Location answers");
+
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("/v1/rooms/{id}/tokens"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"participant":"alice"}"#))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.headers()["location"], format!("/v1/rooms/{id}/participants/alice").as_str());
+
+    let (s, _) = call(&app, "DELETE", &format!("/v1/rooms/{id}"), None, true).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
+    let text = app.clone().oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    for series in [
+        r#"gateway_http_requests_total{method="POST",route="/v1/rooms",status="201"} 1"#,
+        r#"gateway_http_requests_total{method="GET",route="/v1/rooms/{room_id}",status="200"} 1"#,
+        r#"gateway_http_requests_total{method="DELETE",route="/v1/rooms/{room_id}",status="204"} 1"#,
+        r#"gateway_http_request_duration_seconds_count{method="POST",route="/v1/rooms"} 1"#,
+        r#"gateway_http_request_duration_seconds_count{method="POST",route="/v1/rooms/{room_id}/tokens"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == series), "missing {series} in\n{}", text.lines().filter(|l| l.starts_with("gateway_http")).collect::<Vec<_>>().join("\n"));
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_answered_with_1009() {
+    let (app, state, _) = app_with(ApiConfig { api_key: KEY.into(), ws_max_message_bytes: 4096, ..ApiConfig::default() });
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut ws = join(&addr, &state, &room, "big").await;
+    assert_eq!(next(&mut ws).await["type"], "joined");
+    let huge = format!(r#"{{"type":"nope","pad":"{}"}}"#, "a".repeat(8000));
+    ws.send(Message::Text(huge.into())).await.unwrap();
+    let closed = next_of(&mut ws, "__closed").await;
+    assert_eq!(closed["code"], 1009, "{closed}");
 }

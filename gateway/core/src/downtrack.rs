@@ -135,6 +135,15 @@ impl DownTrack {
 
     /// The outgoing stream continues from a new source (a layer switch, a restarted publisher
     /// stream, the first packet) at this packet.
+    /// Start over after a pause of the source (the track was muted by the backend): video
+    /// waits for a keyframe, and the next packet continues the outgoing numbering.
+    pub fn restart(&mut self) {
+        if self.kind == MediaKind::Video {
+            self.current = None;
+        }
+        self.rewrite.release_source();
+    }
+
     pub fn switch_source(&mut self, now: Instant, ssrc: u32, seq: u64, ts: u32, clock: f64) {
         let advance = ts_advance(self.last_forward, now, clock);
         self.rewrite.switch(ssrc, seq, ts, advance);

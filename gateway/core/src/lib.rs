@@ -156,6 +156,8 @@ pub struct Counters {
     pub codec_unsupported: u64,
     pub garbage_datagrams: u64,
     pub untrusted_datagrams: u64,
+    /// Publisher packets not forwarded because the app backend muted their track.
+    pub moderated_drops: u64,
 }
 
 /// A counter family on `/metrics`: its name, help text and label names.
@@ -227,6 +229,12 @@ pub mod families {
     );
     family!(STREAMS_UNAVAILABLE, "gateway_streams_unavailable_total", "Streams a subscriber was offered but cannot receive, by reason (codec_unsupported: it cannot decode the publication's codec)", ["reason"]);
     family!(
+        MODERATED,
+        "gateway_moderated_packets_total",
+        "Publisher packets forwarded to nobody because the app backend muted their track",
+        []
+    );
+    family!(
         DROPPED_DATAGRAMS,
         "gateway_dropped_datagrams_total",
         "Datagrams dropped before reaching a connection",
@@ -247,6 +255,7 @@ pub mod families {
         &RETRANSMITTED,
         &STREAMS_UNAVAILABLE,
         &DROPPED_DATAGRAMS,
+        &MODERATED,
     ];
 }
 
@@ -274,6 +283,7 @@ impl Counters {
             codec_unsupported,
             garbage_datagrams,
             untrusted_datagrams,
+            moderated_drops,
         } = self;
         for (i, kind) in ["audio", "video"].into_iter().enumerate() {
             f(&RTP_PACKETS, &["in", kind], rtp_packets_in[i]);
@@ -297,6 +307,7 @@ impl Counters {
         f(&STREAMS_UNAVAILABLE, &["codec_unsupported"], *codec_unsupported);
         f(&DROPPED_DATAGRAMS, &["garbage"], *garbage_datagrams);
         f(&DROPPED_DATAGRAMS, &["untrusted_source"], *untrusted_datagrams);
+        f(&MODERATED, &[], *moderated_drops);
     }
 
     fn count_in(&mut self, video: bool, bytes: u64) {

@@ -72,6 +72,13 @@ impl SeqRewriter {
         });
     }
 
+    /// Forget the current source: the next packet (of any source) must come through
+    /// [`SeqRewriter::switch`], which continues after the last number sent. For a source that
+    /// paused: its numbers jumped while nothing was forwarded.
+    pub fn release_source(&mut self) {
+        self.source = None;
+    }
+
     /// Map an incoming extended sequence number and timestamp of `source` to the outgoing ones.
     /// A packet of the first source seen switches to it; a packet of another source than the
     /// current one, too old to place, or from before a switch point gives `None`.

@@ -30,7 +30,7 @@ impl Engine {
         let track = &mut room.tracks[ti];
         let Some(li) = track.layer_index(rid, cfg.keyframe_throttle) else { return };
         let video = track.kind == MediaKind::Video;
-        if let Some(level) = p.header.ext_vals.audio_level.filter(|_| !video) {
+        if let Some(level) = p.header.ext_vals.audio_level.filter(|_| !video && !track.blocked) {
             track.level.observe(level);
             room.speakers.wake(now);
         }
@@ -96,6 +96,12 @@ impl Engine {
             }
         }
         // Reallocation leaves the room's track list as it is, so `ti` still names this track.
+        let blocked = self.rooms.get(&room_id).and_then(|r| r.tracks.get(ti)).is_some_and(|t| t.blocked);
+        if blocked {
+            // Muted by the app backend: measured above, forwarded to nobody.
+            self.counters.moderated_drops += 1;
+            return;
+        }
         self.fan_out(now, key, ti, li, p, params, keyframe);
     }
 

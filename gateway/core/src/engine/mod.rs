@@ -172,6 +172,49 @@ impl Engine {
         self.process(now);
     }
 
+    /// Stop (`true`) or resume forwarding a published track to its subscribers: the app
+    /// backend's mute. On resume every subscriber's down track starts over at a keyframe (one is
+    /// requested) with sequence numbers continuing where they stopped, so nothing of the muted
+    /// time is NACKed or waited for.
+    pub fn set_track_blocked(
+        &mut self,
+        now: Instant,
+        room_id: &str,
+        stream_id: &str,
+        blocked: bool,
+    ) -> Result<(), MediaError> {
+        let Self { rooms, conns, q, counters, .. } = self;
+        let room = rooms.get_mut(room_id).ok_or_else(|| err(ErrorCode::NotFound, "room not found"))?;
+        let track = room
+            .tracks
+            .iter_mut()
+            .find(|t| &*t.stream_id == stream_id)
+            .ok_or_else(|| err(ErrorCode::NotFound, "stream not found"))?;
+        if track.blocked == blocked {
+            return Ok(());
+        }
+        track.blocked = blocked;
+        if blocked {
+            track.level = Default::default();
+            return Ok(());
+        }
+        let mut targets = Vec::new();
+        for (sub, mid) in &track.outs {
+            let Some(out) = conns.get_mut(sub).and_then(|c| c.outs_mut().iter_mut().find(|o| o.mid == *mid)) else {
+                continue;
+            };
+            out.restart();
+            targets.extend(out.target);
+        }
+        targets.sort_unstable();
+        targets.dedup();
+        for li in targets {
+            keyframes::want_keyframe(now, track, li, conns, q, counters);
+        }
+        self.process(now);
+        Ok(())
+    }
+
     /// End a connection on purpose. Unknown ids are ignored.
     pub fn close_connection(&mut self, now: Instant, connection_id: &str, reason: &str) {
         if let Ok(key) = self.key_of(connection_id) {

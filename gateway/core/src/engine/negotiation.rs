@@ -423,6 +423,7 @@ impl Engine {
             announced: Vec::new(),
             codec,
             level: Default::default(),
+            blocked: false,
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {

@@ -25,6 +25,9 @@ pub(super) struct TrackIn {
     pub(super) codec: Option<PayloadParams>,
     /// Audio: loudness for the room's active speakers.
     pub(super) level: AudioLevel,
+    /// The app backend muted it (moderation): its packets are received and measured but
+    /// forwarded to nobody, and it is never an active speaker.
+    pub(super) blocked: bool,
 }
 
 impl TrackIn {
