@@ -9,11 +9,11 @@ use serde_json::{json, Value};
 
 #[derive(Args, Debug, Clone)]
 pub struct AdminArgs {
-    /// Base URL of the gateway's HTTP API.
-    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:8080", global = true)]
-    pub url: String,
+    /// Base URL of the gateway's HTTP API (else $GATEWAY_URL, else http://127.0.0.1:8080).
+    #[arg(long, global = true)]
+    pub url: Option<String>,
     /// The REST API key (else $GATEWAY_API_KEY, else $GATEWAY__AUTH__API_KEY).
-    #[arg(long, global = true, hide_env_values = true)]
+    #[arg(long, global = true)]
     pub api_key: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -160,7 +160,12 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
         .filter(|k| !k.is_empty())
         .ok_or(AdminError::NoKey)?;
     let http = reqwest::Client::builder().build().map_err(|e| AdminError::Transport(e.to_string()))?;
-    let c = Client { http, base: args.url.clone(), key };
+    let base = args
+        .url
+        .clone()
+        .or_else(|| std::env::var("GATEWAY_URL").ok())
+        .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
+    let c = Client { http, base, key };
     use reqwest::Method as M;
     let (v, table) = match &args.command {
         AdminCommand::Rooms(RoomsCommand::List) => {
@@ -243,11 +248,7 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
             (v, t)
         }
     };
-    Ok(if args.json { format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()) } else { table_or(table) })
-}
-
-fn table_or(t: String) -> String {
-    t
+    Ok(if args.json { format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()) } else { table })
 }
 
 fn participants_table(room: &Value) -> String {

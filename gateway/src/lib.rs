@@ -1,6 +1,7 @@
 //! The SFU media gateway server.
 //!
 //! Layout:
+//! - `admin`: `gateway admin …`, the REST API as terminal commands.
 //! - `config`: the configuration (defaults, TOML file, `GATEWAY__…` env), validated.
 //! - `server`: assembles and starts everything; `main` and the tests call [`server::start`].
 //! - `worker`: media worker threads: a mio loop around the sans-IO `gateway_core::Engine`.
@@ -9,6 +10,7 @@
 //! - `metrics`: media-plane Prometheus metrics.
 //! - `web`: the browser client served at `/`.
 
+pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod plane;

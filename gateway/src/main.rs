@@ -16,6 +16,36 @@ struct Args {
     /// Load and validate the configuration (file + environment), print it, and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Operate a running gateway over its REST API (rooms, tokens, participants, connections,
+    /// drain).
+    Admin(gateway::admin::AdminArgs),
+}
+
+/// `gateway admin …`: one REST command, printed; exit status 1 on a refusal.
+fn admin(args: &gateway::admin::AdminArgs) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway admin: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(gateway::admin::run(args)) {
+        Ok(out) => {
+            print!("{out}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway admin: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(cfg: &GatewayConfig) {
@@ -48,6 +78,9 @@ async fn terminated() {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(Command::Admin(a)) = &args.command {
+        return admin(a);
+    }
     let cfg = match GatewayConfig::load(args.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {

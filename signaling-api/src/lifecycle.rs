@@ -340,10 +340,10 @@ impl Registry {
                 media.close_connection(id, reason).await;
             }
         }
+        let info = p.info();
         if p.announced {
             self.hook_left(room_id, room_name.as_ref(), participant_id, &p.name, p.announced_tracks, reason);
         }
-        let info = p.info();
         self.broadcast(room_id, None, ServerMessage::ParticipantLeft(info));
         tracing::info!(room_id, participant_id, reason, "participant left");
     }

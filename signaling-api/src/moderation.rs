@@ -24,6 +24,22 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/rooms/{room_id}/participants/{participant_id}/metadata", put(participant_metadata))
         .route("/v1/rooms/{room_id}/metadata", put(room_metadata))
         .route("/v1/rooms/{room_id}/messages", post(message))
+        .route("/v1/admin/drain", post(drain).delete(undrain))
+}
+
+/// Take no new rooms or sessions (readiness 503), as SIGTERM does, but keep running: take a
+/// node out of rotation and let its calls end.
+async fn drain(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Health>) {
+    state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("draining on the API's request");
+    (axum::http::StatusCode::ACCEPTED, Json(Health { status: "draining".into() }))
+}
+
+/// Take new work again.
+async fn undrain(State(state): State<AppState>) -> Json<Health> {
+    state.draining.store(false, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("no longer draining");
+    Json(Health { status: "ok".into() })
 }
 
 /// `GET /v1/rooms/{room_id}/participants/{participant_id}` (the route's DELETE is the kick in

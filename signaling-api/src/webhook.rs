@@ -90,8 +90,8 @@ pub fn validate(cfg: &WebhookConfig) -> Result<(), WebhookConfigError> {
     }
     parse_secret(&cfg.secret)?;
     for u in &cfg.urls {
-        match reqwest::Url::parse(u) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+        match u.parse::<axum::http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
             _ => return Err(WebhookConfigError::Url(u.clone())),
         }
     }
@@ -188,10 +188,15 @@ struct Queue {
     next_order: u64,
 }
 
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<axum::body::Bytes>,
+>;
+
 struct Shared {
     cfg: WebhookConfig,
     key: Vec<u8>,
-    client: reqwest::Client,
+    client: HttpClient,
     queue: Mutex<Queue>,
     /// Lanes have work that no task is delivering.
     wake: Notify,
@@ -220,7 +225,7 @@ impl Webhooks {
         }
         validate(&cfg)?;
         let key = parse_secret(&cfg.secret)?;
-        let client = http_client(cfg.timeout);
+        let client = http_client();
         let shared = Arc::new(Shared {
             requests: Semaphore::new(cfg.concurrency.max(1)),
             cfg,
@@ -336,25 +341,26 @@ fn lock(m: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// An HTTP client with rustls (the process's one TLS stack, aws-lc-rs) and Mozilla's roots.
-fn http_client(timeout: Duration) -> reqwest::Client {
+/// An HTTP/1.1 client with rustls (the process's one TLS stack, aws-lc-rs) and Mozilla's roots;
+/// http URLs too.
+fn http_client() -> HttpClient {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    let builder = reqwest::Client::builder().timeout(timeout).user_agent(concat!("gateway-webhooks/", env!("CARGO_PKG_VERSION")));
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    let builder = match tls {
-        Ok(tls) => builder.use_preconfigured_tls(tls),
+    let tls = match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
         Err(e) => {
+            // aws-lc-rs supports the default versions; this would be a build problem.
             tracing::error!(error = %e, "webhook TLS setup failed; https webhook URLs will fail");
-            builder
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3 is supported by aws-lc-rs")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
         }
     };
-    builder.build().unwrap_or_else(|e| {
-        tracing::error!(error = %e, "webhook HTTP client setup failed; using defaults");
-        reqwest::Client::new()
-    })
+    let connector =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
 /// Start a task for every lane that has events and none delivering them.
@@ -478,21 +484,29 @@ async fn attempt_once(s: &Shared, url: &str, ev: &Prepared) -> Attempt {
     // The timestamp is the attempt's (receivers refuse stale ones); id and body never change.
     let ts = chrono::Utc::now().timestamp();
     let signature = sign(&s.key, &ev.id, ts, &ev.body);
-    let resp = s
-        .client
-        .post(url)
+    let req = axum::http::Request::post(url)
         .header("content-type", "application/json")
+        .header("user-agent", concat!("gateway-webhooks/", env!("CARGO_PKG_VERSION")))
         .header("webhook-id", &ev.id)
         .header("webhook-timestamp", ts.to_string())
         .header("webhook-signature", signature)
-        .body(ev.body.clone())
-        .send()
-        .await;
-    match resp {
-        Ok(r) if r.status().is_success() => Attempt::Delivered,
-        Ok(r) => Attempt::Status(r.status().as_u16()),
-        Err(e) if e.is_timeout() => Attempt::Error("timed out".into()),
-        Err(e) => Attempt::Error(format!("{e}")),
+        .body(http_body_util::Full::new(axum::body::Bytes::from(ev.body.clone())));
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return Attempt::Error(format!("bad request: {e}")),
+    };
+    let exchange = async {
+        let resp = s.client.request(req).await.map_err(|e| format!("{e}"))?;
+        let status = resp.status().as_u16();
+        // Read (and drop) the answer so the connection can be reused.
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        Ok::<u16, String>(status)
+    };
+    match tokio::time::timeout(s.cfg.timeout, exchange).await {
+        Ok(Ok(status)) if (200..300).contains(&status) => Attempt::Delivered,
+        Ok(Ok(status)) => Attempt::Status(status),
+        Ok(Err(e)) => Attempt::Error(e),
+        Err(_) => Attempt::Error("timed out".into()),
     }
 }
 
