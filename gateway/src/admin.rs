@@ -131,14 +131,16 @@ struct Client {
 
 impl Client {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, AdminError> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base.trim_end_matches('/'))).bearer_auth(&self.key);
+        let mut req =
+            self.http.request(method, format!("{}{path}", self.base.trim_end_matches('/'))).bearer_auth(&self.key);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.map_err(|e| AdminError::Transport(e.to_string()))?;
         let status = resp.status().as_u16();
         let text = resp.text().await.map_err(|e| AdminError::Transport(e.to_string()))?;
-        let v: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v: Value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         if (200..300).contains(&status) {
             return Ok(v);
         }
@@ -183,12 +185,16 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
                 body["max_participants"] = json!(m);
             }
             let v = c.call(M::POST, "/v1/rooms", Some(body)).await?;
-            let t = table(&["ROOM", "NAME", "MAX", "CREATED"], rows(&json!([v]), &["room_id", "name", "max_participants", "created_at"]));
+            let t = table(
+                &["ROOM", "NAME", "MAX", "CREATED"],
+                rows(&json!([v]), &["room_id", "name", "max_participants", "created_at"]),
+            );
             (v, t)
         }
         AdminCommand::Rooms(RoomsCommand::Show { room_id }) => {
             let v = c.call(M::GET, &format!("/v1/rooms/{room_id}"), None).await?;
-            let mut t = format!("room {} ({}), max {}\n", text(&v["room_id"]), text(&v["name"]), text(&v["max_participants"]));
+            let mut t =
+                format!("room {} ({}), max {}\n", text(&v["room_id"]), text(&v["name"]), text(&v["max_participants"]));
             t.push_str(&participants_table(&v));
             (v, t)
         }
@@ -197,7 +203,8 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
             (json!({ "deleted": room_id }), format!("room {room_id} deleted\n"))
         }
         AdminCommand::Token(TokenCommand::Create { room_id, participant, name, ttl_s, no_publish, no_subscribe }) => {
-            let mut body = json!({ "participant": participant, "can_publish": !no_publish, "can_subscribe": !no_subscribe });
+            let mut body =
+                json!({ "participant": participant, "can_publish": !no_publish, "can_subscribe": !no_subscribe });
             if let Some(n) = name {
                 body["name"] = json!(n);
             }
@@ -223,8 +230,12 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
         ) => {
             let muted = matches!(args.command, AdminCommand::Participants(ParticipantsCommand::Mute { .. }));
             let body = json!({ "muted": muted, "kind": kind, "stream_id": stream });
-            let v = c.call(M::POST, &format!("/v1/rooms/{room_id}/participants/{participant_id}/mute"), Some(body)).await?;
-            let t = table(&["STREAM", "KIND", "MUTED", "MODERATED"], rows(&v["streams"], &["stream_id", "kind", "muted", "moderated"]));
+            let v =
+                c.call(M::POST, &format!("/v1/rooms/{room_id}/participants/{participant_id}/mute"), Some(body)).await?;
+            let t = table(
+                &["STREAM", "KIND", "MUTED", "MODERATED"],
+                rows(&v["streams"], &["stream_id", "kind", "muted", "moderated"]),
+            );
             (v, t)
         }
         AdminCommand::Connection(ConnectionCommand::Inspect { connection_id }) => {
@@ -238,7 +249,10 @@ pub async fn run(args: &AdminArgs) -> Result<String, AdminError> {
                 text(&v["state"]),
                 text(&v["code"])
             );
-            t.push_str(&table(&["AT", "EVENT", "CODE", "REASON"], rows(&v["events"], &["at", "event", "code", "reason"])));
+            t.push_str(&table(
+                &["AT", "EVENT", "CODE", "REASON"],
+                rows(&v["events"], &["at", "event", "code", "reason"]),
+            ));
             (v, t)
         }
         AdminCommand::Drain { off } => {

@@ -405,7 +405,10 @@ impl GatewayConfig {
             return Err(invalid(key, e.to_string()));
         }
         if self.webhook.queue_capacity == 0 || self.webhook.concurrency == 0 {
-            return Err(invalid("webhook.queue_capacity", "webhook.queue_capacity and webhook.concurrency must be at least 1"));
+            return Err(invalid(
+                "webhook.queue_capacity",
+                "webhook.queue_capacity and webhook.concurrency must be at least 1",
+            ));
         }
         if self.limits.default_max_participants == 0
             || self.limits.default_max_participants > self.limits.max_participants

@@ -71,8 +71,8 @@ impl Running {
 pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     let prom = prometheus::Registry::new();
     let api_metrics = signaling_api::metrics::Metrics::new(prom.clone());
-    let webhooks = signaling_api::webhook::Webhooks::start(cfg.webhook(), api_metrics.clone())
-        .context("webhook configuration")?;
+    let webhooks =
+        signaling_api::webhook::Webhooks::start(cfg.webhook(), api_metrics.clone()).context("webhook configuration")?;
     let registry = Arc::new(Registry::new(api_metrics).with_webhooks(webhooks));
     let media_metrics = MediaMetrics::new(&prom);
     // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …

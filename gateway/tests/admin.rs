@@ -51,7 +51,10 @@ async fn the_admin_commands_drive_a_live_gateway() {
     let room_id = room["room_id"].as_str().unwrap().to_owned();
     let list = ctl.ok(&["rooms", "list"]).await;
     let mut lines = list.lines();
-    assert_eq!(lines.next().unwrap().split_whitespace().collect::<Vec<_>>(), ["ROOM", "NAME", "PARTICIPANTS", "STREAMS"]);
+    assert_eq!(
+        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["ROOM", "NAME", "PARTICIPANTS", "STREAMS"]
+    );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(row, [room_id.as_str(), "ops-room", "0", "0"], "{list}");
 

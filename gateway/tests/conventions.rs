@@ -112,12 +112,14 @@ async fn token_keys_rotate_without_refusing_issued_tokens() {
     let room = api.create_room("rotation").await;
     let (token_old, _) = Auth::new("x", old).issue(&room, "alice", "alice", true, true, 60).unwrap();
     assert_eq!(try_join(&gw.base, &token_old).await.unwrap_err(), 401);
-    let v: serde_json::Value = reqwest::get(format!("{}/v1/ws?token={token_old}", gw.base)).await.unwrap().json().await.unwrap();
+    let v: serde_json::Value =
+        reqwest::get(format!("{}/v1/ws?token={token_old}", gw.base)).await.unwrap().json().await.unwrap();
     assert_eq!(v["error"]["message"], "token is signed with an unknown key (kid)");
     let (token_k2, _) = only_k2.issue(&room, "carol", "carol", true, true, 60).unwrap();
     assert_eq!(try_join(&gw.base, &token_k2).await.unwrap()["type"], "joined");
     // The development secret is no key once token_secrets is set.
-    let (dev, _) = Auth::new("x", gateway::config::DEV_TOKEN_SECRET).issue(&room, "eve", "eve", true, true, 60).unwrap();
+    let (dev, _) =
+        Auth::new("x", gateway::config::DEV_TOKEN_SECRET).issue(&room, "eve", "eve", true, true, 60).unwrap();
     assert_eq!(try_join(&gw.base, &dev).await.unwrap_err(), 401);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }

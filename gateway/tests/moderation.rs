@@ -21,10 +21,11 @@ async fn a_muted_stream_is_not_forwarded_until_unmuted() {
     let (publisher, subs) = call(&api, &room, &["viewer"]).await;
     let viewer = &subs[0];
     publisher.send_media(1000);
-    viewer.wait("video and audio", 10, |l| {
-        l.rtp.iter().any(|(k, _)| *k == MediaKind::Video) && l.rtp.iter().any(|(k, _)| *k == MediaKind::Audio)
-    })
-    .await;
+    viewer
+        .wait("video and audio", 10, |l| {
+            l.rtp.iter().any(|(k, _)| *k == MediaKind::Video) && l.rtp.iter().any(|(k, _)| *k == MediaKind::Audio)
+        })
+        .await;
 
     let mute = format!("/v1/rooms/{room}/participants/pub/mute");
     let (s, v) = api.call("POST", &mute, Some(serde_json::json!({ "kind": "video", "muted": true }))).await;

@@ -18,17 +18,10 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// The Python with `standardwebhooks`: $WEBHOOK_PYTHON, or the venv scripts/test.sh makes.
 fn python() -> Option<PathBuf> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let candidates = [
-        std::env::var_os("WEBHOOK_PYTHON").map(PathBuf::from),
-        Some(repo.join("target/webhook-venv/bin/python")),
-    ];
+    let candidates =
+        [std::env::var_os("WEBHOOK_PYTHON").map(PathBuf::from), Some(repo.join("target/webhook-venv/bin/python"))];
     let found = candidates.into_iter().flatten().find(|p| {
-        Command::new(p)
-            .arg(receiver_script())
-            .arg("--check")
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        Command::new(p).arg(receiver_script()).arg("--check").stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     });
     if found.is_none() {
         assert!(
@@ -150,7 +143,11 @@ fn assert_sequenced(evs: &[Value]) {
     }
 }
 
-async fn gateway(port_min: u16, receiver: &Receiver, adjust: impl FnOnce(&mut gateway::config::GatewayConfig)) -> gateway::server::Running {
+async fn gateway(
+    port_min: u16,
+    receiver: &Receiver,
+    adjust: impl FnOnce(&mut gateway::config::GatewayConfig),
+) -> gateway::server::Running {
     let url = format!("{}/hooks", receiver.url);
     start_gateway_with(port_min, port_min + 9, |c| {
         c.webhook.urls = vec![url];
@@ -238,15 +235,14 @@ async fn kick_vanish_and_shutdown_say_why() {
     for p in [&kicked, &vanishing, &stays] {
         p.wait("READY", 10, |l| l.connected).await;
     }
-    rx.room_events(&room, "three joins", |e| e.iter().filter(|e| e["type"] == "participant_joined").count() == 3)
-        .await;
+    rx.room_events(&room, "three joins", |e| e.iter().filter(|e| e["type"] == "participant_joined").count() == 3).await;
 
     let (s, _) = api.call("DELETE", &format!("/v1/rooms/{room}/participants/kicked"), None).await;
     assert_eq!(s, 204);
     // The client vanishes: its WebSocket and UDP go without a word.
     drop(vanishing);
-    let evs = rx.room_events(&room, "two left", |e| e.iter().filter(|e| e["type"] == "participant_left").count() == 2)
-        .await;
+    let evs =
+        rx.room_events(&room, "two left", |e| e.iter().filter(|e| e["type"] == "participant_left").count() == 2).await;
     let left: Vec<(String, String)> = evs
         .iter()
         .filter(|e| e["type"] == "participant_left")
@@ -295,7 +291,11 @@ async fn ice_that_never_completes_fails_without_a_join() {
     p.leave();
     poll_until("it has left", 5, || async {
         let (_, r) = api.call("GET", &format!("/v1/rooms/{room}"), None).await;
-        if r["participants"].as_array().is_some_and(|p| p.is_empty()) { Ok(()) } else { Err(r.to_string()) }
+        if r["participants"].as_array().is_some_and(|p| p.is_empty()) {
+            Ok(())
+        } else {
+            Err(r.to_string())
+        }
     })
     .await;
     let (s, _) = api.call("DELETE", &format!("/v1/rooms/{room}"), None).await;

@@ -131,7 +131,8 @@ impl Auth {
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| ApiError::unauthorized("token is malformed"))?;
         let kid = header.kid.as_deref().unwrap_or(DEFAULT_KID);
-        let key = self.keys.get(kid).ok_or_else(|| ApiError::unauthorized("token is signed with an unknown key (kid)"))?;
+        let key =
+            self.keys.get(kid).ok_or_else(|| ApiError::unauthorized("token is signed with an unknown key (kid)"))?;
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 0;
         v.validate_exp = true;

@@ -101,7 +101,12 @@ impl Registry {
     /// Close a room because of `reason` (`room_closed`, or `shutdown` when the server stops:
     /// then sessions are closed with 1001). The webhooks hear every joined participant leave
     /// with that reason, then `room_finished`.
-    pub async fn close_room(&self, media: &dyn MediaPlane, room_id: &str, reason: &'static str) -> Result<(), ApiError> {
+    pub async fn close_room(
+        &self,
+        media: &dyn MediaPlane,
+        room_id: &str,
+        reason: &'static str,
+    ) -> Result<(), ApiError> {
         if !self.rooms.contains_key(room_id) {
             return Err(ApiError::not_found("room"));
         }
@@ -122,7 +127,9 @@ impl Registry {
                     let tracks = p.announced_tracks.clone();
                     self.hook_left(room_id, room.name.as_ref(), &p.participant_id, &p.name, tracks, reason);
                 }
-                self.hook(|| Happening::new(WebhookEventType::RoomFinished, room_id, room.name.as_ref()).reason(reason));
+                self.hook(|| {
+                    Happening::new(WebhookEventType::RoomFinished, room_id, room.name.as_ref()).reason(reason)
+                });
             }
         }
         self.metrics.rooms.set(self.rooms.len() as i64);
@@ -246,7 +253,8 @@ impl Registry {
                 Joined::Replaced
             }
             None => {
-                let metadata = self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id)?.metadata.clone());
+                let metadata =
+                    self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id)?.metadata.clone());
                 let info =
                     ParticipantInfo { participant_id: participant_id.to_owned(), name: claims.name.clone(), metadata };
                 self.broadcast(room_id, Some(participant_id), ServerMessage::ParticipantJoined(info));
@@ -264,23 +272,16 @@ impl Registry {
         if !room.participants.contains_key(&claims.sub) && room.participants.len() >= room.max_participants as usize {
             return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
         }
-        let (connections, metadata) = room
-            .participants
-            .get(&claims.sub)
-            .map(|p| (p.connections.clone(), p.metadata.clone()))
-            .unwrap_or_default();
+        let (connections, metadata) =
+            room.participants.get(&claims.sub).map(|p| (p.connections.clone(), p.metadata.clone())).unwrap_or_default();
         let mut admitted = Participant::new(&claims.sub, &claims.name, session, connections);
         admitted.metadata = metadata;
         let replaced = room.participants.insert(claims.sub.clone(), admitted);
         if replaced.is_none() {
             self.metrics.participants.inc();
         }
-        let mut participants: Vec<ParticipantInfo> = room
-            .participants
-            .values()
-            .filter(|p| p.participant_id != claims.sub)
-            .map(Participant::info)
-            .collect();
+        let mut participants: Vec<ParticipantInfo> =
+            room.participants.values().filter(|p| p.participant_id != claims.sub).map(Participant::info).collect();
         participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
         let joined = ServerMessage::Joined {
             room_id: claims.room.clone(),
@@ -327,7 +328,9 @@ impl Registry {
         // Out of the room first, so nothing new can be opened for it while its connections close.
         let removed = match self.rooms.get_mut(room_id) {
             Some(mut room) => match room.participants.get(participant_id) {
-                Some(p) if p.session == session => room.participants.remove(participant_id).map(|p| (p, room.name.clone())),
+                Some(p) if p.session == session => {
+                    room.participants.remove(participant_id).map(|p| (p, room.name.clone()))
+                }
                 _ => None,
             },
             None => None,

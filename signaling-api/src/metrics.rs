@@ -74,11 +74,9 @@ impl Metrics {
             &["method", "route"],
         )
         .expect("valid metric");
-        let webhook_events = IntCounterVec::new(
-            Opts::new("gateway_webhook_events_total", "Webhook events emitted, by type"),
-            &["type"],
-        )
-        .expect("valid metric");
+        let webhook_events =
+            IntCounterVec::new(Opts::new("gateway_webhook_events_total", "Webhook events emitted, by type"), &["type"])
+                .expect("valid metric");
         let webhook_deliveries = IntCounterVec::new(
             Opts::new(
                 "gateway_webhook_deliveries_total",
@@ -88,12 +86,16 @@ impl Metrics {
         )
         .expect("valid metric");
         let webhook_attempts = IntCounterVec::new(
-            Opts::new("gateway_webhook_attempts_total", "Webhook HTTP requests by result (ok, http_4xx, http_5xx, error)"),
+            Opts::new(
+                "gateway_webhook_attempts_total",
+                "Webhook HTTP requests by result (ok, http_4xx, http_5xx, error)",
+            ),
             &["result"],
         )
         .expect("valid metric");
         let webhook_queue_depth =
-            IntGauge::new("gateway_webhook_queue_depth", "Webhook events queued or being delivered").expect("valid metric");
+            IntGauge::new("gateway_webhook_queue_depth", "Webhook events queued or being delivered")
+                .expect("valid metric");
         let webhook_dropped =
             IntCounter::new("gateway_webhook_dropped_total", "Webhook events dropped because the queue was full")
                 .expect("valid metric");

@@ -442,7 +442,15 @@ impl EventSink for Registry {
                 }
             }
             MediaEvent::StreamAdded { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false, moderated: false };
+                let info = StreamInfo {
+                    participant_id,
+                    stream_id,
+                    kind,
+                    mid,
+                    layers: Vec::new(),
+                    muted: false,
+                    moderated: false,
+                };
                 {
                     let Some(mut guard) = self.rooms.get_mut(&room_id) else { return };
                     let room = &mut *guard;
@@ -461,7 +469,15 @@ impl EventSink for Registry {
                 self.broadcast(&room_id, None, ServerMessage::StreamAdded(info));
             }
             MediaEvent::StreamRemoved { room_id, participant_id, stream_id, kind, mid } => {
-                let info = StreamInfo { participant_id, stream_id, kind, mid, layers: Vec::new(), muted: false, moderated: false };
+                let info = StreamInfo {
+                    participant_id,
+                    stream_id,
+                    kind,
+                    mid,
+                    layers: Vec::new(),
+                    muted: false,
+                    moderated: false,
+                };
                 {
                     let Some(mut guard) = self.rooms.get_mut(&room_id) else { return };
                     let room = &mut *guard;

@@ -24,9 +24,7 @@ use sha2::Sha256;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::metrics::Metrics;
-use crate::protocol::{
-    now_rfc3339, ParticipantInfo, WebhookEvent, WebhookEventType, WebhookRoom, WebhookTrack,
-};
+use crate::protocol::{now_rfc3339, ParticipantInfo, WebhookEvent, WebhookEventType, WebhookRoom, WebhookTrack};
 
 /// Webhook settings (the gateway's `webhook.*` keys).
 #[derive(Debug, Clone)]

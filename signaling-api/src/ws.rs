@@ -175,9 +175,7 @@ async fn write_loop(mut sink: futures_util::stream::SplitSink<WebSocket, Message
 
 /// A read error that is a message or frame over the size limit.
 fn too_big(e: axum::Error) -> bool {
-    e.into_inner()
-        .downcast::<tungstenite::Error>()
-        .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)))
+    e.into_inner().downcast::<tungstenite::Error>().is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)))
 }
 
 fn send_error(reg: &crate::registry::Registry, session: u64, e: ApiError, connection_id: Option<String>) {

@@ -626,7 +626,7 @@ async fn the_backend_mutes_a_stream_and_only_it_can_unmute() {
     let mute = format!("/v1/rooms/{room}/participants/alice/mute");
 
     // Targets first: unknown room, unknown participant (even with a bad body); then the body.
-    let (s, v) = call(&app, "POST", &format!("/v1/rooms/r_nope/participants/alice/mute"), Some("{bad"), true).await;
+    let (s, v) = call(&app, "POST", "/v1/rooms/r_nope/participants/alice/mute", Some("{bad"), true).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_error(&v, "not_found");
     let (s, v) = call(&app, "POST", &format!("/v1/rooms/{room}/participants/nobody/mute"), Some("{bad"), true).await;
@@ -699,7 +699,8 @@ async fn metadata_and_messages_reach_the_room() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // Room metadata.
-    let (s, v) = call(&app, "PUT", &format!("/v1/rooms/{room}/metadata"), Some(r#"{"metadata":"quiz at 3"}"#), true).await;
+    let (s, v) =
+        call(&app, "PUT", &format!("/v1/rooms/{room}/metadata"), Some(r#"{"metadata":"quiz at 3"}"#), true).await;
     assert_eq!((s, v["metadata"].as_str()), (StatusCode::OK, Some("quiz at 3")));
     let want = json!({ "type": "room_metadata", "room_id": room, "metadata": "quiz at 3" });
     assert_eq!(next(&mut bob).await, want);
@@ -707,16 +708,21 @@ async fn metadata_and_messages_reach_the_room() {
     let mut carol = join(&addr, &state, &room, "carol").await;
     let j = next(&mut carol).await;
     assert_eq!(j["metadata"], "quiz at 3", "{j}");
-    let alice_in = j["participants"].as_array().unwrap().iter().find(|p| p["participant_id"] == "alice").unwrap().clone();
+    let alice_in =
+        j["participants"].as_array().unwrap().iter().find(|p| p["participant_id"] == "alice").unwrap().clone();
     assert_eq!(alice_in["metadata"]["role"], "host", "{j}");
     assert_eq!(next(&mut alice).await["type"], "participant_joined");
     assert_eq!(next(&mut bob).await["type"], "participant_joined");
 
     // Messages: to one, then to all.
     let msgs = format!("/v1/rooms/{room}/messages");
-    let (s, v) = call(&app, "POST", &msgs, Some(r#"{"participant_id":"bob","data":{"text":"you are next"}}"#), true).await;
+    let (s, v) =
+        call(&app, "POST", &msgs, Some(r#"{"participant_id":"bob","data":{"text":"you are next"}}"#), true).await;
     assert_eq!((s, v["recipients"].as_u64()), (StatusCode::OK, Some(1)));
-    assert_eq!(next(&mut bob).await, json!({ "type": "message", "from": "backend", "data": { "text": "you are next" } }));
+    assert_eq!(
+        next(&mut bob).await,
+        json!({ "type": "message", "from": "backend", "data": { "text": "you are next" } })
+    );
     let (s, v) = call(&app, "POST", &msgs, Some(r#"{"data":[1,2,3]}"#), true).await;
     assert_eq!((s, v["recipients"].as_u64()), (StatusCode::OK, Some(3)));
     for ws in [&mut alice, &mut bob, &mut carol] {
@@ -795,13 +801,18 @@ async fn created_resources_have_a_location_and_requests_are_measured() {
         r#"gateway_http_request_duration_seconds_count{method="POST",route="/v1/rooms"} 1"#,
         r#"gateway_http_request_duration_seconds_count{method="POST",route="/v1/rooms/{room_id}/tokens"} 1"#,
     ] {
-        assert!(text.lines().any(|l| l == series), "missing {series} in\n{}", text.lines().filter(|l| l.starts_with("gateway_http")).collect::<Vec<_>>().join("\n"));
+        assert!(
+            text.lines().any(|l| l == series),
+            "missing {series} in\n{}",
+            text.lines().filter(|l| l.starts_with("gateway_http")).collect::<Vec<_>>().join("\n")
+        );
     }
 }
 
 #[tokio::test]
 async fn an_oversized_message_is_answered_with_1009() {
-    let (app, state, _) = app_with(ApiConfig { api_key: KEY.into(), ws_max_message_bytes: 4096, ..ApiConfig::default() });
+    let (app, state, _) =
+        app_with(ApiConfig { api_key: KEY.into(), ws_max_message_bytes: 4096, ..ApiConfig::default() });
     let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
     let room = room["room_id"].as_str().unwrap().to_owned();
     let addr = serve(app.clone()).await;

@@ -364,10 +364,11 @@ mod tests {
             codec_unsupported: 23,
             garbage_datagrams: 24,
             untrusted_datagrams: 25,
+            moderated_drops: 26,
         };
         let mut values = Vec::new();
         c.samples(|_, _, v| values.push(v));
         values.sort_unstable();
-        assert_eq!(values, (1..=25).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=26).collect::<Vec<u64>>());
     }
 }

@@ -107,6 +107,22 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn a_released_source_continues_the_numbering_after_a_pause() {
+        let mut r = SeqRewriter::new(100, 0);
+        for i in 0..10 {
+            r.rewrite(7, 5000 + i, 1000 + i as u32 * 960).unwrap();
+        }
+        // The source went on for 500 packets nobody was sent, then is released and resumed.
+        r.release_source();
+        assert_eq!(r.source(), None);
+        r.switch(7, 5510, 1000 + 510 * 960, 48_000);
+        let (seq, ts) = r.rewrite(7, 5510, 1000 + 510 * 960).unwrap();
+        assert_eq!(seq, 110, "no gap for the receiver to NACK");
+        assert_eq!(ts, 1000 + 9 * 960 + 48_000, "the timestamp moved by the time that passed");
+        assert_eq!(r.rewrite(7, 5511, 1000 + 511 * 960).unwrap().0, 111);
+    }
+
     proptest! {
         #[test]
         fn continuous_and_starts_low(start in 0u16..30000, first in 0u64..(1u64 << 40), n in 1usize..3000, ts0: u32, off: u32) {
