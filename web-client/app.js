@@ -886,9 +886,22 @@ function onMessage(msg) {
       activity(`error ${msg.code}: ${msg.message}`);
       // A refused request during the call (the socket stays open). A stream or connection that
       // is already gone (not_found) is a race with the room changing: nothing to tell.
-      if (msg.code !== "not_found") toast(IN_CALL_ERRORS[msg.code] || `The meeting server refused a request (${msg.message}).`, 8000);
+      const moderated = msg.code === "forbidden" && (msg.message || "").startsWith("muted by the app backend");
+      const said = moderated ? "The host muted you; only the host can unmute you." : IN_CALL_ERRORS[msg.code];
+      if (msg.code !== "not_found") toast(said || `The meeting server refused a request (${msg.message}).`, 8000);
       break;
     }
+    case "message": {
+      // From the app backend (docs/api.md "Moderation and room state"): text if it has some.
+      const text = typeof msg.data === "string" ? msg.data : msg.data && typeof msg.data.text === "string" ? msg.data.text : JSON.stringify(msg.data);
+      activity(`message: ${text}`);
+      toast(text, 8000);
+      break;
+    }
+    case "participant_metadata":
+    case "room_metadata":
+      activity(`${msg.type === "room_metadata" ? "room" : displayName(msg.participant_id)} metadata: ${JSON.stringify(msg.metadata ?? null)}`);
+      break;
   }
 }
 
@@ -1076,9 +1089,13 @@ function onStreamRemoved(msg) {
 function onTrackMute(msg, muted) {
   const s = gw.streams.get(msg.stream_id);
   if (s) s.muted = muted;
-  if (msg.participant_id !== gw.me) {
+  if (msg.moderated && msg.participant_id === gw.me) {
+    // The host muted this page's stream: the gateway no longer forwards it.
+    toast(msg.kind === "audio" ? "The host muted your microphone." : "The host turned your camera off for the others.", 8000);
+    activity(`the host muted your ${msg.kind}`);
+  } else if (msg.participant_id !== gw.me) {
     const what = msg.kind === "audio" ? (muted ? "muted their microphone" : "unmuted their microphone") : muted ? "turned their camera off" : "turned their camera on";
-    activity(`${displayName(msg.participant_id)} ${what}`);
+    activity(`${displayName(msg.participant_id)} ${what}${msg.moderated ? " (by the host)" : ""}`);
   }
   renderTile(msg.participant_id);
 }
