@@ -823,3 +823,114 @@ async fn an_oversized_message_is_answered_with_1009() {
     let closed = next_of(&mut ws, "__closed").await;
     assert_eq!(closed["code"], 1009, "{closed}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks: the reasons a fake media plane can produce (replaced, failed)
+// ---------------------------------------------------------------------------------------------
+
+/// A receiver that records every body after checking its signature with the gateway's own
+/// `sign` (the independent check is gateway/tests/webhooks.rs with PyPI's standardwebhooks).
+async fn hook_receiver(secret: &'static str) -> (String, Arc<Mutex<Vec<Value>>>) {
+    use axum::http::HeaderMap;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&got);
+    let app = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let key = signaling_api::webhook::parse_secret(secret).unwrap();
+                let ts: i64 = h("webhook-timestamp").parse().unwrap();
+                assert_eq!(h("webhook-signature"), signaling_api::webhook::sign(&key, &h("webhook-id"), ts, &body));
+                seen.lock().unwrap().push(serde_json::from_str::<Value>(&body).unwrap());
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let addr = serve(app).await;
+    (format!("http://{addr}/hooks"), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_say_replaced_and_failed_and_never_left_without_joined() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (url, got) = hook_receiver(SECRET).await;
+    let metrics = Metrics::new(prometheus::Registry::new());
+    let cfg = signaling_api::webhook::WebhookConfig { urls: vec![url], secret: SECRET.into(), ..Default::default() };
+    let hooks = signaling_api::webhook::Webhooks::start(cfg, metrics.clone()).unwrap();
+    let registry = Arc::new(Registry::new(metrics).with_webhooks(hooks));
+    let media = Arc::new(FakeMedia { sink: Arc::clone(&registry), calls: Mutex::new(Vec::new()) });
+    let config = ApiConfig { api_key: KEY.into(), ..ApiConfig::default() };
+    let state = AppState::new(config, Arc::clone(&registry), Arc::clone(&media) as Arc<dyn MediaPlane>);
+    let app = router(state.clone());
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some(r#"{"name":"hooks"}"#), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+
+    // alice publishes; READY makes her joined, with her track.
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let conn = next_of(&mut alice, "answer").await["connection_id"].as_str().unwrap().to_owned();
+    media.ev(&conn, EventKind::Ready, None);
+    // The same identity joins again: the first session leaves (`replaced`), the second joins
+    // only at its own READY.
+    let mut alice2 = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice2).await["type"], "joined");
+    // (A real media plane removes the old session's publication as its connection closes.)
+    media.sink.emit(MediaEvent::StreamRemoved {
+        room_id: room.clone(),
+        participant_id: "alice".into(),
+        stream_id: "st_1".into(),
+        kind: "video".into(),
+        mid: "0".into(),
+    });
+    send(&mut alice2, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let conn2 = next_of(&mut alice2, "answer").await["connection_id"].as_str().unwrap().to_owned();
+    media.ev(&conn2, EventKind::Ready, None);
+    // Its only connection FAILS: connection_failed, then left (`failed`).
+    media.ev(&conn2, EventKind::Failed, Some("ice_disconnected"));
+    // bob never gets READY: his failure says connection_failed and nothing else.
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    send(&mut bob, json!({ "type": "subscribe" })).await;
+    let bob_conn = next_of(&mut bob, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    media.ev(&bob_conn, EventKind::Failed, Some("ice_timeout"));
+    let (s, _) = call(&app, "DELETE", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    assert!(registry.webhooks().unwrap().flush(Duration::from_secs(5)).await);
+    let evs = got.lock().unwrap().clone();
+    let seen: Vec<String> = evs
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["type"].as_str().unwrap(),
+                e["participant"]["participant_id"].as_str().unwrap_or("-"),
+                e["reason"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "room_started - -",
+            "participant_joined alice -",
+            "track_published alice -",
+            "track_unpublished alice participant_left",
+            "participant_left alice replaced",
+            "participant_joined alice -",
+            "track_published alice -",
+            "connection_failed alice ice_disconnected",
+            "track_unpublished alice participant_left",
+            "participant_left alice failed",
+            "connection_failed bob ice_timeout",
+            "room_finished - room_closed",
+        ],
+        "{evs:#?}"
+    );
+    let seqs: Vec<u64> = evs.iter().map(|e| e["sequence"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+}
