@@ -26,7 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::media::{self, Clip, H264Packetizer, OpusPacketizer, Packetize, VideoCodec, Vp8Packetizer};
-use crate::signaling::{Command, ConnState, Event, Published, Role, Signaling, Target};
+use crate::signaling::{Command, ConnState, Event as Signal, Published, Role, Signaling, Target};
 use crate::stats::{payload_hash, Percentiles, SentIndex, Shared};
 
 /// What this participant does.
@@ -183,7 +183,7 @@ async fn session(
                 }
             }
             ev = events.recv() => match ev {
-                Some(Event::Closed(e)) => {
+                Some(Signal::Closed(e)) => {
                     error = e;
                     break;
                 }
@@ -423,10 +423,10 @@ impl<'a> Participant<'a> {
     }
 
     /// What the server said; returns what to tell it.
-    fn on_event(&mut self, ev: Event) -> Vec<Command> {
+    fn on_event(&mut self, ev: Signal) -> Vec<Command> {
         let mut replies = Vec::new();
         match ev {
-            Event::Joined { streams } => {
+            Signal::Joined { streams } => {
                 if !self.joined {
                     self.joined = true;
                     self.shared.live.joined.fetch_add(1, Ordering::Relaxed);
@@ -436,8 +436,8 @@ impl<'a> Participant<'a> {
                     replies = self.start();
                 }
             }
-            Event::StreamAdded(s) => self.note_stream(s),
-            Event::Answer { sdp } => {
+            Signal::StreamAdded(s) => self.note_stream(s),
+            Signal::Answer { sdp } => {
                 if let Some(p) = self.publisher.as_mut() {
                     let answered = p.side.peer.accept_answer(&sdp);
                     if let Err(SdpError::Rejected(e)) = answered {
@@ -445,7 +445,7 @@ impl<'a> Participant<'a> {
                     }
                 }
             }
-            Event::Offer { sdp, streams } => {
+            Signal::Offer { sdp, streams } => {
                 if let Some(s) = self.subscriber.as_mut() {
                     match s.side.peer.accept_offer(&sdp) {
                         Ok(answer) => replies.push(Command::Answer { sdp: answer }),
@@ -455,24 +455,24 @@ impl<'a> Participant<'a> {
                     // What each of our mids carries, where the server says so outside the SDP.
                     for (mid, p) in streams {
                         s.side.peer.mids.insert(mid, (p.participant.clone(), p.stream_id.clone()));
-                        self.note_stream(p);
+                        self.published.insert(p.stream_id, (p.participant, p.mid));
                     }
                 }
             }
-            Event::Candidate { role, candidate } => {
+            Signal::Candidate { role, candidate } => {
                 if let Some(side) = self.side_mut(role) {
                     side.peer.add_remote_candidate(&candidate);
                 }
             }
-            Event::Connection { role, state, at, connection_id } => {
+            Signal::Connection { role, state, at, connection_id } => {
                 self.on_connection_event(role, state, at, connection_id)
             }
-            Event::Requested { role } => {
+            Signal::Requested { role } => {
                 if let Some(side) = self.side_mut(role) {
                     side.requested_at = Some(Instant::now());
                 }
             }
-            Event::Closed(_) => {}
+            Signal::Closed(_) => {}
         }
         replies
     }

@@ -173,6 +173,9 @@ async fn poll(State(f): State<Shared>, Path(s): Path<u64>) -> Json<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
     loop {
         let notified = f.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the queue is looked at, so a push in between is not missed.
+        notified.as_mut().enable();
         let ready: Vec<Value> = {
             let mut q = f.queue.lock().unwrap();
             let (mine, rest): (Vec<_>, Vec<_>) = q.drain(..).partition(|(sess, _)| *sess == s);
