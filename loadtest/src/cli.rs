@@ -8,8 +8,8 @@ use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
 use crate::media::VideoCodec;
-use crate::signaling::TargetKind;
 use crate::run::{Config, Ramp};
+use crate::signaling::TargetKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {

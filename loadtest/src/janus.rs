@@ -358,7 +358,8 @@ impl Driver {
             Command::Answer { sdp } => {
                 let Some(handle) = self.sub_handle else { return Ok(()) };
                 let jsep = json!({ "type": "answer", "sdp": sdp, "trickle": false });
-                if let Err(e) = self.janus.message(self.session, handle, json!({ "request": "start" }), Some(jsep)).await
+                if let Err(e) =
+                    self.janus.message(self.session, handle, json!({ "request": "start" }), Some(jsep)).await
                 {
                     self.state(Role::Subscribe, ConnState::Failed(format!("start: {e:#}")));
                 }
@@ -397,7 +398,9 @@ impl Driver {
                 self.janus.message(self.session, handle, body, None).await
             }
             SubState::Joined => {
-                self.janus.message(self.session, handle, json!({ "request": "subscribe", "streams": streams }), None).await
+                self.janus
+                    .message(self.session, handle, json!({ "request": "subscribe", "streams": streams }), None)
+                    .await
             }
         };
         self.subscribed.extend(&new);

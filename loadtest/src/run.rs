@@ -15,10 +15,10 @@ use tokio::task::JoinHandle;
 
 use crate::api::Api;
 use crate::janus::Janus;
-use crate::signaling::{Target, TargetKind};
 use crate::media::{self, VideoCodec};
 use crate::peer::{self, MediaPlan, ParticipantReport, Plan};
 use crate::report::*;
+use crate::signaling::{Target, TargetKind};
 use crate::stats::{Percentiles, Shared};
 use crate::sysmon::{self, GatewaySample, ProcSample, Source, StealSample};
 
@@ -237,9 +237,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         (Some(pid), _) => Source::Proc(pid.to_string()),
         (None, TargetKind::Gateway) => Source::Metrics,
         // Janus has no metrics endpoint: its process, if there is exactly one on this machine.
-        (None, TargetKind::Janus) => Source::Proc(
-            sysmon::find_pid("janus").context("Janus's CPU and RSS: pass --server-pid")?.to_string(),
-        ),
+        (None, TargetKind::Janus) => {
+            Source::Proc(sysmon::find_pid("janus").context("Janus's CPU and RSS: pass --server-pid")?.to_string())
+        }
     };
 
     let media = Arc::new(media_plan(&cfg)?);
@@ -272,8 +272,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (sampler_stop, sampler_rx) = watch::channel(false);
-    let sampler =
-        tokio::spawn(sample_loop(target.clone(), source.clone(), Arc::clone(&shared), Arc::clone(&monitor), sampler_rx));
+    let sampler = tokio::spawn(sample_loop(
+        target.clone(),
+        source.clone(),
+        Arc::clone(&shared),
+        Arc::clone(&monitor),
+        sampler_rx,
+    ));
     let bar = progress_bar(cfg.progress);
     let progress =
         tokio::spawn(progress_loop(bar.clone(), Arc::clone(&shared), Arc::clone(&monitor), sampler_stop.subscribe()));

@@ -167,7 +167,8 @@ mod tests {
         );
         let offer = json!({"type": "offer", "connection_id": "c2", "sdp": "v=0"});
         assert!(matches!(&translate(&offer, &mut ids)[..], [Event::Offer { .. }]));
-        let cand = json!({"type": "candidate", "connection_id": "c2", "candidate": "candidate:1 1 udp 1 10.0.0.1 9 typ host"});
+        let cand =
+            json!({"type": "candidate", "connection_id": "c2", "candidate": "candidate:1 1 udp 1 10.0.0.1 9 typ host"});
         assert!(matches!(&translate(&cand, &mut ids)[..], [Event::Candidate { role: Role::Subscribe, .. }]));
         let ev = json!({"type": "connection_event", "connection_id": "c1", "role": "publish", "event": "FAILED",
                         "reason": "ice_timeout", "at": "2026-12-05T03:00:00.000Z"});

@@ -38,6 +38,8 @@ struct Fake {
     answer_ip: Mutex<String>,
     offer_ip: Mutex<String>,
     rooms: Mutex<Vec<u64>>,
+    /// Feeds the (one) subscription has: Janus's `updated` lists old and new streams.
+    subscribed: Mutex<Vec<u64>>,
 }
 
 type Shared = Arc<Fake>;
@@ -137,7 +139,13 @@ async fn handle(State(f): State<Shared>, Path((s, h)): Path<(u64, u64)>, Json(bo
             ack
         }
         "join" | "subscribe" => {
-            let feeds: Vec<u64> = req["streams"].as_array().unwrap().iter().map(|x| x["feed"].as_u64().unwrap()).collect();
+            let new: Vec<u64> =
+                req["streams"].as_array().unwrap().iter().map(|x| x["feed"].as_u64().unwrap()).collect();
+            let feeds = {
+                let mut all = f.subscribed.lock().unwrap();
+                all.extend(new);
+                all.clone()
+            };
             let streams: Vec<Value> = feeds
                 .iter()
                 .enumerate()
@@ -287,7 +295,10 @@ async fn a_meeting_participant_publishes_and_subscribes_in_janus_order() {
 
     sig.commands.send(Command::Publish { sdp: "v=0\r\n".into() }).unwrap();
     let (answer, before) = until(&mut sig, |e| matches!(e, Event::Answer { .. })).await;
-    assert!(matches!(&before[..], [Event::Connection { role: Role::Publish, state: ConnState::Initial, at: Some(_), .. }]));
+    assert!(matches!(
+        &before[..],
+        [Event::Connection { role: Role::Publish, state: ConnState::Initial, at: Some(_), .. }]
+    ));
     assert!(matches!(answer, Event::Answer { sdp } if sdp.contains(JANUS_IP)));
     let (ready, _) = until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Ready, .. })).await;
     assert!(matches!(ready, Event::Connection { role: Role::Publish, .. }));
@@ -315,7 +326,10 @@ async fn a_meeting_participant_publishes_and_subscribes_in_janus_order() {
         { "type": "audio", "mindex": 0, "mid": "0" }, { "type": "video", "mindex": 1, "mid": "1" } ] }] });
     fake.push(session, plugin_event(session, pub_handle, &Value::Null, bob, None));
     let (added, _) = until(&mut sig, |e| matches!(e, Event::StreamAdded(_))).await;
-    assert_eq!(added, Event::StreamAdded(Published { stream_id: "12:0".into(), participant: "bob".into(), mid: "0".into() }));
+    assert_eq!(
+        added,
+        Event::StreamAdded(Published { stream_id: "12:0".into(), participant: "bob".into(), mid: "0".into() })
+    );
     let (offer, _) = until(&mut sig, |e| matches!(e, Event::Offer { .. })).await;
     let Event::Offer { streams, .. } = offer else { unreachable!() };
     assert_eq!(streams.len(), 4, "the updated offer carries alice's and bob's streams");
@@ -354,7 +368,10 @@ async fn a_meeting_participant_publishes_and_subscribes_in_janus_order() {
     assert_eq!(log[5].0, log[6].0);
 
     target.delete_room(&room).await;
-    assert!(fake.requests().iter().any(|(_, b)| b["body"] == json!({ "request": "destroy", "room": room.parse::<u64>().unwrap() })));
+    assert!(fake
+        .requests()
+        .iter()
+        .any(|(_, b)| b["body"] == json!({ "request": "destroy", "room": room.parse::<u64>().unwrap() })));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,14 +386,20 @@ async fn sdps_naming_unexpected_addresses_are_refused() {
     assert!(matches!(next(&mut sig).await, Event::Joined { .. }));
 
     sig.commands.send(Command::Publish { sdp: "v=0\r\n".into() }).unwrap();
-    let (failed, skipped) = until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Failed(_), .. })).await;
-    let Event::Connection { role: Role::Publish, state: ConnState::Failed(reason), .. } = failed else { panic!("{failed:?}") };
+    let (failed, skipped) =
+        until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Failed(_), .. })).await;
+    let Event::Connection { role: Role::Publish, state: ConnState::Failed(reason), .. } = failed else {
+        panic!("{failed:?}")
+    };
     assert!(reason.contains(ROGUE_IP), "{reason}");
     assert!(!skipped.iter().any(|e| matches!(e, Event::Answer { .. })), "the answer never reaches the peer");
 
     sig.commands.send(Command::Subscribe).unwrap();
-    let (failed, skipped) = until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Failed(_), .. })).await;
-    let Event::Connection { role: Role::Subscribe, state: ConnState::Failed(reason), .. } = failed else { panic!("{failed:?}") };
+    let (failed, skipped) =
+        until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Failed(_), .. })).await;
+    let Event::Connection { role: Role::Subscribe, state: ConnState::Failed(reason), .. } = failed else {
+        panic!("{failed:?}")
+    };
     assert!(reason.contains(ROGUE_IP), "{reason}");
     assert!(!skipped.iter().any(|e| matches!(e, Event::Offer { .. })), "the offer never reaches the peer");
 
@@ -390,8 +413,12 @@ async fn sdps_naming_unexpected_addresses_are_refused() {
     let trickle = json!({ "janus": "trickle", "session_id": session, "sender": pub_handle,
         "candidate": { "sdpMid": "0", "sdpMLineIndex": 0, "candidate": format!("candidate:9 1 udp 1 {ROGUE_IP} 5000 typ host") } });
     fake.push(session, trickle);
-    let (failed, skipped) = until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Failed(_), .. })).await;
-    assert!(matches!(&failed, Event::Connection { state: ConnState::Failed(r), .. } if r.contains(ROGUE_IP)), "{failed:?}");
+    let (failed, skipped) =
+        until(&mut sig, |e| matches!(e, Event::Connection { state: ConnState::Failed(_), .. })).await;
+    assert!(
+        matches!(&failed, Event::Connection { state: ConnState::Failed(r), .. } if r.contains(ROGUE_IP)),
+        "{failed:?}"
+    );
     assert!(!skipped.iter().any(|e| matches!(e, Event::Candidate { .. })));
 
     sig.commands.send(Command::Leave).unwrap();
