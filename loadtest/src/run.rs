@@ -764,7 +764,7 @@ fn build_report(
     let starved = |w: Option<f64>| w.is_some_and(|w| w > 10.0);
     if starved(steady.gateway_cpu_wait_pct) || starved(steady.loadtest_cpu_wait_pct) {
         warnings.push(format!(
-            "other load on this machine delayed the test: gateway threads waited for a CPU {} of the time, ours {}; latency, loss and capacity are pessimistic",
+            "other load on this machine delayed the test: server threads waited for a CPU {} of the time, ours {}; latency, loss and capacity are pessimistic (a server with many threads on one core, e.g. Janus pinned with taskset, also counts its threads waiting for each other)",
             steady.gateway_cpu_wait_pct.map_or("?".into(), |w| format!("{w:.0}%")),
             steady.loadtest_cpu_wait_pct.map_or("?".into(), |w| format!("{w:.0}%")),
         ));
