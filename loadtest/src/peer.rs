@@ -516,12 +516,10 @@ impl<'a> Participant<'a> {
             ConnState::Failed(reason) if side.join.ready_ms.is_some() => {
                 side.join.dropped.get_or_insert(reason);
             }
-            ConnState::Failed(reason) => {
-                if side.join.ready_ms.is_none() && side.join.failed.is_none() {
-                    side.join.failed = Some(reason);
-                    live.failed.fetch_add(1, Ordering::Relaxed);
-                    settle(&unsettled);
-                }
+            ConnState::Failed(reason) if side.join.failed.is_none() => {
+                side.join.failed = Some(reason);
+                live.failed.fetch_add(1, Ordering::Relaxed);
+                settle(&unsettled);
             }
             _ => {}
         }
