@@ -22,7 +22,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # tests against a real Prometheus), systemd-analyze (unit verification), ip + iptables + coturn
 # (NAT and TURN tests in network namespaces, web-client/tests/nat.test.mjs; the browser loss
 # test's router namespace and its random UDP loss), GStreamer with webrtcbin and its Python
-# bindings (a stock GStreamer client publishing and subscribing).
+# bindings (a stock GStreamer client publishing and subscribing), Janus (loadtest --target janus).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
@@ -30,6 +30,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v turnserver >/dev/null 2>&1 || need+=(coturn)
+# Janus 1.1 (VideoRoom + HTTP transport), the side-by-side target of loadtest/compare.sh.
+command -v janus >/dev/null 2>&1 || need+=(janus)
 # Stock GStreamer webrtcbin clients (web-client/tests/gstreamer.test.mjs) run on Debian's python3.
 /usr/bin/python3 web-client/tests/gst_client.py --check >/dev/null 2>&1 ||
   need+=(python3 python3-gi python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
@@ -49,9 +51,9 @@ if [ "${#need[@]}" -gt 0 ]; then
     sleep 3
   done
 fi
-# The Debian packages start Prometheus and coturn services where systemd runs; the tests start
-# their own (coturn inside a network namespace of their own).
-for service in prometheus coturn; do
+# The Debian packages start Prometheus, coturn and Janus services where systemd runs; the tests
+# start their own (coturn and Janus inside network namespaces of their own).
+for service in prometheus coturn janus; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
     as_root systemctl stop "$service" || true
   fi
@@ -91,6 +93,15 @@ if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=
 (cd web-client && node --test --test-concurrency=1 tests/)
 log "the Chromium simulcast test again with H.264 simulcast"
 (cd web-client && SIMULCAST_CODEC=H264 node --test tests/simulcast.test.mjs)
+
+# The same load tester against the gateway and against Janus, 1 publisher x 2 subscribers, 10 s
+# each, in a private network namespace (Janus's libnice must not reach any real interface).
+log "gateway and Janus side by side: loadtest/compare.sh smoke, 1 x 2, 10 s each (debug builds)"
+if [ "$(id -u)" -eq 0 ]; then
+  PROFILE=debug SKIP_BUILD=1 DURATION=10s SCENARIOS=1x2 CHECK=1 OUT=test-output/compare-smoke loadtest/compare.sh
+else
+  echo "skipped: loadtest/compare.sh needs root (ip netns for Janus, apt-get)"
+fi
 
 # ~2 minutes of churn on 2 cores (2400 cycles), after the release build of the test.
 SOAK_ROOMS="${SOAK_ROOMS:-60}"

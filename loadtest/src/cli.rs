@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::media::VideoCodec;
 use crate::run::{Config, Ramp};
+use crate::signaling::TargetKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -28,6 +29,18 @@ pub enum OnOff {
         capacity:     --publishers 1 --subscribers 0 --ramp --ramp-step 20"
 )]
 pub struct Args {
+    /// The server under test: this project's gateway, or Janus 1.1's VideoRoom plugin over its
+    /// HTTP transport (see --janus-url) with the same participants, media and measurements.
+    #[arg(long, value_enum, default_value = "gateway")]
+    pub target: TargetKind,
+    /// Janus's HTTP API (with --target janus). Its host must be an IP address: Janus's
+    /// candidates may name only it (and --janus-media-ip); an SDP naming any other address is
+    /// refused.
+    #[arg(long, default_value = "http://127.0.0.1:8088/janus")]
+    pub janus_url: String,
+    /// Another address Janus's candidates may name (repeatable).
+    #[arg(long)]
+    pub janus_media_ip: Vec<IpAddr>,
     /// Base URL of the gateway's REST/WebSocket API.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
@@ -87,9 +100,10 @@ pub struct Args {
     /// Ramp stops here at the latest (subscribers, all rooms).
     #[arg(long, default_value_t = 1000)]
     pub ramp_max: usize,
-    /// The gateway's pid, for CPU and RSS from /proc (same machine); otherwise they come from
-    /// its /metrics (process_cpu_seconds_total, process_resident_memory_bytes).
-    #[arg(long)]
+    /// The server's pid, for CPU and RSS from /proc (same machine); otherwise they come from
+    /// the gateway's /metrics (process_cpu_seconds_total, process_resident_memory_bytes), or,
+    /// for Janus, from the one process named `janus`.
+    #[arg(long, alias = "server-pid")]
     pub pid: Option<u32>,
     /// Write every figure as JSON.
     #[arg(long)]
@@ -144,6 +158,9 @@ impl Args {
         let defaults = Config::default();
         let exact = self.room.is_some();
         let cfg = Config {
+            target: self.target,
+            janus_url: self.janus_url,
+            janus_media_ips: self.janus_media_ip,
             url: self.url,
             api_key: self.api_key,
             rooms: if exact { 1 } else { self.rooms },
@@ -257,5 +274,27 @@ mod tests {
         assert_eq!((cfg.rooms, cfg.publishers, cfg.subscribers), (4, 2, 10));
         assert!(cfg.video && !cfg.audio && cfg.ramp.is_some());
         assert_eq!(cfg.codec, VideoCodec::H264);
+        assert_eq!(cfg.target, TargetKind::Gateway);
+    }
+
+    #[test]
+    fn janus_target_flags_parse() {
+        let a = Args::try_parse_from([
+            "loadtest",
+            "--target",
+            "janus",
+            "--janus-url",
+            "http://10.213.0.1:8088/janus",
+            "--janus-media-ip",
+            "10.213.0.3",
+            "--server-pid",
+            "42",
+        ])
+        .unwrap();
+        let (cfg, _) = a.into_config().unwrap();
+        assert_eq!(cfg.target, TargetKind::Janus);
+        assert_eq!(cfg.target_url(), "http://10.213.0.1:8088/janus");
+        assert_eq!(cfg.janus_media_ips, vec!["10.213.0.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(cfg.pid, Some(42));
     }
 }

@@ -1,7 +1,8 @@
-//! One synthetic participant: a WebSocket session and up to two str0m peers (RTP mode, full
-//! ICE agent, DTLS client), each on its own UDP socket, exactly as a browser would use the
-//! public API. A publisher replays the clips in real time; a subscriber receives every stream
-//! it is offered and measures it.
+//! One synthetic participant: a signaling session with the server under test (the gateway's
+//! WebSocket or Janus's HTTP API, both behind [`crate::signaling`]) and up to two str0m peers
+//! (RTP mode, full ICE agent, DTLS client), each on its own UDP socket, exactly as a browser
+//! would use the public API. A publisher replays the clips in real time; a subscriber receives
+//! every stream it is offered and measures it.
 //!
 //! The str0m peers are the shared `test_peer` crate's (SDP steps, drive loop, per-stream
 //! receive counting: loss, jitter, keyframes); this file owns the session loop and sockets, the
@@ -14,9 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use serde_json::{json, Value};
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
 use str0m::rtp::{RtpPacket, RtpWrite};
@@ -25,11 +24,9 @@ use test_peer::rx::Classified;
 use test_peer::{Out, PeerConfig, SdpError};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 
-use crate::api::Api;
 use crate::media::{self, Clip, H264Packetizer, OpusPacketizer, Packetize, VideoCodec, Vp8Packetizer};
+use crate::signaling::{Command, ConnState, Event as Signal, Published, Role, Signaling, Target};
 use crate::stats::{payload_hash, Percentiles, SentIndex, Shared};
 
 /// What this participant does.
@@ -119,7 +116,7 @@ pub struct ParticipantReport {
 
 /// Run one participant until `stop` turns true, then leave.
 pub async fn run(
-    api: Api,
+    target: Target,
     plan: Plan,
     media: Arc<MediaPlan>,
     shared: Arc<Shared>,
@@ -130,7 +127,7 @@ pub async fn run(
     shared.live.requested.fetch_add(connections, Ordering::Relaxed);
     shared.live.started.fetch_add(1, Ordering::Relaxed);
     let unsettled = Arc::new(AtomicU64::new(connections));
-    let result = session(&api, &plan, &media, &shared, stop, Arc::clone(&unsettled), &mut report).await;
+    let result = session(&target, &plan, &media, &shared, stop, Arc::clone(&unsettled), &mut report).await;
     if let Err(e) = result {
         report.error = Some(format!("{e:#}"));
     }
@@ -141,7 +138,7 @@ pub async fn run(
 }
 
 async fn session(
-    api: &Api,
+    target: &Target,
     plan: &Plan,
     media: &Arc<MediaPlan>,
     shared: &Arc<Shared>,
@@ -149,20 +146,14 @@ async fn session(
     unsettled: Arc<AtomicU64>,
     report: &mut ParticipantReport,
 ) -> anyhow::Result<()> {
-    let token = api.token(&plan.room_id, &plan.name, plan.publish, plan.subscribe).await?;
-    // The session loop polls the WebSocket on every wake-up, one per datagram burst, and
-    // tungstenite zero-fills its whole read buffer (128 KiB by default) on each poll: that was
-    // 38% of the load tester's CPU. Signaling messages are small; a longer frame still gets room.
-    let ws_config = WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(api.ws_url(&token), Some(ws_config), false).await?;
-    let (mut ws_tx, mut ws_rx) = ws.split();
-
+    let Signaling { commands, mut events } = target.connect(plan).await?;
     let mut p = Participant::new(plan, media, shared, unsettled).await?;
     let mut buf_pub = vec![0u8; 2048];
     let mut buf_sub = vec![0u8; 2048];
     let sleep = tokio::time::sleep(Duration::from_millis(1));
     tokio::pin!(sleep);
     let mut leaving: Option<Instant> = None;
+    let mut error = None;
     loop {
         let now = Instant::now();
         let next = p.poll(now);
@@ -191,35 +182,32 @@ async fn session(
                     }
                 }
             }
-            m = ws_rx.next() => match m {
-                Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
-                    let first_joined = v["type"] == "joined" && !p.joined;
-                    for reply in p.on_message(&v) {
-                        ws_tx.send(Message::Text(reply.to_string().into())).await?;
-                    }
-                    if first_joined {
-                        for m in p.start() {
-                            ws_tx.send(Message::Text(m.to_string().into())).await?;
-                        }
+            ev = events.recv() => match ev {
+                Some(Signal::Closed(e)) => {
+                    error = e;
+                    break;
+                }
+                None => break,
+                Some(ev) => {
+                    for cmd in p.on_event(ev) {
+                        let _ = commands.send(cmd);
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
             },
             _ = stop.changed(), if leaving.is_none() => {
-                let _ = ws_tx.send(Message::Text(json!({ "type": "leave" }).to_string().into())).await;
+                let _ = commands.send(Command::Leave);
                 leaving = Some(Instant::now() + Duration::from_secs(3));
             }
             _ = &mut sleep => {}
         }
     }
     p.finish(report);
-    Ok(())
+    match error {
+        // An error after we asked to leave is the server closing on us: not the run's failure.
+        Some(e) if leaving.is_none() => Err(anyhow::anyhow!(e)),
+        _ => Ok(()),
+    }
 }
-
-/// Bytes tungstenite reads (and zero-fills) per poll of the signaling socket.
-const WS_READ_BUFFER: usize = 4096;
 
 async fn recv(socket: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
     match socket {
@@ -233,7 +221,6 @@ struct Side {
     peer: test_peer::Peer,
     socket: UdpSocket,
     next_timeout: Instant,
-    connection_id: Option<String>,
     join: Join,
     requested_at: Option<Instant>,
     initial_at: Option<chrono::DateTime<chrono::FixedOffset>>,
@@ -257,7 +244,6 @@ impl Side {
             peer: test_peer::Peer::new(Instant::now(), local, &cfg)?,
             socket,
             next_timeout: Instant::now(),
-            connection_id: None,
             join: Join::default(),
             requested_at: None,
             initial_at: None,
@@ -391,7 +377,7 @@ impl<'a> Participant<'a> {
     }
 
     /// After `joined`: the publish offer and/or the subscribe request.
-    fn start(&mut self) -> Vec<Value> {
+    fn start(&mut self) -> Vec<Command> {
         let mut out = Vec::new();
         let now = Instant::now();
         if let Some(p) = self.publisher.as_mut() {
@@ -399,7 +385,7 @@ impl<'a> Participant<'a> {
             let rids: Vec<&str> = media::LAYERS.iter().take(layers).map(|l| l.rid).collect();
             let video = (layers > 0).then_some(rids.as_slice());
             if let Some(sdp) = p.side.peer.publish_offer(self.media.audio.is_some(), video) {
-                out.push(json!({ "type": "publish", "sdp": sdp }));
+                out.push(Command::Publish { sdp });
             }
             let (audio_mid, video_mid) = (p.side.peer.audio_mid, p.side.peer.video_mid);
             let name = &self.plan.name;
@@ -424,108 +410,96 @@ impl<'a> Participant<'a> {
         }
         if let Some(s) = self.subscriber.as_mut() {
             s.side.requested_at = Some(now);
-            out.push(json!({ "type": "subscribe" }));
+            out.push(Command::Subscribe);
         }
         out
     }
 
-    fn side_mut(&mut self, role: &str) -> Option<&mut Side> {
+    fn side_mut(&mut self, role: Role) -> Option<&mut Side> {
         match role {
-            "publish" => self.publisher.as_mut().map(|p| &mut p.side),
-            "subscribe" => self.subscriber.as_mut().map(|s| &mut s.side),
-            _ => None,
+            Role::Publish => self.publisher.as_mut().map(|p| &mut p.side),
+            Role::Subscribe => self.subscriber.as_mut().map(|s| &mut s.side),
         }
     }
 
-    fn on_message(&mut self, v: &Value) -> Vec<Value> {
+    /// What the server said; returns what to tell it.
+    fn on_event(&mut self, ev: Signal) -> Vec<Command> {
         let mut replies = Vec::new();
-        match v["type"].as_str().unwrap_or("") {
-            "joined" => {
-                self.joined = true;
-                self.shared.live.joined.fetch_add(1, Ordering::Relaxed);
-                for s in v["streams"].as_array().into_iter().flatten() {
-                    self.note_stream(s);
+        match ev {
+            Signal::Joined { streams } => {
+                if !self.joined {
+                    self.joined = true;
+                    self.shared.live.joined.fetch_add(1, Ordering::Relaxed);
+                    for s in streams {
+                        self.note_stream(s);
+                    }
+                    replies = self.start();
                 }
             }
-            "stream_added" => self.note_stream(v),
-            "answer" => {
+            Signal::StreamAdded(s) => self.note_stream(s),
+            Signal::Answer { sdp } => {
                 if let Some(p) = self.publisher.as_mut() {
-                    p.side.connection_id = v["connection_id"].as_str().map(str::to_owned);
-                    let answered = p.side.peer.accept_answer(v["sdp"].as_str().unwrap_or(""));
+                    let answered = p.side.peer.accept_answer(&sdp);
                     if let Err(SdpError::Rejected(e)) = answered {
                         p.side.join.failed = Some(format!("answer rejected: {e}"));
                     }
                 }
             }
-            "offer" => {
+            Signal::Offer { sdp, streams } => {
                 if let Some(s) = self.subscriber.as_mut() {
-                    s.side.connection_id = v["connection_id"].as_str().map(str::to_owned);
-                    let sdp = v["sdp"].as_str().unwrap_or("");
-                    match s.side.peer.accept_offer(sdp) {
-                        Ok(answer) => replies.push(json!({
-                            "type": "answer",
-                            "connection_id": v["connection_id"],
-                            "sdp": answer,
-                        })),
+                    match s.side.peer.accept_offer(&sdp) {
+                        Ok(answer) => replies.push(Command::Answer { sdp: answer }),
                         Err(SdpError::Rejected(e)) => s.side.join.failed = Some(format!("offer rejected: {e}")),
                         Err(_) => {}
                     }
-                }
-            }
-            "candidate" => {
-                let id = v["connection_id"].as_str();
-                let c = v["candidate"].as_str();
-                for side in
-                    [self.publisher.as_mut().map(|p| &mut p.side), self.subscriber.as_mut().map(|s| &mut s.side)]
-                        .into_iter()
-                        .flatten()
-                {
-                    if side.connection_id.as_deref() == id {
-                        if let Some(c) = c {
-                            side.peer.add_remote_candidate(c);
-                        }
+                    // What each of our mids carries, where the server says so outside the SDP.
+                    for (mid, p) in streams {
+                        s.side.peer.mids.insert(mid, (p.participant.clone(), p.stream_id.clone()));
+                        self.published.insert(p.stream_id, (p.participant, p.mid));
                     }
                 }
             }
-            "connection_event" => self.on_connection_event(v),
-            _ => {}
+            Signal::Candidate { role, candidate } => {
+                if let Some(side) = self.side_mut(role) {
+                    side.peer.add_remote_candidate(&candidate);
+                }
+            }
+            Signal::Connection { role, state, at, connection_id } => {
+                self.on_connection_event(role, state, at, connection_id)
+            }
+            Signal::Requested { role } => {
+                if let Some(side) = self.side_mut(role) {
+                    side.requested_at = Some(Instant::now());
+                }
+            }
+            Signal::Closed(_) => {}
         }
         replies
     }
 
-    fn note_stream(&mut self, s: &Value) {
-        if let (Some(id), Some(p), Some(mid)) =
-            (s["stream_id"].as_str(), s["participant_id"].as_str(), s["mid"].as_str())
-        {
-            self.published.insert(id.to_owned(), (p.to_owned(), mid.to_owned()));
-        }
+    fn note_stream(&mut self, s: Published) {
+        self.published.insert(s.stream_id, (s.participant, s.mid));
     }
 
-    fn on_connection_event(&mut self, v: &Value) {
-        let role = v["role"].as_str().unwrap_or("").to_owned();
-        let event = v["event"].as_str().unwrap_or("");
-        let at = v["at"].as_str().and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok());
+    fn on_connection_event(
+        &mut self,
+        role: Role,
+        state: ConnState,
+        at: Option<chrono::DateTime<chrono::FixedOffset>>,
+        connection_id: Option<String>,
+    ) {
         let live = &self.shared.live;
         let unsettled = Arc::clone(&self.unsettled);
-        let Some(side) = self.side_mut(&role) else { return };
-        side.join.role = role.clone();
-        side.join.connection_id = v["connection_id"].as_str().map(str::to_owned);
-        match event {
-            "INITIAL" | "GATHERED" | "READY" | "FINISHED" | "FAILED" => {
-                side.last_state = match event {
-                    "INITIAL" => "INITIAL",
-                    "GATHERED" => "GATHERED",
-                    "READY" => "READY",
-                    "FINISHED" => "FINISHED",
-                    _ => "FAILED",
-                }
-            }
-            _ => {}
+        let Some(side) = self.side_mut(role) else { return };
+        side.join.role = role.as_str().to_owned();
+        if connection_id.is_some() {
+            side.join.connection_id = connection_id;
         }
-        match event {
-            "INITIAL" => side.initial_at = at,
+        side.last_state = state.name();
+        match state {
+            ConnState::Initial => side.initial_at = at,
             // READY after our own connect timeout stays a failure (`timeout`).
-            "READY" if side.join.failed.is_none() => {
+            ConnState::Ready if side.join.failed.is_none() => {
                 settle(&unsettled);
                 if let (Some(a), Some(b)) = (side.initial_at, at) {
                     side.join.ready_ms = Some((b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0);
@@ -533,22 +507,19 @@ impl<'a> Participant<'a> {
                 if let Some(t) = side.requested_at {
                     side.join.client_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
                 }
-                if role == "publish" {
+                if role == Role::Publish {
                     live.publish_ready.fetch_add(1, Ordering::Relaxed);
                 } else {
                     live.subscribe_ready.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            "FAILED" if side.join.ready_ms.is_some() => {
-                side.join.dropped.get_or_insert_with(|| v["reason"].as_str().unwrap_or("unknown").to_owned());
+            ConnState::Failed(reason) if side.join.ready_ms.is_some() => {
+                side.join.dropped.get_or_insert(reason);
             }
-            "FAILED" => {
-                let reason = v["reason"].as_str().unwrap_or("unknown");
-                if side.join.ready_ms.is_none() && side.join.failed.is_none() {
-                    side.join.failed = Some(reason.to_owned());
-                    live.failed.fetch_add(1, Ordering::Relaxed);
-                    settle(&unsettled);
-                }
+            ConnState::Failed(reason) if side.join.failed.is_none() => {
+                side.join.failed = Some(reason);
+                live.failed.fetch_add(1, Ordering::Relaxed);
+                settle(&unsettled);
             }
             _ => {}
         }

@@ -118,6 +118,9 @@ pub struct Window {
     /// 100 = one core.
     pub gateway_cpu_pct: Option<f64>,
     pub gateway_cpu_us_per_forwarded_packet: Option<f64>,
+    /// The server's CPU per packet the subscribers received (`received_packets`): the figure
+    /// that is measured the same way for every target (Janus has no packet counter to read).
+    pub gateway_cpu_us_per_delivered_packet: Option<f64>,
     pub loadtest_cpu_pct: f64,
     pub loadtest_saturated: bool,
     /// Share of the window the gateway's / our threads were runnable but waiting for a CPU
@@ -143,6 +146,8 @@ pub struct GatewayFigures {
     pub steady_cpu_pct: Option<f64>,
     pub steady_forwarded_pps: Option<f64>,
     pub steady_cpu_us_per_forwarded_packet: Option<f64>,
+    /// Server CPU per packet received by the subscribers in the steady window (any target).
+    pub steady_cpu_us_per_delivered_packet: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -228,7 +233,7 @@ impl Report {
         let c = &self.config;
         let p = &self.participants;
         let m = &self.media;
-        let _ = writeln!(s, "loadtest against {}", c.url);
+        let _ = writeln!(s, "loadtest against {} ({})", c.target_url(), c.target);
         let clips: Vec<String> = self
             .video_clips
             .iter()
@@ -287,9 +292,9 @@ impl Report {
                 ),
             ),
             (
-                "gateway",
+                c.target.as_str(),
                 format!(
-                    "[{}] CPU {} (mean {:.0}%, max {:.0}%), waited for a CPU {}, RSS max {:.0} MB, forwarded {} pkt/s, {} CPU per forwarded packet",
+                    "[{}] CPU {} (mean {:.0}%, max {:.0}%), waited for a CPU {}, RSS max {:.0} MB, forwarded {} pkt/s, {} CPU per forwarded packet, {} per delivered packet",
                     self.gateway.source,
                     opt(self.gateway.steady_cpu_pct, "%"),
                     self.gateway.cpu_pct.mean,
@@ -297,7 +302,8 @@ impl Report {
                     opt(self.steady.gateway_cpu_wait_pct, "%"),
                     self.gateway.rss_mb_max,
                     opt(self.gateway.steady_forwarded_pps, ""),
-                    opt(self.gateway.steady_cpu_us_per_forwarded_packet, " µs")
+                    opt(self.gateway.steady_cpu_us_per_forwarded_packet, " µs"),
+                    opt(self.gateway.steady_cpu_us_per_delivered_packet, " µs")
                 ),
             ),
             (

@@ -14,15 +14,19 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::Api;
+use crate::janus::Janus;
 use crate::media::{self, VideoCodec};
 use crate::peer::{self, MediaPlan, ParticipantReport, Plan};
 use crate::report::*;
+use crate::signaling::{Target, TargetKind};
 use crate::stats::{Percentiles, Shared};
 use crate::sysmon::{self, GatewaySample, ProcSample, Source, StealSample};
 
 /// Everything a run needs (the CLI fills it; tests build it directly).
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// The server under test.
+    pub target: TargetKind,
     pub url: String,
     #[serde(skip)]
     pub api_key: String,
@@ -43,7 +47,12 @@ pub struct Config {
     pub join_rate: f64,
     pub codec: VideoCodec,
     pub ramp: Option<Ramp>,
-    /// The gateway's pid (CPU and RSS from /proc); otherwise from its /metrics.
+    /// Janus's HTTP API (`--target janus`), e.g. `http://10.213.0.1:8088/janus`.
+    pub janus_url: String,
+    /// Addresses Janus's candidates may name besides the host of `janus_url`.
+    pub janus_media_ips: Vec<IpAddr>,
+    /// The server's pid (CPU and RSS from /proc); otherwise the gateway's /metrics, or the one
+    /// process named `janus`.
     pub pid: Option<u32>,
     /// Room name prefix; rooms are `<prefix>-<n>` (or exactly `<prefix>` with one room and
     /// `exact_room_name`).
@@ -55,6 +64,16 @@ pub struct Config {
     pub progress: bool,
     /// Delete the rooms at the end.
     pub cleanup: bool,
+}
+
+impl Config {
+    /// The URL of the server under test.
+    pub fn target_url(&self) -> &str {
+        match self.target {
+            TargetKind::Gateway => &self.url,
+            TargetKind::Janus => &self.janus_url,
+        }
+    }
 }
 
 /// `--ramp`: add subscribers step by step until a threshold breaks.
@@ -71,6 +90,7 @@ pub struct Ramp {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            target: TargetKind::Gateway,
             url: "http://127.0.0.1:8080".into(),
             api_key: "dev-api-key".into(),
             rooms: 1,
@@ -85,6 +105,8 @@ impl Default for Config {
             join_rate: 10.0,
             codec: VideoCodec::Vp8,
             ramp: None,
+            janus_url: "http://127.0.0.1:8088/janus".into(),
+            janus_media_ips: Vec::new(),
             pid: None,
             room_prefix: format!("lt-{:06x}", rand::random::<u32>() & 0xff_ffff),
             exact_room_name: false,
@@ -161,6 +183,10 @@ fn window(shared: &Shared, a: &Snapshot, b: &Snapshot, threads: usize) -> Window
         (Some(x), Some(y), Some(pps)) if pps > 0.0 => Some((y.cpu_s - x.cpu_s) * 1e6 / (pps * secs)),
         _ => None,
     };
+    let cpu_us_per_delivered = match (a.gateway.and_then(|g| g.proc), b.gateway.and_then(|g| g.proc)) {
+        (Some(x), Some(y)) if received > 0 => Some((y.cpu_s - x.cpu_s) * 1e6 / received as f64),
+        _ => None,
+    };
     let gw_wait = match (a.gateway.and_then(|g| g.proc), b.gateway.and_then(|g| g.proc)) {
         (Some(x), Some(y)) => sysmon::wait_pct(&x, &y),
         _ => None,
@@ -180,6 +206,7 @@ fn window(shared: &Shared, a: &Snapshot, b: &Snapshot, threads: usize) -> Window
         gateway_forwarded_pps: gw_out,
         gateway_cpu_pct: gw,
         gateway_cpu_us_per_forwarded_packet: cpu_us_per_packet,
+        gateway_cpu_us_per_delivered_packet: cpu_us_per_delivered,
         loadtest_cpu_pct: own,
         loadtest_saturated: own > 90.0 * threads as f64,
         machine_steal_pct: match (&a.steal, &b.steal) {
@@ -198,11 +225,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     if !cfg.video && !cfg.audio && cfg.publishers > 0 {
         bail!("publishers need audio or video");
     }
-    let api = Api::new(&cfg.url, &cfg.api_key)?;
+    let target = match cfg.target {
+        TargetKind::Gateway => Target::Gateway(Api::new(&cfg.url, &cfg.api_key)?),
+        TargetKind::Janus => {
+            let codec = (cfg.codec == VideoCodec::H264).then_some("h264");
+            Target::Janus(Janus::new(&cfg.janus_url, &cfg.janus_media_ips, codec)?)
+        }
+    };
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    let source = match cfg.pid {
-        Some(pid) => Source::Proc(pid.to_string()),
-        None => Source::Metrics,
+    let source = match (cfg.pid, cfg.target) {
+        (Some(pid), _) => Source::Proc(pid.to_string()),
+        (None, TargetKind::Gateway) => Source::Metrics,
+        // Janus has no metrics endpoint: its process, if there is exactly one on this machine.
+        (None, TargetKind::Janus) => {
+            Source::Proc(sysmon::find_pid("janus").context("Janus's CPU and RSS: pass --server-pid")?.to_string())
+        }
     };
 
     let media = Arc::new(media_plan(&cfg)?);
@@ -218,13 +255,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         } else {
             format!("{}-{i}", cfg.room_prefix)
         };
-        let id = if cfg.exact_room_name {
-            // A named room may exist already (another load tester, a browser): join it.
-            api.create_or_find_room(&name, max_participants).await
-        } else {
-            api.create_room(&name, max_participants).await
-        };
-        let id = id.with_context(|| format!("creating room {name}"))?;
+        // A named room may exist already (another load tester, a browser): join it.
+        let id = target
+            .create_room(&name, max_participants, cfg.exact_room_name)
+            .await
+            .with_context(|| format!("creating room {name}"))?;
         rooms.push((name, id));
     }
 
@@ -237,8 +272,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (sampler_stop, sampler_rx) = watch::channel(false);
-    let sampler =
-        tokio::spawn(sample_loop(api.clone(), source.clone(), Arc::clone(&shared), Arc::clone(&monitor), sampler_rx));
+    let sampler = tokio::spawn(sample_loop(
+        target.clone(),
+        source.clone(),
+        Arc::clone(&shared),
+        Arc::clone(&monitor),
+        sampler_rx,
+    ));
     let bar = progress_bar(cfg.progress);
     let progress =
         tokio::spawn(progress_loop(bar.clone(), Arc::clone(&shared), Arc::clone(&monitor), sampler_stop.subscribe()));
@@ -257,7 +297,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             connect_timeout: cfg.connect_timeout,
         };
         let handle =
-            tokio::spawn(peer::run(api.clone(), plan, Arc::clone(&media), Arc::clone(&shared), stop_rx.clone()));
+            tokio::spawn(peer::run(target.clone(), plan, Arc::clone(&media), Arc::clone(&shared), stop_rx.clone()));
         Running { handle }
     };
     let interval = Duration::from_secs_f64(1.0 / cfg.join_rate.max(0.001));
@@ -386,7 +426,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // A room named with --room may be someone else's too: it is left alone.
     if cfg.cleanup && !cfg.exact_room_name {
         for (_, id) in &rooms {
-            api.delete_room(id).await;
+            target.delete_room(id).await;
         }
     }
 
@@ -465,7 +505,7 @@ async fn wait_joined(shared: &Shared, planned: usize, limit: Duration) -> bool {
 }
 
 async fn sample_loop(
-    api: Api,
+    target: Target,
     source: Source,
     shared: Arc<Shared>,
     monitor: Arc<Monitor>,
@@ -479,7 +519,7 @@ async fn sample_loop(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let g = sysmon::sample_gateway(&api, &source).await;
+        let g = target.sample(&source).await;
         monitor.gateway.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), g));
         let own = sysmon::read_proc("self");
         if let Some(o) = own {
@@ -700,6 +740,7 @@ fn build_report(
         steady_cpu_pct: steady.gateway_cpu_pct,
         steady_forwarded_pps: steady.gateway_forwarded_pps,
         steady_cpu_us_per_forwarded_packet: steady.gateway_cpu_us_per_forwarded_packet,
+        steady_cpu_us_per_delivered_packet: steady.gateway_cpu_us_per_delivered_packet,
     };
     let loadtest =
         LoadtestFigures { threads, cpu_pct: Percentiles::of(&mut own_cpu), saturated: steady.loadtest_saturated };
@@ -723,7 +764,7 @@ fn build_report(
     let starved = |w: Option<f64>| w.is_some_and(|w| w > 10.0);
     if starved(steady.gateway_cpu_wait_pct) || starved(steady.loadtest_cpu_wait_pct) {
         warnings.push(format!(
-            "other load on this machine delayed the test: gateway threads waited for a CPU {} of the time, ours {}; latency, loss and capacity are pessimistic",
+            "other load on this machine delayed the test: server threads waited for a CPU {} of the time, ours {}; latency, loss and capacity are pessimistic (a server with many threads on one core, e.g. Janus pinned with taskset, also counts its threads waiting for each other)",
             steady.gateway_cpu_wait_pct.map_or("?".into(), |w| format!("{w:.0}%")),
             steady.loadtest_cpu_wait_pct.map_or("?".into(), |w| format!("{w:.0}%")),
         ));

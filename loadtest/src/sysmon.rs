@@ -132,6 +132,23 @@ pub async fn sample_gateway(api: &Api, source: &Source) -> GatewaySample {
     GatewaySample { proc, packets_out, packets_in }
 }
 
+/// The pid of the one process whose name (`/proc/<pid>/comm`) is `name`; an error if there
+/// is none or more than one.
+pub fn find_pid(name: &str) -> anyhow::Result<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            found.push(pid);
+        }
+    }
+    match found[..] {
+        [pid] => Ok(pid),
+        [] => anyhow::bail!("no process named {name} on this machine"),
+        _ => anyhow::bail!("{} processes named {name} ({found:?})", found.len()),
+    }
+}
+
 /// CPU percent (100 = one core) between two readings.
 pub fn cpu_pct(a: &ProcSample, b: &ProcSample) -> f64 {
     let wall = b.at.saturating_duration_since(a.at).as_secs_f64();
@@ -161,6 +178,18 @@ mod tests {
         assert!(s.rss_bytes > 0);
         assert!(s.cpu_s >= 0.0);
         assert!(s.wait_s.is_some());
+    }
+
+    #[test]
+    fn finds_a_process_by_name() {
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        // Test threads run in parallel in other test binaries of the same name only rarely;
+        // the name of this binary is unique enough, but tolerate duplicates.
+        match find_pid(comm.trim_end()) {
+            Ok(pid) => assert_eq!(pid, std::process::id()),
+            Err(e) => assert!(e.to_string().contains("processes named"), "{e}"),
+        }
+        assert!(find_pid("no-such-process-name-here").is_err());
     }
 
     #[test]
