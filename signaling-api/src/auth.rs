@@ -92,9 +92,20 @@ impl Auth {
 
     /// Verify signature and expiry (no leeway: an expired token is expired).
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        self.verify_with(token, true)
+    }
+
+    /// Verify the signature only: a token that has expired still names who it was issued to.
+    /// For ending or trickling a WHIP/WHEP session that its token opened (a broadcast can
+    /// outlast the token, and its client still says goodbye with it).
+    pub fn verify_ignoring_expiry(&self, token: &str) -> Result<Claims, ApiError> {
+        self.verify_with(token, false)
+    }
+
+    fn verify_with(&self, token: &str, expiry: bool) -> Result<Claims, ApiError> {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 0;
-        v.validate_exp = true;
+        v.validate_exp = expiry;
         v.set_required_spec_claims(&["exp", "sub"]);
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map(|d| d.claims).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::unauthorized("token expired"),
@@ -136,6 +147,9 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(a.verify(&t).unwrap_err().message, "token expired");
         assert!(a.verify("not.a.token").is_err());
+        assert_eq!(a.verify_ignoring_expiry(&t).unwrap().sub, "alice", "expired, still signed");
+        let (forged, _) = b.issue("r_1", "alice", "a", true, true, 60).unwrap();
+        assert!(a.verify_ignoring_expiry(&forged).is_err());
     }
 
     #[test]

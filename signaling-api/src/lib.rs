@@ -10,6 +10,7 @@
 //! - `lifecycle`: the registry's methods that create and end rooms, participants, sessions and
 //!   connections.
 //! - `rest`, `ws`: the REST API for app backends and the WebSocket API for clients.
+//! - `whip`: WHIP ingest and WHEP playback over plain HTTP (RFC 9725, draft-ietf-wish-whep).
 //! - `metrics`: the first Prometheus counters.
 //! - `error`: the one error type that renders `{ "error": { code, message } }`.
 
@@ -30,6 +31,8 @@ pub mod metrics;
 pub mod registry;
 #[cfg(feature = "server")]
 mod rest;
+#[cfg(feature = "server")]
+mod whip;
 #[cfg(feature = "server")]
 mod ws;
 
@@ -113,9 +116,9 @@ mod server {
         }
     }
 
-    /// The REST + WebSocket API, `/healthz` and `/metrics`.
+    /// The REST + WebSocket API, WHIP/WHEP, `/healthz` and `/metrics`.
     pub fn router(state: AppState) -> Router {
-        crate::rest::routes(state.clone()).merge(crate::ws::routes(state))
+        crate::rest::routes(state.clone()).merge(crate::ws::routes(state.clone())).merge(crate::whip::routes(state))
     }
 
     /// Periodically forget the history of connections that ended long ago (bounded memory).

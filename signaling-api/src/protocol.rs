@@ -24,6 +24,14 @@ pub enum ErrorCode {
     RateLimited,
     NoPorts,
     Internal,
+    /// A WHIP/WHEP request body that is not `application/sdp` (or, for PATCH,
+    /// `application/trickle-ice-sdpfrag`).
+    UnsupportedMediaType,
+    /// Well-formed but unusable: an offer with no audio or video the gateway can use (WHIP/WHEP;
+    /// the WebSocket reports it as `bad_sdp`), an ICE restart by PATCH (not supported).
+    Unprocessable,
+    /// A WHIP/WHEP PATCH whose `If-Match` names another ICE session than the resource's ETag.
+    PreconditionFailed,
 }
 
 impl ErrorCode {
@@ -40,6 +48,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => 429,
             ErrorCode::NoPorts => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::Unprocessable => 422,
+            ErrorCode::PreconditionFailed => 412,
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct Participant {
     /// Set while the WebSocket is gone and the grace period runs.
     pub disconnected_at: Option<Instant>,
     pub connections: Vec<String>,
+    /// Spoken for by WHIP/WHEP resources, not a WebSocket: it stays in the room while one of
+    /// its connections lives (see `lifecycle.rs`, "HTTP sessions").
+    pub http: bool,
 }
 
 pub struct ConnRecord {
@@ -63,6 +66,17 @@ pub struct ConnRecord {
     pub events: Vec<ConnectionEvent>,
     pub created_at: Instant,
     pub ended_at: Option<Instant>,
+    /// Made by a WHIP/WHEP POST: its resource can be PATCHed and DELETEd.
+    pub http: Option<HttpResource>,
+}
+
+/// What a WHIP/WHEP session resource is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResource {
+    /// WHEP: the participant whose tracks it plays (`None` for WHIP).
+    pub plays: Option<String>,
+    /// The ETag of its ICE session (our ICE ufrag, quoted).
+    pub etag: String,
 }
 
 impl ConnRecord {
@@ -86,6 +100,9 @@ pub struct Registry {
     pub(crate) names: DashMap<String, String>,
     pub(crate) connections: DashMap<String, ConnRecord>,
     pub(crate) sessions: DashMap<u64, SessionHandle>,
+    /// Answers awaited by a WHIP/WHEP POST, by connection: the media plane emits the answer
+    /// before its call returns, and the POST's response carries it.
+    pub(crate) http_answers: DashMap<String, Option<String>>,
     pub metrics: Metrics,
     next_session: AtomicU64,
 }
@@ -104,6 +121,7 @@ impl Registry {
             names: DashMap::new(),
             connections: DashMap::new(),
             sessions: DashMap::new(),
+            http_answers: DashMap::new(),
             metrics,
             next_session: AtomicU64::new(1),
         }
@@ -169,6 +187,7 @@ impl Registry {
                 events: Vec::new(),
                 created_at: Instant::now(),
                 ended_at: None,
+                http: None,
             },
         );
         true
@@ -249,8 +268,13 @@ impl Registry {
         };
         rec.events.push(ev.clone());
         let session = rec.session;
+        let ended =
+            (rec.http.is_some() && rec.state.is_terminal()).then(|| (rec.room_id.clone(), rec.participant_id.clone()));
         drop(rec);
         self.send_to_session(session, Outbound::Message(ServerMessage::ConnectionEvent(ev)));
+        if let Some((room_id, participant_id)) = ended {
+            self.release_idle_http_participant(&room_id, &participant_id);
+        }
     }
 
     fn session_of(&self, connection_id: &str) -> Option<u64> {
@@ -272,6 +296,10 @@ impl EventSink for Registry {
                 self.record_event(&connection_id, event, reason);
             }
             MediaEvent::Answer { connection_id, sdp } => {
+                if let Some(mut slot) = self.http_answers.get_mut(&connection_id) {
+                    *slot = Some(sdp);
+                    return;
+                }
                 if let Some(s) = self.session_of(&connection_id) {
                     self.send_to_session(s, Outbound::Message(ServerMessage::Answer { connection_id, sdp }));
                 }

@@ -42,7 +42,7 @@ async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req:
     }
 }
 
-async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let resp = next.run(req).await;
@@ -128,7 +128,7 @@ async fn delete_room(State(state): State<AppState>, Path(room_id): Path<String>)
 
 /// Run a handler's state changes to completion even if the client goes away mid-request:
 /// a dropped future must not leave a name reserved or a room half-closed.
-async fn detached<T: Send + 'static>(
+pub(crate) async fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(work)

@@ -163,7 +163,8 @@ pub(crate) struct Conn {
 pub(crate) enum Side {
     /// The client sends media up (the client offers).
     Publish(PublishSide),
-    /// The gateway sends the room's media down (the gateway offers).
+    /// The gateway sends the room's media down: the gateway offers (WebSocket clients), or the
+    /// client offers once and the gateway answers with one publisher's tracks (WHEP, `plays`).
     Subscribe(SubscribeSide),
 }
 
@@ -176,6 +177,10 @@ pub(crate) struct PublishSide {
 
 #[derive(Default)]
 pub(crate) struct SubscribeSide {
+    /// The participant whose tracks this connection plays, when the client offered it (WHEP):
+    /// its sections are fixed by that one offer, so it is never re-offered; it ends when none of
+    /// its tracks is left. `None`: a gateway-offered connection that follows the whole room.
+    pub plays: Option<Arc<str>>,
     /// Our offer waiting for the client's answer (one at a time).
     pub pending: Option<SdpPendingOffer>,
     pub offered: bool,
