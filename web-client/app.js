@@ -61,7 +61,9 @@ gw.simulcastRids = SIMULCAST_ENCODINGS.map((e) => e.rid);
 // whose network lets UDP out only to a TURN server gets them from the page URL (URL-encoded JSON
 // array of RTCIceServer; the policy is "all" or "relay"):
 //   /?iceServers=[{"urls":"turn:turn.example.org:3478","username":"u","credential":"p"}]&iceTransportPolicy=relay
-// or from an embedding page, by setting window.gw.options before joining.
+// or from an embedding page, by setting window.gw.options before joining. Otherwise, when the
+// gateway hands out TURN servers with credentials minted for this participant (`ice_servers` of
+// the token, with `turn.urls` and `turn.secret` set), the page uses those.
 gw.options.iceServers = [];
 gw.options.iceTransportPolicy = "all";
 if (params.get("iceServers")) {
@@ -646,6 +648,11 @@ async function connect() {
   const token = await fetchToken();
   gw.roomId = token.room_id;
   gw.me = token.participant_id;
+  // Minted credentials expire with the token: each fresh token brings fresh ones.
+  if (Array.isArray(token.ice_servers) && (gw.options.iceServersFromToken || !gw.options.iceServers.length)) {
+    gw.options.iceServers = token.ice_servers;
+    gw.options.iceServersFromToken = true;
+  }
   if (gw.left) throw new JoinError("left", { code: "left" });
   const ws = await openSocket(token.token);
   if (gw.left) {

@@ -19,6 +19,18 @@ pub struct GatewayConfig {
     pub dev: DevConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub turn: TurnConfig,
+}
+
+/// TURN servers the token routes (and WHIP/WHEP `Link` headers) hand out, with credentials
+/// minted per participant in coturn's `use-auth-secret` scheme. Both keys or neither.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// `turn:host:port?transport=udp`, `turns:…` URLs (comma-separated in the environment).
+    pub urls: Vec<String>,
+    /// coturn's `static-auth-secret`.
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,6 +259,7 @@ impl GatewayConfig {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("media.announced_ips")
+                .with_list_parse_key("turn.urls")
                 .try_parsing(true)
                 .source(Some(vars)),
         );
@@ -268,6 +281,14 @@ impl GatewayConfig {
         }
         if self.http.tls == TlsMode::Files && (self.http.cert.is_none() || self.http.key.is_none()) {
             return Err(invalid("http.cert", "http.tls = \"files\" needs http.cert and http.key"));
+        }
+        let t = &self.turn;
+        if t.urls.is_empty() != t.secret.is_empty() {
+            let key = if t.urls.is_empty() { "turn.urls" } else { "turn.secret" };
+            return Err(invalid(key, "turn.urls and turn.secret go together"));
+        }
+        if let Some(bad) = t.urls.iter().find(|u| !(u.starts_with("turn:") || u.starts_with("turns:"))) {
+            return Err(invalid("turn.urls", format!("{bad:?} is not a turn: or turns: URL")));
         }
         if !matches!(self.dev.token_route.as_str(), "auto" | "on" | "off" | "true" | "false") {
             return Err(invalid("dev.token_route", "must be auto, on or off"));
@@ -344,6 +365,10 @@ impl GatewayConfig {
             default_token_ttl_s: self.signaling.default_token_ttl_s,
             max_token_ttl_s: self.signaling.max_token_ttl_s,
             history_retention: Duration::from_secs(self.signaling.history_retention_s),
+            turn: (!self.turn.urls.is_empty()).then(|| signaling_api::auth::TurnConfig {
+                urls: self.turn.urls.clone(),
+                secret: self.turn.secret.clone(),
+            }),
         }
     }
 }
@@ -388,6 +413,29 @@ mod tests {
         assert_eq!(c.media.announced_ips.len(), 2);
         assert_eq!(c.auth.api_key, "k");
         assert!(!c.dev_token_route(), "auto is off when bound beyond loopback");
+    }
+
+    #[test]
+    fn turn_urls_and_secret_go_together() {
+        let c = GatewayConfig::load(
+            None,
+            env(&[
+                ("GATEWAY__TURN__URLS", "turn:turn.example.com:3478?transport=udp,turns:turn.example.com:5349"),
+                ("GATEWAY__TURN__SECRET", "s3cret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.turn.urls.len(), 2);
+        assert_eq!(c.api().turn.map(|t| t.secret).as_deref(), Some("s3cret"));
+        assert!(GatewayConfig::load(None, env(&[])).unwrap().api().turn.is_none());
+        let err = GatewayConfig::load(None, env(&[("GATEWAY__TURN__URLS", "turn:a:3478")])).unwrap_err();
+        assert!(err.to_string().contains("turn.secret"), "{err}");
+        let err = GatewayConfig::load(None, env(&[("GATEWAY__TURN__SECRET", "x")])).unwrap_err();
+        assert!(err.to_string().contains("turn.urls"), "{err}");
+        let err =
+            GatewayConfig::load(None, env(&[("GATEWAY__TURN__URLS", "http://a"), ("GATEWAY__TURN__SECRET", "x")]))
+                .unwrap_err();
+        assert!(err.to_string().contains("turn.urls"), "{err}");
     }
 
     #[test]

@@ -115,6 +115,30 @@ impl Auth {
     }
 }
 
+/// TURN servers and the secret they share with the gateway (coturn's `use-auth-secret`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnConfig {
+    /// `turn:`/`turns:` URLs, as a browser's `RTCIceServer.urls`.
+    pub urls: Vec<String>,
+    pub secret: String,
+}
+
+impl TurnConfig {
+    /// Time-limited credentials for `identity` until `expires` (unix seconds), in the scheme of
+    /// coturn's `use-auth-secret` (the "TURN REST API" draft): the username is
+    /// `<expires>:<identity>`, the password base64(HMAC-SHA1(secret, username)). The TURN server
+    /// checks both with the shared secret alone and refuses them after `expires`.
+    pub fn credentials(&self, identity: &str, expires: u64) -> crate::protocol::IceServer {
+        use aws_lc_rs::hmac;
+        use base64::Engine;
+        let username = format!("{expires}:{identity}");
+        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, self.secret.as_bytes());
+        let tag = hmac::sign(&key, username.as_bytes());
+        let credential = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
+        crate::protocol::IceServer { urls: self.urls.clone(), username, credential }
+    }
+}
+
 /// Format unix seconds in the contract's timestamp format.
 pub fn unix_to_rfc3339(secs: u64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp(secs as i64, 0)
@@ -150,6 +174,16 @@ mod tests {
         assert_eq!(a.verify_ignoring_expiry(&t).unwrap().sub, "alice", "expired, still signed");
         let (forged, _) = b.issue("r_1", "alice", "a", true, true, 60).unwrap();
         assert!(a.verify_ignoring_expiry(&forged).is_err());
+    }
+
+    #[test]
+    fn turn_credentials_follow_coturns_use_auth_secret() {
+        let turn = TurnConfig { urls: vec!["turn:turn.test:3478?transport=udp".into()], secret: "north-secret".into() };
+        let c = turn.credentials("alice", 1_700_000_000);
+        assert_eq!(c.username, "1700000000:alice");
+        // base64(HMAC-SHA1("north-secret", "1700000000:alice")), computed independently.
+        assert_eq!(c.credential, "g+jb180fcj+xlpA/2mP60OdIgU0=");
+        assert_eq!(c.urls, turn.urls);
     }
 
     #[test]

@@ -75,6 +75,8 @@ mod server {
         pub max_token_ttl_s: u64,
         /// How long a terminal connection's history stays inspectable.
         pub history_retention: Duration,
+        /// TURN servers whose credentials the token routes mint (`None`: none are handed out).
+        pub turn: Option<crate::auth::TurnConfig>,
     }
 
     impl Default for ApiConfig {
@@ -94,6 +96,7 @@ mod server {
                 default_token_ttl_s: 3600,
                 max_token_ttl_s: 7 * 24 * 3600,
                 history_retention: Duration::from_secs(600),
+                turn: None,
             }
         }
     }

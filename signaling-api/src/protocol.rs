@@ -294,6 +294,18 @@ pub struct TokenRequest {
 pub struct TokenResponse {
     pub token: String,
     pub expires_at: String,
+    /// TURN servers with credentials minted for this participant (coturn `use-auth-secret`),
+    /// valid until the token expires; absent unless `turn.urls` and `turn.secret` are set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServer>,
+}
+
+/// An ICE server in the browser's `RTCIceServer` shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
 }
 
 /// `POST /v1/dev/token` (development only, see README): join a room by name.
@@ -314,6 +326,9 @@ pub struct DevTokenResponse {
     pub room_id: String,
     pub participant_id: String,
     pub expires_at: String,
+    /// As in [`TokenResponse::ice_servers`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

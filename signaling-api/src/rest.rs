@@ -164,7 +164,8 @@ async fn create_token(
         req.can_subscribe.unwrap_or(true),
         ttl,
     )?;
-    Ok((StatusCode::CREATED, Json(TokenResponse { token, expires_at: crate::auth::unix_to_rfc3339(exp) })))
+    let ice_servers = ice_servers(&state, &req.participant, exp);
+    Ok((StatusCode::CREATED, Json(TokenResponse { token, expires_at: crate::auth::unix_to_rfc3339(exp), ice_servers })))
 }
 
 async fn dev_token(
@@ -198,12 +199,19 @@ async fn dev_token(
     };
     let ttl = state.config.default_token_ttl_s;
     let (token, exp) = state.auth.issue(&room_id, &req.participant, &name, true, true, ttl)?;
+    let ice_servers = ice_servers(&state, &req.participant, exp);
     Ok(Json(DevTokenResponse {
         token,
         room_id,
         participant_id: req.participant,
         expires_at: crate::auth::unix_to_rfc3339(exp),
+        ice_servers,
     }))
+}
+
+/// TURN credentials for a participant, valid as long as its token (none without `turn`).
+pub(crate) fn ice_servers(state: &AppState, participant: &str, expires: u64) -> Vec<IceServer> {
+    state.config.turn.as_ref().map(|t| vec![t.credentials(participant, expires)]).unwrap_or_default()
 }
 
 async fn kick(

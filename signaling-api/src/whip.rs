@@ -37,7 +37,7 @@ use axum::Router;
 
 use crate::auth::Claims;
 use crate::error::ApiError;
-use crate::protocol::{ErrorCode, Role};
+use crate::protocol::{ErrorCode, IceServer, Role};
 use crate::AppState;
 
 const SDP: &str = "application/sdp";
@@ -92,8 +92,9 @@ async fn whip_post(
         return Err(ApiError::forbidden("this token may not publish"));
     }
     let offer = sdp_body(&headers, SDP, body)?;
+    let links = crate::rest::ice_servers(&state, &claims.sub, claims.exp);
     let opened = open(state, claims, offer, None).await?;
-    Ok(created(format!("/v1/whip/{room_id}/{}", opened.connection_id), opened))
+    Ok(created(format!("/v1/whip/{room_id}/{}", opened.connection_id), opened, &links))
 }
 
 async fn whep_post(
@@ -114,8 +115,9 @@ async fn whep_post(
         return Err(ApiError::forbidden("this token may not subscribe"));
     }
     let offer = sdp_body(&headers, SDP, body)?;
+    let links = crate::rest::ice_servers(&state, &claims.sub, claims.exp);
     let opened = open(state, claims, offer, Some(participant.clone())).await?;
-    Ok(created(format!("/v1/whep/{room_id}/{participant}/{}", opened.connection_id), opened))
+    Ok(created(format!("/v1/whep/{room_id}/{participant}/{}", opened.connection_id), opened, &links))
 }
 
 async fn whip_patch(
@@ -200,9 +202,21 @@ async fn open(
     .await
 }
 
-fn created(location: String, opened: crate::lifecycle::HttpOpened) -> Response {
+/// The `201 Created` of a new session, with its TURN servers as RFC 9725 §4.6 `Link` headers.
+fn created(location: String, opened: crate::lifecycle::HttpOpened, ice_servers: &[IceServer]) -> Response {
     let mut resp = (StatusCode::CREATED, opened.answer).into_response();
     let h = resp.headers_mut();
+    for server in ice_servers {
+        for url in &server.urls {
+            let link = format!(
+                "<{url}>; rel=\"ice-server\"; username=\"{}\"; credential=\"{}\"; credential-type=\"password\"",
+                server.username, server.credential
+            );
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                h.append(header::LINK, v);
+            }
+        }
+    }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(SDP));
     if let Ok(v) = HeaderValue::from_str(&location) {
         h.insert(header::LOCATION, v);

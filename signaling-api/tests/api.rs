@@ -966,3 +966,40 @@ async fn whep_plays_a_publisher_and_sessions_replace_as_websocket_ones_do() {
     let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
     assert_eq!(r["participants"].as_array().unwrap().len(), 1, "alice, now on her WebSocket: {r}");
 }
+
+#[tokio::test]
+async fn token_routes_mint_turn_credentials_when_configured() {
+    let turn = signaling_api::auth::TurnConfig {
+        urls: vec!["turn:turn.test:3478?transport=udp".into()],
+        secret: "north-secret".into(),
+    };
+    let (relay, state, _) =
+        app_with(ApiConfig { api_key: KEY.into(), turn: Some(turn.clone()), ..ApiConfig::default() });
+    let (_, room) = call(&relay, "POST", "/v1/rooms", Some(r#"{"name":"relay"}"#), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let (s, tok) =
+        call(&relay, "POST", &format!("/v1/rooms/{room}/tokens"), Some(r#"{"participant":"alice"}"#), true).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let exp = state.auth.verify(tok["token"].as_str().unwrap()).unwrap().exp;
+    let server = &tok["ice_servers"][0];
+    assert_eq!(server["urls"], json!(["turn:turn.test:3478?transport=udp"]));
+    assert_eq!(server["username"], format!("{exp}:alice"), "valid as long as the token");
+    assert_eq!(server["credential"], turn.credentials("alice", exp).credential.as_str());
+    let (s, dev) = call(&relay, "POST", "/v1/dev/token", Some(r#"{"room":"relay","participant":"bob"}"#), false).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(dev["ice_servers"][0]["username"].as_str().unwrap().ends_with(":bob"), "{dev}");
+    // WHIP hands them out as RFC 9725 Link headers.
+    let auth = token(&state, &room, "carol", true, true);
+    let (s, h, _) = post_offer(&relay, "/v1/whip/relay", &auth, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let link = h["link"].to_str().unwrap();
+    assert!(link.starts_with("<turn:turn.test:3478?transport=udp>; rel=\"ice-server\"; username=\""), "{link}");
+    assert!(link.contains(":carol\"; credential=\"") && link.ends_with("credential-type=\"password\""), "{link}");
+
+    // Without `turn` configured, nothing is handed out.
+    let (plain, _, _) = app();
+    let (_, room) = call(&plain, "POST", "/v1/rooms", Some("{}"), true).await;
+    let uri = format!("/v1/rooms/{}/tokens", room["room_id"].as_str().unwrap());
+    let (_, tok) = call(&plain, "POST", &uri, Some(r#"{"participant":"alice"}"#), true).await;
+    assert!(tok.get("ice_servers").is_none(), "{tok}");
+}
