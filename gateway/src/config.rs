@@ -82,6 +82,10 @@ pub struct MediaConfig {
     /// `send_rtp_now`) instead of through a poll of the subscriber's connection per packet.
     /// A switch to measure against and a fallback; on by default.
     pub direct_send: bool,
+    /// Largest data-channel message relayed (payload plus label), bytes.
+    pub data_max_message_bytes: usize,
+    /// Data-channel messages relayed per second per publisher (bursts of twice that).
+    pub data_messages_per_second: u32,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -181,6 +185,8 @@ impl Default for MediaConfig {
             layer_up_hold_ms: 2_000,
             keyframe_cache: false,
             direct_send: true,
+            data_max_message_bytes: 16 * 1024,
+            data_messages_per_second: 50,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -346,6 +352,8 @@ impl GatewayConfig {
             layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
             keyframe_cache: self.media.keyframe_cache,
             direct_send: self.media.direct_send,
+            data_max_message_bytes: self.media.data_max_message_bytes,
+            data_messages_per_second: self.media.data_messages_per_second,
         }
     }
 

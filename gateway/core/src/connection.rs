@@ -12,6 +12,7 @@ use str0m::change::SdpPendingOffer;
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
 use crate::downtrack::DownTrack;
+use crate::engine::data::{DataIn, DataOut};
 use crate::{ConnKey, MediaEvent, Output};
 
 /// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
@@ -173,6 +174,8 @@ pub(crate) struct PublishSide {
     /// The one payload type each media section of our answer left the publisher (by mid), so
     /// each publication carries one definite codec.
     pub sending_pts: Vec<(String, u8)>,
+    /// Its data channels and message allowance (the relay, `engine/data.rs`).
+    pub data: DataIn,
 }
 
 #[derive(Default)]
@@ -198,6 +201,8 @@ pub(crate) struct SubscribeSide {
     pub bwe_desired: Option<u64>,
     /// When the estimator may next be asked to probe for a higher layer.
     pub next_probe: Option<Instant>,
+    /// The gateway's reliable and unreliable data channels (gateway-offered connections).
+    pub data: DataOut,
 }
 
 impl SubscribeSide {

@@ -633,7 +633,10 @@ impl Engine {
         let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != *participant).collect();
         let mut api = rtc.sdp_api();
         if !side.offered {
-            api.add_channel("gateway".into());
+            // The first offer's data channels: the reliable one also brings the transport up
+            // when there is nothing to receive yet; both carry the room's data messages.
+            side.data.reliable = Some(api.add_channel(data::RELIABLE_LABEL.into()));
+            side.data.unreliable = Some(api.add_channel_with_config(data::unreliable_config()));
         }
         let mut added = Vec::new();
         for &i in &wanted {
