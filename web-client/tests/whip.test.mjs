@@ -64,7 +64,8 @@ before(async () => {
   });
   await new Promise((r) => server.listen(port, "127.0.0.1", r));
   site = { server, base: `http://127.0.0.1:${port}` };
-  browser = await launchChromium();
+  // Three simulcast layers at 640x480 (Chromium allows two there by default).
+  browser = await launchChromium({ extraArgs: ["--force-fieldtrials=WebRTC-LegacySimulcastLayerLimit/Disabled/"] });
 });
 
 after(async () => {
@@ -209,6 +210,34 @@ test("@eyevinn/webrtc-player plays a Chromium publisher over WHEP", { timeout: 9
   assert.equal(end.events.at(-1).reason, "publisher_left");
   const room = (await api(gateway.base, "GET", `/v1/rooms/${roomId}`)).body;
   assert.deepEqual(room.participants, [], "nobody left in the room");
+  await player.context().close();
+  await alice.context().close();
+});
+
+test("a WHEP viewer of a simulcast publisher gets the layer its bandwidth estimate allows", { timeout: 90000 }, async () => {
+  const { roomId, token } = await roomWithToken("whep-simulcast", "player");
+  const alice = await joinPage(browser, gateway.base, "whep-simulcast", "alice", "simulcast=1");
+  await waitFor("alice's three layers", async () => {
+    const r = await api(gateway.base, "GET", `/v1/rooms/${roomId}`);
+    const video = (r.body.streams || []).find((s) => s.participant_id === "alice" && s.kind === "video");
+    return video && (video.layers || []).filter((l) => l.active).length === 3;
+  }, 20000);
+  const player = await libraryPage();
+  await player.evaluate(async ({ url, token }) => {
+    window.player = new window.WebRTCPlayer({ video: document.getElementById("v"), type: "whep", iceServers: [] });
+    await window.player.load(new URL(url), `Bearer ${token}`);
+  }, { url: `${gateway.base}/v1/whep/${roomId}/alice`, token });
+  const WIDTH = { q: 160, h: 320, f: 640 };
+  const seen = await waitFor("a layer chosen and decoded at its size", async () => {
+    const s = await inboundOf(player);
+    const viewer = (await api(gateway.base, "GET", `/v1/rooms/${roomId}`)).body.participants.find((p) => p.participant_id === "player");
+    if (!viewer || !s.video || !(s.video.framesDecoded > 20)) return null;
+    const d = await history(viewer.connections[0].connection_id);
+    const layer = d.stats.layers?.[0];
+    return layer?.rid && layer.rid === layer.target_rid && s.video.frameWidth === WIDTH[layer.rid] ? { layer, video: s.video, bwe: d.stats.bwe_estimate_bps } : null;
+  }, 30000);
+  console.log(`WHEP viewer of a simulcast publisher: layer ${seen.layer.rid} (${seen.video.frameWidth}x${seen.video.frameHeight}), estimate ${seen.bwe} bps`);
+  assert.ok(seen.bwe > 0, "the viewer's bandwidth is estimated");
   await player.context().close();
   await alice.context().close();
 });
