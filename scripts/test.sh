@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project. On a fresh Debian machine it first installs what the tests
 # need (Debian's chromium, prometheus, systemd-analyze, iproute2, iptables and coturn; the npm
-# packages of web-client/).
+# packages of web-client/, among them the WHIP/WHEP libraries and esbuild of whip.test.mjs).
 #   scripts/test.sh            install if missing, lint, then all Rust and browser tests
 #   SKIP_LINT=1 scripts/test.sh   skip cargo fmt --check and clippy
 #   FUZZ_SECONDS=60 (default)     libFuzzer time per fuzz target; 0 skips fuzzing
@@ -32,7 +32,8 @@ command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptab
 command -v turnserver >/dev/null 2>&1 || need+=(coturn)
 # Janus 1.1 (VideoRoom + HTTP transport), the side-by-side target of loadtest/compare.sh.
 command -v janus >/dev/null 2>&1 || need+=(janus)
-# Stock GStreamer webrtcbin clients (web-client/tests/gstreamer.test.mjs) run on Debian's python3.
+# Stock GStreamer webrtcbin clients (web-client/tests/gstreamer.test.mjs, and the WHIP publisher
+# gst_whip.py of whip-gstreamer.test.mjs, which needs the same packages) run on Debian's python3.
 /usr/bin/python3 web-client/tests/gst_client.py --check >/dev/null 2>&1 ||
   need+=(python3 python3-gi python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice

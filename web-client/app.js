@@ -40,6 +40,20 @@ gw.options.codec = params.get("codec");
 // browser that cannot decode the others would (setCodecPreferences on every receiving video
 // transceiver). A stream in another codec is then declined and the gateway says why.
 gw.options.recvCodecs = params.get("recvCodecs") ? params.get("recvCodecs").split(",") : null;
+// `?data=1`: data messages. The publish connection opens two data channels, `data` (reliable,
+// ordered) and `data-unreliable` (unordered, no retransmissions); `gw.sendData(text, { reliable })`
+// sends on one of them. The gateway relays each message to every other participant on its own
+// channels of the subscribe connection (`gateway`, `gateway-unreliable`), wrapped as
+// `{ participant_id, label, binary, data }` (docs/protocol.md, "Data channels"); they land in
+// `gw.dataReceived` (the last 1000, each with `reliable`) and are passed to `gw.onData` if set.
+gw.options.data = params.get("data") === "1";
+gw.dataReceived = [];
+gw.sendData = (text, { reliable = true } = {}) => {
+  const ch = reliable ? gw.pub.data : gw.pub.dataUnreliable;
+  if (!ch || ch.readyState !== "open") return false;
+  ch.send(text);
+  return true;
+};
 // Reconnect: first retry after `retryMs`, doubling up to `retryMaxMs` (each ±25%), giving up
 // after `giveUpMs` without getting back in.
 gw.options.retryMs = 500;
@@ -61,7 +75,9 @@ gw.simulcastRids = SIMULCAST_ENCODINGS.map((e) => e.rid);
 // whose network lets UDP out only to a TURN server gets them from the page URL (URL-encoded JSON
 // array of RTCIceServer; the policy is "all" or "relay"):
 //   /?iceServers=[{"urls":"turn:turn.example.org:3478","username":"u","credential":"p"}]&iceTransportPolicy=relay
-// or from an embedding page, by setting window.gw.options before joining.
+// or from an embedding page, by setting window.gw.options before joining. Otherwise, when the
+// gateway hands out TURN servers with credentials minted for this participant (`ice_servers` of
+// the token, with `turn.urls` and `turn.secret` set), the page uses those.
 gw.options.iceServers = [];
 gw.options.iceTransportPolicy = "all";
 if (params.get("iceServers")) {
@@ -646,6 +662,11 @@ async function connect() {
   const token = await fetchToken();
   gw.roomId = token.room_id;
   gw.me = token.participant_id;
+  // Minted credentials expire with the token: each fresh token brings fresh ones.
+  if (Array.isArray(token.ice_servers) && (gw.options.iceServersFromToken || !gw.options.iceServers.length)) {
+    gw.options.iceServers = token.ice_servers;
+    gw.options.iceServersFromToken = true;
+  }
   if (gw.left) throw new JoinError("left", { code: "left" });
   const ws = await openSocket(token.token);
   if (gw.left) {
@@ -955,6 +976,10 @@ async function publish() {
     if (gw.pub.id) send({ type: "candidate", connection_id: gw.pub.id, ...c });
     else gw.pub.pendingCandidates.push(c);
   };
+  if (gw.options.data) {
+    gw.pub.data = pc.createDataChannel("data");
+    gw.pub.dataUnreliable = pc.createDataChannel("data-unreliable", { ordered: false, maxRetransmits: 0 });
+  }
   const offer = await pc.createOffer();
   await pc.setLocalDescription(offer);
   if (gw.pub.pc === pc) send({ type: "publish", sdp: offer.sdp });
@@ -995,6 +1020,21 @@ function ensureSubscriber() {
       renderTile(pid);
     };
     renderTile(pid);
+  };
+  pc.ondatachannel = (ev) => {
+    const ch = ev.channel;
+    ch.onmessage = (m) => {
+      let msg;
+      try {
+        msg = JSON.parse(m.data);
+      } catch {
+        return;
+      }
+      msg.reliable = ch.label === "gateway";
+      gw.dataReceived.push(msg);
+      if (gw.dataReceived.length > 1000) gw.dataReceived.shift();
+      if (typeof gw.onData === "function") gw.onData(msg);
+    };
   };
   pc.onicecandidate = (ev) => {
     if (ev.candidate && gw.sub.id && gw.sub.pc === pc) {

@@ -30,6 +30,9 @@ impl MediaPlane for Accepting {
     async fn subscribe(&self, _: ConnectionSpec) -> Result<(), MediaError> {
         Ok(())
     }
+    async fn play(&self, _: ConnectionSpec, _: &str, _: String) -> Result<(), MediaError> {
+        Ok(())
+    }
     async fn resubscribe(&self, _: &str) -> Result<(), MediaError> {
         Ok(())
     }

@@ -20,6 +20,18 @@ pub struct GatewayConfig {
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub webhook: WebhookSettings,
+    pub turn: TurnConfig,
+}
+
+/// TURN servers the token routes (and WHIP/WHEP `Link` headers) hand out, with credentials
+/// minted per participant in coturn's `use-auth-secret` scheme. Both keys or neither.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// `turn:host:port?transport=udp`, `turns:…` URLs (comma-separated in the environment).
+    pub urls: Vec<String>,
+    /// coturn's `static-auth-secret`.
+    pub secret: String,
 }
 
 /// Webhooks to the app backend (docs/api.md "Webhooks"). Off while `urls` is empty.
@@ -111,6 +123,10 @@ pub struct MediaConfig {
     /// `send_rtp_now`) instead of through a poll of the subscriber's connection per packet.
     /// A switch to measure against and a fallback; on by default.
     pub direct_send: bool,
+    /// Largest data-channel message relayed (payload plus label), bytes.
+    pub data_max_message_bytes: usize,
+    /// Data-channel messages relayed per second per publisher (bursts of twice that).
+    pub data_messages_per_second: u32,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -255,6 +271,8 @@ impl Default for MediaConfig {
             layer_up_hold_ms: 2_000,
             keyframe_cache: false,
             direct_send: true,
+            data_max_message_bytes: 16 * 1024,
+            data_messages_per_second: 50,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -344,6 +362,7 @@ impl GatewayConfig {
                 .with_list_parse_key("media.announced_ips")
                 .with_list_parse_key("webhook.urls")
                 .with_list_parse_key("auth.token_secrets")
+                .with_list_parse_key("turn.urls")
                 .try_parsing(true)
                 .source(Some(vars)),
         );
@@ -365,6 +384,14 @@ impl GatewayConfig {
         }
         if self.http.tls == TlsMode::Files && (self.http.cert.is_none() || self.http.key.is_none()) {
             return Err(invalid("http.cert", "http.tls = \"files\" needs http.cert and http.key"));
+        }
+        let t = &self.turn;
+        if t.urls.is_empty() != t.secret.is_empty() {
+            let key = if t.urls.is_empty() { "turn.urls" } else { "turn.secret" };
+            return Err(invalid(key, "turn.urls and turn.secret go together"));
+        }
+        if let Some(bad) = t.urls.iter().find(|u| !(u.starts_with("turn:") || u.starts_with("turns:"))) {
+            return Err(invalid("turn.urls", format!("{bad:?} is not a turn: or turns: URL")));
         }
         if !matches!(self.dev.token_route.as_str(), "auto" | "on" | "off" | "true" | "false") {
             return Err(invalid("dev.token_route", "must be auto, on or off"));
@@ -483,6 +510,8 @@ impl GatewayConfig {
             layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
             keyframe_cache: self.media.keyframe_cache,
             direct_send: self.media.direct_send,
+            data_max_message_bytes: self.media.data_max_message_bytes,
+            data_messages_per_second: self.media.data_messages_per_second,
         }
     }
 
@@ -518,6 +547,10 @@ impl GatewayConfig {
             default_token_ttl_s: self.signaling.default_token_ttl_s,
             max_token_ttl_s: self.signaling.max_token_ttl_s,
             history_retention: Duration::from_secs(self.signaling.history_retention_s),
+            turn: (!self.turn.urls.is_empty()).then(|| signaling_api::auth::TurnConfig {
+                urls: self.turn.urls.clone(),
+                secret: self.turn.secret.clone(),
+            }),
         }
     }
 }
@@ -639,6 +672,29 @@ mod tests {
         assert_eq!(c.log_filter(None), "info");
         assert_eq!(c.log_filter(Some("gateway=debug".into())), "gateway=debug");
         assert_eq!(c.log_filter(Some("  ".into())), "info", "an empty RUST_LOG is not set");
+    }
+
+    #[test]
+    fn turn_urls_and_secret_go_together() {
+        let c = GatewayConfig::load(
+            None,
+            env(&[
+                ("GATEWAY__TURN__URLS", "turn:turn.example.com:3478?transport=udp,turns:turn.example.com:5349"),
+                ("GATEWAY__TURN__SECRET", "s3cret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.turn.urls.len(), 2);
+        assert_eq!(c.api().turn.map(|t| t.secret).as_deref(), Some("s3cret"));
+        assert!(GatewayConfig::load(None, env(&[])).unwrap().api().turn.is_none());
+        let err = GatewayConfig::load(None, env(&[("GATEWAY__TURN__URLS", "turn:a:3478")])).unwrap_err();
+        assert!(err.to_string().contains("turn.secret"), "{err}");
+        let err = GatewayConfig::load(None, env(&[("GATEWAY__TURN__SECRET", "x")])).unwrap_err();
+        assert!(err.to_string().contains("turn.urls"), "{err}");
+        let err =
+            GatewayConfig::load(None, env(&[("GATEWAY__TURN__URLS", "http://a"), ("GATEWAY__TURN__SECRET", "x")]))
+                .unwrap_err();
+        assert!(err.to_string().contains("turn.urls"), "{err}");
     }
 
     #[test]

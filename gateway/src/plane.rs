@@ -60,13 +60,24 @@ impl GatewayMedia {
     }
 
     async fn open(&self, spec: ConnectionSpec, offer: Option<String>) -> Result<(), MediaError> {
+        self.open_with(spec, |spec, reply| match offer {
+            Some(offer) => Command::Publish { spec, offer, reply },
+            None => Command::Subscribe { spec, reply },
+        })
+        .await
+    }
+
+    /// Send the command that makes a new connection to its room's worker, with the directory
+    /// entry in place for the events it causes.
+    async fn open_with(
+        &self,
+        spec: ConnectionSpec,
+        make: impl FnOnce(ConnectionSpec, Reply<()>) -> Command,
+    ) -> Result<(), MediaError> {
         let w = self.room_worker(&spec.room_id)?;
         let id = spec.connection_id.clone();
         self.directory.insert(id.clone(), w);
-        let r = match offer {
-            Some(offer) => self.call(w, |reply| Command::Publish { spec, offer, reply }).await,
-            None => self.call(w, |reply| Command::Subscribe { spec, reply }).await,
-        };
+        let r = self.call(w, |reply| make(spec, reply)).await;
         if r.is_err() {
             // Either never created or already ended (FAILED): no entry may stay behind.
             self.directory.remove(&id);
@@ -104,6 +115,11 @@ impl MediaPlane for GatewayMedia {
 
     async fn subscribe(&self, spec: ConnectionSpec) -> Result<(), MediaError> {
         self.open(spec, None).await
+    }
+
+    async fn play(&self, spec: ConnectionSpec, publisher: &str, offer: String) -> Result<(), MediaError> {
+        let publisher = publisher.to_owned();
+        self.open_with(spec, |spec, reply| Command::Play { spec, publisher, offer, reply }).await
     }
 
     async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError> {

@@ -30,18 +30,71 @@ const METRICS_EVERY: Duration = Duration::from_secs(1);
 pub type Reply<T> = oneshot::Sender<Result<T, MediaError>>;
 
 pub enum Command {
-    CreateRoom { room_id: String, reply: Reply<()> },
-    CloseRoom { room_id: String, reason: &'static str, reply: Reply<()> },
-    Publish { spec: ConnectionSpec, offer: String, reply: Reply<()> },
-    Republish { connection_id: String, offer: String, reply: Reply<()> },
-    Subscribe { spec: ConnectionSpec, reply: Reply<()> },
-    Resubscribe { connection_id: String, reply: Reply<()> },
-    Answer { connection_id: String, sdp: String, reply: Reply<()> },
-    SetLayer { connection_id: String, stream_id: String, rid: Option<String>, reply: Reply<()> },
-    SetTrackBlocked { room_id: String, stream_id: String, blocked: bool, reply: Reply<()> },
-    Candidate { connection_id: String, candidate: String, reply: Reply<()> },
-    Close { connection_id: String, reason: String, reply: Reply<()> },
-    Stats { connection_id: String, reply: oneshot::Sender<Option<serde_json::Value>> },
+    CreateRoom {
+        room_id: String,
+        reply: Reply<()>,
+    },
+    CloseRoom {
+        room_id: String,
+        reason: &'static str,
+        reply: Reply<()>,
+    },
+    Publish {
+        spec: ConnectionSpec,
+        offer: String,
+        reply: Reply<()>,
+    },
+    Republish {
+        connection_id: String,
+        offer: String,
+        reply: Reply<()>,
+    },
+    Subscribe {
+        spec: ConnectionSpec,
+        reply: Reply<()>,
+    },
+    /// A subscribe connection the client offers (WHEP), playing `publisher`'s tracks.
+    Play {
+        spec: ConnectionSpec,
+        publisher: String,
+        offer: String,
+        reply: Reply<()>,
+    },
+    Resubscribe {
+        connection_id: String,
+        reply: Reply<()>,
+    },
+    Answer {
+        connection_id: String,
+        sdp: String,
+        reply: Reply<()>,
+    },
+    SetLayer {
+        connection_id: String,
+        stream_id: String,
+        rid: Option<String>,
+        reply: Reply<()>,
+    },
+    SetTrackBlocked {
+        room_id: String,
+        stream_id: String,
+        blocked: bool,
+        reply: Reply<()>,
+    },
+    Candidate {
+        connection_id: String,
+        candidate: String,
+        reply: Reply<()>,
+    },
+    Close {
+        connection_id: String,
+        reason: String,
+        reply: Reply<()>,
+    },
+    Stats {
+        connection_id: String,
+        reply: oneshot::Sender<Option<serde_json::Value>>,
+    },
     Shutdown,
 }
 
@@ -287,6 +340,10 @@ impl Worker {
                     let r = self.open(now, spec, None);
                     let _ = reply.send(r);
                 }
+                Command::Play { spec, publisher, offer, reply } => {
+                    let r = self.open_with(spec, |engine, new| engine.play(now, new, &publisher, &offer));
+                    let _ = reply.send(r);
+                }
                 Command::Republish { connection_id, offer, reply } => {
                     let r = self.engine.republish(now, &connection_id, &offer);
                     self.flush();
@@ -331,15 +388,24 @@ impl Worker {
     }
 
     fn open(&mut self, now: Instant, spec: ConnectionSpec, offer: Option<String>) -> Result<(), MediaError> {
+        self.open_with(spec, |engine, new| match offer {
+            Some(offer) => engine.publish(now, new, &offer),
+            None => engine.subscribe(now, new),
+        })
+    }
+
+    /// Open a socket for a new connection and let `create` make the connection on it.
+    fn open_with(
+        &mut self,
+        spec: ConnectionSpec,
+        create: impl FnOnce(&mut Engine, NewConnection) -> Result<(), MediaError>,
+    ) -> Result<(), MediaError> {
         if !self.engine.has_room(&spec.room_id) {
             return Err(MediaError::new(ErrorCode::NotFound, "room not found"));
         }
         let (key, local) = self.open_socket()?;
         let new = NewConnection { key, local, spec };
-        let r = match offer {
-            Some(offer) => self.engine.publish(now, new, &offer),
-            None => self.engine.subscribe(now, new),
-        };
+        let r = create(&mut self.engine, new);
         self.flush();
         if !self.engine.has_connection(key) {
             // Refused before or while it was created: make sure the port is back.

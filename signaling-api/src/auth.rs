@@ -129,19 +129,54 @@ impl Auth {
     /// Verify signature (with the key its `kid` names) and expiry (no leeway: an expired token
     /// is expired).
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        self.verify_with(token, true)
+    }
+
+    /// Verify the signature only: a token that has expired still names who it was issued to.
+    /// For ending or trickling a WHIP/WHEP session that its token opened (a broadcast can
+    /// outlast the token, and its client still says goodbye with it).
+    pub fn verify_ignoring_expiry(&self, token: &str) -> Result<Claims, ApiError> {
+        self.verify_with(token, false)
+    }
+
+    fn verify_with(&self, token: &str, expiry: bool) -> Result<Claims, ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| ApiError::unauthorized("token is malformed"))?;
         let kid = header.kid.as_deref().unwrap_or(DEFAULT_KID);
         let key =
             self.keys.get(kid).ok_or_else(|| ApiError::unauthorized("token is signed with an unknown key (kid)"))?;
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 0;
-        v.validate_exp = true;
+        v.validate_exp = expiry;
         v.set_required_spec_claims(&["exp", "sub"]);
         jsonwebtoken::decode::<Claims>(token, key, &v).map(|d| d.claims).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::unauthorized("token expired"),
             jsonwebtoken::errors::ErrorKind::InvalidSignature => ApiError::unauthorized("token signature is invalid"),
             _ => ApiError::unauthorized("token is malformed"),
         })
+    }
+}
+
+/// TURN servers and the secret they share with the gateway (coturn's `use-auth-secret`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnConfig {
+    /// `turn:`/`turns:` URLs, as a browser's `RTCIceServer.urls`.
+    pub urls: Vec<String>,
+    pub secret: String,
+}
+
+impl TurnConfig {
+    /// Time-limited credentials for `identity` until `expires` (unix seconds), in the scheme of
+    /// coturn's `use-auth-secret` (the "TURN REST API" draft): the username is
+    /// `<expires>:<identity>`, the password base64(HMAC-SHA1(secret, username)). The TURN server
+    /// checks both with the shared secret alone and refuses them after `expires`.
+    pub fn credentials(&self, identity: &str, expires: u64) -> crate::protocol::IceServer {
+        use aws_lc_rs::hmac;
+        use base64::Engine;
+        let username = format!("{expires}:{identity}");
+        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, self.secret.as_bytes());
+        let tag = hmac::sign(&key, username.as_bytes());
+        let credential = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
+        crate::protocol::IceServer { urls: self.urls.clone(), username, credential }
     }
 }
 
@@ -177,6 +212,19 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(a.verify(&t).unwrap_err().message, "token expired");
         assert!(a.verify("not.a.token").is_err());
+        assert_eq!(a.verify_ignoring_expiry(&t).unwrap().sub, "alice", "expired, still signed");
+        let (forged, _) = b.issue("r_1", "alice", "a", true, true, 60).unwrap();
+        assert!(a.verify_ignoring_expiry(&forged).is_err());
+    }
+
+    #[test]
+    fn turn_credentials_follow_coturns_use_auth_secret() {
+        let turn = TurnConfig { urls: vec!["turn:turn.test:3478?transport=udp".into()], secret: "north-secret".into() };
+        let c = turn.credentials("alice", 1_700_000_000);
+        assert_eq!(c.username, "1700000000:alice");
+        // base64(HMAC-SHA1("north-secret", "1700000000:alice")), computed independently.
+        assert_eq!(c.credential, "g+jb180fcj+xlpA/2mP60OdIgU0=");
+        assert_eq!(c.urls, turn.urls);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - `rest`, `ws`: the REST API for app backends and the WebSocket API for clients;
 //!   `moderation`: the REST routes that mute, set metadata and send messages.
 //! - `webhook`: signed, ordered, retried webhook delivery of room events to the app backend.
+//! - `whip`: WHIP ingest and WHEP playback over plain HTTP (RFC 9725, draft-ietf-wish-whep).
 //! - `metrics`: the first Prometheus counters.
 //! - `error`: the one error type that renders `{ "error": { code, message } }`.
 
@@ -36,6 +37,8 @@ pub mod registry;
 mod rest;
 #[cfg(feature = "server")]
 pub mod webhook;
+#[cfg(feature = "server")]
+mod whip;
 #[cfg(feature = "server")]
 mod ws;
 
@@ -83,6 +86,8 @@ mod server {
         pub max_token_ttl_s: u64,
         /// How long a terminal connection's history stays inspectable.
         pub history_retention: Duration,
+        /// TURN servers whose credentials the token routes mint (`None`: none are handed out).
+        pub turn: Option<crate::auth::TurnConfig>,
     }
 
     impl Default for ApiConfig {
@@ -104,6 +109,7 @@ mod server {
                 default_token_ttl_s: 3600,
                 max_token_ttl_s: 7 * 24 * 3600,
                 history_retention: Duration::from_secs(600),
+                turn: None,
             }
         }
     }
@@ -130,9 +136,9 @@ mod server {
         }
     }
 
-    /// The REST + WebSocket API, `/healthz` and `/metrics`.
+    /// The REST + WebSocket API, WHIP/WHEP, `/healthz` and `/metrics`.
     pub fn router(state: AppState) -> Router {
-        crate::rest::routes(state.clone()).merge(crate::ws::routes(state))
+        crate::rest::routes(state.clone()).merge(crate::ws::routes(state.clone())).merge(crate::whip::routes(state))
     }
 
     /// Periodically forget the history of connections that ended long ago (bounded memory).

@@ -16,7 +16,7 @@ use crate::auth::Claims;
 use crate::error::ApiError;
 use crate::media::{ConnectionSpec, MediaPlane};
 use crate::protocol::*;
-use crate::registry::{new_id, Outbound, Participant, Registry, Room, SessionHandle};
+use crate::registry::{new_id, ConnRecord, HttpResource, Outbound, Participant, Registry, Room, SessionHandle};
 use crate::webhook::Happening;
 
 /// Counts of what the registry holds, for tests and leak checks.
@@ -644,4 +644,223 @@ impl Registry {
             live_connections: self.connections.iter().filter(|c| !c.state.is_terminal()).count(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP sessions (WHIP ingest, WHEP playback)
+// ---------------------------------------------------------------------------------------------
+//
+// A WHIP or WHEP client has no WebSocket: its participant (the token's identity) is spoken for
+// by an *HTTP session*, a session number with no queue behind it (messages for it are dropped).
+// All WHIP/WHEP resources of one identity share it. It is in the room while one of its
+// connections lives: DELETE, a kick, the room closing, a media failure (ICE or DTLS timeouts,
+// a peer silent past `disconnect_grace`) or, for WHEP, the publisher leaving end a connection,
+// and with the last one the participant leaves the room (`participant_left`). There is no
+// `signaling_lost`: nothing is there to be lost. A WebSocket join with the same identity
+// replaces the HTTP session like any older session (its connections end `replaced`), and a
+// WHIP/WHEP POST replaces a WebSocket session likewise. A second WHIP POST of one identity
+// replaces its earlier WHIP connection (OBS reconnecting after a crash); WHEP connections add up
+// (one viewer may play several publishers).
+
+/// A WHIP/WHEP connection the media plane accepted: its id and the answer to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpOpened {
+    pub connection_id: String,
+    pub answer: String,
+    pub etag: String,
+}
+
+impl Registry {
+    /// Open a WHIP (publish, `plays: None`) or WHEP (subscribe, playing `plays`) connection with
+    /// the client's offer for the token's participant, admitting it to the room through its HTTP
+    /// session. Permissions and the room are the caller's to check first.
+    pub async fn open_http_connection(
+        &self,
+        media: &dyn MediaPlane,
+        claims: &Claims,
+        offer: String,
+        plays: Option<&str>,
+    ) -> Result<HttpOpened, ApiError> {
+        let role = if plays.is_some() { Role::Subscribe } else { Role::Publish };
+        let (room_id, participant_id) = (claims.room.as_str(), claims.sub.as_str());
+        let spec = ConnectionSpec {
+            room_id: room_id.to_owned(),
+            participant_id: participant_id.to_owned(),
+            connection_id: new_id("c"),
+            role,
+        };
+        let id = spec.connection_id.clone();
+        // The record exists before the participant lists it, so a connection of the same
+        // participant ending meanwhile never sees it idle.
+        let fresh = self.next_session_id();
+        self.connections.insert(
+            id.clone(),
+            ConnRecord {
+                connection_id: id.clone(),
+                room_id: room_id.to_owned(),
+                participant_id: participant_id.to_owned(),
+                session: fresh,
+                role,
+                state: ConnectionState::Initial,
+                events: Vec::new(),
+                created_at: Instant::now(),
+                ended_at: None,
+                http: Some(HttpResource { plays: plays.map(str::to_owned), etag: String::new() }),
+            },
+        );
+        let admitted = match self.admit_http(claims, fresh, &id) {
+            Ok(a) => a,
+            Err(e) => {
+                self.connections.remove(&id);
+                return Err(e);
+            }
+        };
+        if let Some(mut rec) = self.connections.get_mut(&id) {
+            rec.session = admitted.session;
+        }
+        match admitted.replaced {
+            Some(old) => {
+                for c in old.connections {
+                    media.close_connection(&c, "replaced").await;
+                }
+                self.send_to_session(old.session, Outbound::Close(1000, "replaced".into()));
+                self.sessions.remove(&old.session);
+                if old.announced {
+                    let room_name = self.rooms.get(room_id).and_then(|r| r.name.clone());
+                    let name = old.name.as_str();
+                    self.hook_left(room_id, room_name.as_ref(), participant_id, name, old.announced_tracks, "replaced");
+                }
+            }
+            None if admitted.new => {
+                let metadata =
+                    self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id)?.metadata.clone());
+                let info =
+                    ParticipantInfo { participant_id: participant_id.to_owned(), name: claims.name.clone(), metadata };
+                self.broadcast(room_id, Some(participant_id), ServerMessage::ParticipantJoined(info));
+                tracing::info!(room_id, participant_id, "participant joined over HTTP (WHIP/WHEP)");
+            }
+            None => {}
+        }
+        if role == Role::Publish {
+            // A new WHIP session of this identity replaces its earlier one.
+            let earlier: Vec<String> = self
+                .live_connections(room_id, participant_id)
+                .into_iter()
+                .filter(|c| *c != id && self.connections.get(c).is_some_and(|r| r.role == Role::Publish))
+                .collect();
+            for c in earlier {
+                media.close_connection(&c, "replaced").await;
+            }
+        }
+        self.http_answers.insert(id.clone(), None);
+        let r = match plays {
+            Some(publisher) => media.play(spec, publisher, offer).await,
+            None => media.publish(spec, offer).await,
+        };
+        let answer = self.http_answers.remove(&id).and_then(|(_, a)| a);
+        if let Err(e) = r {
+            // Refused before the media plane created anything: no record stays behind (a created
+            // one has its FAILED event in its history, and ending released the participant).
+            if self.forget_unborn(room_id, participant_id, &id) {
+                self.release_idle_http_participant(room_id, participant_id);
+            }
+            return Err(e.into());
+        }
+        if !self.speaks_for(room_id, participant_id, admitted.session) {
+            // Removed (kicked, replaced, room closed) while the media plane was opening it.
+            media.close_connection(&id, "participant_removed").await;
+            return Err(ApiError::not_found("participant"));
+        }
+        let Some(answer) = answer else {
+            media.close_connection(&id, "internal").await;
+            return Err(ApiError::new(ErrorCode::Internal, "the media plane gave no answer"));
+        };
+        let etag = format!("\"{}\"", ice_ufrag(&answer).unwrap_or(id.as_str()));
+        if let Some(mut rec) = self.connections.get_mut(&id) {
+            if let Some(h) = rec.http.as_mut() {
+                h.etag = etag.clone();
+            }
+        }
+        tracing::info!(room_id, participant_id, connection_id = id, ?plays, "HTTP session resource created");
+        Ok(HttpOpened { connection_id: id, answer, etag })
+    }
+
+    /// The room part of [`Registry::open_http_connection`], under the room's lock: join the HTTP
+    /// session of the participant (or make one), replacing a WebSocket session, and list the
+    /// connection.
+    fn admit_http(&self, claims: &Claims, fresh: u64, connection_id: &str) -> Result<HttpAdmission, ApiError> {
+        let mut room = self.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
+        let full = room.participants.len() >= room.max_participants as usize;
+        match room.participants.get_mut(&claims.sub) {
+            Some(p) if p.http => {
+                p.connections.push(connection_id.to_owned());
+                return Ok(HttpAdmission { session: p.session, new: false, replaced: None });
+            }
+            None if full => return Err(ApiError::new(ErrorCode::RoomFull, "room is full")),
+            _ => {}
+        }
+        let old = room.participants.get(&claims.sub);
+        let metadata = old.and_then(|p| p.metadata.clone());
+        let mut connections = old.map(|p| p.connections.clone()).unwrap_or_default();
+        connections.push(connection_id.to_owned());
+        let mut admitted = Participant::new(&claims.sub, &claims.name, fresh, connections);
+        admitted.http = true;
+        admitted.metadata = metadata;
+        let replaced = room.participants.insert(claims.sub.clone(), admitted);
+        if replaced.is_none() {
+            self.metrics.participants.inc();
+        }
+        Ok(HttpAdmission { session: fresh, new: replaced.is_none(), replaced })
+    }
+
+    /// An HTTP participant none of whose connections lives any more leaves its room.
+    pub(crate) fn release_idle_http_participant(&self, room_id: &str, participant_id: &str) {
+        let (removed, room_name) = {
+            let Some(mut room) = self.rooms.get_mut(room_id) else { return };
+            let idle = room.participants.get(participant_id).is_some_and(|p| {
+                p.http && !p.connections.iter().any(|c| self.connections.get(c).is_some_and(|r| !r.state.is_terminal()))
+            });
+            if !idle {
+                return;
+            }
+            (room.participants.remove(participant_id), room.name.clone())
+        };
+        let Some(p) = removed else { return };
+        self.metrics.participants.dec();
+        self.broadcast(room_id, None, ServerMessage::ParticipantLeft(p.info()));
+        if p.announced {
+            self.hook_left(room_id, room_name.as_ref(), participant_id, &p.name, p.announced_tracks, "leave");
+        }
+        tracing::info!(room_id, participant_id, "participant left (its last WHIP/WHEP connection ended)");
+    }
+
+    /// The participant publishes at least one stream in the room.
+    pub fn publishes(&self, room_id: &str, participant_id: &str) -> bool {
+        self.rooms.get(room_id).is_some_and(|r| r.streams.iter().any(|s| s.participant_id == participant_id))
+    }
+
+    /// The live WHIP/WHEP resource `connection_id` of room `room_id`: its participant, role and
+    /// ETag.
+    pub fn http_resource(&self, room_id: &str, connection_id: &str) -> Option<(String, Role, HttpResource)> {
+        let c = self.connections.get(connection_id)?;
+        if c.room_id != room_id || c.state.is_terminal() {
+            return None;
+        }
+        let h = c.http.clone()?;
+        Some((c.participant_id.clone(), c.role, h))
+    }
+}
+
+struct HttpAdmission {
+    /// The HTTP session that speaks for the participant now.
+    session: u64,
+    /// The participant was not in the room.
+    new: bool,
+    /// The participant as the WebSocket session it replaced left it.
+    replaced: Option<Participant>,
+}
+
+/// The `a=ice-ufrag` of an SDP (the first one; BUNDLE shares it).
+fn ice_ufrag(sdp: &str) -> Option<&str> {
+    sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
 }

@@ -25,6 +25,11 @@ pub trait MediaPlane: Send + Sync + 'static {
     async fn republish(&self, connection_id: &str, offer: String) -> Result<(), MediaError>;
     /// Open a subscribe connection; the offer is emitted as [`MediaEvent::Offer`].
     async fn subscribe(&self, spec: ConnectionSpec) -> Result<(), MediaError>;
+    /// Open a subscribe connection with the client's offer (WHEP) that plays `publisher`'s
+    /// tracks; the answer is emitted as [`MediaEvent::Answer`]. Refused with `not_found` when
+    /// the publisher sends nothing in the room, `unprocessable` when no section of the offer can
+    /// carry one of its tracks (the connection then ends FAILED).
+    async fn play(&self, spec: ConnectionSpec, publisher: &str, offer: String) -> Result<(), MediaError>;
     /// Ask for a fresh offer on an existing subscribe connection.
     async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError>;
     /// Apply the client's answer to the latest gateway offer.

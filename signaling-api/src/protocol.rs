@@ -24,6 +24,14 @@ pub enum ErrorCode {
     RateLimited,
     NoPorts,
     Internal,
+    /// A WHIP/WHEP request body that is not `application/sdp` (or, for PATCH,
+    /// `application/trickle-ice-sdpfrag`).
+    UnsupportedMediaType,
+    /// Well-formed but unusable: an offer with no audio or video the gateway can use (WHIP/WHEP;
+    /// the WebSocket reports it as `bad_sdp`), an ICE restart by PATCH (not supported).
+    Unprocessable,
+    /// A WHIP/WHEP PATCH whose `If-Match` names another ICE session than the resource's ETag.
+    PreconditionFailed,
 }
 
 impl ErrorCode {
@@ -40,6 +48,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => 429,
             ErrorCode::NoPorts => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::Unprocessable => 422,
+            ErrorCode::PreconditionFailed => 412,
         }
     }
 }
@@ -287,6 +298,18 @@ pub struct TokenRequest {
 pub struct TokenResponse {
     pub token: String,
     pub expires_at: String,
+    /// TURN servers with credentials minted for this participant (coturn `use-auth-secret`),
+    /// valid until the token expires; absent unless `turn.urls` and `turn.secret` are set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServer>,
+}
+
+/// An ICE server in the browser's `RTCIceServer` shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
 }
 
 /// `POST /v1/dev/token` (development only, see README): join a room by name.
@@ -307,6 +330,9 @@ pub struct DevTokenResponse {
     pub room_id: String,
     pub participant_id: String,
     pub expires_at: String,
+    /// As in [`TokenResponse::ice_servers`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -61,6 +61,9 @@ pub struct Participant {
     pub announced_tracks: Vec<WebhookTrack>,
     /// Set by the app backend; kept when a new session replaces this one.
     pub metadata: Option<serde_json::Value>,
+    /// Spoken for by WHIP/WHEP resources, not a WebSocket: it stays in the room while one of
+    /// its connections lives (see `lifecycle.rs`, "HTTP sessions").
+    pub http: bool,
 }
 
 impl Participant {
@@ -74,6 +77,7 @@ impl Participant {
             announced: false,
             announced_tracks: Vec::new(),
             metadata: None,
+            http: false,
         }
     }
 
@@ -96,6 +100,17 @@ pub struct ConnRecord {
     pub events: Vec<ConnectionEvent>,
     pub created_at: Instant,
     pub ended_at: Option<Instant>,
+    /// Made by a WHIP/WHEP POST: its resource can be PATCHed and DELETEd.
+    pub http: Option<HttpResource>,
+}
+
+/// What a WHIP/WHEP session resource is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResource {
+    /// WHEP: the participant whose tracks it plays (`None` for WHIP).
+    pub plays: Option<String>,
+    /// The ETag of its ICE session (our ICE ufrag, quoted).
+    pub etag: String,
 }
 
 impl ConnRecord {
@@ -119,6 +134,9 @@ pub struct Registry {
     pub(crate) names: DashMap<String, String>,
     pub(crate) connections: DashMap<String, ConnRecord>,
     pub(crate) sessions: DashMap<u64, SessionHandle>,
+    /// Answers awaited by a WHIP/WHEP POST, by connection: the media plane emits the answer
+    /// before its call returns, and the POST's response carries it.
+    pub(crate) http_answers: DashMap<String, Option<String>>,
     pub metrics: Metrics,
     /// Where room events go for the app backend; `None` when webhooks are off (then no event
     /// is even built).
@@ -140,6 +158,7 @@ impl Registry {
             names: DashMap::new(),
             connections: DashMap::new(),
             sessions: DashMap::new(),
+            http_answers: DashMap::new(),
             metrics,
             webhooks: None,
             next_session: AtomicU64::new(1),
@@ -223,6 +242,7 @@ impl Registry {
                 events: Vec::new(),
                 created_at: Instant::now(),
                 ended_at: None,
+                http: None,
             },
         );
         true
@@ -304,6 +324,7 @@ impl Registry {
         rec.events.push(ev.clone());
         let session = rec.session;
         let (room_id, participant_id) = (rec.room_id.clone(), rec.participant_id.clone());
+        let http_ended = rec.http.is_some() && rec.state.is_terminal();
         drop(rec);
         let reason = ev.reason.clone();
         self.send_to_session(session, Outbound::Message(ServerMessage::ConnectionEvent(ev)));
@@ -315,6 +336,9 @@ impl Registry {
                 }
                 _ => {}
             }
+        }
+        if http_ended {
+            self.release_idle_http_participant(&room_id, &participant_id);
         }
     }
 
@@ -421,6 +445,10 @@ impl EventSink for Registry {
                 self.record_event(&connection_id, event, reason);
             }
             MediaEvent::Answer { connection_id, sdp } => {
+                if let Some(mut slot) = self.http_answers.get_mut(&connection_id) {
+                    *slot = Some(sdp);
+                    return;
+                }
                 if let Some(s) = self.session_of(&connection_id) {
                     self.send_to_session(s, Outbound::Message(ServerMessage::Answer { connection_id, sdp }));
                 }

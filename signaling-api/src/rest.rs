@@ -45,7 +45,7 @@ async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req:
     }
 }
 
-async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     // A bounded label: the methods the API has, anything else is `other`.
@@ -156,7 +156,7 @@ async fn delete_room(State(state): State<AppState>, Path(room_id): Path<String>)
 
 /// Run a handler's state changes to completion even if the client goes away mid-request:
 /// a dropped future must not leave a name reserved or a room half-closed.
-async fn detached<T: Send + 'static>(
+pub(crate) async fn detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(work)
@@ -194,7 +194,8 @@ async fn create_token(
     )?;
     // The participant the token admits (GET shows it once it has joined).
     let location = format!("/v1/rooms/{room_id}/participants/{}", req.participant);
-    let body = TokenResponse { token, expires_at: crate::auth::unix_to_rfc3339(exp) };
+    let ice_servers = ice_servers(&state, &req.participant, exp);
+    let body = TokenResponse { token, expires_at: crate::auth::unix_to_rfc3339(exp), ice_servers };
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(body)))
 }
 
@@ -229,12 +230,19 @@ async fn dev_token(
     };
     let ttl = state.config.default_token_ttl_s;
     let (token, exp) = state.auth.issue(&room_id, &req.participant, &name, true, true, ttl)?;
+    let ice_servers = ice_servers(&state, &req.participant, exp);
     Ok(Json(DevTokenResponse {
         token,
         room_id,
         participant_id: req.participant,
         expires_at: crate::auth::unix_to_rfc3339(exp),
+        ice_servers,
     }))
+}
+
+/// TURN credentials for a participant, valid as long as its token (none without `turn`).
+pub(crate) fn ice_servers(state: &AppState, participant: &str, expires: u64) -> Vec<IceServer> {
+    state.config.turn.as_ref().map(|t| vec![t.credentials(participant, expires)]).unwrap_or_default()
 }
 
 async fn kick(

@@ -280,7 +280,12 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
             return true;
         }
     };
-    if let Err((e, conn)) = result {
+    if let Err((mut e, conn)) = result {
+        if e.code == ErrorCode::Unprocessable {
+            // An offer with nothing usable in it: `bad_sdp` on the WebSocket, as before
+            // `unprocessable` existed (WHIP answers it with 422).
+            e.code = ErrorCode::BadSdp;
+        }
         send_error(reg, session, e, conn);
     }
     false

@@ -48,6 +48,10 @@ impl MediaPlane for FakeMedia {
             self.ev(id, EventKind::Failed, Some("bad_sdp: not SDP"));
             return Err(MediaError::new(ErrorCode::BadSdp, "not SDP"));
         }
+        if offer.contains("nothing-usable") {
+            self.ev(id, EventKind::Failed, Some("bad_sdp: nothing usable"));
+            return Err(MediaError::new(ErrorCode::Unprocessable, "offer has no audio or video with a usable codec"));
+        }
         self.ev(id, EventKind::SdpProcessed, None);
         self.sink.emit(MediaEvent::Answer { connection_id: id.into(), sdp: "v=0 answer".into() });
         self.sink.emit(MediaEvent::Candidate {
@@ -65,6 +69,24 @@ impl MediaPlane for FakeMedia {
             kind: "video".into(),
             mid: "0".into(),
         });
+        Ok(())
+    }
+    async fn play(&self, spec: ConnectionSpec, publisher: &str, offer: String) -> Result<(), MediaError> {
+        let id = spec.connection_id.as_str();
+        self.calls.lock().unwrap().push(format!("play {publisher}"));
+        if offer.contains("nothing-usable") {
+            self.ev(id, EventKind::Initial, None);
+            self.ev(id, EventKind::Failed, Some("bad_sdp: nothing usable"));
+            return Err(MediaError::new(ErrorCode::Unprocessable, "no section for the publisher's codecs"));
+        }
+        self.ev(id, EventKind::Initial, None);
+        self.ev(id, EventKind::SdpProcessed, None);
+        self.sink.emit(MediaEvent::Answer {
+            connection_id: id.into(),
+            sdp: "v=0\r\na=ice-ufrag:fakeufrag\r\na=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n".into(),
+        });
+        self.ev(id, EventKind::Candidate, None);
+        self.ev(id, EventKind::Gathered, None);
         Ok(())
     }
     async fn republish(&self, _: &str, _: String) -> Result<(), MediaError> {
@@ -933,4 +955,396 @@ async fn webhooks_say_replaced_and_failed_and_never_left_without_joined() {
     );
     let seqs: Vec<u64> = evs.iter().map(|e| e["sequence"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// WHIP and WHEP
+// ---------------------------------------------------------------------------------------------
+
+/// A request with any headers; the response's status, headers and body text.
+async fn http(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut b = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = app.clone().oneshot(b.body(Body::from(body.to_owned())).unwrap()).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn error_code(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    v["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n";
+
+async fn named_room(app: &axum::Router, body: &str) -> String {
+    let (_, room) = call(app, "POST", "/v1/rooms", Some(body), true).await;
+    room["room_id"].as_str().unwrap().to_owned()
+}
+
+fn token(state: &AppState, room: &str, who: &str, publish: bool, subscribe: bool) -> String {
+    format!("Bearer {}", state.auth.issue(room, who, who, publish, subscribe, 60).unwrap().0)
+}
+
+/// POST an offer to a WHIP/WHEP endpoint with a bearer header.
+async fn post_offer(
+    app: &axum::Router,
+    uri: &str,
+    auth: &str,
+    offer: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    http(app, "POST", uri, &[("authorization", auth), ("content-type", "application/sdp")], offer).await
+}
+
+#[tokio::test]
+async fn whip_session_resource_lifecycle() {
+    let (app, state, _) = app();
+    let room = named_room(&app, r#"{"name":"stage"}"#).await;
+    let addr = serve(app.clone()).await;
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    let alice = token(&state, &room, "alice", true, true);
+
+    // By the room's name; the participant is the token's identity.
+    let (s, h, answer) = post_offer(&app, "/v1/whip/stage", &alice, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED, "{answer}");
+    assert_eq!(h["content-type"], "application/sdp");
+    assert_eq!(answer, "v=0 answer");
+    let location = h["location"].to_str().unwrap().to_owned();
+    let conn = location.strip_prefix(&format!("/v1/whip/{room}/")).expect("resource under the room's id").to_owned();
+    let etag = h["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(h["access-control-expose-headers"].to_str().unwrap().contains("Location"));
+
+    // The room sees it like any publisher.
+    let joined = next(&mut bob).await;
+    assert_eq!(
+        (joined["type"].as_str(), joined["participant_id"].as_str()),
+        (Some("participant_joined"), Some("alice"))
+    );
+    assert_eq!(next(&mut bob).await["type"], "stream_added");
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    let p = r["participants"].as_array().unwrap().iter().find(|p| p["participant_id"] == "alice").unwrap().clone();
+    assert_eq!(p["connections"][0]["connection_id"], conn.as_str());
+    assert_eq!(p["connections"][0]["role"], "publish");
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{conn}"), None, true).await;
+    let events: Vec<&str> = d["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["INITIAL", "SDP_PROCESSED", "CANDIDATE", "GATHERED"]);
+
+    // PATCH: trickle is taken; an ICE restart is not; the ETag must match; the type must fit.
+    let frag = "a=ice-ufrag:x\r\na=ice-pwd:y\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n\
+                a=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\r\na=end-of-candidates\r\n";
+    let sdpfrag = ("content-type", "application/trickle-ice-sdpfrag");
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", &etag)], frag).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "*")], frag).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"));
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "\"other\"")], frag).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::PRECONDITION_FAILED, "precondition_failed"));
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), ("content-type", "application/sdp")], frag).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"));
+
+    // DELETE: only its owner (or the backend); then FINISHED `leave`, and alice leaves the room.
+    let (s, _, b) = http(&app, "DELETE", &location, &[], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let carol = token(&state, &room, "carol", true, true);
+    let (s, _, b) = http(&app, "DELETE", &location, &[("authorization", &carol)], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    let (s, _, b) = http(&app, "DELETE", &format!("/v1/whip/{room}/c_nope"), &[("authorization", &alice)], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, h, _) = http(&app, "DELETE", &location, &[("authorization", &alice)], "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{conn}"), None, true).await;
+    assert_eq!(
+        (d["state"].as_str(), d["events"].as_array().unwrap().last().unwrap()["reason"].as_str()),
+        (Some("FINISHED"), Some("leave"))
+    );
+    let left = next(&mut bob).await;
+    assert_eq!((left["type"].as_str(), left["participant_id"].as_str()), (Some("participant_left"), Some("alice")));
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["participants"].as_array().unwrap().len(), 1, "only bob: {r}");
+    let (s, _, _) = http(&app, "DELETE", &location, &[("authorization", &alice)], "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "an ended resource is gone");
+    assert_eq!(state.registry.census().live_connections, 0);
+}
+
+#[tokio::test]
+async fn whip_and_whep_refusals_use_rfc_statuses_and_the_error_shape() {
+    let (app, state, _) = app();
+    let room = named_room(&app, r#"{"name":"hall","max_participants":2}"#).await;
+    let other = named_room(&app, "{}").await;
+    let alice = token(&state, &room, "alice", true, true);
+    let whip = format!("/v1/whip/{room}");
+    // (what, uri, headers, body, status, code)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, &'a str, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "no token",
+            whip.clone(),
+            vec![("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "forged token",
+            whip.clone(),
+            vec![("authorization", "Bearer x.y.z".into()), ("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "API key is no join token",
+            whip.clone(),
+            vec![("authorization", format!("Bearer {KEY}")), ("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "token for another room",
+            format!("/v1/whip/{other}"),
+            vec![("authorization", alice.clone()), ("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "unknown room",
+            "/v1/whip/r_nope".into(),
+            vec![("authorization", alice.clone()), ("content-type", "text/plain".into())],
+            "junk",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "may not publish",
+            whip.clone(),
+            vec![("authorization", token(&state, &room, "v", false, true)), ("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            "wrong content type",
+            whip.clone(),
+            vec![("authorization", alice.clone()), ("content-type", "application/json".into())],
+            OFFER,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            whip.clone(),
+            vec![("authorization", alice.clone())],
+            OFFER,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "not SDP",
+            whip.clone(),
+            vec![("authorization", alice.clone()), ("content-type", "application/sdp".into())],
+            "hello",
+            StatusCode::BAD_REQUEST,
+            "bad_sdp",
+        ),
+        (
+            "empty body",
+            whip.clone(),
+            vec![("authorization", alice.clone()), ("content-type", "application/sdp".into())],
+            "",
+            StatusCode::BAD_REQUEST,
+            "bad_sdp",
+        ),
+        (
+            "unusable offer",
+            whip.clone(),
+            vec![("authorization", alice.clone()), ("content-type", "application/sdp; charset=utf-8".into())],
+            "v=0\r\nnothing-usable\r\n",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable",
+        ),
+        (
+            "WHEP of nobody",
+            format!("/v1/whep/{room}/nobody"),
+            vec![("authorization", alice.clone()), ("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "WHEP unknown room",
+            "/v1/whep/r_nope/alice".into(),
+            vec![("authorization", alice.clone()), ("content-type", "application/sdp".into())],
+            OFFER,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (what, uri, headers, body, status, code) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (s, h, b) = http(&app, "POST", &uri, &headers, body).await;
+        assert_eq!((s, error_code(&b).as_str()), (status, code), "{what}: {b}");
+        assert_eq!(h["access-control-allow-origin"], "*", "{what}");
+    }
+    // A refused offer leaves no participant and no live connection behind.
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["participants"], json!([]), "{r}");
+    assert_eq!(state.registry.census().live_connections, 0);
+
+    // Too large.
+    let big = format!("v=0\r\n{}", "a=x\r\n".repeat(20_000));
+    let (s, _, b) = post_offer(&app, &whip, &alice, &big).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+    // Other methods: 405 with Allow, in the error shape.
+    let (s, h, b) = http(&app, "GET", &whip, &[("authorization", &alice)], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+    assert_eq!(h["allow"], "POST, OPTIONS");
+    let (s, h, b) = http(&app, "POST", &format!("{whip}/c_x"), &[("authorization", &alice)], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+    assert_eq!(h["allow"], "PATCH, DELETE, OPTIONS");
+    // CORS preflight, no token needed.
+    let preflight = [("origin", "http://page.example"), ("access-control-request-method", "POST")];
+    let (s, h, _) = http(&app, "OPTIONS", &whip, &preflight, "").await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(h["access-control-allow-methods"], "POST, OPTIONS");
+    let allowed = h["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+    assert_eq!(h["accept-post"], "application/sdp");
+    let (s, h, _) = http(&app, "OPTIONS", &format!("/v1/whep/{room}/alice/c_x"), &preflight, "").await;
+    assert_eq!((s, h["accept-patch"].to_str().unwrap()), (StatusCode::NO_CONTENT, "application/trickle-ice-sdpfrag"));
+
+    // A full room: 409 room_full.
+    let (s, _, _) = post_offer(&app, &whip, &alice, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _, _) = post_offer(&app, &whip, &token(&state, &room, "bob", true, true), OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _, b) = post_offer(&app, &whip, &token(&state, &room, "carol", true, true), OFFER).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "room_full"));
+    // Draining: 409 conflict.
+    state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, _, b) = post_offer(&app, &whip, &alice, OFFER).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::CONFLICT, "conflict"));
+}
+
+#[tokio::test]
+async fn whep_plays_a_publisher_and_sessions_replace_as_websocket_ones_do() {
+    let (app, state, media) = app();
+    let room = named_room(&app, r#"{"name":"show"}"#).await;
+    let alice = token(&state, &room, "alice", true, true);
+    let (s, h, _) = post_offer(&app, "/v1/whip/show", &alice, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let whip_conn = h["location"].to_str().unwrap().rsplit('/').next().unwrap().to_owned();
+
+    // A viewer plays alice; its resource is under the publisher's id.
+    let viewer = token(&state, &room, "viewer", false, true);
+    let (s, h, answer) = post_offer(&app, "/v1/whep/show/alice", &viewer, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED, "{answer}");
+    assert!(answer.contains("a=candidate:"), "the answer carries the gateway's candidate: {answer}");
+    assert_eq!(h["etag"], "\"fakeufrag\"");
+    let location = h["location"].to_str().unwrap().to_owned();
+    let whep_conn = location.strip_prefix(&format!("/v1/whep/{room}/alice/")).unwrap().to_owned();
+    assert!(media.calls.lock().unwrap().contains(&"play alice".to_owned()));
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{whep_conn}"), None, true).await;
+    assert_eq!((d["role"].as_str(), d["participant_id"].as_str()), (Some("subscribe"), Some("viewer")));
+    // A token that may not subscribe cannot play; the resource is not reachable as a WHIP one.
+    let (s, _, b) = post_offer(&app, "/v1/whep/show/alice", &token(&state, &room, "x", true, false), OFFER).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    let (s, _, _) =
+        http(&app, "DELETE", &format!("/v1/whip/{room}/{whep_conn}"), &[("authorization", &viewer)], "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) =
+        http(&app, "DELETE", &format!("/v1/whep/{room}/bob/{whep_conn}"), &[("authorization", &viewer)], "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // The backend may end it with the API key; kick ends the viewer like any participant.
+    let (s, _, b) = post_offer(&app, "/v1/whep/show/alice", &viewer, "v=0\r\nnothing-usable\r\n").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"));
+    let (s, _) = call(&app, "DELETE", &format!("/v1/rooms/{room}/participants/viewer"), None, true).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{whep_conn}"), None, true).await;
+    assert_eq!(d["events"].as_array().unwrap().last().unwrap()["reason"], "kicked");
+
+    // A second WHIP POST of alice replaces her first connection; she stays in the room.
+    let (s, h, _) = post_offer(&app, "/v1/whip/show", &alice, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let second = h["location"].to_str().unwrap().to_owned();
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{whip_conn}"), None, true).await;
+    assert_eq!(
+        (d["state"].as_str(), d["events"].as_array().unwrap().last().unwrap()["reason"].as_str()),
+        (Some("FINISHED"), Some("replaced"))
+    );
+    // The backend ends it with the API key.
+    let (s, _, _) = http(&app, "DELETE", &second, &[("authorization", &format!("Bearer {KEY}"))], "").await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["participants"], json!([]), "{r}");
+
+    // A WebSocket join of a WHIP identity replaces the HTTP session, like any older session.
+    let (s, h, _) = post_offer(&app, "/v1/whip/show", &alice, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let third = h["location"].to_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut ws = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut ws).await["type"], "joined");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{third}"), None, true).await;
+    assert_eq!(d["events"].as_array().unwrap().last().unwrap()["reason"], "replaced");
+    let (_, r) = call(&app, "GET", &format!("/v1/rooms/{room}"), None, true).await;
+    assert_eq!(r["participants"].as_array().unwrap().len(), 1, "alice, now on her WebSocket: {r}");
+}
+
+#[tokio::test]
+async fn token_routes_mint_turn_credentials_when_configured() {
+    let turn = signaling_api::auth::TurnConfig {
+        urls: vec!["turn:turn.test:3478?transport=udp".into()],
+        secret: "north-secret".into(),
+    };
+    let (relay, state, _) =
+        app_with(ApiConfig { api_key: KEY.into(), turn: Some(turn.clone()), ..ApiConfig::default() });
+    let (_, room) = call(&relay, "POST", "/v1/rooms", Some(r#"{"name":"relay"}"#), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let (s, tok) =
+        call(&relay, "POST", &format!("/v1/rooms/{room}/tokens"), Some(r#"{"participant":"alice"}"#), true).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let exp = state.auth.verify(tok["token"].as_str().unwrap()).unwrap().exp;
+    let server = &tok["ice_servers"][0];
+    assert_eq!(server["urls"], json!(["turn:turn.test:3478?transport=udp"]));
+    assert_eq!(server["username"], format!("{exp}:alice"), "valid as long as the token");
+    assert_eq!(server["credential"], turn.credentials("alice", exp).credential.as_str());
+    let (s, dev) = call(&relay, "POST", "/v1/dev/token", Some(r#"{"room":"relay","participant":"bob"}"#), false).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(dev["ice_servers"][0]["username"].as_str().unwrap().ends_with(":bob"), "{dev}");
+    // WHIP hands them out as RFC 9725 Link headers.
+    let auth = token(&state, &room, "carol", true, true);
+    let (s, h, _) = post_offer(&relay, "/v1/whip/relay", &auth, OFFER).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let link = h["link"].to_str().unwrap();
+    assert!(link.starts_with("<turn:turn.test:3478?transport=udp>; rel=\"ice-server\"; username=\""), "{link}");
+    assert!(link.contains(":carol\"; credential=\"") && link.ends_with("credential-type=\"password\""), "{link}");
+
+    // Without `turn` configured, nothing is handed out.
+    let (plain, _, _) = app();
+    let (_, room) = call(&plain, "POST", "/v1/rooms", Some("{}"), true).await;
+    let uri = format!("/v1/rooms/{}/tokens", room["room_id"].as_str().unwrap());
+    let (_, tok) = call(&plain, "POST", &uri, Some(r#"{"participant":"alice"}"#), true).await;
+    assert!(tok.get("ice_servers").is_none(), "{tok}");
 }

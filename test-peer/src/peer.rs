@@ -178,6 +178,16 @@ impl Peer {
         Some(offer.to_sdp_string())
     }
 
+    /// A playback offer (WHEP): one receive-only audio and one receive-only video section.
+    pub fn play_offer(&mut self) -> Option<String> {
+        let mut api = self.rtc.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        let (offer, pending) = api.apply()?;
+        self.pending = Some(pending);
+        Some(offer.to_sdp_string())
+    }
+
     /// Take the gateway's answer to our outstanding offer.
     pub fn accept_answer(&mut self, sdp: &str) -> Result<(), SdpError> {
         let pending = self.pending.take().ok_or(SdpError::NoPendingOffer)?;

@@ -2,7 +2,9 @@
 // TURN server, join a room through the web client in real Chromium and exchange media with a
 // browser on the public side. Everything runs in this run's own network namespaces
 // (netlab.mjs): the gateway binary on a "public" address with media.announced_ips set to it,
-// coturn beside it, one NAT router and client host per behaviour. Each NAT is first checked to
+// coturn beside it (use-auth-secret: the relay-only site's browser uses the credentials a second
+// gateway, configured with turn.urls and turn.secret, minted with its token), one NAT router and
+// client host per behaviour. Each NAT is first checked to
 // behave as named (UDP probes from two public hosts), then a browser behind it must reach READY
 // on both connections and decode the far side's video while the far side decodes its video.
 //
@@ -16,9 +18,15 @@ import { Lab, NATS, PUBLIC, TURN_ONLY, TURN_PORT, netnsUnsupported, sleep, wanIp
 
 const unsupported = netnsUnsupported();
 const BASE = `http://${PUBLIC.gw}:8080`;
-const TURN = { urls: `turn:${PUBLIC.turn}:${TURN_PORT}?transport=udp`, username: "gw-test", credential: "relay-secret" };
+// A second gateway on the same host, configured with the TURN server (turn.urls, turn.secret), for
+// the relay-only site: the NAT sites' gateway hands out no STUN/TURN server, so their browsers
+// learn their mappings from the gateway's answers (prflx). Media ports 48800-48899.
+const RELAY_BASE = `http://${PUBLIC.gw}:8081`;
+// coturn checks the credentials the gateway mints (use-auth-secret) with the secret they share.
+const TURN_URL = `turn:${PUBLIC.turn}:${TURN_PORT}?transport=udp`;
+const TURN_SECRET = "relay-shared-secret";
 // getUserMedia needs a secure context; the gateway is served over plain HTTP on a LAN address.
-const CHROMIUM_ARGS = [`--unsafely-treat-insecure-origin-as-secure=${BASE}`];
+const CHROMIUM_ARGS = [`--unsafely-treat-insecure-origin-as-secure=${BASE},${RELAY_BASE}`];
 
 /** Decoding stats of the page's subscribe connection and its selected candidate pair. */
 function mediaStats(page, role) {
@@ -60,6 +68,7 @@ function readyTimes(page) {
 describe("clients behind NATs and a TURN relay (network namespaces)", { skip: unsupported ? `needs network namespaces: ${unsupported}` : false }, () => {
   let lab;
   let gateway;
+  let relayGateway;
   let turn;
   let farBrowser;
   const agents = {};
@@ -86,6 +95,21 @@ describe("clients behind NATs and a TURN relay (network namespaces)", { skip: un
         GATEWAY__DEV__TOKEN_ROUTE: "on",
       },
     });
+    relayGateway = await startGateway({
+      host: PUBLIC.gw,
+      port: 8081,
+      portMin: 48800,
+      portMax: 48899,
+      wrap: (bin) => ["ip", ["netns", "exec", lab.ns("gw"), bin]],
+      healthy: async (url) => (await agents.far.fetchStatus(url)) === 200,
+      env: {
+        GATEWAY__MEDIA__BIND_IP: "0.0.0.0",
+        GATEWAY__MEDIA__ANNOUNCED_IPS: PUBLIC.gw,
+        GATEWAY__DEV__TOKEN_ROUTE: "on",
+        GATEWAY__TURN__URLS: TURN_URL,
+        GATEWAY__TURN__SECRET: TURN_SECRET,
+      },
+    });
     turn = lab.spawn("turn", "turnserver", [
       "-n",
       `--listening-ip=${PUBLIC.turn}`,
@@ -93,8 +117,8 @@ describe("clients behind NATs and a TURN relay (network namespaces)", { skip: un
       `--listening-port=${TURN_PORT}`,
       "--min-port=49152",
       "--max-port=49407",
-      "--lt-cred-mech",
-      `--user=${TURN.username}:${TURN.credential}`,
+      "--use-auth-secret",
+      `--static-auth-secret=${TURN_SECRET}`,
       "--realm=gateway.test",
       "--fingerprint",
       "--no-tls",
@@ -130,6 +154,7 @@ describe("clients behind NATs and a TURN relay (network namespaces)", { skip: un
     }
     if (farBrowser) await farBrowser.close().catch(() => {});
     if (gateway) await gateway.stop().catch(() => {});
+    if (relayGateway) await relayGateway.stop().catch(() => {});
     if (lab) lab.down();
   });
 
@@ -142,17 +167,17 @@ describe("clients behind NATs and a TURN relay (network namespaces)", { skip: un
   }
 
   /** A room with a public browser and a browser at `site`; both must decode each other's video. */
-  async function call(kind, site, query = "") {
+  async function call(kind, site, query = "", base = BASE) {
     const room = `room-${kind}`;
     const farContext = await farBrowser.newContext();
     const browser = await launchChromium({ executablePath: lab.chromium(`c${site}`), extraArgs: CHROMIUM_ARGS });
     try {
       const farPage = await farContext.newPage();
-      await farPage.goto(`${BASE}/?room=${room}&name=far`);
+      await farPage.goto(`${base}/?room=${room}&name=far`);
       await farPage.click("#join-button");
       const page = await browser.newPage();
       page.on("pageerror", (e) => console.error(`[${kind}] page error: ${e.message}`));
-      await page.goto(`${BASE}/?room=${room}&name=client${query}`);
+      await page.goto(`${base}/?room=${room}&name=client${query}`);
       const t0 = Date.now();
       await page.click("#join-button");
       const ready = await waitFor(`${kind}: the client's publish and subscribe connections READY`, async () => {
@@ -182,6 +207,7 @@ describe("clients behind NATs and a TURN relay (network namespaces)", { skip: un
         decodedAtFar: `${atFar.video.framesDecoded} frames ${atFar.video.frameWidth}px`,
         decodedAtClient: `${atClient.video.framesDecoded} frames ${atClient.video.frameWidth}px`,
         subPair: (await mediaStats(page, "subscribe")).pair,
+        iceServers: await page.evaluate(() => window.gw.options.iceServers),
       };
       figures.push(result);
       await page.evaluate(() => window.gw.leave());
@@ -220,11 +246,17 @@ describe("clients behind NATs and a TURN relay (network namespaces)", { skip: un
     await sleep(500);
     assert.ok(!agents.gw.since(m).some((e) => e.ev === "recv" && e.data === "blocked?"), "direct UDP from the firewalled site is dropped");
 
-    const query = `&iceServers=${encodeURIComponent(JSON.stringify([TURN]))}&iceTransportPolicy=relay`;
-    const r = await call(TURN_ONLY.kind, TURN_ONLY.site, query);
+    // No TURN server in the address: the page uses the one its token came with (from the
+    // gateway configured with it), with credentials the gateway minted for it.
+    const r = await call(TURN_ONLY.kind, TURN_ONLY.site, "&iceTransportPolicy=relay", RELAY_BASE);
     assert.equal(r.pairType, "relay", `publish goes through a relay candidate: ${r.pair}`);
     assert.equal(r.subPair.localType, "relay", `subscribe goes through a relay candidate: ${JSON.stringify(r.subPair)}`);
     assert.equal(r.local.split(":")[0], PUBLIC.turn, "the relayed address is coturn's");
     assert.equal(r.gatewaySees.split(":")[0], PUBLIC.turn, "the gateway talks to the TURN relay");
+    // The credentials were minted for this participant, valid until its token expires.
+    const [server] = r.iceServers;
+    assert.deepEqual(server.urls, [TURN_URL]);
+    const [expiry, identity] = server.username.split(":");
+    assert.ok(Number(expiry) > Date.now() / 1000 + 600 && identity.length > 0, `username ${server.username}`);
   });
 });

@@ -12,6 +12,7 @@ use str0m::change::SdpPendingOffer;
 use str0m::{Event, Input, Output as RtcOutput, Rtc};
 
 use crate::downtrack::DownTrack;
+use crate::engine::data::{DataIn, DataOut};
 use crate::{ConnKey, MediaEvent, Output};
 
 /// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
@@ -163,7 +164,8 @@ pub(crate) struct Conn {
 pub(crate) enum Side {
     /// The client sends media up (the client offers).
     Publish(PublishSide),
-    /// The gateway sends the room's media down (the gateway offers).
+    /// The gateway sends the room's media down: the gateway offers (WebSocket clients), or the
+    /// client offers once and the gateway answers with one publisher's tracks (WHEP, `plays`).
     Subscribe(SubscribeSide),
 }
 
@@ -172,10 +174,16 @@ pub(crate) struct PublishSide {
     /// The one payload type each media section of our answer left the publisher (by mid), so
     /// each publication carries one definite codec.
     pub sending_pts: Vec<(String, u8)>,
+    /// Its data channels and message allowance (the relay, `engine/data.rs`).
+    pub data: DataIn,
 }
 
 #[derive(Default)]
 pub(crate) struct SubscribeSide {
+    /// The participant whose tracks this connection plays, when the client offered it (WHEP):
+    /// its sections are fixed by that one offer, so it is never re-offered; it ends when none of
+    /// its tracks is left. `None`: a gateway-offered connection that follows the whole room.
+    pub plays: Option<Arc<str>>,
     /// Our offer waiting for the client's answer (one at a time).
     pub pending: Option<SdpPendingOffer>,
     pub offered: bool,
@@ -193,6 +201,8 @@ pub(crate) struct SubscribeSide {
     pub bwe_desired: Option<u64>,
     /// When the estimator may next be asked to probe for a higher layer.
     pub next_probe: Option<Instant>,
+    /// The gateway's reliable and unreliable data channels (gateway-offered connections).
+    pub data: DataOut,
 }
 
 impl SubscribeSide {

@@ -18,6 +18,8 @@
 //! - `select`: the layer selector, a pure decision per packet and subscriber track.
 //! - `sdp`: SDP text helpers (counting sections, narrowing a section's codecs).
 //! - `descriptor`: per-subscriber VP8/VP9 picture numbering, continuous across layer switches.
+//! - `engine/data.rs`: the data-channel relay (publishers' messages to every other
+//!   participant's subscribe connection, with the sender's id, bounded in size and rate).
 //! - `speakers`: active speakers from the audio-level header extension (per-track loudness
 //!   windows, the room's ordered list).
 //! - `sim` (feature `sim`): the engine and str0m client peers (the `test-peer` crate's) on a
@@ -88,6 +90,11 @@ pub struct CoreConfig {
     /// with the `Rtc`'s timeout round once per timer pass. Off: each write is followed by a
     /// full poll of the subscriber's `Rtc` (the old path; kept to measure against).
     pub direct_send: bool,
+    /// Largest data-channel message relayed (payload plus label); larger ones are dropped.
+    pub data_max_message_bytes: usize,
+    /// Data-channel messages relayed per second per publisher (bursts of twice that); more
+    /// are dropped.
+    pub data_messages_per_second: u32,
 }
 
 impl Default for CoreConfig {
@@ -106,6 +113,8 @@ impl Default for CoreConfig {
             layer_up_hold: Duration::from_secs(2),
             keyframe_cache: false,
             direct_send: true,
+            data_max_message_bytes: 16 * 1024,
+            data_messages_per_second: 50,
         }
     }
 }
@@ -158,6 +167,14 @@ pub struct Counters {
     pub untrusted_datagrams: u64,
     /// Publisher packets not forwarded because the app backend muted their track.
     pub moderated_drops: u64,
+    /// Data-channel messages from publishers, and what became of them: written to subscribers
+    /// (one per subscriber), dropped as too large, over the sender's rate, or because the
+    /// subscriber's channel was not open or its send buffer full.
+    pub data_received: u64,
+    pub data_forwarded: u64,
+    pub data_dropped_size: u64,
+    pub data_dropped_rate: u64,
+    pub data_dropped_full: u64,
 }
 
 /// A counter family on `/metrics`: its name, help text and label names.
@@ -235,6 +252,12 @@ pub mod families {
         []
     );
     family!(
+        DATA_MESSAGES,
+        "gateway_data_messages_total",
+        "Data-channel messages: received from publishers, forwarded (one per subscriber), dropped (too large, over the sender's rate, subscriber channel not open or full)",
+        ["result"]
+    );
+    family!(
         DROPPED_DATAGRAMS,
         "gateway_dropped_datagrams_total",
         "Datagrams dropped before reaching a connection",
@@ -256,6 +279,7 @@ pub mod families {
         &STREAMS_UNAVAILABLE,
         &DROPPED_DATAGRAMS,
         &MODERATED,
+        &DATA_MESSAGES,
     ];
 }
 
@@ -284,6 +308,11 @@ impl Counters {
             garbage_datagrams,
             untrusted_datagrams,
             moderated_drops,
+            data_received,
+            data_forwarded,
+            data_dropped_size,
+            data_dropped_rate,
+            data_dropped_full,
         } = self;
         for (i, kind) in ["audio", "video"].into_iter().enumerate() {
             f(&RTP_PACKETS, &["in", kind], rtp_packets_in[i]);
@@ -308,6 +337,11 @@ impl Counters {
         f(&DROPPED_DATAGRAMS, &["garbage"], *garbage_datagrams);
         f(&DROPPED_DATAGRAMS, &["untrusted_source"], *untrusted_datagrams);
         f(&MODERATED, &[], *moderated_drops);
+        f(&DATA_MESSAGES, &["received"], *data_received);
+        f(&DATA_MESSAGES, &["forwarded"], *data_forwarded);
+        f(&DATA_MESSAGES, &["dropped_size"], *data_dropped_size);
+        f(&DATA_MESSAGES, &["dropped_rate"], *data_dropped_rate);
+        f(&DATA_MESSAGES, &["dropped_full"], *data_dropped_full);
     }
 
     fn count_in(&mut self, video: bool, bytes: u64) {
@@ -365,10 +399,15 @@ mod tests {
             garbage_datagrams: 24,
             untrusted_datagrams: 25,
             moderated_drops: 26,
+            data_received: 27,
+            data_forwarded: 28,
+            data_dropped_size: 29,
+            data_dropped_rate: 30,
+            data_dropped_full: 31,
         };
         let mut values = Vec::new();
         c.samples(|_, _, v| values.push(v));
         values.sort_unstable();
-        assert_eq!(values, (1..=26).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=31).collect::<Vec<u64>>());
     }
 }

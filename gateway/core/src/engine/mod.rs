@@ -5,7 +5,8 @@
 //! This file is the front (commands, `handle_*`, `poll_*`, the event loop, ending connections);
 //! each job lives in its own file: `track` (the receive side of a published track), `negotiation`
 //! (SDP and renegotiation), `forward` (the packet's path), `keyframes` (keyframe policy),
-//! `allocation` (layer choice and bandwidth steering), `stats` (inspection).
+//! `allocation` (layer choice and bandwidth steering), `data` (the data-channel relay), `stats`
+//! (inspection).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ use crate::speakers::{AudioLevel, Speakers};
 use crate::{ConnKey, ConnectionSpec, CoreConfig, Counters, MediaError, MediaEvent, Output};
 
 mod allocation;
+pub(crate) mod data;
 mod forward;
 mod keyframes;
 mod negotiation;
@@ -506,6 +508,8 @@ impl Engine {
                     });
                 }
             }
+            Event::ChannelOpen(id, label) if conn.role() == Role::Publish => self.data_channel_opened(key, id, label),
+            Event::ChannelData(d) if conn.role() == Role::Publish => self.relay_data(now, key, d),
             Event::Closed => {
                 self.end(now, key, ConnectionState::Finished, "remote_closed");
             }

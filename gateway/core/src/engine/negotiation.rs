@@ -168,7 +168,11 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
         };
         if accepted_media_sections(&answer) == 0 {
-            return Err(self.reject_sdp(now, key, "offer has no audio or video with a usable codec".into()));
+            let message = "offer has no audio or video with a usable codec";
+            let mut e = self.reject_sdp(now, key, message.into());
+            // Valid SDP, nothing usable in it: WHIP answers 422 (the WebSocket says `bad_sdp`).
+            e.code = ErrorCode::Unprocessable;
+            return Err(e);
         }
         let conn = self.conns.get_mut(&key).expect("inserted above");
         conn.event(&mut self.q, EventKind::SdpProcessed, None);
@@ -209,6 +213,108 @@ impl Engine {
     pub fn subscribe(&mut self, now: Instant, spec: NewConnection) -> Result<(), MediaError> {
         let key = self.new_conn(now, spec, Role::Subscribe, None)?;
         self.renegotiate(now, key);
+        self.process(now);
+        Ok(())
+    }
+
+    /// Open a subscribe connection the client offers (WHEP): it plays `publisher`'s tracks. Each
+    /// `recvonly` audio or video section of the offer gets the first of the publisher's tracks
+    /// of its kind whose codec it lists, with the same down track (sequence, timestamp and
+    /// picture rewriting, layer choice by the bandwidth estimate) as a gateway-offered
+    /// subscriber; the answer lists only that codec (and its RTX) per section and carries our
+    /// host candidate. Sections left without a track stay silent. The connection is never
+    /// re-offered; it ends FINISHED (`publisher_left`) when none of its tracks is left.
+    pub fn play(&mut self, now: Instant, spec: NewConnection, publisher: &str, offer: &str) -> Result<(), MediaError> {
+        // The target is identified before the offer is judged, and before anything is made.
+        let room =
+            self.rooms.get(spec.spec.room_id.as_str()).ok_or_else(|| err(ErrorCode::NotFound, "room not found"))?;
+        let published: Vec<&TrackIn> = room.tracks.iter().filter(|t| *t.owner == *publisher).collect();
+        if published.is_empty() {
+            return Err(err(ErrorCode::NotFound, "participant not found or publishing nothing"));
+        }
+        let first_video =
+            published.iter().find(|t| t.kind == MediaKind::Video).and_then(|t| t.codec).map(|c| c.spec().codec);
+        let local = spec.local;
+        let key = self.new_conn(now, spec, Role::Subscribe, first_video)?;
+        if let Some(side) = self.conns.get_mut(&key).and_then(Conn::sub_mut) {
+            side.plays = Some(Arc::from(publisher));
+        }
+        if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
+            return Err(self.reject_sdp(now, key, message));
+        }
+        let offer = match SdpOffer::from_sdp_string(offer) {
+            Ok(o) => o,
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
+        };
+        let conn = self.conns.get_mut(&key).expect("inserted above");
+        if let Ok(c) = Candidate::host(local, "udp") {
+            conn.rtc.add_local_candidate(c);
+        }
+        let answer = match conn.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a.to_sdp_string(),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        // Bind the publisher's tracks to the sections we send on, by kind and codec.
+        let Self { rooms, conns, .. } = self;
+        let conn = conns.get_mut(&key).expect("inserted above");
+        let room = rooms.get_mut(&conn.room).expect("checked above");
+        let mut bound: Vec<(usize, Mid, u8, Option<u8>)> = Vec::new();
+        for section in crate::sdp::codecs(&answer) {
+            let Some(mid) = section.mid.as_deref().map(Mid::from) else { continue };
+            let Some(media) = conn.rtc.media(mid) else { continue };
+            if section.rejected || !media.direction().is_sending() {
+                continue;
+            }
+            let kind = media.kind();
+            let remote = media.remote_pts().to_vec();
+            let track = (0..room.tracks.len()).find(|&i| {
+                let t = &room.tracks[i];
+                *t.owner == *publisher && t.kind == kind && !bound.iter().any(|b| b.0 == i)
+            });
+            let Some(i) = track else { continue };
+            let Some(ours) = room.tracks[i].codec.and_then(|c| conn.rtc.codec_config().match_params(c).copied()) else {
+                continue;
+            };
+            if !remote.contains(&ours.pt()) {
+                continue;
+            }
+            bound.push((i, mid, *ours.pt(), ours.resend().map(|p| *p)));
+        }
+        if bound.is_empty() {
+            let message = "offer has no recvonly audio or video section with a codec the publisher sends".to_owned();
+            self.end(now, key, ConnectionState::Failed, &format!("bad_sdp: {message}"));
+            self.process(now);
+            return Err(err(ErrorCode::Unprocessable, message));
+        }
+        let answer = restrict_codecs(&answer, |s| {
+            let b = bound.iter().find(|b| Some(b.1.to_string()) == s.mid)?;
+            Some([Some(b.2), b.3].into_iter().flatten().collect())
+        });
+        let start_seq: u16 = rand::rng().random_range(1000..30000);
+        let Conn { side: Side::Subscribe(side), .. } = &mut *conn else { unreachable!("made as a subscriber") };
+        for &(i, mid, _, _) in &bound {
+            room.link(i, key, mid);
+            let t = &room.tracks[i];
+            let mut out = DownTrack::new(
+                mid,
+                Arc::clone(&t.stream_id),
+                t.kind,
+                SeqRewriter::new(start_seq, rand::rng().random()),
+            );
+            out.live = true;
+            side.outs.push(out);
+        }
+        conn.span.in_scope(|| tracing::info!(publisher, tracks = bound.len(), "playing a publisher (client offer)"));
+        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        let mid = first_mid(&answer);
+        conn.first_mid = mid.clone();
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        conn.candidate_added = true;
+        self.announce_candidate(key, mid, now);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.drain(now, &mut self.q);
+        }
+        queue_reallocation(&mut self.realloc, key);
         self.process(now);
         Ok(())
     }
@@ -453,6 +559,7 @@ impl Engine {
         if removed.is_empty() {
             return;
         }
+        let gone: Vec<Arc<str>> = removed.iter().map(|r| Arc::clone(&r.1)).collect();
         for (owner, stream_id, kind, mid) in removed {
             self.q.out.push_back(Output::Event(MediaEvent::StreamRemoved {
                 room_id: room_id.to_string(),
@@ -462,7 +569,31 @@ impl Engine {
                 mid: mid.to_string(),
             }));
         }
+        self.end_orphaned_players(now, &room_id, &gone);
         self.renegotiate_room(now, &room_id);
+    }
+
+    /// Client-offered subscribers (WHEP) cannot be re-offered: a track of theirs that ended
+    /// leaves its section silent, and one left with no track at all ends FINISHED.
+    fn end_orphaned_players(&mut self, now: Instant, room_id: &str, gone: &[Arc<str>]) {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        let mut ended = Vec::new();
+        for k in &room.conns {
+            let Some(side) = self.conns.get_mut(k).and_then(Conn::sub_mut) else { continue };
+            if side.plays.is_none() {
+                continue;
+            }
+            for o in side.outs.iter_mut().filter(|o| gone.contains(&o.stream_id)) {
+                o.stopped = true;
+                o.live = false;
+            }
+            if side.outs.iter().all(|o| o.stopped) {
+                ended.push(*k);
+            }
+        }
+        for k in ended {
+            self.end(now, k, ConnectionState::Finished, "publisher_left");
+        }
     }
 
     pub(super) fn renegotiate_room(&mut self, now: Instant, room_id: &str) {
@@ -491,6 +622,10 @@ impl Engine {
         let Conn { rtc, side: Side::Subscribe(side), room: room_id, participant, .. } = &mut *conn else {
             return false;
         };
+        if side.plays.is_some() {
+            // Its sections were fixed by the client's one offer (WHEP): nothing to re-offer.
+            return false;
+        }
         if side.pending.is_some() {
             side.offer_wanted = true;
             return false;
@@ -499,7 +634,10 @@ impl Engine {
         let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != *participant).collect();
         let mut api = rtc.sdp_api();
         if !side.offered {
-            api.add_channel("gateway".into());
+            // The first offer's data channels: the reliable one also brings the transport up
+            // when there is nothing to receive yet; both carry the room's data messages.
+            side.data.reliable = Some(api.add_channel(data::RELIABLE_LABEL.into()));
+            side.data.unreliable = Some(api.add_channel_with_config(data::unreliable_config()));
         }
         let mut added = Vec::new();
         for &i in &wanted {
