@@ -156,6 +156,8 @@ pub struct Counters {
     pub codec_unsupported: u64,
     pub garbage_datagrams: u64,
     pub untrusted_datagrams: u64,
+    /// Datagrams on a shared socket (`media.mux`) that belong to no connection.
+    pub unrouted_datagrams: u64,
 }
 
 /// A counter family on `/metrics`: its name, help text and label names.
@@ -274,6 +276,7 @@ impl Counters {
             codec_unsupported,
             garbage_datagrams,
             untrusted_datagrams,
+            unrouted_datagrams,
         } = self;
         for (i, kind) in ["audio", "video"].into_iter().enumerate() {
             f(&RTP_PACKETS, &["in", kind], rtp_packets_in[i]);
@@ -297,6 +300,7 @@ impl Counters {
         f(&STREAMS_UNAVAILABLE, &["codec_unsupported"], *codec_unsupported);
         f(&DROPPED_DATAGRAMS, &["garbage"], *garbage_datagrams);
         f(&DROPPED_DATAGRAMS, &["untrusted_source"], *untrusted_datagrams);
+        f(&DROPPED_DATAGRAMS, &["unknown_destination"], *unrouted_datagrams);
     }
 
     fn count_in(&mut self, video: bool, bytes: u64) {
@@ -353,10 +357,11 @@ mod tests {
             codec_unsupported: 23,
             garbage_datagrams: 24,
             untrusted_datagrams: 25,
+            unrouted_datagrams: 26,
         };
         let mut values = Vec::new();
         c.samples(|_, _, v| values.push(v));
         values.sort_unstable();
-        assert_eq!(values, (1..=25).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=26).collect::<Vec<u64>>());
     }
 }
