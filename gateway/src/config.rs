@@ -127,6 +127,11 @@ pub struct MediaConfig {
     pub data_max_message_bytes: usize,
     /// Data-channel messages relayed per second per publisher (bursts of twice that).
     pub data_messages_per_second: u32,
+    /// One UDP port per media worker instead of one per connection: worker `i` listens on
+    /// `port_min + i` for all its connections (demultiplexed by ICE username, then by the
+    /// ICE-authenticated remote address) and sends each loop step's datagrams in one
+    /// `sendmmsg` call. Needs a port range at least as large as the worker count.
+    pub mux: bool,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -273,6 +278,7 @@ impl Default for MediaConfig {
             direct_send: true,
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
+            mux: false,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -377,6 +383,17 @@ impl GatewayConfig {
             return Err(invalid(
                 "media.port_min",
                 format!("port range {}..={} is empty or inverted", m.port_min, m.port_max),
+            ));
+        }
+        if m.mux && usize::from(m.port_max - m.port_min) + 1 < self.worker_count() {
+            return Err(invalid(
+                "media.mux",
+                format!(
+                    "one port per media worker: the range {}..={} is smaller than {} workers",
+                    m.port_min,
+                    m.port_max,
+                    self.worker_count()
+                ),
             ));
         }
         if m.bind_ip.is_unspecified() && m.announced_ips.is_empty() {

@@ -7,6 +7,7 @@
 //! - `worker`: media worker threads: a mio loop around the sans-IO `gateway_core::Engine`.
 //! - `plane`: the `MediaPlane` the signaling API calls; places rooms on workers.
 //! - `ports`: the UDP port pool.
+//! - `udp`: a worker's shared socket (`media.mux`) and its batched sends (`sendmmsg`).
 //! - `metrics`: media-plane Prometheus metrics.
 //! - `web`: the browser client served at `/`.
 
@@ -16,5 +17,6 @@ pub mod metrics;
 pub mod plane;
 pub mod ports;
 pub mod server;
+pub mod udp;
 pub mod web;
 pub mod worker;

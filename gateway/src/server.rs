@@ -77,7 +77,12 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     let media_metrics = MediaMetrics::new(&prom);
     // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
     let _ = prom.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
-    let ports = Arc::new(PortPool::new(cfg.media.port_min, cfg.media.port_max));
+    // With `media.mux` worker i owns port `port_min + i` and no port is taken per connection.
+    let ports = Arc::new(if cfg.media.mux {
+        PortPool::new(1, 0)
+    } else {
+        PortPool::new(cfg.media.port_min, cfg.media.port_max)
+    });
     let directory = Arc::new(Directory::new());
 
     let mut handles = Vec::new();
@@ -86,6 +91,16 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         let label = index.to_string();
         media_metrics.worker_busy.with_label_values(&[label.as_str()]).set(0.0);
         media_metrics.worker_connections.with_label_values(&[label.as_str()]).set(0);
+        let shared = if cfg.media.mux {
+            let port = cfg.media.port_min + index as u16;
+            let addr = SocketAddr::new(cfg.media.bind_ip, port);
+            let (socket, send, recv) = crate::udp::bind_shared(addr)
+                .with_context(|| format!("media.mux: cannot bind the shared media port {addr}"))?;
+            tracing::info!(worker = index, %addr, send_buffer = send, recv_buffer = recv, "shared media socket");
+            Some(socket)
+        } else {
+            None
+        };
         let (h, j) = worker::spawn(WorkerSetup {
             index,
             core: cfg.core(),
@@ -95,6 +110,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
             sink: Arc::clone(&registry) as Arc<dyn EventSink>,
             directory: Arc::clone(&directory),
             metrics: media_metrics.clone(),
+            shared,
         })
         .context("starting a media worker")?;
         handles.push(h);

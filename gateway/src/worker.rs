@@ -20,8 +20,11 @@ use tokio::sync::oneshot;
 
 use crate::metrics::MediaMetrics;
 use crate::ports::PortPool;
+use crate::udp::SendQueue;
 
 const WAKE: Token = Token(usize::MAX);
+/// The worker's shared socket (`media.mux`).
+const SHARED: Token = Token(usize::MAX - 1);
 /// Largest datagram we read; WebRTC stays well below.
 const RECV_BUF: usize = 2048;
 /// How often counters are published to Prometheus.
@@ -128,6 +131,15 @@ pub struct WorkerSetup {
     pub sink: Arc<dyn EventSink>,
     pub directory: Arc<Directory>,
     pub metrics: MediaMetrics,
+    /// `media.mux`: the one socket every connection of this worker uses (bound, non-blocking).
+    pub shared: Option<std::net::UdpSocket>,
+}
+
+/// A socket shared by every connection of the worker, and what waits to be sent on it.
+struct Shared {
+    socket: UdpSocket,
+    candidate: SocketAddr,
+    queue: SendQueue,
 }
 
 struct Sock {
@@ -154,7 +166,10 @@ struct Worker {
     poll: Poll,
     rx: mpsc::Receiver<Command>,
     engine: Engine,
+    /// A socket per connection, or
     sockets: HashMap<ConnKey, Sock>,
+    /// one socket for all of them (`media.mux`).
+    shared: Option<Shared>,
     next_key: u64,
     rooms: Arc<AtomicUsize>,
     published: gateway_core::Counters,
@@ -166,8 +181,18 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(setup: WorkerSetup, poll: Poll, rx: mpsc::Receiver<Command>, rooms: Arc<AtomicUsize>) -> Self {
+    fn new(mut setup: WorkerSetup, poll: Poll, rx: mpsc::Receiver<Command>, rooms: Arc<AtomicUsize>) -> Self {
         let engine = Engine::new(setup.core.clone());
+        let shared = setup.shared.take().and_then(|std_socket| {
+            let port = std_socket.local_addr().ok()?.port();
+            let mut socket = UdpSocket::from_std(std_socket);
+            if let Err(e) = poll.registry().register(&mut socket, SHARED, Interest::READABLE) {
+                tracing::error!(worker = setup.index, error = %e, "shared socket registration failed");
+                return None;
+            }
+            let candidate = SocketAddr::new(setup.candidate_ip, port);
+            Some(Shared { socket, candidate, queue: SendQueue::default() })
+        });
         let label = setup.index.to_string();
         let forward_latency = setup.metrics.forward_latency.with_label_values(&[label.as_str()]).local();
         Self {
@@ -177,6 +202,7 @@ impl Worker {
             rx,
             engine,
             sockets: HashMap::new(),
+            shared,
             next_key: 1,
             rooms,
             published: Default::default(),
@@ -207,6 +233,8 @@ impl Worker {
                         self.shutdown();
                         return;
                     }
+                } else if ev.token() == SHARED {
+                    self.read_shared(&mut buf);
                 } else {
                     self.read(ConnKey(ev.token().0 as u64), &mut buf);
                 }
@@ -244,16 +272,46 @@ impl Worker {
         }
     }
 
+    /// Read every datagram waiting on the shared socket; the engine finds each one's connection.
+    fn read_shared(&mut self, buf: &mut [u8]) {
+        loop {
+            let Some(shared) = &self.shared else { return };
+            let candidate = shared.candidate;
+            match shared.socket.recv_from(buf) {
+                Ok((n, source)) => {
+                    let read_at = Instant::now();
+                    match self.engine.handle_shared_receive(read_at, source, candidate, &buf[..n]) {
+                        Some(key) => self.flush_timed(key, read_at),
+                        None => self.flush(),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Carry out what the engine produced for a datagram read at `read_at` on `from`'s socket:
     /// every datagram sent on another connection's socket is a forwarded packet, and the time
-    /// from the read to its `sendto` returning is recorded.
+    /// from the read to its `sendto` (or the `sendmmsg` carrying it) returning is recorded.
     fn flush_timed(&mut self, from: ConnKey, read_at: Instant) {
+        let mut forwarded = 0;
         while let Some(out) = self.engine.poll_output() {
             if let Some(key) = self.carry_out(out) {
                 if key != from {
-                    self.forward_latency.observe(read_at.elapsed().as_secs_f64());
+                    if self.shared.is_some() {
+                        forwarded += 1;
+                    } else {
+                        self.forward_latency.observe(read_at.elapsed().as_secs_f64());
+                    }
                 }
             }
+        }
+        let sent = self.send_queued();
+        let latency = read_at.elapsed().as_secs_f64();
+        for _ in 0..forwarded.min(sent) {
+            self.forward_latency.observe(latency);
         }
     }
 
@@ -262,12 +320,32 @@ impl Worker {
         while let Some(out) = self.engine.poll_output() {
             self.carry_out(out);
         }
+        self.send_queued();
     }
 
-    /// Carry out one output; returns the connection a datagram was sent on, if one was.
+    /// Send what waits on the shared socket, in as few calls as the kernel takes; returns how
+    /// many datagrams went out.
+    fn send_queued(&mut self) -> usize {
+        let Some(shared) = &mut self.shared else { return 0 };
+        if shared.queue.is_empty() {
+            return 0;
+        }
+        let sent = shared.queue.send(&shared.socket);
+        if sent.failed > 0 {
+            self.setup.metrics.send_errors.inc_by(sent.failed as u64);
+        }
+        sent.datagrams
+    }
+
+    /// Carry out one output; returns the connection a datagram was sent (or, on the shared
+    /// socket, queued) on, if one was.
     fn carry_out(&mut self, out: Output) -> Option<ConnKey> {
         match out {
             Output::Transmit { key, destination, contents } => {
+                if let Some(shared) = &mut self.shared {
+                    shared.queue.push(destination, contents);
+                    return Some(key);
+                }
                 let sock = self.sockets.get(&key)?;
                 if sock.socket.send_to(&contents, destination).is_err() {
                     self.setup.metrics.send_errors.inc();
@@ -291,8 +369,13 @@ impl Worker {
         }
     }
 
-    /// Bind a socket from the pool for a new connection.
+    /// Bind a socket from the pool for a new connection (or, on the shared socket, only name it).
     fn open_socket(&mut self) -> Result<(ConnKey, SocketAddr), MediaError> {
+        if let Some(shared) = &self.shared {
+            let key = ConnKey(self.next_key);
+            self.next_key += 1;
+            return Ok((key, shared.candidate));
+        }
         let (std_socket, port) = self
             .setup
             .ports

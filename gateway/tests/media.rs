@@ -20,7 +20,17 @@ fn sent(p: &Peer, kind: MediaKind) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_fan_out_late_join_and_leave() {
-    let gw = start_gateway(44000, 44049).await;
+    fan_out_late_join_and_leave(44000, 44049, false).await;
+}
+
+/// The same with `media.mux`: each worker's connections share one port (44050 or 44051).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_fan_out_late_join_and_leave_on_one_port_per_worker() {
+    fan_out_late_join_and_leave(44050, 44051, true).await;
+}
+
+async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
+    let gw = start_gateway_with(port_min, port_max, |c| c.media.mux = mux).await;
     let total_ports = gw.ports.total();
     let api = Api::new(gw.base_url());
     let room = api.create_room("media-room").await;
@@ -143,6 +153,31 @@ async fn publish_fan_out_late_join_and_leave() {
         s.wait("closed", 5, |l| l.ws_closed.is_some()).await;
     }
     eventually("every port back in the pool", 5, || gw.ports.free() == total_ports).await;
+    if mux {
+        assert_eq!(total_ports, 0, "no port is taken per connection");
+        // Each candidate named a worker's one port.
+        let candidates: Vec<String> = sub2.with(|l| {
+            l.of_type("candidate").iter().map(|m| m["candidate"].as_str().unwrap_or_default().to_owned()).collect()
+        });
+        assert!(!candidates.is_empty(), "the gateway trickled its candidate");
+        let on_shared = candidates
+            .iter()
+            .all(|c| c.contains(&format!(" {port_min} typ")) || c.contains(&format!(" {port_max} typ")));
+        assert!(on_shared, "candidates name the shared ports");
+        let apir = &api;
+        poll_until("the workers hold no connection", 5, || async move {
+            let mut n = 0.0;
+            for w in ["0", "1"] {
+                n += apir.metric(&format!(r#"gateway_worker_connections{{worker="{w}"}}"#)).await;
+            }
+            if n == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} connections"))
+            }
+        })
+        .await;
+    }
     let (_, rooms) = api.call("GET", &format!("/v1/rooms/{room}"), None).await;
     assert_eq!(rooms["participants"].as_array().unwrap().len(), 0);
     gw.shutdown(Duration::from_secs(1)).await;

@@ -175,6 +175,8 @@ pub struct Counters {
     pub data_dropped_size: u64,
     pub data_dropped_rate: u64,
     pub data_dropped_full: u64,
+    /// Datagrams on a shared socket (`media.mux`) that belong to no connection.
+    pub unrouted_datagrams: u64,
 }
 
 /// A counter family on `/metrics`: its name, help text and label names.
@@ -313,6 +315,7 @@ impl Counters {
             data_dropped_size,
             data_dropped_rate,
             data_dropped_full,
+            unrouted_datagrams,
         } = self;
         for (i, kind) in ["audio", "video"].into_iter().enumerate() {
             f(&RTP_PACKETS, &["in", kind], rtp_packets_in[i]);
@@ -342,6 +345,7 @@ impl Counters {
         f(&DATA_MESSAGES, &["dropped_size"], *data_dropped_size);
         f(&DATA_MESSAGES, &["dropped_rate"], *data_dropped_rate);
         f(&DATA_MESSAGES, &["dropped_full"], *data_dropped_full);
+        f(&DROPPED_DATAGRAMS, &["unknown_destination"], *unrouted_datagrams);
     }
 
     fn count_in(&mut self, video: bool, bytes: u64) {
@@ -404,10 +408,11 @@ mod tests {
             data_dropped_size: 29,
             data_dropped_rate: 30,
             data_dropped_full: 31,
+            unrouted_datagrams: 32,
         };
         let mut values = Vec::new();
         c.samples(|_, _, v| values.push(v));
         values.sort_unstable();
-        assert_eq!(values, (1..=31).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=32).collect::<Vec<u64>>());
     }
 }

@@ -167,6 +167,8 @@ pub struct Sim {
     seq: u64,
     /// Gateway candidate address → connection.
     sockets: HashMap<SocketAddr, ConnKey>,
+    /// One gateway address for every connection (`media.mux`), set by [`Sim::share_one_port`].
+    shared: Option<SocketAddr>,
     /// Per (peer index, up?) leg.
     legs: HashMap<(usize, bool), LegState>,
     next_key: u64,
@@ -193,6 +195,7 @@ impl Sim {
             in_flight: BTreeMap::new(),
             seq: 0,
             sockets: HashMap::new(),
+            shared: None,
             legs: HashMap::new(),
             next_key: 1,
             room: "room".into(),
@@ -239,11 +242,24 @@ impl Sim {
         i
     }
 
+    /// From now on every new connection gets the same gateway address, and the engine finds
+    /// each datagram's connection itself (`Engine::handle_shared_receive`), as a worker with
+    /// `media.mux` does.
+    pub fn share_one_port(&mut self) {
+        self.shared = Some(SocketAddr::from((GATEWAY_IP, 39999)));
+    }
+
     fn new_connection(&mut self, peer: usize, role: Role) -> NewConnection {
         let key = ConnKey(self.next_key);
         self.next_key += 1;
-        let local = SocketAddr::from((GATEWAY_IP, 40000 + key.0 as u16));
-        self.sockets.insert(local, key);
+        let local = match self.shared {
+            Some(shared) => shared,
+            None => {
+                let local = SocketAddr::from((GATEWAY_IP, 40000 + key.0 as u16));
+                self.sockets.insert(local, key);
+                local
+            }
+        };
         let connection_id = format!("c_{}_{}", self.peers[peer].name, key.0);
         self.peers[peer].connection_id = Some(connection_id.clone());
         self.peers[peer].key = Some(key);
@@ -416,6 +432,13 @@ impl Sim {
         self.pump_engine();
     }
 
+    /// Hand a raw datagram to the engine as if `from` had sent it to the shared gateway address.
+    pub fn inject_shared(&mut self, from: SocketAddr, bytes: &[u8]) {
+        let Some(shared) = self.shared else { return };
+        self.engine.handle_shared_receive(self.now, from, shared, bytes);
+        self.pump_engine();
+    }
+
     /// Run the network and every agent for `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
@@ -470,7 +493,9 @@ impl Sim {
                 break;
             }
             let d = entry.remove();
-            if let Some(key) = self.sockets.get(&d.to).copied() {
+            if Some(d.to) == self.shared {
+                self.engine.handle_shared_receive(self.now, d.from, d.to, &d.bytes);
+            } else if let Some(key) = self.sockets.get(&d.to).copied() {
                 self.engine.handle_receive(self.now, key, d.from, d.to, &d.bytes);
             } else if let Some(i) = self.peers.iter().position(|p| p.addr == d.to) {
                 let now = self.now;
@@ -532,7 +557,7 @@ impl Sim {
         while let Some(out) = self.engine.poll_output() {
             match out {
                 Output::Transmit { key, destination, contents } => {
-                    let from = self.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a);
+                    let from = self.shared.or_else(|| self.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a));
                     let peer = self.peers.iter().position(|p| p.addr == destination);
                     if let Some(from) = from {
                         self.send(peer, false, from, destination, contents);

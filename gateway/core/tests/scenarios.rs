@@ -978,3 +978,69 @@ fn only_the_speaking_publisher_is_an_active_speaker() {
     }
     assert_eq!(lists(&sim, mark), vec![Vec::<String>::new()], "an empty list once the speaker is quiet");
 }
+
+/// A STUN Binding request whose USERNAME is `username` (no integrity: it must be routed by
+/// the username alone and then refused by the connection, or by nobody).
+fn stun_request(username: &str) -> Vec<u8> {
+    let mut attr = Vec::new();
+    attr.extend_from_slice(&0x0006u16.to_be_bytes());
+    attr.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    attr.extend_from_slice(username.as_bytes());
+    while attr.len() % 4 != 0 {
+        attr.push(0);
+    }
+    let mut m = Vec::new();
+    m.extend_from_slice(&0x0001u16.to_be_bytes());
+    m.extend_from_slice(&(attr.len() as u16).to_be_bytes());
+    m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+    m.extend_from_slice(&[7; 12]);
+    m.extend_from_slice(&attr);
+    m
+}
+
+/// `media.mux`: every connection of the room on one gateway address. The engine finds each
+/// datagram's connection by the STUN username, then by the ICE-authenticated address; media
+/// flows and loss is repaired as with a port per connection, and datagrams that belong to no
+/// connection (an unknown username, an unknown address) are dropped and counted without
+/// disturbing anyone.
+#[test]
+fn one_shared_port_carries_a_room_and_drops_strangers() {
+    let mut sim = Sim::new(21, CoreConfig::default());
+    sim.share_one_port();
+    let p = sim.add_peer("pub");
+    sim.publish_layers(p, &one_layer());
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    let subs: Vec<usize> = (0..3)
+        .map(|i| {
+            let s = sim.add_peer(&format!("sub{i}"));
+            sim.subscribe(s);
+            s
+        })
+        .collect();
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| subs.iter().all(|&i| s.peers[i].connected)),
+        "subscribers READY"
+    );
+    sim.stream_for(p, Duration::from_secs(1));
+    let lossy = subs[0];
+    sim.peers[lossy].down = Link { loss: 0.05, delay: ms(25), ..Link::default() };
+    sim.peers[lossy].up = Link { delay: ms(25), ..Link::default() };
+    let start = sim.now;
+    sim.stream_for(p, Duration::from_secs(5));
+    let end = sim.now;
+
+    let stranger = "192.0.2.9:5000".parse().unwrap();
+    sim.inject_shared(stranger, &stun_request("nobody:x"));
+    sim.inject_shared(stranger, &[0x80, 0x60, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0xde, 0xad]);
+    assert_eq!(sim.engine.counters().unrouted_datagrams, 2, "both strangers dropped as unknown");
+    sim.stream_for(p, ms(500));
+
+    for &s in &subs {
+        let (eventually, n) = on_time(&sim, p, s, start, end, Duration::from_secs(2));
+        assert!(n > 200, "{n} packets judged");
+        assert!(eventually >= 0.999, "subscriber {s}: only {:.2}% arrived", eventually * 100.0);
+    }
+    let stats = sim.engine.stats(sim.peers[lossy].connection_id.as_deref().unwrap()).unwrap();
+    assert!(stats.retransmitted_packets > 0, "the lossy subscriber's losses were repaired by retransmission");
+    assert!(sim.peers.iter().all(|peer| peer.connected), "nobody was disturbed");
+}

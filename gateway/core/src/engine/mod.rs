@@ -19,6 +19,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::config::DtlsCert;
 use str0m::format::{Codec, CodecConfig, PayloadParams};
+use str0m::ice::StunMessage;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket};
@@ -65,6 +66,10 @@ pub struct Engine {
     rooms: HashMap<Arc<str>, Room>,
     conns: HashMap<ConnKey, Conn>,
     keys: HashMap<Arc<str>, ConnKey>,
+    /// Shared-socket demultiplexing (`media.mux`): our ICE username fragment of each
+    /// connection, and each ICE-authenticated remote address with the connection it belongs to.
+    by_ufrag: HashMap<String, ConnKey>,
+    by_source: HashMap<SocketAddr, ConnKey>,
     q: Queues,
     counters: Counters,
     /// Subscribers whose layers must be chosen again.
@@ -100,6 +105,8 @@ impl Engine {
             rooms: HashMap::new(),
             conns: HashMap::new(),
             keys: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_source: HashMap::new(),
             q: Queues::default(),
             counters: Counters::default(),
             realloc: Vec::new(),
@@ -267,6 +274,43 @@ impl Engine {
             conn.last_rx = now;
         }
         self.process(now);
+    }
+
+    /// Which connection a datagram on a socket shared by many connections belongs to: a STUN
+    /// message by our username fragment in its USERNAME (so a client's first check, and a
+    /// check from a new address, find their connection), anything else only by a remote
+    /// address ICE has authenticated for a connection.
+    pub fn route(&self, source: SocketAddr, data: &[u8]) -> Option<ConnKey> {
+        if data.first().is_some_and(|b| *b < 4) {
+            if let Some((ours, _)) = StunMessage::parse(data).ok().as_ref().and_then(|m| m.split_username()) {
+                return self.by_ufrag.get(ours).copied();
+            }
+        }
+        self.by_source.get(&source).copied()
+    }
+
+    /// A datagram arrived on a socket shared by many connections (`destination` is that
+    /// socket's candidate address). Returns the connection it was given to; datagrams that
+    /// belong to none are dropped and counted.
+    pub fn handle_shared_receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> Option<ConnKey> {
+        let Some(key) = self.route(source, data) else {
+            self.counters.unrouted_datagrams += 1;
+            return None;
+        };
+        self.handle_receive(now, key, source, destination, data);
+        // The check passed (str0m answered it): later datagrams from there are this connection's.
+        if self.conns.get(&key).is_some_and(|c| c.trusted.contains(&source))
+            && self.by_source.get(&source) != Some(&key)
+        {
+            self.by_source.insert(source, key);
+        }
+        Some(key)
     }
 
     /// Time passed: drive every `Rtc` that is due, send merged keyframe requests, and fail
@@ -529,6 +573,8 @@ impl Engine {
         }
         let Some(mut conn) = self.conns.remove(&key) else { return };
         self.keys.remove(&conn.id);
+        self.by_ufrag.retain(|_, k| *k != key);
+        self.by_source.retain(|_, k| *k != key);
         if let Some(room) = self.rooms.get_mut(&room_id) {
             room.unlink(key);
         }

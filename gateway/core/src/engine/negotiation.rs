@@ -132,6 +132,7 @@ impl Engine {
             span,
         };
         conn.enter(&mut self.q, ConnectionState::Initial, None);
+        self.by_ufrag.insert(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
         self.keys.insert(id, spec.key);
         self.conns.insert(spec.key, conn);
         if let Some(r) = self.rooms.get_mut(&room) {
