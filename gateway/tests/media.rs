@@ -274,9 +274,13 @@ async fn lost_packets_are_recovered_on_both_legs() {
     // str0m reports stats once a second: wait for a report that covers the repair.
     let path = format!("/v1/connections/{}", sub.connection_id("subscribe").unwrap());
     let path = &path;
-    let d = poll_until("retransmissions counted", 5, || async move {
+    let d = poll_until("retransmissions counted and a bitrate reported", 10, || async move {
         let (_, d) = apir.call("GET", path, None).await;
-        if d["stats"]["retransmitted_packets"].as_u64().unwrap() >= 10 {
+        let rated = d["stats"]["egress"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|m| m["bitrate_bps"].as_u64().unwrap_or(0) > 10_000));
+        // The bitrate needs a second report: on a loaded machine it may come after the count.
+        if d["stats"]["retransmitted_packets"].as_u64().unwrap() >= 10 && rated {
             Ok(d)
         } else {
             Err(d["stats"].to_string())
