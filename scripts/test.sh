@@ -82,6 +82,9 @@ fi
 log "cargo test --workspace (unit, API, loopback UDP integration)"
 cargo test --workspace
 
+log "the gateway's socket suites again in single-port mode (media.mux: one UDP port per worker)"
+TEST_MEDIA_MUX=1 cargo test -p gateway --tests
+
 log "building the gateway and loadtest binaries for the browser tests"
 cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
@@ -92,6 +95,9 @@ log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN
 # So must the GStreamer interop test (its clients run in a namespace of their own).
 if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
+log "Chromium behind NATs, TURN and loss, and the room page, again in single-port mode (media.mux)"
+(cd web-client && GATEWAY__MEDIA__MUX=true node --test --test-concurrency=1 \
+  tests/nat.test.mjs tests/loss.test.mjs tests/room.test.mjs tests/data.test.mjs)
 log "the Chromium simulcast test again with H.264 simulcast"
 (cd web-client && SIMULCAST_CODEC=H264 node --test tests/simulcast.test.mjs)
 

@@ -29,6 +29,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub const API_KEY: &str = "test-api-key";
 
+/// `TEST_MEDIA_MUX=1`: every gateway the tests start shares one UDP port per media worker
+/// (`media.mux`), so the same suites prove the single-port mode.
+pub fn mux_mode() -> bool {
+    std::env::var("TEST_MEDIA_MUX").is_ok_and(|v| v == "1")
+}
+
 /// Start a gateway on 127.0.0.1 with HTTP on an ephemeral port and the given media port range.
 pub async fn start_gateway(port_min: u16, port_max: u16) -> Running {
     start_gateway_with(port_min, port_max, |_| {}).await
@@ -43,6 +49,8 @@ pub async fn start_gateway_with(port_min: u16, port_max: u16, adjust: impl FnOnc
     cfg.media.workers = 2;
     cfg.auth.api_key = API_KEY.into();
     cfg.auth.token_secret = "integration-test-secret-0123456789".into();
+    // The suites run once as configured and once more in single-port mode (scripts/test.sh).
+    cfg.media.mux = mux_mode();
     adjust(&mut cfg);
     cfg.validate().unwrap();
     gateway::server::start(cfg).await.expect("gateway starts")
