@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
 
-use crate::media::VideoCodec;
+use crate::media::{AudioSource, VideoCodec};
 use crate::run::{Config, Ramp};
 use crate::signaling::TargetKind;
 
@@ -68,6 +68,11 @@ pub struct Args {
     /// Publish audio (Opus, 32 kbit/s, 20 ms packets).
     #[arg(long, value_enum, default_value = "on")]
     pub audio: OnOff,
+    /// What publishers' microphones hear, one per publisher in turn (comma-separated, e.g.
+    /// `tone,silence`: the first publisher of each room a tone, the second silence, ...). Every
+    /// audio packet carries its level (RFC 6464), as browsers send it.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tone")]
+    pub audio_source: Vec<AudioSource>,
     /// Video bitrate of a single-layer publisher, e.g. 1.5M, 500k: the committed clip nearest to
     /// it is sent (150k 320x180, 500k 640x360, 1.5M 1280x720).
     #[arg(long, default_value = "1.5M", value_parser = parse_bitrate)]
@@ -170,6 +175,7 @@ impl Args {
             duration: self.duration,
             video: self.video == OnOff::On,
             audio: self.audio == OnOff::On,
+            audio_sources: self.audio_source,
             video_bitrate: self.video_bitrate,
             simulcast_layers: usize::from(self.simulcast_layers),
             join_rate: self.join_rate,

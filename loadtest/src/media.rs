@@ -65,6 +65,9 @@ pub struct Clip {
     pub loop_ticks: u32,
     /// RTP time between frames.
     pub frame_ticks: u32,
+    /// Audio: each frame's level as RFC 6464 carries it (−dBov, 127 = silence), measured from
+    /// the decoded clip by `media/levels.py`; empty for video.
+    pub levels: Vec<u8>,
 }
 
 impl Clip {
@@ -131,6 +134,9 @@ pub const LAYERS: [Layer; 3] = [
 ];
 
 const OPUS: &[u8] = include_bytes!("../media/opus.ogg");
+const OPUS_LEVELS: &[u8] = include_bytes!("../media/opus.levels");
+const SILENCE: &[u8] = include_bytes!("../media/silence.ogg");
+const SILENCE_LEVELS: &[u8] = include_bytes!("../media/silence.levels");
 const VIDEO_FPS: u32 = 30;
 
 /// The layer whose bitrate is nearest to `bps` (for a single-layer publisher).
@@ -147,9 +153,33 @@ pub fn video_clip(codec: VideoCodec, layer: usize) -> Result<Clip, ClipError> {
     }
 }
 
-/// Load the Opus clip.
+/// What a publisher's microphone hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioSource {
+    /// A 440 Hz tone under pink noise (about −32 dBov): a speaker.
+    Tone,
+    /// Digital silence: a muted-looking microphone that still sends.
+    Silence,
+}
+
+/// Load the Opus clip (the tone).
 pub fn opus_clip() -> Result<Clip, ClipError> {
-    parse_ogg_opus(OPUS)
+    audio_clip(AudioSource::Tone)
+}
+
+/// Load an Opus clip with its per-frame audio levels.
+pub fn audio_clip(source: AudioSource) -> Result<Clip, ClipError> {
+    let (name, ogg, levels) = match source {
+        AudioSource::Tone => ("opus", OPUS, OPUS_LEVELS),
+        AudioSource::Silence => ("silence", SILENCE, SILENCE_LEVELS),
+    };
+    let mut clip = parse_ogg_opus(name, ogg)?;
+    if levels.is_empty() || levels.iter().any(|l| *l > 127) {
+        return Err(bad(name, "its .levels file is empty or not RFC 6464 levels"));
+    }
+    clip.levels = levels.to_vec();
+    Ok(clip)
 }
 
 fn le16(b: &[u8], at: usize) -> u32 {
@@ -251,12 +281,12 @@ fn finish_video(layer: &Layer, frames: Vec<Frame>) -> Result<Clip, ClipError> {
         loop_ticks: last + frame_ticks,
         frame_ticks,
         frames,
+        levels: Vec::new(),
     })
 }
 
 /// Ogg pages → packets; the first two (OpusHead, OpusTags) are headers. 20 ms per packet.
-fn parse_ogg_opus(b: &[u8]) -> Result<Clip, ClipError> {
-    let name = "opus";
+fn parse_ogg_opus(name: &'static str, b: &[u8]) -> Result<Clip, ClipError> {
     let mut packets: Vec<Vec<u8>> = Vec::new();
     let mut partial: Vec<u8> = Vec::new();
     let mut at = 0;
@@ -287,7 +317,16 @@ fn parse_ogg_opus(b: &[u8]) -> Result<Clip, ClipError> {
         .map(|(i, p)| Frame { ts: i as u32 * 960, keyframe: true, nals: vec![p] })
         .collect();
     let loop_ticks = frames.len() as u32 * 960;
-    Ok(Clip { name, width: 0, height: 0, nominal_bps: 32_000, frames, loop_ticks, frame_ticks: 960 })
+    Ok(Clip {
+        name,
+        width: 0,
+        height: 0,
+        nominal_bps: 32_000,
+        frames,
+        loop_ticks,
+        frame_ticks: 960,
+        levels: Vec::new(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,6 +435,25 @@ mod tests {
         // 4 s of 20 ms frames, plus one for the encoder's pre-skip.
         assert!((200..=201).contains(&o.frames.len()), "{}", o.frames.len());
         assert_eq!(o.loop_ticks, o.frames.len() as u32 * 960);
+    }
+
+    #[test]
+    fn audio_clips_carry_their_measured_levels() {
+        let median = |c: &Clip| {
+            let mut l = c.levels.clone();
+            l.sort_unstable();
+            l[l.len() / 2]
+        };
+        let tone = audio_clip(AudioSource::Tone).unwrap();
+        let silence = audio_clip(AudioSource::Silence).unwrap();
+        for c in [&tone, &silence] {
+            assert!(c.levels.len().abs_diff(c.frames.len()) <= 1, "{}: a level per frame", c.name);
+        }
+        // The tone (volume 0.3 of ffmpeg's sine under pink noise) is about −32 dBov: a speaker
+        // by the gateway's −50 dBov rule; silence is 127.
+        assert!((25..=40).contains(&median(&tone)), "{}", median(&tone));
+        assert!(silence.levels.iter().all(|l| *l == 127));
+        assert!(silence.frames.len() >= 200, "4 s of silence");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
-use str0m::rtp::{RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Event, IceConnectionState};
 use test_peer::rx::Classified;
 use test_peer::{Out, PeerConfig, SdpError};
@@ -40,6 +40,8 @@ pub struct Plan {
     pub local_ip: IpAddr,
     /// READY must be reached within this, or the connection counts as failed (`timeout`).
     pub connect_timeout: Duration,
+    /// Which of `MediaPlan::audio` this publisher sends (modulo their number).
+    pub audio_source: usize,
 }
 
 /// What publishers send.
@@ -47,7 +49,8 @@ pub struct MediaPlan {
     pub codec: VideoCodec,
     /// Video layers, lowest first; one without simulcast, none without video.
     pub video: Vec<Arc<Clip>>,
-    pub audio: Option<Arc<Clip>>,
+    /// Audio clips publishers take in turn (`Plan::audio_source`); none without audio.
+    pub audio: Vec<Arc<Clip>>,
 }
 
 /// A connection's join, as this participant saw it.
@@ -384,12 +387,14 @@ impl<'a> Participant<'a> {
             let layers = self.media.video.len();
             let rids: Vec<&str> = media::LAYERS.iter().take(layers).map(|l| l.rid).collect();
             let video = (layers > 0).then_some(rids.as_slice());
-            if let Some(sdp) = p.side.peer.publish_offer(self.media.audio.is_some(), video) {
+            if let Some(sdp) = p.side.peer.publish_offer(!self.media.audio.is_empty(), video) {
                 out.push(Command::Publish { sdp });
             }
             let (audio_mid, video_mid) = (p.side.peer.audio_mid, p.side.peer.video_mid);
             let name = &self.plan.name;
-            if let (Some(mid), Some(clip)) = (audio_mid, self.media.audio.as_ref()) {
+            let audio = &self.media.audio;
+            let clip = (!audio.is_empty()).then(|| &audio[self.plan.audio_source % audio.len()]);
+            if let (Some(mid), Some(clip)) = (audio_mid, clip) {
                 let index = self.shared.register(name, &mid.to_string(), None, "audio", "opus");
                 p.audio = Some(TxTrack::new(mid, None, index, Arc::clone(clip), Box::new(OpusPacketizer)));
             }
@@ -794,7 +799,7 @@ impl Publisher {
             t.packetizer.packetize(&f, &mut self.scratch);
             let ticks = t.clip.frame_ticks;
             if let Some(pt) = pt {
-                write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, true);
+                write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, VIDEO);
             }
             t.ts = t.ts.wrapping_add(ticks);
         }
@@ -806,18 +811,29 @@ impl Publisher {
         let Some(t) = self.audio.as_mut() else { return };
         let frames = t.clip.frames.len();
         let f = &t.clip.frames[self.audio_frame % frames];
+        let level = t.clip.levels.get(self.audio_frame % t.clip.levels.len().max(1)).copied();
         self.audio_frame = (self.audio_frame + 1) % frames;
         self.scratch.clear();
         let f = f.clone();
         t.packetizer.packetize(&f, &mut self.scratch);
         if let Some(pt) = pt {
-            write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, false);
+            let mut ext = ExtensionValues::default();
+            if let Some(level) = level {
+                // RFC 6464: −dBov (str0m takes it negated) and voice activity.
+                ext.audio_level = Some(-(level.min(127) as i8));
+                ext.voice_activity = Some(level < 127);
+            }
+            write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, ext);
         }
         t.ts = t.ts.wrapping_add(960);
     }
 }
 
-/// Write one frame's payloads on a track; record each payload's hash and send instant first.
+/// Marks a video frame's packets for [`write_packets`] (audio carries its level instead).
+const VIDEO: Option<ExtensionValues> = None;
+
+/// Write one frame's payloads on a track (video: `ext` is `None`; audio: its header extension
+/// values); record each payload's hash and send instant first.
 fn write_packets(
     peer: &mut test_peer::Peer,
     t: &mut TxTrack,
@@ -825,14 +841,19 @@ fn write_packets(
     payloads: &[Vec<u8>],
     now: Instant,
     shared: &Shared,
-    video: bool,
+    ext: impl Into<Option<ExtensionValues>>,
 ) {
+    let ext = ext.into();
+    let video = ext.is_none();
     let n = payloads.len();
     for (i, p) in payloads.iter().enumerate() {
         let mut api = peer.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(t.mid, t.rid) else { return };
         t.index.record(payload_hash(p), Instant::now(), p.len());
-        let w = RtpWrite::new(pt, t.seq.into(), t.ts, now, p.clone()).marker(video && i + 1 == n).nackable(video);
+        let mut w = RtpWrite::new(pt, t.seq.into(), t.ts, now, p.clone()).marker(video && i + 1 == n).nackable(video);
+        if let Some(ext) = &ext {
+            w = w.ext_vals(ext.clone());
+        }
         tx.write_rtp(w);
         t.seq += 1;
         t.written += 1;

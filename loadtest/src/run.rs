@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::Api;
 use crate::janus::Janus;
-use crate::media::{self, VideoCodec};
+use crate::media::{self, AudioSource, VideoCodec};
 use crate::peer::{self, MediaPlan, ParticipantReport, Plan};
 use crate::report::*;
 use crate::signaling::{Target, TargetKind};
@@ -39,6 +39,8 @@ pub struct Config {
     pub duration: Duration,
     pub video: bool,
     pub audio: bool,
+    /// Publisher i of a room hears `audio_sources[i % len]`.
+    pub audio_sources: Vec<AudioSource>,
     /// Target video bitrate of a single-layer publisher: the clip nearest to it is sent.
     pub video_bitrate: u64,
     /// Simulcast layers per video publisher (1 = no simulcast).
@@ -100,6 +102,7 @@ impl Default for Config {
             duration: Duration::from_secs(30),
             video: true,
             audio: true,
+            audio_sources: vec![AudioSource::Tone],
             video_bitrate: 1_500_000,
             simulcast_layers: 1,
             join_rate: 10.0,
@@ -287,12 +290,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let mut planned = 0usize;
     // Identities are unique per run: several load testers may share a room.
     let run_id = format!("{:04x}", rand::random::<u16>());
-    let spawn = |name: String, room: &str, publish: bool, subscribe: bool| -> Running {
+    let spawn = |name: String, room: &str, publish: bool, subscribe: bool, audio_source: usize| -> Running {
         let plan = Plan {
             room_id: room.to_owned(),
             name,
             publish,
             subscribe,
+            audio_source,
             local_ip: cfg.local_ip,
             connect_timeout: cfg.connect_timeout,
         };
@@ -312,7 +316,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     for (r, (_, room)) in rooms.iter().enumerate() {
         for i in 0..cfg.publishers {
             pace(1).await;
-            running.push(spawn(format!("pub-{r}-{i}-{run_id}"), room, true, cfg.publishers_subscribe));
+            running.push(spawn(format!("pub-{r}-{i}-{run_id}"), room, true, cfg.publishers_subscribe, i));
             planned += 1;
         }
     }
@@ -329,7 +333,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
     for (name, room) in add_subscribers(cfg.subscribers, &mut running) {
         pace(1).await;
-        running.push(spawn(name, &room, false, true));
+        running.push(spawn(name, &room, false, true, 0));
         planned += 1;
     }
     let join_done = wait_joined(&shared, planned, cfg.connect_timeout + Duration::from_secs(2)).await;
@@ -350,7 +354,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             let n = ramp.step.min(ramp.max_subscribers - subscribers);
             for (name, room) in add_subscribers(n, &mut running) {
                 pace(1).await;
-                running.push(spawn(name, &room, false, true));
+                running.push(spawn(name, &room, false, true, 0));
                 planned += 1;
             }
             subscribers += n;
@@ -479,7 +483,12 @@ fn media_plan(cfg: &Config) -> anyhow::Result<MediaPlan> {
     } else {
         Vec::new()
     };
-    let audio = if cfg.audio { Some(Arc::new(media::opus_clip()?)) } else { None };
+    let audio = if cfg.audio {
+        let sources = if cfg.audio_sources.is_empty() { &[AudioSource::Tone][..] } else { &cfg.audio_sources };
+        sources.iter().map(|s| media::audio_clip(*s).map(Arc::new)).collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     Ok(MediaPlan { codec: cfg.codec, video, audio })
 }
 

@@ -229,6 +229,7 @@ fn plan(name: &str, publish: bool, subscribe: bool) -> Plan {
         subscribe,
         local_ip: JANUS_IP.parse().unwrap(),
         connect_timeout: Duration::from_secs(5),
+        audio_source: 0,
     }
 }
 

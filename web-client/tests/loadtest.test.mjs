@@ -1,7 +1,9 @@
 // The load tester's synthetic publishers send real video: a browser in the same room decodes
 // it. Two `loadtest` processes publish into one room (VP8 640x360 and H.264 1280x720 from the
 // committed clips); a Chromium page joins through the web client and must decode both, at the
-// clips' sizes, with frames still coming.
+// clips' sizes, with frames still coming. Then two synthetic publishers, one hearing a tone and
+// one silence (`--audio-source tone,silence`: each audio packet carries the clip's measured
+// RFC 6464 level): only the first is ever an active speaker, and only its tile is ringed.
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -24,12 +26,12 @@ after(async () => {
   if (gateway) await gateway.stop();
 });
 
-function startPublisher(room, codec, bitrate) {
+function startPublisher(room, codec, bitrate, extra = ["--publishers", "1"]) {
   const bin = process.env.LOADTEST_BIN || path.join(repoRoot, "target", "debug", "loadtest");
   const args = [
     "--url", gateway.base, "--api-key", API_KEY, "--room", room,
-    "--publishers", "1", "--subscribers", "0", "--codec", codec, "--video-bitrate", bitrate,
-    "--duration", "120s", "--quiet",
+    "--subscribers", "0", "--codec", codec, "--video-bitrate", bitrate,
+    "--duration", "120s", "--quiet", ...extra,
   ];
   const child = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
@@ -96,4 +98,49 @@ test("a browser decodes the load tester's synthetic VP8 and H.264", { timeout: 1
     assert.equal(code, 0, p.output());
     assert.match(p.output(), /connections READY\s+1 of 1 \(publish 1/);
   }
+});
+
+/** Whether `viewer` rings `pid`'s tile (the web client's speaking highlight, as drawn). */
+function ringed(viewer, pid) {
+  return viewer.evaluate((pid) => {
+    const t = document.querySelector(`.tile[data-participant="${pid}"]`);
+    if (!t) return null;
+    return t.classList.contains("speaking") && getComputedStyle(t, "::after").borderTopColor !== "rgba(0, 0, 0, 0)";
+  }, pid);
+}
+
+test("of two synthetic publishers, the one with a tone is the active speaker and the silent one never", { timeout: 90000 }, async () => {
+  const room = "speakers";
+  const both = startPublisher(room, "vp8", "150k", ["--publishers", "2", "--audio-source", "tone,silence"]);
+  const found = await waitFor("both publishers' streams in the room", async () => {
+    const r = await api(gateway.base, "GET", "/v1/rooms");
+    const f = (r.body.rooms || []).find((x) => x.name === room);
+    return f && f.streams >= 4 ? f : null;
+  }, 30000);
+  const view = await api(gateway.base, "GET", `/v1/rooms/${found.room_id}`);
+  const ids = view.body.participants.map((p) => p.participant_id);
+  const tone = ids.find((id) => /^pub-0-0-/.test(id));
+  const silent = ids.find((id) => /^pub-0-1-/.test(id));
+  assert.ok(tone && silent, `the two publishers: ${JSON.stringify(ids)}`);
+
+  const page = await joinPageOf(browser, gateway.base, room, "listener");
+  await waitFor("the tone publisher ringed at the listener", () => ringed(page, tone).then((r) => r || null), 20000);
+  // Watch for 4 s more (20 speaker ticks): the silent one is never listed nor ringed.
+  for (let i = 0; i < 20; i++) {
+    assert.equal(await ringed(page, silent), false, "the silent publisher's tile is not ringed");
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  const reports = await page.evaluate(() => window.gw.events.filter((m) => m.type === "active_speakers"));
+  assert.ok(reports.length >= 1, "active_speakers reached the page");
+  for (const m of reports) {
+    const who = m.speakers.map((s) => s.participant_id);
+    assert.ok(!who.includes(silent), `silence is never a speaker: ${JSON.stringify(m)}`);
+  }
+  // (The listener's own fake microphone beeps too: it may be listed beside the tone.)
+  assert.ok(reports.some((m) => m.speakers.some((s) => s.participant_id === tone)), JSON.stringify(reports));
+  assert.equal(await ringed(page, tone), true, "the tone publisher is still ringed");
+  console.log(`active_speakers at the listener: ${JSON.stringify(reports.map((m) => m.speakers.map((s) => `${s.participant_id} ${s.level.toFixed(2)}`)))}`);
+  await page.evaluate(() => window.gw.leave());
+  both.child.kill("SIGINT");
+  assert.equal(await both.exited, 0, both.output());
 });
