@@ -149,11 +149,33 @@ pub struct ApiDoc;
 pub fn openapi_json_text() -> &'static str {
     static TEXT: OnceLock<String> = OnceLock::new();
     TEXT.get_or_init(|| {
-        let value = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+        let mut value = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+        fix_link_keys(&mut value);
         let mut text = serde_json::to_string_pretty(&value).expect("JSON serializes");
         text.push('\n');
         text
     })
+}
+
+/// utoipa 5 writes a Link Object's `operationId` and `operationRef` in snake case; OpenAPI
+/// (and every tool that follows links) spells them in camel case.
+fn fix_link_keys(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(links) = map.get_mut("links").and_then(serde_json::Value::as_object_mut) {
+                for link in links.values_mut().filter_map(serde_json::Value::as_object_mut) {
+                    for (from, to) in [("operation_id", "operationId"), ("operation_ref", "operationRef")] {
+                        if let Some(v) = link.remove(from) {
+                            link.insert(to.to_owned(), v);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(fix_link_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(fix_link_keys),
+        _ => {}
+    }
 }
 
 /// The document as a JSON value.

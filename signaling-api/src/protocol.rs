@@ -222,11 +222,21 @@ pub fn now_rfc3339() -> String {
 // REST bodies (docs/api.md §2)
 // ---------------------------------------------------------------------------------------------
 
+// The input rules of the REST routes are stated in the OpenAPI document as patterns (ECMA-262
+// regexes that Python's `re` reads alike; `schema(pattern)` takes only a literal). "Control" is
+// Unicode's Cc (what `char::is_control` means); "space" at either end is Unicode's White_Space
+// (what `str::trim` strips). signaling-api/tests/api.rs checks that they say what the server does.
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRoomRequest {
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     ([^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000])?$"
+    )]
     pub name: Option<String>,
     #[serde(default)]
     #[schema(minimum = 1)]
@@ -294,7 +304,13 @@ pub struct TokenRequest {
     pub participant: String,
     /// Display name; defaults to `participant`.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*\
+     [^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     [^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: Option<String>,
     #[serde(default)]
     pub can_publish: Option<bool>,
@@ -328,13 +344,24 @@ pub struct IceServer {
 #[serde(deny_unknown_fields)]
 pub struct DevTokenRequest {
     /// The room's name (created if it does not exist).
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     ([^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000])?$"
+    )]
     pub room: String,
     #[schema(pattern = "^[A-Za-z0-9._+-]{1,64}$", min_length = 1, max_length = 64)]
     pub participant: String,
     /// Display name; defaults to `participant`.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*\
+     [^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     [^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: Option<String>,
 }
 

@@ -143,7 +143,14 @@ fn valid_display_name(s: &str) -> bool {
     request_body(content = Option<CreateRoomRequest>, description = "Optional: an empty body (no Content-Type) takes every default."),
     responses(
         (status = 201, description = "The room", body = RoomCreated,
-            headers(("Location" = String, description = "`/v1/rooms/{room_id}`"))),
+            headers(("Location" = String, description = "`/v1/rooms/{room_id}`")),
+            links(
+                ("GetRoom" = (operation_id = "get_room", parameters(("room_id" = "$response.body#/room_id")))),
+                ("CreateToken" = (operation_id = "create_token", parameters(("room_id" = "$response.body#/room_id")))),
+                ("SetRoomMetadata" = (operation_id = "set_room_metadata", parameters(("room_id" = "$response.body#/room_id")))),
+                ("SendMessage" = (operation_id = "send_message", parameters(("room_id" = "$response.body#/room_id")))),
+                ("DeleteRoom" = (operation_id = "delete_room", parameters(("room_id" = "$response.body#/room_id")))),
+            )),
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 409, description = "The name is taken, the server's room limit is reached, or the server is draining (`conflict`)", body = ErrorBody),
@@ -312,7 +319,12 @@ pub(crate) async fn create_token(
     operation_id = "dev_token",
     request_body = DevTokenRequest,
     responses(
-        (status = 200, description = "A join token for the room of that name (created if it did not exist)", body = DevTokenResponse),
+        (status = 200, description = "A join token for the room of that name (created if it did not exist)", body = DevTokenResponse,
+            links(
+                ("GetRoom" = (operation_id = "get_room", parameters(("room_id" = "$response.body#/room_id")))),
+                ("GetParticipant" = (operation_id = "get_participant", parameters(
+                    ("room_id" = "$response.body#/room_id"), ("participant_id" = "$response.body#/participant_id")))),
+            )),
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 404, description = "The route is off (`api.dev_token_route = false`) (`not_found`)", body = ErrorBody),
         (status = 409, description = "The server's room limit is reached, or the server is draining (`conflict`)", body = ErrorBody),

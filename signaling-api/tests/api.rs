@@ -1369,3 +1369,86 @@ async fn openapi_document_is_checked_in_and_served() {
     assert_eq!((s, h["content-type"].to_str().unwrap()), (StatusCode::OK, "application/json"));
     assert_eq!(body, generated, "served without auth, byte for byte");
 }
+
+/// Found by schemathesis: serde fills a struct from a JSON array positionally, so `[null, null]`
+/// created a room and sent a message. Every REST body must be an object.
+#[tokio::test]
+async fn bodies_that_are_not_json_objects_are_refused() {
+    let (app, _, _) = app();
+    let room = named_room(&app, r#"{"name":"objects"}"#).await;
+    let routes = [
+        ("POST", "/v1/rooms".to_owned()),
+        ("POST", format!("/v1/rooms/{room}/tokens")),
+        ("POST", format!("/v1/rooms/{room}/messages")),
+        ("PUT", format!("/v1/rooms/{room}/metadata")),
+        ("POST", "/v1/dev/token".to_owned()),
+    ];
+    for (method, uri) in &routes {
+        for body in ["[null, null]", r#"["a", "b", true, false, 60]"#, "null", "7", r#""text""#] {
+            let (s, v) = call(&app, method, uri, Some(body), true).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {uri} {body}: {v}");
+            assert_error(&v, "bad_request");
+        }
+    }
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"max_participants":"many"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().unwrap().contains("max_participants"), "names the field: {v}");
+    let (_, list) = call(&app, "GET", "/v1/rooms", None, true).await;
+    assert_eq!(list["rooms"].as_array().unwrap().len(), 1, "no room was made: {list}");
+}
+
+/// The input rules the OpenAPI document states (patterns, lengths) are the server's: a name the
+/// schema allows is taken, one it refuses is refused.
+#[tokio::test]
+async fn the_documented_name_rules_are_the_servers() {
+    let doc = signaling_api::openapi::openapi_document();
+    let schema = |name: &str| {
+        let mut root = doc["components"]["schemas"][name].clone();
+        root["components"] = doc["components"].clone();
+        jsonschema::options().with_draft(jsonschema::Draft::Draft202012).build(&root).unwrap()
+    };
+    let (create_room, token, dev) = (schema("CreateRoomRequest"), schema("TokenRequest"), schema("DevTokenRequest"));
+    let (app, _, _) = app();
+    let room = named_room(&app, "{}").await;
+    let long64 = "é".repeat(64);
+    let long65 = "é".repeat(65);
+    let names = [
+        "a",
+        "standup",
+        "x y",
+        "会議室",
+        long64.as_str(),
+        long65.as_str(),
+        "",
+        " a",
+        "a ",
+        "\ta",
+        "a\n",
+        "a\u{85}",
+        "\u{a0}a",
+        "a\u{3000}",
+        "a\u{7f}b",
+        "a\u{9f}",
+        "\u{feff}a",
+        "a\u{200b}",
+        "Ünïcødé 🎉",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let body = json!({ "name": name });
+        let (s, v) = call(&app, "POST", "/v1/rooms", Some(&body.to_string()), true).await;
+        let documented = create_room.is_valid(&body);
+        assert_eq!(s == StatusCode::CREATED, documented, "room name {name:?}: schema {documented}, server {s} {v}");
+        let display = json!({ "participant": format!("p{i}"), "name": name });
+        let (s, v) = call(&app, "POST", &format!("/v1/rooms/{room}/tokens"), Some(&display.to_string()), true).await;
+        let documented = token.is_valid(&display);
+        assert_eq!(s == StatusCode::CREATED, documented, "display name {name:?}: schema {documented}, server {s} {v}");
+    }
+    for (i, who) in
+        ["alice", "a.b-c_d+e", "A9", &"x".repeat(64), &"x".repeat(65), "", "a b", "ä", "a/b", "a\n"].iter().enumerate()
+    {
+        let body = json!({ "room": format!("dev-{i}"), "participant": who });
+        let (s, v) = call(&app, "POST", "/v1/dev/token", Some(&body.to_string()), false).await;
+        let documented = dev.is_valid(&body);
+        assert_eq!(s == StatusCode::OK, documented, "participant {who:?}: schema {documented}, server {s} {v}");
+    }
+}
