@@ -62,6 +62,8 @@ fn start_gateway(log: &Path) -> Gateway {
         .env("GATEWAY__MEDIA__PORT_MIN", MEDIA_PORTS.0.to_string())
         .env("GATEWAY__MEDIA__PORT_MAX", MEDIA_PORTS.1.to_string())
         .env("GATEWAY__MEDIA__WORKERS", "1")
+        // One UDP port for every session: the WHIP/WHEP examples open many in a row.
+        .env("GATEWAY__MEDIA__MUX", "true")
         .env("GATEWAY__AUTH__API_KEY", API_KEY)
         .env("GATEWAY__LOG__LEVEL", "warn")
         .stdout(log.try_clone().unwrap())
@@ -98,6 +100,10 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     );
 
     let Some(st) = schemathesis() else { return };
+    // The room and join token of the WHIP/WHEP operations (schemathesis.toml).
+    let api = Api::new(base.clone());
+    let room = api.create_room("schemathesis-stage").await;
+    let join_token = api.token(&room, "st-publisher").await;
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| SEED.to_owned());
     let log_path = out.join("schemathesis.log");
@@ -106,6 +112,7 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     let mut run = Command::new(st)
         .current_dir(&out)
         .env("SCHEMATHESIS_HOOKS", here.join("schemathesis_hooks.py"))
+        .env("ST_JOIN_TOKEN", &join_token)
         .env("NO_COLOR", "1")
         .arg("--config-file")
         .arg(here.join("schemathesis.toml"))
@@ -148,6 +155,22 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     // which schemathesis skips when it loads the document from it.
     let expected = format!("Tested: {}", operations - 3);
     assert!(report.contains(&expected), "schemathesis did not test every selected operation:\n{}", tail.join("\n"));
+    // The documented example offer opened a real WHIP session (the media plane took it).
+    let whip_created =
+        api.metric(r#"gateway_http_requests_total{method="POST",route="/v1/whip/{room}",status="201"}"#).await;
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    let whip_lines: Vec<&str> =
+        metrics.lines().filter(|l| l.starts_with("gateway_http_requests_total{") && l.contains("/v1/wh")).collect();
+    assert!(whip_created >= 1.0, "the WHIP example offer opened no session:\n{}", whip_lines.join("\n"));
+    let served_5xx: f64 = {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("gateway_http_requests_total{") && l.contains("status=\"5"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(served_5xx, 0.0, "the gateway answered 5xx (its /metrics says so)");
+    eprintln!("schemathesis: {whip_created} WHIP sessions opened from the documented example");
     let gateway_out = std::fs::read_to_string(&gateway_log).unwrap_or_default();
     assert!(!gateway_out.contains("panicked"), "the gateway panicked:\n{gateway_out}");
 }

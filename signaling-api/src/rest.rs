@@ -148,7 +148,6 @@ fn valid_display_name(s: &str) -> bool {
                 ("GetRoom" = (operation_id = "get_room", parameters(("room_id" = "$response.body#/room_id")))),
                 ("CreateToken" = (operation_id = "create_token", parameters(("room_id" = "$response.body#/room_id")))),
                 ("SetRoomMetadata" = (operation_id = "set_room_metadata", parameters(("room_id" = "$response.body#/room_id")))),
-                ("SendMessage" = (operation_id = "send_message", parameters(("room_id" = "$response.body#/room_id")))),
                 ("DeleteRoom" = (operation_id = "delete_room", parameters(("room_id" = "$response.body#/room_id")))),
             )),
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),

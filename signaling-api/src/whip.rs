@@ -41,6 +41,22 @@ use crate::protocol::{ErrorBody, ErrorCode, IceServer, Role};
 use crate::AppState;
 
 const SDP: &str = "application/sdp";
+/// The OpenAPI document's examples (schemathesis sends them to a live gateway, which takes them).
+const WHIP_OFFER_EXAMPLE: &str = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+    a=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:wh1p\r\n\
+    a=ice-pwd:whipexampleicepassword0\r\n\
+    a=fingerprint:sha-256 0F:74:31:25:CB:A2:13:EC:28:6F:6D:2C:61:FF:5D:C2:BC:B9:DB:3D:98:14:8D:1A:BB:EA:33:0C:A4:60:A8:8E\r\n\
+    a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=msid:- audio0\r\na=rtcp-mux\r\n\
+    a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n";
+const WHEP_OFFER_EXAMPLE: &str = "v=0\r\no=- 4611731400430051337 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+    a=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:wh3p\r\n\
+    a=ice-pwd:whepexampleicepassword0\r\n\
+    a=fingerprint:sha-256 0F:74:31:25:CB:A2:13:EC:28:6F:6D:2C:61:FF:5D:C2:BC:B9:DB:3D:98:14:8D:1A:BB:EA:33:0C:A4:60:A8:8E\r\n\
+    a=setup:actpass\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\n\
+    a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n";
+const TRICKLE_EXAMPLE: &str =
+    "a=ice-ufrag:wh1p\r\na=ice-pwd:whipexampleicepassword0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+    a=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 50099 typ host\r\na=end-of-candidates\r\n";
 const SDPFRAG: &str = "application/trickle-ice-sdpfrag";
 const ENDPOINT_METHODS: &str = "POST, OPTIONS";
 const RESOURCE_METHODS: &str = "PATCH, DELETE, OPTIONS";
@@ -86,7 +102,7 @@ pub(crate) fn routes(state: AppState) -> Router {
     operation_id = "whip_publish",
     security(("join_token" = [])),
     params(("room" = String, Path, description = "The room's id or its unique name")),
-    request_body(content = String, content_type = "application/sdp", description = "An SDP offer (sendonly audio and/or video)"),
+    request_body(content = String, content_type = "application/sdp", description = "An SDP offer (sendonly audio and/or video)", example = json!(WHIP_OFFER_EXAMPLE)),
     responses(
         (status = 201, description = "The session resource: the SDP answer, with the gateway's candidate", body = String, content_type = "application/sdp",
             headers(
@@ -133,7 +149,7 @@ pub(crate) async fn whip_post(
     operation_id = "whep_play",
     security(("join_token" = [])),
     params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play")),
-    request_body(content = String, content_type = "application/sdp", description = "A recvonly SDP offer"),
+    request_body(content = String, content_type = "application/sdp", description = "A recvonly SDP offer", example = json!(WHEP_OFFER_EXAMPLE)),
     responses(
         (status = 201, description = "The session resource: the SDP answer, with the gateway's candidate", body = String, content_type = "application/sdp",
             headers(
@@ -183,7 +199,7 @@ pub(crate) async fn whep_post(
     operation_id = "whip_trickle",
     security(("join_token" = []), ("api_key" = [])),
     params(("room" = String, Path, description = "The room's id or its unique name"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart (422)")),
-    request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)"),
+    request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)", example = json!(TRICKLE_EXAMPLE)),
     responses(
         (status = 204, description = "The candidates were taken"),
         (status = 400, description = "Malformed body (`bad_request`, `bad_sdp`)", body = ErrorBody),
@@ -214,7 +230,7 @@ pub(crate) async fn whip_patch(
     operation_id = "whep_trickle",
     security(("join_token" = []), ("api_key" = [])),
     params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart (422)")),
-    request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)"),
+    request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)", example = json!(TRICKLE_EXAMPLE)),
     responses(
         (status = 204, description = "The candidates were taken"),
         (status = 400, description = "Malformed body (`bad_request`, `bad_sdp`)", body = ErrorBody),
