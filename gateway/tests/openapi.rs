@@ -99,11 +99,29 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
          UPDATE_OPENAPI=1 cargo test -p signaling-api --test api openapi_document"
     );
 
+    let doc: serde_json::Value = serde_json::from_str(&checked_in).unwrap();
     let Some(st) = schemathesis() else { return };
     // The room and join token of the WHIP/WHEP operations (schemathesis.toml).
     let api = Api::new(base.clone());
     let room = api.create_room("schemathesis-stage").await;
     let join_token = api.token(&room, "st-publisher").await;
+    // A participant with a live connection for the participant and connection routes: a WHIP
+    // session opened with the document's example offer.
+    let offer = doc["paths"]["/v1/whip/{room}"]["post"]["requestBody"]["content"]["application/sdp"]["example"]
+        .as_str()
+        .expect("the WHIP operation documents an example offer")
+        .to_owned();
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/whip/schemathesis-stage"))
+        .bearer_auth(&join_token)
+        .header("content-type", "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "the example offer is taken");
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let connection_id = location.rsplit('/').next().unwrap().to_owned();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| SEED.to_owned());
     let log_path = out.join("schemathesis.log");
@@ -113,6 +131,8 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
         .current_dir(&out)
         .env("SCHEMATHESIS_HOOKS", here.join("schemathesis_hooks.py"))
         .env("ST_JOIN_TOKEN", &join_token)
+        .env("ST_ROOM_ID", &room)
+        .env("ST_CONNECTION_ID", &connection_id)
         .env("NO_COLOR", "1")
         .arg("--config-file")
         .arg(here.join("schemathesis.toml"))
@@ -149,7 +169,6 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     // Bounded and not trivially empty: every selected operation was tested.
     let summary = report.lines().find(|l| l.trim_start().starts_with("Tested:")).unwrap_or("");
     eprintln!("schemathesis: {} | {}", summary.trim(), report.lines().last().unwrap_or("").trim());
-    let doc: serde_json::Value = serde_json::from_str(&checked_in).unwrap();
     let operations: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
     // All but the two the config leaves out (drain, websocket) and the document's own route,
     // which schemathesis skips when it loads the document from it.
@@ -171,6 +190,14 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     };
     assert_eq!(served_5xx, 0.0, "the gateway answered 5xx (its /metrics says so)");
     eprintln!("schemathesis: {whip_created} WHIP sessions opened from the documented example");
+    // What the gateway answered, per route, method and status (also in test-output/openapi/).
+    let answered: Vec<String> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("gateway_http_requests_total{"))
+        .filter_map(|l| l.split_once("} "))
+        .map(|(labels, n)| format!("{} {n}", labels.replace("\",", " ").replace('"', "")))
+        .collect();
+    std::fs::write(out.join("statuses.txt"), answered.join("\n") + "\n").unwrap();
     let gateway_out = std::fs::read_to_string(&gateway_log).unwrap_or_default();
     assert!(!gateway_out.contains("panicked"), "the gateway panicked:\n{gateway_out}");
 }
