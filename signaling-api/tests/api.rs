@@ -1364,10 +1364,20 @@ async fn openapi_document_is_checked_in_and_served() {
         "docs/openapi.json differs from the document the server generates; regenerate it with: \
          UPDATE_OPENAPI=1 cargo test -p signaling-api --test api openapi_document"
     );
-    let (app, _, _) = app();
-    let (s, h, body) = http(&app, "GET", "/v1/openapi.json", &[], "").await;
+    let (served, _, _) = app();
+    let (s, h, body) = http(&served, "GET", "/v1/openapi.json", &[], "").await;
     assert_eq!((s, h["content-type"].to_str().unwrap()), (StatusCode::OK, "application/json"));
     assert_eq!(body, generated, "served without auth, byte for byte");
+
+    // The WebSocket upgrade's refusals are documented too (the upgrade itself is tested over
+    // real sockets above).
+    let (s, _, _) = http(&served, "GET", "/v1/ws", &[], "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (app, state, _) = app();
+    let room = named_room(&app, "{}").await;
+    let (token, _) = state.auth.issue(&room, "p", "p", true, true, 60).unwrap();
+    let (s, _, b) = http(&app, "GET", &format!("/v1/ws?token={token}"), &[], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"), "not an upgrade request");
 }
 
 /// Found by schemathesis: serde fills a struct from a JSON array positionally, so `[null, null]`
