@@ -111,7 +111,7 @@ fn bounded(value: &serde_json::Value, limit: usize, what: &str) -> Result<(), Ap
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such room, participant or stream (`not_found`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
         (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
     )
 )]
@@ -147,7 +147,7 @@ pub(crate) async fn mute(
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such room or participant (`not_found`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes`, or the metadata over 4 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes`, or the metadata over 4 KiB (`payload_too_large`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn participant_metadata(
@@ -174,7 +174,7 @@ pub(crate) async fn participant_metadata(
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes`, or the metadata over 4 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes`, or the metadata over 4 KiB (`payload_too_large`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn room_metadata(
@@ -203,7 +203,7 @@ pub(crate) async fn room_metadata(
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such room, or no such participant in it (`not_found`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes`, or `data` over 16 KiB (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes`, or `data` over 16 KiB (`payload_too_large`)", body = ErrorBody),
     )
 )]
 pub(crate) async fn message(

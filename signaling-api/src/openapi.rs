@@ -137,7 +137,7 @@ impl Modify for Tidy {
         (name = "connections", description = "A connection's state and its history"),
         (name = "admin", description = "Taking the node out of rotation"),
         (name = "health", description = "Readiness, liveness, metrics and this document"),
-        (name = "dev", description = "Development only (`api.dev_token_route`)"),
+        (name = "dev", description = "Development only (`dev.token_route`)"),
         (name = "websocket", description = "The client WebSocket (docs/api.md §3)"),
         (name = "whip", description = "WHIP ingest (RFC 9725)"),
         (name = "whep", description = "WHEP playback (draft-ietf-wish-whep)"),

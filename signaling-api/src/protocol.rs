@@ -230,6 +230,8 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRoomRequest {
+    /// Unique among the server's rooms; any script, 1–64 characters, no control characters, no
+    /// space at either end.
     #[serde(default)]
     #[schema(
         min_length = 1,
@@ -238,6 +240,8 @@ pub struct CreateRoomRequest {
      ([^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000])?$"
     )]
     pub name: Option<String>,
+    /// Up to the server's `limits.max_participants` (256 by default); absent: its
+    /// `limits.default_max_participants` (16).
     #[serde(default)]
     #[schema(minimum = 1)]
     pub max_participants: Option<u32>,
@@ -300,6 +304,7 @@ pub struct RoomDetail {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
+    /// The participant's identity in the room (1–64 of `A-Z a-z 0-9 - _ . +`).
     #[schema(pattern = "^[A-Za-z0-9._+-]{1,64}$", min_length = 1, max_length = 64)]
     pub participant: String,
     /// Display name; defaults to `participant`.
@@ -316,6 +321,8 @@ pub struct TokenRequest {
     pub can_publish: Option<bool>,
     #[serde(default)]
     pub can_subscribe: Option<bool>,
+    /// Lifetime in seconds, up to the server's `signaling.max_token_ttl_s` (604800 by default);
+    /// absent: `signaling.default_token_ttl_s` (3600).
     #[serde(default)]
     #[schema(minimum = 1)]
     pub ttl_s: Option<u64>,

@@ -153,7 +153,7 @@ fn valid_display_name(s: &str) -> bool {
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 409, description = "The name is taken, the server's room limit is reached, or the server is draining (`conflict`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
         (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
     )
 )]
@@ -272,7 +272,7 @@ pub(crate) async fn detached<T: Send + 'static>(
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
         (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
     )
 )]
@@ -325,9 +325,9 @@ pub(crate) async fn create_token(
                     ("room_id" = "$response.body#/room_id"), ("participant_id" = "$response.body#/participant_id")))),
             )),
         (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
-        (status = 404, description = "The route is off (`api.dev_token_route = false`) (`not_found`)", body = ErrorBody),
+        (status = 404, description = "The route is off (`dev.token_route = off`) (`not_found`)", body = ErrorBody),
         (status = 409, description = "The server's room limit is reached, or the server is draining (`conflict`)", body = ErrorBody),
-        (status = 413, description = "The body is over `http.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
         (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
     )
 )]
