@@ -139,7 +139,7 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
         .args(["run", &url, "--checks", "all", "--exclude-checks", "positive_data_acceptance"])
         .args(["--max-examples", EXAMPLES, "--seed", &seed, "--workers", "2"])
         .args(["--header", &format!("Authorization: Bearer {API_KEY}")])
-        .args(["--request-timeout", "10", "--no-color"])
+        .args(["--request-timeout", "30", "--no-color"])
         .arg("--report-junit-path")
         .arg(out.join("schemathesis-junit.xml"))
         .args(["--report", "junit"])
