@@ -73,6 +73,19 @@ fn start_gateway(log: &Path) -> Gateway {
     Gateway(child)
 }
 
+/// `gateway openapi` prints the checked-in document (for client generators, without a server).
+#[test]
+fn the_openapi_subcommand_prints_the_checked_in_document() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway")).arg("openapi").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checked_in = std::fs::read_to_string(repo().join("docs/openapi.json")).unwrap();
+    assert!(
+        out.stdout == checked_in.as_bytes(),
+        "`gateway openapi` prints another document than docs/openapi.json; regenerate it with: \
+         UPDATE_OPENAPI=1 cargo test -p signaling-api --test api openapi_document"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     let out = repo().join("test-output/openapi");
