@@ -38,7 +38,8 @@ command -v janus >/dev/null 2>&1 || need+=(janus)
   need+=(python3 python3-gi python3-gst-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-nice
     python3-websocket)
-# The webhook receiver of gateway/tests/webhooks.rs runs PyPI's standardwebhooks in a venv.
+# The webhook receiver of gateway/tests/webhooks.rs runs PyPI's standardwebhooks in a venv, and
+# gateway/tests/openapi.rs PyPI's schemathesis in another.
 /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
@@ -67,6 +68,17 @@ if ! "$WEBHOOK_PYTHON" gateway/tests/webhook_receiver.py --check >/dev/null 2>&1
   log "installing standardwebhooks (PyPI) into target/webhook-venv"
   /usr/bin/python3 -m venv "$PWD/target/webhook-venv"
   "$PWD/target/webhook-venv/bin/pip" install --quiet --disable-pip-version-check standardwebhooks
+fi
+
+# PyPI's schemathesis runs generated requests against a live gateway with its OpenAPI document
+# (gateway/tests/openapi.rs, within cargo test --workspace below). Pinned: its checks and its
+# configuration file (gateway/tests/schemathesis.toml) change between releases.
+SCHEMATHESIS_VERSION=4.32.5
+export SCHEMATHESIS="$PWD/target/schemathesis-venv/bin/schemathesis"
+if ! "$SCHEMATHESIS" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+  log "installing schemathesis $SCHEMATHESIS_VERSION (PyPI) into target/schemathesis-venv"
+  /usr/bin/python3 -m venv "$PWD/target/schemathesis-venv"
+  "$PWD/target/schemathesis-venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
 log "installing web-client test packages (npm ci)"

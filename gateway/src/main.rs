@@ -25,6 +25,9 @@ enum Command {
     /// Operate a running gateway over its REST API (rooms, tokens, participants, connections,
     /// drain).
     Admin(gateway::admin::AdminArgs),
+    /// Print the REST API's OpenAPI 3.1 document (the one `GET /v1/openapi.json` serves) and
+    /// exit.
+    Openapi,
 }
 
 /// `gateway admin …`: one REST command, printed; exit status 1 on a refusal.
@@ -78,8 +81,13 @@ async fn terminated() {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Some(Command::Admin(a)) = &args.command {
-        return admin(a);
+    match &args.command {
+        Some(Command::Admin(a)) => return admin(a),
+        Some(Command::Openapi) => {
+            print!("{}", signaling_api::openapi::openapi_json_text());
+            return std::process::ExitCode::SUCCESS;
+        }
+        None => {}
     }
     let cfg = match GatewayConfig::load(args.config.as_deref(), std::env::vars()) {
         Ok(c) => c,

@@ -62,7 +62,8 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections use the contract's error shape.
+/// `Json<T>` whose rejections use the contract's error shape. Every REST body is a JSON object:
+/// an array is refused even where serde would fill a struct from it positionally.
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> axum::extract::FromRequest<S> for ApiJson<T>
@@ -73,9 +74,18 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(r.into()),
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
         }
+        serde_path_to_error::deserialize(value).map(ApiJson).map_err(|e| {
+            let path = e.path().to_string();
+            let e = e.into_inner();
+            if path == "." {
+                ApiError::bad_request(format!("invalid body: {e}"))
+            } else {
+                ApiError::bad_request(format!("invalid body: {path}: {e}"))
+            }
+        })
     }
 }

@@ -13,6 +13,7 @@
 //!   `moderation`: the REST routes that mute, set metadata and send messages.
 //! - `webhook`: signed, ordered, retried webhook delivery of room events to the app backend.
 //! - `whip`: WHIP ingest and WHEP playback over plain HTTP (RFC 9725, draft-ietf-wish-whep).
+//! - `openapi`: the REST API's OpenAPI 3.1 document, generated from the handlers and wire types.
 //! - `metrics`: the first Prometheus counters.
 //! - `error`: the one error type that renders `{ "error": { code, message } }`.
 
@@ -31,6 +32,8 @@ pub mod media;
 pub mod metrics;
 #[cfg(feature = "server")]
 mod moderation;
+#[cfg(feature = "server")]
+pub mod openapi;
 #[cfg(feature = "server")]
 pub mod registry;
 #[cfg(feature = "server")]

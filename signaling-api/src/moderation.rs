@@ -29,14 +29,36 @@ pub(crate) fn routes() -> Router<AppState> {
 
 /// Take no new rooms or sessions (readiness 503), as SIGTERM does, but keep running: take a
 /// node out of rotation and let its calls end.
-async fn drain(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Health>) {
+#[utoipa::path(
+    post,
+    path = "/v1/admin/drain",
+    tag = "admin",
+    operation_id = "drain",
+    security(("api_key" = [])),
+    responses(
+        (status = 202, description = "Draining: `/healthz` answers 503, new rooms and sessions get 409", body = Health),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn drain(State(state): State<AppState>) -> (axum::http::StatusCode, Json<Health>) {
     state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("draining on the API's request");
     (axum::http::StatusCode::ACCEPTED, Json(Health { status: "draining".into() }))
 }
 
 /// Take new work again.
-async fn undrain(State(state): State<AppState>) -> Json<Health> {
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/drain",
+    tag = "admin",
+    operation_id = "undrain",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Taking new work again: `ok`", body = Health),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn undrain(State(state): State<AppState>) -> Json<Health> {
     state.draining.store(false, std::sync::atomic::Ordering::Relaxed);
     tracing::info!("no longer draining");
     Json(Health { status: "ok".into() })
@@ -48,7 +70,20 @@ pub(crate) fn participant_route() -> axum::routing::MethodRouter<AppState> {
     get(participant)
 }
 
-async fn participant(
+#[utoipa::path(
+    get,
+    path = "/v1/rooms/{room_id}/participants/{participant_id}",
+    tag = "participants",
+    operation_id = "get_participant",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id"), ("participant_id" = String, Path, description = "The participant's identity")),
+    responses(
+        (status = 200, description = "The participant, its connections and streams", body = ParticipantDetail),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room or participant (`not_found`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn participant(
     State(state): State<AppState>,
     Path((room_id, participant_id)): Path<(String, String)>,
 ) -> Result<Json<ParticipantDetail>, ApiError> {
@@ -63,7 +98,24 @@ fn bounded(value: &serde_json::Value, limit: usize, what: &str) -> Result<(), Ap
     Ok(())
 }
 
-async fn mute(
+#[utoipa::path(
+    post,
+    path = "/v1/rooms/{room_id}/participants/{participant_id}/mute",
+    tag = "participants",
+    operation_id = "mute",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id"), ("participant_id" = String, Path, description = "The participant's identity")),
+    request_body = MuteRequest,
+    responses(
+        (status = 200, description = "The streams it applied to, as they are now", body = MuteResponse),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room, participant or stream (`not_found`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn mute(
     State(state): State<AppState>,
     Path((room_id, participant_id)): Path<(String, String)>,
     body: Result<ApiJson<MuteRequest>, ApiError>,
@@ -82,7 +134,23 @@ async fn mute(
     Ok(Json(MuteResponse { streams }))
 }
 
-async fn participant_metadata(
+#[utoipa::path(
+    put,
+    path = "/v1/rooms/{room_id}/participants/{participant_id}/metadata",
+    tag = "participants",
+    operation_id = "set_participant_metadata",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id"), ("participant_id" = String, Path, description = "The participant's identity")),
+    request_body = MetadataRequest,
+    responses(
+        (status = 200, description = "The participant with its new metadata (also sent to the room as `participant_metadata`)", body = ParticipantInfo),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room or participant (`not_found`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes`, or the metadata over 4 KiB (`payload_too_large`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn participant_metadata(
     State(state): State<AppState>,
     Path((room_id, participant_id)): Path<(String, String)>,
     body: Result<ApiJson<MetadataRequest>, ApiError>,
@@ -93,7 +161,23 @@ async fn participant_metadata(
     state.registry.set_participant_metadata(&room_id, &participant_id, req.metadata).map(Json)
 }
 
-async fn room_metadata(
+#[utoipa::path(
+    put,
+    path = "/v1/rooms/{room_id}/metadata",
+    tag = "rooms",
+    operation_id = "set_room_metadata",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id")),
+    request_body = MetadataRequest,
+    responses(
+        (status = 200, description = "The room's new metadata (also sent to the room as `room_metadata`)", body = RoomMetadata),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes`, or the metadata over 4 KiB (`payload_too_large`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn room_metadata(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     body: Result<ApiJson<MetadataRequest>, ApiError>,
@@ -106,7 +190,23 @@ async fn room_metadata(
     state.registry.set_room_metadata(&room_id, req.metadata).map(Json)
 }
 
-async fn message(
+#[utoipa::path(
+    post,
+    path = "/v1/rooms/{room_id}/messages",
+    tag = "messages",
+    operation_id = "send_message",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id")),
+    request_body = SendMessageRequest,
+    responses(
+        (status = 200, description = "How many sessions it was queued to", body = SendMessageResponse),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room, or no such participant in it (`not_found`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes`, or `data` over 16 KiB (`payload_too_large`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn message(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     body: Result<ApiJson<SendMessageRequest>, ApiError>,

@@ -3,13 +3,14 @@
 //! with the `server` feature off.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 // ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------
 
 /// Stable error codes of the contract. Serialized in snake_case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
@@ -56,12 +57,12 @@ impl ErrorCode {
 }
 
 /// `{ "error": { "code", "message" } }`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
@@ -72,7 +73,7 @@ pub struct ErrorDetail {
 // ---------------------------------------------------------------------------------------------
 
 /// The role of a connection within its participant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Publish,
@@ -80,7 +81,7 @@ pub enum Role {
 }
 
 /// The states a connection walks through. Only moves forward; see [`ConnectionState::advance`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConnectionState {
     Initial,
@@ -91,7 +92,7 @@ pub enum ConnectionState {
 }
 
 /// Every event a connection reports: the states plus two events that are not states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventKind {
     Initial,
@@ -191,7 +192,7 @@ impl EventKind {
 }
 
 /// One step in a connection's life: a WebSocket message and an item of the REST history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ConnectionEvent {
     pub connection_id: String,
     pub role: Role,
@@ -199,12 +200,14 @@ pub struct ConnectionEvent {
     pub code: u16,
     /// RFC 3339 with milliseconds, UTC.
     pub at: String,
+    #[schema(required = true)]
     pub reason: Option<String>,
+    #[schema(required = true)]
     pub sdp: Option<String>,
 }
 
 /// A history item as the REST API shows it: the same object as the WebSocket message, `type` included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HistoryItem {
     ConnectionEvent(ConnectionEvent),
@@ -219,37 +222,55 @@ pub fn now_rfc3339() -> String {
 // REST bodies (docs/api.md §2)
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+// The input rules of the REST routes are stated in the OpenAPI document as patterns (ECMA-262
+// regexes that Python's `re` reads alike; `schema(pattern)` takes only a literal). "Control" is
+// Unicode's Cc (what `char::is_control` means); "space" at either end is Unicode's White_Space
+// (what `str::trim` strips). signaling-api/tests/api.rs checks that they say what the server does.
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRoomRequest {
+    /// Unique among the server's rooms; any script, 1–64 characters, no control characters, no
+    /// space at either end.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     ([^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000])?$"
+    )]
     pub name: Option<String>,
+    /// Up to the server's `limits.max_participants` (256 by default); absent: its
+    /// `limits.default_max_participants` (16).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_participants: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RoomCreated {
     pub room_id: String,
+    #[schema(required = true)]
     pub name: Option<String>,
     pub max_participants: u32,
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RoomSummary {
     pub room_id: String,
+    #[schema(required = true)]
     pub name: Option<String>,
     pub participants: usize,
     pub streams: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RoomList {
     pub rooms: Vec<RoomSummary>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ConnectionSummary {
     pub connection_id: String,
     pub role: Role,
@@ -257,7 +278,7 @@ pub struct ConnectionSummary {
     pub code: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ParticipantDetail {
     pub participant_id: String,
     pub name: String,
@@ -267,9 +288,10 @@ pub struct ParticipantDetail {
     pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RoomDetail {
     pub room_id: String,
+    #[schema(required = true)]
     pub name: Option<String>,
     pub max_participants: u32,
     pub created_at: String,
@@ -279,22 +301,34 @@ pub struct RoomDetail {
     pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
+    /// The participant's identity in the room (1–64 of `A-Z a-z 0-9 - _ . +`).
+    #[schema(pattern = "^[A-Za-z0-9._+-]{1,64}$", min_length = 1, max_length = 64)]
     pub participant: String,
     /// Display name; defaults to `participant`.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*\
+     [^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     [^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: Option<String>,
     #[serde(default)]
     pub can_publish: Option<bool>,
     #[serde(default)]
     pub can_subscribe: Option<bool>,
+    /// Lifetime in seconds, up to the server's `signaling.max_token_ttl_s` (604800 by default);
+    /// absent: `signaling.default_token_ttl_s` (3600).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_s: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {
     pub token: String,
     pub expires_at: String,
@@ -305,7 +339,7 @@ pub struct TokenResponse {
 }
 
 /// An ICE server in the browser's `RTCIceServer` shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct IceServer {
     pub urls: Vec<String>,
     pub username: String,
@@ -313,18 +347,32 @@ pub struct IceServer {
 }
 
 /// `POST /v1/dev/token` (development only, see README): join a room by name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevTokenRequest {
     /// The room's name (created if it does not exist).
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     ([^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000])?$"
+    )]
     pub room: String,
+    #[schema(pattern = "^[A-Za-z0-9._+-]{1,64}$", min_length = 1, max_length = 64)]
     pub participant: String,
     /// Display name; defaults to `participant`.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*\
+     [^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]\
+     [^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DevTokenResponse {
     pub token: String,
     pub room_id: String,
@@ -335,7 +383,7 @@ pub struct DevTokenResponse {
     pub ice_servers: Vec<IceServer>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ConnectionDetail {
     pub connection_id: String,
     pub room_id: String,
@@ -349,7 +397,7 @@ pub struct ConnectionDetail {
 
 /// `POST /v1/rooms/{room_id}/participants/{participant_id}/mute`: the participant's streams
 /// to mute or unmute — one (`stream_id`), those of a `kind`, or all.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MuteRequest {
     #[serde(default)]
@@ -361,27 +409,28 @@ pub struct MuteRequest {
 }
 
 /// The streams a mute request applied to, as they are now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MuteResponse {
     pub streams: Vec<StreamInfo>,
 }
 
 /// `PUT …/metadata`: any JSON value (`null` clears it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetadataRequest {
     pub metadata: serde_json::Value,
 }
 
 /// `PUT /v1/rooms/{room_id}/metadata` →
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RoomMetadata {
     pub room_id: String,
+    #[schema(required = true)]
     pub metadata: Option<serde_json::Value>,
 }
 
 /// `POST /v1/rooms/{room_id}/messages`: `data` to one participant, or to everyone present.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessageRequest {
     #[serde(default)]
@@ -391,12 +440,12 @@ pub struct SendMessageRequest {
 
 /// How many sessions the message was queued to (participants in their reconnect grace get
 /// nothing).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SendMessageResponse {
     pub recipients: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
 }
@@ -406,7 +455,7 @@ pub struct Health {
 // ---------------------------------------------------------------------------------------------
 
 /// A publication in a room.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StreamInfo {
     pub participant_id: String,
     pub stream_id: String,
@@ -450,14 +499,14 @@ pub struct Speaker {
 }
 
 /// One simulcast encoding of a published video stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LayerInfo {
     pub rid: String,
     /// The publisher is sending it (packets within the last second or so, not paused).
     pub active: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ParticipantInfo {
     pub participant_id: String,
     pub name: String,

@@ -22,8 +22,11 @@ pub(crate) fn routes(state: AppState) -> Router {
         // Moderation and room state from the app backend (mute, metadata, messages).
         .merge(crate::moderation::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    let mut open =
-        Router::new().route("/healthz", get(healthz)).route("/livez", get(livez)).route("/metrics", get(metrics));
+    let mut open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(crate::openapi::openapi_json));
     if state.config.dev_token_route {
         open = open.route("/v1/dev/token", post(dev_token));
     }
@@ -71,7 +74,17 @@ pub(crate) async fn count_requests(State(state): State<AppState>, req: Request, 
 
 /// Readiness: 200 `ok` while new work is taken, 503 `draining` once shutdown began (a load
 /// balancer then sends no one new here).
-async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses(
+        (status = 200, description = "Ready: `ok`", body = Health),
+        (status = 503, description = "Draining: `draining` (send no one new here)", body = Health),
+    )
+)]
+pub(crate) async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "draining".into() }))
     } else {
@@ -80,11 +93,25 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
 }
 
 /// Liveness: 200 while the process serves HTTP at all, draining or not.
-async fn livez() -> Json<Health> {
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "health",
+    operation_id = "livez",
+    responses((status = 200, description = "The process serves HTTP: `ok`", body = Health))
+)]
+pub(crate) async fn livez() -> Json<Health> {
     Json(Health { status: "ok".into() })
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    operation_id = "metrics",
+    responses((status = 200, description = "Prometheus text format (docs/metrics.md)", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.registry.metrics.render())
 }
 
@@ -107,7 +134,30 @@ fn valid_display_name(s: &str) -> bool {
     !s.trim().is_empty() && s.chars().count() <= 128 && !s.chars().any(char::is_control)
 }
 
-async fn create_room(
+#[utoipa::path(
+    post,
+    path = "/v1/rooms",
+    tag = "rooms",
+    operation_id = "create_room",
+    security(("api_key" = [])),
+    request_body(content = Option<CreateRoomRequest>, description = "Optional: an empty body (no Content-Type) takes every default."),
+    responses(
+        (status = 201, description = "The room", body = RoomCreated,
+            headers(("Location" = String, description = "`/v1/rooms/{room_id}`")),
+            links(
+                ("GetRoom" = (operation_id = "get_room", parameters(("room_id" = "$response.body#/room_id")))),
+                ("CreateToken" = (operation_id = "create_token", parameters(("room_id" = "$response.body#/room_id")))),
+                ("SetRoomMetadata" = (operation_id = "set_room_metadata", parameters(("room_id" = "$response.body#/room_id")))),
+                ("DeleteRoom" = (operation_id = "delete_room", parameters(("room_id" = "$response.body#/room_id")))),
+            )),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 409, description = "The name is taken, the server's room limit is reached, or the server is draining (`conflict`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_room(
     State(state): State<AppState>,
     body: Result<ApiJson<CreateRoomRequest>, ApiError>,
 ) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<RoomCreated>), ApiError> {
@@ -141,15 +191,59 @@ async fn create_room_inner(state: &AppState, req: CreateRoomRequest) -> Result<R
     state.registry.create_room(state.media.as_ref(), req.name, max, state.config.max_rooms).await
 }
 
-async fn list_rooms(State(state): State<AppState>) -> Json<RoomList> {
+#[utoipa::path(
+    get,
+    path = "/v1/rooms",
+    tag = "rooms",
+    operation_id = "list_rooms",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Every room", body = RoomList),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_rooms(State(state): State<AppState>) -> Json<RoomList> {
     Json(RoomList { rooms: state.registry.room_summaries() })
 }
 
-async fn get_room(State(state): State<AppState>, Path(room_id): Path<String>) -> Result<Json<RoomDetail>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/rooms/{room_id}",
+    tag = "rooms",
+    operation_id = "get_room",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id")),
+    responses(
+        (status = 200, description = "The room, its participants and its streams", body = RoomDetail),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_room(
+    State(state): State<AppState>,
+    Path(room_id): Path<String>,
+) -> Result<Json<RoomDetail>, ApiError> {
     state.registry.room_detail(&room_id).map(Json).ok_or_else(|| ApiError::not_found("room"))
 }
 
-async fn delete_room(State(state): State<AppState>, Path(room_id): Path<String>) -> Result<StatusCode, ApiError> {
+#[utoipa::path(
+    delete,
+    path = "/v1/rooms/{room_id}",
+    tag = "rooms",
+    operation_id = "delete_room",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id")),
+    responses(
+        (status = 204, description = "Closed: every connection in it ended FINISHED (`room_closed`)"),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_room(
+    State(state): State<AppState>,
+    Path(room_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     detached(async move { state.registry.delete_room(state.media.as_ref(), &room_id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -164,7 +258,25 @@ pub(crate) async fn detached<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ApiError::new(ErrorCode::Internal, format!("request task failed: {e}"))))
 }
 
-async fn create_token(
+#[utoipa::path(
+    post,
+    path = "/v1/rooms/{room_id}/tokens",
+    tag = "rooms",
+    operation_id = "create_token",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id")),
+    request_body = TokenRequest,
+    responses(
+        (status = 201, description = "A signed join token for that room and identity", body = TokenResponse,
+            headers(("Location" = String, description = "`/v1/rooms/{room_id}/participants/{participant}`"))),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_token(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     body: Result<ApiJson<TokenRequest>, ApiError>,
@@ -199,7 +311,27 @@ async fn create_token(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(body)))
 }
 
-async fn dev_token(
+#[utoipa::path(
+    post,
+    path = "/v1/dev/token",
+    tag = "dev",
+    operation_id = "dev_token",
+    request_body = DevTokenRequest,
+    responses(
+        (status = 200, description = "A join token for the room of that name (created if it did not exist)", body = DevTokenResponse,
+            links(
+                ("GetRoom" = (operation_id = "get_room", parameters(("room_id" = "$response.body#/room_id")))),
+                ("GetParticipant" = (operation_id = "get_participant", parameters(
+                    ("room_id" = "$response.body#/room_id"), ("participant_id" = "$response.body#/participant_id")))),
+            )),
+        (status = 400, description = "Malformed JSON, an unknown field, or a value out of range (`bad_request`)", body = ErrorBody),
+        (status = 404, description = "The route is off (`dev.token_route = off`) (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The server's room limit is reached, or the server is draining (`conflict`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn dev_token(
     State(state): State<AppState>,
     body: Result<ApiJson<DevTokenRequest>, ApiError>,
 ) -> Result<Json<DevTokenResponse>, ApiError> {
@@ -245,7 +377,21 @@ pub(crate) fn ice_servers(state: &AppState, participant: &str, expires: u64) -> 
     state.config.turn.as_ref().map(|t| vec![t.credentials(participant, expires)]).unwrap_or_default()
 }
 
-async fn kick(
+#[utoipa::path(
+    delete,
+    path = "/v1/rooms/{room_id}/participants/{participant_id}",
+    tag = "participants",
+    operation_id = "kick",
+    security(("api_key" = [])),
+    params(("room_id" = String, Path, description = "The room's id"), ("participant_id" = String, Path, description = "The participant's identity")),
+    responses(
+        (status = 204, description = "Kicked: its connections ended FINISHED (`kicked`) and its socket closed"),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such room or participant (`not_found`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn kick(
     State(state): State<AppState>,
     Path((room_id, participant_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
@@ -253,7 +399,20 @@ async fn kick(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn get_connection(
+#[utoipa::path(
+    get,
+    path = "/v1/connections/{connection_id}",
+    tag = "connections",
+    operation_id = "get_connection",
+    security(("api_key" = [])),
+    params(("connection_id" = String, Path, description = "The connection's id")),
+    responses(
+        (status = 200, description = "Its state, every event so far, and live stats (`{}` once it ended)", body = ConnectionDetail),
+        (status = 401, description = "Missing or wrong API key (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such connection, or its history was forgotten (`not_found`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_connection(
     State(state): State<AppState>,
     Path(connection_id): Path<String>,
 ) -> Result<Json<ConnectionDetail>, ApiError> {

@@ -37,34 +37,52 @@ use axum::Router;
 
 use crate::auth::Claims;
 use crate::error::ApiError;
-use crate::protocol::{ErrorCode, IceServer, Role};
+use crate::protocol::{ErrorBody, ErrorCode, IceServer, Role};
 use crate::AppState;
 
 const SDP: &str = "application/sdp";
+/// The OpenAPI document's examples (schemathesis sends them to a live gateway, which takes them).
+const WHIP_OFFER_EXAMPLE: &str = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+    a=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:wh1p\r\n\
+    a=ice-pwd:whipexampleicepassword0\r\n\
+    a=fingerprint:sha-256 0F:74:31:25:CB:A2:13:EC:28:6F:6D:2C:61:FF:5D:C2:BC:B9:DB:3D:98:14:8D:1A:BB:EA:33:0C:A4:60:A8:8E\r\n\
+    a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=msid:- audio0\r\na=rtcp-mux\r\n\
+    a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n";
+const WHEP_OFFER_EXAMPLE: &str = "v=0\r\no=- 4611731400430051337 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+    a=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:wh3p\r\n\
+    a=ice-pwd:whepexampleicepassword0\r\n\
+    a=fingerprint:sha-256 0F:74:31:25:CB:A2:13:EC:28:6F:6D:2C:61:FF:5D:C2:BC:B9:DB:3D:98:14:8D:1A:BB:EA:33:0C:A4:60:A8:8E\r\n\
+    a=setup:actpass\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\n\
+    a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n";
+const TRICKLE_EXAMPLE: &str =
+    "a=ice-ufrag:wh1p\r\na=ice-pwd:whipexampleicepassword0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+    a=mid:0\r\na=candidate:1 1 udp 2130706431 127.0.0.1 50099 typ host\r\na=end-of-candidates\r\n";
 const SDPFRAG: &str = "application/trickle-ice-sdpfrag";
 const ENDPOINT_METHODS: &str = "POST, OPTIONS";
 const RESOURCE_METHODS: &str = "PATCH, DELETE, OPTIONS";
 
 pub(crate) fn routes(state: AppState) -> Router {
-    let endpoint = |post| on(MethodFilter::POST, post).options(preflight_endpoint).fallback(endpoint_not_allowed);
     Router::new()
-        .route("/v1/whip/{room}", endpoint(whip_post))
+        .route(
+            "/v1/whip/{room}",
+            on(MethodFilter::POST, whip_post).options(whip_options_endpoint).fallback(endpoint_not_allowed),
+        )
         .route(
             "/v1/whip/{room}/{connection_id}",
             on(MethodFilter::PATCH, whip_patch)
                 .delete(whip_delete)
-                .options(preflight_resource)
+                .options(whip_options_resource)
                 .fallback(resource_not_allowed),
         )
         .route(
             "/v1/whep/{room}/{participant}",
-            on(MethodFilter::POST, whep_post).options(preflight_endpoint).fallback(endpoint_not_allowed),
+            on(MethodFilter::POST, whep_post).options(whep_options_endpoint).fallback(endpoint_not_allowed),
         )
         .route(
             "/v1/whep/{room}/{participant}/{connection_id}",
             on(MethodFilter::PATCH, whep_patch)
                 .delete(whep_delete)
-                .options(preflight_resource)
+                .options(whep_options_resource)
                 .fallback(resource_not_allowed),
         )
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -77,7 +95,34 @@ pub(crate) fn routes(state: AppState) -> Router {
 // Handlers
 // ---------------------------------------------------------------------------------------------
 
-async fn whip_post(
+#[utoipa::path(
+    post,
+    path = "/v1/whip/{room}",
+    tag = "whip",
+    operation_id = "whip_publish",
+    security(("join_token" = [])),
+    params(("room" = String, Path, description = "The room's id or its unique name")),
+    request_body(content = String, content_type = "application/sdp", description = "An SDP offer (sendonly audio and/or video)", example = json!(WHIP_OFFER_EXAMPLE)),
+    responses(
+        (status = 201, description = "The session resource: the SDP answer, with the gateway's candidate", body = String, content_type = "application/sdp",
+            headers(
+                ("Location" = String, description = "The session resource (PATCH, DELETE)"),
+                ("ETag" = String, description = "The ICE session's entity tag (`If-Match` of PATCH)"),
+                ("Link" = String, description = "TURN servers, RFC 9725 §4.6 (only when `turn` is configured)"),
+            )),
+        (status = 400, description = "Malformed SDP (`bad_sdp`) or body (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid join token, or one for another room (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "The token may not publish (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such room (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The room is full (`room_full`) or the server is draining (`conflict`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not `application/sdp` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Nothing in the offer the gateway can use (`unprocessable`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+        (status = 503, description = "No free UDP port in the media range (`no_ports`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn whip_post(
     State(state): State<AppState>,
     Path(room): Path<String>,
     headers: HeaderMap,
@@ -97,7 +142,34 @@ async fn whip_post(
     Ok(created(format!("/v1/whip/{room_id}/{}", opened.connection_id), opened, &links))
 }
 
-async fn whep_post(
+#[utoipa::path(
+    post,
+    path = "/v1/whep/{room}/{participant}",
+    tag = "whep",
+    operation_id = "whep_play",
+    security(("join_token" = [])),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play")),
+    request_body(content = String, content_type = "application/sdp", description = "A recvonly SDP offer", example = json!(WHEP_OFFER_EXAMPLE)),
+    responses(
+        (status = 201, description = "The session resource: the SDP answer, with the gateway's candidate", body = String, content_type = "application/sdp",
+            headers(
+                ("Location" = String, description = "The session resource (PATCH, DELETE)"),
+                ("ETag" = String, description = "The ICE session's entity tag (`If-Match` of PATCH)"),
+                ("Link" = String, description = "TURN servers, RFC 9725 §4.6 (only when `turn` is configured)"),
+            )),
+        (status = 400, description = "Malformed SDP (`bad_sdp`) or body (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid join token, or one for another room (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "The token may not subscribe (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such room, or the participant publishes nothing (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The room is full (`room_full`) or the server is draining (`conflict`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not `application/sdp` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Nothing in the offer the gateway can use (`unprocessable`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+        (status = 503, description = "No free UDP port in the media range (`no_ports`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn whep_post(
     State(state): State<AppState>,
     Path((room, participant)): Path<(String, String)>,
     headers: HeaderMap,
@@ -120,7 +192,28 @@ async fn whep_post(
     Ok(created(format!("/v1/whep/{room_id}/{participant}/{}", opened.connection_id), opened, &links))
 }
 
-async fn whip_patch(
+#[utoipa::path(
+    patch,
+    path = "/v1/whip/{room}/{connection_id}",
+    tag = "whip",
+    operation_id = "whip_trickle",
+    security(("join_token" = []), ("api_key" = [])),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart (422)")),
+    request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)", example = json!(TRICKLE_EXAMPLE)),
+    responses(
+        (status = 204, description = "The candidates were taken"),
+        (status = 400, description = "Malformed body (`bad_request`, `bad_sdp`)", body = ErrorBody),
+        (status = 401, description = "No bearer token, or neither the API key nor a join token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "The join token is not the resource owner's (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such room or session resource (`not_found`)", body = ErrorBody),
+        (status = 412, description = "`If-Match` is not the resource's ETag (`precondition_failed`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not `application/trickle-ice-sdpfrag` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "An ICE restart (`If-Match: *`): not supported, start a new session (`unprocessable`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn whip_patch(
     State(state): State<AppState>,
     Path((room, connection_id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -130,7 +223,28 @@ async fn whip_patch(
     patch(state, target, headers, body).await
 }
 
-async fn whep_patch(
+#[utoipa::path(
+    patch,
+    path = "/v1/whep/{room}/{participant}/{connection_id}",
+    tag = "whep",
+    operation_id = "whep_trickle",
+    security(("join_token" = []), ("api_key" = [])),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart (422)")),
+    request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)", example = json!(TRICKLE_EXAMPLE)),
+    responses(
+        (status = 204, description = "The candidates were taken"),
+        (status = 400, description = "Malformed body (`bad_request`, `bad_sdp`)", body = ErrorBody),
+        (status = 401, description = "No bearer token, or neither the API key nor a join token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "The join token is not the resource owner's (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such room or session resource (`not_found`)", body = ErrorBody),
+        (status = 412, description = "`If-Match` is not the resource's ETag (`precondition_failed`)", body = ErrorBody),
+        (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Not `application/trickle-ice-sdpfrag` (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "An ICE restart (`If-Match: *`): not supported, start a new session (`unprocessable`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn whep_patch(
     State(state): State<AppState>,
     Path((room, participant, connection_id)): Path<(String, String, String)>,
     headers: HeaderMap,
@@ -140,7 +254,22 @@ async fn whep_patch(
     patch(state, target, headers, body).await
 }
 
-async fn whip_delete(
+#[utoipa::path(
+    delete,
+    path = "/v1/whip/{room}/{connection_id}",
+    tag = "whip",
+    operation_id = "whip_end",
+    security(("join_token" = []), ("api_key" = [])),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("connection_id" = String, Path, description = "The session's connection id")),
+    responses(
+        (status = 200, description = "Ended: the connection is FINISHED (`leave`)"),
+        (status = 401, description = "No bearer token, or neither the API key nor a join token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "The join token is not the resource owner's (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such room or session resource (`not_found`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn whip_delete(
     State(state): State<AppState>,
     Path((room, connection_id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -148,7 +277,22 @@ async fn whip_delete(
     delete(state, Target { room, connection_id, role: Role::Publish, plays: None }, headers).await
 }
 
-async fn whep_delete(
+#[utoipa::path(
+    delete,
+    path = "/v1/whep/{room}/{participant}/{connection_id}",
+    tag = "whep",
+    operation_id = "whep_end",
+    security(("join_token" = []), ("api_key" = [])),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play"), ("connection_id" = String, Path, description = "The session's connection id")),
+    responses(
+        (status = 200, description = "Ended: the connection is FINISHED (`leave`)"),
+        (status = 401, description = "No bearer token, or neither the API key nor a join token (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "The join token is not the resource owner's (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such room or session resource (`not_found`)", body = ErrorBody),
+        (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn whep_delete(
     State(state): State<AppState>,
     Path((room, participant, connection_id)): Path<(String, String, String)>,
     headers: HeaderMap,
@@ -157,11 +301,87 @@ async fn whep_delete(
     delete(state, target, headers).await
 }
 
-async fn preflight_endpoint() -> Response {
+#[utoipa::path(
+    options,
+    path = "/v1/whip/{room}",
+    tag = "whip",
+    operation_id = "whip_preflight",
+    params(("room" = String, Path, description = "The room's id or its unique name")),
+    responses(
+        (status = 204, description = "CORS preflight",
+            headers(
+                ("Access-Control-Allow-Methods" = String),
+                ("Access-Control-Allow-Headers" = String),
+                ("Accept-Post" = String),
+            )),
+    )
+)]
+pub(crate) async fn whip_options_endpoint() -> Response {
+    preflight_endpoint()
+}
+
+#[utoipa::path(
+    options,
+    path = "/v1/whip/{room}/{connection_id}",
+    tag = "whip",
+    operation_id = "whip_resource_preflight",
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("connection_id" = String, Path, description = "The session's connection id")),
+    responses(
+        (status = 204, description = "CORS preflight",
+            headers(
+                ("Access-Control-Allow-Methods" = String),
+                ("Access-Control-Allow-Headers" = String),
+                ("Accept-Patch" = String),
+            )),
+    )
+)]
+pub(crate) async fn whip_options_resource() -> Response {
+    preflight_resource()
+}
+
+#[utoipa::path(
+    options,
+    path = "/v1/whep/{room}/{participant}",
+    tag = "whep",
+    operation_id = "whep_preflight",
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play")),
+    responses(
+        (status = 204, description = "CORS preflight",
+            headers(
+                ("Access-Control-Allow-Methods" = String),
+                ("Access-Control-Allow-Headers" = String),
+                ("Accept-Post" = String),
+            )),
+    )
+)]
+pub(crate) async fn whep_options_endpoint() -> Response {
+    preflight_endpoint()
+}
+
+#[utoipa::path(
+    options,
+    path = "/v1/whep/{room}/{participant}/{connection_id}",
+    tag = "whep",
+    operation_id = "whep_resource_preflight",
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play"), ("connection_id" = String, Path, description = "The session's connection id")),
+    responses(
+        (status = 204, description = "CORS preflight",
+            headers(
+                ("Access-Control-Allow-Methods" = String),
+                ("Access-Control-Allow-Headers" = String),
+                ("Accept-Patch" = String),
+            )),
+    )
+)]
+pub(crate) async fn whep_options_resource() -> Response {
+    preflight_resource()
+}
+
+fn preflight_endpoint() -> Response {
     preflight(ENDPOINT_METHODS, (header::HeaderName::from_static("accept-post"), SDP))
 }
 
-async fn preflight_resource() -> Response {
+fn preflight_resource() -> Response {
     preflight(RESOURCE_METHODS, (header::HeaderName::from_static("accept-patch"), SDPFRAG))
 }
 

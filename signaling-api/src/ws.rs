@@ -26,7 +26,22 @@ pub(crate) fn routes(state: AppState) -> Router {
 /// Bytes read from a client's WebSocket per poll.
 const WS_READ_BUFFER: usize = 8 * 1024;
 
-async fn upgrade(
+/// Upgrade to the client WebSocket of one participant (messages: docs/api.md §3).
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "websocket",
+    operation_id = "websocket",
+    params(("token" = String, Query, description = "A join token (URL-encoded)")),
+    responses(
+        (status = 101, description = "Switching Protocols: the WebSocket session begins with `joined`"),
+        (status = 400, description = "Not a WebSocket upgrade request (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Missing, invalid, expired or forged token (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "The token's room is gone (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The room is full (`room_full`) or the server is draining (`conflict`)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn upgrade(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,

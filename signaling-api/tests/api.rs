@@ -18,6 +18,8 @@ use signaling_api::{router, ApiConfig, AppState};
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
 
+mod contract;
+
 const KEY: &str = "unit-key";
 
 /// A media plane that answers at once and reports the events a real one would.
@@ -142,10 +144,19 @@ async fn call(app: &axum::Router, method: &str, uri: &str, body: Option<&str>, a
         b = b.header("content-type", "application/json");
     }
     let req = b.body(body.map(|s| Body::from(s.to_owned())).unwrap_or_else(Body::empty)).unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, _, bytes) = send_checked(app, req).await;
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// Send a request; the response (status, headers, body) is checked against the OpenAPI document.
+async fn send_checked(app: &axum::Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let (method, uri) = (req.method().to_string(), req.uri().to_string());
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    let ctype = headers.get("content-type").and_then(|v| v.to_str().ok());
+    contract::check(&method, &uri, status.as_u16(), ctype, &bytes);
+    (status, headers, bytes)
 }
 
 fn assert_error(v: &Value, code: &str) {
@@ -784,38 +795,26 @@ async fn metadata_and_messages_reach_the_room() {
 #[tokio::test]
 async fn created_resources_have_a_location_and_requests_are_measured() {
     let (app, _, _) = app();
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v1/rooms")
-        .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json")
-        .body(Body::from("{}"))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let location = resp.headers()["location"].to_str().unwrap().to_owned();
-    let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let auth = format!("Bearer {KEY}");
+    let json_body = ("content-type", "application/json");
+    let (s, h, body) = http(&app, "POST", "/v1/rooms", &[("authorization", &auth), json_body], "{}").await;
+    assert_eq!(s, StatusCode::CREATED);
+    let location = h["location"].to_str().unwrap().to_owned();
+    let body: Value = serde_json::from_str(&body).unwrap();
     let id = body["room_id"].as_str().unwrap();
     assert_eq!(location, format!("/v1/rooms/{id}"));
     let (s, v) = call(&app, "GET", &location, None, true).await;
     assert_eq!((s, v["room_id"].as_str()), (StatusCode::OK, Some(id)), "the Location answers");
 
-    let req = Request::builder()
-        .method("POST")
-        .uri(format!("/v1/rooms/{id}/tokens"))
-        .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json")
-        .body(Body::from(r#"{"participant":"alice"}"#))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    assert_eq!(resp.headers()["location"], format!("/v1/rooms/{id}/participants/alice").as_str());
+    let uri = format!("/v1/rooms/{id}/tokens");
+    let (s, h, _) =
+        http(&app, "POST", &uri, &[("authorization", &auth), json_body], r#"{"participant":"alice"}"#).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(h["location"], format!("/v1/rooms/{id}/participants/alice").as_str());
 
     let (s, _) = call(&app, "DELETE", &format!("/v1/rooms/{id}"), None, true).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
-    let text = app.clone().oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8(text.to_vec()).unwrap();
+    let (_, _, text) = http(&app, "GET", "/metrics", &[], "").await;
     for series in [
         r#"gateway_http_requests_total{method="POST",route="/v1/rooms",status="201"} 1"#,
         r#"gateway_http_requests_total{method="GET",route="/v1/rooms/{room_id}",status="200"} 1"#,
@@ -973,9 +972,7 @@ async fn http(
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let resp = app.clone().oneshot(b.body(Body::from(body.to_owned())).unwrap()).await.unwrap();
-    let (status, headers) = (resp.status(), resp.headers().clone());
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, headers, bytes) = send_checked(app, b.body(Body::from(body.to_owned())).unwrap()).await;
     (status, headers, String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -1347,4 +1344,121 @@ async fn token_routes_mint_turn_credentials_when_configured() {
     let uri = format!("/v1/rooms/{}/tokens", room["room_id"].as_str().unwrap());
     let (_, tok) = call(&plain, "POST", &uri, Some(r#"{"participant":"alice"}"#), true).await;
     assert!(tok.get("ice_servers").is_none(), "{tok}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The OpenAPI document
+// ---------------------------------------------------------------------------------------------
+
+/// The generated document is the checked-in one, and it is what `GET /v1/openapi.json` serves.
+#[tokio::test]
+async fn openapi_document_is_checked_in_and_served() {
+    let generated = signaling_api::openapi::openapi_json_text();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "docs/openapi.json differs from the document the server generates; regenerate it with: \
+         UPDATE_OPENAPI=1 cargo test -p signaling-api --test api openapi_document"
+    );
+    let (served, _, _) = app();
+    let (s, h, body) = http(&served, "GET", "/v1/openapi.json", &[], "").await;
+    assert_eq!((s, h["content-type"].to_str().unwrap()), (StatusCode::OK, "application/json"));
+    assert_eq!(body, generated, "served without auth, byte for byte");
+
+    // The WebSocket upgrade's refusals are documented too (the upgrade itself is tested over
+    // real sockets above).
+    let (s, _, _) = http(&served, "GET", "/v1/ws", &[], "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (app, state, _) = app();
+    let room = named_room(&app, "{}").await;
+    let (token, _) = state.auth.issue(&room, "p", "p", true, true, 60).unwrap();
+    let (s, _, b) = http(&app, "GET", &format!("/v1/ws?token={token}"), &[], "").await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"), "not an upgrade request");
+}
+
+/// Found by schemathesis: serde fills a struct from a JSON array positionally, so `[null, null]`
+/// created a room and sent a message. Every REST body must be an object.
+#[tokio::test]
+async fn bodies_that_are_not_json_objects_are_refused() {
+    let (app, _, _) = app();
+    let room = named_room(&app, r#"{"name":"objects"}"#).await;
+    let routes = [
+        ("POST", "/v1/rooms".to_owned()),
+        ("POST", format!("/v1/rooms/{room}/tokens")),
+        ("POST", format!("/v1/rooms/{room}/messages")),
+        ("PUT", format!("/v1/rooms/{room}/metadata")),
+        ("POST", "/v1/dev/token".to_owned()),
+    ];
+    for (method, uri) in &routes {
+        for body in ["[null, null]", r#"["a", "b", true, false, 60]"#, "null", "7", r#""text""#] {
+            let (s, v) = call(&app, method, uri, Some(body), true).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {uri} {body}: {v}");
+            assert_error(&v, "bad_request");
+        }
+    }
+    let (s, v) = call(&app, "POST", "/v1/rooms", Some(r#"{"max_participants":"many"}"#), true).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().unwrap().contains("max_participants"), "names the field: {v}");
+    let (_, list) = call(&app, "GET", "/v1/rooms", None, true).await;
+    assert_eq!(list["rooms"].as_array().unwrap().len(), 1, "no room was made: {list}");
+}
+
+/// The input rules the OpenAPI document states (patterns, lengths) are the server's: a name the
+/// schema allows is taken, one it refuses is refused.
+#[tokio::test]
+async fn the_documented_name_rules_are_the_servers() {
+    let doc = signaling_api::openapi::openapi_document();
+    let schema = |name: &str| {
+        let mut root = doc["components"]["schemas"][name].clone();
+        root["components"] = doc["components"].clone();
+        jsonschema::options().with_draft(jsonschema::Draft::Draft202012).build(&root).unwrap()
+    };
+    let (create_room, token, dev) = (schema("CreateRoomRequest"), schema("TokenRequest"), schema("DevTokenRequest"));
+    let (app, _, _) = app();
+    let room = named_room(&app, "{}").await;
+    let long64 = "é".repeat(64);
+    let long65 = "é".repeat(65);
+    let names = [
+        "a",
+        "standup",
+        "x y",
+        "会議室",
+        long64.as_str(),
+        long65.as_str(),
+        "",
+        " a",
+        "a ",
+        "\ta",
+        "a\n",
+        "a\u{85}",
+        "\u{a0}a",
+        "a\u{3000}",
+        "a\u{7f}b",
+        "a\u{9f}",
+        "\u{feff}a",
+        "a\u{200b}",
+        "Ünïcødé 🎉",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let body = json!({ "name": name });
+        let (s, v) = call(&app, "POST", "/v1/rooms", Some(&body.to_string()), true).await;
+        let documented = create_room.is_valid(&body);
+        assert_eq!(s == StatusCode::CREATED, documented, "room name {name:?}: schema {documented}, server {s} {v}");
+        let display = json!({ "participant": format!("p{i}"), "name": name });
+        let (s, v) = call(&app, "POST", &format!("/v1/rooms/{room}/tokens"), Some(&display.to_string()), true).await;
+        let documented = token.is_valid(&display);
+        assert_eq!(s == StatusCode::CREATED, documented, "display name {name:?}: schema {documented}, server {s} {v}");
+    }
+    for (i, who) in
+        ["alice", "a.b-c_d+e", "A9", &"x".repeat(64), &"x".repeat(65), "", "a b", "ä", "a/b", "a\n"].iter().enumerate()
+    {
+        let body = json!({ "room": format!("dev-{i}"), "participant": who });
+        let (s, v) = call(&app, "POST", "/v1/dev/token", Some(&body.to_string()), false).await;
+        let documented = dev.is_valid(&body);
+        assert_eq!(s == StatusCode::OK, documented, "participant {who:?}: schema {documented}, server {s} {v}");
+    }
 }
