@@ -132,6 +132,11 @@ pub struct MediaConfig {
     /// ICE-authenticated remote address) and sends each loop step's datagrams in one
     /// `sendmmsg` call. Needs a port range at least as large as the worker count.
     pub mux: bool,
+    /// ICE-TCP (RFC 6544): a TCP port on `bind_ip` where clients whose UDP is blocked (and who
+    /// have no TURN server) connect; each connection's answer/offer carries a passive TCP host
+    /// candidate on it per candidate address (`announced_ips`, or `bind_ip`), at a lower
+    /// priority than the UDP one. One listener serves every worker. 0 (the default) is off.
+    pub tcp_port: u16,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -279,6 +284,7 @@ impl Default for MediaConfig {
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
             mux: false,
+            tcp_port: 0,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -529,7 +535,22 @@ impl GatewayConfig {
             direct_send: self.media.direct_send,
             data_max_message_bytes: self.media.data_max_message_bytes,
             data_messages_per_second: self.media.data_messages_per_second,
+            ice_tcp: self.ice_tcp_candidates(),
         }
+    }
+
+    /// The addresses of our ICE-TCP candidates: `media.tcp_port` on every announced address
+    /// (or on the bind address); none when `media.tcp_port` is 0.
+    pub fn ice_tcp_candidates(&self) -> Vec<SocketAddr> {
+        if self.media.tcp_port == 0 {
+            return Vec::new();
+        }
+        let ips = if self.media.announced_ips.is_empty() {
+            vec![self.media.bind_ip]
+        } else {
+            self.media.announced_ips.clone()
+        };
+        ips.into_iter().map(|ip| SocketAddr::new(ip, self.media.tcp_port)).collect()
     }
 
     pub fn webhook(&self) -> signaling_api::webhook::WebhookConfig {

@@ -68,6 +68,25 @@ pub(super) fn offers_publication_codecs(conn: &Conn, tracks: &[TrackIn], offer: 
     })
 }
 
+/// Add our host candidates to a connection's `Rtc` and keep their SDP values for trickling:
+/// the UDP one on `local` (the connection's socket), then a passive TCP one (RFC 6544) per
+/// ICE-TCP address. str0m gives TCP host candidates a lower type preference (90) than UDP
+/// ones (126), and each later candidate a lower local preference, so a client that can reach
+/// the UDP port prefers it and TCP is the fallback.
+pub(super) fn add_host_candidates(conn: &mut Conn, cfg: &CoreConfig, local: SocketAddr) {
+    let udp = Candidate::host(local, "udp").ok();
+    let tcp = cfg
+        .ice_tcp
+        .iter()
+        .filter_map(|addr| Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build().ok());
+    for c in udp.into_iter().chain(tcp) {
+        if let Some(added) = conn.rtc.add_local_candidate(c) {
+            let line = added.to_sdp_string();
+            conn.candidates.push(line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned());
+        }
+    }
+}
+
 impl Engine {
     pub(super) fn new_conn(
         &mut self,
@@ -126,13 +145,14 @@ impl Engine {
             last_round: None,
             trusted: Vec::new(),
             candidate_added: false,
+            candidates: Vec::new(),
             first_mid: None,
             ready_at: None,
             stats: ConnStats::default(),
             span,
         };
         conn.enter(&mut self.q, ConnectionState::Initial, None);
-        self.by_ufrag.insert(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
+        self.index_ufrag(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
         self.keys.insert(id, spec.key);
         self.conns.insert(spec.key, conn);
         if let Some(r) = self.rooms.get_mut(&room) {
@@ -161,9 +181,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
         };
         let conn = self.conns.get_mut(&key).expect("inserted above");
-        if let Ok(c) = Candidate::host(local, "udp") {
-            conn.rtc.add_local_candidate(c);
-        }
+        add_host_candidates(conn, &self.cfg, local);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
@@ -248,9 +266,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
         };
         let conn = self.conns.get_mut(&key).expect("inserted above");
-        if let Ok(c) = Candidate::host(local, "udp") {
-            conn.rtc.add_local_candidate(c);
-        }
+        add_host_candidates(conn, &self.cfg, local);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => a.to_sdp_string(),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
@@ -402,9 +418,8 @@ impl Engine {
         let conn = conn_mut(&mut self.conns, key)?;
         if !conn.candidate_added {
             conn.candidate_added = true;
-            if let Ok(c) = Candidate::host(conn.local, "udp") {
-                conn.rtc.add_local_candidate(c);
-            }
+            let local = conn.local;
+            add_host_candidates(conn, &self.cfg, local);
             let mid = conn.first_mid.clone();
             self.announce_candidate(key, mid, now);
         }
@@ -470,19 +485,22 @@ impl Engine {
         }));
     }
 
-    /// Trickle our host candidate to the client and enter GATHERED.
+    /// Trickle our host candidates to the client (the UDP one, then any ICE-TCP ones) and enter
+    /// GATHERED.
     pub(super) fn announce_candidate(&mut self, key: ConnKey, mid: Option<String>, now: Instant) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
-        let Ok(c) = Candidate::host(conn.local, "udp") else { return };
-        let line = c.to_sdp_string();
-        let candidate = line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned();
-        self.q.out.push_back(Output::Event(MediaEvent::Candidate {
-            connection_id: conn.id.to_string(),
-            candidate,
-            sdp_mid: mid,
-            sdp_mline_index: Some(0),
-        }));
-        conn.event(&mut self.q, EventKind::Candidate, None);
+        if conn.candidates.is_empty() {
+            return;
+        }
+        for candidate in &conn.candidates {
+            self.q.out.push_back(Output::Event(MediaEvent::Candidate {
+                connection_id: conn.id.to_string(),
+                candidate: candidate.clone(),
+                sdp_mid: mid.clone(),
+                sdp_mline_index: Some(0),
+            }));
+            conn.event(&mut self.q, EventKind::Candidate, None);
+        }
         conn.gathered_at = Some(now);
         conn.enter(&mut self.q, ConnectionState::Gathered, None);
     }
