@@ -402,6 +402,11 @@ impl GatewayConfig {
                 ),
             ));
         }
+        let http = self.http.bind;
+        let same_ip = http.ip() == m.bind_ip || http.ip().is_unspecified() || m.bind_ip.is_unspecified();
+        if m.tcp_port != 0 && m.tcp_port == http.port() && same_ip {
+            return Err(invalid("media.tcp_port", format!("{} is http.bind's port", m.tcp_port)));
+        }
         if m.bind_ip.is_unspecified() && m.announced_ips.is_empty() {
             return Err(invalid("media.announced_ips", "required when media.bind_ip is unspecified (0.0.0.0 or ::)"));
         }
@@ -633,6 +638,29 @@ mod tests {
         assert_eq!(c.media.announced_ips.len(), 2);
         assert_eq!(c.auth.api_key, "k");
         assert!(!c.dev_token_route(), "auto is off when bound beyond loopback");
+    }
+
+    #[test]
+    fn ice_tcp_candidates_follow_the_announced_addresses() {
+        let off = GatewayConfig::load(None, env(&[])).unwrap();
+        assert!(off.core().ice_tcp.is_empty(), "off by default");
+        let on = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![("GATEWAY__MEDIA__TCP_PORT", "3478")];
+            pairs.extend_from_slice(extra);
+            GatewayConfig::load(None, env(&pairs))
+        };
+        let local = on(&[]).unwrap().core().ice_tcp;
+        assert_eq!(local, ["127.0.0.1:3478".parse().unwrap()], "the bind address without announced ones");
+        let c = on(&[
+            ("GATEWAY__MEDIA__BIND_IP", "0.0.0.0"),
+            ("GATEWAY__MEDIA__ANNOUNCED_IPS", "203.0.113.7,198.51.100.1"),
+        ])
+        .unwrap();
+        let want: Vec<std::net::SocketAddr> =
+            vec!["203.0.113.7:3478".parse().unwrap(), "198.51.100.1:3478".parse().unwrap()];
+        assert_eq!(c.core().ice_tcp, want, "one per announced address, in order");
+        let clash = on(&[("GATEWAY__HTTP__BIND", "127.0.0.1:3478")]).unwrap_err().to_string();
+        assert!(clash.contains("media.tcp_port"), "{clash}");
     }
 
     #[test]

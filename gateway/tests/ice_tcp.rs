@@ -6,7 +6,7 @@
 //! frame that is not STUN/DTLS/RTP on a bound stream — each stream is closed and counted in
 //! `/metrics`, and every call keeps its media flowing.
 //!
-//! Ports: ICE-TCP 50250, UDP media 50260-50299.
+//! Ports: ICE-TCP 50250 with UDP media 50260-50299, and 50251 with `media.mux` on 50256-50257.
 
 mod common;
 
@@ -31,8 +31,6 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-
-const TCP_PORT: u16 = 50250;
 
 /// What a TCP peer has seen.
 #[derive(Default)]
@@ -241,16 +239,30 @@ fn ufrag_of(sdp: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_tcp_calls_connect_and_abuse_of_the_port_is_dropped_and_counted() {
-    let gw = start_gateway_with(50260, 50299, |c| c.media.tcp_port = TCP_PORT).await;
+    ice_tcp(50250, 50260, 50299, false).await;
+}
+
+/// The same beside `media.mux` (UDP on one port per worker, 50256-50257).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_tcp_beside_one_udp_port_per_worker() {
+    ice_tcp(50251, 50256, 50257, true).await;
+}
+
+async fn ice_tcp(tcp_port: u16, port_min: u16, port_max: u16, mux: bool) {
+    let gw = start_gateway_with(port_min, port_max, |c| {
+        c.media.tcp_port = tcp_port;
+        c.media.mux = mux;
+    })
+    .await;
     let api = Api::new(gw.base_url());
-    let tcp_addr: SocketAddr = format!("127.0.0.1:{TCP_PORT}").parse().unwrap();
+    let tcp_addr: SocketAddr = format!("127.0.0.1:{tcp_port}").parse().unwrap();
 
     // A stream that never says anything: closed after the first-frame timeout (5 s), counted;
     // opened first so its wait overlaps the rest of the test.
     let mut silent = TcpStream::connect(tcp_addr).await.unwrap();
 
     // A TCP publisher, a TCP subscriber and a UDP subscriber in one room.
-    let room = api.create_room("ice-tcp").await;
+    let room = api.create_room(&format!("ice-tcp-{tcp_port}")).await;
     let started = Instant::now();
     let publisher = TcpPeer::join(&api, &room, "tcp-pub", true).await;
     eventually("the TCP publisher READY", 10, || publisher.events("READY") == 1 && publisher.with(|l| l.connected))
@@ -262,7 +274,7 @@ async fn ice_tcp_calls_connect_and_abuse_of_the_port_is_dropped_and_counted() {
     assert_eq!(candidates.len(), 2, "one UDP and one TCP candidate:\n{answer}");
     let prio = |c: &str| c.split_whitespace().nth(3).unwrap().parse::<u32>().unwrap();
     assert!(candidates[0].contains(" udp ") && candidates[1].contains(" tcp "), "{candidates:?}");
-    assert!(candidates[1].contains(&format!("127.0.0.1 {TCP_PORT} typ host tcptype passive")), "{candidates:?}");
+    assert!(candidates[1].contains(&format!("127.0.0.1 {tcp_port} typ host tcptype passive")), "{candidates:?}");
     assert!(prio(candidates[1]) < prio(candidates[0]), "TCP below UDP: {candidates:?}");
     assert_eq!(publisher.with(|l| l.streams.clone()), [tcp_addr], "the publisher used the TCP candidate only");
 
@@ -375,7 +387,7 @@ async fn ice_tcp_calls_connect_and_abuse_of_the_port_is_dropped_and_counted() {
     assert!(udp_sub.with(|l| l.events("FAILED").is_empty()));
     assert_eq!(api.metric("gateway_ice_tcp_streams_open").await, 2.0, "only the two real streams stay open");
     eprintln!(
-        "ICE-TCP: publish READY {} ms after joining; {} cases of abuse dropped and counted; accepted streams {}",
+        "ICE-TCP (mux {mux}): publish READY {} ms after joining; {} cases of abuse dropped and counted; accepted streams {}",
         publish_ready.as_millis(),
         cases.len() + 1,
         api.metric("gateway_ice_tcp_streams_total{result=\"accepted\"}").await
