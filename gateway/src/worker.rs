@@ -386,9 +386,12 @@ impl Worker {
     /// many datagrams went out.
     fn send_queued(&mut self) -> usize {
         if !self.links_to_send.is_empty() {
-            for token in std::mem::take(&mut self.links_to_send) {
+            // Taken and put back, so its allocation is kept.
+            let mut tokens = std::mem::take(&mut self.links_to_send);
+            for token in tokens.drain(..) {
                 self.write_link(token);
             }
+            self.links_to_send = tokens;
         }
         let Some(shared) = &mut self.shared else { return 0 };
         if shared.queue.is_empty() {
