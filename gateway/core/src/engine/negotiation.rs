@@ -721,6 +721,96 @@ mod tests {
         assert_eq!(preferred_video_codec("v=0\r\nm=audio 9 X 0\r\n"), None);
     }
 
+    fn spec(key: u64, role: Role) -> NewConnection {
+        NewConnection {
+            key: ConnKey(key),
+            local: "192.0.2.1:40000".parse().unwrap(),
+            spec: ConnectionSpec {
+                room_id: "r".into(),
+                participant_id: format!("p{key}"),
+                connection_id: format!("c{key}"),
+                role,
+            },
+        }
+    }
+
+    fn sdp_events(engine: &mut Engine) -> (Vec<String>, Vec<String>) {
+        let (mut sdps, mut candidates) = (Vec::new(), Vec::new());
+        while let Some(out) = engine.poll_output() {
+            match out {
+                Output::Event(MediaEvent::Answer { sdp, .. } | MediaEvent::Offer { sdp, .. }) => sdps.push(sdp),
+                Output::Event(MediaEvent::Candidate { candidate, .. }) => candidates.push(candidate),
+                _ => {}
+            }
+        }
+        (sdps, candidates)
+    }
+
+    /// With ICE-TCP addresses configured, the answer carries a passive TCP host candidate per
+    /// address after the UDP one, at lower priorities, and the same candidates are trickled; the
+    /// connection's ufrag is reported to the driver and routes a STUN message to it until the
+    /// connection ends.
+    #[test]
+    fn ice_tcp_candidates_and_the_ufrag_index() {
+        let now = Instant::now();
+        let tcp: Vec<SocketAddr> = vec!["192.0.2.1:3478".parse().unwrap(), "198.51.100.7:3478".parse().unwrap()];
+        let mut engine = Engine::new(CoreConfig { ice_tcp: tcp, ..CoreConfig::default() });
+        engine.create_room("r");
+        let mut client = test_peer::Peer::new(now, "192.0.2.9:5000".parse().unwrap(), &Default::default()).unwrap();
+        let offer = client.publish_offer(true, Some(&[])).unwrap();
+        engine.publish(now, spec(1, Role::Publish), &offer).unwrap();
+        let (sdps, trickled) = sdp_events(&mut engine);
+        let lines: Vec<&str> =
+            sdps[0].lines().filter_map(|l| l.strip_prefix("a=")).filter(|l| l.starts_with("candidate:")).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].contains(" udp ") && lines[0].contains("192.0.2.1 40000 typ host"), "{lines:?}");
+        assert!(
+            lines[1].contains(" tcp ") && lines[1].contains("192.0.2.1 3478 typ host tcptype passive"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains(" tcp ") && lines[2].contains("198.51.100.7 3478 typ host tcptype passive"),
+            "{lines:?}"
+        );
+        let prio = |l: &str| l.split_whitespace().nth(3).unwrap().parse::<u32>().unwrap();
+        assert!(prio(lines[0]) > prio(lines[1]) && prio(lines[1]) > prio(lines[2]), "{lines:?}");
+        assert_eq!(trickled.len(), 3);
+        for (t, l) in trickled.iter().zip(&lines) {
+            assert!(l.starts_with(t.as_str()) || t.starts_with(*l), "trickled {t} / in the answer {l}");
+        }
+
+        let ufrag = sdps[0].lines().find_map(|l| l.strip_prefix("a=ice-ufrag:")).unwrap().trim().to_owned();
+        assert_eq!(engine.take_ufrag_changes(), [crate::UfragChange::Added(ufrag.clone())]);
+        assert!(engine.take_ufrag_changes().is_empty(), "taken once");
+        let username = format!("{ufrag}:them");
+        let msg = StunMessage::binding_request(&username, str0m::ice::TransId::new(), true, 1, 100, false);
+        let mut buf = vec![0u8; 256];
+        let n = msg.to_bytes(Some(b"x"), &mut buf, |_, _| [0u8; 20]).unwrap();
+        assert_eq!(engine.route_stun(&buf[..n]), Some(ConnKey(1)));
+        assert_eq!(engine.route_stun(&[0x80, 0, 0, 0]), None, "RTP names no connection");
+        engine.close_connection(now, "c1", "test");
+        assert_eq!(engine.take_ufrag_changes(), [crate::UfragChange::Removed(ufrag)]);
+        assert_eq!(engine.route_stun(&buf[..n]), None);
+        assert!(!engine.handle_tcp_receive(
+            now,
+            ConnKey(1),
+            "192.0.2.9:5000".parse().unwrap(),
+            "192.0.2.1:3478".parse().unwrap(),
+            &buf[..n]
+        ));
+    }
+
+    #[test]
+    fn without_ice_tcp_no_tcp_candidate_and_no_ufrag_log() {
+        let now = Instant::now();
+        let mut engine = Engine::new(CoreConfig::default());
+        engine.create_room("r");
+        engine.subscribe(now, spec(2, Role::Subscribe)).unwrap();
+        let (sdps, _) = sdp_events(&mut engine);
+        assert!(!sdps[0].contains(" tcp "), "{}", sdps[0]);
+        assert!(engine.take_ufrag_changes().is_empty());
+    }
+
     #[test]
     fn preferred_codec_goes_first() {
         let mut cc = CodecConfig::new_with_defaults();
