@@ -79,7 +79,7 @@ impl MediaMetrics {
             ice_tcp_streams: IntCounterVec::new(
                 Opts::new(
                     "gateway_ice_tcp_streams_total",
-                    "ICE-TCP streams accepted on media.tcp_port (accepted) and tied to a connection by their first STUN message (bound)",
+                    "ICE-TCP streams accepted on media.tcp_port (accepted), tied to a connection by their first STUN message (bound), closed by the client before their first frame (abandoned)",
                 ),
                 &["result"],
             )
@@ -87,7 +87,7 @@ impl MediaMetrics {
             ice_tcp_dropped: IntCounterVec::new(
                 Opts::new(
                     "gateway_ice_tcp_streams_dropped_total",
-                    "ICE-TCP streams closed by the gateway, by reason (garbage, oversized, unknown_ufrag, timeout, closed, overload, limit)",
+                    "ICE-TCP streams closed by the gateway, by reason (garbage, oversized, unknown_ufrag, timeout, overload, limit)",
                 ),
                 &["reason"],
             )
@@ -128,10 +128,10 @@ impl MediaMetrics {
             m.counters[fam.name].with_label_values(labels);
         });
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for result in ["accepted", "bound"] {
+        for result in ["accepted", "bound", "abandoned"] {
             m.ice_tcp_streams.with_label_values(&[result]);
         }
-        for reason in crate::tcp::DropReason::ALL {
+        for reason in crate::tcp::DropReason::DROPS {
             m.ice_tcp_dropped.with_label_values(&[reason.as_str()]);
         }
         for reason in ["send_buffer_full", "no_stream"] {

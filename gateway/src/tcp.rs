@@ -15,7 +15,9 @@
 //! most [`MAX_LINKS_PER_CONNECTION`] streams; each stream buffers at most [`SEND_BUFFER_LIMIT`]
 //! bytes toward a slow client (frames beyond that are dropped whole, as a full UDP socket
 //! buffer would drop datagrams). A stream that breaks a bound or sends what is not STUN, DTLS
-//! or RTP (RFC 7983) is closed and counted in `/metrics`; the call it named is unaffected.
+//! or RTP (RFC 7983) is closed and counted in `/metrics` (as is a stream its client closes
+//! before its first frame, which browsers do with spare streams); the call it named is
+//! unaffected.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -45,7 +47,9 @@ pub const SEND_BUFFER_LIMIT: usize = 256 * 1024;
 /// from their engines' `take_ufrag_changes`.
 pub type UfragDirectory = dashmap::DashMap<String, usize>;
 
-/// Why a stream was closed (the `reason` label of `gateway_ice_tcp_streams_dropped_total`).
+/// Why a stream ended before it carried a call: the `reason` label of
+/// `gateway_ice_tcp_streams_dropped_total`, except `Closed` (the client's doing, which browsers
+/// do routinely with spare streams): `gateway_ice_tcp_streams_total{result="abandoned"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     /// Not a STUN Binding request with a USERNAME first, or a later frame that is not STUN,
@@ -66,15 +70,23 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    /// The reasons the gateway drops a stream for (every one but `Closed`).
+    pub const DROPS: [DropReason; 6] = [
         DropReason::Garbage,
         DropReason::Oversized,
         DropReason::UnknownUfrag,
         DropReason::Timeout,
-        DropReason::Closed,
         DropReason::Overload,
         DropReason::Limit,
     ];
+
+    /// Count a stream that ended for this reason.
+    pub fn count(self, metrics: &MediaMetrics) {
+        match self {
+            DropReason::Closed => metrics.ice_tcp_streams.with_label_values(&["abandoned"]).inc(),
+            reason => metrics.ice_tcp_dropped.with_label_values(&[reason.as_str()]).inc(),
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -246,7 +258,7 @@ pub fn spawn_listener(
             };
             metrics.ice_tcp_streams.with_label_values(&["accepted"]).inc();
             let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
-                metrics.ice_tcp_dropped.with_label_values(&[DropReason::Overload.as_str()]).inc();
+                DropReason::Overload.count(&metrics);
                 continue;
             };
             let (ufrags, workers, metrics) = (Arc::clone(&ufrags), Arc::clone(&workers), metrics.clone());
@@ -254,7 +266,7 @@ pub fn spawn_listener(
                 let handed = hand_over(stream, peer, &ufrags, &workers).await;
                 drop(permit);
                 if let Err(reason) = handed {
-                    metrics.ice_tcp_dropped.with_label_values(&[reason.as_str()]).inc();
+                    reason.count(&metrics);
                 }
             });
         }

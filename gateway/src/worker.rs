@@ -628,8 +628,7 @@ impl Worker {
     /// is still here and has room for another stream), then handle that frame and whatever
     /// followed it.
     fn adopt_stream(&mut self, now: Instant, stream: std::net::TcpStream, peer: SocketAddr, first: &[u8]) {
-        let dropped =
-            |reason: DropReason| self.setup.metrics.ice_tcp_dropped.with_label_values(&[reason.as_str()]).inc();
+        let dropped = |reason: DropReason| reason.count(&self.setup.metrics);
         let Some(key) = self.engine.route_stun(first) else {
             dropped(DropReason::UnknownUfrag);
             return;
@@ -752,7 +751,7 @@ impl Worker {
         let _ = self.poll.registry().deregister(&mut link.stream);
         self.setup.metrics.ice_tcp_open.dec();
         if let Some(reason) = reason {
-            self.setup.metrics.ice_tcp_dropped.with_label_values(&[reason.as_str()]).inc();
+            reason.count(&self.setup.metrics);
             tracing::debug!(worker = self.setup.index, reason = reason.as_str(), "ICE-TCP stream dropped");
         }
     }
