@@ -11,7 +11,8 @@
 //! `Rtc`'s TCP transmits back, framed. A stream carries one connection only.
 //!
 //! Bounds: a frame is at most [`MAX_FRAME`] bytes; a stream has [`FIRST_FRAME_TIMEOUT`] to
-//! send its first frame; at most [`MAX_PENDING`] streams wait for theirs; a connection holds at
+//! send its first frame; at most [`MAX_PENDING`] streams wait for theirs
+//! ([`MAX_PENDING_PER_IP`] from one address); a connection holds at
 //! most [`MAX_LINKS_PER_CONNECTION`] streams; each stream buffers at most [`SEND_BUFFER_LIMIT`]
 //! bytes toward a slow client (frames beyond that are dropped whole, as a full UDP socket
 //! buffer would drop datagrams). A stream that breaks a bound or sends what is not STUN, DTLS
@@ -38,6 +39,9 @@ pub const MAX_FRAME: usize = 2048;
 pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Streams waiting for their first frame at once; more are closed at once (`overload`).
 pub const MAX_PENDING: usize = 256;
+/// Of those, from one IP address (so one host holding streams open cannot lock everyone out;
+/// a whole office behind one NAT still opens its calls' streams a few at a time).
+pub const MAX_PENDING_PER_IP: usize = 16;
 /// Streams one connection may hold (a browser opens one per TCP candidate it can reach).
 pub const MAX_LINKS_PER_CONNECTION: usize = 4;
 /// Bytes queued toward one client before frames are dropped.
@@ -63,7 +67,8 @@ pub enum DropReason {
     Timeout,
     /// The client closed (or reset) the stream before its first frame.
     Closed,
-    /// [`MAX_PENDING`] streams were already waiting for their first frame.
+    /// [`MAX_PENDING`] streams (or [`MAX_PENDING_PER_IP`] from its address) were already
+    /// waiting for their first frame.
     Overload,
     /// The connection already holds [`MAX_LINKS_PER_CONNECTION`] streams.
     Limit,
@@ -244,6 +249,7 @@ pub fn spawn_listener(
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let per_ip = Arc::new(PendingPerIp::default());
     let workers = Arc::new(workers);
     Ok(tokio::spawn(async move {
         loop {
@@ -261,16 +267,51 @@ pub fn spawn_listener(
                 DropReason::Overload.count(&metrics);
                 continue;
             };
+            let Some(ip_permit) = PendingPerIp::enter(&per_ip, peer.ip()) else {
+                DropReason::Overload.count(&metrics);
+                continue;
+            };
             let (ufrags, workers, metrics) = (Arc::clone(&ufrags), Arc::clone(&workers), metrics.clone());
             tokio::spawn(async move {
                 let handed = hand_over(stream, peer, &ufrags, &workers).await;
-                drop(permit);
+                drop((permit, ip_permit));
                 if let Err(reason) = handed {
                     reason.count(&metrics);
                 }
             });
         }
     }))
+}
+
+/// Streams waiting for their first frame, per client IP address.
+#[derive(Default)]
+struct PendingPerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One stream's place in [`PendingPerIp`], given back when dropped.
+struct IpPermit(Arc<PendingPerIp>, std::net::IpAddr);
+
+impl PendingPerIp {
+    fn enter(this: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpPermit> {
+        let mut map = this.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpPermit(Arc::clone(this), ip))
+    }
+}
+
+impl Drop for IpPermit {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Read a new stream's first frame and give the stream to the worker owning its connection.
@@ -392,6 +433,20 @@ mod tests {
         s.write_to(&mut all).unwrap();
         assert!(s.is_empty());
         assert!(s.push(&frame));
+    }
+
+    #[test]
+    fn streams_waiting_are_bounded_per_address() {
+        let pending = Arc::new(PendingPerIp::default());
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let mut held: Vec<IpPermit> =
+            (0..MAX_PENDING_PER_IP).map(|_| PendingPerIp::enter(&pending, a).unwrap()).collect();
+        assert!(PendingPerIp::enter(&pending, a).is_none(), "one more from the same address is refused");
+        let other = PendingPerIp::enter(&pending, b).expect("another address is not affected");
+        held.pop();
+        assert!(PendingPerIp::enter(&pending, a).is_some(), "a place freed is taken again");
+        drop((held, other));
+        assert!(pending.0.lock().unwrap().is_empty(), "nothing left behind");
     }
 
     #[test]

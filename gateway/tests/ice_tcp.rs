@@ -4,7 +4,8 @@
 //! connection's stats show the TCP pair. Then the TCP port is abused — garbage, a stream naming
 //! an unknown ufrag, oversized frames (first and after binding), a stream that says nothing, one
 //! its client closes mid-frame, a frame that is not STUN/DTLS/RTP on a bound stream — each stream
-//! is closed and counted in `/metrics`, and every call keeps its media flowing.
+//! is closed and counted in `/metrics`, one host holding more than 16 streams without a first frame
+//! is refused beyond them — and every call keeps its media flowing.
 //!
 //! Ports: ICE-TCP 50250 with UDP media 50260-50299, and 50251 with `media.mux` on 50256-50257.
 
@@ -376,6 +377,30 @@ async fn ice_tcp(tcp_port: u16, port_min: u16, port_max: u16, mux: bool) {
         })
         .await;
     }
+    // One host holding streams open without a first frame: beyond 16 waiting from its address,
+    // the next is closed at once (overload); other addresses still get through.
+    let from = |ip: &str| {
+        let (ip, to) = (ip.to_owned(), tcp_addr);
+        async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            s.connect(to).await.unwrap()
+        }
+    };
+    let before = dropped(&api, "overload").await;
+    let mut holders = Vec::new();
+    for _ in 0..16 {
+        holders.push(from("127.0.0.2").await);
+    }
+    let mut one_too_many = from("127.0.0.2").await;
+    assert!(closed_by_gateway(&mut one_too_many, 3).await, "the 17th stream waiting from one address is closed");
+    assert_eq!(dropped(&api, "overload").await, before + 1.0);
+    let mut elsewhere = from("127.0.0.3").await;
+    elsewhere.write_all(&framed_binding_request("nosuchufrag")).await.unwrap();
+    assert!(closed_by_gateway(&mut elsewhere, 3).await);
+    assert_eq!(dropped(&api, "overload").await, before + 1.0, "another address is not refused");
+    drop(holders);
+
     // The silent stream went at its first-frame timeout.
     assert!(closed_by_gateway(&mut silent, 6).await, "a silent stream is closed");
     assert_eq!(dropped(&api, "timeout").await, 1.0);
