@@ -8,7 +8,8 @@
 // Two pages in that Chromium join a room (each publishes and subscribes): all four connections
 // must reach READY over TCP, each page must decode the other's video, Chromium's selected pairs
 // and the gateway's connection stats must show TCP, and the router must have dropped the UDP
-// Chromium tried. Ports 50200 (ICE-TCP), 50201 (HTTP), 50210-50249 (UDP media, unreachable here).
+// Chromium tried. A second, unfirewalled Chromium on the same gateway must still pick UDP (the TCP
+// candidate is a fallback, below the UDP one). Ports 50200 (ICE-TCP), 50201 (HTTP), 50210-50249 (UDP media, unreachable here).
 //
 // Needs root, `ip netns` and iptables. Without them the test is skipped with the reason, unless
 // REQUIRE_ICE_TCP_TEST=1 (scripts/test.sh sets it when it runs as root), which makes it fail.
@@ -247,4 +248,35 @@ test("with all UDP blocked and no TURN server, Chromium connects over ICE-TCP an
   );
   for (const page of [alice, bob]) await page.evaluate(() => window.gw.leave());
   await waitFor("the TCP streams closed with their connections", async () => (await metric(gateway.base, "gateway_ice_tcp_streams_open")) === 0, 10000);
+});
+
+test("with UDP open, the TCP candidate stays a fallback: an unfirewalled Chromium's pairs are UDP", { timeout: 60000 }, async (t) => {
+  if (skipReason) {
+    t.skip(skipReason);
+    return;
+  }
+  // A Chromium in the test's own namespace, where nothing blocks UDP to the gateway.
+  const open = await launchChromium({ extraArgs: [`--unsafely-treat-insecure-origin-as-secure=${gateway.base}`] });
+  try {
+    const carol = await joinPage(open, gateway.base, "ice-tcp-udp", "carol");
+    const ids = await waitFor("carol: publish and subscribe READY", () => readyIds(carol), 30000, 100);
+    for (const role of ["publish", "subscribe"]) {
+      const { pair } = await waitFor(`carol ${role}: selected pair`, async () => {
+        const s = await pcStats(carol, role);
+        return s && s.pair ? s : null;
+      }, 5000);
+      assert.equal(pair.local.protocol, "udp", `carol ${role}: ${JSON.stringify(pair)}`);
+      assert.equal(pair.remote.protocol, "udp", `carol ${role}: ${JSON.stringify(pair)}`);
+      const gw = await waitFor(`carol ${role}: the gateway's selected pair`, async () => {
+        const r = await api(gateway.base, "GET", `/v1/connections/${ids[role].id}`);
+        return r.status === 200 && r.body.stats && r.body.stats.selected_pair;
+      }, 5000);
+      assert.equal(gw.protocol, "udp", `carol ${role}: ${JSON.stringify(gw)}`);
+      assert.equal(gw.tcptype, undefined, `carol ${role}: ${JSON.stringify(gw)}`);
+    }
+    await carol.evaluate(() => window.gw.leave());
+    await waitFor("no ICE-TCP stream left open", async () => (await metric(gateway.base, "gateway_ice_tcp_streams_open")) === 0, 10000);
+  } finally {
+    await open.close().catch(() => {});
+  }
 });
