@@ -629,6 +629,9 @@ impl Worker {
     /// followed it.
     fn adopt_stream(&mut self, now: Instant, stream: std::net::TcpStream, peer: SocketAddr, first: &[u8]) {
         let dropped = |reason: DropReason| reason.count(&self.setup.metrics);
+        // On a dual-stack listener an IPv4 client shows as ::ffff:a.b.c.d; ICE pairs it with
+        // our IPv4 candidates only as what it is.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Some(key) = self.engine.route_stun(first) else {
             dropped(DropReason::UnknownUfrag);
             return;
@@ -642,7 +645,7 @@ impl Worker {
         // The candidate the client connected to: ours with the stream's local address, else
         // the first (behind a 1:1 NAT the local address is not an announced one).
         let candidates = &self.setup.core.ice_tcp;
-        let local_ip = stream.local_addr().ok().map(|a| a.ip());
+        let local_ip = stream.local_addr().ok().map(|a| a.ip().to_canonical());
         let Some(local) = candidates.iter().find(|c| Some(c.ip()) == local_ip).or(candidates.first()).copied() else {
             dropped(DropReason::UnknownUfrag);
             return;
