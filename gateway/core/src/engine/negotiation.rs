@@ -81,8 +81,12 @@ pub(super) fn add_host_candidates(conn: &mut Conn, cfg: &CoreConfig, local: Sock
         .filter_map(|addr| Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build().ok());
     for c in udp.into_iter().chain(tcp) {
         if let Some(added) = conn.rtc.add_local_candidate(c) {
+            // Trickled as before: without the `ufrag` extension the agent appends (the offer's
+            // or answer's ufrag is the one), which not every client's parser takes.
             let line = added.to_sdp_string();
-            conn.candidates.push(line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned());
+            let line = line.strip_prefix("a=").unwrap_or(&line);
+            let line = line.split(" ufrag ").next().unwrap_or(line);
+            conn.candidates.push(line.trim_end().to_owned());
         }
     }
 }
