@@ -11,11 +11,10 @@
 //! `Rtc`'s TCP transmits back, framed. A stream carries one connection only.
 //!
 //! Bounds: a frame is at most [`MAX_FRAME`] bytes; a stream has [`FIRST_FRAME_TIMEOUT`] to
-//! send its first frame; at most [`MAX_PENDING`] streams wait for theirs
-//! ([`MAX_PENDING_PER_IP`] from one address); a connection holds at
-//! most [`MAX_LINKS_PER_CONNECTION`] streams; each stream buffers at most [`SEND_BUFFER_LIMIT`]
-//! bytes toward a slow client (frames beyond that are dropped whole, as a full UDP socket
-//! buffer would drop datagrams). A stream that breaks a bound or sends what is not STUN, DTLS
+//! send its first frame; at most [`MAX_PENDING`] streams wait for theirs ([`MAX_PENDING_PER_IP`]
+//! from one address); a connection holds at most [`MAX_LINKS_PER_CONNECTION`] streams; each
+//! stream buffers at most [`SEND_BUFFER_LIMIT`] bytes toward a slow client (frames beyond that
+//! are dropped whole, as a full UDP socket buffer would drop datagrams). A stream that breaks a bound or sends what is not STUN, DTLS
 //! or RTP (RFC 7983) is closed and counted in `/metrics` (as is a stream its client closes
 //! before its first frame, which browsers do with spare streams); the call it named is
 //! unaffected.
@@ -267,7 +266,7 @@ pub fn spawn_listener(
                 DropReason::Overload.count(&metrics);
                 continue;
             };
-            let Some(ip_permit) = PendingPerIp::enter(&per_ip, peer.ip()) else {
+            let Some(ip_permit) = PendingPerIp::enter(&per_ip, peer.ip().to_canonical()) else {
                 DropReason::Overload.count(&metrics);
                 continue;
             };
