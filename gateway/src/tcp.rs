@@ -434,6 +434,77 @@ mod tests {
         assert!(s.push(&frame));
     }
 
+    proptest::proptest! {
+        /// Any bytes, cut anywhere: the reader never panics, holds at most one partial frame,
+        /// and yields exactly the frames a correct parse of the whole would, up to its first
+        /// refusal.
+        #[test]
+        fn the_frame_reader_takes_any_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6000),
+            cuts in proptest::collection::vec(1usize..700, 1..20),
+        ) {
+            let mut want = Vec::new();
+            let mut refused = false;
+            let mut rest = &bytes[..];
+            while rest.len() >= 2 {
+                let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                if len == 0 || len > MAX_FRAME {
+                    refused = true;
+                    break;
+                }
+                if rest.len() < 2 + len {
+                    break;
+                }
+                want.push(rest[2..2 + len].to_vec());
+                rest = &rest[2 + len..];
+            }
+            let mut r = FrameReader::default();
+            let (mut got, mut got_refused, mut at, mut i) = (Vec::new(), false, 0, 0);
+            while at < bytes.len() && !got_refused {
+                let end = (at + cuts[i % cuts.len()]).min(bytes.len());
+                r.push(&bytes[at..end]);
+                at = end;
+                i += 1;
+                loop {
+                    match r.next_frame() {
+                        Ok(Some(f)) => got.push(f.to_vec()),
+                        Ok(None) => break,
+                        Err(_) => {
+                            got_refused = true;
+                            break;
+                        }
+                    }
+                }
+                proptest::prop_assert!(got_refused || r.buffered() <= 2 + MAX_FRAME + 700);
+            }
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(got_refused, refused);
+        }
+
+        /// Valid frames of any size up to the limit, cut anywhere, come out whole and in order.
+        #[test]
+        fn valid_frames_survive_any_cutting(
+            frames in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..=MAX_FRAME), 0..8),
+            cuts in proptest::collection::vec(1usize..3000, 1..20),
+        ) {
+            let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+            let bytes = framed(&refs);
+            let mut r = FrameReader::default();
+            let (mut got, mut at, mut i) = (Vec::new(), 0, 0);
+            while at < bytes.len() {
+                let end = (at + cuts[i % cuts.len()]).min(bytes.len());
+                r.push(&bytes[at..end]);
+                at = end;
+                i += 1;
+                while let Some(f) = r.next_frame().unwrap() {
+                    got.push(f.to_vec());
+                }
+            }
+            proptest::prop_assert_eq!(got, frames);
+            proptest::prop_assert_eq!(r.buffered(), 0);
+        }
+    }
+
     #[test]
     fn streams_waiting_are_bounded_per_address() {
         let pending = Arc::new(PendingPerIp::default());
