@@ -35,6 +35,9 @@ const LINKS: usize = usize::MAX / 2;
 const RECV_BUF: usize = 2048;
 /// What one read of an ICE-TCP stream takes at most.
 const TCP_READ_BUF: usize = 16 * 1024;
+/// Bytes read from one ICE-TCP stream per loop pass before the others get their turn (a stream
+/// that keeps its socket full cannot hold the worker; the rest is read on the next pass).
+const TCP_READ_BUDGET: usize = 64 * 1024;
 /// How often counters are published to Prometheus.
 const METRICS_EVERY: Duration = Duration::from_secs(1);
 
@@ -193,6 +196,9 @@ struct Worker {
     links: HashMap<usize, Link>,
     link_by_peer: HashMap<SocketAddr, usize>,
     links_to_send: Vec<usize>,
+    /// Streams that used their read budget with data still waiting: read on the next pass
+    /// (mio is edge-triggered: no new event would come for what is already there).
+    links_to_read: Vec<usize>,
     next_link: usize,
     tcp_read: Vec<u8>,
     tcp_frame: Vec<u8>,
@@ -232,6 +238,7 @@ impl Worker {
             links: HashMap::new(),
             link_by_peer: HashMap::new(),
             links_to_send: Vec::new(),
+            links_to_read: Vec::new(),
             next_link: 0,
             tcp_read: Vec::new(),
             tcp_frame: Vec::new(),
@@ -251,6 +258,7 @@ impl Worker {
         loop {
             let now = Instant::now();
             let wait = next.map(|t| t.saturating_duration_since(now)).unwrap_or(METRICS_EVERY).min(METRICS_EVERY);
+            let wait = if self.links_to_read.is_empty() { wait } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -277,6 +285,15 @@ impl Worker {
                     }
                 } else {
                     self.read(ConnKey(ev.token().0 as u64), &mut buf);
+                }
+            }
+            if !self.links_to_read.is_empty() {
+                let mut tokens = std::mem::take(&mut self.links_to_read);
+                for token in tokens.drain(..) {
+                    self.read_link(token);
+                }
+                if self.links_to_read.is_empty() {
+                    self.links_to_read = tokens;
                 }
             }
             let now = Instant::now();
@@ -677,11 +694,21 @@ impl Worker {
             self.tcp_read = vec![0; TCP_READ_BUF];
         }
         let mut frame = std::mem::take(&mut self.tcp_frame);
+        let mut budget = TCP_READ_BUDGET;
         let end = loop {
             let Some(link) = self.links.get_mut(&token) else { break None };
+            if budget == 0 {
+                if !self.links_to_read.contains(&token) {
+                    self.links_to_read.push(token);
+                }
+                break None;
+            }
             match link.stream.read(&mut self.tcp_read) {
                 Ok(0) => break Some(None),
-                Ok(n) => link.frames.push(&self.tcp_read[..n]),
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    link.frames.push(&self.tcp_read[..n]);
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => break Some(None),

@@ -5,7 +5,8 @@
 //! an unknown ufrag, oversized frames (first and after binding), a stream that says nothing, one
 //! its client closes mid-frame, a frame that is not STUN/DTLS/RTP on a bound stream — each stream
 //! is closed and counted in `/metrics`, one host holding more than 16 streams without a first frame
-//! is refused beyond them — and every call keeps its media flowing.
+//! is refused beyond them, a stream bound by a forged check floods RTP-shaped frames for 2 s (each
+//! dropped as unauthenticated) — and every call keeps its media flowing.
 //!
 //! Ports: ICE-TCP 50250 with UDP media 50260-50299, and 50251 with `media.mux` on 50256-50257.
 
@@ -404,6 +405,31 @@ async fn ice_tcp(tcp_port: u16, port_min: u16, port_max: u16, mux: bool) {
     // The silent stream went at its first-frame timeout.
     assert!(closed_by_gateway(&mut silent, 6).await, "a silent stream is closed");
     assert_eq!(dropped(&api, "timeout").await, 1.0);
+
+    // A flood on a stream bound to the live publisher's connection (a forged check, then
+    // RTP-shaped frames as fast as loopback takes them, 2 s): its frames are dropped as from an
+    // unauthenticated source, and the worker keeps serving the call beside it.
+    let untrusted = "gateway_dropped_datagrams_total{reason=\"untrusted_source\"}";
+    let untrusted_before = api.metric(untrusted).await;
+    let mut flood = TcpStream::connect(tcp_addr).await.unwrap();
+    flood.write_all(&forged).await.unwrap();
+    let (u, t) = (udp_video(), tcp_video());
+    let flooding = tokio::spawn(async move {
+        let mut frame = vec![0x80u8; 1202];
+        frame[..2].copy_from_slice(&1200u16.to_be_bytes());
+        let chunk = frame.repeat(50);
+        let (until, mut sent) = (Instant::now() + Duration::from_secs(2), 0u64);
+        while Instant::now() < until && flood.write_all(&chunk).await.is_ok() {
+            sent += 50;
+        }
+        sent
+    });
+    let sent = flooding.await.unwrap();
+    let (du, dt) = (udp_video() - u, tcp_video() - t);
+    let refused = api.metric(untrusted).await - untrusted_before;
+    eprintln!("ICE-TCP flood (mux {mux}): {sent} frames written in 2 s, {refused} dropped as untrusted so far; the subscribers got {du} (UDP) and {dt} (TCP) video packets meanwhile (~100 sent)");
+    assert!(refused > 0.0, "the flood's frames reached the connection and were refused");
+    assert!(du >= 60 && dt >= 60, "the call kept flowing during the flood: {du} / {dt} of ~100");
 
     // Every call is unaffected: still READY, no FAILED, and video keeps coming to both
     // subscribers. The forged streams never reached the publisher's connection.
