@@ -6,7 +6,8 @@
 //   Chromium [ns C] 10.248.X.2 ──veth── .1 [ns R, router: UDP dropped] .5 ──veth── .6 gateway (test's ns)
 //
 // Two pages in that Chromium join a room (each publishes and subscribes): all four connections
-// must reach READY over TCP, each page must decode the other's video, Chromium's selected pairs
+// must reach READY over TCP, each page must decode the other's video (one of them every second for
+// 5 s, without a freeze), Chromium's selected pairs
 // and the gateway's connection stats must show TCP, and the router must have dropped the UDP
 // Chromium tried. A second, unfirewalled Chromium on the same gateway must still pick UDP (the
 // TCP candidate is a fallback, below the UDP one). Ports 50200 (ICE-TCP), 50201 (HTTP) and
@@ -144,7 +145,9 @@ function pcStats(page, role) {
     const stats = await pc.getStats();
     const out = { video: null, pair: null };
     stats.forEach((s) => {
-      if (s.type === "inbound-rtp" && s.kind === "video") out.video = { framesDecoded: s.framesDecoded || 0, frameWidth: s.frameWidth || 0 };
+      if (s.type === "inbound-rtp" && s.kind === "video") {
+        out.video = { framesDecoded: s.framesDecoded || 0, frameWidth: s.frameWidth || 0, freezeCount: s.freezeCount || 0 };
+      }
       if (s.type === "transport" && s.selectedCandidatePairId) {
         const pair = stats.get(s.selectedCandidatePairId);
         const local = pair && stats.get(pair.localCandidateId);
@@ -198,6 +201,17 @@ test("with all UDP blocked and no TURN server, Chromium connects over ICE-TCP an
   };
   const atBob = await waitFor("bob decoding alice's video", () => decodes(bob), 30000);
   const atAlice = await waitFor("alice decoding bob's video", () => decodes(alice), 30000);
+  // Sustained over TCP: bob's decoded frame count rises every second for 5 s, without freezes.
+  const series = [];
+  for (let i = 0; i <= 5; i++) {
+    if (i) await new Promise((r) => setTimeout(r, 1000));
+    series.push((await pcStats(bob, "subscribe")).video);
+  }
+  for (let i = 1; i < series.length; i++) {
+    assert.ok(series[i].framesDecoded > series[i - 1].framesDecoded, `decoded frames rise every second: ${series.map((v) => v.framesDecoded).join(", ")}`);
+  }
+  assert.equal(series.at(-1).freezeCount, series[0].freezeCount, `no freeze over TCP: ${JSON.stringify(series)}`);
+  const fps = (series.at(-1).framesDecoded - series[0].framesDecoded) / 5;
 
   // Chromium's selected pairs: its active TCP candidate to the gateway's passive one.
   const pairs = {};
@@ -244,7 +258,7 @@ test("with all UDP blocked and no TURN server, Chromium connects over ICE-TCP an
 
   console.log(
     `ICE-TCP: join → all four connections READY ${joinToReady} ms (INITIAL→READY alice ${ready.alice.publish.ms}/${ready.alice.subscribe.ms} ms, bob ${ready.bob.publish.ms}/${ready.bob.subscribe.ms} ms); ` +
-      `decoded at bob ${atBob.video.framesDecoded} frames ${atBob.video.frameWidth}px, at alice ${atAlice.video.framesDecoded} frames ${atAlice.video.frameWidth}px; ` +
+      `decoded at bob ${atBob.video.framesDecoded} frames ${atBob.video.frameWidth}px (then ${fps} frames/s for 5 s), at alice ${atAlice.video.framesDecoded} frames ${atAlice.video.frameWidth}px; ` +
       `UDP dropped by the firewall ${JSON.stringify(dropped)}; ${tcpMetrics}; pair ${JSON.stringify(pairs["bob/subscribe"])}`,
   );
   for (const page of [alice, bob]) await page.evaluate(() => window.gw.leave());
