@@ -6,12 +6,12 @@
 //   Chromium [ns C] 10.248.X.2 ──veth── .1 [ns R, router: UDP dropped] .5 ──veth── .6 gateway (test's ns)
 //
 // Two pages in that Chromium join a room (each publishes and subscribes): all four connections
-// must reach READY over TCP, each page must decode the other's video (one of them every second for
-// 5 s, without a freeze), Chromium's selected pairs
-// and the gateway's connection stats must show TCP, and the router must have dropped the UDP
-// Chromium tried. A second, unfirewalled Chromium on the same gateway must still pick UDP (the
-// TCP candidate is a fallback, below the UDP one). Ports 50200 (ICE-TCP), 50201 (HTTP) and
-// 50210-50249 (UDP media, unreachable from the firewalled namespace).
+// must reach READY over TCP, each page must decode the other's video (one of them every second
+// for 5 s, without a freeze), Chromium's selected pairs and the gateway's connection stats must
+// show TCP, and the router must have dropped the UDP Chromium tried. A second, unfirewalled
+// Chromium on the same gateway must still pick UDP (the TCP candidate is a fallback, below the
+// UDP one). Ports 50200 (ICE-TCP), 50201 (HTTP) and 50210-50249 (UDP media, unreachable from the
+// firewalled namespace).
 //
 // Needs root, `ip netns` and iptables. Without them the test is skipped with the reason, unless
 // REQUIRE_ICE_TCP_TEST=1 (scripts/test.sh sets it when it runs as root), which makes it fail.
