@@ -102,10 +102,11 @@ cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
 export LOADTEST_BIN="$PWD/target/debug/loadtest"
 
-log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN and loss in network namespaces)"
+log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN, loss and ICE-TCP in network namespaces)"
 # As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
-# So must the GStreamer interop test (its clients run in a namespace of their own).
-if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=1; fi
+# So must the GStreamer interop test (its clients run in a namespace of their own), and the
+# ICE-TCP test (Chromium behind a firewall that drops all UDP).
+if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=1 REQUIRE_ICE_TCP_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
 log "Chromium behind NATs, TURN and loss, and the room page, again in single-port mode (media.mux)"
 (cd web-client && GATEWAY__MEDIA__MUX=true node --test --test-concurrency=1 \

@@ -132,6 +132,11 @@ pub struct MediaConfig {
     /// ICE-authenticated remote address) and sends each loop step's datagrams in one
     /// `sendmmsg` call. Needs a port range at least as large as the worker count.
     pub mux: bool,
+    /// ICE-TCP (RFC 6544): a TCP port on `bind_ip` where clients whose UDP is blocked (and who
+    /// have no TURN server) connect; each connection's answer/offer carries a passive TCP host
+    /// candidate on it per candidate address (`announced_ips`, or `bind_ip`), at a lower
+    /// priority than the UDP one. One listener serves every worker. 0 (the default) is off.
+    pub tcp_port: u16,
     /// An offer must be answered (INITIAL → GATHERED) within this.
     pub negotiation_timeout_ms: u64,
     /// ICE + DTLS must complete (GATHERED → READY) within this.
@@ -279,6 +284,7 @@ impl Default for MediaConfig {
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
             mux: false,
+            tcp_port: 0,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             disconnect_grace_ms: 10_000,
@@ -395,6 +401,11 @@ impl GatewayConfig {
                     self.worker_count()
                 ),
             ));
+        }
+        let http = self.http.bind;
+        let same_ip = http.ip() == m.bind_ip || http.ip().is_unspecified() || m.bind_ip.is_unspecified();
+        if m.tcp_port != 0 && m.tcp_port == http.port() && same_ip {
+            return Err(invalid("media.tcp_port", format!("{} is http.bind's port", m.tcp_port)));
         }
         if m.bind_ip.is_unspecified() && m.announced_ips.is_empty() {
             return Err(invalid("media.announced_ips", "required when media.bind_ip is unspecified (0.0.0.0 or ::)"));
@@ -529,7 +540,22 @@ impl GatewayConfig {
             direct_send: self.media.direct_send,
             data_max_message_bytes: self.media.data_max_message_bytes,
             data_messages_per_second: self.media.data_messages_per_second,
+            ice_tcp: self.ice_tcp_candidates(),
         }
+    }
+
+    /// The addresses of our ICE-TCP candidates: `media.tcp_port` on every announced address
+    /// (or on the bind address); none when `media.tcp_port` is 0.
+    pub fn ice_tcp_candidates(&self) -> Vec<SocketAddr> {
+        if self.media.tcp_port == 0 {
+            return Vec::new();
+        }
+        let ips = if self.media.announced_ips.is_empty() {
+            vec![self.media.bind_ip]
+        } else {
+            self.media.announced_ips.clone()
+        };
+        ips.into_iter().map(|ip| SocketAddr::new(ip, self.media.tcp_port)).collect()
     }
 
     pub fn webhook(&self) -> signaling_api::webhook::WebhookConfig {
@@ -612,6 +638,29 @@ mod tests {
         assert_eq!(c.media.announced_ips.len(), 2);
         assert_eq!(c.auth.api_key, "k");
         assert!(!c.dev_token_route(), "auto is off when bound beyond loopback");
+    }
+
+    #[test]
+    fn ice_tcp_candidates_follow_the_announced_addresses() {
+        let off = GatewayConfig::load(None, env(&[])).unwrap();
+        assert!(off.core().ice_tcp.is_empty(), "off by default");
+        let on = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![("GATEWAY__MEDIA__TCP_PORT", "3478")];
+            pairs.extend_from_slice(extra);
+            GatewayConfig::load(None, env(&pairs))
+        };
+        let local = on(&[]).unwrap().core().ice_tcp;
+        assert_eq!(local, ["127.0.0.1:3478".parse().unwrap()], "the bind address without announced ones");
+        let c = on(&[
+            ("GATEWAY__MEDIA__BIND_IP", "0.0.0.0"),
+            ("GATEWAY__MEDIA__ANNOUNCED_IPS", "203.0.113.7,198.51.100.1"),
+        ])
+        .unwrap();
+        let want: Vec<std::net::SocketAddr> =
+            vec!["203.0.113.7:3478".parse().unwrap(), "198.51.100.1:3478".parse().unwrap()];
+        assert_eq!(c.core().ice_tcp, want, "one per announced address, in order");
+        let clash = on(&[("GATEWAY__HTTP__BIND", "127.0.0.1:3478")]).unwrap_err().to_string();
+        assert!(clash.contains("media.tcp_port"), "{clash}");
     }
 
     #[test]

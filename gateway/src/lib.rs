@@ -8,6 +8,7 @@
 //! - `plane`: the `MediaPlane` the signaling API calls; places rooms on workers.
 //! - `ports`: the UDP port pool.
 //! - `udp`: a worker's shared socket (`media.mux`) and its batched sends (`sendmmsg`).
+//! - `tcp`: ICE-TCP (`media.tcp_port`): the listener, RFC 4571 framing, a worker's streams.
 //! - `metrics`: media-plane Prometheus metrics.
 //! - `web`: the browser client served at `/`.
 
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod plane;
 pub mod ports;
 pub mod server;
+pub mod tcp;
 pub mod udp;
 pub mod web;
 pub mod worker;

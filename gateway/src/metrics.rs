@@ -21,6 +21,12 @@ pub struct MediaMetrics {
     pub ports_in_use: IntGauge,
     pub ports_free: IntGauge,
     pub build_info: IntGaugeVec,
+    /// ICE-TCP (`crate::tcp`): streams accepted and bound to a connection, streams closed for
+    /// breaking a rule, frames dropped on the way out, and streams open now.
+    pub ice_tcp_streams: IntCounterVec,
+    pub ice_tcp_dropped: IntCounterVec,
+    pub ice_tcp_frames_dropped: IntCounterVec,
+    pub ice_tcp_open: IntGauge,
 }
 
 impl MediaMetrics {
@@ -70,6 +76,32 @@ impl MediaMetrics {
                 .expect("valid metric"),
             build_info: IntGaugeVec::new(Opts::new("gateway_build_info", "Build information"), &["version"])
                 .expect("valid metric"),
+            ice_tcp_streams: IntCounterVec::new(
+                Opts::new(
+                    "gateway_ice_tcp_streams_total",
+                    "ICE-TCP streams accepted on media.tcp_port (accepted), tied to a connection by their first STUN message (bound), closed by the client before their first frame (abandoned)",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            ice_tcp_dropped: IntCounterVec::new(
+                Opts::new(
+                    "gateway_ice_tcp_streams_dropped_total",
+                    "ICE-TCP streams closed by the gateway, by reason (garbage, oversized, unknown_ufrag, timeout, overload, limit)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            ice_tcp_frames_dropped: IntCounterVec::new(
+                Opts::new(
+                    "gateway_ice_tcp_frames_dropped_total",
+                    "Frames not sent on an ICE-TCP stream: its send buffer was full (send_buffer_full) or the stream was gone (no_stream)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            ice_tcp_open: IntGauge::new("gateway_ice_tcp_streams_open", "ICE-TCP streams bound to a connection now")
+                .expect("valid metric"),
         };
         for c in [
             Box::new(m.first_frame.clone()) as Box<dyn prometheus::core::Collector>,
@@ -80,6 +112,10 @@ impl MediaMetrics {
             Box::new(m.ports_in_use.clone()),
             Box::new(m.ports_free.clone()),
             Box::new(m.build_info.clone()),
+            Box::new(m.ice_tcp_streams.clone()),
+            Box::new(m.ice_tcp_dropped.clone()),
+            Box::new(m.ice_tcp_frames_dropped.clone()),
+            Box::new(m.ice_tcp_open.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -92,6 +128,15 @@ impl MediaMetrics {
             m.counters[fam.name].with_label_values(labels);
         });
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for result in ["accepted", "bound", "abandoned"] {
+            m.ice_tcp_streams.with_label_values(&[result]);
+        }
+        for reason in crate::tcp::DropReason::DROPS {
+            m.ice_tcp_dropped.with_label_values(&[reason.as_str()]);
+        }
+        for reason in ["send_buffer_full", "no_stream"] {
+            m.ice_tcp_frames_dropped.with_label_values(&[reason]);
+        }
         m
     }
 }

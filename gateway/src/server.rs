@@ -30,6 +30,8 @@ pub struct Running {
     server: tokio::task::JoinHandle<()>,
     server_handle: axum_server::Handle<SocketAddr>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// The ICE-TCP listener (`media.tcp_port`), if on.
+    ice_tcp: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -59,6 +61,9 @@ impl Running {
         }
         self.server_handle.graceful_shutdown(Some(drain));
         let _ = tokio::time::timeout(drain + Duration::from_secs(1), self.server).await;
+        if let Some(listener) = self.ice_tcp {
+            listener.abort();
+        }
         for w in self.media.workers() {
             w.send(Command::Shutdown);
         }
@@ -84,6 +89,17 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         PortPool::new(cfg.media.port_min, cfg.media.port_max)
     });
     let directory = Arc::new(Directory::new());
+    // ICE-TCP: one listener for every worker, bound before the workers start so a taken port
+    // fails the start.
+    let ice_tcp = if cfg.media.tcp_port != 0 {
+        let addr = SocketAddr::new(cfg.media.bind_ip, cfg.media.tcp_port);
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("media.tcp_port: cannot listen for ICE-TCP on {addr}"))?;
+        tracing::info!(%addr, candidates = ?cfg.core().ice_tcp, "ICE-TCP listener");
+        Some((listener, Arc::new(crate::tcp::UfragDirectory::new())))
+    } else {
+        None
+    };
 
     let mut handles = Vec::new();
     let mut joins = Vec::new();
@@ -111,11 +127,19 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
             directory: Arc::clone(&directory),
             metrics: media_metrics.clone(),
             shared,
+            ufrags: ice_tcp.as_ref().map(|(_, u)| Arc::clone(u)),
         })
         .context("starting a media worker")?;
         handles.push(h);
         joins.push(j);
     }
+    let ice_tcp = match ice_tcp {
+        Some((listener, ufrags)) => Some(
+            crate::tcp::spawn_listener(listener, ufrags, handles.clone(), media_metrics.clone())
+                .context("starting the ICE-TCP listener")?,
+        ),
+        None => None,
+    };
     let media = Arc::new(GatewayMedia::new(handles, directory));
     let state = AppState::new(cfg.api(), Arc::clone(&registry), Arc::clone(&media) as Arc<dyn MediaPlane>);
     let app = signaling_api::router(state.clone()).merge(crate::web::routes());
@@ -161,7 +185,18 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         })
     };
     let webhook_flush = Duration::from_millis(cfg.webhook.shutdown_flush_ms);
-    Ok(Running { http_addr, tls, state, ports, media, webhook_flush, server, server_handle: handle, workers: joins })
+    Ok(Running {
+        http_addr,
+        tls,
+        state,
+        ports,
+        media,
+        webhook_flush,
+        server,
+        server_handle: handle,
+        workers: joins,
+        ice_tcp,
+    })
 }
 
 /// TLS from files, or a self-signed certificate made now with rcgen for the bind address,

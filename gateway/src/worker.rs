@@ -2,16 +2,19 @@
 //! sockets of its rooms' connections. The packet path (read → engine → send) runs entirely on
 //! this thread with no locks. The control plane talks to it through a command channel plus a
 //! mio `Waker`, and gets replies on oneshots sent only after the events the command caused have
-//! been handed to the event sink.
+//! been handed to the event sink. With ICE-TCP on it also owns the TCP streams of its
+//! connections (`crate::tcp`), handed to it by the listener.
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use gateway_core::{ConnKey, ConnectionSpec, CoreConfig, Engine, MediaError, NewConnection, Output};
+use gateway_core::{
+    ConnKey, ConnectionSpec, CoreConfig, Engine, MediaError, NewConnection, Output, Protocol, UfragChange,
+};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use signaling_api::media::EventSink;
@@ -20,13 +23,21 @@ use tokio::sync::oneshot;
 
 use crate::metrics::MediaMetrics;
 use crate::ports::PortPool;
+use crate::tcp::{self, DropReason, Link, UfragDirectory};
 use crate::udp::SendQueue;
 
 const WAKE: Token = Token(usize::MAX);
 /// The worker's shared socket (`media.mux`).
 const SHARED: Token = Token(usize::MAX - 1);
+/// ICE-TCP streams: `LINKS + n` (below `SHARED`; connection sockets use their small keys).
+const LINKS: usize = usize::MAX / 2;
 /// Largest datagram we read; WebRTC stays well below.
 const RECV_BUF: usize = 2048;
+/// What one read of an ICE-TCP stream takes at most.
+const TCP_READ_BUF: usize = 16 * 1024;
+/// Bytes read from one ICE-TCP stream per loop pass before the others get their turn (a stream
+/// that keeps its socket full cannot hold the worker; the rest is read on the next pass).
+const TCP_READ_BUDGET: usize = 64 * 1024;
 /// How often counters are published to Prometheus.
 const METRICS_EVERY: Duration = Duration::from_secs(1);
 
@@ -98,6 +109,13 @@ pub enum Command {
         connection_id: String,
         reply: oneshot::Sender<Option<serde_json::Value>>,
     },
+    /// An ICE-TCP stream whose first frame (`first`, a STUN Binding request) names one of this
+    /// worker's connections by our ufrag (`crate::tcp`). Non-blocking.
+    TcpStream {
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        first: Vec<u8>,
+    },
     Shutdown,
 }
 
@@ -133,6 +151,9 @@ pub struct WorkerSetup {
     pub metrics: MediaMetrics,
     /// `media.mux`: the one socket every connection of this worker uses (bound, non-blocking).
     pub shared: Option<std::net::UdpSocket>,
+    /// ICE-TCP on (`media.tcp_port`): the listener's ufrag → worker index, which this worker
+    /// keeps current for its connections.
+    pub ufrags: Option<Arc<UfragDirectory>>,
 }
 
 /// A socket shared by every connection of the worker, and what waits to be sent on it.
@@ -170,6 +191,17 @@ struct Worker {
     sockets: HashMap<ConnKey, Sock>,
     /// one socket for all of them (`media.mux`).
     shared: Option<Shared>,
+    /// ICE-TCP streams by token (`LINKS + n`), the token of each by the client's address, the
+    /// streams with frames queued since the last send, and buffers for reading them.
+    links: HashMap<usize, Link>,
+    link_by_peer: HashMap<SocketAddr, usize>,
+    links_to_send: Vec<usize>,
+    /// Streams that used their read budget with data still waiting: read on the next pass
+    /// (mio is edge-triggered: no new event would come for what is already there).
+    links_to_read: Vec<usize>,
+    next_link: usize,
+    tcp_read: Vec<u8>,
+    tcp_frame: Vec<u8>,
     next_key: u64,
     rooms: Arc<AtomicUsize>,
     published: gateway_core::Counters,
@@ -203,6 +235,13 @@ impl Worker {
             engine,
             sockets: HashMap::new(),
             shared,
+            links: HashMap::new(),
+            link_by_peer: HashMap::new(),
+            links_to_send: Vec::new(),
+            links_to_read: Vec::new(),
+            next_link: 0,
+            tcp_read: Vec::new(),
+            tcp_frame: Vec::new(),
             next_key: 1,
             rooms,
             published: Default::default(),
@@ -219,6 +258,7 @@ impl Worker {
         loop {
             let now = Instant::now();
             let wait = next.map(|t| t.saturating_duration_since(now)).unwrap_or(METRICS_EVERY).min(METRICS_EVERY);
+            let wait = if self.links_to_read.is_empty() { wait } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -235,8 +275,25 @@ impl Worker {
                     }
                 } else if ev.token() == SHARED {
                     self.read_shared(&mut buf);
+                } else if ev.token().0 >= LINKS {
+                    let token = ev.token().0;
+                    if ev.is_writable() {
+                        self.write_link(token);
+                    }
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        self.read_link(token);
+                    }
                 } else {
                     self.read(ConnKey(ev.token().0 as u64), &mut buf);
+                }
+            }
+            if !self.links_to_read.is_empty() {
+                let mut tokens = std::mem::take(&mut self.links_to_read);
+                for token in tokens.drain(..) {
+                    self.read_link(token);
+                }
+                if self.links_to_read.is_empty() {
+                    self.links_to_read = tokens;
                 }
             }
             let now = Instant::now();
@@ -309,6 +366,7 @@ impl Worker {
             }
         }
         let sent = self.send_queued();
+        self.sync_ufrags();
         let latency = read_at.elapsed().as_secs_f64();
         for _ in 0..forwarded.min(sent) {
             self.forward_latency.observe(latency);
@@ -321,11 +379,37 @@ impl Worker {
             self.carry_out(out);
         }
         self.send_queued();
+        self.sync_ufrags();
+    }
+
+    /// Tell the ICE-TCP listener which ufrags are this worker's now (before any reply to the
+    /// command that made them, so a client's stream can never arrive before its ufrag).
+    fn sync_ufrags(&mut self) {
+        let Some(dir) = &self.setup.ufrags else { return };
+        let me = self.setup.index;
+        for change in self.engine.take_ufrag_changes() {
+            match change {
+                UfragChange::Added(ufrag) => {
+                    dir.insert(ufrag, me);
+                }
+                UfragChange::Removed(ufrag) => {
+                    dir.remove_if(&ufrag, |_, w| *w == me);
+                }
+            }
+        }
     }
 
     /// Send what waits on the shared socket, in as few calls as the kernel takes; returns how
     /// many datagrams went out.
     fn send_queued(&mut self) -> usize {
+        if !self.links_to_send.is_empty() {
+            // Taken and put back, so its allocation is kept.
+            let mut tokens = std::mem::take(&mut self.links_to_send);
+            for token in tokens.drain(..) {
+                self.write_link(token);
+            }
+            self.links_to_send = tokens;
+        }
         let Some(shared) = &mut self.shared else { return 0 };
         if shared.queue.is_empty() {
             return 0;
@@ -341,7 +425,23 @@ impl Worker {
     /// socket, queued) on, if one was.
     fn carry_out(&mut self, out: Output) -> Option<ConnKey> {
         match out {
-            Output::Transmit { key, destination, contents } => {
+            Output::Transmit { key, proto: Protocol::Tcp, destination, contents } => {
+                let link = self.link_by_peer.get(&destination).and_then(|t| self.links.get_mut(t).map(|l| (*t, l)));
+                let Some((token, link)) = link.filter(|(_, l)| l.key == key) else {
+                    self.setup.metrics.ice_tcp_frames_dropped.with_label_values(&["no_stream"]).inc();
+                    return None;
+                };
+                let was_idle = link.out.is_empty();
+                if !link.out.push(&contents) {
+                    self.setup.metrics.ice_tcp_frames_dropped.with_label_values(&["send_buffer_full"]).inc();
+                    return None;
+                }
+                if was_idle {
+                    self.links_to_send.push(token);
+                }
+                return Some(key);
+            }
+            Output::Transmit { key, destination, contents, .. } => {
                 if let Some(shared) = &mut self.shared {
                     shared.queue.push(destination, contents);
                     return Some(key);
@@ -356,6 +456,7 @@ impl Worker {
             Output::Event(e) => self.setup.sink.emit(e),
             Output::Closed { key, connection_id } => {
                 self.release(key);
+                self.close_links_of(key);
                 self.setup.directory.remove(&connection_id);
             }
         }
@@ -466,6 +567,7 @@ impl Worker {
                     let stats = self.engine.stats(&connection_id).and_then(|s| serde_json::to_value(s).ok());
                     let _ = reply.send(stats);
                 }
+                Command::TcpStream { stream, peer, first } => self.adopt_stream(now, stream, peer, &first),
             }
         }
     }
@@ -528,6 +630,159 @@ impl Worker {
         let keys: Vec<ConnKey> = self.sockets.keys().copied().collect();
         for k in keys {
             self.release(k);
+        }
+        let tokens: Vec<usize> = self.links.keys().copied().collect();
+        for t in tokens {
+            self.close_link(t, None);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // ICE-TCP streams
+    // -----------------------------------------------------------------------------------------
+
+    /// Take a stream from the listener: bind it to the connection its first frame names (if it
+    /// is still here and has room for another stream), then handle that frame and whatever
+    /// followed it.
+    fn adopt_stream(&mut self, now: Instant, stream: std::net::TcpStream, peer: SocketAddr, first: &[u8]) {
+        let dropped = |reason: DropReason| reason.count(&self.setup.metrics);
+        // On a dual-stack listener an IPv4 client shows as ::ffff:a.b.c.d; ICE pairs it with
+        // our IPv4 candidates only as what it is.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let Some(key) = self.engine.route_stun(first) else {
+            dropped(DropReason::UnknownUfrag);
+            return;
+        };
+        if self.links.values().filter(|l| l.key == key).count() >= tcp::MAX_LINKS_PER_CONNECTION
+            || self.link_by_peer.contains_key(&peer)
+        {
+            dropped(DropReason::Limit);
+            return;
+        }
+        // The candidate the client connected to: ours with the stream's local address, else
+        // the first (behind a 1:1 NAT the local address is not an announced one).
+        let candidates = &self.setup.core.ice_tcp;
+        let local_ip = stream.local_addr().ok().map(|a| a.ip().to_canonical());
+        let Some(local) = candidates.iter().find(|c| Some(c.ip()) == local_ip).or(candidates.first()).copied() else {
+            dropped(DropReason::UnknownUfrag);
+            return;
+        };
+        let mut stream = mio::net::TcpStream::from_std(stream);
+        let token = LINKS + self.next_link;
+        self.next_link = (self.next_link + 1) % (SHARED.0 - LINKS);
+        if let Err(e) =
+            self.poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)
+        {
+            tracing::warn!(worker = self.setup.index, error = %e, "ICE-TCP stream registration failed");
+            dropped(DropReason::Closed);
+            return;
+        }
+        let link = Link { stream, key, peer, local, frames: Default::default(), out: Default::default() };
+        self.links.insert(token, link);
+        self.link_by_peer.insert(peer, token);
+        self.setup.metrics.ice_tcp_streams.with_label_values(&["bound"]).inc();
+        self.setup.metrics.ice_tcp_open.inc();
+        self.engine.handle_tcp_receive(now, key, peer, local, first);
+        self.flush();
+        self.read_link(token);
+    }
+
+    /// Read every frame waiting on a stream into its connection. A frame the framing refuses
+    /// or that is not STUN, DTLS or RTP closes the stream (counted), as does the client's close.
+    fn read_link(&mut self, token: usize) {
+        if self.tcp_read.is_empty() {
+            self.tcp_read = vec![0; TCP_READ_BUF];
+        }
+        let mut frame = std::mem::take(&mut self.tcp_frame);
+        let mut budget = TCP_READ_BUDGET;
+        let end = loop {
+            let Some(link) = self.links.get_mut(&token) else { break None };
+            if budget == 0 {
+                if !self.links_to_read.contains(&token) {
+                    self.links_to_read.push(token);
+                }
+                break None;
+            }
+            match link.stream.read(&mut self.tcp_read) {
+                Ok(0) => break Some(None),
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    link.frames.push(&self.tcp_read[..n]);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break Some(None),
+            }
+            if let Some(reason) = self.take_frames(token, &mut frame) {
+                break Some(Some(reason));
+            }
+        };
+        self.tcp_frame = frame;
+        if let Some(reason) = end {
+            self.close_link(token, reason);
+        }
+    }
+
+    /// Hand each whole frame a stream's reader holds to the engine; the reason to close the
+    /// stream, if one came up.
+    fn take_frames(&mut self, token: usize, frame: &mut Vec<u8>) -> Option<DropReason> {
+        loop {
+            let link = self.links.get_mut(&token)?;
+            match link.frames.next_frame() {
+                Ok(Some(f)) => {
+                    frame.clear();
+                    frame.extend_from_slice(f);
+                }
+                Ok(None) => return None,
+                Err(reason) => return Some(reason),
+            }
+            if !tcp::is_webrtc_packet(frame) {
+                return Some(DropReason::Garbage);
+            }
+            let (key, peer, local) = (link.key, link.peer, link.local);
+            let read_at = Instant::now();
+            if !self.engine.handle_tcp_receive(read_at, key, peer, local, frame) {
+                return Some(DropReason::UnknownUfrag);
+            }
+            self.flush_timed(key, read_at);
+        }
+    }
+
+    /// Write what waits for a stream; a broken stream is closed.
+    fn write_link(&mut self, token: usize) {
+        let Some(link) = self.links.get_mut(&token) else { return };
+        if link.out.is_empty() {
+            return;
+        }
+        if link.out.write_to(&mut link.stream).is_err() {
+            self.close_link(token, None);
+        }
+    }
+
+    /// Close every stream of an ended connection, after a last try to send what it queued
+    /// (its DTLS close_notify and RTCP BYE).
+    fn close_links_of(&mut self, key: ConnKey) {
+        if self.links.is_empty() {
+            return;
+        }
+        let tokens: Vec<usize> = self.links.iter().filter(|(_, l)| l.key == key).map(|(t, _)| *t).collect();
+        for t in tokens {
+            if let Some(link) = self.links.get_mut(&t) {
+                let _ = link.out.write_to(&mut link.stream);
+            }
+            self.close_link(t, None);
+        }
+    }
+
+    /// Forget a stream and close it; `reason` counts it as dropped by us.
+    fn close_link(&mut self, token: usize, reason: Option<DropReason>) {
+        let Some(mut link) = self.links.remove(&token) else { return };
+        self.link_by_peer.remove(&link.peer);
+        let _ = self.poll.registry().deregister(&mut link.stream);
+        self.setup.metrics.ice_tcp_open.dec();
+        if let Some(reason) = reason {
+            reason.count(&self.setup.metrics);
+            tracing::debug!(worker = self.setup.index, reason = reason.as_str(), "ICE-TCP stream dropped");
         }
     }
 }

@@ -242,6 +242,7 @@ impl Side {
             video_codec: publisher.map(VideoCodec::codec),
             stats_interval: Some(Duration::from_secs(1)),
             record: false,
+            tcp: false,
         };
         Ok(Self {
             peer: test_peer::Peer::new(Instant::now(), local, &cfg)?,

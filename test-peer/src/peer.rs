@@ -16,7 +16,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::error::IceError;
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
-use str0m::net::{Protocol, Receive, Transmit};
+use str0m::net::{Protocol, Receive, TcpType, Transmit};
 use str0m::rtp::{RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcError};
 
@@ -32,6 +32,11 @@ pub struct PeerConfig {
     pub stats_interval: Option<Duration>,
     /// Keep every received packet whole in `rx.received`.
     pub record: bool,
+    /// ICE over TCP only (RFC 6544): the one candidate is an active TCP host candidate at
+    /// `local`, so the agent pairs it with the remote's passive TCP candidates only, and
+    /// received data is handed to the `Rtc` as TCP. The driver owns the streams (RFC 4571
+    /// framing) and sends each TCP transmit on the stream to its destination.
+    pub tcp: bool,
 }
 
 /// What [`Peer::poll_output`] yields.
@@ -86,6 +91,7 @@ pub struct Peer {
     pub audio_mid: Option<Mid>,
     pub video_mid: Option<Mid>,
     pending: Option<SdpPendingOffer>,
+    proto: Protocol,
 }
 
 impl Peer {
@@ -105,7 +111,13 @@ impl Peer {
             };
         }
         let mut rtc = b.build(now);
-        rtc.add_local_candidate(Candidate::host(local, "udp")?);
+        let proto = if cfg.tcp { Protocol::Tcp } else { Protocol::Udp };
+        let candidate = if cfg.tcp {
+            Candidate::builder().tcp().host(local).tcptype(TcpType::Active).build()?
+        } else {
+            Candidate::host(local, "udp")?
+        };
+        rtc.add_local_candidate(candidate);
         Ok(Self {
             rtc,
             local,
@@ -116,14 +128,16 @@ impl Peer {
             audio_mid: None,
             video_mid: None,
             pending: None,
+            proto,
         })
     }
 
-    /// A datagram from `from` arrived at `now`. Drain [`Peer::poll_output`] before the next
-    /// input: in RTP mode str0m keeps only one undelivered packet.
+    /// A datagram (or, with `PeerConfig::tcp`, a frame of a stream) from `from` arrived at
+    /// `now`. Drain [`Peer::poll_output`] before the next input: in RTP mode str0m keeps only
+    /// one undelivered packet.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) -> Result<(), RtcError> {
         let Ok(contents) = data.try_into() else { return Ok(()) };
-        let r = Receive { proto: Protocol::Udp, source: from, destination: self.local, contents };
+        let r = Receive { proto: self.proto, source: from, destination: self.local, contents };
         self.rtc.handle_input(Input::Receive(now, r))
     }
 

@@ -95,7 +95,13 @@ pub struct LayerInUse {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SelectedPair {
+    /// `udp`, or `tcp` for ICE-TCP.
     pub protocol: String,
+    /// Our candidate's type: `host` (an ICE-lite server has no other kind).
+    pub local_type: &'static str,
+    /// With `tcp`: our candidate's TCP role, `passive` (RFC 6544; the client connects).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcptype: Option<&'static str>,
     pub local: String,
     pub remote: String,
     pub rtt_ms: Option<f64>,
@@ -153,6 +159,9 @@ pub(crate) struct Conn {
     pub trusted: Vec<SocketAddr>,
     /// Our host candidate was added to the `Rtc` (and trickled to the client).
     pub candidate_added: bool,
+    /// Our host candidates as the `Rtc` holds them (UDP, then ICE-TCP passive ones), as SDP
+    /// `candidate:` values, for trickling.
+    pub candidates: Vec<String>,
     pub first_mid: Option<String>,
     pub stats: ConnStats,
     /// `connection{connection_id, room, participant, role}`: every log line of this connection
@@ -300,7 +309,12 @@ impl Conn {
             }
             self.trusted.push(t.destination);
         }
-        q.out.push_back(Output::Transmit { key: self.key, destination: t.destination, contents: t.contents.into() });
+        q.out.push_back(Output::Transmit {
+            key: self.key,
+            proto: t.proto,
+            destination: t.destination,
+            contents: t.contents.into(),
+        });
     }
 
     /// A packet went straight out (`send_rtp_now`): the `Rtc`'s pacer and estimator still want

@@ -43,6 +43,8 @@ pub mod speakers;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use str0m::net::Protocol;
+
 pub use connection::{ConnStats, LayerInUse, MediaStats};
 pub use engine::{Engine, NewConnection};
 pub use signaling_api::events::{ConnectionSpec, MediaEvent};
@@ -95,6 +97,10 @@ pub struct CoreConfig {
     /// Data-channel messages relayed per second per publisher (bursts of twice that); more
     /// are dropped.
     pub data_messages_per_second: u32,
+    /// ICE-TCP (RFC 6544): the addresses of our passive TCP host candidates, offered beside the
+    /// UDP one at a lower priority (empty: no TCP candidates). The driver owns the listener and
+    /// the streams; the engine only names the candidates and takes the streams' frames.
+    pub ice_tcp: Vec<SocketAddr>,
 }
 
 impl Default for CoreConfig {
@@ -115,6 +121,7 @@ impl Default for CoreConfig {
             direct_send: true,
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
+            ice_tcp: Vec::new(),
         }
     }
 }
@@ -126,12 +133,21 @@ pub use signaling_api::events::MediaError;
 /// What the driver must do.
 #[derive(Debug)]
 pub enum Output {
-    /// Send a datagram from the connection's socket.
-    Transmit { key: ConnKey, destination: SocketAddr, contents: Vec<u8> },
+    /// Send a datagram from the connection's socket (`proto` UDP), or a frame on the
+    /// connection's TCP stream to `destination` (`proto` TCP, ICE-TCP).
+    Transmit { key: ConnKey, proto: Protocol, destination: SocketAddr, contents: Vec<u8> },
     /// Report to the control plane.
     Event(MediaEvent),
     /// The connection ended; its socket and port can be released (after earlier transmits).
     Closed { key: ConnKey, connection_id: String },
+}
+
+/// A change to the engine's index of our ICE username fragments, for a driver that finds a
+/// connection's worker by ufrag outside the engine (ICE-TCP: one listener for every worker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UfragChange {
+    Added(String),
+    Removed(String),
 }
 
 /// Running totals of one engine, for metrics. [`Counters::samples`] names every field, so a

@@ -556,7 +556,7 @@ impl Sim {
     fn pump_engine(&mut self) {
         while let Some(out) = self.engine.poll_output() {
             match out {
-                Output::Transmit { key, destination, contents } => {
+                Output::Transmit { key, destination, contents, .. } => {
                     let from = self.shared.or_else(|| self.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a));
                     let peer = self.peers.iter().position(|p| p.addr == destination);
                     if let Some(from) = from {

@@ -21,7 +21,7 @@ use str0m::config::DtlsCert;
 use str0m::format::{Codec, CodecConfig, PayloadParams};
 use str0m::ice::StunMessage;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{ExtensionValues, RtpPacket};
 use str0m::{Candidate, Event, IceConnectionState, Input, Rtc};
 
@@ -33,7 +33,7 @@ use crate::layers::{CachedPacket, LayerIn};
 use crate::rewrite::SeqRewriter;
 use crate::sdp::{accepted_media_sections, check_sections, first_mid, restrict_codecs};
 use crate::speakers::{AudioLevel, Speakers};
-use crate::{ConnKey, ConnectionSpec, CoreConfig, Counters, MediaError, MediaEvent, Output};
+use crate::{ConnKey, ConnectionSpec, CoreConfig, Counters, MediaError, MediaEvent, Output, UfragChange};
 
 mod allocation;
 pub(crate) mod data;
@@ -66,10 +66,14 @@ pub struct Engine {
     rooms: HashMap<Arc<str>, Room>,
     conns: HashMap<ConnKey, Conn>,
     keys: HashMap<Arc<str>, ConnKey>,
-    /// Shared-socket demultiplexing (`media.mux`): our ICE username fragment of each
-    /// connection, and each ICE-authenticated remote address with the connection it belongs to.
+    /// Shared-socket demultiplexing (`media.mux`) and ICE-TCP streams: our ICE username
+    /// fragment of each connection, and each ICE-authenticated remote address with the
+    /// connection it belongs to. Change `by_ufrag` only through `index_ufrag`/`unindex`.
     by_ufrag: HashMap<String, ConnKey>,
     by_source: HashMap<SocketAddr, ConnKey>,
+    /// With ICE-TCP on: every change to `by_ufrag`, until the driver takes them
+    /// ([`Engine::take_ufrag_changes`]) for its listener, which serves every worker.
+    ufrag_changes: Vec<UfragChange>,
     q: Queues,
     counters: Counters,
     /// Subscribers whose layers must be chosen again.
@@ -107,6 +111,7 @@ impl Engine {
             keys: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_source: HashMap::new(),
+            ufrag_changes: Vec::new(),
             q: Queues::default(),
             counters: Counters::default(),
             realloc: Vec::new(),
@@ -246,12 +251,60 @@ impl Engine {
         destination: SocketAddr,
         data: &[u8],
     ) {
+        self.receive(now, key, Protocol::Udp, source, destination, data);
+    }
+
+    /// A frame arrived on an ICE-TCP stream (RFC 6544, RFC 4571 framing) the driver bound to
+    /// connection `key` ([`Engine::route_stun`] on its first frame). `source` is the client's
+    /// end of the stream, `destination` our TCP candidate's address. The frame is handled as a
+    /// datagram would be; answers go out as [`Output::Transmit`] with `proto` TCP, to `source`.
+    /// Returns false when the connection is gone (the stream is no use any more).
+    pub fn handle_tcp_receive(
+        &mut self,
+        now: Instant,
+        key: ConnKey,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) -> bool {
+        if !self.conns.contains_key(&key) {
+            return false;
+        }
+        self.receive(now, key, Protocol::Tcp, source, destination, data);
+        true
+    }
+
+    /// Which connection a STUN message names in its USERNAME (our ufrag first): how a new
+    /// ICE-TCP stream finds its connection from its first frame. None for anything else.
+    pub fn route_stun(&self, data: &[u8]) -> Option<ConnKey> {
+        if data.first().is_none_or(|b| *b >= 4) {
+            return None;
+        }
+        let message = StunMessage::parse(data).ok()?;
+        let (ours, _) = message.split_username()?;
+        self.by_ufrag.get(ours).copied()
+    }
+
+    /// Changes to the ufrag index since the last call (recorded only with ICE-TCP on).
+    pub fn take_ufrag_changes(&mut self) -> Vec<UfragChange> {
+        std::mem::take(&mut self.ufrag_changes)
+    }
+
+    fn receive(
+        &mut self,
+        now: Instant,
+        key: ConnKey,
+        proto: Protocol,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
         let Ok(contents) = data.try_into() else {
             self.counters.garbage_datagrams += 1;
             return;
         };
-        let recv = Receive { proto: Protocol::Udp, source, destination, contents };
+        let recv = Receive { proto, source, destination, contents };
         // RFC 7983 demultiplexing: a first byte of 0-3 is STUN.
         let is_stun = data.first().is_some_and(|b| *b < 4);
         if !is_stun && !conn.trusted.contains(&source) {
@@ -287,6 +340,26 @@ impl Engine {
             }
         }
         self.by_source.get(&source).copied()
+    }
+
+    fn index_ufrag(&mut self, ufrag: String, key: ConnKey) {
+        if !self.cfg.ice_tcp.is_empty() {
+            self.ufrag_changes.push(UfragChange::Added(ufrag.clone()));
+        }
+        self.by_ufrag.insert(ufrag, key);
+    }
+
+    /// Forget every ufrag of a connection.
+    fn unindex(&mut self, key: ConnKey) {
+        let record = !self.cfg.ice_tcp.is_empty();
+        let changes = &mut self.ufrag_changes;
+        self.by_ufrag.retain(|ufrag, k| {
+            let keep = *k != key;
+            if !keep && record {
+                changes.push(UfragChange::Removed(ufrag.clone()));
+            }
+            keep
+        });
     }
 
     /// A datagram arrived on a socket shared by many connections (`destination` is that
@@ -544,8 +617,11 @@ impl Engine {
                 conn.stats.ingress_loss_fraction = s.ingress_loss_fraction;
                 conn.stats.egress_loss_fraction = s.egress_loss_fraction;
                 if let Some(pair) = s.selected_candidate_pair {
+                    let tcp = pair.protocol != Protocol::Udp;
                     conn.stats.selected_pair = Some(SelectedPair {
                         protocol: format!("{:?}", pair.protocol).to_ascii_lowercase(),
+                        local_type: "host",
+                        tcptype: tcp.then_some("passive"),
                         local: pair.local.addr.to_string(),
                         remote: pair.remote.addr.to_string(),
                         rtt_ms: pair.current_round_trip_time.map(|d| d.as_secs_f64() * 1000.0),
@@ -573,7 +649,7 @@ impl Engine {
         }
         let Some(mut conn) = self.conns.remove(&key) else { return };
         self.keys.remove(&conn.id);
-        self.by_ufrag.retain(|_, k| *k != key);
+        self.unindex(key);
         self.by_source.retain(|_, k| *k != key);
         if let Some(room) = self.rooms.get_mut(&room_id) {
             room.unlink(key);

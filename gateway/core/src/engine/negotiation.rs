@@ -68,6 +68,29 @@ pub(super) fn offers_publication_codecs(conn: &Conn, tracks: &[TrackIn], offer: 
     })
 }
 
+/// Add our host candidates to a connection's `Rtc` and keep their SDP values for trickling:
+/// the UDP one on `local` (the connection's socket), then a passive TCP one (RFC 6544) per
+/// ICE-TCP address. str0m gives TCP host candidates a lower type preference (90) than UDP
+/// ones (126), and each later candidate a lower local preference, so a client that can reach
+/// the UDP port prefers it and TCP is the fallback.
+pub(super) fn add_host_candidates(conn: &mut Conn, cfg: &CoreConfig, local: SocketAddr) {
+    let udp = Candidate::host(local, "udp").ok();
+    let tcp = cfg
+        .ice_tcp
+        .iter()
+        .filter_map(|addr| Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build().ok());
+    for c in udp.into_iter().chain(tcp) {
+        if let Some(added) = conn.rtc.add_local_candidate(c) {
+            // Trickled as before: without the `ufrag` extension the agent appends (the offer's
+            // or answer's ufrag is the one), which not every client's parser takes.
+            let line = added.to_sdp_string();
+            let line = line.strip_prefix("a=").unwrap_or(&line);
+            let line = line.split(" ufrag ").next().unwrap_or(line);
+            conn.candidates.push(line.trim_end().to_owned());
+        }
+    }
+}
+
 impl Engine {
     pub(super) fn new_conn(
         &mut self,
@@ -126,13 +149,14 @@ impl Engine {
             last_round: None,
             trusted: Vec::new(),
             candidate_added: false,
+            candidates: Vec::new(),
             first_mid: None,
             ready_at: None,
             stats: ConnStats::default(),
             span,
         };
         conn.enter(&mut self.q, ConnectionState::Initial, None);
-        self.by_ufrag.insert(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
+        self.index_ufrag(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
         self.keys.insert(id, spec.key);
         self.conns.insert(spec.key, conn);
         if let Some(r) = self.rooms.get_mut(&room) {
@@ -161,9 +185,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
         };
         let conn = self.conns.get_mut(&key).expect("inserted above");
-        if let Ok(c) = Candidate::host(local, "udp") {
-            conn.rtc.add_local_candidate(c);
-        }
+        add_host_candidates(conn, &self.cfg, local);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
@@ -248,9 +270,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
         };
         let conn = self.conns.get_mut(&key).expect("inserted above");
-        if let Ok(c) = Candidate::host(local, "udp") {
-            conn.rtc.add_local_candidate(c);
-        }
+        add_host_candidates(conn, &self.cfg, local);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => a.to_sdp_string(),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
@@ -402,9 +422,8 @@ impl Engine {
         let conn = conn_mut(&mut self.conns, key)?;
         if !conn.candidate_added {
             conn.candidate_added = true;
-            if let Ok(c) = Candidate::host(conn.local, "udp") {
-                conn.rtc.add_local_candidate(c);
-            }
+            let local = conn.local;
+            add_host_candidates(conn, &self.cfg, local);
             let mid = conn.first_mid.clone();
             self.announce_candidate(key, mid, now);
         }
@@ -470,19 +489,22 @@ impl Engine {
         }));
     }
 
-    /// Trickle our host candidate to the client and enter GATHERED.
+    /// Trickle our host candidates to the client (the UDP one, then any ICE-TCP ones) and enter
+    /// GATHERED.
     pub(super) fn announce_candidate(&mut self, key: ConnKey, mid: Option<String>, now: Instant) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
-        let Ok(c) = Candidate::host(conn.local, "udp") else { return };
-        let line = c.to_sdp_string();
-        let candidate = line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned();
-        self.q.out.push_back(Output::Event(MediaEvent::Candidate {
-            connection_id: conn.id.to_string(),
-            candidate,
-            sdp_mid: mid,
-            sdp_mline_index: Some(0),
-        }));
-        conn.event(&mut self.q, EventKind::Candidate, None);
+        if conn.candidates.is_empty() {
+            return;
+        }
+        for candidate in &conn.candidates {
+            self.q.out.push_back(Output::Event(MediaEvent::Candidate {
+                connection_id: conn.id.to_string(),
+                candidate: candidate.clone(),
+                sdp_mid: mid.clone(),
+                sdp_mline_index: Some(0),
+            }));
+            conn.event(&mut self.q, EventKind::Candidate, None);
+        }
         conn.gathered_at = Some(now);
         conn.enter(&mut self.q, ConnectionState::Gathered, None);
     }
@@ -701,6 +723,96 @@ mod tests {
                    a=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n";
         assert_eq!(preferred_video_codec(sdp), Some(Codec::H264));
         assert_eq!(preferred_video_codec("v=0\r\nm=audio 9 X 0\r\n"), None);
+    }
+
+    fn spec(key: u64, role: Role) -> NewConnection {
+        NewConnection {
+            key: ConnKey(key),
+            local: "192.0.2.1:40000".parse().unwrap(),
+            spec: ConnectionSpec {
+                room_id: "r".into(),
+                participant_id: format!("p{key}"),
+                connection_id: format!("c{key}"),
+                role,
+            },
+        }
+    }
+
+    fn sdp_events(engine: &mut Engine) -> (Vec<String>, Vec<String>) {
+        let (mut sdps, mut candidates) = (Vec::new(), Vec::new());
+        while let Some(out) = engine.poll_output() {
+            match out {
+                Output::Event(MediaEvent::Answer { sdp, .. } | MediaEvent::Offer { sdp, .. }) => sdps.push(sdp),
+                Output::Event(MediaEvent::Candidate { candidate, .. }) => candidates.push(candidate),
+                _ => {}
+            }
+        }
+        (sdps, candidates)
+    }
+
+    /// With ICE-TCP addresses configured, the answer carries a passive TCP host candidate per
+    /// address after the UDP one, at lower priorities, and the same candidates are trickled; the
+    /// connection's ufrag is reported to the driver and routes a STUN message to it until the
+    /// connection ends.
+    #[test]
+    fn ice_tcp_candidates_and_the_ufrag_index() {
+        let now = Instant::now();
+        let tcp: Vec<SocketAddr> = vec!["192.0.2.1:3478".parse().unwrap(), "198.51.100.7:3478".parse().unwrap()];
+        let mut engine = Engine::new(CoreConfig { ice_tcp: tcp, ..CoreConfig::default() });
+        engine.create_room("r");
+        let mut client = test_peer::Peer::new(now, "192.0.2.9:5000".parse().unwrap(), &Default::default()).unwrap();
+        let offer = client.publish_offer(true, Some(&[])).unwrap();
+        engine.publish(now, spec(1, Role::Publish), &offer).unwrap();
+        let (sdps, trickled) = sdp_events(&mut engine);
+        let lines: Vec<&str> =
+            sdps[0].lines().filter_map(|l| l.strip_prefix("a=")).filter(|l| l.starts_with("candidate:")).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].contains(" udp ") && lines[0].contains("192.0.2.1 40000 typ host"), "{lines:?}");
+        assert!(
+            lines[1].contains(" tcp ") && lines[1].contains("192.0.2.1 3478 typ host tcptype passive"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains(" tcp ") && lines[2].contains("198.51.100.7 3478 typ host tcptype passive"),
+            "{lines:?}"
+        );
+        let prio = |l: &str| l.split_whitespace().nth(3).unwrap().parse::<u32>().unwrap();
+        assert!(prio(lines[0]) > prio(lines[1]) && prio(lines[1]) > prio(lines[2]), "{lines:?}");
+        assert_eq!(trickled.len(), 3);
+        for (t, l) in trickled.iter().zip(&lines) {
+            assert!(l.starts_with(t.as_str()) || t.starts_with(*l), "trickled {t} / in the answer {l}");
+        }
+
+        let ufrag = sdps[0].lines().find_map(|l| l.strip_prefix("a=ice-ufrag:")).unwrap().trim().to_owned();
+        assert_eq!(engine.take_ufrag_changes(), [crate::UfragChange::Added(ufrag.clone())]);
+        assert!(engine.take_ufrag_changes().is_empty(), "taken once");
+        let username = format!("{ufrag}:them");
+        let msg = StunMessage::binding_request(&username, str0m::ice::TransId::new(), true, 1, 100, false);
+        let mut buf = vec![0u8; 256];
+        let n = msg.to_bytes(Some(b"x"), &mut buf, |_, _| [0u8; 20]).unwrap();
+        assert_eq!(engine.route_stun(&buf[..n]), Some(ConnKey(1)));
+        assert_eq!(engine.route_stun(&[0x80, 0, 0, 0]), None, "RTP names no connection");
+        engine.close_connection(now, "c1", "test");
+        assert_eq!(engine.take_ufrag_changes(), [crate::UfragChange::Removed(ufrag)]);
+        assert_eq!(engine.route_stun(&buf[..n]), None);
+        assert!(!engine.handle_tcp_receive(
+            now,
+            ConnKey(1),
+            "192.0.2.9:5000".parse().unwrap(),
+            "192.0.2.1:3478".parse().unwrap(),
+            &buf[..n]
+        ));
+    }
+
+    #[test]
+    fn without_ice_tcp_no_tcp_candidate_and_no_ufrag_log() {
+        let now = Instant::now();
+        let mut engine = Engine::new(CoreConfig::default());
+        engine.create_room("r");
+        engine.subscribe(now, spec(2, Role::Subscribe)).unwrap();
+        let (sdps, _) = sdp_events(&mut engine);
+        assert!(!sdps[0].contains(" tcp "), "{}", sdps[0]);
+        assert!(engine.take_ufrag_changes().is_empty());
     }
 
     #[test]
