@@ -67,6 +67,11 @@ pub enum Command {
         connection_id: String,
         reply: Reply<()>,
     },
+    /// Re-offer a subscribe connection with new ICE credentials.
+    RestartIce {
+        connection_id: String,
+        reply: Reply<()>,
+    },
     Answer {
         connection_id: String,
         sdp: String,
@@ -434,6 +439,11 @@ impl Worker {
                 }
                 Command::Resubscribe { connection_id, reply } => {
                     let r = self.engine.resubscribe(now, &connection_id);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::RestartIce { connection_id, reply } => {
+                    let r = self.engine.restart_ice(now, &connection_id);
                     self.flush();
                     let _ = reply.send(r);
                 }

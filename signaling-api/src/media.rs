@@ -32,6 +32,9 @@ pub trait MediaPlane: Send + Sync + 'static {
     async fn play(&self, spec: ConnectionSpec, publisher: &str, offer: String) -> Result<(), MediaError>;
     /// Ask for a fresh offer on an existing subscribe connection.
     async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError>;
+    /// Restart ICE on a subscribe connection: a new offer with new ICE credentials (made once
+    /// any outstanding offer is answered). `bad_request` for another kind of connection.
+    async fn restart_ice(&self, connection_id: &str) -> Result<(), MediaError>;
     /// Apply the client's answer to the latest gateway offer.
     async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError>;
     /// Add a trickled remote candidate (`candidate:…`); an empty string ends candidates.

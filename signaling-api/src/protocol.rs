@@ -190,6 +190,10 @@ impl EventKind {
     }
 }
 
+/// The `reason` of the `SDP_PROCESSED` event of a renegotiation that restarted ICE (new ICE
+/// credentials; the connection keeps its id and state: a READY connection stays READY).
+pub const ICE_RESTART_REASON: &str = "ice_restart";
+
 /// One step in a connection's life: a WebSocket message and an item of the REST history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionEvent {
@@ -506,6 +510,13 @@ pub enum ClientMessage {
     Mute {
         stream_id: String,
         muted: bool,
+    },
+    /// Restart ICE on this participant's subscribe connection (its ICE failed or went
+    /// disconnected, e.g. the client changed networks): the gateway offers again with new ICE
+    /// credentials and trickles its candidate after the answer. The connection keeps its id and
+    /// state. A publisher restarts ICE with a new `publish` offer carrying new credentials.
+    RestartIce {
+        connection_id: String,
     },
 }
 

@@ -271,6 +271,10 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
                 Err(e) => Err((e, Some(connection_id))),
             }
         }
+        ClientMessage::RestartIce { connection_id } => match owned(state, claims, session, &connection_id) {
+            Ok(()) => state.media.restart_ice(&connection_id).await.map_err(|e| (e.into(), Some(connection_id))),
+            Err(e) => Err((e, Some(connection_id))),
+        },
         ClientMessage::Mute { stream_id, muted } => {
             reg.set_muted(claims, session, &stream_id, muted).map_err(|e| (e, None))
         }

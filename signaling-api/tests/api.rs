@@ -100,6 +100,22 @@ impl MediaPlane for FakeMedia {
     async fn resubscribe(&self, _: &str) -> Result<(), MediaError> {
         Ok(())
     }
+    /// As the engine: a subscribe connection gets a new offer, answered at once here (the
+    /// answer's SDP_PROCESSED carries `ice_restart`); anything else is refused.
+    async fn restart_ice(&self, connection_id: &str) -> Result<(), MediaError> {
+        self.calls.lock().unwrap().push(format!("restart_ice {connection_id}"));
+        let detail = self
+            .sink
+            .connection_detail(connection_id)
+            .filter(|d| !d.state.is_terminal())
+            .ok_or_else(|| MediaError::new(ErrorCode::NotFound, "connection not found"))?;
+        if detail.role != signaling_api::protocol::Role::Subscribe {
+            return Err(MediaError::new(ErrorCode::BadRequest, "restart_ice is for subscribe connections"));
+        }
+        self.sink.emit(MediaEvent::Offer { connection_id: connection_id.into(), sdp: "v=0 restart offer".into() });
+        self.ev(connection_id, EventKind::SdpProcessed, Some("ice_restart"));
+        Ok(())
+    }
     async fn answer(&self, connection_id: &str, _: String) -> Result<(), MediaError> {
         self.ev(connection_id, EventKind::SdpProcessed, None);
         Ok(())
@@ -1347,4 +1363,72 @@ async fn token_routes_mint_turn_credentials_when_configured() {
     let uri = format!("/v1/rooms/{}/tokens", room["room_id"].as_str().unwrap());
     let (_, tok) = call(&plain, "POST", &uri, Some(r#"{"participant":"alice"}"#), true).await;
     assert!(tok.get("ice_servers").is_none(), "{tok}");
+}
+
+/// `restart_ice` (docs/protocol.md "ICE restart"): the participant's own subscribe connection
+/// gets a new offer on the same connection id and an `SDP_PROCESSED` with reason
+/// `ice_restart` in its history and on the socket, counted in `gateway_ice_restarts_total`;
+/// an unknown id, another participant's connection, a publish connection and a message without
+/// an id are refused in the contract's error shape and the socket stays open.
+#[tokio::test]
+async fn restart_ice_reoffers_the_own_subscribe_connection_and_refuses_the_rest() {
+    let (app, state, media) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    send(&mut alice, json!({ "type": "subscribe" })).await;
+    let sub = next_of(&mut alice, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let publ = next_of(&mut alice, "answer").await["connection_id"].as_str().unwrap().to_owned();
+    send(&mut bob, json!({ "type": "subscribe" })).await;
+    let bobs = next_of(&mut bob, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    let metric = |state: &AppState, role: &str| {
+        let text = state.registry.metrics.render();
+        let line = format!("gateway_ice_restarts_total{{role=\"{role}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(|v| v.trim().to_owned())
+    };
+    assert_eq!(metric(&state, "subscribe").as_deref(), Some("0"), "the series exists from the start");
+
+    send(&mut alice, json!({ "type": "restart_ice", "connection_id": sub })).await;
+    let offer = next_of(&mut alice, "offer").await;
+    assert_eq!(offer["connection_id"], sub.as_str(), "the same connection is re-offered");
+    let ev = next_of(&mut alice, "connection_event").await;
+    assert_eq!(
+        (ev["connection_id"].as_str(), ev["event"].as_str(), ev["code"].as_u64(), ev["reason"].as_str()),
+        (Some(sub.as_str()), Some("SDP_PROCESSED"), Some(203), Some("ice_restart"))
+    );
+    assert_eq!(metric(&state, "subscribe").as_deref(), Some("1"));
+    assert_eq!(metric(&state, "publish").as_deref(), Some("0"));
+    let (_, detail) = call(&app, "GET", &format!("/v1/connections/{sub}"), None, true).await;
+    let history = detail["events"].as_array().unwrap();
+    assert!(
+        history.iter().any(|e| e["event"] == "SDP_PROCESSED" && e["reason"] == "ice_restart"),
+        "the history shows the restart: {history:?}"
+    );
+    assert_eq!(detail["state"], "INITIAL", "the state is untouched (the fake never connects)");
+
+    let refused = [
+        (json!({ "type": "restart_ice", "connection_id": "c_nope" }), "not_found", Some("c_nope")),
+        (json!({ "type": "restart_ice", "connection_id": bobs }), "not_found", Some(bobs.as_str())),
+        (json!({ "type": "restart_ice", "connection_id": publ }), "bad_request", Some(publ.as_str())),
+        (json!({ "type": "restart_ice" }), "bad_request", None),
+    ];
+    for (msg, code, conn) in refused {
+        send(&mut alice, msg.clone()).await;
+        let e = next_of(&mut alice, "error").await;
+        assert_eq!((e["code"].as_str(), e["connection_id"].as_str()), (Some(code), conn), "{msg}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    // Bob's connection was never passed to the media plane; the publish one was, and refused.
+    let calls = media.calls.lock().unwrap().clone();
+    assert!(!calls.iter().any(|c| c.contains(&bobs)), "{calls:?}");
+    assert!(calls.iter().any(|c| *c == format!("restart_ice {publ}")), "{calls:?}");
+    assert_eq!(metric(&state, "subscribe").as_deref(), Some("1"), "refusals count nothing");
+    // The socket stays open.
+    send(&mut alice, json!({ "type": "restart_ice", "connection_id": sub })).await;
+    assert_eq!(next_of(&mut alice, "offer").await["connection_id"], sub.as_str());
 }

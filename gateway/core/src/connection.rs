@@ -70,6 +70,11 @@ pub struct ConnStats {
     /// Publish connections: lost packets that NACK did not bring back in time (each led to a
     /// keyframe request).
     pub unrecoverable_losses: u64,
+    /// ICE restarts applied (the publisher's restart offers, the subscriber's `restart_ice`).
+    pub ice_restarts: u64,
+    /// From the last ICE restart being applied to ICE connected again, in milliseconds
+    /// (`null` before the first restart, and while one is in progress).
+    pub ice_restart_ms: Option<u64>,
 }
 
 /// Which layer of a published video track a subscriber receives.
@@ -145,6 +150,11 @@ pub(crate) struct Conn {
     pub ice_connected: bool,
     /// Last datagram accepted from the peer (STUN consent, RTCP, media).
     pub last_rx: Instant,
+    /// When the last ICE restart was applied: the peer asked for it over signaling, so the
+    /// disconnect grace counts from here too (a restart late in the grace still recovers).
+    pub restarted_at: Option<Instant>,
+    /// An ICE restart was applied and ICE has not connected again since.
+    pub restarting: bool,
     pub next_timeout: Option<Instant>,
     /// When the `Rtc` was last given a timeout.
     pub last_round: Option<Instant>,
@@ -189,6 +199,11 @@ pub(crate) struct SubscribeSide {
     pub offered: bool,
     /// Something changed while an offer was pending: offer again after the answer.
     pub offer_wanted: bool,
+    /// The client asked for an ICE restart (`restart_ice`): the next offer carries new
+    /// credentials.
+    pub restart_wanted: bool,
+    /// The pending offer carries an ICE restart: its answer switches to the new credentials.
+    pub restart_offered: bool,
     pub last_offer: Option<String>,
     /// An unchanged offer was sent again; its answer has nothing to apply.
     pub idle_reoffer: bool,
@@ -360,8 +375,30 @@ impl Conn {
     /// *request*, but RFC 8445 §11 lets a peer that sends media keep only indications (libnice,
     /// and so GStreamer's webrtcbin, sends one every 25 s and no consent checks), so a healthy
     /// call would fail. A peer that really went away goes silent and fails on this rule alone.
+    /// An ICE restart counts as a sign of life (the peer asked for it), once per restart.
     fn lost_at(&self, cfg: &crate::CoreConfig) -> Instant {
-        self.last_rx + cfg.disconnect_grace
+        self.last_rx.max(self.restarted_at.unwrap_or(self.last_rx)) + cfg.disconnect_grace
+    }
+
+    /// An ICE restart was applied to the `Rtc` (new local credentials): count it, and give the
+    /// peer a fresh grace to reach us under the new credentials.
+    pub fn ice_restarted(&mut self, now: Instant) {
+        self.restarted_at = Some(now);
+        self.restarting = true;
+        self.stats.ice_restarts += 1;
+        self.stats.ice_restart_ms = None;
+        let n = self.stats.ice_restarts;
+        self.span.in_scope(|| tracing::info!(restarts = n, "ICE restart"));
+    }
+
+    /// ICE connected (again): if a restart was in progress, it is done.
+    pub fn ice_reconnected(&mut self, now: Instant) {
+        if !std::mem::take(&mut self.restarting) {
+            return;
+        }
+        let ms = self.restarted_at.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+        self.stats.ice_restart_ms = ms;
+        self.span.in_scope(|| tracing::info!(ms = ms.unwrap_or(0), "ICE connected again after the restart"));
     }
 
     /// The reason to fail this connection now, if a connection-level deadline passed.

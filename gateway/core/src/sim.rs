@@ -425,6 +425,33 @@ impl Sim {
         self.drain_peer(peer);
     }
 
+    /// The peer's address changes (a phone moving networks): datagrams to the old address are
+    /// lost and none leave from it any more. Its host candidate on the new address comes with
+    /// its next ICE restart ([`Sim::restart_publisher_ice`], [`Sim::restart_subscriber_ice`]).
+    pub fn move_peer(&mut self, peer: usize, addr: SocketAddr) {
+        self.peers[peer].addr = addr;
+        self.peers[peer].client.move_to(addr);
+    }
+
+    /// A publishing peer restarts ICE: a new offer with new credentials on its publish
+    /// connection (a browser's `restartIce()`), answered by `Engine::republish`.
+    pub fn restart_publisher_ice(&mut self, peer: usize) -> Result<(), crate::MediaError> {
+        let offer = self.peers[peer].client.ice_restart_offer().expect("an ICE restart needs an offer");
+        let id = self.peers[peer].connection_id.clone().expect("a publish connection");
+        let r = self.engine.republish(self.now, &id, &offer);
+        self.pump_engine();
+        r
+    }
+
+    /// A subscribing peer asks for an ICE restart (`restart_ice`); the gateway's new offer is
+    /// answered and its trickled candidate added as any other.
+    pub fn restart_subscriber_ice(&mut self, peer: usize) -> Result<(), crate::MediaError> {
+        let id = self.peers[peer].connection_id.clone().expect("a subscribe connection");
+        let r = self.engine.restart_ice(self.now, &id);
+        self.pump_engine();
+        r
+    }
+
     /// Hand a raw datagram to the engine as if `from` had sent it to connection `key`.
     pub fn inject(&mut self, key: ConnKey, from: SocketAddr, bytes: &[u8]) {
         let Some(local) = self.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a) else { return };
@@ -610,6 +637,11 @@ impl Sim {
                 }
                 Ok(Out::Transmit(t)) => {
                     let from = self.peers[i].addr;
+                    if t.source != from {
+                        // From an address the peer no longer has (it moved): goes nowhere.
+                        self.dropped += 1;
+                        continue;
+                    }
                     self.send(Some(i), true, from, t.destination, t.contents.into());
                 }
                 // Counted and recorded by the client.

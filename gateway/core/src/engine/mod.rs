@@ -441,6 +441,7 @@ impl Engine {
             Event::IceConnectionStateChange(s) => match s {
                 IceConnectionState::Connected | IceConnectionState::Completed => {
                     conn.ice_connected = true;
+                    conn.ice_reconnected(now);
                 }
                 IceConnectionState::Disconnected => {
                     // Only a silent peer fails a READY connection (`Conn::lost_at`); an agent

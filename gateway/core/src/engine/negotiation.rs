@@ -68,6 +68,14 @@ pub(super) fn offers_publication_codecs(conn: &Conn, tracks: &[TrackIn], offer: 
     })
 }
 
+/// The `SDP_PROCESSED` reason of a renegotiation that restarted ICE.
+const ICE_RESTART: &str = signaling_api::protocol::ICE_RESTART_REASON;
+
+/// Our current ICE username fragment on a connection.
+fn local_ufrag(conn: &mut Conn) -> String {
+    conn.rtc.direct_api().local_ice_credentials().ufrag
+}
+
 impl Engine {
     pub(super) fn new_conn(
         &mut self,
@@ -122,6 +130,8 @@ impl Engine {
             gathered_at: None,
             ice_connected: false,
             last_rx: now,
+            restarted_at: None,
+            restarting: false,
             next_timeout: None,
             last_round: None,
             trusted: Vec::new(),
@@ -132,7 +142,7 @@ impl Engine {
             span,
         };
         conn.enter(&mut self.q, ConnectionState::Initial, None);
-        self.by_ufrag.insert(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
+        self.by_ufrag.insert(local_ufrag(&mut conn), spec.key);
         self.keys.insert(id, spec.key);
         self.conns.insert(spec.key, conn);
         if let Some(r) = self.rooms.get_mut(&room) {
@@ -198,15 +208,69 @@ impl Engine {
         check_sections(offer, self.cfg.max_media_sections).map_err(|m| err(ErrorCode::BadSdp, m))?;
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let ufrag = local_ufrag(conn);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
         };
-        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        // New ICE credentials in the offer (the browser's `restartIce()`): str0m answered with
+        // new ones of ours, keeping our candidate. Same connection, same DTLS, same state.
+        let restarted = local_ufrag(conn) != ufrag;
+        if restarted {
+            conn.ice_restarted(now);
+        }
+        let reason = restarted.then(|| ICE_RESTART.to_owned());
+        conn.event(&mut self.q, EventKind::SdpProcessed, reason);
         self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
         conn.drain(now, &mut self.q);
+        if restarted {
+            self.index_ufrag(key);
+        }
         self.process(now);
         Ok(())
+    }
+
+    /// The client asks for an ICE restart of its subscribe connection (`restart_ice`): the
+    /// gateway offers again with new ICE credentials (and whatever else changed meanwhile). With
+    /// an offer already outstanding, the restart goes into the next one, made as soon as that
+    /// one is answered. The state stays as it is (READY stays READY); the answer's
+    /// `SDP_PROCESSED` carries the reason `ice_restart`.
+    pub fn restart_ice(&mut self, now: Instant, connection_id: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = conn_mut(&mut self.conns, key)?;
+        let state = conn.state;
+        let Side::Subscribe(side) = &mut conn.side else {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "restart_ice is for subscribe connections; a publisher restarts ICE with a new publish offer",
+            ));
+        };
+        if side.plays.is_some() {
+            return Err(err(ErrorCode::BadRequest, "a WHEP connection restarts ICE by PATCH on its resource"));
+        }
+        if state == ConnectionState::Initial {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "the connection has not been negotiated yet: answer its offer first",
+            ));
+        }
+        side.restart_wanted = true;
+        if side.pending.is_some() {
+            side.offer_wanted = true;
+        } else {
+            self.renegotiate(now, key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// Index the connection under its current ICE username fragment (and no other): a shared
+    /// socket (`media.mux`) finds a client's checks by it, and a restart changes it.
+    pub(super) fn index_ufrag(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let ufrag = local_ufrag(conn);
+        self.by_ufrag.retain(|_, k| *k != key);
+        self.by_ufrag.insert(ufrag, key);
     }
 
     /// Open a subscribe connection; emits the first offer (a data channel plus every track in
@@ -364,10 +428,14 @@ impl Engine {
             }
             return Err(err(ErrorCode::BadRequest, "no offer is waiting for an answer"));
         };
+        let restarted = std::mem::take(&mut side.restart_offered);
         if let Err(e) = conn.rtc.sdp_api().accept_answer(pending, answer) {
             return Err(self.reject_sdp(now, key, format!("answer was rejected: {e}")));
         }
-        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        if restarted {
+            conn.ice_restarted(now);
+        }
+        conn.event(&mut self.q, EventKind::SdpProcessed, restarted.then(|| ICE_RESTART.to_owned()));
         let mut newly_live = Vec::new();
         let mut unavailable = Vec::new();
         let answered = crate::sdp::codecs(sdp);
@@ -407,6 +475,16 @@ impl Engine {
             }
             let mid = conn.first_mid.clone();
             self.announce_candidate(key, mid, now);
+        } else if restarted {
+            // The restart offer carried no candidate (str0m dropped ours with the old
+            // credentials): add it again and trickle it, as after the first answer, so the
+            // client's checks start once we know its new credentials.
+            if let Ok(c) = Candidate::host(conn.local, "udp") {
+                conn.rtc.add_local_candidate(c);
+            }
+            let mid = conn.first_mid.clone();
+            self.trickle_candidate(key, mid);
+            self.index_ufrag(key);
         }
         let conn = conn_mut(&mut self.conns, key)?;
         conn.drain(now, &mut self.q);
@@ -472,8 +550,18 @@ impl Engine {
 
     /// Trickle our host candidate to the client and enter GATHERED.
     pub(super) fn announce_candidate(&mut self, key: ConnKey, mid: Option<String>, now: Instant) {
+        if !self.trickle_candidate(key, mid) {
+            return;
+        }
         let Some(conn) = self.conns.get_mut(&key) else { return };
-        let Ok(c) = Candidate::host(conn.local, "udp") else { return };
+        conn.gathered_at = Some(now);
+        conn.enter(&mut self.q, ConnectionState::Gathered, None);
+    }
+
+    /// Send our host candidate to the client (a `candidate` message and the CANDIDATE event).
+    fn trickle_candidate(&mut self, key: ConnKey, mid: Option<String>) -> bool {
+        let Some(conn) = self.conns.get_mut(&key) else { return false };
+        let Ok(c) = Candidate::host(conn.local, "udp") else { return false };
         let line = c.to_sdp_string();
         let candidate = line.strip_prefix("a=").unwrap_or(&line).trim_end().to_owned();
         self.q.out.push_back(Output::Event(MediaEvent::Candidate {
@@ -483,8 +571,7 @@ impl Engine {
             sdp_mline_index: Some(0),
         }));
         conn.event(&mut self.q, EventKind::Candidate, None);
-        conn.gathered_at = Some(now);
-        conn.enter(&mut self.q, ConnectionState::Gathered, None);
+        true
     }
 
     /// A publisher's media section started receiving: announce the track and offer it to every
@@ -634,6 +721,11 @@ impl Engine {
         let Some(room) = rooms.get_mut(room_id) else { return false };
         let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != *participant).collect();
         let mut api = rtc.sdp_api();
+        let restart = std::mem::take(&mut side.restart_wanted);
+        if restart {
+            // New credentials, no candidate in the offer: ours is trickled after the answer.
+            api.ice_restart(false);
+        }
         if !side.offered {
             // The first offer's data channels: the reliable one also brings the transport up
             // when there is nothing to receive yet; both carry the room's data messages.
@@ -663,8 +755,10 @@ impl Engine {
             }
         }
         let Some((offer, pending)) = api.apply() else {
+            side.restart_wanted = restart;
             return false;
         };
+        side.restart_offered = restart;
         let start_seq: u16 = rand::rng().random_range(1000..30000);
         for (i, mid) in added {
             room.link(i, key, mid);
