@@ -37,6 +37,18 @@ pub enum Joined {
     New,
     /// It replaced an earlier session of the same participant.
     Replaced,
+    /// It took over an earlier session of the same participant (`resume`), connections and all.
+    Resumed,
+}
+
+/// What admitting a session did to the participant's earlier one.
+enum Admission {
+    New,
+    /// The earlier session, as it left the participant: its connections end.
+    Replaced(Participant),
+    /// The earlier session's id: the participant, its connections and what the webhooks were
+    /// told carry over to the new session.
+    Resumed(u64),
 }
 
 impl Registry {
@@ -234,11 +246,35 @@ impl Registry {
     /// locked (so no room event reaches the client before it or repeats what it lists), the
     /// others hear `participant_joined`, and a session this one replaces loses its connections
     /// (FINISHED, `replaced`) and is closed.
-    pub async fn join(&self, media: &dyn MediaPlane, claims: &Claims, session: u64) -> Result<Joined, ApiError> {
-        let replaced = self.admit(claims, session)?;
+    ///
+    /// With `resume` a WebSocket participant that is still in the room (its old socket alive or
+    /// in the reconnect grace) is taken over instead: its connections keep their ids and go on
+    /// (a client that changed networks then restarts ICE on them), the room hears nothing, and
+    /// the old socket is closed with reason `resumed`. Nothing to resume: an ordinary join.
+    pub async fn join(
+        &self,
+        media: &dyn MediaPlane,
+        claims: &Claims,
+        session: u64,
+        resume: bool,
+    ) -> Result<Joined, ApiError> {
+        let admission = self.admit(claims, session, resume)?;
         let (room_id, participant_id) = (claims.room.as_str(), claims.sub.as_str());
-        let joined = match replaced {
-            Some(old) => {
+        let joined = match admission {
+            Admission::Resumed(old) => {
+                let connections =
+                    self.rooms.get(room_id).and_then(|r| Some(r.participants.get(participant_id)?.connections.clone()));
+                for id in connections.unwrap_or_default() {
+                    if let Some(mut c) = self.connections.get_mut(&id) {
+                        c.session = session;
+                    }
+                }
+                self.send_to_session(old, Outbound::Close(1000, "resumed".into()));
+                self.sessions.remove(&old);
+                tracing::info!(room_id, participant_id, session, old, "session resumed");
+                return Ok(Joined::Resumed);
+            }
+            Admission::Replaced(old) => {
                 for id in old.connections {
                     media.close_connection(&id, "replaced").await;
                 }
@@ -252,7 +288,7 @@ impl Registry {
                 }
                 Joined::Replaced
             }
-            None => {
+            Admission::New => {
                 let metadata =
                     self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id)?.metadata.clone());
                 let info =
@@ -267,19 +303,34 @@ impl Registry {
 
     /// The room part of [`Registry::join`]; returns the participant as the replaced session
     /// left it (its session, connections and what the webhooks were told).
-    fn admit(&self, claims: &Claims, session: u64) -> Result<Option<Participant>, ApiError> {
+    fn admit(&self, claims: &Claims, session: u64, resume: bool) -> Result<Admission, ApiError> {
         let mut room = self.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
         if !room.participants.contains_key(&claims.sub) && room.participants.len() >= room.max_participants as usize {
             return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
         }
-        let (connections, metadata) =
-            room.participants.get(&claims.sub).map(|p| (p.connections.clone(), p.metadata.clone())).unwrap_or_default();
-        let mut admitted = Participant::new(&claims.sub, &claims.name, session, connections);
-        admitted.metadata = metadata;
-        let replaced = room.participants.insert(claims.sub.clone(), admitted);
-        if replaced.is_none() {
-            self.metrics.participants.inc();
-        }
+        let admission = match room.participants.get_mut(&claims.sub) {
+            // An HTTP (WHIP/WHEP) participant has no socket to take over: it is replaced.
+            Some(p) if resume && !p.http => {
+                let old = std::mem::replace(&mut p.session, session);
+                p.disconnected_at = None;
+                p.name = claims.name.clone();
+                Admission::Resumed(old)
+            }
+            existing => {
+                let (connections, metadata) =
+                    existing.map(|p| (p.connections.clone(), p.metadata.clone())).unwrap_or_default();
+                let mut admitted = Participant::new(&claims.sub, &claims.name, session, connections);
+                admitted.metadata = metadata;
+                match room.participants.insert(claims.sub.clone(), admitted) {
+                    Some(old) => Admission::Replaced(old),
+                    None => {
+                        self.metrics.participants.inc();
+                        Admission::New
+                    }
+                }
+            }
+        };
+        let resumed = matches!(admission, Admission::Resumed(_));
         let mut participants: Vec<ParticipantInfo> =
             room.participants.values().filter(|p| p.participant_id != claims.sub).map(Participant::info).collect();
         participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
@@ -289,9 +340,10 @@ impl Registry {
             participants,
             streams: room.streams.clone(),
             metadata: room.metadata.clone(),
+            resumed,
         };
         self.send_to_session(session, Outbound::Message(joined));
-        Ok(replaced)
+        Ok(admission)
     }
 
     /// The session's WebSocket dropped without `leave`. If it still speaks for its participant,

@@ -532,6 +532,10 @@ pub enum ServerMessage {
         /// The room's metadata, if the app backend set any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         metadata: Option<serde_json::Value>,
+        /// This socket resumed the participant's session (`resume=1` on the upgrade): its
+        /// connections live on under the same ids, nothing was republished or resubscribed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
     },
     Answer {
         connection_id: String,

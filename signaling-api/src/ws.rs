@@ -35,6 +35,8 @@ async fn upgrade(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    // `resume=1`: take over this participant's session and connections (docs/protocol.md).
+    let resume = query.get("resume").is_some_and(|v| v == "1" || v == "true");
     let ws = match ws {
         Ok(ws) => ws,
         Err(r) => {
@@ -47,7 +49,7 @@ async fn upgrade(
     ws.max_message_size(state.config.ws_max_message_bytes)
         .max_frame_size(state.config.ws_max_message_bytes)
         .read_buffer_size(WS_READ_BUFFER)
-        .on_upgrade(move |socket| run_session(state, claims, socket))
+        .on_upgrade(move |socket| run_session(state, claims, resume, socket))
 }
 
 /// Everything that can refuse a client before the upgrade.
@@ -61,7 +63,7 @@ fn authorize(state: &AppState, token: Option<&str>) -> Result<Claims, ApiError> 
     Ok(claims)
 }
 
-async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
+async fn run_session(state: AppState, claims: Claims, resume: bool, socket: WebSocket) {
     let reg = state.registry.clone();
     let (tx, rx) = mpsc::channel::<Outbound>(state.config.ws_outbound_queue);
     let kill = Arc::new(tokio::sync::Notify::new());
@@ -72,7 +74,7 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
 
     let room_id = claims.room.clone();
     let participant_id = claims.sub.clone();
-    if let Err(e) = reg.join(state.media.as_ref(), &claims, session).await {
+    if let Err(e) = reg.join(state.media.as_ref(), &claims, session, resume).await {
         let _ = tx.try_send(Outbound::Message(ServerMessage::Error {
             code: e.code,
             message: e.message,

@@ -1432,3 +1432,73 @@ async fn restart_ice_reoffers_the_own_subscribe_connection_and_refuses_the_rest(
     send(&mut alice, json!({ "type": "restart_ice", "connection_id": sub })).await;
     assert_eq!(next_of(&mut alice, "offer").await["connection_id"], sub.as_str());
 }
+
+async fn join_resuming(addr: &str, state: &AppState, room: &str, who: &str) -> Ws {
+    let (token, _) = state.auth.issue(room, who, who, true, true, 60).unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}&resume=1")).await.unwrap();
+    ws
+}
+
+/// Nothing arrives on this socket for a moment.
+async fn quiet(ws: &mut Ws) -> Option<Value> {
+    match tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => Some(serde_json::from_str(&t).unwrap()),
+        _ => None,
+    }
+}
+
+/// `resume=1` (docs/protocol.md "ICE restart"): a client whose network changed opens a new
+/// socket that takes over its session — the same connections (ids, states), no FINISHED, the
+/// room hears nothing, the old socket is closed with `resumed` — also from within the reconnect
+/// grace of a socket that dropped. With nothing to resume it is an ordinary join.
+#[tokio::test]
+async fn a_resumed_session_keeps_its_connections_and_the_room_hears_nothing() {
+    let (app, state, _) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    assert_eq!(next_of(&mut bob, "participant_joined").await["participant_id"], "alice");
+    send(&mut alice, json!({ "type": "subscribe" })).await;
+    let sub = next_of(&mut alice, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let publ = next_of(&mut alice, "answer").await["connection_id"].as_str().unwrap().to_owned();
+    assert_eq!(next_of(&mut bob, "stream_added").await["participant_id"], "alice");
+
+    let mut resumed = join_resuming(&addr, &state, &room, "alice").await;
+    let j = next(&mut resumed).await;
+    assert_eq!((j["type"].as_str(), j["resumed"].as_bool()), (Some("joined"), Some(true)), "{j}");
+    assert_eq!(j["streams"].as_array().map(Vec::len), Some(1), "the room as it is: {j}");
+    let closed = next_of(&mut alice, "__closed").await;
+    assert_eq!(closed["code"], 1000, "the old socket is closed: {closed}");
+    assert_eq!(quiet(&mut bob).await, None, "the room hears nothing of it");
+    for id in [&sub, &publ] {
+        let (_, d) = call(&app, "GET", &format!("/v1/connections/{id}"), None, true).await;
+        let events: Vec<&str> = d["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert!(!events.contains(&"FINISHED") && !events.contains(&"FAILED"), "{id} goes on: {events:?}");
+    }
+    // The connections are the new socket's now: its restart_ice is served.
+    send(&mut resumed, json!({ "type": "restart_ice", "connection_id": sub })).await;
+    assert_eq!(next_of(&mut resumed, "offer").await["connection_id"], sub.as_str());
+    let ev = next_of(&mut resumed, "connection_event").await;
+    assert_eq!(ev["reason"], "ice_restart");
+
+    // The resumed socket drops; a resume within the reconnect grace (200 ms here) takes over.
+    drop(resumed);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut again = join_resuming(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut again).await["resumed"], true);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{sub}"), None, true).await;
+    assert_ne!(d["state"], "FINISHED", "the grace of the dropped socket ended nothing");
+    assert_eq!(quiet(&mut bob).await, None, "the room still heard nothing");
+
+    // Nothing to resume: an ordinary join (no `resumed`), which the room hears.
+    let mut carol = join_resuming(&addr, &state, &room, "carol").await;
+    let j = next(&mut carol).await;
+    assert_eq!((j["type"].as_str(), j.get("resumed")), (Some("joined"), None), "{j}");
+    assert_eq!(next_of(&mut bob, "participant_joined").await["participant_id"], "carol");
+}

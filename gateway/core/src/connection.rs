@@ -391,14 +391,15 @@ impl Conn {
         self.span.in_scope(|| tracing::info!(restarts = n, "ICE restart"));
     }
 
-    /// ICE connected (again): if a restart was in progress, it is done.
-    pub fn ice_reconnected(&mut self, now: Instant) {
+    /// ICE connected (again): if a restart was in progress, it is done (returns true).
+    pub fn ice_reconnected(&mut self, now: Instant) -> bool {
         if !std::mem::take(&mut self.restarting) {
-            return;
+            return false;
         }
         let ms = self.restarted_at.map(|t| now.saturating_duration_since(t).as_millis() as u64);
         self.stats.ice_restart_ms = ms;
         self.span.in_scope(|| tracing::info!(ms = ms.unwrap_or(0), "ICE connected again after the restart"));
+        true
     }
 
     /// The reason to fail this connection now, if a connection-level deadline passed.

@@ -1112,9 +1112,15 @@ fn move_and_restart(
     sim.stream_for(p, silent_for);
     let t = sim.now;
     assert!(video_again(&sim, v, t).is_none(), "nothing reaches the old address");
+    let asked = sim.peers[p].keyframe_requests;
     sim.restart_subscriber_ice(v).expect("restart_ice accepted");
     sim.stream_for(p, Duration::from_secs(2));
     let sub_back = video_again(&sim, v, t).expect("the subscriber receives video again").duration_since(t);
+    // What went to the old address is gone for good: the subscriber starts over at a keyframe
+    // the gateway asked for, not with frames it cannot decode.
+    let first = sim.peers[v].rx.received.iter().find(|r| r.kind == MediaKind::Video && r.at >= t).unwrap();
+    assert!(first.starts_keyframe(), "the subscriber's video resumes with a keyframe");
+    assert!(sim.peers[p].keyframe_requests > asked, "the gateway asked the publisher for it");
 
     // The publisher moves; its subscriber hears nothing until its restart offer is answered.
     sim.move_peer(p, "10.9.0.1:6000".parse().unwrap());
@@ -1123,8 +1129,10 @@ fn move_and_restart(
     sim.stream_for(p, silent_for);
     let t = sim.now;
     assert!(video_again(&sim, v, moved + ms(50)).is_none(), "nothing from the publisher's old address gets through");
+    let asked = sim.peers[p].keyframe_requests;
     sim.restart_publisher_ice(p).expect("the restart offer is answered");
     sim.stream_for(p, Duration::from_secs(2));
+    assert!(sim.peers[p].keyframe_requests > asked, "the returning publisher is asked for a keyframe");
     let pub_back =
         video_again(&sim, v, t).expect("the subscriber receives the publisher's video again").duration_since(t);
 
