@@ -66,12 +66,13 @@ gw.options.giveUpMs = 60000;
 // (`restart_ice`), which offers new ones. Again every `iceRestartRetryMs` while it has not
 // recovered. Each restart is noted in `gw.iceRestarts` ({ role, at, state }), each ICE state
 // change in `gw.iceStates`.
-gw.options.iceRestartAfterMs = Number(params.get("iceRestartAfterMs") || 2000);
-gw.options.iceRestartRetryMs = 5000;
+gw.options.iceRestartAfterMs = Number(params.get("iceRestartAfterMs") || 1000);
+gw.options.iceRestartRetryMs = 2500;
 // Chromium calls ICE disconnected only ~6 s after the path died (five unanswered checks), so
-// the page also watches what arrives: a connection that was receiving steadily (media, RTCP,
-// check answers) and then gets nothing for `mediaStallMs` lost its path, and both connections
-// are restarted at once (`?mediaStallMs=`; 0 turns this off).
+// the page also watches what its publish connection receives: while it sends media the gateway
+// answers with RTCP feedback many times a second, whatever the others do. Steady feedback, then
+// nothing for `mediaStallMs`: the path is gone, and both connections restart at once
+// (`?mediaStallMs=`; 0 turns this off).
 gw.options.mediaStallMs = Number(params.get("mediaStallMs") ?? 1000);
 gw.iceRestarts = [];
 gw.iceStates = []; // { role, state, at }: the last 100 ICE state changes
@@ -1053,9 +1054,15 @@ function watchIce(pc, role) {
       later(gw.options.iceRestartRetryMs);
     }
   };
-  watchInflow(pc, role, () => {
-    recoverMedia("stalled", true);
-    later(gw.options.iceRestartRetryMs);
+  if (role === "publish") {
+    watchInflow(pc, role, () => {
+      recoverMedia("stalled", true);
+      later(gw.options.iceRestartRetryMs);
+    });
+  }
+  pc.addEventListener("icecandidate", (ev) => {
+    const c = ev.candidate;
+    gw.iceStates.push({ role, state: c ? `candidate ${c.address}:${c.port} ${c.type}` : "gathered", at: Date.now() });
   });
   pc.addEventListener("iceconnectionstatechange", () => {
     const state = pc.iceConnectionState;
@@ -1078,8 +1085,9 @@ function watchIce(pc, role) {
 
 /**
  * Call `stalled` when a connection that was receiving steadily (something in at least 6 of the
- * 8 quarter-seconds before) gets nothing for `mediaStallMs`. A subscribe connection counts only
- * while someone publishes to it (otherwise only check answers arrive, every 2.5 s).
+ * 8 quarter-seconds before) gets nothing for `mediaStallMs`. Used on the publish connection,
+ * whose inflow (the gateway's RTCP feedback) does not depend on anyone else: a subscribe
+ * connection goes quiet whenever the others stop sending.
  */
 function watchInflow(pc, role, stalled) {
   if (!gw.options.mediaStallMs) return;
@@ -1110,8 +1118,7 @@ function watchInflow(pc, role, stalled) {
     }
     const lastAt = arrivals[arrivals.length - 1] || 0;
     const steady = arrivals.filter((t) => lastAt - t <= 2000).length >= 6;
-    const expected = role === "publish" || gw.streams.size > 0;
-    if (!fired && steady && expected && gw.status === "in-call" && now - lastAt >= gw.options.mediaStallMs) {
+    if (!fired && steady && gw.status === "in-call" && now - lastAt >= gw.options.mediaStallMs) {
       fired = true;
       activity(`${role === "publish" ? "sending" : "receiving"}: nothing arrived for ${now - lastAt} ms`);
       stalled();
@@ -1148,6 +1155,8 @@ async function recoverMedia(state, all = false) {
 async function restartIce(pc, role, state) {
   const side = role === "publish" ? gw.pub : gw.sub;
   if (side.pc !== pc || !side.id || gw.status !== "in-call") return;
+  // No signaling (the resume failed): the retry comes back to this.
+  if (!gw.ws || gw.ws.readyState !== WebSocket.OPEN) return;
   side.restartedAt = Date.now();
   gw.iceRestarts.push({ role, at: side.restartedAt, state });
   activity(`${role === "publish" ? "sending" : "receiving"}: network lost (ICE ${state}), restarting ICE`);

@@ -23,7 +23,7 @@ import { execFileSync } from "node:child_process";
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { after, before, test } from "node:test";
+import { after, test } from "node:test";
 import { api, joinPage, launchChromium, metric, removeStaleNamespaces, startGateway, waitFor } from "./harness.mjs";
 
 const PREFIX = "icerestart-";
@@ -104,6 +104,7 @@ function secondNetwork() {
 
 /** Alice's first network goes: the route moves to the second, the old interface and address go. */
 function moveAlice() {
+  inNs(nsClient, "ip", "link", "set", veth("a"), "down");
   inNs(nsClient, "ip", "route", "replace", `${net(4)}/30`, "via", net(9));
   inNs(nsClient, "ip", "link", "del", veth("a"));
 }
@@ -116,7 +117,8 @@ for (const sig of ["SIGINT", "SIGTERM"]) {
   });
 }
 
-before(async () => {
+/** The namespaces, a gateway (`media.mux` or a port per connection) and both browsers. */
+async function up(mux) {
   try {
     setUpNamespaces();
   } catch (e) {
@@ -130,7 +132,11 @@ before(async () => {
     port: 50150,
     portMin: 50100,
     portMax: 50149,
-    env: { GATEWAY__DEV__TOKEN_ROUTE: "on", GATEWAY__MEDIA__DISCONNECT_GRACE_MS: String(GRACE_MS) },
+    env: {
+      GATEWAY__DEV__TOKEN_ROUTE: "on",
+      GATEWAY__MEDIA__DISCONNECT_GRACE_MS: String(GRACE_MS),
+      GATEWAY__MEDIA__MUX: String(mux),
+    },
   });
   wrapperDir = mkdtempSync(path.join(os.tmpdir(), "icerestart-chromium-"));
   const wrapper = path.join(wrapperDir, "chromium-in-netns");
@@ -140,13 +146,16 @@ before(async () => {
   const extraArgs = [`--unsafely-treat-insecure-origin-as-secure=${gateway.base}`];
   alice = await launchChromium({ executablePath: wrapper, extraArgs });
   bob = await launchChromium({ extraArgs });
-});
+}
 
-after(async () => {
+async function down() {
   for (const b of [alice, bob]) if (b) await b.close().catch(() => {});
   if (gateway) await gateway.stop();
+  alice = bob = gateway = null;
   cleanup();
-});
+}
+
+after(down);
 
 /** Frames decoded from the page's subscribe connection (video), or -1 without one. */
 const decoded = (page) =>
@@ -165,11 +174,25 @@ async function restartMetric(role) {
   return m ? Number(m[1]) : NaN;
 }
 
-test("a client whose address changes mid-call restarts ICE and decodes again within 5 s, same connections, never FAILED", { timeout: 120000 }, async (t) => {
-  if (skipReason) {
-    t.skip(skipReason);
-    return;
-  }
+// ICE_RESTART_MODES=port or =mux runs one of the two (for investigating; CI runs both).
+const MODES = (process.env.ICE_RESTART_MODES || "port,mux").split(",").map((m) => m === "mux");
+for (const mux of MODES) {
+  const mode = mux ? "one shared port (media.mux)" : "a port per connection";
+  test(`${mode}: a client whose address changes mid-call restarts ICE and decodes again within 5 s, same connections, never FAILED`, { timeout: 120000 }, async (t) => {
+    await up(mux);
+    try {
+      if (skipReason) {
+        t.skip(skipReason);
+        return;
+      }
+      await call(mux);
+    } finally {
+      await down();
+    }
+  });
+}
+
+async function call(mux) {
   const a = await joinPage(alice, gateway.base, "ice-restart", "alice");
   const b = await joinPage(bob, gateway.base, "ice-restart", "bob");
   try {
@@ -254,7 +277,11 @@ test("a client whose address changes mid-call restarts ICE and decodes again wit
     selected_pair: { publish: gwStats.selected_pair, subscribe: subStats.selected_pair },
     activity,
   };
-  console.log(`ICE restart after a move: ${JSON.stringify(figures, null, 2)}`);
+  if (process.env.ICE_RESTART_TRACE === "1") {
+    const strip = (l) => l.replace(/\x1b\[[0-9;]*m/g, "");
+    console.log(gateway.log().split("\n").map(strip).filter((l) => /ICE|restart|SDP|candidate/i.test(l)).slice(-30).join("\n"));
+  }
+  console.log(`ICE restart after a move, ${mux ? "media.mux" : "a port per connection"}: ${JSON.stringify(figures, null, 2)}`);
 
   assert.ok(recovered.alice < RECOVER_WITHIN_MS, `alice decodes bob again within 5 s: ${recovered.alice} ms`);
   assert.ok(recovered.bob < RECOVER_WITHIN_MS, `bob decodes alice again within 5 s: ${recovered.bob} ms`);
@@ -270,8 +297,14 @@ test("a client whose address changes mid-call restarts ICE and decodes again wit
     assert.ok(!events.some((e) => e.startsWith("FAILED")), `${role} never FAILED: ${events}`);
     assert.equal(events.filter((e) => e === "READY").length, 1, `${role}: READY once: ${events}`);
     assert.ok((await restartMetric(role)) >= 1, `gateway_ice_restarts_total{role="${role}"} counted`);
-    assert.ok(c.stats.ice_restarts >= 1 && c.stats.ice_restart_ms !== null, `${role} stats: ${c.stats.ice_restarts} restarts, ${c.stats.ice_restart_ms} ms`);
-    assert.equal(c.stats.selected_pair.remote.split(":")[0], newIp, `${role}: the gateway talks to alice's new address`);
+    assert.ok(c.stats.ice_restarts >= 1, `${role} stats: ${c.stats.ice_restarts} restarts`);
+    // ICE connected again and the pair on alice's new address selected: str0m reports the pair
+    // the client nominated, with its stats once a second — and a browser may nominate its new
+    // pair seconds after media flows on it again (docs/protocol.md, "ICE restart").
+    await waitFor(`${role}: ICE connected again, the gateway's selected pair on alice's new address`, async () => {
+      const st = (await api(gateway.base, "GET", `/v1/connections/${cid}`)).body.stats;
+      return st.ice_restart_ms !== null && st.selected_pair && st.selected_pair.remote.split(":")[0] === newIp;
+    }, 8000);
   }
   assert.equal(await metric(gateway.base, "gateway_connection_failures_total"), failures0, "no connection failed");
   // Still flowing a moment later, and still the same connections.
@@ -281,4 +314,4 @@ test("a client whose address changes mid-call restarts ICE and decodes again wit
 
   await a.evaluate(() => window.gw.leave());
   await b.evaluate(() => window.gw.leave());
-});
+}

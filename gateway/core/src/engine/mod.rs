@@ -273,6 +273,11 @@ impl Engine {
         if conn.trusted.contains(&source) {
             conn.last_rx = now;
         }
+        if conn.restart_reached_now() {
+            // Media goes to the client's new path from now on (`Conn::transmit`): start video
+            // over there without waiting for the client to nominate.
+            self.ice_restart_done(now, key);
+        }
         self.process(now);
     }
 
@@ -564,9 +569,10 @@ impl Engine {
         }
     }
 
-    /// ICE connected again after a restart. What went out while the peer was unreachable (to
-    /// its old address) is lost and too old to repair, so video starts over at a keyframe at
-    /// once instead of when the receiver's decoder gives up: a subscriber's video down tracks
+    /// The client reached us again after a restart (its first check under the new credentials,
+    /// or ICE connected). What went out while it was unreachable (to its old address) is lost
+    /// and too old to repair, so video starts over at a keyframe at once instead of when the
+    /// receiver's decoder gives up: a subscriber's video down tracks
     /// wait for one (sequence numbers continuing) and their layers are asked for one; a
     /// publisher is asked for one on every layer a subscriber receives.
     fn ice_restart_done(&mut self, now: Instant, key: ConnKey) {

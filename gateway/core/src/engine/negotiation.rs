@@ -132,6 +132,8 @@ impl Engine {
             last_rx: now,
             restarted_at: None,
             restarting: false,
+            restart_path: None,
+            restart_reached: false,
             next_timeout: None,
             last_round: None,
             trusted: Vec::new(),
