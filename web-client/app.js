@@ -1060,14 +1060,17 @@ function watchIce(pc, role) {
       later(gw.options.iceRestartRetryMs);
     });
   }
+  const note = (state) => {
+    gw.iceStates.push({ role, state, at: Date.now() });
+    if (gw.iceStates.length > 100) gw.iceStates.shift();
+  };
   pc.addEventListener("icecandidate", (ev) => {
     const c = ev.candidate;
-    gw.iceStates.push({ role, state: c ? `candidate ${c.address}:${c.port} ${c.type}` : "gathered", at: Date.now() });
+    note(c ? `candidate ${c.address}:${c.port} ${c.type}` : "gathered");
   });
   pc.addEventListener("iceconnectionstatechange", () => {
     const state = pc.iceConnectionState;
-    gw.iceStates.push({ role, state, at: Date.now() });
-    if (gw.iceStates.length > 100) gw.iceStates.shift();
+    note(state);
     if (state === "connected" || state === "completed") {
       clearTimeout(timer);
       timer = null;
@@ -1136,10 +1139,13 @@ async function recoverMedia(state, all = false) {
   if (gw.status !== "in-call") return;
   if (!gw.recovering) {
     gw.recovering = (async () => {
+      const before = [gw.pub.pc, gw.sub.pc];
       if (Date.now() - (gw.resumedAt || 0) > gw.options.iceRestartAfterMs) {
         if (await resumeSignaling()) gw.resumedAt = Date.now();
       }
-      for (const [role, side] of [["publish", gw.pub], ["subscribe", gw.sub]]) {
+      for (const [i, role, side] of [[0, "publish", gw.pub], [1, "subscribe", gw.sub]]) {
+        // Nothing was left to resume: the page publishes and subscribes afresh instead.
+        if (side.pc !== before[i]) continue;
         const s = side.pc && side.pc.iceConnectionState;
         if (s && s !== "closed" && (all || (s !== "connected" && s !== "completed"))) {
           if (!side.restartedAt || Date.now() - side.restartedAt >= gw.options.iceRestartAfterMs) {
