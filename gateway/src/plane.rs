@@ -132,6 +132,11 @@ impl MediaPlane for GatewayMedia {
         self.call(w, |reply| Command::RestartIce { connection_id: connection_id.to_owned(), reply }).await
     }
 
+    async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::ResendOffer { connection_id: connection_id.to_owned(), reply }).await
+    }
+
     async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError> {
         let w = self.conn_worker(connection_id)?;
         self.call(w, |reply| Command::Answer { connection_id: connection_id.to_owned(), sdp, reply }).await

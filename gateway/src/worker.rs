@@ -67,6 +67,11 @@ pub enum Command {
         connection_id: String,
         reply: Reply<()>,
     },
+    /// Send a subscribe connection's outstanding offer again.
+    ResendOffer {
+        connection_id: String,
+        reply: Reply<()>,
+    },
     /// Re-offer a subscribe connection with new ICE credentials.
     RestartIce {
         connection_id: String,
@@ -439,6 +444,11 @@ impl Worker {
                 }
                 Command::Resubscribe { connection_id, reply } => {
                     let r = self.engine.resubscribe(now, &connection_id);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::ResendOffer { connection_id, reply } => {
+                    let r = self.engine.resend_offer(&connection_id);
                     self.flush();
                     let _ = reply.send(r);
                 }

@@ -264,13 +264,23 @@ impl Registry {
             Admission::Resumed(old) => {
                 let connections =
                     self.rooms.get(room_id).and_then(|r| Some(r.participants.get(participant_id)?.connections.clone()));
+                let mut subscribers = Vec::new();
                 for id in connections.unwrap_or_default() {
                     if let Some(mut c) = self.connections.get_mut(&id) {
                         c.session = session;
+                        if c.role == Role::Subscribe && !c.state.is_terminal() && c.http.is_none() {
+                            subscribers.push(id.clone());
+                        }
                     }
                 }
                 self.send_to_session(old, Outbound::Close(1000, "resumed".into()));
                 self.sessions.remove(&old);
+                // An offer sent to the old socket after its network went was lost with it; its
+                // answer, if one is still on the way there, is not the old socket's to give any
+                // more (the connection is this session's), so the offer goes out again.
+                for id in subscribers {
+                    let _ = media.resend_offer(&id).await;
+                }
                 tracing::info!(room_id, participant_id, session, old, "session resumed");
                 return Ok(Joined::Resumed);
             }

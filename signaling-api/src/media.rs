@@ -35,6 +35,12 @@ pub trait MediaPlane: Send + Sync + 'static {
     /// Restart ICE on a subscribe connection: a new offer with new ICE credentials (made once
     /// any outstanding offer is answered). `bad_request` for another kind of connection.
     async fn restart_ice(&self, connection_id: &str) -> Result<(), MediaError>;
+    /// Send a subscribe connection's outstanding offer again, if it has one (a resumed
+    /// session's new socket may never have seen it). Nothing otherwise.
+    async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
+        let _ = connection_id;
+        Ok(())
+    }
     /// Apply the client's answer to the latest gateway offer.
     async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError>;
     /// Add a trickled remote candidate (`candidate:…`); an empty string ends candidates.

@@ -116,6 +116,10 @@ impl MediaPlane for FakeMedia {
         self.ev(connection_id, EventKind::SdpProcessed, Some("ice_restart"));
         Ok(())
     }
+    async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
+        self.calls.lock().unwrap().push(format!("resend_offer {connection_id}"));
+        Ok(())
+    }
     async fn answer(&self, connection_id: &str, _: String) -> Result<(), MediaError> {
         self.ev(connection_id, EventKind::SdpProcessed, None);
         Ok(())
@@ -1453,7 +1457,7 @@ async fn quiet(ws: &mut Ws) -> Option<Value> {
 /// grace of a socket that dropped. With nothing to resume it is an ordinary join.
 #[tokio::test]
 async fn a_resumed_session_keeps_its_connections_and_the_room_hears_nothing() {
-    let (app, state, _) = app();
+    let (app, state, media) = app();
     let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
     let room = room["room_id"].as_str().unwrap().to_owned();
     let addr = serve(app.clone()).await;
@@ -1474,6 +1478,10 @@ async fn a_resumed_session_keeps_its_connections_and_the_room_hears_nothing() {
     assert_eq!(j["streams"].as_array().map(Vec::len), Some(1), "the room as it is: {j}");
     let closed = next_of(&mut alice, "__closed").await;
     assert_eq!(closed["code"], 1000, "the old socket is closed: {closed}");
+    // An offer the old socket may have lost goes out again; the publish connection has none.
+    let calls = media.calls.lock().unwrap().clone();
+    assert!(calls.contains(&format!("resend_offer {sub}")), "{calls:?}");
+    assert!(!calls.contains(&format!("resend_offer {publ}")), "{calls:?}");
     assert_eq!(quiet(&mut bob).await, None, "the room hears nothing of it");
     for id in [&sub, &publ] {
         let (_, d) = call(&app, "GET", &format!("/v1/connections/{id}"), None, true).await;

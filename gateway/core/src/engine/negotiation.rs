@@ -266,6 +266,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Send a subscribe connection's outstanding offer again (a resumed session's new socket
+    /// may never have seen it); nothing when no offer is outstanding.
+    pub fn resend_offer(&mut self, connection_id: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = conn_mut(&mut self.conns, key)?;
+        let Some(side) = conn.sub() else {
+            return Err(err(ErrorCode::BadRequest, "not a subscribe connection"));
+        };
+        if let (Some(_), Some(sdp)) = (&side.pending, &side.last_offer) {
+            let (connection_id, sdp) = (conn.id.to_string(), sdp.clone());
+            self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id, sdp }));
+        }
+        Ok(())
+    }
+
     /// Index the connection under its current ICE username fragment (and no other): a shared
     /// socket (`media.mux`) finds a client's checks by it, and a restart changes it.
     pub(super) fn index_ufrag(&mut self, key: ConnKey) {
