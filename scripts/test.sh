@@ -87,8 +87,8 @@ cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
 export LOADTEST_BIN="$PWD/target/debug/loadtest"
 
-log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN and loss in network namespaces)"
-# As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
+log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN, loss and ICE restart after an address change in network namespaces)"
+# As root the loss and ICE restart tests (Chromium in a network namespace) must run, not skip.
 # So must the GStreamer interop test (its clients run in a namespace of their own).
 if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=1; fi
 (cd web-client && node --test --test-concurrency=1 tests/)
