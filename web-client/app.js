@@ -987,6 +987,22 @@ function onMessage(msg) {
 
 async function onJoined(msg) {
   if (gw.onJoinedOnce) gw.onJoinedOnce(msg);
+  const alive = new Set((msg.connections || []).map((c) => c.connection_id));
+  const survived = [gw.pub, gw.sub].every((side) => !side.pc || (side.id && alive.has(side.id)));
+  if (msg.resumed && (gw.pub.pc || gw.sub.pc) && !survived) {
+    // A connection ended while the page was away (past media.disconnect_grace_ms): the session
+    // is back, its media is not. Join afresh, which replaces this session and its connections.
+    activity("the media connections did not survive; joining again");
+    const ws = gw.ws;
+    gw.ws = null;
+    if (ws) {
+      ws.onclose = null;
+      ws.onmessage = null;
+      ws.close(1000, "rejoin");
+    }
+    reconnect({ immediate: true });
+    return;
+  }
   if (msg.resumed && (gw.pub.pc || gw.sub.pc)) {
     // The same session on a new socket: the connections go on; the room is as it says.
     gw.streams.clear();

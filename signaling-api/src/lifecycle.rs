@@ -341,6 +341,16 @@ impl Registry {
             }
         };
         let resumed = matches!(admission, Admission::Resumed(_));
+        // A resumed session learns which of its connections are still alive (one may have failed
+        // while the client was away): those it may go on with.
+        let connections: Vec<ConnectionSummary> = match (resumed, room.participants.get(&claims.sub)) {
+            (true, Some(p)) => p
+                .connections
+                .iter()
+                .filter_map(|id| self.connections.get(id).filter(|c| !c.state.is_terminal()).map(|c| c.summary()))
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut participants: Vec<ParticipantInfo> =
             room.participants.values().filter(|p| p.participant_id != claims.sub).map(Participant::info).collect();
         participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
@@ -351,6 +361,7 @@ impl Registry {
             streams: room.streams.clone(),
             metadata: room.metadata.clone(),
             resumed,
+            connections,
         };
         self.send_to_session(session, Outbound::Message(joined));
         Ok(admission)

@@ -536,6 +536,10 @@ pub enum ServerMessage {
         /// connections live on under the same ids, nothing was republished or resubscribed.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resumed: bool,
+        /// With `resumed`: the participant's connections that are still alive (id, role,
+        /// state), which the client goes on with; one it had that is not listed has ended.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        connections: Vec<ConnectionSummary>,
     },
     Answer {
         connection_id: String,

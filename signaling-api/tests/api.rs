@@ -1476,6 +1476,14 @@ async fn a_resumed_session_keeps_its_connections_and_the_room_hears_nothing() {
     let j = next(&mut resumed).await;
     assert_eq!((j["type"].as_str(), j["resumed"].as_bool()), (Some("joined"), Some(true)), "{j}");
     assert_eq!(j["streams"].as_array().map(Vec::len), Some(1), "the room as it is: {j}");
+    let mut live: Vec<(String, String)> = j["connections"]
+        .as_array()
+        .expect("the live connections")
+        .iter()
+        .map(|c| (c["connection_id"].as_str().unwrap().to_owned(), c["role"].as_str().unwrap().to_owned()))
+        .collect();
+    live.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(live, [(publ.clone(), "publish".to_owned()), (sub.clone(), "subscribe".to_owned())], "{j}");
     let closed = next_of(&mut alice, "__closed").await;
     assert_eq!(closed["code"], 1000, "the old socket is closed: {closed}");
     // An offer the old socket may have lost goes out again; the publish connection has none.

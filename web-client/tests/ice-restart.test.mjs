@@ -118,7 +118,7 @@ for (const sig of ["SIGINT", "SIGTERM"]) {
 }
 
 /** The namespaces, a gateway (`media.mux` or a port per connection) and both browsers. */
-async function up(mux) {
+async function up(mux, graceMs = GRACE_MS) {
   try {
     setUpNamespaces();
   } catch (e) {
@@ -134,7 +134,7 @@ async function up(mux) {
     portMax: 50149,
     env: {
       GATEWAY__DEV__TOKEN_ROUTE: "on",
-      GATEWAY__MEDIA__DISCONNECT_GRACE_MS: String(GRACE_MS),
+      GATEWAY__MEDIA__DISCONNECT_GRACE_MS: String(graceMs),
       GATEWAY__MEDIA__MUX: String(mux),
     },
   });
@@ -174,8 +174,9 @@ async function restartMetric(role) {
   return m ? Number(m[1]) : NaN;
 }
 
-// ICE_RESTART_MODES=port or =mux runs one of the two (for investigating; CI runs both).
-const MODES = (process.env.ICE_RESTART_MODES || "port,mux").split(",").map((m) => m === "mux");
+// ICE_RESTART_MODES=port, mux or grace (comma-separated) runs some of the three (for
+// investigating; CI runs all).
+const MODES = (process.env.ICE_RESTART_MODES || "port,mux").split(",").filter((m) => m !== "grace").map((m) => m === "mux");
 for (const mux of MODES) {
   const mode = mux ? "one shared port (media.mux)" : "a port per connection";
   test(`${mode}: a client whose address changes mid-call restarts ICE and decodes again within 5 s, same connections, never FAILED`, { timeout: 120000 }, async (t) => {
@@ -190,6 +191,63 @@ for (const mux of MODES) {
       await down();
     }
   });
+}
+
+// Past the grace: the page notices only when Chromium calls ICE disconnected (its stall watch
+// off), ~6 s after the move, when the gateway's 2 s grace has already failed both connections.
+// The session resumes but lists no live connection, so the page joins afresh: new connections,
+// and both sides decode again.
+if (!process.env.ICE_RESTART_MODES || process.env.ICE_RESTART_MODES.includes("grace")) {
+  test("past media.disconnect_grace_ms: the resumed session has no live connection, the page joins afresh and media comes back", { timeout: 120000 }, async (t) => {
+    await up(false, 2000);
+    try {
+      if (skipReason) {
+        t.skip(skipReason);
+        return;
+      }
+      await callPastGrace();
+    } finally {
+      await down();
+    }
+  });
+}
+
+/** Frames decoded over every video the page receives (a rejoined publisher is a new track). */
+const decodedAll = (page) =>
+  page.evaluate(async () => {
+    if (!window.gw.sub.pc) return 0;
+    let n = 0;
+    (await window.gw.sub.pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video") n += s.framesDecoded || 0;
+    });
+    return n;
+  });
+
+async function callPastGrace() {
+  const a = await joinPage(alice, gateway.base, "ice-restart-grace", "alice", "mediaStallMs=0");
+  const b = await joinPage(bob, gateway.base, "ice-restart-grace", "bob");
+  await waitFor("alice and bob decoding each other", async () => (await decoded(a)) > 20 && (await decoded(b)) > 20, 40000);
+  const ids = await a.evaluate(() => ({ pub: window.gw.pub.id, sub: window.gw.sub.id }));
+  secondNetwork();
+  await new Promise((r) => setTimeout(r, 3000));
+  const bob0 = await decodedAll(b);
+  const t0 = Date.now();
+  moveAlice();
+  const back = await waitFor("alice on new connections, both decoding again", async () => {
+    const now = await a.evaluate(() => ({ pub: window.gw.pub.id, sub: window.gw.sub.id }));
+    if (!now.pub || !now.sub || now.pub === ids.pub || now.sub === ids.sub) return null;
+    return (await decoded(a)) > 10 && (await decodedAll(b)) > bob0 + 10 ? { ms: Date.now() - t0, ...now } : null;
+  }, 30000, 200);
+  const activity = await a.evaluate(() => [...document.querySelectorAll("#activity li")].map((li) => li.textContent));
+  console.log(`past the grace: back on new connections ${back.ms} ms after the move; ${JSON.stringify(activity.slice(-6))}`);
+  assert.ok(activity.some((x) => x.includes("did not survive")), `the page saw its connections gone: ${activity}`);
+  for (const id of [ids.pub, ids.sub]) {
+    const c = (await api(gateway.base, "GET", `/v1/connections/${id}`)).body;
+    const last = c.events[c.events.length - 1];
+    assert.deepEqual([c.state, last.reason], ["FAILED", "ice_disconnected"], `${id} failed at the grace`);
+  }
+  await a.evaluate(() => window.gw.leave());
+  await b.evaluate(() => window.gw.leave());
 }
 
 async function call(mux) {
