@@ -9,7 +9,10 @@
 // sends `restart_ice`); within 5 s — well inside `media.disconnect_grace_ms` (10 s) — she
 // decodes bob's video again and bob decodes hers. The connection ids are unchanged, each history
 // shows `SDP_PROCESSED` with reason `ice_restart` and never FAILED, the gateway counts the
-// restarts and talks to her new address.
+// restarts and talks to her new address. Run with a port per connection and with `media.mux`.
+// A third call stays away past a 2 s `media.disconnect_grace_ms` (the page's stall watch off, so
+// only Chromium's own ~6 s verdict tells it): the resumed session then lists no live connection
+// and the page joins afresh, on new connections, and media comes back.
 //
 //   alice [ns C] 10.252.X.2 ─veth a─ .1 [ns R] .5 ─veth─ .6 gateway, bob (test's namespace)
 //          after the move:  10.252.X.10 ─veth b─ .9 [ns R]
