@@ -914,6 +914,13 @@ impl Registry {
 
     /// The live WHIP/WHEP resource `connection_id` of room `room_id`: its participant, role and
     /// ETag.
+    /// A WHIP/WHEP resource's ICE session changed (an ICE restart by PATCH): its new ETag.
+    pub fn set_http_etag(&self, connection_id: &str, etag: &str) {
+        if let Some(h) = self.connections.get_mut(connection_id).as_deref_mut().and_then(|c| c.http.as_mut()) {
+            h.etag = etag.to_owned();
+        }
+    }
+
     pub fn http_resource(&self, room_id: &str, connection_id: &str) -> Option<(String, Role, HttpResource)> {
         let c = self.connections.get(connection_id)?;
         if c.room_id != room_id || c.state.is_terminal() {

@@ -28,7 +28,7 @@ pub enum ErrorCode {
     /// `application/trickle-ice-sdpfrag`).
     UnsupportedMediaType,
     /// Well-formed but unusable: an offer with no audio or video the gateway can use (WHIP/WHEP;
-    /// the WebSocket reports it as `bad_sdp`), an ICE restart by PATCH (not supported).
+    /// the WebSocket reports it as `bad_sdp`).
     Unprocessable,
     /// A WHIP/WHEP PATCH whose `If-Match` names another ICE session than the resource's ETag.
     PreconditionFailed,

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
 
 const KEY: &str = "unit-key";
+const SDPFRAG_TYPE: &str = "application/trickle-ice-sdpfrag";
 
 /// A media plane that answers at once and reports the events a real one would.
 struct FakeMedia {
@@ -115,6 +116,20 @@ impl MediaPlane for FakeMedia {
         self.sink.emit(MediaEvent::Offer { connection_id: connection_id.into(), sdp: "v=0 restart offer".into() });
         self.ev(connection_id, EventKind::SdpProcessed, Some("ice_restart"));
         Ok(())
+    }
+    async fn restart_ice_remote(
+        &self,
+        connection_id: &str,
+        ufrag: String,
+        _: String,
+    ) -> Result<signaling_api::media::IceRestarted, MediaError> {
+        self.calls.lock().unwrap().push(format!("restart_ice_remote {connection_id} {ufrag}"));
+        self.ev(connection_id, EventKind::SdpProcessed, Some("ice_restart"));
+        Ok(signaling_api::media::IceRestarted {
+            ufrag: "newufrag".into(),
+            pwd: "newpasswordnewpassword".into(),
+            candidates: vec!["candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host".into()],
+        })
     }
     async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
         self.calls.lock().unwrap().push(format!("resend_offer {connection_id}"));
@@ -1028,7 +1043,7 @@ async fn post_offer(
 
 #[tokio::test]
 async fn whip_session_resource_lifecycle() {
-    let (app, state, _) = app();
+    let (app, state, media) = app();
     let room = named_room(&app, r#"{"name":"stage"}"#).await;
     let addr = serve(app.clone()).await;
     let mut bob = join(&addr, &state, &room, "bob").await;
@@ -1062,16 +1077,34 @@ async fn whip_session_resource_lifecycle() {
     let events: Vec<&str> = d["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["INITIAL", "SDP_PROCESSED", "CANDIDATE", "GATHERED"]);
 
-    // PATCH: trickle is taken; an ICE restart is not; the ETag must match; the type must fit.
+    // PATCH: trickle is taken; an ICE restart (RFC 9725 §4.3) answers the gateway's new
+    // credentials and candidate with a new ETag, after which only that ETag matches; a restart
+    // without credentials is refused; the type must fit.
     let frag = "a=ice-ufrag:x\r\na=ice-pwd:y\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n\
                 a=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\r\na=end-of-candidates\r\n";
     let sdpfrag = ("content-type", "application/trickle-ice-sdpfrag");
     let (s, _, b) =
         http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", &etag)], frag).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
-    let (s, _, b) =
+    let (s, h, b) =
         http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "*")], frag).await;
-    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"));
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!((h["content-type"].to_str().unwrap(), h["etag"].to_str().unwrap()), (SDPFRAG_TYPE, "\"newufrag\""));
+    for line in ["a=ice-ufrag:newufrag", "a=ice-pwd:newpasswordnewpassword", "m=audio 9 RTP/AVP 0", "a=mid:0"] {
+        assert!(b.lines().any(|l| l == line), "{line} in {b}");
+    }
+    assert!(b.contains("a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\na=end-of-candidates"), "{b}");
+    assert!(media.calls.lock().unwrap().iter().any(|c| c.ends_with(" x") && c.starts_with("restart_ice_remote")));
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", &etag)], frag).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::PRECONDITION_FAILED, "precondition_failed"), "the old ETag");
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "\"newufrag\"")], frag).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "the new ETag: {b}");
+    let no_creds = "m=audio 9 RTP/AVP 0\r\na=mid:0\r\na=end-of-candidates\r\n";
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "*")], no_creds).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"), "a restart without credentials");
     let (s, _, b) =
         http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "\"other\"")], frag).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::PRECONDITION_FAILED, "precondition_failed"));

@@ -170,6 +170,9 @@ pub(crate) struct Conn {
     /// Our host candidate was added to the `Rtc` (and trickled to the client).
     pub candidate_added: bool,
     pub first_mid: Option<String>,
+    /// The client's latest offer (client-offered connections: publish, WHEP): replayed with new
+    /// ICE credentials for an ICE restart asked for by them alone (WHIP/WHEP PATCH).
+    pub remote_offer: Option<String>,
     pub stats: ConnStats,
     /// `connection{connection_id, room, participant, role}`: every log line of this connection
     /// carries these, so its life can be followed by grepping the id.

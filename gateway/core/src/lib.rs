@@ -45,7 +45,7 @@ use std::time::Duration;
 
 pub use connection::{ConnStats, LayerInUse, MediaStats};
 pub use engine::{Engine, NewConnection};
-pub use signaling_api::events::{ConnectionSpec, MediaEvent};
+pub use signaling_api::events::{ConnectionSpec, IceRestarted, MediaEvent};
 pub use signaling_api::protocol::{ErrorCode, EventKind};
 
 /// Identifies a connection inside one engine; the driver picks it (it names the socket too).

@@ -310,6 +310,19 @@ impl Sim {
         self.pump_engine();
     }
 
+    /// The peer plays `publisher`'s tracks with an offer of its own (WHEP: one receive-only
+    /// audio and one receive-only video section).
+    pub fn play(&mut self, peer: usize, publisher: usize) {
+        self.peers[peer].subscribed_at = Some(self.now);
+        let offer = self.peers[peer].client.play_offer().expect("a playback offer");
+        let spec = self.new_connection(peer, Role::Subscribe);
+        let publisher = self.peers[publisher].name.clone();
+        if let Err(e) = self.engine.play(self.now, spec, &publisher, &offer) {
+            panic!("play refused: {e}");
+        }
+        self.pump_engine();
+    }
+
     /// The peer subscribes (the gateway offers; the peer answers every offer).
     pub fn subscribe(&mut self, peer: usize) {
         self.peers[peer].subscribed_at = Some(self.now);
@@ -440,6 +453,28 @@ impl Sim {
         let id = self.peers[peer].connection_id.clone().expect("a publish connection");
         let r = self.engine.republish(self.now, &id, &offer);
         self.pump_engine();
+        r
+    }
+
+    /// A peer whose connection it offered itself (WHIP publish, WHEP play) restarts ICE the way
+    /// a WHIP/WHEP client does: its new credentials alone go to the gateway
+    /// (`Engine::restart_ice_remote`, what a PATCH carries). The peer then takes the gateway's
+    /// new credentials and candidate: the engine's answer to the replayed offer carries them too
+    /// and is applied like any answer. Returns what the PATCH would answer.
+    pub fn restart_client_offered_ice(&mut self, peer: usize) -> Result<crate::IceRestarted, crate::MediaError> {
+        let offer = self.peers[peer].client.ice_restart_offer().expect("an ICE restart needs an offer");
+        let attr = |name: &str| {
+            offer.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).expect("credentials")
+        };
+        let (ufrag, pwd) = (attr("a=ice-ufrag:"), attr("a=ice-pwd:"));
+        let id = self.peers[peer].connection_id.clone().expect("a connection");
+        let r = self.engine.restart_ice_remote(self.now, &id, &ufrag, &pwd);
+        self.pump_engine();
+        if let Ok(restarted) = &r {
+            for c in &restarted.candidates {
+                self.peers[peer].client.add_remote_candidate(c);
+            }
+        }
         r
     }
 

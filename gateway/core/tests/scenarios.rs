@@ -1216,3 +1216,49 @@ fn restart_ice_is_for_known_subscribe_connections() {
     let e = sim.engine.restart_ice(sim.now, "c_nobody").expect_err("unknown");
     assert_eq!(e.code, gateway_core::ErrorCode::NotFound, "{e}");
 }
+
+/// WHIP/WHEP: a client that offered its connection restarts ICE with its new credentials alone
+/// (what a PATCH with `If-Match: *` carries, RFC 9725 §4.3). The gateway applies its earlier offer
+/// again with them and returns its own new credentials and candidate; after a move both the
+/// publisher and a WHEP viewer of it receive and deliver media again on the same connections.
+#[test]
+fn client_offered_connections_restart_ice_by_their_credentials_alone() {
+    let mut sim = Sim::new(35, CoreConfig::default());
+    let p = sim.add_peer("whip");
+    sim.publish_layers(p, &one_layer());
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    sim.stream_for(p, ms(500));
+    let w = sim.add_peer("whep");
+    sim.play(w, p);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[w].connected), "viewer READY");
+    sim.stream_for(p, Duration::from_secs(1));
+    assert!(!sim.video_received(w).is_empty(), "the viewer receives video");
+
+    for (peer, addr) in [(w, "10.9.0.5:6000"), (p, "10.9.0.4:6000")] {
+        let old = first_ufrag(&sim, peer);
+        sim.move_peer(peer, addr.parse().unwrap());
+        sim.stream_for(p, ms(1500));
+        let t = sim.now;
+        let r = sim.restart_client_offered_ice(peer).expect("restart by credentials");
+        assert_ne!(r.ufrag, old, "new credentials of ours");
+        assert!(r.pwd.len() >= 22 && r.candidates.len() == 1, "{r:?}");
+        sim.stream_for(p, Duration::from_secs(2));
+        let back = video_again(&sim, w, t).expect("the viewer receives video again").duration_since(t);
+        println!("{}: video at the viewer again {back:?} after the restart", sim.peers[peer].name);
+        assert!(back < ms(500), "{back:?}");
+        let h = history(&sim, peer);
+        assert!(failures(&sim, peer).is_empty(), "never FAILED: {h:?}");
+        assert!(
+            h.iter().any(|(e, r)| *e == gateway_core::EventKind::SdpProcessed && r.as_deref() == Some("ice_restart")),
+            "{h:?}"
+        );
+        let stats = sim.engine.stats(sim.peers[peer].connection_id.as_deref().unwrap()).expect("still open");
+        assert_eq!(stats.ice_restarts, 1);
+    }
+    // Not new credentials, or not ICE characters: refused, the connection goes on.
+    let id = sim.peers[p].connection_id.clone().unwrap();
+    let e = sim.engine.restart_ice_remote(sim.now, &id, "bad ufrag!", "x").expect_err("not ICE characters");
+    assert_eq!(e.code, gateway_core::ErrorCode::BadRequest);
+    sim.stream_for(p, ms(500));
+    assert!(failures(&sim, p).is_empty());
+}

@@ -139,6 +139,7 @@ impl Engine {
             trusted: Vec::new(),
             candidate_added: false,
             first_mid: None,
+            remote_offer: None,
             ready_at: None,
             stats: ConnStats::default(),
             span,
@@ -165,6 +166,7 @@ impl Engine {
         let local = spec.local;
         // Answer with the publisher's preferred video codec first: browsers send the first one.
         let key = self.new_conn(now, spec, Role::Publish, preferred_video_codec(offer))?;
+        let text = offer;
         if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
             return Err(self.reject_sdp(now, key, message));
         }
@@ -173,6 +175,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
         };
         let conn = self.conns.get_mut(&key).expect("inserted above");
+        conn.remote_offer = Some(text.to_owned());
         if let Ok(c) = Candidate::host(local, "udp") {
             conn.rtc.add_local_candidate(c);
         }
@@ -208,6 +211,7 @@ impl Engine {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
         check_sections(offer, self.cfg.max_media_sections).map_err(|m| err(ErrorCode::BadSdp, m))?;
+        let text = offer;
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
         let ufrag = local_ufrag(conn);
@@ -217,6 +221,7 @@ impl Engine {
         };
         // New ICE credentials in the offer (the browser's `restartIce()`): str0m answered with
         // new ones of ours, keeping our candidate. Same connection, same DTLS, same state.
+        conn.remote_offer = Some(text.to_owned());
         let restarted = local_ufrag(conn) != ufrag;
         if restarted {
             conn.ice_restarted(now);
@@ -261,6 +266,77 @@ impl Engine {
             side.offer_wanted = true;
         } else {
             self.renegotiate(now, key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// An ICE restart of a connection the client offered (WHIP publish, WHEP play) asked for by
+    /// its new ICE credentials alone (a PATCH, RFC 9725 §4.3): the client's latest offer is
+    /// applied again with them, and str0m answers with new ones of ours, which are returned
+    /// with our candidate. As any restart: same connection, `SDP_PROCESSED` `ice_restart`.
+    pub fn restart_ice_remote(
+        &mut self,
+        now: Instant,
+        connection_id: &str,
+        ufrag: &str,
+        pwd: &str,
+    ) -> Result<crate::IceRestarted, MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = conn_mut(&mut self.conns, key)?;
+        let plays = conn.sub().is_some_and(|s| s.plays.is_some());
+        if conn.role() == Role::Subscribe && !plays {
+            return Err(err(ErrorCode::BadRequest, "a gateway-offered connection restarts ICE with restart_ice"));
+        }
+        if !crate::sdp::valid_ice_credentials(ufrag, pwd) {
+            return Err(err(ErrorCode::BadRequest, "ice-ufrag and ice-pwd must be 4 and 22 to 256 ICE characters"));
+        }
+        let Some(stored) = conn.remote_offer.clone() else {
+            return Err(err(ErrorCode::BadRequest, "the connection has no offer to restart from"));
+        };
+        let before = local_ufrag(conn);
+        let offer = crate::sdp::with_ice_credentials(&stored, ufrag, pwd);
+        if plays {
+            self.replay(now, key, &offer)?;
+        } else {
+            self.republish(now, connection_id, &offer)?;
+        }
+        let conn = conn_mut(&mut self.conns, key)?;
+        let creds = conn.rtc.direct_api().local_ice_credentials();
+        if creds.ufrag == before {
+            return Err(err(ErrorCode::BadRequest, "these are the session's current ICE credentials, not new ones"));
+        }
+        let candidates = Candidate::host(conn.local, "udp")
+            .map(|c| c.to_sdp_string().trim_start_matches("a=").trim_end().to_owned())
+            .into_iter()
+            .collect();
+        Ok(crate::IceRestarted { ufrag: creds.ufrag, pwd: creds.pass, candidates })
+    }
+
+    /// A client-offered subscribe connection (WHEP) takes its offer again (for an ICE restart):
+    /// its sections stay bound as they are.
+    fn replay(&mut self, now: Instant, key: ConnKey, offer: &str) -> Result<(), MediaError> {
+        let conn = conn_mut(&mut self.conns, key)?;
+        let parsed = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let ufrag = local_ufrag(conn);
+        let answer = match conn.rtc.sdp_api().accept_offer(parsed) {
+            Ok(a) => a.to_sdp_string(),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        let conn = conn_mut(&mut self.conns, key)?;
+        conn.remote_offer = Some(offer.to_owned());
+        // The whole answer, as for a publisher's renegotiation (an HTTP client gets only the
+        // credentials and candidates from it).
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        let restarted = local_ufrag(conn) != ufrag;
+        if restarted {
+            conn.ice_restarted(now);
+        }
+        conn.event(&mut self.q, EventKind::SdpProcessed, restarted.then(|| ICE_RESTART.to_owned()));
+        conn.drain(now, &mut self.q);
+        if restarted {
+            self.index_ufrag(key);
         }
         self.process(now);
         Ok(())
@@ -318,8 +394,11 @@ impl Engine {
             published.iter().find(|t| t.kind == MediaKind::Video).and_then(|t| t.codec).map(|c| c.spec().codec);
         let local = spec.local;
         let key = self.new_conn(now, spec, Role::Subscribe, first_video)?;
-        if let Some(side) = self.conns.get_mut(&key).and_then(Conn::sub_mut) {
-            side.plays = Some(Arc::from(publisher));
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.remote_offer = Some(offer.to_owned());
+            if let Some(side) = conn.sub_mut() {
+                side.plays = Some(Arc::from(publisher));
+            }
         }
         if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
             return Err(self.reject_sdp(now, key, message));
