@@ -102,8 +102,8 @@ cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
 export LOADTEST_BIN="$PWD/target/debug/loadtest"
 
-log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN, loss and ICE-TCP in network namespaces)"
-# As root the loss test (Chromium in a network namespace, iptables loss) must run, not skip.
+log "browser end-to-end tests in headless Chromium (web-client/tests; NAT + TURN, loss, ICE-TCP and ICE restart after an address change in network namespaces)"
+# As root the loss and ICE restart tests (Chromium in a network namespace) must run, not skip.
 # So must the GStreamer interop test (its clients run in a namespace of their own), and the
 # ICE-TCP test (Chromium behind a firewall that drops all UDP).
 if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=1 REQUIRE_ICE_TCP_TEST=1; fi

@@ -59,6 +59,23 @@ gw.sendData = (text, { reliable = true } = {}) => {
 gw.options.retryMs = 500;
 gw.options.retryMaxMs = 5000;
 gw.options.giveUpMs = 60000;
+// ICE restart (docs/protocol.md "ICE restart"): when a connection's ICE goes `failed`, or stays
+// `disconnected` for `iceRestartAfterMs` (`?iceRestartAfterMs=`), the page restarts ICE on it
+// and stays in the call: the publish connection offers new credentials (`pc.restartIce()`, a
+// new `publish` offer on the same connection), the subscribe connection asks the gateway
+// (`restart_ice`), which offers new ones. Again every `iceRestartRetryMs` while it has not
+// recovered. Each restart is noted in `gw.iceRestarts` ({ role, at, state }), each ICE state
+// change in `gw.iceStates`.
+gw.options.iceRestartAfterMs = Number(params.get("iceRestartAfterMs") || 1000);
+gw.options.iceRestartRetryMs = 2500;
+// Chromium calls ICE disconnected only ~6 s after the path died (five unanswered checks), so
+// the page also watches what its publish connection receives: while it sends media the gateway
+// answers with RTCP feedback many times a second, whatever the others do. Steady feedback, then
+// nothing for `mediaStallMs`: the path is gone, and both connections restart at once
+// (`?mediaStallMs=`; 0 turns this off).
+gw.options.mediaStallMs = Number(params.get("mediaStallMs") ?? 1000);
+gw.iceRestarts = [];
+gw.iceStates = []; // { role, state, at }: the last 100 ICE state changes
 
 // The simulcast encodings of the camera, lowest first. With Chromium's fake 640x480 camera they
 // are 160x120, 320x240 and 640x480.
@@ -635,9 +652,9 @@ async function fetchToken() {
  * the page asks the same URL over plain HTTP: the gateway judges the token and the room before
  * the upgrade and answers with the contract's error (409 room_full, 401, 404, 409 conflict).
  */
-async function openSocket(token) {
+async function openSocket(token, { resume = false } = {}) {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const path = `/v1/ws?token=${encodeURIComponent(token)}`;
+  const path = `/v1/ws?token=${encodeURIComponent(token)}${resume ? "&resume=1" : ""}`;
   const ws = new WebSocket(`${proto}://${location.host}${path}`);
   const opened = await new Promise((resolve) => {
     ws.onopen = () => resolve(true);
@@ -655,6 +672,48 @@ async function openSocket(token) {
     throw new JoinError(UNREACHABLE, { code: "unreachable", transient: true });
   }
   throw explain(code, message ? null : "The connection to the meeting server could not be opened. Try again.");
+}
+
+/**
+ * Put the signaling on a fresh WebSocket that resumes this session (`resume=1`): the network
+ * may have changed under the old one, whose TCP connection then hangs without closing. The
+ * gateway hands the participant and its connections to the new socket (`joined` with
+ * `resumed`) and closes the old one; if the session is gone, `joined` comes without `resumed`
+ * and the page publishes and subscribes anew. One at a time; resolves once `joined` arrived.
+ */
+function resumeSignaling() {
+  if (gw.resuming) return gw.resuming;
+  gw.resuming = (async () => {
+    try {
+      const token = await fetchToken();
+      const ws = await openSocket(token.token, { resume: true });
+      if (gw.left || gw.status !== "in-call") {
+        ws.close(1000, "leave");
+        return false;
+      }
+      const old = gw.ws;
+      const joined = new Promise((resolve) => (gw.onJoinedOnce = resolve));
+      gw.ws = ws;
+      ws.onmessage = (ev) => {
+        if (ws === gw.ws) onMessage(JSON.parse(ev.data));
+      };
+      ws.onclose = (ev) => onSocketClosed(ws, ev);
+      if (old) {
+        old.onmessage = null;
+        old.close(1000, "resumed");
+      }
+      await Promise.race([joined, sleep(5000)]);
+      return true;
+    } catch (e) {
+      // Not reachable right now: the ICE retry comes back here.
+      activity(`could not resume the session (${e.message})`);
+      return false;
+    } finally {
+      gw.resuming = null;
+      gw.onJoinedOnce = null;
+    }
+  })();
+  return gw.resuming;
 }
 
 /** Get in (or back in): a fresh token, then the WebSocket; `joined` does the rest. */
@@ -927,6 +986,35 @@ function onMessage(msg) {
 }
 
 async function onJoined(msg) {
+  if (gw.onJoinedOnce) gw.onJoinedOnce(msg);
+  const alive = new Set((msg.connections || []).map((c) => c.connection_id));
+  const survived = [gw.pub, gw.sub].every((side) => !side.pc || (side.id && alive.has(side.id)));
+  if (msg.resumed && (gw.pub.pc || gw.sub.pc) && !survived) {
+    // A connection ended while the page was away (past media.disconnect_grace_ms): the session
+    // is back, its media is not. Join afresh, which replaces this session and its connections.
+    activity("the media connections did not survive; joining again");
+    const ws = gw.ws;
+    gw.ws = null;
+    if (ws) {
+      ws.onclose = null;
+      ws.onmessage = null;
+      ws.close(1000, "rejoin");
+    }
+    reconnect({ immediate: true });
+    return;
+  }
+  if (msg.resumed && (gw.pub.pc || gw.sub.pc)) {
+    // The same session on a new socket: the connections go on; the room is as it says.
+    gw.streams.clear();
+    for (const s of msg.streams) if (s.participant_id !== gw.me) gw.streams.set(s.stream_id, s);
+    refreshPickers();
+    renderAllTiles();
+    activity("signaling resumed on a new connection");
+    return;
+  }
+  // A fresh session: peer connections of an earlier one (a resume that found nothing to
+  // resume) are over.
+  if (gw.pub.pc || gw.sub.pc) closePeerConnections();
   const wasReconnecting = gw.status === "reconnecting";
   gw.status = "in-call";
   gw.reconnect.since = 0;
@@ -959,9 +1047,159 @@ async function onJoined(msg) {
   send({ type: "subscribe" });
 }
 
+/**
+ * Restart ICE on a connection whose ICE failed, or stayed disconnected for
+ * `iceRestartAfterMs` (the network changed: a new address, Wi-Fi to LTE). The connection, its
+ * id and its media stay; only the ICE credentials and candidates are new.
+ */
+function watchIce(pc, role) {
+  let timer = null;
+  const side = () => (role === "publish" ? gw.pub : gw.sub);
+  const later = (ms) => {
+    clearTimeout(timer);
+    timer = setTimeout(check, ms);
+  };
+  const check = () => {
+    timer = null;
+    if (side().pc !== pc || pc.connectionState === "closed") return;
+    const state = pc.iceConnectionState;
+    if (state === "connected" || state === "completed") return;
+    if (state === "failed" || state === "disconnected" || side().restartedAt) {
+      recoverMedia(state);
+      // Not back by then: again.
+      later(gw.options.iceRestartRetryMs);
+    }
+  };
+  if (role === "publish") {
+    watchInflow(pc, role, () => {
+      recoverMedia("stalled", true);
+      later(gw.options.iceRestartRetryMs);
+    });
+  }
+  const note = (state) => {
+    gw.iceStates.push({ role, state, at: Date.now() });
+    if (gw.iceStates.length > 100) gw.iceStates.shift();
+  };
+  pc.addEventListener("icecandidate", (ev) => {
+    const c = ev.candidate;
+    note(c ? `candidate ${c.address}:${c.port} ${c.type}` : "gathered");
+  });
+  pc.addEventListener("iceconnectionstatechange", () => {
+    const state = pc.iceConnectionState;
+    note(state);
+    if (state === "connected" || state === "completed") {
+      clearTimeout(timer);
+      timer = null;
+      if (side().pc === pc && side().restartedAt) {
+        activity(`${role === "publish" ? "sending" : "receiving"} again after an ICE restart (${Date.now() - side().restartedAt} ms)`);
+        side().restartedAt = 0;
+      }
+    } else if (state === "failed") {
+      if (!side().restartedAt || Date.now() - side().restartedAt >= gw.options.iceRestartAfterMs) later(0);
+    } else if (state === "disconnected" && !timer) {
+      later(gw.options.iceRestartAfterMs);
+    }
+  });
+}
+
+/**
+ * Call `stalled` when a connection that was receiving steadily (something in at least 6 of the
+ * 8 quarter-seconds before) gets nothing for `mediaStallMs`. Used on the publish connection,
+ * whose inflow (the gateway's RTCP feedback) does not depend on anyone else: a subscribe
+ * connection goes quiet whenever the others stop sending.
+ */
+function watchInflow(pc, role, stalled) {
+  if (!gw.options.mediaStallMs) return;
+  let last = -1;
+  let arrivals = []; // when the received byte count last rose, the last 3 s
+  let fired = false;
+  const poll = setInterval(async () => {
+    const side = role === "publish" ? gw.pub : gw.sub;
+    if (side.pc !== pc || pc.connectionState === "closed") {
+      clearInterval(poll);
+      return;
+    }
+    let bytes = 0;
+    try {
+      (await pc.getStats()).forEach((r) => {
+        if (r.type === "transport") bytes += r.bytesReceived || 0;
+      });
+    } catch {
+      return;
+    }
+    const now = Date.now();
+    if (bytes !== last) {
+      last = bytes;
+      arrivals.push(now);
+      arrivals = arrivals.filter((t) => now - t <= 3000);
+      fired = false;
+      return;
+    }
+    const lastAt = arrivals[arrivals.length - 1] || 0;
+    const steady = arrivals.filter((t) => lastAt - t <= 2000).length >= 6;
+    if (!fired && steady && gw.status === "in-call" && now - lastAt >= gw.options.mediaStallMs) {
+      fired = true;
+      activity(`${role === "publish" ? "sending" : "receiving"}: nothing arrived for ${now - lastAt} ms`);
+      stalled();
+    }
+  }, 250);
+}
+
+/**
+ * The network under this page changed (or broke): resume the signaling on a fresh socket, then
+ * restart ICE on every connection that is not connected (on both, when `all`: one of them
+ * stopped receiving while ICE still said connected). Both connections usually notice within a
+ * second or two of each other; the first to notice does it for both.
+ */
+async function recoverMedia(state, all = false) {
+  if (gw.status !== "in-call") return;
+  if (!gw.recovering) {
+    gw.recovering = (async () => {
+      const before = [gw.pub.pc, gw.sub.pc];
+      if (Date.now() - (gw.resumedAt || 0) > gw.options.iceRestartAfterMs) {
+        if (await resumeSignaling()) gw.resumedAt = Date.now();
+      }
+      for (const [i, role, side] of [[0, "publish", gw.pub], [1, "subscribe", gw.sub]]) {
+        // Nothing was left to resume: the page publishes and subscribes afresh instead.
+        if (side.pc !== before[i]) continue;
+        const s = side.pc && side.pc.iceConnectionState;
+        if (s && s !== "closed" && (all || (s !== "connected" && s !== "completed"))) {
+          if (!side.restartedAt || Date.now() - side.restartedAt >= gw.options.iceRestartAfterMs) {
+            await restartIce(side.pc, role, all ? state : s);
+          }
+        }
+      }
+    })().finally(() => (gw.recovering = null));
+  }
+  return gw.recovering;
+}
+
+async function restartIce(pc, role, state) {
+  const side = role === "publish" ? gw.pub : gw.sub;
+  if (side.pc !== pc || !side.id || gw.status !== "in-call") return;
+  // No signaling (the resume failed): the retry comes back to this.
+  if (!gw.ws || gw.ws.readyState !== WebSocket.OPEN) return;
+  side.restartedAt = Date.now();
+  gw.iceRestarts.push({ role, at: side.restartedAt, state });
+  activity(`${role === "publish" ? "sending" : "receiving"}: network lost (ICE ${state}), restarting ICE`);
+  if (role === "subscribe") {
+    // The gateway offers again with new credentials; the answer goes as for any offer.
+    send({ type: "restart_ice", connection_id: side.id });
+    return;
+  }
+  // An answer still outstanding: the retry comes back to this.
+  if (pc.signalingState !== "stable") return;
+  pc.restartIce();
+  const offer = await pc.createOffer();
+  await pc.setLocalDescription(offer);
+  if (gw.pub.pc === pc) send({ type: "publish", sdp: offer.sdp });
+}
+
 async function publish() {
   const pc = new RTCPeerConnection(rtcConfiguration());
+  watchIce(pc, "publish");
   gw.pub.pc = pc;
+  gw.pub.restartedAt = 0;
   gw.pub.id = null;
   gw.pub.pendingCandidates = [];
   for (const track of gw.localStream.getTracks()) {
@@ -1006,7 +1244,9 @@ async function onAnswer(msg) {
 function ensureSubscriber() {
   if (gw.sub.pc) return gw.sub.pc;
   const pc = new RTCPeerConnection(rtcConfiguration());
+  watchIce(pc, "subscribe");
   gw.sub.pc = pc;
+  gw.sub.restartedAt = 0;
   pc.ontrack = (ev) => {
     const pid = ev.streams[0] ? ev.streams[0].id : "unknown";
     const info = gw.participants.get(pid);

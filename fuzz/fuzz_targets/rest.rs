@@ -36,6 +36,9 @@ impl MediaPlane for Accepting {
     async fn resubscribe(&self, _: &str) -> Result<(), MediaError> {
         Ok(())
     }
+    async fn restart_ice(&self, _: &str) -> Result<(), MediaError> {
+        Ok(())
+    }
     async fn answer(&self, _: &str, _: String) -> Result<(), MediaError> {
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use signaling_api::media::{ConnectionSpec, MediaError, MediaPlane};
+use signaling_api::media::{ConnectionSpec, IceRestarted, MediaError, MediaPlane};
 use signaling_api::protocol::ErrorCode;
 use tokio::sync::oneshot;
 
@@ -125,6 +125,27 @@ impl MediaPlane for GatewayMedia {
     async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError> {
         let w = self.conn_worker(connection_id)?;
         self.call(w, |reply| Command::Resubscribe { connection_id: connection_id.to_owned(), reply }).await
+    }
+
+    async fn restart_ice(&self, connection_id: &str) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::RestartIce { connection_id: connection_id.to_owned(), reply }).await
+    }
+
+    async fn restart_ice_remote(
+        &self,
+        connection_id: &str,
+        ufrag: String,
+        pwd: String,
+    ) -> Result<IceRestarted, MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        let connection_id = connection_id.to_owned();
+        self.call(w, |reply| Command::RestartIceRemote { connection_id, ufrag, pwd, reply }).await
+    }
+
+    async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
+        let w = self.conn_worker(connection_id)?;
+        self.call(w, |reply| Command::ResendOffer { connection_id: connection_id.to_owned(), reply }).await
     }
 
     async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError> {

@@ -78,6 +78,23 @@ pub enum Command {
         connection_id: String,
         reply: Reply<()>,
     },
+    /// Restart ICE on a client-offered connection with the client's new credentials (PATCH).
+    RestartIceRemote {
+        connection_id: String,
+        ufrag: String,
+        pwd: String,
+        reply: Reply<gateway_core::IceRestarted>,
+    },
+    /// Send a subscribe connection's outstanding offer again.
+    ResendOffer {
+        connection_id: String,
+        reply: Reply<()>,
+    },
+    /// Re-offer a subscribe connection with new ICE credentials.
+    RestartIce {
+        connection_id: String,
+        reply: Reply<()>,
+    },
     Answer {
         connection_id: String,
         sdp: String,
@@ -535,6 +552,21 @@ impl Worker {
                 }
                 Command::Resubscribe { connection_id, reply } => {
                     let r = self.engine.resubscribe(now, &connection_id);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::RestartIceRemote { connection_id, ufrag, pwd, reply } => {
+                    let r = self.engine.restart_ice_remote(now, &connection_id, &ufrag, &pwd);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::ResendOffer { connection_id, reply } => {
+                    let r = self.engine.resend_offer(&connection_id);
+                    self.flush();
+                    let _ = reply.send(r);
+                }
+                Command::RestartIce { connection_id, reply } => {
+                    let r = self.engine.restart_ice(now, &connection_id);
                     self.flush();
                     let _ = reply.send(r);
                 }

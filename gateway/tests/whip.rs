@@ -252,8 +252,24 @@ async fn whip_publisher_reaches_the_room_and_whep_plays_it() {
     let sdpfrag = ("content-type", "application/trickle-ice-sdpfrag");
     let (s, b) = request("PATCH", &url, &obs_token, &[sdpfrag, ("if-match", &obs.etag)], frag).await;
     assert_eq!(s, 204, "{b}");
+    // ICE restart by PATCH (RFC 9725 §4.3): the client's new credentials in, the gateway's new
+    // ones and its candidate out, with a new ETag; same connection, `SDP_PROCESSED` `ice_restart`.
     let (s, b) = request("PATCH", &url, &obs_token, &[sdpfrag, ("if-match", "*")], frag).await;
-    assert_eq!(s, 422, "ICE restart by PATCH is refused: {b}");
+    assert_eq!(s, 200, "ICE restart by PATCH: {b}");
+    let ufrag = b.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:")).expect("our new ufrag").to_owned();
+    assert_ne!(format!("\"{ufrag}\""), obs.etag, "new credentials");
+    assert!(b.lines().any(|l| l.trim().strip_prefix("a=ice-pwd:").is_some_and(|p| p.len() >= 22)), "{b}");
+    assert!(b.contains("a=candidate:") && b.contains("a=end-of-candidates"), "{b}");
+    let d = connection(&api, &obs.connection_id()).await;
+    assert_eq!(d["state"], "READY", "{d}");
+    assert!(d["events"].as_array().unwrap().iter().any(|e| e["reason"] == "ice_restart"), "{d}");
+    assert_eq!(d["stats"]["ice_restarts"], 1, "{d}");
+    let (s, _) = request("PATCH", &url, &obs_token, &[sdpfrag, ("if-match", &obs.etag)], frag).await;
+    assert_eq!(s, 412, "the old ETag no longer matches");
+    let (s, b) = request("PATCH", &url, &obs_token, &[sdpfrag, ("if-match", &format!("\"{ufrag}\""))], frag).await;
+    assert_eq!(s, 204, "the new one does: {b}");
+    let (s, _) = request("PATCH", &url, &obs_token, &[sdpfrag, ("if-match", "*")], frag).await;
+    assert_eq!(s, 400, "the same credentials again are no restart");
 
     // A viewer that knows only HTTP plays obs (WHEP), with its own identity.
     let viewer_token = api.token(&room, "viewer").await;

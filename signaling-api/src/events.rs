@@ -50,3 +50,12 @@ pub enum MediaEvent {
     /// A room's active speakers changed (loudest first; empty when nobody speaks).
     ActiveSpeakers { room_id: String, speakers: Vec<Speaker> },
 }
+
+/// The gateway's side of an ICE restart asked for by new ICE credentials alone (a WHIP/WHEP
+/// PATCH): its new credentials and candidates (`candidate:…`, without `a=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceRestarted {
+    pub ufrag: String,
+    pub pwd: String,
+    pub candidates: Vec<String>,
+}

@@ -37,6 +37,18 @@ pub enum Joined {
     New,
     /// It replaced an earlier session of the same participant.
     Replaced,
+    /// It took over an earlier session of the same participant (`resume`), connections and all.
+    Resumed,
+}
+
+/// What admitting a session did to the participant's earlier one.
+enum Admission {
+    New,
+    /// The earlier session, as it left the participant: its connections end.
+    Replaced(Participant),
+    /// The earlier session's id: the participant, its connections and what the webhooks were
+    /// told carry over to the new session.
+    Resumed(u64),
 }
 
 impl Registry {
@@ -234,11 +246,45 @@ impl Registry {
     /// locked (so no room event reaches the client before it or repeats what it lists), the
     /// others hear `participant_joined`, and a session this one replaces loses its connections
     /// (FINISHED, `replaced`) and is closed.
-    pub async fn join(&self, media: &dyn MediaPlane, claims: &Claims, session: u64) -> Result<Joined, ApiError> {
-        let replaced = self.admit(claims, session)?;
+    ///
+    /// With `resume` a WebSocket participant that is still in the room (its old socket alive or
+    /// in the reconnect grace) is taken over instead: its connections keep their ids and go on
+    /// (a client that changed networks then restarts ICE on them), the room hears nothing, and
+    /// the old socket is closed with reason `resumed`. Nothing to resume: an ordinary join.
+    pub async fn join(
+        &self,
+        media: &dyn MediaPlane,
+        claims: &Claims,
+        session: u64,
+        resume: bool,
+    ) -> Result<Joined, ApiError> {
+        let admission = self.admit(claims, session, resume)?;
         let (room_id, participant_id) = (claims.room.as_str(), claims.sub.as_str());
-        let joined = match replaced {
-            Some(old) => {
+        let joined = match admission {
+            Admission::Resumed(old) => {
+                let connections =
+                    self.rooms.get(room_id).and_then(|r| Some(r.participants.get(participant_id)?.connections.clone()));
+                let mut subscribers = Vec::new();
+                for id in connections.unwrap_or_default() {
+                    if let Some(mut c) = self.connections.get_mut(&id) {
+                        c.session = session;
+                        if c.role == Role::Subscribe && !c.state.is_terminal() && c.http.is_none() {
+                            subscribers.push(id.clone());
+                        }
+                    }
+                }
+                self.send_to_session(old, Outbound::Close(1000, "resumed".into()));
+                self.sessions.remove(&old);
+                // An offer sent to the old socket after its network went was lost with it; its
+                // answer, if one is still on the way there, is not the old socket's to give any
+                // more (the connection is this session's), so the offer goes out again.
+                for id in subscribers {
+                    let _ = media.resend_offer(&id).await;
+                }
+                tracing::info!(room_id, participant_id, session, old, "session resumed");
+                return Ok(Joined::Resumed);
+            }
+            Admission::Replaced(old) => {
                 for id in old.connections {
                     media.close_connection(&id, "replaced").await;
                 }
@@ -252,7 +298,7 @@ impl Registry {
                 }
                 Joined::Replaced
             }
-            None => {
+            Admission::New => {
                 let metadata =
                     self.rooms.get(room_id).and_then(|r| r.participants.get(participant_id)?.metadata.clone());
                 let info =
@@ -267,19 +313,44 @@ impl Registry {
 
     /// The room part of [`Registry::join`]; returns the participant as the replaced session
     /// left it (its session, connections and what the webhooks were told).
-    fn admit(&self, claims: &Claims, session: u64) -> Result<Option<Participant>, ApiError> {
+    fn admit(&self, claims: &Claims, session: u64, resume: bool) -> Result<Admission, ApiError> {
         let mut room = self.rooms.get_mut(&claims.room).ok_or_else(|| ApiError::not_found("room"))?;
         if !room.participants.contains_key(&claims.sub) && room.participants.len() >= room.max_participants as usize {
             return Err(ApiError::new(ErrorCode::RoomFull, "room is full"));
         }
-        let (connections, metadata) =
-            room.participants.get(&claims.sub).map(|p| (p.connections.clone(), p.metadata.clone())).unwrap_or_default();
-        let mut admitted = Participant::new(&claims.sub, &claims.name, session, connections);
-        admitted.metadata = metadata;
-        let replaced = room.participants.insert(claims.sub.clone(), admitted);
-        if replaced.is_none() {
-            self.metrics.participants.inc();
-        }
+        let admission = match room.participants.get_mut(&claims.sub) {
+            // An HTTP (WHIP/WHEP) participant has no socket to take over: it is replaced.
+            Some(p) if resume && !p.http => {
+                let old = std::mem::replace(&mut p.session, session);
+                p.disconnected_at = None;
+                p.name = claims.name.clone();
+                Admission::Resumed(old)
+            }
+            existing => {
+                let (connections, metadata) =
+                    existing.map(|p| (p.connections.clone(), p.metadata.clone())).unwrap_or_default();
+                let mut admitted = Participant::new(&claims.sub, &claims.name, session, connections);
+                admitted.metadata = metadata;
+                match room.participants.insert(claims.sub.clone(), admitted) {
+                    Some(old) => Admission::Replaced(old),
+                    None => {
+                        self.metrics.participants.inc();
+                        Admission::New
+                    }
+                }
+            }
+        };
+        let resumed = matches!(admission, Admission::Resumed(_));
+        // A resumed session learns which of its connections are still alive (one may have failed
+        // while the client was away): those it may go on with.
+        let connections: Vec<ConnectionSummary> = match (resumed, room.participants.get(&claims.sub)) {
+            (true, Some(p)) => p
+                .connections
+                .iter()
+                .filter_map(|id| self.connections.get(id).filter(|c| !c.state.is_terminal()).map(|c| c.summary()))
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut participants: Vec<ParticipantInfo> =
             room.participants.values().filter(|p| p.participant_id != claims.sub).map(Participant::info).collect();
         participants.sort_by(|a, b| a.participant_id.cmp(&b.participant_id));
@@ -289,9 +360,11 @@ impl Registry {
             participants,
             streams: room.streams.clone(),
             metadata: room.metadata.clone(),
+            resumed,
+            connections,
         };
         self.send_to_session(session, Outbound::Message(joined));
-        Ok(replaced)
+        Ok(admission)
     }
 
     /// The session's WebSocket dropped without `leave`. If it still speaks for its participant,
@@ -841,6 +914,13 @@ impl Registry {
 
     /// The live WHIP/WHEP resource `connection_id` of room `room_id`: its participant, role and
     /// ETag.
+    /// A WHIP/WHEP resource's ICE session changed (an ICE restart by PATCH): its new ETag.
+    pub fn set_http_etag(&self, connection_id: &str, etag: &str) {
+        if let Some(h) = self.connections.get_mut(connection_id).as_deref_mut().and_then(|c| c.http.as_mut()) {
+            h.etag = etag.to_owned();
+        }
+    }
+
     pub fn http_resource(&self, room_id: &str, connection_id: &str) -> Option<(String, Role, HttpResource)> {
         let c = self.connections.get(connection_id)?;
         if c.room_id != room_id || c.state.is_terminal() {

@@ -3,7 +3,7 @@
 //! [`EventSink`], called synchronously and in order by the media plane, so that an `answer` always
 //! reaches the client before the candidates and state events that follow it.
 
-pub use crate::events::{ConnectionSpec, MediaError, MediaEvent};
+pub use crate::events::{ConnectionSpec, IceRestarted, MediaError, MediaEvent};
 
 /// The media plane as the signaling API sees it. Every call returns once the media plane has
 /// acted; the events it caused have already been given to the [`EventSink`] by then.
@@ -32,6 +32,27 @@ pub trait MediaPlane: Send + Sync + 'static {
     async fn play(&self, spec: ConnectionSpec, publisher: &str, offer: String) -> Result<(), MediaError>;
     /// Ask for a fresh offer on an existing subscribe connection.
     async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError>;
+    /// Restart ICE on a subscribe connection: a new offer with new ICE credentials (made once
+    /// any outstanding offer is answered). `bad_request` for another kind of connection.
+    async fn restart_ice(&self, connection_id: &str) -> Result<(), MediaError>;
+    /// Restart ICE on a connection the client offered (WHIP publish, WHEP play) with the
+    /// client's new ICE credentials alone (a PATCH, RFC 9725 §4.3); returns the gateway's new
+    /// credentials and candidates. A media plane that cannot refuses with `unprocessable`.
+    async fn restart_ice_remote(
+        &self,
+        connection_id: &str,
+        ufrag: String,
+        pwd: String,
+    ) -> Result<IceRestarted, MediaError> {
+        let _ = (connection_id, ufrag, pwd);
+        Err(MediaError::new(crate::protocol::ErrorCode::Unprocessable, "ICE restart is not supported here"))
+    }
+    /// Send a subscribe connection's outstanding offer again, if it has one (a resumed
+    /// session's new socket may never have seen it). Nothing otherwise.
+    async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
+        let _ = connection_id;
+        Ok(())
+    }
     /// Apply the client's answer to the latest gateway offer.
     async fn answer(&self, connection_id: &str, sdp: String) -> Result<(), MediaError>;
     /// Add a trickled remote candidate (`candidate:…`); an empty string ends candidates.

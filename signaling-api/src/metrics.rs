@@ -14,6 +14,8 @@ pub struct Metrics {
     pub transitions: IntCounterVec,
     pub setup_seconds: HistogramVec,
     pub failures: IntCounterVec,
+    /// ICE restarts applied (a publisher's restart offer, a subscriber's `restart_ice`), by role.
+    pub ice_restarts: IntCounterVec,
     pub http_requests: IntCounterVec,
     /// REST latency by method and route.
     pub http_seconds: HistogramVec,
@@ -63,6 +65,14 @@ impl Metrics {
             &["role", "reason"],
         )
         .expect("valid metric");
+        let ice_restarts = IntCounterVec::new(
+            Opts::new(
+                "gateway_ice_restarts_total",
+                "ICE restarts applied (a publisher's restart offer, a subscriber's restart_ice), by role",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
         let http_requests = IntCounterVec::new(
             Opts::new("gateway_http_requests_total", "REST requests by route, status and method"),
             &["route", "status", "method"],
@@ -109,6 +119,7 @@ impl Metrics {
             Box::new(transitions.clone()),
             Box::new(setup_seconds.clone()),
             Box::new(failures.clone()),
+            Box::new(ice_restarts.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_seconds.clone()),
             Box::new(webhook_events.clone()),
@@ -138,6 +149,7 @@ impl Metrics {
         }
         for role in ["publish", "subscribe"] {
             setup_seconds.with_label_values(&[role]);
+            ice_restarts.with_label_values(&[role]);
             for reason in FAILURE_REASONS.iter().chain(["other"].iter()) {
                 failures.with_label_values(&[role, reason]);
             }
@@ -164,6 +176,7 @@ impl Metrics {
             transitions,
             setup_seconds,
             failures,
+            ice_restarts,
             http_requests,
             http_seconds,
             webhook_events,

@@ -29,7 +29,7 @@ pub enum ErrorCode {
     /// `application/trickle-ice-sdpfrag`).
     UnsupportedMediaType,
     /// Well-formed but unusable: an offer with no audio or video the gateway can use (WHIP/WHEP;
-    /// the WebSocket reports it as `bad_sdp`), an ICE restart by PATCH (not supported).
+    /// the WebSocket reports it as `bad_sdp`).
     Unprocessable,
     /// A WHIP/WHEP PATCH whose `If-Match` names another ICE session than the resource's ETag.
     PreconditionFailed,
@@ -190,6 +190,10 @@ impl EventKind {
         }
     }
 }
+
+/// The `reason` of the `SDP_PROCESSED` event of a renegotiation that restarted ICE (new ICE
+/// credentials; the connection keeps its id and state: a READY connection stays READY).
+pub const ICE_RESTART_REASON: &str = "ice_restart";
 
 /// One step in a connection's life: a WebSocket message and an item of the REST history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -556,6 +560,13 @@ pub enum ClientMessage {
         stream_id: String,
         muted: bool,
     },
+    /// Restart ICE on this participant's subscribe connection (its ICE failed or went
+    /// disconnected, e.g. the client changed networks): the gateway offers again with new ICE
+    /// credentials and trickles its candidate after the answer. The connection keeps its id and
+    /// state. A publisher restarts ICE with a new `publish` offer carrying new credentials.
+    RestartIce {
+        connection_id: String,
+    },
 }
 
 /// Gateway → client.
@@ -570,6 +581,14 @@ pub enum ServerMessage {
         /// The room's metadata, if the app backend set any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         metadata: Option<serde_json::Value>,
+        /// This socket resumed the participant's session (`resume=1` on the upgrade): its
+        /// connections live on under the same ids, nothing was republished or resubscribed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
+        /// With `resumed`: the participant's connections that are still alive (id, role,
+        /// state), which the client goes on with; one it had that is not listed has ended.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        connections: Vec<ConnectionSummary>,
     },
     Answer {
         connection_id: String,

@@ -312,6 +312,9 @@ impl Registry {
         }
         let role = rec.role;
         self.metrics.connection_events.with_label_values(&[role_label(role), event.as_str()]).inc();
+        if event == EventKind::SdpProcessed && reason.as_deref() == Some(ICE_RESTART_REASON) {
+            self.metrics.ice_restarts.with_label_values(&[role_label(role)]).inc();
+        }
         let ev = ConnectionEvent {
             connection_id: connection_id.to_owned(),
             role,

@@ -198,7 +198,7 @@ pub(crate) async fn whep_post(
     tag = "whip",
     operation_id = "whip_trickle",
     security(("join_token" = []), ("api_key" = [])),
-    params(("room" = String, Path, description = "The room's id or its unique name"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart (422)")),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart")),
     request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)", example = json!(TRICKLE_EXAMPLE)),
     responses(
         (status = 204, description = "The candidates were taken"),
@@ -209,7 +209,7 @@ pub(crate) async fn whep_post(
         (status = 412, description = "`If-Match` is not the resource's ETag (`precondition_failed`)", body = ErrorBody),
         (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Not `application/trickle-ice-sdpfrag` (`unsupported_media_type`)", body = ErrorBody),
-        (status = 422, description = "An ICE restart (`If-Match: *`): not supported, start a new session (`unprocessable`)", body = ErrorBody),
+        (status = 200, description = "An ICE restart (`If-Match: *` and the client's new `a=ice-ufrag`/`a=ice-pwd`): the gateway's new credentials and candidates; a new ETag", content_type = "application/trickle-ice-sdpfrag", body = String),
         (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
     )
 )]
@@ -218,7 +218,7 @@ pub(crate) async fn whip_patch(
     Path((room, connection_id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let target = Target { room, connection_id, role: Role::Publish, plays: None };
     patch(state, target, headers, body).await
 }
@@ -229,7 +229,7 @@ pub(crate) async fn whip_patch(
     tag = "whep",
     operation_id = "whep_trickle",
     security(("join_token" = []), ("api_key" = [])),
-    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart (422)")),
+    params(("room" = String, Path, description = "The room's id or its unique name"), ("participant" = String, Path, description = "The publisher to play"), ("connection_id" = String, Path, description = "The session's connection id"), ("If-Match" = Option<String>, Header, description = "The resource's ETag; `*` asks for an ICE restart")),
     request_body(content = String, content_type = "application/trickle-ice-sdpfrag", description = "Trickled candidates (RFC 8840)", example = json!(TRICKLE_EXAMPLE)),
     responses(
         (status = 204, description = "The candidates were taken"),
@@ -240,7 +240,7 @@ pub(crate) async fn whip_patch(
         (status = 412, description = "`If-Match` is not the resource's ETag (`precondition_failed`)", body = ErrorBody),
         (status = 413, description = "The body is over `limits.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Not `application/trickle-ice-sdpfrag` (`unsupported_media_type`)", body = ErrorBody),
-        (status = 422, description = "An ICE restart (`If-Match: *`): not supported, start a new session (`unprocessable`)", body = ErrorBody),
+        (status = 200, description = "An ICE restart (`If-Match: *` and the client's new `a=ice-ufrag`/`a=ice-pwd`): the gateway's new credentials and candidates; a new ETag", content_type = "application/trickle-ice-sdpfrag", body = String),
         (status = 500, description = "A fault of the gateway (`internal`)", body = ErrorBody),
     )
 )]
@@ -249,7 +249,7 @@ pub(crate) async fn whep_patch(
     Path((room, participant, connection_id)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let target = Target { room, connection_id, role: Role::Subscribe, plays: Some(participant) };
     patch(state, target, headers, body).await
 }
@@ -470,21 +470,22 @@ async fn patch(
     target: Target,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let etag = resource(&state, &target, &headers)?;
     let fragment = sdp_body(&headers, SDPFRAG, body)?;
     match headers.get(header::IF_MATCH).map(|v| v.to_str().unwrap_or("").trim()) {
-        Some("*") => {
-            return Err(ApiError::new(
-                ErrorCode::Unprocessable,
-                "ICE restart is not supported on WHIP/WHEP sessions; start a new session",
-            ))
-        }
+        Some("*") => return restart(state, target, &fragment).await,
         Some(tag) if tag != etag => {
             return Err(ApiError::new(ErrorCode::PreconditionFailed, "If-Match is not this session's ETag"))
         }
         _ => {}
     }
+    add_candidates(&state, &target.connection_id, &fragment).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The fragment's `a=candidate` lines (and `a=end-of-candidates`) to the media plane.
+async fn add_candidates(state: &AppState, connection_id: &str, fragment: &str) -> Result<(), ApiError> {
     let mut candidates = Vec::new();
     for line in fragment.lines().map(str::trim) {
         if let Some(c) = line.strip_prefix("a=candidate:") {
@@ -494,9 +495,42 @@ async fn patch(
         }
     }
     for c in candidates {
-        state.media.add_candidate(&target.connection_id, c).await.map_err(ApiError::from)?;
+        state.media.add_candidate(connection_id, c).await.map_err(ApiError::from)?;
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
+}
+
+/// ICE restart (RFC 9725 §4.3): `If-Match: *` and the client's new `a=ice-ufrag`/`a=ice-pwd`.
+/// The connection restarts ICE with them; `200` with the gateway's new credentials and
+/// candidate as a trickle-ice-sdpfrag, and the new `ETag` of the ICE session.
+async fn restart(state: AppState, target: Target, fragment: &str) -> Result<Response, ApiError> {
+    let attr = |name: &str| fragment.lines().map(str::trim).find_map(|l| l.strip_prefix(name)).map(str::to_owned);
+    let (Some(ufrag), Some(pwd)) = (attr("a=ice-ufrag:"), attr("a=ice-pwd:")) else {
+        return Err(ApiError::bad_request("an ICE restart needs a=ice-ufrag and a=ice-pwd"));
+    };
+    let id = target.connection_id.clone();
+    let restarted = state.media.restart_ice_remote(&id, ufrag, pwd).await.map_err(ApiError::from)?;
+    let etag = format!("\"{}\"", restarted.ufrag);
+    state.registry.set_http_etag(&id, &etag);
+    // Its candidates, if it sent any with the credentials.
+    add_candidates(&state, &id, fragment).await?;
+    let mut body = format!("a=ice-lite\r\na=ice-ufrag:{}\r\na=ice-pwd:{}\r\n", restarted.ufrag, restarted.pwd);
+    // Candidates belong to a media section (RFC 8840): the client's first one, by its mid.
+    let first_m = fragment.lines().map(str::trim).find(|l| l.starts_with("m="));
+    let first_mid = fragment.lines().map(str::trim).find(|l| l.starts_with("a=mid:"));
+    if let (Some(m), Some(mid)) = (first_m, first_mid) {
+        body.push_str(&format!("{m}\r\n{mid}\r\n"));
+    }
+    for c in &restarted.candidates {
+        body.push_str(&format!("a={c}\r\n"));
+    }
+    body.push_str("a=end-of-candidates\r\n");
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(SDPFRAG));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    Ok((StatusCode::OK, h, body).into_response())
 }
 
 async fn delete(state: AppState, target: Target, headers: HeaderMap) -> Result<StatusCode, ApiError> {

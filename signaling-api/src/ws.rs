@@ -50,6 +50,8 @@ pub(crate) async fn upgrade(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    // `resume=1`: take over this participant's session and connections (docs/protocol.md).
+    let resume = query.get("resume").is_some_and(|v| v == "1" || v == "true");
     let ws = match ws {
         Ok(ws) => ws,
         Err(r) => {
@@ -62,7 +64,7 @@ pub(crate) async fn upgrade(
     ws.max_message_size(state.config.ws_max_message_bytes)
         .max_frame_size(state.config.ws_max_message_bytes)
         .read_buffer_size(WS_READ_BUFFER)
-        .on_upgrade(move |socket| run_session(state, claims, socket))
+        .on_upgrade(move |socket| run_session(state, claims, resume, socket))
 }
 
 /// Everything that can refuse a client before the upgrade.
@@ -76,7 +78,7 @@ fn authorize(state: &AppState, token: Option<&str>) -> Result<Claims, ApiError> 
     Ok(claims)
 }
 
-async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
+async fn run_session(state: AppState, claims: Claims, resume: bool, socket: WebSocket) {
     let reg = state.registry.clone();
     let (tx, rx) = mpsc::channel::<Outbound>(state.config.ws_outbound_queue);
     let kill = Arc::new(tokio::sync::Notify::new());
@@ -87,7 +89,7 @@ async fn run_session(state: AppState, claims: Claims, socket: WebSocket) {
 
     let room_id = claims.room.clone();
     let participant_id = claims.sub.clone();
-    if let Err(e) = reg.join(state.media.as_ref(), &claims, session).await {
+    if let Err(e) = reg.join(state.media.as_ref(), &claims, session, resume).await {
         let _ = tx.try_send(Outbound::Message(ServerMessage::Error {
             code: e.code,
             message: e.message,
@@ -286,6 +288,10 @@ async fn handle_text(state: &AppState, claims: &Claims, session: u64, text: &str
                 Err(e) => Err((e, Some(connection_id))),
             }
         }
+        ClientMessage::RestartIce { connection_id } => match owned(state, claims, session, &connection_id) {
+            Ok(()) => state.media.restart_ice(&connection_id).await.map_err(|e| (e.into(), Some(connection_id))),
+            Err(e) => Err((e, Some(connection_id))),
+        },
         ClientMessage::Mute { stream_id, muted } => {
             reg.set_muted(claims, session, &stream_id, muted).map_err(|e| (e, None))
         }

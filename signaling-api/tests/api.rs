@@ -21,6 +21,7 @@ use tower::ServiceExt;
 mod contract;
 
 const KEY: &str = "unit-key";
+const SDPFRAG_TYPE: &str = "application/trickle-ice-sdpfrag";
 
 /// A media plane that answers at once and reports the events a real one would.
 struct FakeMedia {
@@ -100,6 +101,40 @@ impl MediaPlane for FakeMedia {
         Ok(())
     }
     async fn resubscribe(&self, _: &str) -> Result<(), MediaError> {
+        Ok(())
+    }
+    /// As the engine: a subscribe connection gets a new offer, answered at once here (the
+    /// answer's SDP_PROCESSED carries `ice_restart`); anything else is refused.
+    async fn restart_ice(&self, connection_id: &str) -> Result<(), MediaError> {
+        self.calls.lock().unwrap().push(format!("restart_ice {connection_id}"));
+        let detail = self
+            .sink
+            .connection_detail(connection_id)
+            .filter(|d| !d.state.is_terminal())
+            .ok_or_else(|| MediaError::new(ErrorCode::NotFound, "connection not found"))?;
+        if detail.role != signaling_api::protocol::Role::Subscribe {
+            return Err(MediaError::new(ErrorCode::BadRequest, "restart_ice is for subscribe connections"));
+        }
+        self.sink.emit(MediaEvent::Offer { connection_id: connection_id.into(), sdp: "v=0 restart offer".into() });
+        self.ev(connection_id, EventKind::SdpProcessed, Some("ice_restart"));
+        Ok(())
+    }
+    async fn restart_ice_remote(
+        &self,
+        connection_id: &str,
+        ufrag: String,
+        _: String,
+    ) -> Result<signaling_api::media::IceRestarted, MediaError> {
+        self.calls.lock().unwrap().push(format!("restart_ice_remote {connection_id} {ufrag}"));
+        self.ev(connection_id, EventKind::SdpProcessed, Some("ice_restart"));
+        Ok(signaling_api::media::IceRestarted {
+            ufrag: "newufrag".into(),
+            pwd: "newpasswordnewpassword".into(),
+            candidates: vec!["candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host".into()],
+        })
+    }
+    async fn resend_offer(&self, connection_id: &str) -> Result<(), MediaError> {
+        self.calls.lock().unwrap().push(format!("resend_offer {connection_id}"));
         Ok(())
     }
     async fn answer(&self, connection_id: &str, _: String) -> Result<(), MediaError> {
@@ -1005,7 +1040,7 @@ async fn post_offer(
 
 #[tokio::test]
 async fn whip_session_resource_lifecycle() {
-    let (app, state, _) = app();
+    let (app, state, media) = app();
     let room = named_room(&app, r#"{"name":"stage"}"#).await;
     let addr = serve(app.clone()).await;
     let mut bob = join(&addr, &state, &room, "bob").await;
@@ -1039,16 +1074,34 @@ async fn whip_session_resource_lifecycle() {
     let events: Vec<&str> = d["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["INITIAL", "SDP_PROCESSED", "CANDIDATE", "GATHERED"]);
 
-    // PATCH: trickle is taken; an ICE restart is not; the ETag must match; the type must fit.
+    // PATCH: trickle is taken; an ICE restart (RFC 9725 §4.3) answers the gateway's new
+    // credentials and candidate with a new ETag, after which only that ETag matches; a restart
+    // without credentials is refused; the type must fit.
     let frag = "a=ice-ufrag:x\r\na=ice-pwd:y\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n\
                 a=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\r\na=end-of-candidates\r\n";
     let sdpfrag = ("content-type", "application/trickle-ice-sdpfrag");
     let (s, _, b) =
         http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", &etag)], frag).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
-    let (s, _, b) =
+    let (s, h, b) =
         http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "*")], frag).await;
-    assert_eq!((s, error_code(&b).as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"));
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!((h["content-type"].to_str().unwrap(), h["etag"].to_str().unwrap()), (SDPFRAG_TYPE, "\"newufrag\""));
+    for line in ["a=ice-ufrag:newufrag", "a=ice-pwd:newpasswordnewpassword", "m=audio 9 RTP/AVP 0", "a=mid:0"] {
+        assert!(b.lines().any(|l| l == line), "{line} in {b}");
+    }
+    assert!(b.contains("a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\na=end-of-candidates"), "{b}");
+    assert!(media.calls.lock().unwrap().iter().any(|c| c.ends_with(" x") && c.starts_with("restart_ice_remote")));
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", &etag)], frag).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::PRECONDITION_FAILED, "precondition_failed"), "the old ETag");
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "\"newufrag\"")], frag).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "the new ETag: {b}");
+    let no_creds = "m=audio 9 RTP/AVP 0\r\na=mid:0\r\na=end-of-candidates\r\n";
+    let (s, _, b) =
+        http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "*")], no_creds).await;
+    assert_eq!((s, error_code(&b).as_str()), (StatusCode::BAD_REQUEST, "bad_request"), "a restart without credentials");
     let (s, _, b) =
         http(&app, "PATCH", &location, &[("authorization", &alice), sdpfrag, ("if-match", "\"other\"")], frag).await;
     assert_eq!((s, error_code(&b).as_str()), (StatusCode::PRECONDITION_FAILED, "precondition_failed"));
@@ -1461,4 +1514,154 @@ async fn the_documented_name_rules_are_the_servers() {
         let documented = dev.is_valid(&body);
         assert_eq!(s == StatusCode::OK, documented, "participant {who:?}: schema {documented}, server {s} {v}");
     }
+}
+
+/// `restart_ice` (docs/protocol.md "ICE restart"): the participant's own subscribe connection
+/// gets a new offer on the same connection id and an `SDP_PROCESSED` with reason
+/// `ice_restart` in its history and on the socket, counted in `gateway_ice_restarts_total`;
+/// an unknown id, another participant's connection, a publish connection and a message without
+/// an id are refused in the contract's error shape and the socket stays open.
+#[tokio::test]
+async fn restart_ice_reoffers_the_own_subscribe_connection_and_refuses_the_rest() {
+    let (app, state, media) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    send(&mut alice, json!({ "type": "subscribe" })).await;
+    let sub = next_of(&mut alice, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let publ = next_of(&mut alice, "answer").await["connection_id"].as_str().unwrap().to_owned();
+    send(&mut bob, json!({ "type": "subscribe" })).await;
+    let bobs = next_of(&mut bob, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    let metric = |state: &AppState, role: &str| {
+        let text = state.registry.metrics.render();
+        let line = format!("gateway_ice_restarts_total{{role=\"{role}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(|v| v.trim().to_owned())
+    };
+    assert_eq!(metric(&state, "subscribe").as_deref(), Some("0"), "the series exists from the start");
+
+    send(&mut alice, json!({ "type": "restart_ice", "connection_id": sub })).await;
+    let offer = next_of(&mut alice, "offer").await;
+    assert_eq!(offer["connection_id"], sub.as_str(), "the same connection is re-offered");
+    let ev = next_of(&mut alice, "connection_event").await;
+    assert_eq!(
+        (ev["connection_id"].as_str(), ev["event"].as_str(), ev["code"].as_u64(), ev["reason"].as_str()),
+        (Some(sub.as_str()), Some("SDP_PROCESSED"), Some(203), Some("ice_restart"))
+    );
+    assert_eq!(metric(&state, "subscribe").as_deref(), Some("1"));
+    assert_eq!(metric(&state, "publish").as_deref(), Some("0"));
+    let (_, detail) = call(&app, "GET", &format!("/v1/connections/{sub}"), None, true).await;
+    let history = detail["events"].as_array().unwrap();
+    assert!(
+        history.iter().any(|e| e["event"] == "SDP_PROCESSED" && e["reason"] == "ice_restart"),
+        "the history shows the restart: {history:?}"
+    );
+    assert_eq!(detail["state"], "INITIAL", "the state is untouched (the fake never connects)");
+
+    let refused = [
+        (json!({ "type": "restart_ice", "connection_id": "c_nope" }), "not_found", Some("c_nope")),
+        (json!({ "type": "restart_ice", "connection_id": bobs }), "not_found", Some(bobs.as_str())),
+        (json!({ "type": "restart_ice", "connection_id": publ }), "bad_request", Some(publ.as_str())),
+        (json!({ "type": "restart_ice" }), "bad_request", None),
+    ];
+    for (msg, code, conn) in refused {
+        send(&mut alice, msg.clone()).await;
+        let e = next_of(&mut alice, "error").await;
+        assert_eq!((e["code"].as_str(), e["connection_id"].as_str()), (Some(code), conn), "{msg}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    // Bob's connection was never passed to the media plane; the publish one was, and refused.
+    let calls = media.calls.lock().unwrap().clone();
+    assert!(!calls.iter().any(|c| c.contains(&bobs)), "{calls:?}");
+    assert!(calls.iter().any(|c| *c == format!("restart_ice {publ}")), "{calls:?}");
+    assert_eq!(metric(&state, "subscribe").as_deref(), Some("1"), "refusals count nothing");
+    // The socket stays open.
+    send(&mut alice, json!({ "type": "restart_ice", "connection_id": sub })).await;
+    assert_eq!(next_of(&mut alice, "offer").await["connection_id"], sub.as_str());
+}
+
+async fn join_resuming(addr: &str, state: &AppState, room: &str, who: &str) -> Ws {
+    let (token, _) = state.auth.issue(room, who, who, true, true, 60).unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}&resume=1")).await.unwrap();
+    ws
+}
+
+/// Nothing arrives on this socket for a moment.
+async fn quiet(ws: &mut Ws) -> Option<Value> {
+    match tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => Some(serde_json::from_str(&t).unwrap()),
+        _ => None,
+    }
+}
+
+/// `resume=1` (docs/protocol.md "ICE restart"): a client whose network changed opens a new
+/// socket that takes over its session — the same connections (ids, states), no FINISHED, the
+/// room hears nothing, the old socket is closed with `resumed` — also from within the reconnect
+/// grace of a socket that dropped. With nothing to resume it is an ordinary join.
+#[tokio::test]
+async fn a_resumed_session_keeps_its_connections_and_the_room_hears_nothing() {
+    let (app, state, media) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    assert_eq!(next_of(&mut bob, "participant_joined").await["participant_id"], "alice");
+    send(&mut alice, json!({ "type": "subscribe" })).await;
+    let sub = next_of(&mut alice, "offer").await["connection_id"].as_str().unwrap().to_owned();
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    let publ = next_of(&mut alice, "answer").await["connection_id"].as_str().unwrap().to_owned();
+    assert_eq!(next_of(&mut bob, "stream_added").await["participant_id"], "alice");
+
+    let mut resumed = join_resuming(&addr, &state, &room, "alice").await;
+    let j = next(&mut resumed).await;
+    assert_eq!((j["type"].as_str(), j["resumed"].as_bool()), (Some("joined"), Some(true)), "{j}");
+    assert_eq!(j["streams"].as_array().map(Vec::len), Some(1), "the room as it is: {j}");
+    let mut live: Vec<(String, String)> = j["connections"]
+        .as_array()
+        .expect("the live connections")
+        .iter()
+        .map(|c| (c["connection_id"].as_str().unwrap().to_owned(), c["role"].as_str().unwrap().to_owned()))
+        .collect();
+    live.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(live, [(publ.clone(), "publish".to_owned()), (sub.clone(), "subscribe".to_owned())], "{j}");
+    let closed = next_of(&mut alice, "__closed").await;
+    assert_eq!(closed["code"], 1000, "the old socket is closed: {closed}");
+    // An offer the old socket may have lost goes out again; the publish connection has none.
+    let calls = media.calls.lock().unwrap().clone();
+    assert!(calls.contains(&format!("resend_offer {sub}")), "{calls:?}");
+    assert!(!calls.contains(&format!("resend_offer {publ}")), "{calls:?}");
+    assert_eq!(quiet(&mut bob).await, None, "the room hears nothing of it");
+    for id in [&sub, &publ] {
+        let (_, d) = call(&app, "GET", &format!("/v1/connections/{id}"), None, true).await;
+        let events: Vec<&str> = d["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert!(!events.contains(&"FINISHED") && !events.contains(&"FAILED"), "{id} goes on: {events:?}");
+    }
+    // The connections are the new socket's now: its restart_ice is served.
+    send(&mut resumed, json!({ "type": "restart_ice", "connection_id": sub })).await;
+    assert_eq!(next_of(&mut resumed, "offer").await["connection_id"], sub.as_str());
+    let ev = next_of(&mut resumed, "connection_event").await;
+    assert_eq!(ev["reason"], "ice_restart");
+
+    // The resumed socket drops; a resume within the reconnect grace (200 ms here) takes over.
+    drop(resumed);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut again = join_resuming(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut again).await["resumed"], true);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, d) = call(&app, "GET", &format!("/v1/connections/{sub}"), None, true).await;
+    assert_ne!(d["state"], "FINISHED", "the grace of the dropped socket ended nothing");
+    assert_eq!(quiet(&mut bob).await, None, "the room still heard nothing");
+
+    // Nothing to resume: an ordinary join (no `resumed`), which the room hears.
+    let mut carol = join_resuming(&addr, &state, &room, "carol").await;
+    let j = next(&mut carol).await;
+    assert_eq!((j["type"].as_str(), j.get("resumed")), (Some("joined"), None), "{j}");
+    assert_eq!(next_of(&mut bob, "participant_joined").await["participant_id"], "carol");
 }

@@ -92,6 +92,9 @@ pub struct Peer {
     pub video_mid: Option<Mid>,
     pending: Option<SdpPendingOffer>,
     proto: Protocol,
+    /// Moved to a new address ([`Peer::move_to`]): its host candidate is added with the next
+    /// ICE restart (our offer's answer, or the gateway's restart offer).
+    candidate_due: bool,
 }
 
 impl Peer {
@@ -129,6 +132,7 @@ impl Peer {
             video_mid: None,
             pending: None,
             proto,
+            candidate_due: false,
         })
     }
 
@@ -206,7 +210,9 @@ impl Peer {
     pub fn accept_answer(&mut self, sdp: &str) -> Result<(), SdpError> {
         let pending = self.pending.take().ok_or(SdpError::NoPendingOffer)?;
         let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| SdpError::Parse(e.to_string()))?;
-        self.rtc.sdp_api().accept_answer(pending, answer).map_err(SdpError::Rejected)
+        self.rtc.sdp_api().accept_answer(pending, answer).map_err(SdpError::Rejected)?;
+        self.add_due_candidate();
+        Ok(())
     }
 
     /// Answer an offer of the gateway (first or re-offer); its sections' `a=msid` lines go into
@@ -215,7 +221,35 @@ impl Peer {
         self.mids.extend(crate::sdp::msid_by_mid(sdp));
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SdpError::Parse(e.to_string()))?;
         let answer = self.rtc.sdp_api().accept_offer(offer).map_err(SdpError::Rejected)?;
+        self.add_due_candidate();
         Ok(answer.to_sdp_string())
+    }
+
+    /// Our address changes (a phone moving from Wi-Fi to LTE): datagrams now come to `local`,
+    /// and the host candidate on it is added at the next ICE restart — not before, so the old
+    /// session cannot quietly recover without one.
+    pub fn move_to(&mut self, local: SocketAddr) {
+        self.local = local;
+        self.candidate_due = true;
+    }
+
+    /// An ICE restart offer (new credentials, as a browser's `restartIce()` makes) for the
+    /// connection we offered: the same sections, no candidates (ours is added with the answer).
+    pub fn ice_restart_offer(&mut self) -> Option<String> {
+        let mut api = self.rtc.sdp_api();
+        api.ice_restart(false);
+        let (offer, pending) = api.apply()?;
+        self.pending = Some(pending);
+        self.candidate_due = true;
+        Some(offer.to_sdp_string())
+    }
+
+    fn add_due_candidate(&mut self) {
+        if std::mem::take(&mut self.candidate_due) {
+            if let Ok(c) = Candidate::host(self.local, "udp") {
+                self.rtc.add_local_candidate(c);
+            }
+        }
     }
 
     /// Add a trickled candidate (its SDP attribute text); false if it does not parse.

@@ -70,6 +70,11 @@ pub struct ConnStats {
     /// Publish connections: lost packets that NACK did not bring back in time (each led to a
     /// keyframe request).
     pub unrecoverable_losses: u64,
+    /// ICE restarts applied (the publisher's restart offers, the subscriber's `restart_ice`).
+    pub ice_restarts: u64,
+    /// From the last ICE restart being applied to ICE connected again, in milliseconds
+    /// (`null` before the first restart, and while one is in progress).
+    pub ice_restart_ms: Option<u64>,
 }
 
 /// Which layer of a published video track a subscriber receives.
@@ -151,6 +156,17 @@ pub(crate) struct Conn {
     pub ice_connected: bool,
     /// Last datagram accepted from the peer (STUN consent, RTCP, media).
     pub last_rx: Instant,
+    /// When the last ICE restart was applied: the peer asked for it over signaling, so the
+    /// disconnect grace counts from here too (a restart late in the grace still recovers).
+    pub restarted_at: Option<Instant>,
+    /// An ICE restart was applied and ICE has not connected again since.
+    pub restarting: bool,
+    /// During a restart: where the client last reached us under the new credentials (str0m
+    /// answered its check there). Media goes there until the client nominates a pair.
+    pub restart_path: Option<SocketAddr>,
+    /// During a restart: the client has reached us under the new credentials and video was
+    /// started over for it (`Engine::ice_restart_done`), before it nominated.
+    pub restart_reached: bool,
     pub next_timeout: Option<Instant>,
     /// When the `Rtc` was last given a timeout.
     pub last_round: Option<Instant>,
@@ -163,6 +179,9 @@ pub(crate) struct Conn {
     /// `candidate:` values, for trickling.
     pub candidates: Vec<String>,
     pub first_mid: Option<String>,
+    /// The client's latest offer (client-offered connections: publish, WHEP): replayed with new
+    /// ICE credentials for an ICE restart asked for by them alone (WHIP/WHEP PATCH).
+    pub remote_offer: Option<String>,
     pub stats: ConnStats,
     /// `connection{connection_id, room, participant, role}`: every log line of this connection
     /// carries these, so its life can be followed by grepping the id.
@@ -198,6 +217,11 @@ pub(crate) struct SubscribeSide {
     pub offered: bool,
     /// Something changed while an offer was pending: offer again after the answer.
     pub offer_wanted: bool,
+    /// The client asked for an ICE restart (`restart_ice`): the next offer carries new
+    /// credentials.
+    pub restart_wanted: bool,
+    /// The pending offer carries an ICE restart: its answer switches to the new credentials.
+    pub restart_offered: bool,
     pub last_offer: Option<String>,
     /// An unchanged offer was sent again; its answer has nothing to apply.
     pub idle_reoffer: bool,
@@ -300,7 +324,10 @@ impl Conn {
     /// queued for the engine. str0m keeps a single undelivered incoming packet in RTP mode, so
     /// this runs after every input, write and SDP change.
     /// Hand a datagram str0m produced to the driver.
-    pub fn transmit(&mut self, t: str0m::net::Transmit, q: &mut Queues) {
+    pub fn transmit(&mut self, mut t: str0m::net::Transmit, q: &mut Queues) {
+        if self.restarting {
+            t.destination = restart_destination(&mut self.restart_path, &t.contents, t.destination);
+        }
         // Most recently used last, so the active peer is never the one evicted.
         if self.trusted.last() != Some(&t.destination) {
             self.trusted.retain(|a| *a != t.destination);
@@ -374,8 +401,44 @@ impl Conn {
     /// *request*, but RFC 8445 §11 lets a peer that sends media keep only indications (libnice,
     /// and so GStreamer's webrtcbin, sends one every 25 s and no consent checks), so a healthy
     /// call would fail. A peer that really went away goes silent and fails on this rule alone.
+    /// An ICE restart counts as a sign of life (the peer asked for it), once per restart.
     fn lost_at(&self, cfg: &crate::CoreConfig) -> Instant {
-        self.last_rx + cfg.disconnect_grace
+        self.last_rx.max(self.restarted_at.unwrap_or(self.last_rx)) + cfg.disconnect_grace
+    }
+
+    /// An ICE restart was applied to the `Rtc` (new local credentials): count it, and give the
+    /// peer a fresh grace to reach us under the new credentials.
+    pub fn ice_restarted(&mut self, now: Instant) {
+        self.restarted_at = Some(now);
+        self.restarting = true;
+        self.restart_path = None;
+        self.restart_reached = false;
+        self.stats.ice_restarts += 1;
+        self.stats.ice_restart_ms = None;
+        let n = self.stats.ice_restarts;
+        self.span.in_scope(|| tracing::info!(restarts = n, "ICE restart"));
+    }
+
+    /// The client answered under the new credentials for the first time during a restart
+    /// (str0m answered its check): true once per restart.
+    pub fn restart_reached_now(&mut self) -> bool {
+        let now = self.restarting && self.restart_path.is_some() && !self.restart_reached;
+        self.restart_reached |= now;
+        now
+    }
+
+    /// ICE connected (again): if a restart was in progress, it is done. Returns true if video
+    /// still has to start over for it (the client was not reached before it nominated).
+    pub fn ice_reconnected(&mut self, now: Instant) -> bool {
+        if !std::mem::take(&mut self.restarting) {
+            return false;
+        }
+        self.restart_path = None;
+        let owed = !std::mem::take(&mut self.restart_reached);
+        let ms = self.restarted_at.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+        self.stats.ice_restart_ms = ms;
+        self.span.in_scope(|| tracing::info!(ms = ms.unwrap_or(0), "ICE connected again after the restart"));
+        owed
     }
 
     /// The reason to fail this connection now, if a connection-level deadline passed.
@@ -391,10 +454,46 @@ impl Conn {
     }
 }
 
+/// Where a datagram str0m made goes while an ICE restart is in progress, and where the client
+/// was last reached. A STUN datagram (str0m answering a check that passed the new password)
+/// shows where the client is now. Until the client nominates a pair of the new ICE session,
+/// str0m keeps sending everything else to the old pair, which may have gone with the client's
+/// old network, and a browser may take seconds to nominate (Chromium keeps its old pair until
+/// it times out). The new path is authenticated, and DTLS/SRTP do not depend on addresses
+/// (RFC 8445 §9: data goes on during a restart), so everything goes there at once — and a
+/// browser that receives on its new pair switches to it sooner.
+fn restart_destination(path: &mut Option<SocketAddr>, contents: &[u8], destination: SocketAddr) -> SocketAddr {
+    if contents.first().is_some_and(|b| *b < 4) {
+        *path = Some(destination);
+        return destination;
+    }
+    path.unwrap_or(destination)
+}
+
 fn classify_error(e: &str) -> String {
     if e.to_ascii_lowercase().contains("dtls") {
         format!("dtls_error: {e}")
     } else {
         format!("rtc_error: {e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn during_a_restart_media_follows_the_newest_answered_check() {
+        let old: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+        let new: SocketAddr = "10.0.9.2:6000".parse().unwrap();
+        let (stun, rtp, dtls) = ([0x01u8, 0x01, 0, 0], [0x80u8, 0x60, 0, 1], [22u8, 0xfe, 0xfd]);
+        let mut path = None;
+        assert_eq!(restart_destination(&mut path, &rtp, old), old, "no check answered yet: str0m's choice");
+        assert_eq!(restart_destination(&mut path, &stun, new), new, "the answer goes where the check came from");
+        assert_eq!(path, Some(new));
+        assert_eq!(restart_destination(&mut path, &rtp, old), new, "media to the new path");
+        assert_eq!(restart_destination(&mut path, &dtls, old), new, "DTLS too");
+        assert_eq!(restart_destination(&mut path, &stun, old), old, "a check answered on the old path");
+        assert_eq!(restart_destination(&mut path, &rtp, new), old, "the newest answered check wins");
     }
 }

@@ -47,7 +47,7 @@ pub use str0m::net::Protocol;
 
 pub use connection::{ConnStats, LayerInUse, MediaStats};
 pub use engine::{Engine, NewConnection};
-pub use signaling_api::events::{ConnectionSpec, MediaEvent};
+pub use signaling_api::events::{ConnectionSpec, IceRestarted, MediaEvent};
 pub use signaling_api::protocol::{ErrorCode, EventKind};
 
 /// Identifies a connection inside one engine; the driver picks it (it names the socket too).

@@ -16,6 +16,37 @@ pub fn check_sections(offer: &str, limit: usize) -> Result<(), String> {
 }
 
 /// Count `m=audio`/`m=video` sections that were accepted (port not 0).
+/// The offer `sdp` with other ICE credentials (every `a=ice-ufrag`/`a=ice-pwd` line) and
+/// without its candidates: how a client's earlier offer is replayed for an ICE restart it asked
+/// for with the credentials alone (WHIP/WHEP PATCH, RFC 9725 §4.3).
+pub fn with_ice_credentials(sdp: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        if line.starts_with("a=ice-ufrag:") {
+            out.push_str("a=ice-ufrag:");
+            out.push_str(ufrag);
+        } else if line.starts_with("a=ice-pwd:") {
+            out.push_str("a=ice-pwd:");
+            out.push_str(pwd);
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// RFC 8445 §5.3: ice-char is ALPHA / DIGIT / "+" / "/"; a ufrag has 4 to 256, a password 22
+/// to 256 of them.
+pub fn valid_ice_credentials(ufrag: &str, pwd: &str) -> bool {
+    let chars = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+    (4..=256).contains(&ufrag.len()) && (22..=256).contains(&pwd.len()) && chars(ufrag) && chars(pwd)
+}
+
 pub fn accepted_media_sections(sdp: &str) -> usize {
     sdp.lines()
         .filter(|l| l.starts_with("m=audio ") || l.starts_with("m=video "))
@@ -183,5 +214,27 @@ a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\na=ssrc:1 cname:x\r\n";
         assert!(check_sections(OFFER, 2).is_ok());
         assert!(check_sections(OFFER, 1).is_err());
         assert_eq!(first_mid(OFFER).as_deref(), Some("0"));
+    }
+    #[test]
+    fn an_offer_is_replayed_with_new_ice_credentials_and_no_candidates() {
+        let offer = "v=0\r\na=group:BUNDLE 0 1\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:old1\r\n\
+                     a=ice-pwd:oldpasswordoldpassword12\r\na=mid:0\r\na=candidate:1 1 udp 1 10.0.0.2 5000 typ host\r\n\
+                     a=end-of-candidates\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=ice-ufrag:old1\r\n\
+                     a=ice-pwd:oldpasswordoldpassword12\r\na=mid:1\r\n";
+        let out = with_ice_credentials(offer, "new2", "newpasswordnewpassword34");
+        assert_eq!(out.matches("a=ice-ufrag:new2\r\n").count(), 2, "{out}");
+        assert_eq!(out.matches("a=ice-pwd:newpasswordnewpassword34\r\n").count(), 2, "{out}");
+        assert!(!out.contains("old") && !out.contains("candidate"), "{out}");
+        assert!(out.starts_with("v=0\r\na=group:BUNDLE 0 1\r\nm=audio") && out.contains("a=mid:1\r\n"), "{out}");
+    }
+
+    #[test]
+    fn ice_credentials_are_ice_characters_of_the_right_length() {
+        assert!(valid_ice_credentials("abcd", "0123456789abcdef012345"));
+        assert!(valid_ice_credentials("a+/b", "0123456789abcdef0123+/"));
+        assert!(!valid_ice_credentials("abc", "0123456789abcdef012345"), "ufrag too short");
+        assert!(!valid_ice_credentials("abcd", "0123456789abcdef01234"), "password too short");
+        assert!(!valid_ice_credentials("ab d", "0123456789abcdef012345"), "a space");
+        assert!(!valid_ice_credentials("abcd", "0123456789abcdef01234\r\na=x"), "a line break");
     }
 }

@@ -310,6 +310,19 @@ impl Sim {
         self.pump_engine();
     }
 
+    /// The peer plays `publisher`'s tracks with an offer of its own (WHEP: one receive-only
+    /// audio and one receive-only video section).
+    pub fn play(&mut self, peer: usize, publisher: usize) {
+        self.peers[peer].subscribed_at = Some(self.now);
+        let offer = self.peers[peer].client.play_offer().expect("a playback offer");
+        let spec = self.new_connection(peer, Role::Subscribe);
+        let publisher = self.peers[publisher].name.clone();
+        if let Err(e) = self.engine.play(self.now, spec, &publisher, &offer) {
+            panic!("play refused: {e}");
+        }
+        self.pump_engine();
+    }
+
     /// The peer subscribes (the gateway offers; the peer answers every offer).
     pub fn subscribe(&mut self, peer: usize) {
         self.peers[peer].subscribed_at = Some(self.now);
@@ -423,6 +436,55 @@ impl Sim {
     pub fn send_remb(&mut self, peer: usize, bps: u64) {
         self.peers[peer].client.request_remb(bps);
         self.drain_peer(peer);
+    }
+
+    /// The peer's address changes (a phone moving networks): datagrams to the old address are
+    /// lost and none leave from it any more. Its host candidate on the new address comes with
+    /// its next ICE restart ([`Sim::restart_publisher_ice`], [`Sim::restart_subscriber_ice`]).
+    pub fn move_peer(&mut self, peer: usize, addr: SocketAddr) {
+        self.peers[peer].addr = addr;
+        self.peers[peer].client.move_to(addr);
+    }
+
+    /// A publishing peer restarts ICE: a new offer with new credentials on its publish
+    /// connection (a browser's `restartIce()`), answered by `Engine::republish`.
+    pub fn restart_publisher_ice(&mut self, peer: usize) -> Result<(), crate::MediaError> {
+        let offer = self.peers[peer].client.ice_restart_offer().expect("an ICE restart needs an offer");
+        let id = self.peers[peer].connection_id.clone().expect("a publish connection");
+        let r = self.engine.republish(self.now, &id, &offer);
+        self.pump_engine();
+        r
+    }
+
+    /// A peer whose connection it offered itself (WHIP publish, WHEP play) restarts ICE the way
+    /// a WHIP/WHEP client does: its new credentials alone go to the gateway
+    /// (`Engine::restart_ice_remote`, what a PATCH carries). The peer then takes the gateway's
+    /// new credentials and candidate: the engine's answer to the replayed offer carries them too
+    /// and is applied like any answer. Returns what the PATCH would answer.
+    pub fn restart_client_offered_ice(&mut self, peer: usize) -> Result<crate::IceRestarted, crate::MediaError> {
+        let offer = self.peers[peer].client.ice_restart_offer().expect("an ICE restart needs an offer");
+        let attr = |name: &str| {
+            offer.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).expect("credentials")
+        };
+        let (ufrag, pwd) = (attr("a=ice-ufrag:"), attr("a=ice-pwd:"));
+        let id = self.peers[peer].connection_id.clone().expect("a connection");
+        let r = self.engine.restart_ice_remote(self.now, &id, &ufrag, &pwd);
+        self.pump_engine();
+        if let Ok(restarted) = &r {
+            for c in &restarted.candidates {
+                self.peers[peer].client.add_remote_candidate(c);
+            }
+        }
+        r
+    }
+
+    /// A subscribing peer asks for an ICE restart (`restart_ice`); the gateway's new offer is
+    /// answered and its trickled candidate added as any other.
+    pub fn restart_subscriber_ice(&mut self, peer: usize) -> Result<(), crate::MediaError> {
+        let id = self.peers[peer].connection_id.clone().expect("a subscribe connection");
+        let r = self.engine.restart_ice(self.now, &id);
+        self.pump_engine();
+        r
     }
 
     /// Hand a raw datagram to the engine as if `from` had sent it to connection `key`.
@@ -610,6 +672,11 @@ impl Sim {
                 }
                 Ok(Out::Transmit(t)) => {
                     let from = self.peers[i].addr;
+                    if t.source != from {
+                        // From an address the peer no longer has (it moved): goes nowhere.
+                        self.dropped += 1;
+                        continue;
+                    }
                     self.send(Some(i), true, from, t.destination, t.contents.into());
                 }
                 // Counted and recorded by the client.

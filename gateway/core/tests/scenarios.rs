@@ -1044,3 +1044,221 @@ fn one_shared_port_carries_a_room_and_drops_strangers() {
     assert!(stats.retransmitted_packets > 0, "the lossy subscriber's losses were repaired by retransmission");
     assert!(sim.peers.iter().all(|peer| peer.connected), "nobody was disturbed");
 }
+
+/// A peer's connection events (kind and reason), in order.
+fn history(sim: &Sim, peer: usize) -> Vec<(gateway_core::EventKind, Option<String>)> {
+    let id = sim.peers[peer].connection_id.clone().unwrap_or_default();
+    sim.events
+        .iter()
+        .filter_map(|e| match e {
+            gateway_core::MediaEvent::Connection { connection_id, event, reason } if *connection_id == id => {
+                Some((*event, reason.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// When `peer` received its first video packet at or after `t`.
+fn video_again(sim: &Sim, peer: usize, t: Instant) -> Option<Instant> {
+    sim.peers[peer].rx.received.iter().find(|r| r.kind == MediaKind::Video && r.at >= t).map(|r| r.at)
+}
+
+/// Our ICE username fragment in the first SDP the gateway sent a peer (answer or offer).
+fn first_ufrag(sim: &Sim, peer: usize) -> String {
+    let id = sim.peers[peer].connection_id.clone().unwrap_or_default();
+    sim.events
+        .iter()
+        .find_map(|e| match e {
+            gateway_core::MediaEvent::Answer { connection_id, sdp }
+            | gateway_core::MediaEvent::Offer { connection_id, sdp }
+                if *connection_id == id =>
+            {
+                sdp.lines().find_map(|l| l.strip_prefix("a=ice-ufrag:")).map(|u| u.trim().to_owned())
+            }
+            _ => None,
+        })
+        .expect("an SDP with our ufrag")
+}
+
+/// Both peers of a call change address (a phone moving from Wi-Fi to LTE): nothing reaches
+/// them and nothing leaves from the old address. `silent_for` later each restarts ICE — the
+/// subscriber with `restart_ice`, the publisher with a restart offer — and video flows again.
+/// On the new network each peer's datagrams take `delay` to reach the gateway. Returns the time
+/// from each restart to the subscriber's next video packet.
+fn move_and_restart(
+    mux: bool,
+    seed: u64,
+    grace: Duration,
+    silent_for: Duration,
+    delay: Duration,
+) -> (Duration, Duration, Sim, usize, usize) {
+    let mut sim = Sim::new(seed, CoreConfig { disconnect_grace: grace, ..CoreConfig::default() });
+    if mux {
+        sim.share_one_port();
+    }
+    let p = sim.add_peer("pub");
+    sim.publish_layers(p, &one_layer());
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    let v = sim.add_peer("sub");
+    sim.subscribe(v);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[v].connected), "subscriber READY");
+    sim.stream_for(p, Duration::from_secs(1));
+    let ids = (sim.peers[p].connection_id.clone(), sim.peers[v].connection_id.clone());
+
+    // The subscriber moves; the publisher keeps sending.
+    sim.move_peer(v, "10.9.0.2:6000".parse().unwrap());
+    sim.peers[v].up = Link { delay, ..Link::default() };
+    sim.stream_for(p, silent_for);
+    let t = sim.now;
+    assert!(video_again(&sim, v, t).is_none(), "nothing reaches the old address");
+    let asked = sim.peers[p].keyframe_requests;
+    sim.restart_subscriber_ice(v).expect("restart_ice accepted");
+    sim.stream_for(p, Duration::from_secs(2));
+    let sub_back = video_again(&sim, v, t).expect("the subscriber receives video again").duration_since(t);
+    // What went to the old address is gone for good: the subscriber starts over at a keyframe
+    // the gateway asked for, not with frames it cannot decode.
+    let first = sim.peers[v].rx.received.iter().find(|r| r.kind == MediaKind::Video && r.at >= t).unwrap();
+    assert!(first.starts_keyframe(), "the subscriber's video resumes with a keyframe");
+    assert!(sim.peers[p].keyframe_requests > asked, "the gateway asked the publisher for it");
+
+    // The publisher moves; its subscriber hears nothing until its restart offer is answered.
+    sim.move_peer(p, "10.9.0.1:6000".parse().unwrap());
+    sim.peers[p].up = Link { delay, ..Link::default() };
+    let moved = sim.now;
+    sim.stream_for(p, silent_for);
+    let t = sim.now;
+    assert!(video_again(&sim, v, moved + ms(50)).is_none(), "nothing from the publisher's old address gets through");
+    let asked = sim.peers[p].keyframe_requests;
+    sim.restart_publisher_ice(p).expect("the restart offer is answered");
+    sim.stream_for(p, Duration::from_secs(2));
+    assert!(sim.peers[p].keyframe_requests > asked, "the returning publisher is asked for a keyframe");
+    let pub_back =
+        video_again(&sim, v, t).expect("the subscriber receives the publisher's video again").duration_since(t);
+
+    assert_eq!((sim.peers[p].connection_id.clone(), sim.peers[v].connection_id.clone()), ids, "same connections");
+    for peer in [p, v] {
+        let h = history(&sim, peer);
+        assert!(failures(&sim, peer).is_empty(), "never FAILED: {h:?}");
+        let restarts: Vec<_> = h
+            .iter()
+            .filter(|(e, r)| *e == gateway_core::EventKind::SdpProcessed && r.as_deref() == Some("ice_restart"))
+            .collect();
+        assert_eq!(restarts.len(), 1, "one SDP_PROCESSED ice_restart in the history: {h:?}");
+        let ready = h.iter().filter(|(e, _)| *e == gateway_core::EventKind::Ready).count();
+        assert_eq!(ready, 1, "READY once, never left: {h:?}");
+        let stats = sim.engine.stats(sim.peers[peer].connection_id.as_deref().unwrap()).expect("still open");
+        assert_eq!(stats.ice_restarts, 1);
+        assert!(stats.ice_restart_ms.is_some_and(|ms| ms < 2000), "ICE connected again: {:?}", stats.ice_restart_ms);
+    }
+    (sub_back, pub_back, sim, p, v)
+}
+
+/// A client that changes networks restarts ICE and keeps its connections: the subscriber asks
+/// (`restart_ice`, the gateway re-offers with new credentials and trickles its candidate), the
+/// publisher offers new credentials (`restartIce()`). Both keep their ids, stay READY (one
+/// `SDP_PROCESSED` with reason `ice_restart` each) and receive or deliver video again at once.
+#[test]
+fn an_ice_restart_after_a_move_recovers_both_connections() {
+    let (sub_back, pub_back, ..) = move_and_restart(false, 31, Duration::from_secs(10), Duration::from_secs(2), ms(0));
+    println!("ICE restart after a move: subscriber video again {sub_back:?} after restart_ice, publisher's {pub_back:?} after its restart offer");
+    assert!(sub_back < ms(500), "subscriber back in {sub_back:?}");
+    assert!(pub_back < ms(500), "publisher back in {pub_back:?}");
+}
+
+/// The same on one shared port (`media.mux`): the restart changes our ICE username fragment,
+/// by which the shared socket finds a connection's checks. The new one routes to the
+/// connection; the old one belongs to nobody any more.
+#[test]
+fn an_ice_restart_on_a_shared_port_follows_the_new_username() {
+    let (sub_back, pub_back, mut sim, p, v) =
+        move_and_restart(true, 32, Duration::from_secs(10), Duration::from_secs(2), ms(0));
+    println!("ICE restart on one shared port: subscriber video again {sub_back:?}, publisher's {pub_back:?}");
+    assert!(sub_back < ms(500) && pub_back < ms(500), "{sub_back:?} / {pub_back:?}");
+    let stranger = "192.0.2.9:5000".parse().unwrap();
+    let before = sim.engine.counters().unrouted_datagrams;
+    for peer in [p, v] {
+        let old = first_ufrag(&sim, peer);
+        sim.inject_shared(stranger, &stun_request(&format!("{old}:x")));
+    }
+    assert_eq!(sim.engine.counters().unrouted_datagrams, before + 2, "the old usernames route nowhere");
+    sim.stream_for(p, ms(500));
+    assert!(sim.peers.iter().all(|peer| peer.connected));
+}
+
+/// A restart late in `media.disconnect_grace_ms` still recovers the connection: the peer went
+/// silent when it moved, restarts 2.5 s into a 3 s grace, and its checks on the new network
+/// take 600 ms to arrive — past the grace counted from its last datagram. The restart gives
+/// it a fresh grace to reach the gateway under the new credentials. Without a restart it fails
+/// at the grace.
+#[test]
+fn a_restart_within_the_disconnect_grace_recovers_the_connection() {
+    let (sub_back, pub_back, mut sim, p, v) = move_and_restart(false, 33, ms(3000), ms(2500), ms(600));
+    println!(
+        "restart 2.5 s into a 3 s grace, 600 ms to the gateway: subscriber back {sub_back:?}, publisher {pub_back:?}"
+    );
+    sim.stream_for(p, Duration::from_secs(5));
+    assert!(failures(&sim, p).is_empty() && failures(&sim, v).is_empty(), "nobody FAILED");
+    // The control: a move with no restart fails at the grace, as any silent peer does.
+    sim.move_peer(v, "10.9.0.3:6000".parse().unwrap());
+    let t = sim.now;
+    assert!(sim.run_until(Duration::from_secs(6), |s| !failures(s, v).is_empty()), "fails without a restart");
+    assert_eq!(failures(&sim, v), vec![Some("ice_disconnected".to_owned())]);
+    assert!(sim.now.duration_since(t) >= ms(2900), "only after the grace");
+}
+
+/// `restart_ice` refusals: a publish connection, an unknown connection.
+#[test]
+fn restart_ice_is_for_known_subscribe_connections() {
+    let (mut sim, p, _) = room(34, CoreConfig::default(), &one_layer(), 1);
+    let e = sim.restart_subscriber_ice(p).expect_err("a publish connection");
+    assert_eq!(e.code, gateway_core::ErrorCode::BadRequest, "{e}");
+    let e = sim.engine.restart_ice(sim.now, "c_nobody").expect_err("unknown");
+    assert_eq!(e.code, gateway_core::ErrorCode::NotFound, "{e}");
+}
+
+/// WHIP/WHEP: a client that offered its connection restarts ICE with its new credentials alone
+/// (what a PATCH with `If-Match: *` carries, RFC 9725 §4.3). The gateway applies its earlier offer
+/// again with them and returns its own new credentials and candidate; after a move both the
+/// publisher and a WHEP viewer of it receive and deliver media again on the same connections.
+#[test]
+fn client_offered_connections_restart_ice_by_their_credentials_alone() {
+    let mut sim = Sim::new(35, CoreConfig::default());
+    let p = sim.add_peer("whip");
+    sim.publish_layers(p, &one_layer());
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    sim.stream_for(p, ms(500));
+    let w = sim.add_peer("whep");
+    sim.play(w, p);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[w].connected), "viewer READY");
+    sim.stream_for(p, Duration::from_secs(1));
+    assert!(!sim.video_received(w).is_empty(), "the viewer receives video");
+
+    for (peer, addr) in [(w, "10.9.0.5:6000"), (p, "10.9.0.4:6000")] {
+        let old = first_ufrag(&sim, peer);
+        sim.move_peer(peer, addr.parse().unwrap());
+        sim.stream_for(p, ms(1500));
+        let t = sim.now;
+        let r = sim.restart_client_offered_ice(peer).expect("restart by credentials");
+        assert_ne!(r.ufrag, old, "new credentials of ours");
+        assert!(r.pwd.len() >= 22 && r.candidates.len() == 1, "{r:?}");
+        sim.stream_for(p, Duration::from_secs(2));
+        let back = video_again(&sim, w, t).expect("the viewer receives video again").duration_since(t);
+        println!("{}: video at the viewer again {back:?} after the restart", sim.peers[peer].name);
+        assert!(back < ms(500), "{back:?}");
+        let h = history(&sim, peer);
+        assert!(failures(&sim, peer).is_empty(), "never FAILED: {h:?}");
+        assert!(
+            h.iter().any(|(e, r)| *e == gateway_core::EventKind::SdpProcessed && r.as_deref() == Some("ice_restart")),
+            "{h:?}"
+        );
+        let stats = sim.engine.stats(sim.peers[peer].connection_id.as_deref().unwrap()).expect("still open");
+        assert_eq!(stats.ice_restarts, 1);
+    }
+    // Not new credentials, or not ICE characters: refused, the connection goes on.
+    let id = sim.peers[p].connection_id.clone().unwrap();
+    let e = sim.engine.restart_ice_remote(sim.now, &id, "bad ufrag!", "x").expect_err("not ICE characters");
+    assert_eq!(e.code, gateway_core::ErrorCode::BadRequest);
+    sim.stream_for(p, ms(500));
+    assert!(failures(&sim, p).is_empty());
+}

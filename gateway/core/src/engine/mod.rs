@@ -326,6 +326,11 @@ impl Engine {
         if conn.trusted.contains(&source) {
             conn.last_rx = now;
         }
+        if conn.restart_reached_now() {
+            // Media goes to the client's new path from now on (`Conn::transmit`): start video
+            // over there without waiting for the client to nominate.
+            self.ice_restart_done(now, key);
+        }
         self.process(now);
     }
 
@@ -514,6 +519,9 @@ impl Engine {
             Event::IceConnectionStateChange(s) => match s {
                 IceConnectionState::Connected | IceConnectionState::Completed => {
                     conn.ice_connected = true;
+                    if conn.ice_reconnected(now) {
+                        self.ice_restart_done(now, key);
+                    }
                 }
                 IceConnectionState::Disconnected => {
                     // Only a silent peer fails a READY connection (`Conn::lost_at`); an agent
@@ -634,6 +642,39 @@ impl Engine {
                 self.end(now, key, ConnectionState::Finished, "remote_closed");
             }
             _ => {}
+        }
+    }
+
+    /// The client reached us again after a restart (its first check under the new credentials,
+    /// or ICE connected). What went out while it was unreachable (to its old address) is lost
+    /// and too old to repair, so video starts over at a keyframe at once instead of when the
+    /// receiver's decoder gives up: a subscriber's video down tracks
+    /// wait for one (sequence numbers continuing) and their layers are asked for one; a
+    /// publisher is asked for one on every layer a subscriber receives.
+    fn ice_restart_done(&mut self, now: Instant, key: ConnKey) {
+        let Self { rooms, conns, q, counters, realloc, .. } = self;
+        let Some(conn) = conns.get_mut(&key) else { return };
+        let Some(room) = rooms.get_mut(&conn.room) else { return };
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        if conn.role() == Role::Subscribe {
+            for o in conn.outs_mut().iter_mut().filter(|o| o.live && o.kind == MediaKind::Video) {
+                o.restart();
+                let track = room.tracks.iter().position(|t| t.stream_id == o.stream_id);
+                wanted.extend(track.zip(o.target));
+            }
+            queue_reallocation(realloc, key);
+        } else {
+            for (ti, t) in room.tracks.iter().enumerate().filter(|(_, t)| t.conn == key) {
+                for (sub, mid) in &t.outs {
+                    let target = conns.get(sub).and_then(|c| c.outs().iter().find(|o| o.mid == *mid)?.target);
+                    wanted.extend(target.map(|li| (ti, li)));
+                }
+            }
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        for (ti, li) in wanted {
+            want_keyframe(now, &mut room.tracks[ti], li, conns, q, counters);
         }
     }
 

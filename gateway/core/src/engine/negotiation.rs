@@ -91,6 +91,14 @@ pub(super) fn add_host_candidates(conn: &mut Conn, cfg: &CoreConfig, local: Sock
     }
 }
 
+/// The `SDP_PROCESSED` reason of a renegotiation that restarted ICE.
+const ICE_RESTART: &str = signaling_api::protocol::ICE_RESTART_REASON;
+
+/// Our current ICE username fragment on a connection.
+fn local_ufrag(conn: &mut Conn) -> String {
+    conn.rtc.direct_api().local_ice_credentials().ufrag
+}
+
 impl Engine {
     pub(super) fn new_conn(
         &mut self,
@@ -145,18 +153,23 @@ impl Engine {
             gathered_at: None,
             ice_connected: false,
             last_rx: now,
+            restarted_at: None,
+            restarting: false,
+            restart_path: None,
+            restart_reached: false,
             next_timeout: None,
             last_round: None,
             trusted: Vec::new(),
             candidate_added: false,
             candidates: Vec::new(),
             first_mid: None,
+            remote_offer: None,
             ready_at: None,
             stats: ConnStats::default(),
             span,
         };
         conn.enter(&mut self.q, ConnectionState::Initial, None);
-        self.index_ufrag(conn.rtc.direct_api().local_ice_credentials().ufrag, spec.key);
+        self.index_ufrag(local_ufrag(&mut conn), spec.key);
         self.keys.insert(id, spec.key);
         self.conns.insert(spec.key, conn);
         if let Some(r) = self.rooms.get_mut(&room) {
@@ -177,6 +190,7 @@ impl Engine {
         let local = spec.local;
         // Answer with the publisher's preferred video codec first: browsers send the first one.
         let key = self.new_conn(now, spec, Role::Publish, preferred_video_codec(offer))?;
+        let text = offer;
         if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
             return Err(self.reject_sdp(now, key, message));
         }
@@ -185,6 +199,7 @@ impl Engine {
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer is not valid SDP: {e}"))),
         };
         let conn = self.conns.get_mut(&key).expect("inserted above");
+        conn.remote_offer = Some(text.to_owned());
         add_host_candidates(conn, &self.cfg, local);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
@@ -218,17 +233,158 @@ impl Engine {
             return Err(err(ErrorCode::BadRequest, "not a publish connection"));
         }
         check_sections(offer, self.cfg.max_media_sections).map_err(|m| err(ErrorCode::BadSdp, m))?;
+        let text = offer;
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let ufrag = local_ufrag(conn);
         let answer = match conn.rtc.sdp_api().accept_offer(offer) {
             Ok(a) => one_codec_per_section(conn, &a.to_sdp_string()),
             Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
         };
-        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        // New ICE credentials in the offer (the browser's `restartIce()`): str0m answered with
+        // new ones of ours, keeping our candidate. Same connection, same DTLS, same state.
+        conn.remote_offer = Some(text.to_owned());
+        let restarted = local_ufrag(conn) != ufrag;
+        if restarted {
+            conn.ice_restarted(now);
+        }
+        let reason = restarted.then(|| ICE_RESTART.to_owned());
+        conn.event(&mut self.q, EventKind::SdpProcessed, reason);
         self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
         conn.drain(now, &mut self.q);
+        if restarted {
+            self.reindex_ufrag(key);
+        }
         self.process(now);
         Ok(())
+    }
+
+    /// The client asks for an ICE restart of its subscribe connection (`restart_ice`): the
+    /// gateway offers again with new ICE credentials (and whatever else changed meanwhile). With
+    /// an offer already outstanding, the restart goes into the next one, made as soon as that
+    /// one is answered. The state stays as it is (READY stays READY); the answer's
+    /// `SDP_PROCESSED` carries the reason `ice_restart`.
+    pub fn restart_ice(&mut self, now: Instant, connection_id: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = conn_mut(&mut self.conns, key)?;
+        let state = conn.state;
+        let Side::Subscribe(side) = &mut conn.side else {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "restart_ice is for subscribe connections; a publisher restarts ICE with a new publish offer",
+            ));
+        };
+        if side.plays.is_some() {
+            return Err(err(ErrorCode::BadRequest, "a WHEP connection restarts ICE by PATCH on its resource"));
+        }
+        if state == ConnectionState::Initial {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "the connection has not been negotiated yet: answer its offer first",
+            ));
+        }
+        side.restart_wanted = true;
+        if side.pending.is_some() {
+            side.offer_wanted = true;
+        } else {
+            self.renegotiate(now, key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// An ICE restart of a connection the client offered (WHIP publish, WHEP play) asked for by
+    /// its new ICE credentials alone (a PATCH, RFC 9725 §4.3): the client's latest offer is
+    /// applied again with them, and str0m answers with new ones of ours, which are returned
+    /// with our candidate. As any restart: same connection, `SDP_PROCESSED` `ice_restart`.
+    pub fn restart_ice_remote(
+        &mut self,
+        now: Instant,
+        connection_id: &str,
+        ufrag: &str,
+        pwd: &str,
+    ) -> Result<crate::IceRestarted, MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = conn_mut(&mut self.conns, key)?;
+        let plays = conn.sub().is_some_and(|s| s.plays.is_some());
+        if conn.role() == Role::Subscribe && !plays {
+            return Err(err(ErrorCode::BadRequest, "a gateway-offered connection restarts ICE with restart_ice"));
+        }
+        if !crate::sdp::valid_ice_credentials(ufrag, pwd) {
+            return Err(err(ErrorCode::BadRequest, "ice-ufrag and ice-pwd must be 4 and 22 to 256 ICE characters"));
+        }
+        let Some(stored) = conn.remote_offer.clone() else {
+            return Err(err(ErrorCode::BadRequest, "the connection has no offer to restart from"));
+        };
+        let before = local_ufrag(conn);
+        let offer = crate::sdp::with_ice_credentials(&stored, ufrag, pwd);
+        if plays {
+            self.replay(now, key, &offer)?;
+        } else {
+            self.republish(now, connection_id, &offer)?;
+        }
+        let conn = conn_mut(&mut self.conns, key)?;
+        let creds = conn.rtc.direct_api().local_ice_credentials();
+        if creds.ufrag == before {
+            return Err(err(ErrorCode::BadRequest, "these are the session's current ICE credentials, not new ones"));
+        }
+        // The UDP candidate, then any ICE-TCP ones, as trickled.
+        let candidates = conn.candidates.clone();
+        Ok(crate::IceRestarted { ufrag: creds.ufrag, pwd: creds.pass, candidates })
+    }
+
+    /// A client-offered subscribe connection (WHEP) takes its offer again (for an ICE restart):
+    /// its sections stay bound as they are.
+    fn replay(&mut self, now: Instant, key: ConnKey, offer: &str) -> Result<(), MediaError> {
+        let conn = conn_mut(&mut self.conns, key)?;
+        let parsed = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| err(ErrorCode::BadSdp, format!("offer is not valid SDP: {e}")))?;
+        let ufrag = local_ufrag(conn);
+        let answer = match conn.rtc.sdp_api().accept_offer(parsed) {
+            Ok(a) => a.to_sdp_string(),
+            Err(e) => return Err(self.reject_sdp(now, key, format!("offer was rejected: {e}"))),
+        };
+        let conn = conn_mut(&mut self.conns, key)?;
+        conn.remote_offer = Some(offer.to_owned());
+        // The whole answer, as for a publisher's renegotiation (an HTTP client gets only the
+        // credentials and candidates from it).
+        self.q.out.push_back(Output::Event(MediaEvent::Answer { connection_id: conn.id.to_string(), sdp: answer }));
+        let restarted = local_ufrag(conn) != ufrag;
+        if restarted {
+            conn.ice_restarted(now);
+        }
+        conn.event(&mut self.q, EventKind::SdpProcessed, restarted.then(|| ICE_RESTART.to_owned()));
+        conn.drain(now, &mut self.q);
+        if restarted {
+            self.reindex_ufrag(key);
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// Send a subscribe connection's outstanding offer again (a resumed session's new socket
+    /// may never have seen it); nothing when no offer is outstanding.
+    pub fn resend_offer(&mut self, connection_id: &str) -> Result<(), MediaError> {
+        let key = self.key_of(connection_id)?;
+        let conn = conn_mut(&mut self.conns, key)?;
+        let Some(side) = conn.sub() else {
+            return Err(err(ErrorCode::BadRequest, "not a subscribe connection"));
+        };
+        if let (Some(_), Some(sdp)) = (&side.pending, &side.last_offer) {
+            let (connection_id, sdp) = (conn.id.to_string(), sdp.clone());
+            self.q.out.push_back(Output::Event(MediaEvent::Offer { connection_id, sdp }));
+        }
+        Ok(())
+    }
+
+    /// Index the connection under its current ICE username fragment (and no other): a shared
+    /// socket (`media.mux`) and the ICE-TCP listener find a client's checks by it, and a restart
+    /// changes it.
+    pub(super) fn reindex_ufrag(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let ufrag = local_ufrag(conn);
+        self.unindex(key);
+        self.index_ufrag(ufrag, key);
     }
 
     /// Open a subscribe connection; emits the first offer (a data channel plus every track in
@@ -259,8 +415,11 @@ impl Engine {
             published.iter().find(|t| t.kind == MediaKind::Video).and_then(|t| t.codec).map(|c| c.spec().codec);
         let local = spec.local;
         let key = self.new_conn(now, spec, Role::Subscribe, first_video)?;
-        if let Some(side) = self.conns.get_mut(&key).and_then(Conn::sub_mut) {
-            side.plays = Some(Arc::from(publisher));
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.remote_offer = Some(offer.to_owned());
+            if let Some(side) = conn.sub_mut() {
+                side.plays = Some(Arc::from(publisher));
+            }
         }
         if let Err(message) = check_sections(offer, self.cfg.max_media_sections) {
             return Err(self.reject_sdp(now, key, message));
@@ -384,10 +543,14 @@ impl Engine {
             }
             return Err(err(ErrorCode::BadRequest, "no offer is waiting for an answer"));
         };
+        let restarted = std::mem::take(&mut side.restart_offered);
         if let Err(e) = conn.rtc.sdp_api().accept_answer(pending, answer) {
             return Err(self.reject_sdp(now, key, format!("answer was rejected: {e}")));
         }
-        conn.event(&mut self.q, EventKind::SdpProcessed, None);
+        if restarted {
+            conn.ice_restarted(now);
+        }
+        conn.event(&mut self.q, EventKind::SdpProcessed, restarted.then(|| ICE_RESTART.to_owned()));
         let mut newly_live = Vec::new();
         let mut unavailable = Vec::new();
         let answered = crate::sdp::codecs(sdp);
@@ -426,6 +589,16 @@ impl Engine {
             add_host_candidates(conn, &self.cfg, local);
             let mid = conn.first_mid.clone();
             self.announce_candidate(key, mid, now);
+        } else if restarted {
+            // The restart offer carried no candidate (str0m dropped ours with the old
+            // credentials): add it again and trickle it, as after the first answer, so the
+            // client's checks start once we know its new credentials.
+            let local = conn.local;
+            conn.candidates.clear();
+            add_host_candidates(conn, &self.cfg, local);
+            let mid = conn.first_mid.clone();
+            self.trickle_candidate(key, mid);
+            self.reindex_ufrag(key);
         }
         let conn = conn_mut(&mut self.conns, key)?;
         conn.drain(now, &mut self.q);
@@ -492,9 +665,20 @@ impl Engine {
     /// Trickle our host candidates to the client (the UDP one, then any ICE-TCP ones) and enter
     /// GATHERED.
     pub(super) fn announce_candidate(&mut self, key: ConnKey, mid: Option<String>, now: Instant) {
-        let Some(conn) = self.conns.get_mut(&key) else { return };
-        if conn.candidates.is_empty() {
+        if !self.trickle_candidate(key, mid) {
             return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.gathered_at = Some(now);
+        conn.enter(&mut self.q, ConnectionState::Gathered, None);
+    }
+
+    /// Send our host candidates to the client (the UDP one, then any ICE-TCP ones): a
+    /// `candidate` message and a CANDIDATE event each. False when there is none.
+    fn trickle_candidate(&mut self, key: ConnKey, mid: Option<String>) -> bool {
+        let Some(conn) = self.conns.get_mut(&key) else { return false };
+        if conn.candidates.is_empty() {
+            return false;
         }
         for candidate in &conn.candidates {
             self.q.out.push_back(Output::Event(MediaEvent::Candidate {
@@ -505,8 +689,7 @@ impl Engine {
             }));
             conn.event(&mut self.q, EventKind::Candidate, None);
         }
-        conn.gathered_at = Some(now);
-        conn.enter(&mut self.q, ConnectionState::Gathered, None);
+        true
     }
 
     /// A publisher's media section started receiving: announce the track and offer it to every
@@ -656,6 +839,11 @@ impl Engine {
         let Some(room) = rooms.get_mut(room_id) else { return false };
         let wanted: Vec<usize> = (0..room.tracks.len()).filter(|&i| room.tracks[i].owner != *participant).collect();
         let mut api = rtc.sdp_api();
+        let restart = std::mem::take(&mut side.restart_wanted);
+        if restart {
+            // New credentials, no candidate in the offer: ours is trickled after the answer.
+            api.ice_restart(false);
+        }
         if !side.offered {
             // The first offer's data channels: the reliable one also brings the transport up
             // when there is nothing to receive yet; both carry the room's data messages.
@@ -685,8 +873,10 @@ impl Engine {
             }
         }
         let Some((offer, pending)) = api.apply() else {
+            side.restart_wanted = restart;
             return false;
         };
+        side.restart_offered = restart;
         let start_seq: u16 = rand::rng().random_range(1000..30000);
         for (i, mid) in added {
             room.link(i, key, mid);
