@@ -59,8 +59,6 @@ async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
         assert!(offer.matches("a=ssrc:").count() >= 3, "SSRCs declared:\n{offer}");
         assert!(offer.contains("m=application"), "data channel present");
     }
-    // Nothing is published yet, so there is no keyframe to ask for: the first packet is one.
-    let keyframe_requests_before = publisher.with(|l| l.keyframe_requests);
 
     // 100 video + 50 audio packets with distinct payloads; every one arrives intact at both.
     publisher.send_media(100);
@@ -108,21 +106,43 @@ async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
     sub2.wait("SDP_PROCESSED for the re-answer", 5, |l| l.events("SDP_PROCESSED").len() >= 2).await;
     assert!(sub2.with(|l| l.of_type("error").is_empty()), "no errors: {:?}", sub2.with(|l| l.of_type("error")));
 
-    // A late joiner gets the existing streams and a keyframe request goes upstream.
+    // A late joiner gets the existing streams and a keyframe request goes upstream, while the
+    // publisher keeps sending as a camera does (3 s at 100 video packets/s). A paused publisher
+    // would not do: its layers count as inactive after a while, so a subscriber joining then has
+    // nothing to target and asks only once media resumes (under load the join alone can take that long).
+    let video_before = sent(&publisher, MediaKind::Video).len();
+    publisher.send_media(300);
     tokio::time::sleep(Duration::from_millis(600)).await; // past the keyframe throttle window
+                                                          // Counted from here, so a request drawn by the first burst cannot pass for the late joiner's.
+    let keyframe_requests_before = publisher.with(|l| l.keyframe_requests);
     let sub3 = Peer::join(&api, &room, "sub3").await;
     sub3.subscribe();
-    sub3.wait("subscribe READY", 10, |l| l.connected).await;
+    sub3.wait("subscribe READY", 10, |l| l.connected && !l.events("READY").is_empty()).await;
     let offer = sub3.with(|l| l.offers[0].clone());
     assert_eq!(offer.matches("m=video").count(), 1, "late joiner's offer carries the video stream");
     assert_eq!(offer.matches("m=audio").count(), 1, "and the audio stream");
     publisher
         .wait("a keyframe request for the late joiner", 5, |l| l.keyframe_requests > keyframe_requests_before)
         .await;
-    publisher.send_media(20);
+    publisher
+        .wait("the second burst sent", 15, |l| {
+            l.sent.iter().filter(|(k, _)| *k == MediaKind::Video).count() == video_before + 300
+        })
+        .await;
+    // From the keyframe it asked for to the end of the burst: every packet, intact and in order.
+    let video_at = |p: &Peer| p.with(|l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count());
     sub3.wait("media at the late joiner", 10, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 20)
         .await;
-    assert_eq!(received(&sub3, MediaKind::Video), sent_video_tail(&publisher, 20));
+    let mut got = video_at(&sub3);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = video_at(&sub3);
+        if now == got {
+            break;
+        }
+        got = now;
+    }
+    assert_eq!(received(&sub3, MediaKind::Video), sent_video_tail(&publisher, got));
 
     // sub1 leaves: FINISHED, socket closed normally, the others are told.
     let sub1_conn = sub1.connection_id("subscribe").unwrap();
