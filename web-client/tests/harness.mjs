@@ -217,3 +217,25 @@ export function removeStaleNamespaces(pattern) {
     }
   }
 }
+
+/** How `viewer` shows `pid`'s tile, as drawn: video or avatar, muted mark, speaking ring (the
+ * `speaking` class with its ring visible). `null` while the tile is not there. */
+export function tileState(viewer, pid) {
+  return viewer.evaluate((pid) => {
+    const t = document.querySelector(`.tile[data-participant="${pid}"]`);
+    if (!t) return null;
+    const shown = (el) => {
+      const r = el.getBoundingClientRect();
+      return r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== "hidden";
+    };
+    const tr = t.getBoundingClientRect();
+    const mark = t.querySelector(".mic-off");
+    const mr = mark.getBoundingClientRect();
+    return {
+      video: shown(t.querySelector("video")) && !shown(t.querySelector(".avatar")),
+      avatar: shown(t.querySelector(".avatar")) ? t.querySelector(".avatar span").textContent : null,
+      micMuted: shown(mark) && mr.left >= tr.left && mr.right <= tr.right && mr.bottom <= tr.bottom,
+      speaking: t.classList.contains("speaking") && getComputedStyle(t, "::after").borderTopColor !== "rgba(0, 0, 0, 0)",
+    };
+  }, pid);
+}

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { API_KEY, api, launchChromium, repoRoot, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
+import { API_KEY, api, launchChromium, repoRoot, startGateway, waitFor, joinPage as joinPageOf, tileState } from "./harness.mjs";
 
 let gateway;
 let browser;
@@ -101,13 +101,7 @@ test("a browser decodes the load tester's synthetic VP8 and H.264", { timeout: 1
 });
 
 /** Whether `viewer` rings `pid`'s tile (the web client's speaking highlight, as drawn). */
-function ringed(viewer, pid) {
-  return viewer.evaluate((pid) => {
-    const t = document.querySelector(`.tile[data-participant="${pid}"]`);
-    if (!t) return null;
-    return t.classList.contains("speaking") && getComputedStyle(t, "::after").borderTopColor !== "rgba(0, 0, 0, 0)";
-  }, pid);
-}
+const ringed = (viewer, pid) => tileState(viewer, pid).then((s) => s && s.speaking);
 
 test("of two synthetic publishers, the one with a tone is the active speaker and the silent one never", { timeout: 90000 }, async () => {
   const room = "speakers";

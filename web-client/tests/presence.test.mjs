@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { joinPage, launchChromium, startGateway, waitFor } from "./harness.mjs";
+import { joinPage, launchChromium, startGateway, waitFor, tileState } from "./harness.mjs";
 
 let gateway;
 let browser;
@@ -20,27 +20,6 @@ after(async () => {
   if (browser) await browser.close();
   if (gateway) await gateway.stop();
 });
-
-/** How `viewer` shows `pid`'s tile: video or avatar, muted mark, speaking ring. */
-function tileState(viewer, pid) {
-  return viewer.evaluate((pid) => {
-    const t = document.querySelector(`.tile[data-participant="${pid}"]`);
-    if (!t) return null;
-    const shown = (el) => {
-      const r = el.getBoundingClientRect();
-      return r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== "hidden";
-    };
-    const tr = t.getBoundingClientRect();
-    const mark = t.querySelector(".mic-off");
-    const mr = mark.getBoundingClientRect();
-    return {
-      video: shown(t.querySelector("video")) && !shown(t.querySelector(".avatar")),
-      avatar: shown(t.querySelector(".avatar")) ? t.querySelector(".avatar span").textContent : null,
-      micMuted: shown(mark) && mr.left >= tr.left && mr.right <= tr.right && mr.bottom <= tr.bottom,
-      speaking: t.classList.contains("speaking") && getComputedStyle(t, "::after").borderTopColor !== "rgba(0, 0, 0, 0)",
-    };
-  }, pid);
-}
 
 const waitTile = (what, viewer, pid, want, ms = 10000) =>
   waitFor(what, async () => {
