@@ -14,7 +14,7 @@
 // only Chromium's own ~6 s verdict tells it): the resumed session then lists no live connection
 // and the page joins afresh, on new connections, and media comes back.
 //
-//   alice [ns C] 10.252.X.2 ─veth a─ .1 [ns R] .5 ─veth─ .6 gateway, bob (test's namespace)
+//   alice [ns C] 10.252.X.2 ─veth c─ .1 [ns R] .5 ─veth─ .6 gateway, bob (test's namespace)
 //          after the move:  10.252.X.10 ─veth b─ .9 [ns R]
 //
 // Needs root and `ip netns`; skipped with the reason otherwise, unless REQUIRE_LOSS_TEST=1
@@ -22,110 +22,46 @@
 // 50100-50149, HTTP 50150.
 
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import os from "node:os";
-import path from "node:path";
 import { after, test } from "node:test";
-import { api, joinPage, launchChromium, metric, removeStaleNamespaces, startGateway, waitFor } from "./harness.mjs";
+import { api, joinPage, launchChromium, metric, startGateway, waitFor } from "./harness.mjs";
+import { RoutedClient } from "./netlab.mjs";
 
-const PREFIX = "icerestart-";
 const RECOVER_WITHIN_MS = 5000;
 const GRACE_MS = 10000;
 
-const id = process.pid;
-const nsClient = `${PREFIX}${id}-c`;
-const nsRouter = `${PREFIX}${id}-r`;
-const veth = (s) => `irs${id}${s}`.slice(-15);
-const octet = 16 + (id % 230);
-const net = (n) => `10.252.${octet}.${n}`;
-const oldIp = net(2);
-const newIp = net(10);
-const gatewayIp = net(6);
+const lab = new RoutedClient("icerestart-", "irs", 252);
+const { clientIp, gatewayIp } = lab;
+const oldIp = clientIp;
+const newIp = lab.net(10);
 
 let gateway;
 let alice;
 let bob;
-let wrapperDir;
-let nsCreated = false;
 let skipReason = null;
-
-function sh(cmd, args) {
-  return execFileSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-}
-const inNs = (ns, ...args) => sh("ip", ["netns", "exec", ns, ...args]);
-
-function cleanup() {
-  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
-  if (nsCreated) {
-    for (const ns of [nsClient, nsRouter]) {
-      try {
-        sh("ip", ["netns", "del", ns]); // its veths (and the host route through them) go with it
-      } catch {}
-    }
-    nsCreated = false;
-  }
-  if (wrapperDir) {
-    rmSync(wrapperDir, { recursive: true, force: true });
-    wrapperDir = null;
-  }
-}
-
-/** A veth between ns C and ns R: C's end `c` at `cIp`, R's end `r` at `rIp` (both /30). */
-function clientLink(c, cIp, r, rIp) {
-  sh("ip", ["link", "add", veth(c), "netns", nsClient, "type", "veth", "peer", "name", veth(r), "netns", nsRouter]);
-  inNs(nsClient, "ip", "addr", "add", `${cIp}/30`, "dev", veth(c));
-  inNs(nsClient, "ip", "link", "set", veth(c), "up");
-  inNs(nsRouter, "ip", "addr", "add", `${rIp}/30`, "dev", veth(r));
-  inNs(nsRouter, "ip", "link", "set", veth(r), "up");
-}
-
-function setUpNamespaces() {
-  if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
-  removeStaleNamespaces(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
-  sh("ip", ["netns", "add", nsClient]);
-  nsCreated = true;
-  sh("ip", ["netns", "add", nsRouter]);
-  inNs(nsClient, "ip", "link", "set", "lo", "up");
-  clientLink("a", oldIp, "ra", net(1));
-  inNs(nsClient, "ip", "route", "add", `${net(4)}/30`, "via", net(1));
-  // The gateway's side: the host end stays in this namespace.
-  sh("ip", ["link", "add", veth("h"), "type", "veth", "peer", "name", veth("s"), "netns", nsRouter]);
-  inNs(nsRouter, "ip", "addr", "add", `${net(5)}/30`, "dev", veth("s"));
-  inNs(nsRouter, "ip", "link", "set", veth("s"), "up");
-  inNs(nsRouter, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1");
-  sh("ip", ["addr", "add", `${gatewayIp}/30`, "dev", veth("h")]);
-  sh("ip", ["link", "set", veth("h"), "up"]);
-  // Both of alice's networks (10.252.X.0/28) are behind the router.
-  sh("ip", ["route", "add", `${net(0)}/28`, "via", net(5), "dev", veth("h")]);
-}
 
 /** Alice's second network comes up (a phone's LTE beside its Wi-Fi); nothing uses it yet. */
 function secondNetwork() {
-  clientLink("b", newIp, "rb", net(9));
+  lab.link("b", newIp, "rb", lab.net(9));
 }
 
 /** Alice's first network goes: the route moves to the second, the old interface and address go. */
 function moveAlice() {
-  inNs(nsClient, "ip", "link", "set", veth("a"), "down");
-  inNs(nsClient, "ip", "route", "replace", `${net(4)}/30`, "via", net(9));
-  inNs(nsClient, "ip", "link", "del", veth("a"));
+  lab.inClient("ip", "link", "set", lab.veth("c"), "down");
+  lab.inClient("ip", "route", "replace", `${lab.net(4)}/30`, "via", lab.net(9));
+  lab.inClient("ip", "link", "del", lab.veth("c"));
 }
 
-process.on("exit", cleanup);
-for (const sig of ["SIGINT", "SIGTERM"]) {
-  process.on(sig, () => {
-    cleanup();
-    process.exit(130);
-  });
-}
+// On an interrupted run the gateway would outlive the test; after() stops it otherwise.
+process.on("exit", () => {
+  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
+});
 
 /** The namespaces, a gateway (`media.mux` or a port per connection) and both browsers. */
 async function up(mux, graceMs = GRACE_MS) {
   try {
-    setUpNamespaces();
+    lab.setUp();
   } catch (e) {
-    cleanup();
+    lab.cleanup();
     skipReason = `network namespaces are not available here (${String(e.message || e).split("\n")[0]})`;
     if (process.env.REQUIRE_LOSS_TEST === "1") throw new Error(`REQUIRE_LOSS_TEST=1 but ${skipReason}`);
     return;
@@ -141,10 +77,7 @@ async function up(mux, graceMs = GRACE_MS) {
       GATEWAY__MEDIA__MUX: String(mux),
     },
   });
-  wrapperDir = mkdtempSync(path.join(os.tmpdir(), "icerestart-chromium-"));
-  const wrapper = path.join(wrapperDir, "chromium-in-netns");
-  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${nsClient} ${process.env.CHROMIUM || "/usr/bin/chromium"} "$@"\n`);
-  chmodSync(wrapper, 0o755);
+  const wrapper = lab.chromium();
   // The page is served from the veth address, which is not a secure origin by default.
   const extraArgs = [`--unsafely-treat-insecure-origin-as-secure=${gateway.base}`];
   alice = await launchChromium({ executablePath: wrapper, extraArgs });
@@ -155,7 +88,7 @@ async function down() {
   for (const b of [alice, bob]) if (b) await b.close().catch(() => {});
   if (gateway) await gateway.stop();
   alice = bob = gateway = null;
-  cleanup();
+  lab.cleanup();
 }
 
 after(down);

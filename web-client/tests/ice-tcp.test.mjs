@@ -17,102 +17,44 @@
 // REQUIRE_ICE_TCP_TEST=1 (scripts/test.sh sets it when it runs as root), which makes it fail.
 
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import os from "node:os";
-import path from "node:path";
 import { after, before, test } from "node:test";
-import { api, joinPage, launchChromium, metric, removeStaleNamespaces, startGateway, waitFor } from "./harness.mjs";
+import { api, joinPage, launchChromium, metric, startGateway, waitFor } from "./harness.mjs";
+import { RoutedClient } from "./netlab.mjs";
 
-const PREFIX = "icetcp-";
 const TCP_PORT = 50200;
 const HTTP_PORT = 50201;
 
-const id = process.pid;
-const nsClient = `${PREFIX}${id}-c`;
-const nsRouter = `${PREFIX}${id}-r`;
-const veth = (s) => `itc${id}${s}`.slice(-15);
-const octet = 16 + (id % 230);
-const net = (n) => `10.248.${octet}.${n}`;
-const clientIp = net(2);
-const gatewayIp = net(6);
+const lab = new RoutedClient("icetcp-", "itc", 248);
+const { clientIp, gatewayIp } = lab;
 
 let gateway;
 let browser;
-let wrapperDir;
-let nsCreated = false;
 let skipReason = null;
-
-function sh(cmd, args) {
-  return execFileSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-}
-const inNs = (ns, cmd, ...args) => sh("ip", ["netns", "exec", ns, cmd, ...args]);
-
-function cleanup() {
-  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
-  if (nsCreated) {
-    for (const ns of [nsClient, nsRouter]) {
-      try {
-        sh("ip", ["netns", "del", ns]); // its veths (and the host's route through them) go with it
-      } catch {}
-    }
-    nsCreated = false;
-  }
-  if (wrapperDir) {
-    rmSync(wrapperDir, { recursive: true, force: true });
-    wrapperDir = null;
-  }
-}
-
-function setUpNamespaces() {
-  if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
-  removeStaleNamespaces(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
-  sh("ip", ["netns", "add", nsClient]);
-  nsCreated = true;
-  sh("ip", ["netns", "add", nsRouter]);
-  sh("ip", ["link", "add", veth("c"), "netns", nsClient, "type", "veth", "peer", "name", veth("r"), "netns", nsRouter]);
-  sh("ip", ["link", "add", veth("h"), "type", "veth", "peer", "name", veth("s"), "netns", nsRouter]);
-  inNs(nsClient, "ip", "link", "set", "lo", "up");
-  inNs(nsClient, "ip", "addr", "add", `${clientIp}/30`, "dev", veth("c"));
-  inNs(nsClient, "ip", "link", "set", veth("c"), "up");
-  inNs(nsClient, "ip", "route", "add", `${net(4)}/30`, "via", net(1));
-  inNs(nsRouter, "ip", "addr", "add", `${net(1)}/30`, "dev", veth("r"));
-  inNs(nsRouter, "ip", "addr", "add", `${net(5)}/30`, "dev", veth("s"));
-  inNs(nsRouter, "ip", "link", "set", veth("r"), "up");
-  inNs(nsRouter, "ip", "link", "set", veth("s"), "up");
-  inNs(nsRouter, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1");
-  sh("ip", ["addr", "add", `${gatewayIp}/30`, "dev", veth("h")]);
-  sh("ip", ["link", "set", veth("h"), "up"]);
-  sh("ip", ["route", "add", `${net(0)}/30`, "via", net(5), "dev", veth("h")]);
-  // The firewall: in transit (a drop in the client's own OUTPUT chain would fail its sendmsg,
-  // which a real firewall never tells it), every UDP datagram either way, counted per direction.
-  inNs(nsRouter, "iptables", "-A", "FORWARD", "-i", veth("r"), "-p", "udp", "-j", "DROP");
-  inNs(nsRouter, "iptables", "-A", "FORWARD", "-i", veth("s"), "-p", "udp", "-j", "DROP");
-}
 
 /** UDP datagrams the router dropped: { fromChromium, toChromium }. */
 function udpDropped() {
-  const rows = inNs(nsRouter, "iptables", "-L", "FORWARD", "-v", "-n", "-x")
+  const rows = lab.inRouter("iptables", "-L", "FORWARD", "-v", "-n", "-x")
     .split("\n")
     .map((l) => l.trim().split(/\s+/))
     .filter((c) => /^\d+$/.test(c[0]) && c.includes("DROP"));
   const count = (dev) => Number(rows.find((c) => c.includes(dev))?.[0] ?? NaN);
-  return { fromChromium: count(veth("r")), toChromium: count(veth("s")) };
+  return { fromChromium: count(lab.veth("r")), toChromium: count(lab.veth("s")) };
 }
 
-process.on("exit", cleanup);
-for (const sig of ["SIGINT", "SIGTERM"]) {
-  process.on(sig, () => {
-    cleanup();
-    process.exit(130);
-  });
-}
+// On an interrupted run the gateway would outlive the test; after() stops it otherwise.
+process.on("exit", () => {
+  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
+});
 
 before(async () => {
   try {
-    setUpNamespaces();
+    lab.setUp();
+    // The firewall: in transit (a drop in the client's own OUTPUT chain would fail its sendmsg,
+    // which a real firewall never tells it), every UDP datagram either way, counted per direction.
+    lab.inRouter("iptables", "-A", "FORWARD", "-i", lab.veth("r"), "-p", "udp", "-j", "DROP");
+    lab.inRouter("iptables", "-A", "FORWARD", "-i", lab.veth("s"), "-p", "udp", "-j", "DROP");
   } catch (e) {
-    cleanup();
+    lab.cleanup();
     skipReason = `network namespaces with iptables are not available here (${String(e.message || e).split("\n")[0]})`;
     if (process.env.REQUIRE_ICE_TCP_TEST === "1") throw new Error(`REQUIRE_ICE_TCP_TEST=1 but ${skipReason}`);
     return;
@@ -124,17 +66,13 @@ before(async () => {
     portMax: 50249,
     env: { GATEWAY__DEV__TOKEN_ROUTE: "on", GATEWAY__MEDIA__TCP_PORT: String(TCP_PORT) },
   });
-  wrapperDir = mkdtempSync(path.join(os.tmpdir(), "icetcp-chromium-"));
-  const wrapper = path.join(wrapperDir, "chromium-in-netns");
-  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${nsClient} ${process.env.CHROMIUM || "/usr/bin/chromium"} "$@"\n`);
-  chmodSync(wrapper, 0o755);
-  browser = await launchChromium({ executablePath: wrapper, extraArgs: [`--unsafely-treat-insecure-origin-as-secure=${gateway.base}`] });
+  browser = await launchChromium({ executablePath: lab.chromium(), extraArgs: [`--unsafely-treat-insecure-origin-as-secure=${gateway.base}`] });
 });
 
 after(async () => {
   if (browser) await browser.close().catch(() => {});
   if (gateway) await gateway.stop();
-  cleanup();
+  lab.cleanup();
 });
 
 /** Chromium's view of a connection: decoding, and the selected pair's candidates. */

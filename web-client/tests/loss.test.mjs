@@ -17,12 +17,11 @@
 // REQUIRE_LOSS_TEST=1 (scripts/test.sh sets it when it runs as root), which makes it fail instead.
 
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { api, ensureOutputDir, launchChromium, metric, removeStaleNamespaces, rtpStats, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
+import { api, ensureOutputDir, launchChromium, metric, rtpStats, startGateway, waitFor, joinPage as joinPageOf } from "./harness.mjs";
+import { RoutedClient } from "./netlab.mjs";
 
 const PROBABILITY = Number(process.env.LOSS_PROBABILITY || "0.05");
 const SECONDS = Number(process.env.LOSS_SECONDS || "15");
@@ -39,87 +38,29 @@ const SECONDS = Number(process.env.LOSS_SECONDS || "15");
 // the every-second check whatever the baseline.
 const MAX_ADDED_FREEZES = 5;
 const MAX_ADDED_FREEZE_SECONDS = 1.5;
-const PREFIX = "gwsim-loss-";
 
-const id = process.pid;
-const nsClient = `${PREFIX}${id}-c`;
-const nsRouter = `${PREFIX}${id}-r`;
-const veth = (s) => `gsl${id}${s}`.slice(-15);
-const octet = 16 + (id % 230);
-const net = (n) => `10.247.${octet}.${n}`;
-const clientIp = net(2);
-const gatewayIp = net(6);
+const lab = new RoutedClient("gwsim-loss-", "gsl", 247);
+const { nsClient, nsRouter, clientIp, gatewayIp } = lab;
 
 let gateway;
 let browser;
-let wrapperDir;
-let nsCreated = false;
 let skipReason = null;
 
-function sh(cmd, args) {
-  return execFileSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-}
-const inNs = (ns, cmd, ...args) => sh("ip", ["netns", "exec", ns, cmd, ...args]);
-
-function cleanup() {
-  // On an interrupted run the gateway would outlive the test; after() has stopped it otherwise.
-  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
-  if (nsCreated) {
-    for (const ns of [nsClient, nsRouter]) {
-      try {
-        sh("ip", ["netns", "del", ns]); // its veth pairs (and the route through them) go with it
-      } catch {}
-    }
-    nsCreated = false;
-  }
-  if (wrapperDir) {
-    rmSync(wrapperDir, { recursive: true, force: true });
-    wrapperDir = null;
-  }
-}
-
-function setUpNamespaces() {
-  if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
-  removeStaleNamespaces(new RegExp(`^(${PREFIX}(\\d+)-[cr])\\b`));
-  sh("ip", ["netns", "add", nsClient]);
-  nsCreated = true;
-  sh("ip", ["netns", "add", nsRouter]);
-  // Chromium's side: one veth to the router, a route to the gateway's link only.
-  sh("ip", ["link", "add", veth("c"), "netns", nsClient, "type", "veth", "peer", "name", veth("r"), "netns", nsRouter]);
-  // The gateway's side: the host end stays in this namespace.
-  sh("ip", ["link", "add", veth("h"), "type", "veth", "peer", "name", veth("s"), "netns", nsRouter]);
-  inNs(nsClient, "ip", "link", "set", "lo", "up");
-  inNs(nsClient, "ip", "addr", "add", `${clientIp}/30`, "dev", veth("c"));
-  inNs(nsClient, "ip", "link", "set", veth("c"), "up");
-  inNs(nsClient, "ip", "route", "add", `${net(4)}/30`, "via", net(1));
-  inNs(nsRouter, "ip", "addr", "add", `${net(1)}/30`, "dev", veth("r"));
-  inNs(nsRouter, "ip", "addr", "add", `${net(5)}/30`, "dev", veth("s"));
-  inNs(nsRouter, "ip", "link", "set", veth("r"), "up");
-  inNs(nsRouter, "ip", "link", "set", veth("s"), "up");
-  inNs(nsRouter, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1");
-  sh("ip", ["addr", "add", `${gatewayIp}/30`, "dev", veth("h")]);
-  sh("ip", ["link", "set", veth("h"), "up"]);
-  sh("ip", ["route", "add", `${net(0)}/30`, "via", net(5), "dev", veth("h")]);
-  // Fail here, not halfway through the call, if iptables or its statistic match is missing.
-  inNs(nsRouter, "iptables", "-A", "FORWARD", "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", "0", "-j", "DROP");
-  inNs(nsRouter, "iptables", "-F", "FORWARD");
-}
-
-const DIRECTIONS = { fromChromium: () => veth("r"), toChromium: () => veth("s") };
+const DIRECTIONS = { fromChromium: () => lab.veth("r"), toChromium: () => lab.veth("s") };
 
 /** In the router: count the UDP datagrams entering from each side and drop `p` of them at random. */
 function startLoss(p) {
   // LOSS_DIRECTIONS=toChromium (or fromChromium) limits the loss to one direction, to tell them apart.
   const dirs = (process.env.LOSS_DIRECTIONS || Object.keys(DIRECTIONS).join(",")).split(",");
   for (const dev of dirs.map((d) => DIRECTIONS[d]())) {
-    inNs(nsRouter, "iptables", "-A", "FORWARD", "-i", dev, "-p", "udp"); // counts only
-    inNs(nsRouter, "iptables", "-A", "FORWARD", "-i", dev, "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", String(p), "-j", "DROP");
+    lab.inRouter("iptables", "-A", "FORWARD", "-i", dev, "-p", "udp"); // counts only
+    lab.inRouter("iptables", "-A", "FORWARD", "-i", dev, "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", String(p), "-j", "DROP");
   }
 }
 
 /** { fromChromium: { datagrams, dropped }, toChromium: ... } from the rules' counters. */
 function lossCounters() {
-  const rows = inNs(nsRouter, "iptables", "-L", "FORWARD", "-v", "-n", "-x")
+  const rows = lab.inRouter("iptables", "-L", "FORWARD", "-v", "-n", "-x")
     .split("\n")
     .map((l) => l.trim().split(/\s+/))
     .filter((c) => /^\d+$/.test(c[0]));
@@ -131,30 +72,26 @@ function lossCounters() {
   return out;
 }
 
-process.on("exit", cleanup);
-for (const sig of ["SIGINT", "SIGTERM"]) {
-  process.on(sig, () => {
-    cleanup();
-    process.exit(130);
-  });
-}
+// On an interrupted run the gateway would outlive the test; after() stops it otherwise.
+process.on("exit", () => {
+  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
+});
 
 before(async () => {
   try {
-    setUpNamespaces();
+    lab.setUp();
+    // Fail here, not halfway through the call, if iptables or its statistic match is missing.
+    lab.inRouter("iptables", "-A", "FORWARD", "-p", "udp", "-m", "statistic", "--mode", "random", "--probability", "0", "-j", "DROP");
+    lab.inRouter("iptables", "-F", "FORWARD");
   } catch (e) {
-    cleanup();
+    lab.cleanup();
     skipReason = `network namespaces with iptables are not available here (${String(e.message || e).split("\n")[0]})`;
     if (process.env.REQUIRE_LOSS_TEST === "1") throw new Error(`REQUIRE_LOSS_TEST=1 but ${skipReason}`);
     return;
   }
   // The gateway stays in this namespace on the host end of its veth; Chromium runs in ns C.
   gateway = await startGateway({ host: gatewayIp, portMin: 43200, portMax: 43299, env: { GATEWAY__DEV__TOKEN_ROUTE: "on" } });
-  wrapperDir = mkdtempSync(path.join(os.tmpdir(), "gwsim-chromium-"));
-  const wrapper = path.join(wrapperDir, "chromium-in-netns");
-  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${nsClient} ${process.env.CHROMIUM || "/usr/bin/chromium"} "$@"\n`);
-  chmodSync(wrapper, 0o755);
-  process.env.CHROMIUM = wrapper;
+  process.env.CHROMIUM = lab.chromium();
   // The page is served from the veth address, which is not a secure origin by default.
   browser = await launchChromium({ extraArgs: [`--unsafely-treat-insecure-origin-as-secure=${gateway.base}`] });
 });
@@ -162,7 +99,7 @@ before(async () => {
 after(async () => {
   if (browser) await browser.close().catch(() => {});
   if (gateway) await gateway.stop();
-  cleanup();
+  lab.cleanup();
 });
 
 const joinPage = (room, name, query) => joinPageOf(browser, gateway.base, room, name, query);

@@ -17,6 +17,7 @@ import os from "node:os";
 import path from "node:path";
 import readline from "node:readline";
 import { fileURLToPath } from "node:url";
+import { removeStaleNamespaces } from "./harness.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -387,3 +388,101 @@ export class Agent {
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * One client namespace behind a router namespace, the host (where the gateway runs) on the
+ * router's far side, for the tests that drop, count or move a browser's traffic:
+ *
+ *   ns C (client, `clientIp` = .2) --veth c/r-- ns R (router .1 | .5) --veth s/h-- host (`gatewayIp` = .6)
+ *
+ * Addresses are `10.<second>.<octet>.n` with the octet from the process id, so concurrent runs do
+ * not collide; the host routes the whole /28 through R (room for a second client link, see
+ * `link`). Namespaces, their veths and the host's route go in `cleanup()`, which also runs on exit
+ * and on SIGINT/SIGTERM; ones left by a crashed earlier run are removed by the next `setUp()`.
+ */
+export class RoutedClient {
+  /** `prefix`: namespace names (`<prefix><pid>-c`, `-r`); `tag`: veth names; `second`: the 10.x. */
+  constructor(prefix, tag, second) {
+    const id = process.pid;
+    this.prefix = prefix;
+    this.nsClient = `${prefix}${id}-c`;
+    this.nsRouter = `${prefix}${id}-r`;
+    this.tag = `${tag}${id}`;
+    this.base = `10.${second}.${16 + (id % 230)}`;
+    this.clientIp = this.net(2);
+    this.gatewayIp = this.net(6);
+    this.created = false;
+    this.tmp = null;
+    this.onExit = () => this.cleanup();
+    this.onSignal = () => {
+      this.cleanup();
+      process.exit(130);
+    };
+  }
+
+  net(n) {
+    return `${this.base}.${n}`;
+  }
+  veth(s) {
+    return `${this.tag}${s}`.slice(-15);
+  }
+  inClient(...args) {
+    return run("ip", ["netns", "exec", this.nsClient, ...args]);
+  }
+  inRouter(...args) {
+    return run("ip", ["netns", "exec", this.nsRouter, ...args]);
+  }
+
+  /** Build it: C's first link (veth `c`/`r`) at `clientIp`, a route to the host's link via R. */
+  setUp() {
+    if (typeof process.getuid === "function" && process.getuid() !== 0) throw new Error("not root");
+    removeStaleNamespaces(new RegExp(`^(${this.prefix}(\\d+)-[cr])\\b`));
+    process.on("exit", this.onExit);
+    for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, this.onSignal);
+    run("ip", ["netns", "add", this.nsClient]);
+    this.created = true;
+    run("ip", ["netns", "add", this.nsRouter]);
+    this.inClient("ip", "link", "set", "lo", "up");
+    this.link("c", this.clientIp, "r", this.net(1));
+    this.inClient("ip", "route", "add", `${this.net(4)}/30`, "via", this.net(1));
+    // The gateway's side: the host end stays in this namespace.
+    run("ip", ["link", "add", this.veth("h"), "type", "veth", "peer", "name", this.veth("s"), "netns", this.nsRouter]);
+    this.inRouter("ip", "addr", "add", `${this.net(5)}/30`, "dev", this.veth("s"));
+    this.inRouter("ip", "link", "set", this.veth("s"), "up");
+    this.inRouter("sysctl", "-q", "-w", "net.ipv4.ip_forward=1");
+    run("ip", ["addr", "add", `${this.gatewayIp}/30`, "dev", this.veth("h")]);
+    run("ip", ["link", "set", this.veth("h"), "up"]);
+    run("ip", ["route", "add", `${this.net(0)}/28`, "via", this.net(5), "dev", this.veth("h")]);
+  }
+
+  /** A veth between C and R: C's end `c` at `cIp`, R's end `r` at `rIp` (both /30). */
+  link(c, cIp, r, rIp) {
+    run("ip", ["link", "add", this.veth(c), "netns", this.nsClient, "type", "veth", "peer", "name", this.veth(r), "netns", this.nsRouter]);
+    this.inClient("ip", "addr", "add", `${cIp}/30`, "dev", this.veth(c));
+    this.inClient("ip", "link", "set", this.veth(c), "up");
+    this.inRouter("ip", "addr", "add", `${rIp}/30`, "dev", this.veth(r));
+    this.inRouter("ip", "link", "set", this.veth(r), "up");
+  }
+
+  /** A script that runs Chromium in C, for `launchChromium({ executablePath })`. */
+  chromium() {
+    this.tmp ??= mkdtempSync(path.join(os.tmpdir(), `${this.prefix}chromium-`));
+    const wrapper = path.join(this.tmp, "chromium-in-netns");
+    writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${this.nsClient} ${process.env.CHROMIUM || "/usr/bin/chromium"} "$@"\n`);
+    chmodSync(wrapper, 0o755);
+    return wrapper;
+  }
+
+  cleanup() {
+    if (this.created) {
+      for (const ns of [this.nsClient, this.nsRouter]) removeNamespace(ns); // veths and the host route go with them
+      this.created = false;
+    }
+    if (this.tmp) {
+      rmSync(this.tmp, { recursive: true, force: true });
+      this.tmp = null;
+    }
+    process.off("exit", this.onExit);
+    for (const sig of ["SIGINT", "SIGTERM"]) process.off(sig, this.onSignal);
+  }
+}
