@@ -113,7 +113,8 @@ async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
     let video_before = sent(&publisher, MediaKind::Video).len();
     publisher.send_media(300);
     tokio::time::sleep(Duration::from_millis(600)).await; // past the keyframe throttle window
-                                                          // Counted from here, so a request drawn by the first burst cannot pass for the late joiner's.
+
+    // Counted from here, so a request drawn by the first burst cannot pass for the late joiner's.
     let keyframe_requests_before = publisher.with(|l| l.keyframe_requests);
     let sub3 = Peer::join(&api, &room, "sub3").await;
     sub3.subscribe();
@@ -130,7 +131,7 @@ async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
         })
         .await;
     // From the keyframe it asked for to the end of the burst: every packet, intact and in order.
-    let video_at = |p: &Peer| p.with(|l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count());
+    let video_at = |p: &Peer| received(p, MediaKind::Video).len();
     sub3.wait("media at the late joiner", 10, |l| l.rtp.iter().filter(|(k, _)| *k == MediaKind::Video).count() >= 20)
         .await;
     let mut got = video_at(&sub3);

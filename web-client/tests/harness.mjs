@@ -54,6 +54,13 @@ export async function startGateway({ portMin, portMax, env = {}, host = "127.0.0
   child.stdout.on("data", (d) => (log += d));
   child.stderr.on("data", (d) => (log += d));
   const exited = new Promise((resolve) => child.on("exit", resolve));
+  // An interrupted test run (an uncaught error, or process.exit from a signal handler) must not
+  // leave the gateway behind holding its ports: kill it as this process exits.
+  const killOnExit = () => {
+    if (child.exitCode === null) child.kill("SIGKILL");
+  };
+  process.on("exit", killOnExit);
+  child.on("exit", () => process.off("exit", killOnExit));
   const deadline = Date.now() + 15000;
   for (;;) {
     try {

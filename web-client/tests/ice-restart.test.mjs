@@ -51,11 +51,6 @@ function moveAlice() {
   lab.inClient("ip", "link", "del", lab.veth("c"));
 }
 
-// On an interrupted run the gateway would outlive the test; after() stops it otherwise.
-process.on("exit", () => {
-  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
-});
-
 /** The namespaces, a gateway (`media.mux` or a port per connection) and both browsers. */
 async function up(mux, graceMs = GRACE_MS) {
   try {

@@ -41,11 +41,6 @@ function udpDropped() {
   return { fromChromium: count(lab.veth("r")), toChromium: count(lab.veth("s")) };
 }
 
-// On an interrupted run the gateway would outlive the test; after() stops it otherwise.
-process.on("exit", () => {
-  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
-});
-
 before(async () => {
   try {
     lab.setUp();

@@ -72,11 +72,6 @@ function lossCounters() {
   return out;
 }
 
-// On an interrupted run the gateway would outlive the test; after() stops it otherwise.
-process.on("exit", () => {
-  if (gateway && gateway.child.exitCode === null) gateway.child.kill("SIGKILL");
-});
-
 before(async () => {
   try {
     lab.setUp();
