@@ -108,6 +108,9 @@ pub struct MediaConfig {
     /// A keyframe the gateway asked for (new subscriber, layer switch, unrepaired loss) that has
     /// not arrived after this many ms is asked for again.
     pub keyframe_retry_ms: u64,
+    /// How long each subscriber's video stream keeps the packets it sent, to answer its NACKs
+    /// (str0m's resend buffer), ms. Audio keeps none (it is not retransmitted).
+    pub rtx_history_ms: u64,
     /// Estimate each subscriber's bandwidth (TWCC) and choose its simulcast layers, or pause its
     /// video, by it.
     pub bwe: bool,
@@ -276,6 +279,7 @@ impl Default for MediaConfig {
             workers: 0,
             keyframe_throttle_ms: 500,
             keyframe_retry_ms: 500,
+            rtx_history_ms: 1_000,
             bwe: true,
             bwe_initial_bps: 1_000_000,
             layer_up_hold_ms: 2_000,
@@ -407,6 +411,9 @@ impl GatewayConfig {
         if m.tcp_port != 0 && m.tcp_port == http.port() && same_ip {
             return Err(invalid("media.tcp_port", format!("{} is http.bind's port", m.tcp_port)));
         }
+        if !(100..=10_000).contains(&m.rtx_history_ms) {
+            return Err(invalid("media.rtx_history_ms", "must be between 100 and 10000"));
+        }
         if m.bind_ip.is_unspecified() && m.announced_ips.is_empty() {
             return Err(invalid("media.announced_ips", "required when media.bind_ip is unspecified (0.0.0.0 or ::)"));
         }
@@ -533,6 +540,7 @@ impl GatewayConfig {
             max_media_sections: self.limits.max_media_sections,
             log_client_ips: self.log.client_ips,
             keyframe_retry: Duration::from_millis(self.media.keyframe_retry_ms),
+            rtx_history: Duration::from_millis(self.media.rtx_history_ms),
             bwe: self.media.bwe,
             bwe_initial_bps: self.media.bwe_initial_bps,
             layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
@@ -738,6 +746,18 @@ mod tests {
         assert_eq!(c.log_filter(None), "info");
         assert_eq!(c.log_filter(Some("gateway=debug".into())), "gateway=debug");
         assert_eq!(c.log_filter(Some("  ".into())), "info", "an empty RUST_LOG is not set");
+    }
+
+    #[test]
+    fn rtx_history_default_override_and_bounds() {
+        let c = GatewayConfig::load(None, env(&[])).unwrap();
+        assert_eq!(c.core().rtx_history, Duration::from_secs(1));
+        let c = GatewayConfig::load(None, env(&[("GATEWAY__MEDIA__RTX_HISTORY_MS", "2500")])).unwrap();
+        assert_eq!(c.core().rtx_history, Duration::from_millis(2500));
+        for bad in ["0", "99", "10001"] {
+            let err = GatewayConfig::load(None, env(&[("GATEWAY__MEDIA__RTX_HISTORY_MS", bad)])).unwrap_err();
+            assert!(err.to_string().contains("media.rtx_history_ms"), "{bad}: {err}");
+        }
     }
 
     #[test]

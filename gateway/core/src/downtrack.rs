@@ -6,7 +6,7 @@
 //! `select::select`; the down track only carries the decision out.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::format::PayloadParams;
 use str0m::media::{MediaKind, Mid, Pt, Rid};
@@ -21,6 +21,12 @@ use crate::rewrite::SeqRewriter;
 /// burst and shows the newest at once; with their original spacing a jitter buffer would hold
 /// the live frames back by the age of the keyframe.
 pub(crate) const REPLAY_FRAME_STEP_MS: f64 = 1.0;
+
+/// The most packets a subscriber's video stream keeps for NACKs however young they are (str0m's
+/// default): ~1.6 s of a 6 Mbit/s layer. `media.rtx_history_ms` bounds them by age first.
+const RTX_MAX_PACKETS: usize = 2000;
+/// str0m's default: queued retransmissions are dropped while they exceed 15% of the bytes sent.
+const RTX_RATIO_CAP: Option<f32> = Some(0.15);
 
 /// A subscriber's copy of one published track.
 pub(crate) struct DownTrack {
@@ -61,6 +67,9 @@ pub(crate) struct DownTrack {
     /// Since when the estimate has been too low for this track's only layer (it pauses once
     /// that has lasted `allocator::SINGLE_PAUSE_AFTER`).
     pub starved_since: Option<Instant>,
+    /// How long the subscriber's stream keeps sent video to answer NACKs; `None` once applied
+    /// to the stream (at the first write, before anything is kept).
+    rtx_history: Option<Duration>,
 }
 
 /// What became of a packet given to [`DownTrack::write`].
@@ -91,7 +100,7 @@ pub(crate) struct Forwarded<'a> {
 }
 
 impl DownTrack {
-    pub fn new(mid: Mid, stream_id: Arc<str>, kind: MediaKind, rewrite: SeqRewriter) -> Self {
+    pub fn new(mid: Mid, stream_id: Arc<str>, kind: MediaKind, rewrite: SeqRewriter, rtx_history: Duration) -> Self {
         Self {
             mid,
             stream_id,
@@ -112,6 +121,7 @@ impl DownTrack {
             noted_pt: None,
             starved_since: None,
             unavailable: None,
+            rtx_history: Some(rtx_history),
         }
     }
 
@@ -164,6 +174,15 @@ impl DownTrack {
         // round trips at 5% loss instead of 99.3%). The estimate still chooses the layers.
         // (A field store; cheaper than tracking whether it was set.)
         tx.set_unpaced(true);
+        if let Some(history) = self.rtx_history.take() {
+            // str0m keeps 3 s (up to 2,000 packets) per stream by default; a NACK comes within
+            // a few round trips, so most of that was memory no request ever reached. Audio is
+            // written not resendable: it keeps nothing (not even the buffer's first slots).
+            match self.kind {
+                MediaKind::Video => tx.set_rtx_cache(RTX_MAX_PACKETS, history, RTX_RATIO_CAP),
+                MediaKind::Audio => tx.set_rtx_cache(0, Duration::ZERO, RTX_RATIO_CAP),
+            }
+        }
         let mut w = RtpWrite::new(pt, seq.into(), ts, f.wallclock, payload)
             .marker(f.marker)
             .ext_vals(f.ext.clone())

@@ -76,6 +76,9 @@ pub struct CoreConfig {
     /// A keyframe the gateway asked for (new subscriber, layer switch, unrecoverable loss) that
     /// has not arrived after this is asked for again.
     pub keyframe_retry: Duration,
+    /// How long a subscriber's video stream keeps what it sent to answer NACKs (str0m's resend
+    /// buffer; str0m's own default is 3 s). Audio streams keep nothing.
+    pub rtx_history: Duration,
     /// Estimate each subscriber's bandwidth (TWCC, str0m's estimator and pacer) and choose its
     /// simulcast layers, or pause its video, by it.
     pub bwe: bool,
@@ -114,6 +117,7 @@ impl Default for CoreConfig {
             max_media_sections: 16,
             log_client_ips: false,
             keyframe_retry: Duration::from_millis(500),
+            rtx_history: Duration::from_secs(1),
             bwe: true,
             bwe_initial_bps: 1_000_000,
             layer_up_hold: Duration::from_secs(2),

@@ -480,6 +480,7 @@ impl Engine {
                 Arc::clone(&t.stream_id),
                 t.kind,
                 SeqRewriter::new(start_seq, rand::rng().random()),
+                self.cfg.rtx_history,
             );
             out.live = true;
             side.outs.push(out);
@@ -820,7 +821,7 @@ impl Engine {
     /// time; changes meanwhile are folded into the next one.
     /// Returns whether an offer went out.
     pub(super) fn renegotiate(&mut self, now: Instant, key: ConnKey) -> bool {
-        let Self { rooms, conns, q, .. } = self;
+        let Self { rooms, conns, q, cfg, .. } = self;
         let Some(conn) = conns.get_mut(&key) else { return false };
         if conn.state.is_terminal() {
             return false;
@@ -882,7 +883,7 @@ impl Engine {
             room.link(i, key, mid);
             let t = &room.tracks[i];
             let rewrite = SeqRewriter::new(start_seq, rand::rng().random());
-            side.outs.push(DownTrack::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite));
+            side.outs.push(DownTrack::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite, cfg.rtx_history));
         }
         // Stopped sections belong to tracks that are gone; forget them.
         side.outs.retain(|o| !o.stopped);
