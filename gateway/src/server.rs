@@ -50,7 +50,10 @@ impl Running {
         let Some((cluster, _)) = &self.cluster else { return };
         cluster.drain();
         let deadline = tokio::time::Instant::now() + wait;
-        tracing::info!(rooms = self.state.registry.room_ids().len(), "draining: no new rooms; waiting for calls to end");
+        tracing::info!(
+            rooms = self.state.registry.room_ids().len(),
+            "draining: no new rooms; waiting for calls to end"
+        );
         while !self.state.registry.room_ids().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

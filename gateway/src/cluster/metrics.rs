@@ -34,7 +34,10 @@ impl ClusterMetrics {
             )
             .expect("valid metric"),
             proxied: IntCounterVec::new(
-                Opts::new("gateway_cluster_proxied_requests_total", "REST requests proxied to the node owning the room"),
+                Opts::new(
+                    "gateway_cluster_proxied_requests_total",
+                    "REST requests proxied to the node owning the room",
+                ),
                 &["node"],
             )
             .expect("valid metric"),

@@ -188,8 +188,9 @@ impl Cluster {
         if self.workers == 0 {
             return 0.0;
         }
-        let sum: f64 =
-            (0..self.workers).map(|i| self.media_metrics.worker_busy.with_label_values(&[i.to_string().as_str()]).get()).sum();
+        let sum: f64 = (0..self.workers)
+            .map(|i| self.media_metrics.worker_busy.with_label_values(&[i.to_string().as_str()]).get())
+            .sum();
         sum / self.workers as f64
     }
 

@@ -80,8 +80,11 @@ pub async fn websocket(c: Arc<Cluster>, req: Request, next: Next) -> Response {
             return r;
         }
         _ => {
-            return ApiError::new(ErrorCode::ClusterUnavailable, format!("node {node} that owns the room cannot be reached"))
-                .into_response()
+            return ApiError::new(
+                ErrorCode::ClusterUnavailable,
+                format!("node {node} that owns the room cannot be reached"),
+            )
+            .into_response()
         }
     };
     c.metrics.relayed.with_label_values(&[node.as_str()]).inc();

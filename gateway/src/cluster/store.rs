@@ -285,14 +285,8 @@ impl Store {
     /// Atomically record `room_id` (and `name`) as `node`'s.
     pub async fn claim(&self, node: &str, room_id: &str, name: Option<&str>) -> Result<Claim, StoreError> {
         let mut c = self.conn().await?;
-        let r: String = self
-            .claim
-            .arg(PREFIX)
-            .arg(node)
-            .arg(room_id)
-            .arg(name.unwrap_or(""))
-            .invoke_async(&mut c)
-            .await?;
+        let r: String =
+            self.claim.arg(PREFIX).arg(node).arg(room_id).arg(name.unwrap_or("")).invoke_async(&mut c).await?;
         Ok(match r.as_str() {
             "ok" => Claim::Ok,
             "taken" => Claim::Taken,
