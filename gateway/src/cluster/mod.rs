@@ -60,7 +60,7 @@ impl Placement {
 
     /// The node for a new room among `nodes`: never a draining or full one; ties are broken at
     /// random so equal nodes share the new rooms.
-    pub fn choose<'a>(self, nodes: &'a [NodeRecord]) -> Option<&'a NodeRecord> {
+    pub fn choose(self, nodes: &[NodeRecord]) -> Option<&NodeRecord> {
         use rand::seq::IndexedRandom;
         let open: Vec<&NodeRecord> =
             nodes.iter().filter(|n| !n.draining && (n.capacity == 0 || n.rooms < n.capacity)).collect();
