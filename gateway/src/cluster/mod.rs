@@ -330,3 +330,43 @@ impl RoomDirectory for Cluster {
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, rooms: u64, participants: u64, busy: f64, draining: bool) -> NodeRecord {
+        NodeRecord { id: id.into(), rooms, participants, busy, draining, capacity: 10, ..Default::default() }
+    }
+
+    #[test]
+    fn placement_skips_draining_and_full_nodes_and_picks_the_least_loaded() {
+        let nodes = [node("a", 1, 9, 0.9, false), node("b", 3, 2, 0.1, false), node("c", 0, 0, 0.0, true)];
+        assert_eq!(Placement::LeastLoaded.choose(&nodes).unwrap().id, "b");
+        assert_eq!(Placement::LeastRooms.choose(&nodes).unwrap().id, "a");
+        assert_eq!(Placement::LeastBusy.choose(&nodes).unwrap().id, "b");
+        let full = [node("a", 10, 0, 0.0, false), node("b", 0, 0, 0.0, true)];
+        assert!(Placement::Random.choose(&full).is_none(), "full and draining nodes take nothing");
+        // Ties are shared at random.
+        let even = [node("a", 0, 0, 0.0, false), node("b", 0, 0, 0.0, false)];
+        let picks: std::collections::HashSet<String> =
+            (0..64).map(|_| Placement::LeastLoaded.choose(&even).unwrap().id.clone()).collect();
+        assert_eq!(picks.len(), 2);
+    }
+
+    #[test]
+    fn cluster_config_is_validated() {
+        let mut cfg = GatewayConfig::default();
+        cfg.cluster.redis_url = "redis://127.0.0.1:6379".into();
+        cfg.validate().unwrap();
+        cfg.cluster.ttl_ms = cfg.cluster.heartbeat_ms;
+        assert!(cfg.validate().unwrap_err().to_string().contains("cluster.ttl_ms"));
+        cfg.cluster.ttl_ms = 3000;
+        cfg.cluster.placement = "nearest".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("cluster.placement"));
+        cfg.cluster.placement = "least_busy".into();
+        cfg.cluster.redis_url = "http://x".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("cluster.redis_url"));
+        assert_eq!(cfg.advertise_url("0.0.0.0:8080".parse().unwrap()), "http://127.0.0.1:8080");
+    }
+}
