@@ -30,6 +30,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v turnserver >/dev/null 2>&1 || need+=(coturn)
+# Redis for the cluster test (gateway/tests/cluster.rs starts its own on port 21000; ~5 s).
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # Janus 1.1 (VideoRoom + HTTP transport), the side-by-side target of loadtest/compare.sh.
 command -v janus >/dev/null 2>&1 || need+=(janus)
 # Stock GStreamer webrtcbin clients (web-client/tests/gstreamer.test.mjs, and the WHIP publisher
@@ -55,7 +57,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # The Debian packages start Prometheus, coturn and Janus services where systemd runs; the tests
 # start their own (coturn and Janus inside network namespaces of their own).
-for service in prometheus coturn janus; do
+for service in prometheus coturn janus redis-server; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
     as_root systemctl stop "$service" || true
   fi

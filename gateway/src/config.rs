@@ -21,6 +21,45 @@ pub struct GatewayConfig {
     pub shutdown: ShutdownConfig,
     pub webhook: WebhookSettings,
     pub turn: TurnConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// A cluster of gateways coordinated through Redis (docs/cluster.md). Off (one node, no Redis
+/// anywhere) while `redis_url` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`; empty (the default): no cluster.
+    pub redis_url: String,
+    /// This node's id in the cluster; empty: the host name and the HTTP port.
+    pub node_id: String,
+    /// The URL other nodes reach this node's HTTP API at (proxied REST, relayed WebSockets);
+    /// empty: `http://` + `http.bind` (a loopback or unspecified bind gives 127.0.0.1).
+    pub advertise_url: String,
+    /// How often this node refreshes its record (and its load) in Redis.
+    pub heartbeat_ms: u64,
+    /// A node record not refreshed for this long expires: the node is dead, its rooms are lost.
+    pub ttl_ms: u64,
+    /// Where a new room goes: `least_loaded` (fewest participants + rooms), `least_rooms`,
+    /// `least_busy` (lowest media worker busy ratio) or `random`; draining and full nodes never.
+    pub placement: String,
+    /// On SIGTERM a node in a cluster first drains: no new rooms, and it waits this long at
+    /// most for its rooms to end before it closes what is left (a second signal stops waiting).
+    pub drain_wait_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            node_id: String::new(),
+            advertise_url: String::new(),
+            heartbeat_ms: 1000,
+            ttl_ms: 3000,
+            placement: "least_loaded".into(),
+            drain_wait_ms: 600_000,
+        }
+    }
 }
 
 /// TURN servers the token routes (and WHIP/WHEP `Link` headers) hand out, with credentials
@@ -472,6 +511,24 @@ impl GatewayConfig {
                 "webhook.queue_capacity and webhook.concurrency must be at least 1",
             ));
         }
+        let c = &self.cluster;
+        if !c.redis_url.is_empty() {
+            if !(c.redis_url.starts_with("redis://") || c.redis_url.starts_with("rediss://")) {
+                return Err(invalid("cluster.redis_url", "must be a redis:// or rediss:// URL"));
+            }
+            if c.heartbeat_ms == 0 || c.ttl_ms < 2 * c.heartbeat_ms {
+                return Err(invalid("cluster.ttl_ms", "must be at least twice cluster.heartbeat_ms (> 0)"));
+            }
+            if !c.advertise_url.is_empty() && !c.advertise_url.starts_with("http://") {
+                return Err(invalid("cluster.advertise_url", "must be an http:// URL"));
+            }
+            if !c.node_id.is_empty() && !valid_kid(&c.node_id) {
+                return Err(invalid("cluster.node_id", "must be 1-64 of A-Z a-z 0-9 . _ -"));
+            }
+        }
+        if !matches!(c.placement.as_str(), "least_loaded" | "least_rooms" | "least_busy" | "random") {
+            return Err(invalid("cluster.placement", "must be least_loaded, least_rooms, least_busy or random"));
+        }
         if self.limits.default_max_participants == 0
             || self.limits.default_max_participants > self.limits.max_participants
         {
@@ -578,6 +635,32 @@ impl GatewayConfig {
             retry_for: Duration::from_secs(w.retry_for_s),
             concurrency: w.concurrency,
         }
+    }
+
+    /// The cluster is on (`cluster.redis_url` set).
+    pub fn clustered(&self) -> bool {
+        !self.cluster.redis_url.is_empty()
+    }
+
+    /// `cluster.node_id`, or the host name and HTTP port.
+    pub fn node_id(&self, http_port: u16) -> String {
+        if !self.cluster.node_id.is_empty() {
+            return self.cluster.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let host: String =
+            host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')).collect();
+        format!("{}-{http_port}", if host.is_empty() { "gateway" } else { host.as_str() })
+    }
+
+    /// `cluster.advertise_url`, or `http://` + the bound HTTP address (127.0.0.1 for an
+    /// unspecified bind).
+    pub fn advertise_url(&self, bound: SocketAddr) -> String {
+        if !self.cluster.advertise_url.is_empty() {
+            return self.cluster.advertise_url.trim_end_matches('/').to_owned();
+        }
+        let ip = if bound.ip().is_unspecified() { IpAddr::from([127, 0, 0, 1]) } else { bound.ip() };
+        format!("http://{}", SocketAddr::new(ip, bound.port()))
     }
 
     pub fn api(&self) -> signaling_api::ApiConfig {

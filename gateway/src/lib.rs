@@ -2,6 +2,7 @@
 //!
 //! Layout:
 //! - `admin`: `gateway admin …`, the REST API as terminal commands.
+//! - `cluster`: several gateways as one service, coordinated through Redis (`cluster.redis_url`).
 //! - `config`: the configuration (defaults, TOML file, `GATEWAY__…` env), validated.
 //! - `server`: assembles and starts everything; `main` and the tests call [`server::start`].
 //! - `worker`: media worker threads: a mio loop around the sans-IO `gateway_core::Engine`.
@@ -13,6 +14,7 @@
 //! - `web`: the browser client served at `/`.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod plane;

@@ -139,6 +139,13 @@ fn main() -> std::process::ExitCode {
             "gateway started; open {url}/ in a browser"
         );
         terminated().await;
+        if cfg.clustered() {
+            // A second signal stops the wait.
+            tokio::select! {
+                _ = running.drain_cluster(Duration::from_millis(cfg.cluster.drain_wait_ms)) => {}
+                _ = terminated() => {}
+            }
+        }
         tracing::info!("shutting down: ending every connection");
         running.shutdown(Duration::from_millis(cfg.shutdown.drain_timeout_ms)).await;
         tracing::info!("stopped");

@@ -12,6 +12,7 @@ use signaling_api::media::{EventSink, MediaPlane};
 use signaling_api::registry::Registry;
 use signaling_api::AppState;
 
+use crate::cluster::Cluster;
 use crate::config::{GatewayConfig, TlsMode};
 use crate::metrics::MediaMetrics;
 use crate::plane::GatewayMedia;
@@ -25,6 +26,8 @@ pub struct Running {
     pub state: AppState,
     pub ports: Arc<PortPool>,
     media: Arc<GatewayMedia>,
+    /// This node in a cluster (`cluster.redis_url`), with its heartbeat task.
+    pub cluster: Option<(Arc<Cluster>, tokio::task::JoinHandle<()>)>,
     /// At shutdown, how long queued webhook events may still be delivered.
     webhook_flush: Duration,
     server: tokio::task::JoinHandle<()>,
@@ -38,6 +41,22 @@ impl Running {
     /// `http://…` or `https://…` base URL of the API.
     pub fn base_url(&self) -> String {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.http_addr)
+    }
+
+    /// In a cluster: stop taking new rooms (the node's record says so at once, `/healthz`
+    /// answers 503) and wait until this node's rooms have ended, at most `wait`. Nothing on a
+    /// single node.
+    pub async fn drain_cluster(&self, wait: Duration) {
+        let Some((cluster, _)) = &self.cluster else { return };
+        cluster.drain();
+        let deadline = tokio::time::Instant::now() + wait;
+        tracing::info!(
+            rooms = self.state.registry.room_ids().len(),
+            "draining: no new rooms; waiting for calls to end"
+        );
+        while !self.state.registry.room_ids().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stop taking new work, end every connection FINISHED (clients get the events), close
@@ -64,6 +83,10 @@ impl Running {
         if let Some(listener) = self.ice_tcp {
             listener.abort();
         }
+        if let Some((cluster, heartbeat)) = self.cluster {
+            heartbeat.abort();
+            cluster.leave().await;
+        }
         for w in self.media.workers() {
             w.send(Command::Shutdown);
         }
@@ -78,8 +101,20 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     let api_metrics = signaling_api::metrics::Metrics::new(prom.clone());
     let webhooks =
         signaling_api::webhook::Webhooks::start(cfg.webhook(), api_metrics.clone()).context("webhook configuration")?;
-    let registry = Arc::new(Registry::new(api_metrics).with_webhooks(webhooks));
     let media_metrics = MediaMetrics::new(&prom);
+    // In a cluster the node's id and advertised URL come from the bound HTTP port: bind first.
+    let mut early_listener = None;
+    let cluster = if cfg.clustered() {
+        let listener = std::net::TcpListener::bind(cfg.http.bind)
+            .with_context(|| format!("http.bind: cannot listen on {}", cfg.http.bind))?;
+        let cluster = Cluster::new(&cfg, listener.local_addr()?, &prom, media_metrics.clone())?;
+        early_listener = Some(listener);
+        Some(cluster)
+    } else {
+        None
+    };
+    let directory = cluster.clone().map(|c| c as Arc<dyn signaling_api::media::RoomDirectory>);
+    let registry = Arc::new(Registry::new(api_metrics).with_webhooks(webhooks).with_directory(directory));
     // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
     let _ = prom.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
     // With `media.mux` worker i owns port `port_min + i` and no port is taken per connection.
@@ -142,7 +177,15 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     };
     let media = Arc::new(GatewayMedia::new(handles, directory));
     let state = AppState::new(cfg.api(), Arc::clone(&registry), Arc::clone(&media) as Arc<dyn MediaPlane>);
-    let app = signaling_api::router(state.clone()).merge(crate::web::routes());
+    let mut app = signaling_api::router(state.clone()).merge(crate::web::routes());
+    if let Some(c) = &cluster {
+        app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(c), crate::cluster::route::route));
+    }
+    let cluster = cluster.map(|c| {
+        let heartbeat = c.start(state.clone());
+        tracing::info!(node = %c.node_id, url = %c.url, placement = ?c.placement, "cluster: on");
+        (c, heartbeat)
+    });
     signaling_api::spawn_janitor(state.clone());
     {
         let ports = Arc::clone(&ports);
@@ -161,8 +204,11 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     // An unusable media address fails the start now, not the first call.
     std::net::UdpSocket::bind((cfg.media.bind_ip, 0))
         .with_context(|| format!("media.bind_ip: cannot bind UDP on {}", cfg.media.bind_ip))?;
-    let listener = std::net::TcpListener::bind(cfg.http.bind)
-        .with_context(|| format!("http.bind: cannot listen on {}", cfg.http.bind))?;
+    let listener = match early_listener {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(cfg.http.bind)
+            .with_context(|| format!("http.bind: cannot listen on {}", cfg.http.bind))?,
+    };
     listener.set_nonblocking(true)?;
     let http_addr = listener.local_addr()?;
     let handle = axum_server::Handle::new();
@@ -191,6 +237,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         state,
         ports,
         media,
+        cluster,
         webhook_flush,
         server,
         server_handle: handle,

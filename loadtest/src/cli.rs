@@ -42,8 +42,10 @@ pub struct Args {
     #[arg(long)]
     pub janus_media_ip: Vec<IpAddr>,
     /// Base URL of the gateway's REST/WebSocket API.
+    /// Repeat it for the nodes of a cluster: participants are spread over them in turn and the
+    /// report counts per node.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    pub url: Vec<String>,
     /// The gateway's REST API key (`auth.api_key`).
     #[arg(long, env = "LOADTEST_API_KEY", default_value = "dev-api-key")]
     pub api_key: String,
@@ -166,7 +168,8 @@ impl Args {
             target: self.target,
             janus_url: self.janus_url,
             janus_media_ips: self.janus_media_ip,
-            url: self.url,
+            url: self.url.first().cloned().unwrap_or_else(|| defaults.url.clone()),
+            extra_urls: self.url.iter().skip(1).cloned().collect(),
             api_key: self.api_key,
             rooms: if exact { 1 } else { self.rooms },
             publishers: self.publishers,
@@ -243,6 +246,16 @@ mod tests {
         assert_eq!(parse_bitrate("1.5M"), Ok(1_500_000));
         assert_eq!(parse_bitrate("500k"), Ok(500_000));
         assert_eq!(parse_bitrate("800000"), Ok(800_000));
+    }
+
+    #[test]
+    fn url_repeated_spreads_over_the_nodes_of_a_cluster() {
+        let a = Args::try_parse_from(["loadtest", "--url", "http://a:8080", "--url", "http://b:8081"]).unwrap();
+        let (cfg, _) = a.into_config().unwrap();
+        assert_eq!(cfg.url, "http://a:8080");
+        assert_eq!(cfg.extra_urls, ["http://b:8081"]);
+        let (one, _) = Args::try_parse_from(["loadtest"]).unwrap().into_config().unwrap();
+        assert_eq!((one.url.as_str(), one.extra_urls.len()), ("http://127.0.0.1:8080", 0));
     }
 
     #[test]

@@ -36,6 +36,19 @@ pub struct Report {
     /// One entry per second.
     pub series: Vec<Sample>,
     pub warnings: Vec<String>,
+    /// Per node joined through (`--url` repeated; one entry otherwise).
+    pub per_node: Vec<NodeFigures>,
+}
+
+/// What the participants that joined through one node saw.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NodeFigures {
+    pub url: String,
+    pub participants: u64,
+    /// Participants that ended with an error.
+    pub failed: u64,
+    /// RTP packets the participants of this node received.
+    pub packets_received: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -234,6 +247,15 @@ impl Report {
         let p = &self.participants;
         let m = &self.media;
         let _ = writeln!(s, "loadtest against {} ({})", c.target_url(), c.target);
+        if self.per_node.len() > 1 {
+            for n in &self.per_node {
+                let _ = writeln!(
+                    s,
+                    "  node {}: {} participants, {} failed, {} packets received",
+                    n.url, n.participants, n.failed, n.packets_received
+                );
+            }
+        }
         let clips: Vec<String> = self
             .video_clips
             .iter()

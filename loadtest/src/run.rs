@@ -28,6 +28,10 @@ pub struct Config {
     /// The server under test.
     pub target: TargetKind,
     pub url: String,
+    /// More gateway nodes of one cluster (`--url` repeated): participants are spread over `url`
+    /// and these in turn, and the report counts per node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_urls: Vec<String>,
     #[serde(skip)]
     pub api_key: String,
     pub rooms: usize,
@@ -94,6 +98,7 @@ impl Default for Config {
         Self {
             target: TargetKind::Gateway,
             url: "http://127.0.0.1:8080".into(),
+            extra_urls: Vec::new(),
             api_key: "dev-api-key".into(),
             rooms: 1,
             publishers: 1,
@@ -124,6 +129,8 @@ impl Default for Config {
 /// A participant task and what it is.
 struct Running {
     handle: JoinHandle<ParticipantReport>,
+    /// Index of the node (`url`, then `extra_urls`) it joined through.
+    node: usize,
 }
 
 /// State of the run shared with the sampler and the progress line.
@@ -290,7 +297,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let mut planned = 0usize;
     // Identities are unique per run: several load testers may share a room.
     let run_id = format!("{:04x}", rand::random::<u16>());
+    // Participants take the nodes in turn (one node without --url repeated).
+    let mut nodes = vec![target.clone()];
+    if cfg.target == TargetKind::Gateway {
+        for url in &cfg.extra_urls {
+            nodes.push(Target::Gateway(Api::new(url, &cfg.api_key)?));
+        }
+    }
+    let turn = std::cell::Cell::new(0usize);
     let spawn = |name: String, room: &str, publish: bool, subscribe: bool, audio_source: usize| -> Running {
+        let node = turn.get() % nodes.len();
+        turn.set(turn.get() + 1);
         let plan = Plan {
             room_id: room.to_owned(),
             name,
@@ -300,9 +317,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             local_ip: cfg.local_ip,
             connect_timeout: cfg.connect_timeout,
         };
-        let handle =
-            tokio::spawn(peer::run(target.clone(), plan, Arc::clone(&media), Arc::clone(&shared), stop_rx.clone()));
-        Running { handle }
+        let handle = tokio::spawn(peer::run(
+            nodes[node].clone(),
+            plan,
+            Arc::clone(&media),
+            Arc::clone(&shared),
+            stop_rx.clone(),
+        ));
+        Running { handle, node }
     };
     let interval = Duration::from_secs_f64(1.0 / cfg.join_rate.max(0.001));
     let mut next_join = Instant::now();
@@ -416,7 +438,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // Stop: publishers and subscribers leave; then collect what each saw.
     let _ = stop_tx.send(true);
     let mut reports = Vec::new();
+    let mut node_of = Vec::new();
     for r in running {
+        node_of.push(r.node);
         match tokio::time::timeout(Duration::from_secs(10), r.handle).await {
             Ok(Ok(rep)) => reports.push(rep),
             Ok(Err(e)) => reports.push(ParticipantReport { error: Some(format!("task: {e}")), ..Default::default() }),
@@ -435,7 +459,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     }
 
     let steady = window(&shared, &steady_from, &steady_to, threads);
-    Ok(build_report(
+    let per_node = per_node(&cfg, &reports, &node_of);
+    let mut report = build_report(
         &cfg,
         &shared,
         &monitor,
@@ -448,7 +473,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         &source,
         threads,
         &media,
-    ))
+    );
+    report.per_node = per_node;
+    Ok(report)
+}
+
+/// Participants, failures and packets received, per node joined through (one entry per
+/// `--url`).
+fn per_node(cfg: &Config, reports: &[ParticipantReport], node_of: &[usize]) -> Vec<NodeFigures> {
+    let urls: Vec<&String> = std::iter::once(&cfg.url).chain(cfg.extra_urls.iter()).collect();
+    let mut out: Vec<NodeFigures> =
+        urls.iter().map(|u| NodeFigures { url: (*u).clone(), ..Default::default() }).collect();
+    for (rep, &node) in reports.iter().zip(node_of) {
+        let Some(n) = out.get_mut(node) else { continue };
+        n.participants += 1;
+        if rep.error.is_some() {
+            n.failed += 1;
+        }
+        n.packets_received += rep.rx.iter().map(|r| r.received).sum::<u64>();
+    }
+    out
 }
 
 /// SIGINT or SIGTERM.
@@ -847,6 +891,7 @@ fn build_report(
         ramp,
         series: samples,
         warnings,
+        per_node: Vec::new(),
     }
 }
 
@@ -860,4 +905,20 @@ fn pct(part: u64, whole: u64) -> f64 {
 
 fn shorten(e: &str) -> String {
     e.chars().take(160).collect()
+}
+
+#[cfg(test)]
+mod per_node_tests {
+    use super::*;
+
+    #[test]
+    fn participants_are_counted_by_the_node_they_joined_through() {
+        let cfg = Config { extra_urls: vec!["http://b".into()], ..Config::default() };
+        let ok = ParticipantReport::default();
+        let failed = ParticipantReport { error: Some("x".into()), ..Default::default() };
+        let figures = per_node(&cfg, &[ok.clone(), failed, ok], &[0, 1, 0]);
+        assert_eq!(figures.len(), 2);
+        assert_eq!((figures[0].participants, figures[0].failed), (2, 0));
+        assert_eq!((figures[1].url.as_str(), figures[1].participants, figures[1].failed), ("http://b", 1, 1));
+    }
 }

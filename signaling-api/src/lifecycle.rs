@@ -79,9 +79,22 @@ impl Registry {
                 }
             }
         }
+        // In a cluster the room (and its name) must be this node's in the directory first: two
+        // nodes creating one name race there, and one of them wins.
+        if let Some(d) = &self.directory {
+            if let Err(e) = d.claim(&room_id, name.as_deref()).await {
+                if let Some(name) = &name {
+                    self.names.remove(name);
+                }
+                return Err(e);
+            }
+        }
         if let Err(e) = media.create_room(&room_id).await {
             if let Some(name) = &name {
                 self.names.remove(name);
+            }
+            if let Some(d) = &self.directory {
+                d.release(&room_id, name.as_deref()).await;
             }
             return Err(e.into());
         }
@@ -123,7 +136,9 @@ impl Registry {
             return Err(ApiError::not_found("room"));
         }
         media.close_room_with_reason(room_id, reason).await;
+        let mut name = None;
         if let Some((_, room)) = self.rooms.remove(room_id) {
+            name.clone_from(&room.name);
             if let Some(name) = &room.name {
                 self.names.remove(name);
             }
@@ -145,6 +160,9 @@ impl Registry {
             }
         }
         self.metrics.rooms.set(self.rooms.len() as i64);
+        if let Some(d) = &self.directory {
+            d.release(room_id, name.as_deref()).await;
+        }
         tracing::info!(room_id, reason, "room closed");
         Ok(())
     }

@@ -76,3 +76,16 @@ pub trait MediaPlane: Send + Sync + 'static {
 pub trait EventSink: Send + Sync + 'static {
     fn emit(&self, event: MediaEvent);
 }
+
+/// A cluster's directory of rooms (the gateway's `cluster::store`, in Redis): which node owns
+/// each room. The registry claims a room there before it creates it and releases it when the
+/// room closes; without a cluster there is none and nothing is asked.
+#[async_trait::async_trait]
+pub trait RoomDirectory: Send + Sync + 'static {
+    /// Record the room (and its name) as this node's, atomically: `conflict` when a live room
+    /// elsewhere has the name, `cluster_unavailable` when the directory cannot be reached.
+    async fn claim(&self, room_id: &str, name: Option<&str>) -> Result<(), crate::error::ApiError>;
+    /// Forget the room (and its name) if they are still this node's. Never fails: what it
+    /// cannot do now, the node's next heartbeat does.
+    async fn release(&self, room_id: &str, name: Option<&str>);
+}

@@ -33,6 +33,9 @@ pub enum ErrorCode {
     Unprocessable,
     /// A WHIP/WHEP PATCH whose `If-Match` names another ICE session than the resource's ETag.
     PreconditionFailed,
+    /// A cluster of gateways cannot place or find a room now (its Redis is unreachable, or the
+    /// node that owns the room is): retry later.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
@@ -47,7 +50,7 @@ impl ErrorCode {
             ErrorCode::Conflict | ErrorCode::RoomFull => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
-            ErrorCode::NoPorts => 503,
+            ErrorCode::NoPorts | ErrorCode::ClusterUnavailable => 503,
             ErrorCode::Internal => 500,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::Unprocessable => 422,

@@ -141,6 +141,8 @@ pub struct Registry {
     /// Where room events go for the app backend; `None` when webhooks are off (then no event
     /// is even built).
     pub(crate) webhooks: Option<Webhooks>,
+    /// A cluster's room directory (rooms → their node); `None` on a single node.
+    pub(crate) directory: Option<std::sync::Arc<dyn crate::media::RoomDirectory>>,
     next_session: AtomicU64,
 }
 
@@ -161,6 +163,7 @@ impl Registry {
             http_answers: DashMap::new(),
             metrics,
             webhooks: None,
+            directory: None,
             next_session: AtomicU64::new(1),
         }
     }
@@ -168,6 +171,12 @@ impl Registry {
     /// Send room events to these webhooks (from now on).
     pub fn with_webhooks(mut self, webhooks: Option<Webhooks>) -> Self {
         self.webhooks = webhooks;
+        self
+    }
+
+    /// Record every room created or closed here in a cluster's directory (from now on).
+    pub fn with_directory(mut self, directory: Option<std::sync::Arc<dyn crate::media::RoomDirectory>>) -> Self {
+        self.directory = directory;
         self
     }
 
