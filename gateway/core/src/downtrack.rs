@@ -61,6 +61,13 @@ pub(crate) struct DownTrack {
     /// Since when the estimate has been too low for this track's only layer (it pauses once
     /// that has lasted `allocator::SINGLE_PAUSE_AFTER`).
     pub starved_since: Option<Instant>,
+    /// The layer the allocator chose before an overloaded worker capped it (`target` is the
+    /// capped one), and the track's lowest layer: what shedding costs the subscriber.
+    pub natural: Option<usize>,
+    pub lowest: Option<usize>,
+    /// The publisher RTP timestamp of the last video packet written: a stream being shed
+    /// ends where the next frame would begin.
+    pub frame_ts: Option<u32>,
 }
 
 /// What became of a packet given to [`DownTrack::write`].
@@ -112,6 +119,9 @@ impl DownTrack {
             noted_pt: None,
             starved_since: None,
             unavailable: None,
+            natural: None,
+            lowest: None,
+            frame_ts: None,
         }
     }
 
