@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod load;
 pub mod metrics;
 pub mod plane;
 pub mod ports;
