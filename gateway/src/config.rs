@@ -186,6 +186,10 @@ pub struct MediaConfig {
     /// A READY connection whose peer sends nothing (not even ICE consent checks, which browsers
     /// send every ~5 s) or whose ICE stays disconnected this long FAILS.
     pub disconnect_grace_ms: u64,
+    /// TEST ONLY (0, off, in production): each datagram a media worker forwards costs it this
+    /// many extra nanoseconds of wall time (it sleeps), so tests can overload a worker
+    /// reproducibly on a shared machine (docs/media-quality.md "Overload").
+    pub test_slow_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,6 +328,7 @@ impl Default for MediaConfig {
             layer_up_hold_ms: 2_000,
             keyframe_cache: false,
             direct_send: true,
+            test_slow_ns: 0,
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
             mux: false,

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod load;
 pub mod metrics;
 pub mod plane;
 pub mod ports;

@@ -18,6 +18,10 @@ pub struct MediaMetrics {
     pub send_errors: IntCounter,
     pub worker_busy: GaugeVec,
     pub worker_connections: IntGaugeVec,
+    /// Per media worker: how much video it sheds (`gateway_core::overload`), and the longest
+    /// read lag of a publisher packet in the last second.
+    pub overload_level: IntGaugeVec,
+    pub queue_delay: GaugeVec,
     pub ports_in_use: IntGauge,
     pub ports_free: IntGauge,
     pub build_info: IntGaugeVec,
@@ -70,6 +74,22 @@ impl MediaMetrics {
                 &["worker"],
             )
             .expect("valid metric"),
+            overload_level: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_overload_level",
+                    "How much video a media worker sheds because it cannot keep up: 0 none, 1 lowest simulcast layers only, 2-4 a quarter, half, three quarters of its subscribers without video, 5 no video",
+                ),
+                &["worker"],
+            )
+            .expect("valid metric"),
+            queue_delay: GaugeVec::new(
+                Opts::new(
+                    "gateway_worker_queue_delay_seconds",
+                    "The longest a publisher packet waited to be read by a media worker in the last second, beyond the least it waited (RTP time vs arrival)",
+                ),
+                &["worker"],
+            )
+            .expect("valid metric"),
             ports_in_use: IntGauge::new("gateway_udp_ports_in_use", "UDP ports of the media range in use")
                 .expect("valid metric"),
             ports_free: IntGauge::new("gateway_udp_ports_free", "UDP ports of the media range free")
@@ -109,6 +129,8 @@ impl MediaMetrics {
             Box::new(m.send_errors.clone()),
             Box::new(m.worker_busy.clone()),
             Box::new(m.worker_connections.clone()),
+            Box::new(m.overload_level.clone()),
+            Box::new(m.queue_delay.clone()),
             Box::new(m.ports_in_use.clone()),
             Box::new(m.ports_free.clone()),
             Box::new(m.build_info.clone()),

@@ -136,11 +136,20 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         None
     };
 
+    if cfg.media.test_slow_ns > 0 {
+        tracing::warn!(
+            ns = cfg.media.test_slow_ns,
+            "media.test_slow_ns is set: media workers are slowed on purpose (test only)"
+        );
+    }
+    crate::load::set_test_slow_ns(cfg.media.test_slow_ns);
     let mut handles = Vec::new();
     let mut joins = Vec::new();
     for index in 0..cfg.worker_count() {
         let label = index.to_string();
         media_metrics.worker_busy.with_label_values(&[label.as_str()]).set(0.0);
+        media_metrics.overload_level.with_label_values(&[label.as_str()]).set(0);
+        media_metrics.queue_delay.with_label_values(&[label.as_str()]).set(0.0);
         media_metrics.worker_connections.with_label_values(&[label.as_str()]).set(0);
         let shared = if cfg.media.mux {
             let port = cfg.media.port_min + index as u16;

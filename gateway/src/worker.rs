@@ -21,6 +21,7 @@ use signaling_api::media::EventSink;
 use signaling_api::protocol::ErrorCode;
 use tokio::sync::oneshot;
 
+use crate::load::{Load, PassBudget, SlowDown, READ_PER_SOCKET, SOCKET_BUFFER_BYTES};
 use crate::metrics::MediaMetrics;
 use crate::ports::PortPool;
 use crate::tcp::{self, DropReason, Link, UfragDirectory};
@@ -227,6 +228,15 @@ struct Worker {
     /// `gateway_forward_latency_seconds` of this worker, buffered locally (flushed with the
     /// other metrics once a second) so the packet path touches no shared atomics.
     forward_latency: prometheus::local::LocalHistogram,
+    /// Overload (`crate::load`): the level and what it is decided from.
+    load: Load,
+    /// What this loop pass may still read, and the sockets (tokens) left with datagrams
+    /// waiting when it ran out: read first in the next pass (mio is edge-triggered: no new
+    /// event comes for what is already there).
+    pass: PassBudget,
+    deferred: Vec<usize>,
+    /// `media.test_slow_ns`.
+    slow: SlowDown,
 }
 
 impl Worker {
@@ -264,6 +274,10 @@ impl Worker {
             published: Default::default(),
             busy: Duration::ZERO,
             last_metrics: Instant::now(),
+            load: Load::new(Instant::now()),
+            pass: PassBudget::new(Instant::now()),
+            deferred: Vec::new(),
+            slow: SlowDown::default(),
         }
     }
 
@@ -275,7 +289,8 @@ impl Worker {
         loop {
             let now = Instant::now();
             let wait = next.map(|t| t.saturating_duration_since(now)).unwrap_or(METRICS_EVERY).min(METRICS_EVERY);
-            let wait = if self.links_to_read.is_empty() { wait } else { Duration::ZERO };
+            let wait = wait.min(self.load.next_tick().saturating_duration_since(now));
+            let wait = if self.links_to_read.is_empty() && self.deferred.is_empty() { wait } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -284,14 +299,23 @@ impl Worker {
                 return;
             }
             let started = Instant::now();
+            self.pass = PassBudget::new(started);
+            // What the last pass left unread goes first.
+            let mut deferred = std::mem::take(&mut self.deferred);
+            for token in deferred.drain(..) {
+                self.read_token(token, &mut buf);
+            }
+            if self.deferred.is_empty() {
+                self.deferred = deferred;
+            }
             for ev in events.iter() {
                 if ev.token() == WAKE {
                     if !self.commands() {
                         self.shutdown();
                         return;
                     }
-                } else if ev.token() == SHARED {
-                    self.read_shared(&mut buf);
+                } else if ev.token() == SHARED || ev.token().0 < LINKS {
+                    self.read_token(ev.token().0, &mut buf);
                 } else if ev.token().0 >= LINKS {
                     let token = ev.token().0;
                     if ev.is_writable() {
@@ -300,8 +324,6 @@ impl Worker {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                         self.read_link(token);
                     }
-                } else {
-                    self.read(ConnKey(ev.token().0 as u64), &mut buf);
                 }
             }
             if !self.links_to_read.is_empty() {
@@ -320,17 +342,48 @@ impl Worker {
                 self.flush();
                 next = self.engine.poll_timeout();
             }
-            self.busy += started.elapsed();
+            let busy = started.elapsed();
+            self.busy += busy;
+            self.load.add_busy(busy);
+            if let Some(level) = self.load.tick(Instant::now(), &mut self.engine) {
+                self.flush();
+                let label = self.setup.index.to_string();
+                self.setup.metrics.overload_level.with_label_values(&[label.as_str()]).set(i64::from(level));
+                next = self.engine.poll_timeout();
+            }
             if self.last_metrics.elapsed() >= METRICS_EVERY {
                 self.publish_metrics();
             }
         }
     }
 
-    /// Read every datagram waiting on a socket (mio is edge-triggered).
+    /// Read a socket by its token, or leave it for the next pass if this one has read enough.
+    fn read_token(&mut self, token: usize, buf: &mut [u8]) {
+        if self.pass.spent() {
+            if !self.deferred.contains(&token) {
+                self.deferred.push(token);
+            }
+        } else if token == SHARED.0 {
+            self.read_shared(buf);
+        } else {
+            self.read(ConnKey(token as u64), buf);
+        }
+    }
+
+    /// Read the datagrams waiting on a socket, up to the pass's budget and
+    /// [`READ_PER_SOCKET`]; a socket with more waiting is read again in the next pass.
     fn read(&mut self, key: ConnKey, buf: &mut [u8]) {
+        let mut read = 0;
         loop {
             let Some(sock) = self.sockets.get(&key) else { return };
+            if read >= READ_PER_SOCKET || !self.pass.take() {
+                let token = key.0 as usize;
+                if !self.deferred.contains(&token) {
+                    self.deferred.push(token);
+                }
+                return;
+            }
+            read += 1;
             let candidate = sock.candidate;
             match sock.socket.recv_from(buf) {
                 Ok((n, source)) => {
@@ -346,10 +399,17 @@ impl Worker {
         }
     }
 
-    /// Read every datagram waiting on the shared socket; the engine finds each one's connection.
+    /// Read the datagrams waiting on the shared socket, up to the pass's budget; the engine
+    /// finds each one's connection.
     fn read_shared(&mut self, buf: &mut [u8]) {
         loop {
             let Some(shared) = &self.shared else { return };
+            if !self.pass.take() {
+                if !self.deferred.contains(&SHARED.0) {
+                    self.deferred.push(SHARED.0);
+                }
+                return;
+            }
             let candidate = shared.candidate;
             match shared.socket.recv_from(buf) {
                 Ok((n, source)) => {
@@ -374,9 +434,8 @@ impl Worker {
         while let Some(out) = self.engine.poll_output() {
             if let Some(key) = self.carry_out(out) {
                 if key != from {
-                    if self.shared.is_some() {
-                        forwarded += 1;
-                    } else {
+                    forwarded += 1;
+                    if self.shared.is_none() {
                         self.forward_latency.observe(read_at.elapsed().as_secs_f64());
                     }
                 }
@@ -384,10 +443,14 @@ impl Worker {
         }
         let sent = self.send_queued();
         self.sync_ufrags();
-        let latency = read_at.elapsed().as_secs_f64();
-        for _ in 0..forwarded.min(sent) {
-            self.forward_latency.observe(latency);
+        if self.shared.is_some() {
+            let latency = read_at.elapsed().as_secs_f64();
+            forwarded = forwarded.min(sent);
+            for _ in 0..forwarded {
+                self.forward_latency.observe(latency);
+            }
         }
+        self.slow.charge(forwarded);
     }
 
     /// Carry out everything the engine produced.
@@ -499,6 +562,9 @@ impl Worker {
             .ports
             .bind(self.setup.bind_ip)
             .ok_or_else(|| MediaError::new(ErrorCode::NoPorts, "no free UDP port in the media range"))?;
+        // A burst or a stalled pass waits in the kernel rather than being dropped.
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&std_socket, SOCKET_BUFFER_BYTES);
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&std_socket, SOCKET_BUFFER_BYTES);
         let mut socket = UdpSocket::from_std(std_socket);
         let key = ConnKey(self.next_key);
         self.next_key += 1;
@@ -654,6 +720,8 @@ impl Worker {
             .with_label_values(&[label.as_str()])
             .set(self.busy.as_secs_f64() / elapsed.as_secs_f64().max(1e-3));
         m.worker_connections.with_label_values(&[label.as_str()]).set(self.engine.connection_count() as i64);
+        m.overload_level.with_label_values(&[label.as_str()]).set(i64::from(self.load.level()));
+        m.queue_delay.with_label_values(&[label.as_str()]).set(std::mem::take(&mut self.load.lag_max).as_secs_f64());
         self.busy = Duration::ZERO;
         self.published = c;
     }

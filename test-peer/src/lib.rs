@@ -9,10 +9,12 @@
 //!   steps (publish offer, answer, re-offers), candidates, payload types and the drive loop.
 //! - [`rx`]: the receive side: every RTP packet classified (mid, rid, kind, codec, keyframe)
 //!   and counted per stream (sequence span and loss, jitter, first keyframe), optionally recorded.
+//! - [`frames`]: VP8 frames as a decoder takes them: whole, partial, decodable.
 //! - [`keyframe`]: does a payload start a keyframe (VP8, VP9, H.264).
 //! - [`vp8`]: synthetic VP8 payload descriptors with picture numbering, and reading them back.
 //! - [`sdp`]: what the gateway's offers say about their sections (`a=msid`).
 
+pub mod frames;
 pub mod keyframe;
 pub mod peer;
 pub mod rx;

@@ -236,6 +236,9 @@ pub(crate) struct SubscribeSide {
     pub next_probe: Option<Instant>,
     /// The gateway's reliable and unreliable data channels (gateway-offered connections).
     pub data: DataOut,
+    /// Which quarter of the worker's subscribers this one is in when an overloaded worker
+    /// sheds video (`overload::shed_slot`).
+    pub shed_slot: u8,
 }
 
 impl SubscribeSide {

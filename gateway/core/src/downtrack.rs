@@ -70,6 +70,13 @@ pub(crate) struct DownTrack {
     /// How long the subscriber's stream keeps sent video to answer NACKs; `None` once applied
     /// to the stream (at the first write, before anything is kept).
     rtx_history: Option<Duration>,
+    /// The layer the allocator chose before an overloaded worker capped it (`target` is the
+    /// capped one), and the track's lowest layer: what shedding costs the subscriber.
+    pub natural: Option<usize>,
+    pub lowest: Option<usize>,
+    /// The publisher RTP timestamp of the last video packet written: a stream being shed
+    /// ends where the next frame would begin.
+    pub frame_ts: Option<u32>,
 }
 
 /// What became of a packet given to [`DownTrack::write`].
@@ -122,6 +129,9 @@ impl DownTrack {
             starved_since: None,
             unavailable: None,
             rtx_history: Some(rtx_history),
+            natural: None,
+            lowest: None,
+            frame_ts: None,
         }
     }
 

@@ -33,6 +33,7 @@ mod downtrack;
 mod engine;
 pub mod keyframe;
 pub mod layers;
+pub mod overload;
 pub mod rewrite;
 pub mod sdp;
 pub mod select;
@@ -197,6 +198,8 @@ pub struct Counters {
     pub data_dropped_full: u64,
     /// Datagrams on a shared socket (`media.mux`) that belong to no connection.
     pub unrouted_datagrams: u64,
+    /// Video frames not sent to a subscriber because its worker was overloaded (`overload`).
+    pub overload_dropped_frames: u64,
 }
 
 /// A counter family on `/metrics`: its name, help text and label names.
@@ -280,6 +283,12 @@ pub mod families {
         ["result"]
     );
     family!(
+        OVERLOAD_DROPPED_FRAMES,
+        "gateway_overload_dropped_frames_total",
+        "Video frames not sent to a subscriber because its media worker was overloaded and shed its video (whole frames; docs/media-quality.md)",
+        []
+    );
+    family!(
         DROPPED_DATAGRAMS,
         "gateway_dropped_datagrams_total",
         "Datagrams dropped before reaching a connection",
@@ -302,6 +311,7 @@ pub mod families {
         &DROPPED_DATAGRAMS,
         &MODERATED,
         &DATA_MESSAGES,
+        &OVERLOAD_DROPPED_FRAMES,
     ];
 }
 
@@ -336,6 +346,7 @@ impl Counters {
             data_dropped_rate,
             data_dropped_full,
             unrouted_datagrams,
+            overload_dropped_frames,
         } = self;
         for (i, kind) in ["audio", "video"].into_iter().enumerate() {
             f(&RTP_PACKETS, &["in", kind], rtp_packets_in[i]);
@@ -366,6 +377,7 @@ impl Counters {
         f(&DATA_MESSAGES, &["dropped_rate"], *data_dropped_rate);
         f(&DATA_MESSAGES, &["dropped_full"], *data_dropped_full);
         f(&DROPPED_DATAGRAMS, &["unknown_destination"], *unrouted_datagrams);
+        f(&OVERLOAD_DROPPED_FRAMES, &[], *overload_dropped_frames);
     }
 
     fn count_in(&mut self, video: bool, bytes: u64) {
@@ -429,10 +441,11 @@ mod tests {
             data_dropped_rate: 30,
             data_dropped_full: 31,
             unrouted_datagrams: 32,
+            overload_dropped_frames: 33,
         };
         let mut values = Vec::new();
         c.samples(|_, _, v| values.push(v));
         values.sort_unstable();
-        assert_eq!(values, (1..=32).collect::<Vec<u64>>());
+        assert_eq!(values, (1..=33).collect::<Vec<u64>>());
     }
 }

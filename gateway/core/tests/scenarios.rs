@@ -1296,3 +1296,102 @@ fn client_offered_connections_restart_ice_by_their_credentials_alone() {
     sim.stream_for(p, ms(500));
     assert!(failures(&sim, p).is_empty());
 }
+
+/// Video frames a subscriber received, by (publisher layer, frame number) from the sim's
+/// payload tags, with the parts of each; the sim's publishers split a frame into
+/// `frame_bytes.div_ceil(1100)` packets.
+fn frames_received(sim: &Sim, v: usize) -> Vec<((usize, u32), Vec<u32>, Instant)> {
+    let mut frames: Vec<((usize, u32), Vec<u32>, Instant)> = Vec::new();
+    for r in sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video) {
+        let tag = String::from_utf8_lossy(&r.payload[7..]).into_owned();
+        let mut it = tag.split('-').skip(1);
+        let (Some(l), Some(f), Some(p)) = (it.next(), it.next(), it.next()) else { continue };
+        let key = (l[1..].parse().unwrap(), f[1..].parse().unwrap());
+        let part = p[1..].parse().unwrap();
+        match frames.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, parts, _)) => parts.push(part),
+            None => frames.push((key, vec![part], r.at)),
+        }
+    }
+    frames
+}
+
+#[test]
+fn overload_levels_shed_video_in_whole_frames_and_give_it_back_at_keyframes() {
+    // q 1 packet per frame, h 1, f 3; four subscribers (shed slots 0, 2, 1, 3 by ordinal).
+    let (mut sim, p, subs) = room(23, CoreConfig { bwe: false, ..CoreConfig::default() }, &simulcast(), 4);
+    sim.stream_for(p, Duration::from_secs(3));
+    let t0 = sim.now;
+    sim.stream_for(p, ms(500));
+    for &v in &subs {
+        assert_eq!(dedup(&layers_since(&sim, v, t0)), [2], "the top layer before overload");
+    }
+    let audio = |sim: &Sim, v: usize, from: Instant| {
+        sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Audio && r.at >= from).count()
+    };
+
+    // Level 1: everyone on the lowest layer, switched at its keyframe.
+    let level1 = sim.now;
+    sim.engine.set_overload(sim.now, 1);
+    sim.stream_for(p, ms(300));
+    let t1 = sim.now;
+    sim.stream_for(p, ms(500));
+    for &v in &subs {
+        assert_eq!(dedup(&layers_since(&sim, v, t1)), [0], "level 1: the lowest layer only");
+    }
+
+    // Level 3: half the subscribers (ordinals 0 and 2) without video, audio for all.
+    sim.engine.set_overload(sim.now, 3);
+    sim.stream_for(p, ms(100));
+    let t3 = sim.now;
+    sim.stream_for(p, Duration::from_secs(1));
+    let mut shed = sim.engine.take_overload_shed();
+    for (i, &v) in subs.iter().enumerate() {
+        let video = layers_since(&sim, v, t3);
+        if i % 2 == 0 {
+            assert!(video.is_empty(), "level 3: subscriber {i} has no video: {video:?}");
+        } else {
+            assert_eq!(dedup(&video), [0], "level 3: subscriber {i} keeps the lowest layer");
+        }
+        assert!(audio(&sim, v, t3) >= 20, "audio is never shed");
+    }
+    // What level 2 would send again: the lowest layer of subscriber ordinal 0 (slot 0).
+    assert!(shed[2] >= 40, "shed accounting by level: {shed:?}");
+    assert!(sim.engine.counters().overload_dropped_frames >= 80);
+
+    // Back to 0: every subscriber on the top layer again, from a keyframe, within half a second.
+    sim.engine.set_overload(sim.now, 0);
+    let back = sim.now;
+    sim.stream_for(p, ms(500));
+    let t_end = sim.now;
+    sim.stream_for(p, ms(500));
+    shed = sim.engine.take_overload_shed();
+    assert_eq!(shed, [0; 6], "nothing shed at level 0");
+    for (i, &v) in subs.iter().enumerate() {
+        assert_eq!(dedup(&layers_since(&sim, v, t_end)), [2], "subscriber {i}: the top layer again");
+        // The shed half starts again at a keyframe; the rest switch up at one (below).
+        let first = sim.peers[v].rx.received.iter().find(|r| r.kind == MediaKind::Video && r.at >= back);
+        if i % 2 == 0 {
+            assert!(first.is_some_and(|r| r.starts_keyframe()), "subscriber {i} resumes at a keyframe");
+        }
+        // Whole frames only where video is shed and given back: every frame of a layer with
+        // every one of its parts. The one exception is a layer switch (level 1 here, as any
+        // switch at the new layer's keyframe): the top layer's frame in flight when the lowest
+        // layer's keyframe arrives is cut (docs/media-quality.md "Overload", known limit).
+        let mut cut = Vec::new();
+        for ((layer, frame), parts, at) in frames_received(&sim, v) {
+            let want = [1, 1, 3][layer];
+            if parts.len() != want {
+                assert!(at >= level1 && at < t1, "subscriber {i}: frame {frame} of layer {layer} whole: {parts:?}");
+                cut.push(frame);
+            }
+        }
+        assert!(cut.len() <= 1, "subscriber {i}: at most the frame in flight at the switch is cut: {cut:?}");
+        assert_continuous(&sim, v);
+    }
+    println!(
+        "overload levels 1, 3, 0: frames dropped {}, layer switches {}",
+        sim.engine.counters().overload_dropped_frames,
+        sim.engine.counters().layer_switches
+    );
+}

@@ -121,6 +121,8 @@ pub struct Log {
     pub connected: bool,
     pub offers: Vec<String>,
     pub ws_closed: Option<u16>,
+    /// Video frames received (`test_peer::frames`): whole, partial, decodable.
+    pub frames: test_peer::frames::Frames,
 }
 
 impl Log {
@@ -156,6 +158,10 @@ enum Cmd {
     /// No loss repair: send NACKs for nothing we receive and write media that cannot be resent,
     /// so every RTP packet counted arrived in its first transmission.
     NoRepair,
+    /// Send video as frames of this many packets every 40 ms (25 fps, VP8 descriptors with
+    /// picture numbering, the marker on each frame's last packet, keyframes when asked) and
+    /// audio every 20 ms, both with real-time RTP timestamps.
+    Frames(usize),
 }
 
 /// A participant: a WebSocket session plus one str0m `Rtc` (publish or subscribe).
@@ -212,6 +218,9 @@ impl Peer {
     }
     pub fn no_repair(&self) {
         let _ = self.cmd.send(Cmd::NoRepair);
+    }
+    pub fn frames(&self, packets_per_frame: usize) {
+        let _ = self.cmd.send(Cmd::Frames(packets_per_frame));
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&Log) -> R) -> R {
@@ -272,6 +281,11 @@ struct PeerState {
     no_repair: bool,
     rtp_rx: u64,
     rtp_tx: u64,
+    /// Frame mode (`Cmd::Frames`): packets per frame (0: one packet per tick), and the next
+    /// sequence numbers and picture numbering.
+    frame_packets: usize,
+    frame_seq: [u64; 2],
+    numbering: vp8::Numbering,
     log: Arc<Mutex<Log>>,
 }
 
@@ -302,6 +316,9 @@ async fn run_peer(
         no_repair: false,
         rtp_rx: 0,
         rtp_tx: 0,
+        frame_packets: 0,
+        frame_seq: [1000, 5000],
+        numbering: vp8::Numbering { picture_id: 100, tl0_pic_idx: 0, key_idx: 0 },
         log,
     };
     let (mut ws_tx, mut ws_rx) = ws.split();
@@ -374,6 +391,7 @@ async fn run_peer(
                     Cmd::Lossy { rx_every, tx_every } => { st.loss = (rx_every, tx_every); None }
                     Cmd::BlockDtls => { st.block_dtls = true; None }
                     Cmd::NoRepair => { st.no_repair = true; None }
+                    Cmd::Frames(n) => { st.frame_packets = n; None }
                 };
                 if let Some(out) = out {
                     let _ = ws_tx.send(Message::Text(out.to_string().into())).await;
@@ -435,7 +453,18 @@ impl PeerState {
                 rx.suppress_nack(true);
             }
         }
-        self.log.lock().unwrap().rtp.push((c.kind, p.payload.to_vec()));
+        let mut log = self.log.lock().unwrap();
+        if c.kind == MediaKind::Video {
+            log.frames.on_packet(
+                p.timestamp,
+                *p.header.ssrc,
+                *p.seq_no,
+                p.header.timestamp,
+                p.header.marker,
+                &p.payload,
+            );
+        }
+        log.rtp.push((c.kind, p.payload.to_vec()));
     }
 
     fn make_offer(&mut self) -> Value {
@@ -487,6 +516,9 @@ impl PeerState {
         if self.to_send == 0 {
             return;
         }
+        if self.frame_packets > 0 {
+            return self.write_frames();
+        }
         self.to_send -= 1;
         self.sent += 1;
         let n = self.sent;
@@ -518,6 +550,54 @@ impl PeerState {
                 continue;
             }
             self.log.lock().unwrap().sent.push((kind, payload));
+        }
+    }
+}
+
+impl PeerState {
+    /// Frame mode: every tick is 10 ms; audio every other tick (20 ms), a video frame of
+    /// `frame_packets` packets every fourth (40 ms).
+    fn write_frames(&mut self) {
+        self.to_send -= 1;
+        let n = self.sent;
+        self.sent += 1;
+        let now = Instant::now();
+        if n % 2 == 0 {
+            if let Some(pt) = self.peer.audio_mid.and_then(|mid| Some((mid, self.peer.pt_for(mid, Codec::Opus)?))) {
+                let (mid, pt) = pt;
+                let mut payload = format!("{}-audio-{n}-", self.name).into_bytes();
+                payload.resize(120, 0xa5);
+                let ts = (n * 10 * 48) as u32;
+                let seq = self.frame_seq[0];
+                self.frame_seq[0] += 1;
+                let write = RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(true);
+                if self.peer.write_rtp(mid, None, write.nackable(false)) {
+                    self.log.lock().unwrap().sent.push((MediaKind::Audio, payload));
+                }
+            }
+        }
+        if n % 4 != 0 {
+            return;
+        }
+        let Some((mid, pt)) = self.peer.video_mid.and_then(|mid| Some((mid, self.peer.pt_for(mid, Codec::Vp8)?)))
+        else {
+            return;
+        };
+        let key = n == 0 || std::mem::take(&mut self.keyframe_owed);
+        self.numbering.advance(key);
+        let ts = (n / 4 * 3600) as u32;
+        for i in 0..self.frame_packets {
+            let mut payload = Vec::new();
+            vp8::push_synthetic_header(&mut payload, i == 0, Descriptor::Full(self.numbering), key && i == 0);
+            payload.extend_from_slice(format!("{}-video-{n}-{i}-", self.name).as_bytes());
+            payload.resize(1000, (n + i as u64) as u8);
+            let seq = self.frame_seq[1];
+            self.frame_seq[1] += 1;
+            let last = i + 1 == self.frame_packets;
+            let write = RtpWrite::new(pt, seq.into(), ts, now, payload.clone()).marker(last);
+            if self.peer.write_rtp(mid, None, write.nackable(!self.no_repair)) {
+                self.log.lock().unwrap().sent.push((MediaKind::Video, payload));
+            }
         }
     }
 }

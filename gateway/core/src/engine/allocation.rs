@@ -117,11 +117,12 @@ impl Engine {
     /// audio continues) when not even the lowest fits. A new target is asked a keyframe of;
     /// the switch itself happens in [`Self::forward`].
     pub(super) fn reallocate(&mut self, now: Instant, sub_key: ConnKey) {
-        let Self { rooms, conns, q, counters, cfg, .. } = self;
+        let Self { rooms, conns, q, counters, cfg, overload, .. } = self;
         let Some(sub) = conns.get_mut(&sub_key) else { return };
         if sub.role() != Role::Subscribe || sub.state.is_terminal() {
             return;
         }
+        let slot = sub.sub().map_or(0, |s| s.shed_slot);
         let Some(room) = rooms.get_mut(&sub.room) else { return };
         let mut audio_bps = 0;
         let mut choices = Vec::new();
@@ -146,7 +147,8 @@ impl Engine {
                 ranked.truncate(pos + 1);
             }
             let rates = ranked.iter().map(|&i| track.layers[i].rate.bps()).collect();
-            let current = o.target.and_then(|t| ranked.iter().position(|&i| i == t));
+            // The allocator's own last choice (before an overload cap).
+            let current = o.natural.and_then(|t| ranked.iter().position(|&i| i == t));
             let may_go_up = o.last_down.is_none_or(|t| now.saturating_duration_since(t) >= cfg.layer_up_hold);
             choices.push(TrackChoice { rates, current, may_go_up });
             ranked_of.push((oi, ranked));
@@ -175,18 +177,32 @@ impl Engine {
         let mut wanted = Vec::new();
         for ((oi, ranked), pick) in ranked_of.iter().zip(picks.iter()) {
             let out = &mut sub.outs_mut()[*oi];
-            let new_target = pick.map(|p| ranked[p]);
+            out.natural = pick.map(|p| ranked[p]);
+            out.lowest = ranked.first().copied();
+            // An overloaded worker caps it: the lowest layer only, or no video for this
+            // subscriber's quarter (`overload`). Not a move down for the hold time: video comes
+            // back as soon as the level falls.
+            let capped = if *overload > crate::overload::last_level_with_video(slot) {
+                None
+            } else if *overload >= 1 {
+                pick.map(|_| 0)
+            } else {
+                *pick
+            };
+            let shed = capped != *pick;
+            let new_target = capped.map(|p| ranked[p]);
             if new_target == out.target {
                 continue;
             }
             let old_pos = out.target.and_then(|t| ranked.iter().position(|&i| i == t));
-            if new_target.is_none() || (old_pos.is_some() && *pick < old_pos) {
+            if !shed && (new_target.is_none() || (old_pos.is_some() && capped < old_pos)) {
                 out.last_down = Some(now);
             }
-            if new_target.is_none() && out.current.is_some() {
+            if new_target.is_none() && out.current.is_some() && !shed {
                 counters.video_pauses += 1;
                 out.current = None;
             }
+            // Shed: `current` stays until the frame in flight has gone out (`fan_out`).
             out.target = new_target;
             if let Some(t) = new_target.filter(|t| out.current != Some(*t)) {
                 wanted.push((Arc::clone(&out.stream_id), t));

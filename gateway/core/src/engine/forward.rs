@@ -12,7 +12,7 @@ impl Engine {
     /// Forward one publisher packet to every live subscriber of its track: video only to those
     /// whose layer it is, switching a subscriber to its target layer at that layer's keyframe.
     pub(super) fn forward(&mut self, now: Instant, key: ConnKey, p: RtpPacket) {
-        let Self { rooms, conns, q, counters, cfg, .. } = self;
+        let Self { rooms, conns, q, counters, cfg, queue_delay, .. } = self;
         let Some(publisher) = conns.get_mut(&key) else { return };
         let bytes = p.payload.len() as u64;
         publisher.stats.rtp_packets_in += 1;
@@ -43,10 +43,16 @@ impl Engine {
             layer.ssrc = Some(p.header.ssrc);
             layer.loss = Default::default();
             layer.gop.clear();
+            layer.lag = Default::default();
         }
         // Gaps are tracked for video only: a lost audio packet is concealed by the decoder, and
         // a keyframe request would not help it (audio has no RTX to repair it either).
         let newest = !video || layer.loss.on_packet(*p.seq_no, now);
+        if newest {
+            if let Some(lag) = layer.lag.on_packet(now, p.header.timestamp, params.spec().clock_rate.get()) {
+                *queue_delay = Some(queue_delay.map_or(lag, |d| d.max(lag)));
+            }
+        }
         let starts = video && starts_keyframe(params.spec().codec, &p.payload);
         // A keyframe's first packet that comes late (reordered, or repaired by RTX) follows the
         // rest of its frame, which subscribers waiting for a keyframe did not get: starting them
@@ -117,7 +123,7 @@ impl Engine {
         params: PayloadParams,
         keyframe: bool,
     ) {
-        let Self { rooms, conns, q, counters, first_frames, cfg, .. } = self;
+        let Self { rooms, conns, q, counters, first_frames, cfg, overload, overload_shed, .. } = self;
         let Some(room) = conns.get(&key).and_then(|c| rooms.get_mut(&c.room)) else { return };
         let Some(track) = room.tracks.get_mut(ti) else { return };
         let video = track.kind == MediaKind::Video;
@@ -152,8 +158,28 @@ impl Engine {
                 continue;
             }
             let Conn { rtc, side: Side::Subscribe(side), stats, .. } = sub else { continue };
+            let slot = side.shed_slot;
             let Some(out) = side.outs.iter_mut().find(|o| o.mid == out_mid) else { continue };
             if !out.live {
+                continue;
+            }
+            if video && *overload > 0 {
+                // What the overload level costs this subscriber, by the level at which it would
+                // get this packet again (the worker weighs a step down with it).
+                if out.target.is_none() && out.current.is_none() && out.natural.is_some() && out.lowest == Some(li) {
+                    overload_shed[usize::from(crate::overload::last_level_with_video(slot))] += 1;
+                    if p.header.marker {
+                        counters.overload_dropped_frames += 1;
+                    }
+                } else if out.natural == Some(li) && out.lowest != Some(li) && out.target != Some(li) {
+                    overload_shed[0] += 1;
+                }
+            }
+            if video && out.target.is_none() && out.current == Some(li) && out.frame_ts != Some(p.header.timestamp) {
+                // Shed (overload): the stream ends where the next frame would begin, so the
+                // subscriber never gets part of a frame; it starts again at a keyframe.
+                out.current = None;
+                overload_shed[usize::from(crate::overload::last_level_with_video(slot))] += 1;
                 continue;
             }
             // Decide, then apply.
@@ -217,6 +243,13 @@ impl Engine {
             stats.rtp_packets_out += 1;
             stats.rtp_bytes_out += bytes;
             counters.count_out(video, bytes);
+            if video {
+                out.frame_ts = Some(p.header.timestamp);
+                if p.header.marker && out.target.is_none() {
+                    // The last packet of the frame in flight when the stream was shed.
+                    out.current = None;
+                }
+            }
             match written {
                 // Straight out; the `Rtc`'s own timeout round waits for the engine's timer pass.
                 Written::Sent(t) => {

@@ -81,6 +81,16 @@ pub struct Engine {
     next_realloc: Option<Instant>,
     /// Time to first frame of each new subscriber track, until the driver collects them.
     first_frames: Vec<std::time::Duration>,
+    /// The driver's overload level (`overload`): how much video is shed.
+    overload: u8,
+    /// Subscribe connections made so far (each one's shed slot comes from its ordinal).
+    subscribers_seen: u64,
+    /// Packets not written because of the overload level, by the level at which they would be
+    /// written again, until the driver takes them.
+    overload_shed: [u64; crate::overload::LEVELS],
+    /// The latest any publisher packet was read since the driver last asked
+    /// (`overload::LagMeter`).
+    queue_delay: Option<std::time::Duration>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
@@ -117,7 +127,44 @@ impl Engine {
             realloc: Vec::new(),
             next_realloc: None,
             first_frames: Vec::new(),
+            overload: 0,
+            subscribers_seen: 0,
+            overload_shed: [0; crate::overload::LEVELS],
+            queue_delay: None,
         }
+    }
+
+    /// Set the overload level (`overload`, 0 = normal): every subscriber's video layers are
+    /// chosen again under it. Video being shed stops at the end of the frame in flight; video
+    /// coming back starts at a keyframe (asked for here, merged by the throttle).
+    pub fn set_overload(&mut self, now: Instant, level: u8) {
+        let level = level.min(crate::overload::MAX_LEVEL);
+        if level == self.overload {
+            return;
+        }
+        self.overload = level;
+        let subs: Vec<ConnKey> =
+            self.conns.iter().filter(|(_, c)| c.role() == Role::Subscribe).map(|(k, _)| *k).collect();
+        for k in subs {
+            self.reallocate(now, k);
+        }
+        self.process(now);
+    }
+
+    pub fn overload(&self) -> u8 {
+        self.overload
+    }
+
+    /// Packets not written because of the overload level since the last call, by the level at
+    /// which they would be written again (`overload::Sample::shed`).
+    pub fn take_overload_shed(&mut self) -> [u64; crate::overload::LEVELS] {
+        std::mem::take(&mut self.overload_shed)
+    }
+
+    /// How much later than usual the latest publisher packet since the last call was read
+    /// (`overload::LagMeter`; `None`: no media).
+    pub fn take_queue_delay(&mut self) -> Option<std::time::Duration> {
+        self.queue_delay.take()
     }
 
     // -----------------------------------------------------------------------------------------

@@ -168,6 +168,10 @@ impl Engine {
             stats: ConnStats::default(),
             span,
         };
+        if let Side::Subscribe(side) = &mut conn.side {
+            side.shed_slot = crate::overload::shed_slot(self.subscribers_seen);
+            self.subscribers_seen += 1;
+        }
         conn.enter(&mut self.q, ConnectionState::Initial, None);
         self.index_ufrag(local_ufrag(&mut conn), spec.key);
         self.keys.insert(id, spec.key);
