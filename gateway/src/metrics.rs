@@ -22,6 +22,10 @@ pub struct MediaMetrics {
     /// read lag of a publisher packet in the last second.
     pub overload_level: IntGaugeVec,
     pub queue_delay: GaugeVec,
+    /// Per media worker: datagrams (and ICE-TCP frames) it sent, and their bytes: how the
+    /// egress is shared between workers.
+    pub worker_egress_packets: IntCounterVec,
+    pub worker_egress_bytes: IntCounterVec,
     pub ports_in_use: IntGauge,
     pub ports_free: IntGauge,
     pub build_info: IntGaugeVec,
@@ -90,6 +94,19 @@ impl MediaMetrics {
                 &["worker"],
             )
             .expect("valid metric"),
+            worker_egress_packets: IntCounterVec::new(
+                Opts::new(
+                    "gateway_worker_egress_packets_total",
+                    "Datagrams and ICE-TCP frames a media worker sent (forwarded media, RTCP, STUN, DTLS)",
+                ),
+                &["worker"],
+            )
+            .expect("valid metric"),
+            worker_egress_bytes: IntCounterVec::new(
+                Opts::new("gateway_worker_egress_bytes_total", "Bytes of the datagrams and frames a media worker sent"),
+                &["worker"],
+            )
+            .expect("valid metric"),
             ports_in_use: IntGauge::new("gateway_udp_ports_in_use", "UDP ports of the media range in use")
                 .expect("valid metric"),
             ports_free: IntGauge::new("gateway_udp_ports_free", "UDP ports of the media range free")
@@ -131,6 +148,8 @@ impl MediaMetrics {
             Box::new(m.worker_connections.clone()),
             Box::new(m.overload_level.clone()),
             Box::new(m.queue_delay.clone()),
+            Box::new(m.worker_egress_packets.clone()),
+            Box::new(m.worker_egress_bytes.clone()),
             Box::new(m.ports_in_use.clone()),
             Box::new(m.ports_free.clone()),
             Box::new(m.build_info.clone()),

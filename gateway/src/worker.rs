@@ -224,6 +224,10 @@ struct Worker {
     rooms: Arc<AtomicUsize>,
     published: gateway_core::Counters,
     busy: Duration,
+    /// Datagrams and frames sent, and their bytes, since the last metrics publication (plain
+    /// fields: the packet path touches no shared atomics).
+    egress_packets: u64,
+    egress_bytes: u64,
     last_metrics: Instant,
     /// `gateway_forward_latency_seconds` of this worker, buffered locally (flushed with the
     /// other metrics once a second) so the packet path touches no shared atomics.
@@ -273,6 +277,8 @@ impl Worker {
             rooms,
             published: Default::default(),
             busy: Duration::ZERO,
+            egress_packets: 0,
+            egress_bytes: 0,
             last_metrics: Instant::now(),
             load: Load::new(Instant::now()),
             pass: PassBudget::new(Instant::now()),
@@ -519,9 +525,13 @@ impl Worker {
                 if was_idle {
                     self.links_to_send.push(token);
                 }
+                self.egress_packets += 1;
+                self.egress_bytes += contents.len() as u64;
                 return Some(key);
             }
             Output::Transmit { key, destination, contents, .. } => {
+                self.egress_packets += 1;
+                self.egress_bytes += contents.len() as u64;
                 if let Some(shared) = &mut self.shared {
                     shared.queue.push(destination, contents);
                     return Some(key);
@@ -722,6 +732,8 @@ impl Worker {
         m.worker_connections.with_label_values(&[label.as_str()]).set(self.engine.connection_count() as i64);
         m.overload_level.with_label_values(&[label.as_str()]).set(i64::from(self.load.level()));
         m.queue_delay.with_label_values(&[label.as_str()]).set(std::mem::take(&mut self.load.lag_max).as_secs_f64());
+        m.worker_egress_packets.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.egress_packets));
+        m.worker_egress_bytes.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.egress_bytes));
         self.busy = Duration::ZERO;
         self.published = c;
     }

@@ -95,6 +95,18 @@ async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
     }
     assert!(timed >= 300.0, "forwarded packets timed: {timed}");
     assert_eq!(under_100ms, timed, "every forward under 100 ms");
+    // Per-worker egress (published with the latency above): the room lives on one of the two
+    // workers, which sent at least the 300 forwarded media packets; the other sent nothing.
+    let mut egress = Vec::new();
+    for w in ["0", "1"] {
+        let packets = api.metric(&format!(r#"gateway_worker_egress_packets_total{{worker="{w}"}}"#)).await;
+        let bytes = api.metric(&format!(r#"gateway_worker_egress_bytes_total{{worker="{w}"}}"#)).await;
+        egress.push((packets, bytes));
+    }
+    let busiest = egress.iter().map(|e| e.0).fold(0.0, f64::max);
+    assert!(busiest >= 300.0, "the room's worker sent the forwarded packets: {egress:?}");
+    assert!(egress.iter().any(|e| e.0 == 0.0 && e.1 == 0.0), "a room is served by one worker: {egress:?}");
+    assert!(egress.iter().all(|e| e.1 >= e.0 * 12.0), "bytes counted with the packets: {egress:?}");
     assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 3.0);
     assert_eq!(api.metric(r#"gateway_connection_setup_seconds_count{role="subscribe"}"#).await, 2.0);
     assert_eq!(api.metric(r#"gateway_connection_transitions_total{from="GATHERED",to="READY"}"#).await, 3.0);

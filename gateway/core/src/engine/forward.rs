@@ -8,6 +8,39 @@ use super::*;
 use crate::downtrack::{Forwarded, Written};
 use crate::select::{select, DownState, Packet, Verdict, Why};
 
+/// A publisher packet as the fan-out needs it, independent of the `Rtc` it came from (so a
+/// packet handed over from another worker can take the same path). The payload is shared.
+pub(super) struct Inbound {
+    pub(super) ssrc: u32,
+    /// Extended sequence number.
+    pub(super) seq: u64,
+    pub(super) ts: u32,
+    pub(super) wallclock: Instant,
+    pub(super) marker: bool,
+    pub(super) payload: Arc<[u8]>,
+    /// The header extensions forwarded: audio level, voice activity, video orientation.
+    pub(super) ext: ExtensionValues,
+}
+
+impl Inbound {
+    pub(super) fn from_rtp(p: &RtpPacket) -> Self {
+        Self {
+            ssrc: *p.header.ssrc,
+            seq: *p.seq_no,
+            ts: p.header.timestamp,
+            wallclock: p.timestamp,
+            marker: p.header.marker,
+            payload: Arc::clone(&p.payload),
+            ext: ExtensionValues {
+                audio_level: p.header.ext_vals.audio_level,
+                voice_activity: p.header.ext_vals.voice_activity,
+                video_orientation: p.header.ext_vals.video_orientation,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 impl Engine {
     /// Forward one publisher packet to every live subscriber of its track: video only to those
     /// whose layer it is, switching a subscriber to its target layer at that layer's keyframe.
@@ -108,46 +141,41 @@ impl Engine {
             self.counters.moderated_drops += 1;
             return;
         }
-        self.fan_out(now, key, ti, li, p, params, keyframe);
+        self.fan_out(now, &room_id, ti, li, &Inbound::from_rtp(&p), params, keyframe);
     }
 
-    /// Write one publisher packet to the subscribers of its track that receive its layer.
+    /// Write one publisher packet (track `ti` of room `room_id`, its layer `li`) to the
+    /// subscribers of its track that receive that layer.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fan_out(
         &mut self,
         now: Instant,
-        key: ConnKey,
+        room_id: &str,
         ti: usize,
         li: usize,
-        p: RtpPacket,
+        p: &Inbound,
         params: PayloadParams,
         keyframe: bool,
     ) {
         let Self { rooms, conns, q, counters, first_frames, cfg, overload, overload_shed, .. } = self;
-        let Some(room) = conns.get(&key).and_then(|c| rooms.get_mut(&c.room)) else { return };
+        let Some(room) = rooms.get_mut(room_id) else { return };
         let Some(track) = room.tracks.get_mut(ti) else { return };
         let video = track.kind == MediaKind::Video;
-        let ssrc = *p.header.ssrc;
+        let ssrc = p.ssrc;
         let bytes = p.payload.len() as u64;
         let clock = f64::from(params.spec().clock_rate.get());
-        let ext = ExtensionValues {
-            audio_level: p.header.ext_vals.audio_level,
-            voice_activity: p.header.ext_vals.voice_activity,
-            video_orientation: p.header.ext_vals.video_orientation,
-            ..Default::default()
-        };
         // VP8/VP9 picture numbering, rewritten per subscriber after a layer switch.
         let descriptor =
             if video { PayloadDescriptor::parse(params.spec().codec, &p.payload) } else { PayloadDescriptor::Other };
         let forwarded = Forwarded {
             ssrc,
-            seq: *p.seq_no,
-            ts: p.header.timestamp,
-            wallclock: p.timestamp,
-            marker: p.header.marker,
+            seq: p.seq,
+            ts: p.ts,
+            wallclock: p.wallclock,
+            marker: p.marker,
             payload: &p.payload,
             params,
-            ext: &ext,
+            ext: &p.ext,
             descriptor: &descriptor,
             nackable: video,
         };
@@ -168,14 +196,14 @@ impl Engine {
                 // get this packet again (the worker weighs a step down with it).
                 if out.target.is_none() && out.current.is_none() && out.natural.is_some() && out.lowest == Some(li) {
                     overload_shed[usize::from(crate::overload::last_level_with_video(slot))] += 1;
-                    if p.header.marker {
+                    if p.marker {
                         counters.overload_dropped_frames += 1;
                     }
                 } else if out.natural == Some(li) && out.lowest != Some(li) && out.target != Some(li) {
                     overload_shed[0] += 1;
                 }
             }
-            if video && out.target.is_none() && out.current == Some(li) && out.frame_ts != Some(p.header.timestamp) {
+            if video && out.target.is_none() && out.current == Some(li) && out.frame_ts != Some(p.ts) {
                 // Shed (overload): the stream ends where the next frame would begin, so the
                 // subscriber never gets part of a frame; it starts again at a keyframe.
                 out.current = None;
@@ -217,7 +245,7 @@ impl Engine {
                     continue;
                 }
                 Verdict::Switch { layer_change } => {
-                    out.switch_source(now, ssrc, *p.seq_no, p.header.timestamp, clock);
+                    out.switch_source(now, ssrc, p.seq, p.ts, clock);
                     if video {
                         if layer_change {
                             counters.layer_switches += 1;
@@ -244,8 +272,8 @@ impl Engine {
             stats.rtp_bytes_out += bytes;
             counters.count_out(video, bytes);
             if video {
-                out.frame_ts = Some(p.header.timestamp);
-                if p.header.marker && out.target.is_none() {
+                out.frame_ts = Some(p.ts);
+                if p.marker && out.target.is_none() {
                     // The last packet of the frame in flight when the stream was shed.
                     out.current = None;
                 }
