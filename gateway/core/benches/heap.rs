@@ -1,11 +1,12 @@
 //! Heap held by the media engine per subscribed stream (issue: memory per subscriber), measured
 //! with dhat on the simulation: one publisher (VP8 at ~1.5 Mbit/s in 50 frames/s, Opus) and N
-//! subscribers, 10 s of media in virtual time (str0m's retransmission history is 3 s), then the
+//! subscribers, 10 s of media in virtual time (longer than the retransmission history, `media.rtx_history_ms`), then the
 //! bytes still live that were allocated inside `gateway_core` or str0m on behalf of the engine,
 //! told apart from the simulated peers' own allocations by the allocation's stack.
 //!
 //!     cargo bench -p gateway-core --bench heap            # N = 50 and 200
 //!     HEAP_SUBSCRIBERS=100 cargo bench -p gateway-core --bench heap
+//!     HEAP_RTX_MS=3000 cargo bench -p gateway-core --bench heap   # media.rtx_history_ms (1000)
 //!
 //! Prints the live heap (engine and simulated peers together) and writes
 //! `$TMPDIR/dhat-heap-<N>.json` for each N (dhat's viewer, or any script, splits the live bytes
@@ -25,7 +26,9 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 const FRAME_BYTES: usize = 3_750;
 
 fn room(subscribers: usize) -> Sim {
-    let mut sim = Sim::new(7, CoreConfig::default());
+    let rtx_ms = std::env::var("HEAP_RTX_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let cfg = CoreConfig { rtx_history: Duration::from_millis(rtx_ms), ..CoreConfig::default() };
+    let mut sim = Sim::new(7, cfg);
     let p = sim.add_peer("pub");
     sim.publish_layers(p, &[LayerSpec { rid: None, frame_bytes: FRAME_BYTES }]);
     assert!(sim.run_until(Duration::from_secs(10), |s| s.peers[p].connected));
