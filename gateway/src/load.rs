@@ -1,8 +1,9 @@
 //! What a media worker measures of its own load, and what it does when it cannot keep up
 //! (`gateway_core::overload`, docs/media-quality.md "Overload"): every
 //! [`overload::TICK`](gateway_core::overload::TICK) it hands the level state machine its busy
-//! share, the read lag of publisher packets (`Engine::take_queue_delay`), the packets it wrote
-//! and those the level shed, and tells the engine the level that comes out.
+//! share, the longest a datagram it read waited in its socket (the kernel's receive timestamp,
+//! `udp::recv_stamped`), the packets it wrote and those the level shed, and tells the engine the
+//! level that comes out.
 //!
 //! Also the test-only lever that makes a worker slow on purpose (`media.test_slow_ns`).
 
@@ -90,8 +91,11 @@ pub struct Load {
     overload: Overload,
     tick_start: Instant,
     busy: Duration,
+    forwarding: Duration,
     written_before: u64,
-    /// The longest read lag of the last second (for `gateway_worker_queue_delay_seconds`).
+    /// The longest socket wait of a datagram read in this tick.
+    wait_max: Option<Duration>,
+    /// The longest socket wait of the last second (for `gateway_worker_queue_delay_seconds`).
     pub lag_max: Duration,
 }
 
@@ -101,8 +105,17 @@ impl Load {
             overload: Overload::new(),
             tick_start: now,
             busy: Duration::ZERO,
+            forwarding: Duration::ZERO,
             written_before: 0,
+            wait_max: None,
             lag_max: Duration::ZERO,
+        }
+    }
+
+    /// A datagram was read after waiting `wait` in its socket (`None`: not stamped).
+    pub fn note_wait(&mut self, wait: Option<Duration>) {
+        if let Some(w) = wait {
+            self.wait_max = Some(self.wait_max.map_or(w, |m| m.max(w)));
         }
     }
 
@@ -112,6 +125,11 @@ impl Load {
 
     pub fn add_busy(&mut self, busy: Duration) {
         self.busy += busy;
+    }
+
+    /// Time spent on a datagram that was forwarded (read to last write, part of the busy time).
+    pub fn add_forwarding(&mut self, spent: Duration) {
+        self.forwarding += spent;
     }
 
     /// When the next tick is due.
@@ -127,13 +145,14 @@ impl Load {
         }
         let c = engine.counters();
         let written = c.rtp_packets_out[0] + c.rtp_packets_out[1];
-        let queue_delay = engine.take_queue_delay();
+        let queue_delay = self.wait_max.take();
         if let Some(d) = queue_delay {
             self.lag_max = self.lag_max.max(d);
         }
         let sample = Sample {
             elapsed: now.saturating_duration_since(self.tick_start),
             busy: std::mem::take(&mut self.busy),
+            forwarding: std::mem::take(&mut self.forwarding),
             queue_delay,
             written: written.saturating_sub(self.written_before),
             shed: engine.take_overload_shed(),

@@ -19,7 +19,7 @@ pub struct MediaMetrics {
     pub worker_busy: GaugeVec,
     pub worker_connections: IntGaugeVec,
     /// Per media worker: how much video it sheds (`gateway_core::overload`), and the longest
-    /// read lag of a publisher packet in the last second.
+    /// a datagram waited in its sockets in the last second.
     pub overload_level: IntGaugeVec,
     pub queue_delay: GaugeVec,
     /// Per media worker: datagrams (and ICE-TCP frames) it sent, and their bytes: how the
@@ -89,7 +89,7 @@ impl MediaMetrics {
             queue_delay: GaugeVec::new(
                 Opts::new(
                     "gateway_worker_queue_delay_seconds",
-                    "The longest a publisher packet waited to be read by a media worker in the last second, beyond the least it waited (RTP time vs arrival)",
+                    "The longest a datagram waited in a media worker's socket before it was read, in the last second (kernel receive timestamp vs read time)",
                 ),
                 &["worker"],
             )

@@ -2,10 +2,18 @@
 //! worker, so the datagrams one loop step produces — a publisher's packet fanned out to every
 //! subscriber, a keyframe burst, retransmissions — leave in one `sendmmsg` call instead of one
 //! `sendto` per datagram.
+//!
+//! Also the receive side every media socket shares: [`recv_stamped`] reads a datagram with the
+//! kernel's receive timestamp (`SO_TIMESTAMPNS`, asked for by [`enable_rx_timestamps`]), from
+//! which the worker learns how long it waited in the socket: the overload signal.
 
-use std::io::{self, IoSlice};
-use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsFd;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
+use nix::sys::time::TimeSpec;
 
 use rustix::net::addr::SocketAddrArg;
 use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
@@ -94,7 +102,7 @@ impl SendQueue {
 }
 
 /// Bind a worker's shared socket: non-blocking, with large buffers (forced where the process
-/// may, e.g. with CAP_NET_ADMIN). Returns the socket and the buffer sizes it got.
+/// may, e.g. with CAP_NET_ADMIN) and receive timestamps. Returns the socket and the buffer sizes it got.
 pub fn bind_shared(addr: SocketAddr) -> io::Result<(UdpSocket, usize, usize)> {
     let socket = UdpSocket::bind(addr)?;
     socket.set_nonblocking(true)?;
@@ -105,15 +113,70 @@ pub fn bind_shared(addr: SocketAddr) -> io::Result<(UdpSocket, usize, usize)> {
     if set_socket_recv_buffer_size_force(&socket, SHARED_BUFFER_BYTES).is_err() {
         let _ = set_socket_recv_buffer_size(&socket, SHARED_BUFFER_BYTES);
     }
+    enable_rx_timestamps(&socket);
     let send = socket_send_buffer_size(&socket).unwrap_or(0);
     let recv = socket_recv_buffer_size(&socket).unwrap_or(0);
     Ok((socket, send, recv))
 }
 
+/// Ask the kernel to stamp each datagram the socket receives with its arrival time
+/// (`SO_TIMESTAMPNS`). Best effort: without it [`recv_stamped`] reports no wait.
+pub fn enable_rx_timestamps(socket: &impl AsFd) -> bool {
+    setsockopt(socket, sockopt::ReceiveTimestampns, &true).is_ok()
+}
+
+/// A socket wait longer than this is a clock step, not a queue.
+const MAX_PLAUSIBLE_WAIT: Duration = Duration::from_secs(10);
+
+/// `recv_from` that also says how long the datagram waited in the socket's receive queue:
+/// the kernel's receive timestamp against the real-time clock now (`None` when the socket does
+/// not stamp, or the clock stepped).
+pub fn recv_stamped(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<Duration>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut control = nix::cmsg_space!(TimeSpec);
+    let msg = loop {
+        match recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::empty()) {
+            Ok(msg) => break msg,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let n = msg.bytes;
+    let source = msg
+        .address
+        .as_ref()
+        .and_then(std_addr)
+        .ok_or_else(|| io::Error::other("datagram without an IP source address"))?;
+    let mut arrived = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                arrived = Some(Duration::new(ts.tv_sec().max(0) as u64, ts.tv_nsec().clamp(0, 999_999_999) as u32));
+            }
+        }
+    }
+    let wait = arrived.and_then(|at| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+        // A stamp a little in the future is the clocks' granularity: no wait.
+        let wait = now.checked_sub(at).unwrap_or(Duration::ZERO);
+        (wait < MAX_PLAUSIBLE_WAIT).then_some(wait)
+    });
+    Ok((n, source, wait))
+}
+
+fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    if let Some(v6) = a.as_sockaddr_in6() {
+        return Some(SocketAddr::V6(SocketAddrV6::from(*v6)));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn receiver() -> (UdpSocket, SocketAddr) {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -174,5 +237,54 @@ mod tests {
         let sent = q.send(&tx);
         assert_eq!(sent.datagrams + sent.failed, MAX_PER_CALL + 5);
         assert!(sent.calls >= 2);
+    }
+
+    #[test]
+    fn a_stamped_read_says_how_long_the_datagram_waited() {
+        let (rx, to) = receiver();
+        assert!(enable_rx_timestamps(&rx));
+        // The kernel turns stamping on for the stack a moment after the first socket asks
+        // (until then a datagram is stamped when it is read).
+        std::thread::sleep(Duration::from_millis(100));
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"late", to).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        let mut buf = [0u8; 64];
+        let (n, from, wait) = recv_stamped(&rx, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"late");
+        assert_eq!(from, tx.local_addr().unwrap());
+        let wait = wait.expect("a stamped socket reports the wait");
+        assert!(wait >= Duration::from_millis(50) && wait < Duration::from_secs(5), "{wait:?}");
+        // Read as soon as it arrives: hardly any wait.
+        tx.send_to(b"prompt", to).unwrap();
+        let (n, _, wait) = recv_stamped(&rx, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"prompt");
+        assert!(wait.unwrap() < Duration::from_millis(50), "{wait:?}");
+    }
+
+    #[test]
+    fn an_unstamped_socket_reads_without_a_wait() {
+        let (rx, to) = receiver();
+        UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"x", to).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, _, wait) = recv_stamped(&rx, &mut buf).unwrap();
+        assert_eq!((n, wait), (1, None));
+    }
+
+    #[test]
+    fn an_ipv6_source_is_read_back() {
+        let Ok(rx) = UdpSocket::bind("[::1]:0") else { return };
+        rx.set_nonblocking(true).unwrap();
+        enable_rx_timestamps(&rx);
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        tx.send_to(b"six", rx.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, from, _) = loop {
+            match recv_stamped(&rx, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!((&buf[..n], from), (&b"six"[..], tx.local_addr().unwrap()));
     }
 }

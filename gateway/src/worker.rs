@@ -391,9 +391,17 @@ impl Worker {
             }
             read += 1;
             let candidate = sock.candidate;
-            match sock.socket.recv_from(buf) {
-                Ok((n, source)) => {
+            // The first datagram read from a socket in a pass is the oldest it holds, so its
+            // wait is the socket's longest: only it is read with its timestamp.
+            let received = if read == 1 {
+                crate::udp::recv_stamped(&sock.socket, buf)
+            } else {
+                sock.socket.recv_from(buf).map(|(n, source)| (n, source, None))
+            };
+            match received {
+                Ok((n, source, waited)) => {
                     let read_at = Instant::now();
+                    self.load.note_wait(waited);
                     self.engine.handle_receive(read_at, key, source, candidate, &buf[..n]);
                     self.flush_timed(key, read_at);
                 }
@@ -408,6 +416,7 @@ impl Worker {
     /// Read the datagrams waiting on the shared socket, up to the pass's budget; the engine
     /// finds each one's connection.
     fn read_shared(&mut self, buf: &mut [u8]) {
+        let mut first = true;
         loop {
             let Some(shared) = &self.shared else { return };
             if !self.pass.take() {
@@ -417,9 +426,16 @@ impl Worker {
                 return;
             }
             let candidate = shared.candidate;
-            match shared.socket.recv_from(buf) {
-                Ok((n, source)) => {
+            // As for a connection's socket: the oldest datagram's wait is the one that counts.
+            let received = if std::mem::take(&mut first) {
+                crate::udp::recv_stamped(&shared.socket, buf)
+            } else {
+                shared.socket.recv_from(buf).map(|(n, source)| (n, source, None))
+            };
+            match received {
+                Ok((n, source, waited)) => {
                     let read_at = Instant::now();
+                    self.load.note_wait(waited);
                     match self.engine.handle_shared_receive(read_at, source, candidate, &buf[..n]) {
                         Some(key) => self.flush_timed(key, read_at),
                         None => self.flush(),
@@ -457,6 +473,9 @@ impl Worker {
             }
         }
         self.slow.charge(forwarded);
+        if forwarded > 0 {
+            self.load.add_forwarding(read_at.elapsed());
+        }
     }
 
     /// Carry out everything the engine produced.
@@ -575,6 +594,8 @@ impl Worker {
         // A burst or a stalled pass waits in the kernel rather than being dropped.
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&std_socket, SOCKET_BUFFER_BYTES);
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&std_socket, SOCKET_BUFFER_BYTES);
+        // How long datagrams wait in it: the overload signal (`load`).
+        crate::udp::enable_rx_timestamps(&std_socket);
         let mut socket = UdpSocket::from_std(std_socket);
         let key = ConnKey(self.next_key);
         self.next_key += 1;

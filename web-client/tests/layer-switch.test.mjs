@@ -478,6 +478,16 @@ function report(label, records, codecSeen) {
   console.log(`[${label}] ${records.length} switches, bob decodes ${codecSeen}; all: switch ms median ${median(all)} max ${all.length ? Math.max(...all) : "-"}\n${lines.join("\n")}`);
 }
 
+/** The gateway's overload level changes: these runs load it lightly (one publisher, one
+ *  subscriber), so any level above 0 would be a false alarm forcing bob to the lowest layer. */
+function assertNoOverload(label, gateway) {
+  const lines = gateway
+    .log()
+    .split("\n")
+    .filter((l) => l.includes("overload level"));
+  assert.deepEqual(lines, [], `[${label}] a lightly loaded gateway changed its overload level`);
+}
+
 function assertRun(label, run, codec, cycles) {
   assert.deepEqual(run.failures, [], `[${label}] switches failed`);
   assert.equal(run.codecSeen, `video/${codec}`, "bob decodes the codec alice was asked to prefer");
@@ -507,6 +517,7 @@ for (const codec of CODECS) {
     const { gateway, browser } = await loopbackSetup();
     const run = await switchRun({ base: gateway.base, browser, codec, room: `layer-switch-${codec.toLowerCase()}`, cycles: CYCLES, label: codec, boundMs: SWITCH_BOUND_MS });
     assertRun(codec, run, codec, CYCLES);
+    assertNoOverload(codec, gateway);
   });
 }
 
@@ -618,6 +629,7 @@ test(`VP8 through ${LOSS_PROBABILITY * 100}% random UDP loss: layer switches giv
       assert.ok(c.datagrams > 500 && c.dropped / c.datagrams > LOSS_PROBABILITY / 3, `loss really applied ${dir}: ${JSON.stringify(c)}`);
     }
     assertRun("VP8 loss", run, "VP8", LOSS_CYCLES);
+    assertNoOverload("VP8 loss", lossGateway);
   } finally {
     if (browser) await browser.close().catch(() => {});
     if (lossGateway) await lossGateway.stop();

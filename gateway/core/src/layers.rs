@@ -37,8 +37,6 @@ pub struct LayerIn {
     /// The packets since its last keyframe, for subscribers that start on it
     /// (`media.keyframe_cache`).
     pub gop: GopCache,
-    /// How late its packets are read (`overload`: the worker's queue).
-    pub lag: crate::overload::LagMeter,
 }
 
 impl LayerIn {
@@ -62,7 +60,6 @@ impl LayerIn {
             last_packet: None,
             paused: false,
             gop: GopCache::default(),
-            lag: Default::default(),
         }
     }
 

@@ -44,6 +44,12 @@ pub const DELAY_LOW: Duration = Duration::from_millis(5);
 pub const GROWTH: Duration = Duration::from_millis(1);
 /// Without a socket wait to go by (no timestamps): overloaded above this busy share.
 pub const BUSY_HIGH: f64 = 0.97;
+/// A growing wait (or a busy worker) counts only in a tick in which forwarding — handling the
+/// publisher packets that were fanned out, and writing them — took at least this share of the
+/// worker's time: shedding video can only win back time spent forwarding it. A worker that
+/// mostly idles and still reads late is kept off the CPU by another process; one busy reading
+/// a flood of garbage at its port would lose its calls' video and still drown.
+pub const FORWARD_GATE: f64 = 0.25;
 /// Ticks in a row the queue must grow before a level is added.
 pub const UP_AFTER_TICKS: u32 = 2;
 /// At least this long between two steps up: the last one must have taken effect (subscribers
@@ -74,6 +80,9 @@ pub struct Sample {
     pub elapsed: Duration,
     /// Time the worker spent working (not waiting for readiness) in it.
     pub busy: Duration,
+    /// Of that, the time spent on datagrams that were forwarded to other connections (from
+    /// the read to the last write they caused).
+    pub forwarding: Duration,
     /// The longest a datagram read in the tick waited in its socket (`None`: nothing read with
     /// a timestamp).
     pub queue_delay: Option<Duration>,
@@ -152,6 +161,7 @@ impl Overload {
             return self.level;
         }
         let busy = (s.busy.as_secs_f64() / secs).min(1.0);
+        let forwarding = s.forwarding.as_secs_f64() / secs >= FORWARD_GATE;
         self.busy = ewma(self.busy, busy);
         if s.written >= 20 {
             let cost = s.busy.as_secs_f64() / s.written as f64;
@@ -163,8 +173,8 @@ impl Overload {
         // Overloaded: the queue is long and longer than two ticks ago (or, without a wait to
         // go by, the worker never rests). A queue that drains after a step is left to drain.
         let overloaded = match s.queue_delay {
-            Some(d) => d > DELAY_HIGH && self.last_delays[0].is_none_or(|old| d > old + GROWTH),
-            None => busy >= BUSY_HIGH,
+            Some(d) => forwarding && d > DELAY_HIGH && self.last_delays[0].is_none_or(|old| d > old + GROWTH),
+            None => forwarding && busy >= BUSY_HIGH,
         };
         let drained = match s.queue_delay {
             Some(d) => d < DELAY_LOW,
@@ -190,70 +200,6 @@ impl Overload {
             self.changed_at = Some(now);
         }
         self.level
-    }
-}
-
-/// How long a publisher's packets wait in the worker's socket before they are read, from their
-/// RTP timestamps: the arrival time minus the media time, over the lowest of that in the last
-/// 5–10 s (the path's own delay). A worker that keeps up reads every packet about as late as
-/// the least late one; one that falls behind reads each later than the last. Fed only the
-/// newest packet of a stream (a retransmission is late by nature).
-#[derive(Debug, Clone, Default)]
-pub struct LagMeter {
-    /// The first packet: arrival and extended RTP time.
-    origin: Option<(Instant, i64)>,
-    last_ts: u32,
-    ext_ts: i64,
-    last_at: Option<Instant>,
-    /// Lowest lateness (seconds) in the current and the previous window.
-    base: [f64; 2],
-    window_start: Option<Instant>,
-}
-
-/// The lowest lateness is kept over two windows of this length.
-const LAG_WINDOW: Duration = Duration::from_secs(5);
-/// A stream silent this long (a pause, DTX) or late by more than [`LAG_RESET`] (a timestamp
-/// jump) starts over.
-const LAG_GAP: Duration = Duration::from_millis(500);
-const LAG_RESET: f64 = 5.0;
-
-impl LagMeter {
-    /// A packet with RTP timestamp `ts` (clock rate `clock`) read at `now`: how much later than
-    /// the least late packet of the window it was read.
-    pub fn on_packet(&mut self, now: Instant, ts: u32, clock: u32) -> Option<Duration> {
-        if clock == 0 {
-            return None;
-        }
-        let fresh = self.last_at.is_none_or(|t| now.saturating_duration_since(t) > LAG_GAP);
-        self.last_at = Some(now);
-        if fresh || self.origin.is_none() {
-            self.restart(now, ts);
-            return Some(Duration::ZERO);
-        }
-        self.ext_ts += i64::from(ts.wrapping_sub(self.last_ts) as i32);
-        self.last_ts = ts;
-        let (t0, ts0) = self.origin?;
-        let late = now.saturating_duration_since(t0).as_secs_f64() - (self.ext_ts - ts0) as f64 / f64::from(clock);
-        if self.window_start.is_none_or(|w| now.saturating_duration_since(w) >= LAG_WINDOW) {
-            self.base = [late, self.base[0]];
-            self.window_start = Some(now);
-        } else {
-            self.base[0] = self.base[0].min(late);
-        }
-        let lag = late - self.base[0].min(self.base[1]);
-        if lag >= LAG_RESET {
-            self.restart(now, ts);
-            return Some(Duration::ZERO);
-        }
-        Some(Duration::from_secs_f64(lag.max(0.0)))
-    }
-
-    fn restart(&mut self, now: Instant, ts: u32) {
-        self.origin = Some((now, 0));
-        self.last_ts = ts;
-        self.ext_ts = 0;
-        self.base = [0.0; 2];
-        self.window_start = Some(now);
     }
 }
 
@@ -302,6 +248,7 @@ mod tests {
             Sample {
                 elapsed: TICK,
                 busy: Duration::from_secs_f64(busy * dt),
+                forwarding: Duration::from_secs_f64(busy * dt * 0.8),
                 queue_delay: Some(Duration::from_secs_f64(self.queue + 0.001)),
                 written,
                 shed,
@@ -385,6 +332,7 @@ mod tests {
         let busy = |b: f64| Sample {
             elapsed: TICK,
             busy: Duration::from_secs_f64(b * 0.1),
+            forwarding: Duration::from_secs_f64(b * 0.1),
             queue_delay: None,
             written: 100,
             shed: [0; LEVELS],
@@ -403,7 +351,14 @@ mod tests {
     fn a_single_slow_pass_is_not_overload() {
         let mut o = Overload::new();
         let t0 = Instant::now();
-        let mut s = Sample { elapsed: TICK, busy: ms(30), queue_delay: Some(ms(1)), written: 100, shed: [0; LEVELS] };
+        let mut s = Sample {
+            elapsed: TICK,
+            busy: ms(30),
+            forwarding: ms(30),
+            queue_delay: Some(ms(1)),
+            written: 100,
+            shed: [0; LEVELS],
+        };
         for i in 0..50 {
             // One tick in ten has a 40 ms wait (a keyframe burst), then it is gone.
             s.queue_delay = Some(if i % 10 == 5 { ms(40) } else { ms(1) });
@@ -412,26 +367,30 @@ mod tests {
     }
 
     #[test]
-    fn the_lag_meter_sees_a_growing_queue_and_forgets_pauses() {
+    fn a_growing_wait_counts_only_while_forwarding_is_real_work() {
+        // Reads come later and later. (a) Another process holds the CPU: the worker works 10%
+        // of the time. (b) A flood of garbage at its port: busy all the time, forwarding 2%.
+        // Shedding video would win back nothing in either.
         let t0 = Instant::now();
-        let mut m = LagMeter::default();
-        // Audio every 20 ms, read on time (with up to 3 ms of jitter): no lag to speak of.
-        for i in 0..100u32 {
-            let at = t0 + ms(20 * u64::from(i) + u64::from(i % 4));
-            let lag = m.on_packet(at, i.wrapping_mul(960).wrapping_add(u32::MAX - 50_000), 48_000).unwrap();
-            assert!(lag <= ms(4), "{i}: {lag:?}");
-        }
-        // The reader falls behind: each packet read 10 ms later than the one before.
-        let mut last = Duration::ZERO;
-        for i in 100..130u32 {
-            let at = t0 + ms(20 * u64::from(i) + 10 * u64::from(i - 99));
-            last = m.on_packet(at, i.wrapping_mul(960).wrapping_add(u32::MAX - 50_000), 48_000).unwrap();
-        }
-        assert!(last >= ms(290) && last <= ms(310), "{last:?}");
-        // A pause of a second, then on time again: no lag.
-        let at = t0 + ms(20 * 131 + 1_600);
-        assert_eq!(m.on_packet(at, 999, 48_000), Some(Duration::ZERO));
-        let lag = m.on_packet(at + ms(20), 999 + 960, 48_000).unwrap();
-        assert!(lag <= ms(1), "{lag:?}");
+        let levels = |busy: u64, forwarding: u64| {
+            let mut o = Overload::new();
+            (0..30u32)
+                .map(|i| {
+                    let s = Sample {
+                        elapsed: TICK,
+                        busy: ms(busy),
+                        forwarding: ms(forwarding),
+                        queue_delay: Some(ms(25 + 10 * u64::from(i))),
+                        written: 100,
+                        shed: [0; LEVELS],
+                    };
+                    o.update(t0 + TICK * i, &s)
+                })
+                .collect::<Vec<u8>>()
+        };
+        assert!(levels(10, 8).iter().all(|&l| l == 0), "idle: {:?}", levels(10, 8));
+        assert!(levels(100, 2).iter().all(|&l| l == 0), "flood: {:?}", levels(100, 2));
+        // The same waits in a worker busy forwarding: overload.
+        assert!(levels(95, 80).iter().any(|&l| l > 0), "forwarding: {:?}", levels(95, 80));
     }
 }

@@ -45,7 +45,7 @@ impl Engine {
     /// Forward one publisher packet to every live subscriber of its track: video only to those
     /// whose layer it is, switching a subscriber to its target layer at that layer's keyframe.
     pub(super) fn forward(&mut self, now: Instant, key: ConnKey, p: RtpPacket) {
-        let Self { rooms, conns, q, counters, cfg, queue_delay, .. } = self;
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
         let Some(publisher) = conns.get_mut(&key) else { return };
         let bytes = p.payload.len() as u64;
         publisher.stats.rtp_packets_in += 1;
@@ -76,16 +76,10 @@ impl Engine {
             layer.ssrc = Some(p.header.ssrc);
             layer.loss = Default::default();
             layer.gop.clear();
-            layer.lag = Default::default();
         }
         // Gaps are tracked for video only: a lost audio packet is concealed by the decoder, and
         // a keyframe request would not help it (audio has no RTX to repair it either).
         let newest = !video || layer.loss.on_packet(*p.seq_no, now);
-        if newest {
-            if let Some(lag) = layer.lag.on_packet(now, p.header.timestamp, params.spec().clock_rate.get()) {
-                *queue_delay = Some(queue_delay.map_or(lag, |d| d.max(lag)));
-            }
-        }
         let starts = video && starts_keyframe(params.spec().codec, &p.payload);
         // A keyframe's first packet that comes late (reordered, or repaired by RTX) follows the
         // rest of its frame, which subscribers waiting for a keyframe did not get: starting them

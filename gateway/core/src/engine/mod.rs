@@ -88,9 +88,6 @@ pub struct Engine {
     /// Packets not written because of the overload level, by the level at which they would be
     /// written again, until the driver takes them.
     overload_shed: [u64; crate::overload::LEVELS],
-    /// The latest any publisher packet was read since the driver last asked
-    /// (`overload::LagMeter`).
-    queue_delay: Option<std::time::Duration>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
@@ -130,7 +127,6 @@ impl Engine {
             overload: 0,
             subscribers_seen: 0,
             overload_shed: [0; crate::overload::LEVELS],
-            queue_delay: None,
         }
     }
 
@@ -159,12 +155,6 @@ impl Engine {
     /// which they would be written again (`overload::Sample::shed`).
     pub fn take_overload_shed(&mut self) -> [u64; crate::overload::LEVELS] {
         std::mem::take(&mut self.overload_shed)
-    }
-
-    /// How much later than usual the latest publisher packet since the last call was read
-    /// (`overload::LagMeter`; `None`: no media).
-    pub fn take_queue_delay(&mut self) -> Option<std::time::Duration> {
-        self.queue_delay.take()
     }
 
     // -----------------------------------------------------------------------------------------
