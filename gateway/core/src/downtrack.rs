@@ -22,9 +22,17 @@ use crate::rewrite::SeqRewriter;
 /// the live frames back by the age of the keyframe.
 pub(crate) const REPLAY_FRAME_STEP_MS: f64 = 1.0;
 
-/// The most packets a subscriber's video stream keeps for NACKs however young they are (str0m's
-/// default): ~1.6 s of a 6 Mbit/s layer. `media.rtx_history_ms` bounds them by age first.
-const RTX_MAX_PACKETS: usize = 2000;
+/// The most packets a subscriber's video stream keeps for NACKs: one per millisecond of
+/// `media.rtx_history_ms` (the whole history of a 10 Mbit/s layer in 1,200-byte packets; a
+/// faster one keeps the newest that many), at least this many. (str0m's fixed 2,000 let a
+/// short history keep more packets than it needs at high rates; measured, the slots
+/// themselves cost ~4 KB per stream.)
+const RTX_MIN_PACKETS: usize = 256;
+
+/// The RTX slots for a history (see [`RTX_MIN_PACKETS`]).
+pub(crate) fn rtx_packets(history: Duration) -> usize {
+    (history.as_millis() as usize).max(RTX_MIN_PACKETS)
+}
 /// str0m's default: queued retransmissions are dropped while they exceed 15% of the bytes sent.
 const RTX_RATIO_CAP: Option<f32> = Some(0.15);
 
@@ -189,7 +197,7 @@ impl DownTrack {
             // a few round trips, so most of that was memory no request ever reached. Audio is
             // written not resendable: it keeps nothing (not even the buffer's first slots).
             match self.kind {
-                MediaKind::Video => tx.set_rtx_cache(RTX_MAX_PACKETS, history, RTX_RATIO_CAP),
+                MediaKind::Video => tx.set_rtx_cache(rtx_packets(history), history, RTX_RATIO_CAP),
                 MediaKind::Audio => tx.set_rtx_cache(0, Duration::ZERO, RTX_RATIO_CAP),
             }
         }
@@ -295,4 +303,16 @@ impl DownTrack {
 pub(crate) fn ts_advance(last: Option<Instant>, now: Instant, clock: f64) -> u32 {
     let secs = last.map(|t| now.saturating_duration_since(t).as_secs_f64()).unwrap_or(0.0);
     ((secs * clock) as u32).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rtx_slots_follow_the_history() {
+        assert_eq!(rtx_packets(Duration::from_millis(1000)), 1000);
+        assert_eq!(rtx_packets(Duration::from_millis(3000)), 3000);
+        assert_eq!(rtx_packets(Duration::from_millis(100)), RTX_MIN_PACKETS);
+    }
 }

@@ -50,6 +50,7 @@ pub struct RtcConfig {
     pub(crate) pause_threshold: Duration,
     pub(crate) send_buffer_audio: usize,
     pub(crate) send_buffer_video: usize,
+    pub(crate) twcc_send_history: usize,
     pub(crate) sctp_max_buffered_amount: usize,
     pub(crate) sctp_max_message_size: u32,
     pub(crate) rtp_mode: bool,
@@ -662,6 +663,35 @@ impl RtcConfig {
         self.send_buffer_video
     }
 
+    /// Sets how many sent packets are remembered for transport-wide congestion control
+    /// feedback (TWCC).
+    ///
+    /// Every packet sent with a transport-wide sequence number is recorded until this many newer
+    /// ones have been sent; feedback about a packet no longer recorded is ignored. The records
+    /// are kept per `Rtc` (~90 bytes each), so a server with many peers may want fewer: enough
+    /// to cover the feedback interval (typically 50–100 ms) plus a round trip at the highest
+    /// packet rate a peer is sent.
+    ///
+    /// Must be larger than 0. Defaults to 1000.
+    pub fn set_twcc_send_history(mut self, packets: usize) -> Self {
+        assert!(packets > 0, "twcc_send_history must be larger than 0");
+        self.twcc_send_history = packets;
+        self
+    }
+
+    /// Returns the setting for the TWCC send history.
+    ///
+    /// ```
+    /// # use str0m::Rtc;
+    /// let config = Rtc::builder();
+    ///
+    /// // Defaults to 1000.
+    /// assert_eq!(config.twcc_send_history(), 1000);
+    /// ```
+    pub fn twcc_send_history(&self) -> usize {
+        self.twcc_send_history
+    }
+
     /// Sets how many bytes the data channels can buffer for sending, summed over all channels.
     ///
     /// [`Channel::write()`][crate::channel::Channel::write()] does not accept a message (returns
@@ -902,6 +932,7 @@ impl Default for RtcConfig {
             pause_threshold: Duration::from_millis(1500),
             send_buffer_audio: 50,
             send_buffer_video: 1000,
+            twcc_send_history: 1000,
             sctp_max_buffered_amount: crate::sctp::DEFAULT_MAX_BUFFERED_AMOUNT,
             sctp_max_message_size: crate::sctp::LOCAL_MAX_MESSAGE_SIZE,
             rtp_mode: false,
