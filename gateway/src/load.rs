@@ -96,7 +96,7 @@ pub struct Load {
     /// The longest socket wait of a datagram read in this tick.
     wait_max: Option<Duration>,
     /// The longest socket wait of the last second (for `gateway_worker_queue_delay_seconds`).
-    pub lag_max: Duration,
+    pub wait_max_second: Duration,
 }
 
 impl Load {
@@ -108,7 +108,7 @@ impl Load {
             forwarding: Duration::ZERO,
             written_before: 0,
             wait_max: None,
-            lag_max: Duration::ZERO,
+            wait_max_second: Duration::ZERO,
         }
     }
 
@@ -147,7 +147,7 @@ impl Load {
         let written = c.rtp_packets_out[0] + c.rtp_packets_out[1];
         let queue_delay = self.wait_max.take();
         if let Some(d) = queue_delay {
-            self.lag_max = self.lag_max.max(d);
+            self.wait_max_second = self.wait_max_second.max(d);
         }
         let sample = Sample {
             elapsed: now.saturating_duration_since(self.tick_start),

@@ -102,7 +102,8 @@ impl SendQueue {
 }
 
 /// Bind a worker's shared socket: non-blocking, with large buffers (forced where the process
-/// may, e.g. with CAP_NET_ADMIN) and receive timestamps. Returns the socket and the buffer sizes it got.
+/// may, e.g. with CAP_NET_ADMIN) and receive timestamps. Returns the socket and the buffer
+/// sizes it got.
 pub fn bind_shared(addr: SocketAddr) -> io::Result<(UdpSocket, usize, usize)> {
     let socket = UdpSocket::bind(addr)?;
     socket.set_nonblocking(true)?;

@@ -174,6 +174,17 @@ pub struct WorkerSetup {
     pub ufrags: Option<Arc<UfragDirectory>>,
 }
 
+/// Read one datagram. The first read from a socket in a pass (`first`) takes the oldest
+/// datagram it holds, whose wait is the socket's longest: only that one is read with its
+/// kernel timestamp (`udp::recv_stamped`), the rest with a plain `recv_from`.
+fn receive(socket: &UdpSocket, buf: &mut [u8], first: bool) -> std::io::Result<(usize, SocketAddr, Option<Duration>)> {
+    if first {
+        crate::udp::recv_stamped(socket, buf)
+    } else {
+        socket.recv_from(buf).map(|(n, source)| (n, source, None))
+    }
+}
+
 /// A socket shared by every connection of the worker, and what waits to be sent on it.
 struct Shared {
     socket: UdpSocket,
@@ -391,14 +402,7 @@ impl Worker {
             }
             read += 1;
             let candidate = sock.candidate;
-            // The first datagram read from a socket in a pass is the oldest it holds, so its
-            // wait is the socket's longest: only it is read with its timestamp.
-            let received = if read == 1 {
-                crate::udp::recv_stamped(&sock.socket, buf)
-            } else {
-                sock.socket.recv_from(buf).map(|(n, source)| (n, source, None))
-            };
-            match received {
+            match receive(&sock.socket, buf, read == 1) {
                 Ok((n, source, waited)) => {
                     let read_at = Instant::now();
                     self.load.note_wait(waited);
@@ -426,13 +430,7 @@ impl Worker {
                 return;
             }
             let candidate = shared.candidate;
-            // As for a connection's socket: the oldest datagram's wait is the one that counts.
-            let received = if std::mem::take(&mut first) {
-                crate::udp::recv_stamped(&shared.socket, buf)
-            } else {
-                shared.socket.recv_from(buf).map(|(n, source)| (n, source, None))
-            };
-            match received {
+            match receive(&shared.socket, buf, std::mem::take(&mut first)) {
                 Ok((n, source, waited)) => {
                     let read_at = Instant::now();
                     self.load.note_wait(waited);
@@ -752,7 +750,9 @@ impl Worker {
             .set(self.busy.as_secs_f64() / elapsed.as_secs_f64().max(1e-3));
         m.worker_connections.with_label_values(&[label.as_str()]).set(self.engine.connection_count() as i64);
         m.overload_level.with_label_values(&[label.as_str()]).set(i64::from(self.load.level()));
-        m.queue_delay.with_label_values(&[label.as_str()]).set(std::mem::take(&mut self.load.lag_max).as_secs_f64());
+        m.queue_delay
+            .with_label_values(&[label.as_str()])
+            .set(std::mem::take(&mut self.load.wait_max_second).as_secs_f64());
         m.worker_egress_packets.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.egress_packets));
         m.worker_egress_bytes.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.egress_bytes));
         self.busy = Duration::ZERO;

@@ -1,7 +1,7 @@
 //! Heap held by the media engine per subscribed stream (issue: memory per subscriber), measured
 //! with dhat on the simulation: one publisher (VP8 at ~1.5 Mbit/s in 50 frames/s, Opus) and N
-//! subscribers, 10 s of media in virtual time (longer than the retransmission history, `media.rtx_history_ms`), then the
-//! bytes still live that were allocated inside `gateway_core` or str0m on behalf of the engine,
+//! subscribers, 10 s of media in virtual time (longer than the retransmission history,
+//! `media.rtx_history_ms`), then the bytes still live that were allocated inside `gateway_core` or str0m on behalf of the engine,
 //! told apart from the simulated peers' own allocations by the allocation's stack.
 //!
 //!     cargo bench -p gateway-core --bench heap            # N = 50 and 200
