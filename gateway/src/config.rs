@@ -174,6 +174,11 @@ pub struct MediaConfig {
     /// ICE-authenticated remote address) and sends each loop step's datagrams in one
     /// `sendmmsg` call. Needs a port range at least as large as the worker count.
     pub mux: bool,
+    /// One room on every media worker: each room's publishers stay on one worker (its home),
+    /// its subscribers go to whichever worker has the fewest, and the home hands each
+    /// publisher packet (its payload shared, not copied) to the workers with subscribers of the
+    /// room. Off: a room lives on one worker.
+    pub spread: bool,
     /// ICE-TCP (RFC 6544): a TCP port on `bind_ip` where clients whose UDP is blocked (and who
     /// have no TURN server) connect; each connection's answer/offer carries a passive TCP host
     /// candidate on it per candidate address (`announced_ips`, or `bind_ip`), at a lower
@@ -332,6 +337,7 @@ impl Default for MediaConfig {
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
             mux: false,
+            spread: false,
             tcp_port: 0,
             negotiation_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,

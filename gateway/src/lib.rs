@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod plane;
 pub mod ports;
 pub mod server;
+pub mod spread;
 pub mod tcp;
 pub mod udp;
 pub mod web;

@@ -25,6 +25,8 @@ pub struct MediaMetrics {
     /// Per media worker: datagrams (and ICE-TCP frames) it sent, and their bytes: how the
     /// egress is shared between workers.
     pub worker_egress_packets: IntCounterVec,
+    pub worker_relayed: IntCounterVec,
+    pub worker_relay_dropped: IntCounterVec,
     pub worker_egress_bytes: IntCounterVec,
     pub ports_in_use: IntGauge,
     pub ports_free: IntGauge,
@@ -107,6 +109,22 @@ impl MediaMetrics {
                 &["worker"],
             )
             .expect("valid metric"),
+            worker_relayed: IntCounterVec::new(
+                Opts::new(
+                    "gateway_worker_relayed_packets_total",
+                    "Publisher packets a media worker handed to other workers for their subscribers (media.spread)",
+                ),
+                &["worker"],
+            )
+            .expect("valid metric"),
+            worker_relay_dropped: IntCounterVec::new(
+                Opts::new(
+                    "gateway_worker_relay_dropped_total",
+                    "Publisher packets not handed to another worker because its queue from this one was full (media.spread)",
+                ),
+                &["worker"],
+            )
+            .expect("valid metric"),
             ports_in_use: IntGauge::new("gateway_udp_ports_in_use", "UDP ports of the media range in use")
                 .expect("valid metric"),
             ports_free: IntGauge::new("gateway_udp_ports_free", "UDP ports of the media range free")
@@ -149,6 +167,8 @@ impl MediaMetrics {
             Box::new(m.overload_level.clone()),
             Box::new(m.queue_delay.clone()),
             Box::new(m.worker_egress_packets.clone()),
+            Box::new(m.worker_relayed.clone()),
+            Box::new(m.worker_relay_dropped.clone()),
             Box::new(m.worker_egress_bytes.clone()),
             Box::new(m.ports_in_use.clone()),
             Box::new(m.ports_free.clone()),

@@ -17,6 +17,9 @@ pub struct GatewayMedia {
     rooms: DashMap<String, usize>,
     /// Connection → worker index (workers remove ended connections).
     directory: Arc<Directory>,
+    /// `media.spread`: every room is on every worker; the room's worker above is its home
+    /// (publishers), and each subscriber goes to the worker with the fewest.
+    spread: bool,
 }
 
 fn gone() -> MediaError {
@@ -24,8 +27,32 @@ fn gone() -> MediaError {
 }
 
 impl GatewayMedia {
-    pub fn new(workers: Vec<WorkerHandle>, directory: Arc<Directory>) -> Self {
-        Self { workers, rooms: DashMap::new(), directory }
+    pub fn new(workers: Vec<WorkerHandle>, directory: Arc<Directory>, spread: bool) -> Self {
+        let spread = spread && workers.len() > 1;
+        Self { workers, rooms: DashMap::new(), directory, spread }
+    }
+
+    /// The workers that hold a room: its home, and with `media.spread` every other one too.
+    fn holders(&self, home: usize) -> Vec<usize> {
+        if self.spread {
+            (0..self.workers.len()).collect()
+        } else {
+            vec![home]
+        }
+    }
+
+    /// Where a new subscribe connection of a room goes: its home, or with `media.spread` the
+    /// worker with the fewest subscribers (counted at once, so a burst of joins spreads too).
+    fn subscriber_worker(&self, room_id: &str) -> Result<usize, MediaError> {
+        let home = self.room_worker(room_id)?;
+        if !self.spread {
+            return Ok(home);
+        }
+        let w = (0..self.workers.len())
+            .min_by_key(|&i| (self.workers[i].subscribers.load(Ordering::Relaxed), i != home))
+            .unwrap_or(home);
+        self.workers[w].subscribers.fetch_add(1, Ordering::Relaxed);
+        Ok(w)
     }
 
     pub fn workers(&self) -> &[WorkerHandle] {
@@ -34,8 +61,10 @@ impl GatewayMedia {
 
     /// Close a room with a FINISHED reason of our choosing (`shutdown` when the server stops).
     pub async fn close_room_because(&self, room_id: &str, reason: &'static str) {
-        if let Some((_, w)) = self.rooms.remove(room_id) {
-            let _ = self.call(w, |reply| Command::CloseRoom { room_id: room_id.to_owned(), reason, reply }).await;
+        if let Some((_, home)) = self.rooms.remove(room_id) {
+            for w in self.holders(home) {
+                let _ = self.call(w, |reply| Command::CloseRoom { room_id: room_id.to_owned(), reason, reply }).await;
+            }
         }
     }
 
@@ -60,7 +89,11 @@ impl GatewayMedia {
     }
 
     async fn open(&self, spec: ConnectionSpec, offer: Option<String>) -> Result<(), MediaError> {
-        self.open_with(spec, |spec, reply| match offer {
+        let w = match offer {
+            Some(_) => self.room_worker(&spec.room_id)?,
+            None => self.subscriber_worker(&spec.room_id)?,
+        };
+        self.open_on(w, spec, |spec, reply| match offer {
             Some(offer) => Command::Publish { spec, offer, reply },
             None => Command::Subscribe { spec, reply },
         })
@@ -69,12 +102,12 @@ impl GatewayMedia {
 
     /// Send the command that makes a new connection to its room's worker, with the directory
     /// entry in place for the events it causes.
-    async fn open_with(
+    async fn open_on(
         &self,
+        w: usize,
         spec: ConnectionSpec,
         make: impl FnOnce(ConnectionSpec, Reply<()>) -> Command,
     ) -> Result<(), MediaError> {
-        let w = self.room_worker(&spec.room_id)?;
         let id = spec.connection_id.clone();
         self.directory.insert(id.clone(), w);
         let r = self.call(w, |reply| make(spec, reply)).await;
@@ -91,7 +124,11 @@ impl MediaPlane for GatewayMedia {
     async fn create_room(&self, room_id: &str) -> Result<(), MediaError> {
         let w =
             (0..self.workers.len()).min_by_key(|&i| self.workers[i].rooms.load(Ordering::Relaxed)).ok_or_else(gone)?;
-        self.call(w, |reply| Command::CreateRoom { room_id: room_id.to_owned(), reply }).await?;
+        for m in self.holders(w).into_iter().filter(|m| *m != w) {
+            let home = Some(w);
+            self.call(m, |reply| Command::CreateRoom { room_id: room_id.to_owned(), home, reply }).await?;
+        }
+        self.call(w, |reply| Command::CreateRoom { room_id: room_id.to_owned(), home: None, reply }).await?;
         self.rooms.insert(room_id.to_owned(), w);
         Ok(())
     }
@@ -119,7 +156,9 @@ impl MediaPlane for GatewayMedia {
 
     async fn play(&self, spec: ConnectionSpec, publisher: &str, offer: String) -> Result<(), MediaError> {
         let publisher = publisher.to_owned();
-        self.open_with(spec, |spec, reply| Command::Play { spec, publisher, offer, reply }).await
+        // A player's tracks come from one publisher: it is served where the publisher is.
+        let w = self.room_worker(&spec.room_id)?;
+        self.open_on(w, spec, |spec, reply| Command::Play { spec, publisher, offer, reply }).await
     }
 
     async fn resubscribe(&self, connection_id: &str) -> Result<(), MediaError> {
@@ -170,8 +209,19 @@ impl MediaPlane for GatewayMedia {
     }
 
     async fn set_track_blocked(&self, room_id: &str, stream_id: &str, blocked: bool) -> Result<(), MediaError> {
-        let w = self.room_worker(room_id)?;
-        self.call(w, |reply| Command::SetTrackBlocked {
+        let home = self.room_worker(room_id)?;
+        // Mirrors first: by the time the home answers, no worker forwards a blocked track.
+        for w in self.holders(home).into_iter().filter(|w| *w != home) {
+            let _ = self
+                .call(w, |reply| Command::SetTrackBlocked {
+                    room_id: room_id.to_owned(),
+                    stream_id: stream_id.to_owned(),
+                    blocked,
+                    reply,
+                })
+                .await;
+        }
+        self.call(home, |reply| Command::SetTrackBlocked {
             room_id: room_id.to_owned(),
             stream_id: stream_id.to_owned(),
             blocked,

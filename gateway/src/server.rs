@@ -145,6 +145,11 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     crate::load::set_test_slow_ns(cfg.media.test_slow_ns);
     let mut handles = Vec::new();
     let mut joins = Vec::new();
+    let mut spread_links = if cfg.media.spread && cfg.worker_count() > 1 {
+        crate::spread::Hub::links(cfg.worker_count()).into_iter().map(Some).collect()
+    } else {
+        Vec::new()
+    };
     for index in 0..cfg.worker_count() {
         let label = index.to_string();
         media_metrics.worker_busy.with_label_values(&[label.as_str()]).set(0.0);
@@ -172,6 +177,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
             metrics: media_metrics.clone(),
             shared,
             ufrags: ice_tcp.as_ref().map(|(_, u)| Arc::clone(u)),
+            spread: spread_links.get_mut(index).and_then(Option::take),
         })
         .context("starting a media worker")?;
         handles.push(h);
@@ -184,7 +190,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         ),
         None => None,
     };
-    let media = Arc::new(GatewayMedia::new(handles, directory));
+    let media = Arc::new(GatewayMedia::new(handles, directory, cfg.media.spread));
     let state = AppState::new(cfg.api(), Arc::clone(&registry), Arc::clone(&media) as Arc<dyn MediaPlane>);
     let mut app = signaling_api::router(state.clone()).merge(crate::web::routes());
     if let Some(c) = &cluster {

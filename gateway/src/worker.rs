@@ -47,6 +47,8 @@ pub type Reply<T> = oneshot::Sender<Result<T, MediaError>>;
 pub enum Command {
     CreateRoom {
         room_id: String,
+        /// `media.spread`: the room's home worker, when it is not this one (a mirror).
+        home: Option<usize>,
         reply: Reply<()>,
     },
     CloseRoom {
@@ -144,6 +146,8 @@ pub struct WorkerHandle {
     waker: Arc<Waker>,
     /// Rooms pinned to this worker (for least-loaded placement).
     pub rooms: Arc<AtomicUsize>,
+    /// Subscribe connections on this worker (spread rooms place new ones by it).
+    pub subscribers: Arc<AtomicUsize>,
 }
 
 impl WorkerHandle {
@@ -172,7 +176,13 @@ pub struct WorkerSetup {
     /// ICE-TCP on (`media.tcp_port`): the listener's ufrag → worker index, which this worker
     /// keeps current for its connections.
     pub ufrags: Option<Arc<UfragDirectory>>,
+    /// `media.spread`: this worker's link to the others.
+    pub spread: Option<crate::spread::Link>,
 }
+
+/// What `flush_timed` is given for a packet relayed from another worker: every datagram it
+/// causes is a forwarded one.
+const RELAYED: ConnKey = ConnKey(u64::MAX);
 
 /// Read one datagram. The first read from a socket in a pass (`first`) takes the oldest
 /// datagram it holds, whose wait is the socket's longest: only that one is read with its
@@ -204,10 +214,14 @@ pub fn spawn(setup: WorkerSetup) -> std::io::Result<(WorkerHandle, std::thread::
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
     let (tx, rx) = mpsc::channel();
     let rooms = Arc::new(AtomicUsize::new(0));
-    let handle = WorkerHandle { tx, waker, rooms: Arc::clone(&rooms) };
+    let subscribers = Arc::new(AtomicUsize::new(0));
+    if let Some(link) = &setup.spread {
+        link.hub.set_waker(link.me, Arc::clone(&waker));
+    }
+    let handle = WorkerHandle { tx, waker, rooms: Arc::clone(&rooms), subscribers: Arc::clone(&subscribers) };
     let join = std::thread::Builder::new()
         .name(format!("media-{}", setup.index))
-        .spawn(move || Worker::new(setup, poll, rx, rooms).run())?;
+        .spawn(move || Worker::new(setup, poll, rx, rooms, subscribers).run())?;
     Ok((handle, join))
 }
 
@@ -233,6 +247,14 @@ struct Worker {
     tcp_frame: Vec<u8>,
     next_key: u64,
     rooms: Arc<AtomicUsize>,
+    subscribers: Arc<AtomicUsize>,
+    /// Spread rooms: what the engine produced for other workers, on its way to the hub, and
+    /// packets from other workers left for the next pass (its read budget ran out).
+    relay_msgs: Vec<(usize, gateway_core::Relay)>,
+    relay_pkts: Vec<(usize, gateway_core::RelayedPacket)>,
+    relay_pending: bool,
+    relayed: u64,
+    relay_dropped: u64,
     published: gateway_core::Counters,
     busy: Duration,
     /// Datagrams and frames sent, and their bytes, since the last metrics publication (plain
@@ -255,8 +277,17 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(mut setup: WorkerSetup, poll: Poll, rx: mpsc::Receiver<Command>, rooms: Arc<AtomicUsize>) -> Self {
-        let engine = Engine::new(setup.core.clone());
+    fn new(
+        mut setup: WorkerSetup,
+        poll: Poll,
+        rx: mpsc::Receiver<Command>,
+        rooms: Arc<AtomicUsize>,
+        subscribers: Arc<AtomicUsize>,
+    ) -> Self {
+        let mut engine = Engine::new(setup.core.clone());
+        if let Some(link) = &setup.spread {
+            engine.set_spread(link.me, link.hub.workers());
+        }
         let shared = setup.shared.take().and_then(|std_socket| {
             let port = std_socket.local_addr().ok()?.port();
             let mut socket = UdpSocket::from_std(std_socket);
@@ -286,6 +317,12 @@ impl Worker {
             tcp_frame: Vec::new(),
             next_key: 1,
             rooms,
+            subscribers,
+            relay_msgs: Vec::new(),
+            relay_pkts: Vec::new(),
+            relay_pending: false,
+            relayed: 0,
+            relay_dropped: 0,
             published: Default::default(),
             busy: Duration::ZERO,
             egress_packets: 0,
@@ -307,7 +344,8 @@ impl Worker {
             let now = Instant::now();
             let wait = next.map(|t| t.saturating_duration_since(now)).unwrap_or(METRICS_EVERY).min(METRICS_EVERY);
             let wait = wait.min(self.load.next_tick().saturating_duration_since(now));
-            let wait = if self.links_to_read.is_empty() && self.deferred.is_empty() { wait } else { Duration::ZERO };
+            let idle = self.links_to_read.is_empty() && self.deferred.is_empty() && !self.relay_pending;
+            let wait = if idle { wait } else { Duration::ZERO };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -325,8 +363,13 @@ impl Worker {
             if self.deferred.is_empty() {
                 self.deferred = deferred;
             }
+            if self.relay_pending {
+                self.relays_in();
+            }
             for ev in events.iter() {
                 if ev.token() == WAKE {
+                    // Other workers' track changes before the commands that may rely on them.
+                    self.relays_in();
                     if !self.commands() {
                         self.shutdown();
                         return;
@@ -450,6 +493,7 @@ impl Worker {
     /// every datagram sent on another connection's socket is a forwarded packet, and the time
     /// from the read to its `sendto` (or the `sendmmsg` carrying it) returning is recorded.
     fn flush_timed(&mut self, from: ConnKey, read_at: Instant) {
+        self.push_relays();
         let mut forwarded = 0;
         while let Some(out) = self.engine.poll_output() {
             if let Some(key) = self.carry_out(out) {
@@ -478,11 +522,75 @@ impl Worker {
 
     /// Carry out everything the engine produced.
     fn flush(&mut self) {
+        self.push_relays();
         while let Some(out) = self.engine.poll_output() {
             self.carry_out(out);
         }
         self.send_queued();
         self.sync_ufrags();
+    }
+
+    /// Hand what the engine produced for other workers (spread rooms) to the hub and wake
+    /// them: before this flush's events reach the control plane, so a worker always knows a
+    /// track before a client can hear of it.
+    fn push_relays(&mut self) {
+        let Some(link) = &self.setup.spread else { return };
+        self.engine.take_relays(&mut self.relay_msgs, &mut self.relay_pkts);
+        if self.relay_msgs.is_empty() && self.relay_pkts.is_empty() {
+            return;
+        }
+        let mut wake = 0u64;
+        for (to, m) in self.relay_msgs.drain(..) {
+            link.hub.send(to, m);
+            wake |= 1 << to;
+        }
+        for (to, p) in self.relay_pkts.drain(..) {
+            if link.hub.push_packet(link.me, to, p) {
+                self.relayed += 1;
+                wake |= 1 << to;
+            } else {
+                self.relay_dropped += 1;
+            }
+        }
+        while wake != 0 {
+            let to = wake.trailing_zeros() as usize;
+            wake &= wake - 1;
+            link.hub.wake(to);
+        }
+    }
+
+    /// Take what other workers sent (spread rooms): messages first, then packets, within the
+    /// pass's read budget (the rest waits for the next pass).
+    fn relays_in(&mut self) {
+        let Some(link) = &self.setup.spread else { return };
+        let (hub, me) = (Arc::clone(&link.hub), link.me);
+        let mut got = false;
+        while let Ok(m) = link.rx.try_recv() {
+            self.engine.handle_relay(Instant::now(), m);
+            got = true;
+        }
+        if got {
+            self.flush();
+        }
+        self.relay_pending = false;
+        let mut first = true;
+        for from in (0..hub.workers()).filter(|w| *w != me) {
+            loop {
+                if !self.pass.take() {
+                    self.relay_pending = true;
+                    return;
+                }
+                let Some(p) = hub.pop_packet(from, me) else { break };
+                let read_at = p.read_at;
+                let now = Instant::now();
+                if std::mem::take(&mut first) {
+                    // How long it waited for this worker: the overload signal, as a socket's.
+                    self.load.note_wait(Some(now.saturating_duration_since(read_at)));
+                }
+                self.engine.handle_relayed_packet(now, p);
+                self.flush_timed(RELAYED, read_at);
+            }
+        }
     }
 
     /// Tell the ICE-TCP listener which ufrags are this worker's now (before any reply to the
@@ -611,14 +719,20 @@ impl Worker {
         loop {
             let cmd = match self.rx.try_recv() {
                 Ok(c) => c,
-                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Empty) => {
+                    self.subscribers.store(self.engine.subscriber_count(), Ordering::Relaxed);
+                    return true;
+                }
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             };
             let now = Instant::now();
             match cmd {
                 Command::Shutdown => return false,
-                Command::CreateRoom { room_id, reply } => {
-                    self.engine.create_room(&room_id);
+                Command::CreateRoom { room_id, home, reply } => {
+                    match home {
+                        Some(home) => self.engine.create_mirror_room(&room_id, home),
+                        None => self.engine.create_room(&room_id),
+                    }
                     self.rooms.store(self.engine.room_count(), Ordering::Relaxed);
                     let _ = reply.send(Ok(()));
                 }
@@ -755,6 +869,11 @@ impl Worker {
             .set(std::mem::take(&mut self.load.wait_max_second).as_secs_f64());
         m.worker_egress_packets.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.egress_packets));
         m.worker_egress_bytes.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.egress_bytes));
+        if self.setup.spread.is_some() {
+            m.worker_relayed.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.relayed));
+            m.worker_relay_dropped.with_label_values(&[label.as_str()]).inc_by(std::mem::take(&mut self.relay_dropped));
+        }
+        self.subscribers.store(self.engine.subscriber_count(), Ordering::Relaxed);
         self.busy = Duration::ZERO;
         self.published = c;
     }

@@ -104,8 +104,13 @@ async fn fan_out_late_join_and_leave(port_min: u16, port_max: u16, mux: bool) {
         egress.push((packets, bytes));
     }
     let busiest = egress.iter().map(|e| e.0).fold(0.0, f64::max);
-    assert!(busiest >= 300.0, "the room's worker sent the forwarded packets: {egress:?}");
-    assert!(egress.iter().any(|e| e.0 == 0.0 && e.1 == 0.0), "a room is served by one worker: {egress:?}");
+    if spread_mode() {
+        // One subscriber on each worker: each sent that subscriber's 150 packets.
+        assert!(egress.iter().all(|e| e.0 >= 150.0), "each worker served a subscriber: {egress:?}");
+    } else {
+        assert!(busiest >= 300.0, "the room's worker sent the forwarded packets: {egress:?}");
+        assert!(egress.iter().any(|e| e.0 == 0.0 && e.1 == 0.0), "a room is served by one worker: {egress:?}");
+    }
     assert!(egress.iter().all(|e| e.1 >= e.0 * 12.0), "bytes counted with the packets: {egress:?}");
     assert_eq!(api.metric(r#"gateway_connections{state="READY"}"#).await, 3.0);
     assert_eq!(api.metric(r#"gateway_connection_setup_seconds_count{role="subscribe"}"#).await, 2.0);

@@ -32,6 +32,9 @@ pub(crate) struct Queues {
     pub work: VecDeque<(ConnKey, Event)>,
     /// Connections that hit a fatal error, with the reason.
     pub doomed: Vec<(ConnKey, String)>,
+    /// Spread rooms (`engine::relay`): messages and packets for other workers.
+    pub relay: Vec<(usize, crate::engine::Relay)>,
+    pub relayed: Vec<(usize, crate::engine::RelayedPacket)>,
 }
 
 /// Live statistics, shown by `GET /v1/connections/{id}`.

@@ -47,7 +47,7 @@ use std::time::Duration;
 pub use str0m::net::Protocol;
 
 pub use connection::{ConnStats, LayerInUse, MediaStats};
-pub use engine::{Engine, NewConnection};
+pub use engine::{Engine, NewConnection, Relay, RelayedPacket, TrackInfo};
 pub use signaling_api::events::{ConnectionSpec, IceRestarted, MediaEvent};
 pub use signaling_api::protocol::{ErrorCode, EventKind};
 

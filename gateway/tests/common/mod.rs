@@ -35,6 +35,12 @@ pub fn mux_mode() -> bool {
     std::env::var("TEST_MEDIA_MUX").is_ok_and(|v| v == "1")
 }
 
+/// `TEST_MEDIA_SPREAD=1`: every gateway the tests start spreads each room over its two media
+/// workers (`media.spread`), so the same suites prove rooms that cross workers.
+pub fn spread_mode() -> bool {
+    std::env::var("TEST_MEDIA_SPREAD").is_ok_and(|v| v == "1")
+}
+
 /// Start a gateway on 127.0.0.1 with HTTP on an ephemeral port and the given media port range.
 pub async fn start_gateway(port_min: u16, port_max: u16) -> Running {
     start_gateway_with(port_min, port_max, |_| {}).await
@@ -51,6 +57,7 @@ pub async fn start_gateway_with(port_min: u16, port_max: u16, adjust: impl FnOnc
     cfg.auth.token_secret = "integration-test-secret-0123456789".into();
     // The suites run once as configured and once more in single-port mode (scripts/test.sh).
     cfg.media.mux = mux_mode();
+    cfg.media.spread = spread_mode();
     adjust(&mut cfg);
     cfg.validate().unwrap();
     gateway::server::start(cfg).await.expect("gateway starts")

@@ -91,7 +91,7 @@ impl Engine {
 
     /// Relay one message a publisher sent to every other participant's subscribe connection.
     pub(super) fn relay_data(&mut self, now: Instant, key: ConnKey, msg: ChannelData) {
-        let Self { conns, rooms, q, counters, cfg, .. } = self;
+        let Self { conns, counters, cfg, .. } = self;
         let Some(publisher) = conns.get_mut(&key) else { return };
         let Side::Publish(side) = &mut publisher.side else { return };
         counters.data_received += 1;
@@ -121,18 +121,36 @@ impl Engine {
         };
         let envelope = Envelope { participant_id: &publisher.participant, label: &label, binary: msg.binary, data };
         let Ok(text) = serde_json::to_vec(&envelope) else { return };
+        let text: Arc<[u8]> = text.into();
         let sender = Arc::clone(&publisher.participant);
-        let Some(room) = rooms.get(&publisher.room) else { return };
+        let room_id = Arc::clone(&publisher.room);
+        self.deliver_data(now, &room_id, &sender, reliable, &text);
+        // A spread room: the workers with subscribers of their own deliver it there.
+        let Some(room) = self.rooms.get(&room_id) else { return };
+        let mut mask = room.relay_to;
+        while mask != 0 {
+            let w = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let (room, sender, text) = (Arc::clone(&room_id), Arc::clone(&sender), Arc::clone(&text));
+            self.q.relay.push((w, Relay::Data { room, sender, reliable, text }));
+        }
+    }
+
+    /// Write a wrapped data message to every subscribe connection of the room on this engine
+    /// that is not `sender`'s.
+    pub(super) fn deliver_data(&mut self, now: Instant, room_id: &str, sender: &Arc<str>, reliable: bool, text: &[u8]) {
+        let Self { conns, rooms, q, counters, .. } = self;
+        let Some(room) = rooms.get(room_id) else { return };
         for k in &room.conns {
             let Some(sub) = conns.get_mut(k) else { continue };
-            if sub.participant == sender || sub.state != ConnectionState::Ready {
+            if sub.participant == *sender || sub.state != ConnectionState::Ready {
                 continue;
             }
             let Side::Subscribe(s) = &sub.side else { continue };
             let channel = if reliable { s.data.reliable } else { s.data.unreliable };
             let written = channel
                 .and_then(|id| sub.rtc.channel(id))
-                .is_some_and(|mut c| matches!(c.write(false, &text), Ok(true)));
+                .is_some_and(|mut c| matches!(c.write(false, text), Ok(true)));
             if written {
                 counters.data_forwarded += 1;
                 sub.drain(now, q);

@@ -10,6 +10,7 @@ use crate::select::{select, DownState, Packet, Verdict, Why};
 
 /// A publisher packet as the fan-out needs it, independent of the `Rtc` it came from (so a
 /// packet handed over from another worker can take the same path). The payload is shared.
+#[derive(Clone)]
 pub(super) struct Inbound {
     pub(super) ssrc: u32,
     /// Extended sequence number.
@@ -45,7 +46,7 @@ impl Engine {
     /// Forward one publisher packet to every live subscriber of its track: video only to those
     /// whose layer it is, switching a subscriber to its target layer at that layer's keyframe.
     pub(super) fn forward(&mut self, now: Instant, key: ConnKey, p: RtpPacket) {
-        let Self { rooms, conns, q, counters, cfg, .. } = self;
+        let Self { rooms, conns, cfg, .. } = self;
         let Some(publisher) = conns.get_mut(&key) else { return };
         let bytes = p.payload.len() as u64;
         publisher.stats.rtp_packets_in += 1;
@@ -67,19 +68,41 @@ impl Engine {
             track.level.observe(level);
             room.speakers.wake(now);
         }
+        self.take_in(now, &room_id, ti, li, Inbound::from_rtp(&p), params);
+    }
+
+    /// The receive side of a publisher packet (read here, or relayed from the room's home):
+    /// its layer's activity, rate, gaps and keyframe cache, keyframe requests it settles or
+    /// calls for, then the fan-out to this worker's subscribers (and, on a spread room's home,
+    /// to the workers with subscribers of their own).
+    pub(super) fn take_in(
+        &mut self,
+        now: Instant,
+        room_id: &Arc<str>,
+        ti: usize,
+        li: usize,
+        p: Inbound,
+        params: PayloadParams,
+    ) {
+        let Self { rooms, conns, q, counters, cfg, .. } = self;
+        let Some(room) = rooms.get_mut(room_id) else { return };
+        let mirror = room.home.is_some();
+        let Some(track) = room.tracks.get_mut(ti) else { return };
+        let video = track.kind == MediaKind::Video;
+        let bytes = p.payload.len() as u64;
         let layer = &mut track.layers[li];
         let was_active = layer.active(now);
         layer.last_packet = Some(now);
         layer.rate.add(now, p.payload.len());
-        if layer.ssrc != Some(p.header.ssrc) {
+        if layer.ssrc != Some(p.ssrc.into()) {
             // A new stream (or a restarted one): its sequence numbers start over.
-            layer.ssrc = Some(p.header.ssrc);
+            layer.ssrc = Some(p.ssrc.into());
             layer.loss = Default::default();
             layer.gop.clear();
         }
         // Gaps are tracked for video only: a lost audio packet is concealed by the decoder, and
         // a keyframe request would not help it (audio has no RTX to repair it either).
-        let newest = !video || layer.loss.on_packet(*p.seq_no, now);
+        let newest = !video || layer.loss.on_packet(p.seq, now);
         let starts = video && starts_keyframe(params.spec().codec, &p.payload);
         // A keyframe's first packet that comes late (reordered, or repaired by RTX) follows the
         // rest of its frame, which subscribers waiting for a keyframe did not get: starting them
@@ -89,16 +112,13 @@ impl Engine {
             layer.gop.add(
                 keyframe,
                 CachedPacket {
-                    seq: *p.seq_no,
-                    ts: p.header.timestamp,
-                    marker: p.header.marker,
+                    seq: p.seq,
+                    ts: p.ts,
+                    marker: p.marker,
                     payload: p.payload.clone(),
-                    wallclock: p.timestamp,
+                    wallclock: p.wallclock,
                     params,
-                    ext: ExtensionValues {
-                        video_orientation: p.header.ext_vals.video_orientation,
-                        ..Default::default()
-                    },
+                    ext: ExtensionValues { video_orientation: p.ext.video_orientation, ..Default::default() },
                 },
             );
         }
@@ -113,8 +133,10 @@ impl Engine {
                 want_keyframe(now, track, li, conns, q, counters);
             }
         }
-        counters.count_in(video, bytes);
-        if !was_active {
+        if !mirror {
+            counters.count_in(video, bytes);
+        }
+        if !was_active && !mirror {
             if let Some(layers) = track.layers_changed(now) {
                 let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());
                 q.out.push_back(Output::Event(MediaEvent::StreamLayers { room_id, stream_id, layers }));
@@ -129,13 +151,19 @@ impl Engine {
             }
         }
         // Reallocation leaves the room's track list as it is, so `ti` still names this track.
-        let blocked = self.rooms.get(&room_id).and_then(|r| r.tracks.get(ti)).is_some_and(|t| t.blocked);
-        if blocked {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        let Some(track) = room.tracks.get(ti) else { return };
+        if track.blocked {
             // Muted by the app backend: measured above, forwarded to nobody.
-            self.counters.moderated_drops += 1;
+            if !mirror {
+                self.counters.moderated_drops += 1;
+            }
             return;
         }
-        self.fan_out(now, &room_id, ti, li, &Inbound::from_rtp(&p), params, keyframe);
+        if room.relay_to != 0 {
+            relay::relay_packet(&mut self.q, room.relay_to, room_id, track, li, &p, params, now);
+        }
+        self.fan_out(now, room_id, ti, li, &p, params, keyframe);
     }
 
     /// Write one publisher packet (track `ti` of room `room_id`, its layer `li`) to the

@@ -23,6 +23,13 @@ pub(super) fn send_due_keyframe_request(
 ) {
     let Some(layer) = track.layers.get_mut(li) else { return };
     let Some(kind) = layer.keyframes.due(now) else { return };
+    if let Some((home, room)) = &track.mirror {
+        // A mirror (spread room): the home asks the publisher, through its own throttle.
+        let (room, stream_id, rid) = (Arc::clone(room), Arc::clone(&track.stream_id), layer.rid);
+        q.relay.push((*home, super::relay::Relay::Keyframe { room, stream_id, rid, kind }));
+        layer.keyframes.mark_sent(now);
+        return;
+    }
     let Some(publisher) = conns.get_mut(&track.conn) else { return };
     // Nothing to ask until the publisher's stream exists; the request stays pending.
     let mut api = publisher.rtc.direct_api();

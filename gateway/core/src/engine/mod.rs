@@ -40,8 +40,11 @@ pub(crate) mod data;
 mod forward;
 mod keyframes;
 mod negotiation;
+mod relay;
 mod stats;
 mod track;
+
+pub use relay::{Relay, RelayedPacket, TrackInfo};
 
 use allocation::*;
 use keyframes::*;
@@ -88,6 +91,10 @@ pub struct Engine {
     /// Packets not written because of the overload level, by the level at which they would be
     /// written again, until the driver takes them.
     overload_shed: [u64; crate::overload::LEVELS],
+    /// `media.spread`: this worker's place among those rooms are spread over.
+    spread: Option<relay::Spread>,
+    /// Subscribe connections open now.
+    subscribers: usize,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
@@ -127,6 +134,8 @@ impl Engine {
             overload: 0,
             subscribers_seen: 0,
             overload_shed: [0; crate::overload::LEVELS],
+            spread: None,
+            subscribers: 0,
         }
     }
 
@@ -186,8 +195,9 @@ impl Engine {
         &self.counters
     }
 
+    /// Rooms whose home is this engine (a spread room's mirrors are not counted).
     pub fn room_count(&self) -> usize {
-        self.rooms.len()
+        self.rooms.values().filter(|r| r.home.is_none()).count()
     }
 
     pub fn has_connection(&self, key: ConnKey) -> bool {
@@ -446,11 +456,13 @@ impl Engine {
         }
         let Self { rooms, conns, q, counters, cfg, .. } = self;
         for (room_id, room) in rooms.iter_mut() {
-            if let Some(event) = room.speakers_changed(now, room_id) {
+            // A mirror (spread room) reports nothing: the home does.
+            let mirror = room.home.is_some();
+            if let Some(event) = room.speakers_changed(now, room_id).filter(|_| !mirror) {
                 q.out.push_back(Output::Event(event));
             }
             for track in room.tracks.iter_mut() {
-                if let Some(layers) = track.layers_changed(now) {
+                if let Some(layers) = track.layers_changed(now).filter(|_| !mirror) {
                     let (room_id, stream_id) = (room_id.to_string(), track.stream_id.to_string());
                     q.out.push_back(Output::Event(MediaEvent::StreamLayers { room_id, stream_id, layers }));
                 }
@@ -462,7 +474,9 @@ impl Engine {
                     if lost > 0 {
                         // The cached group has a hole now: no decoder could start on it.
                         layer.gop.clear();
-                        counters.unrecoverable_losses += lost;
+                        if !mirror {
+                            counters.unrecoverable_losses += lost;
+                        }
                         if let Some(p) = conns.get_mut(&track.conn) {
                             p.stats.unrecoverable_losses += lost;
                         }
@@ -607,6 +621,13 @@ impl Engine {
                 for (k, _) in &track.outs {
                     queue_reallocation(&mut self.realloc, *k);
                 }
+                let (room, stream_id) = (Arc::clone(&conn.room), Arc::clone(&track.stream_id));
+                self.relay_all(&room, || Relay::LayerPaused {
+                    room: Arc::clone(&room),
+                    stream_id: Arc::clone(&stream_id),
+                    rid: p.rid,
+                    paused: p.paused,
+                });
             }
             Event::MediaIngressStats(s) => {
                 let st = MediaStats {
@@ -732,6 +753,10 @@ impl Engine {
         if let Some(room) = self.rooms.get_mut(&room_id) {
             room.unlink(key);
         }
+        if role == Role::Subscribe {
+            self.subscribers = self.subscribers.saturating_sub(1);
+        }
+        self.note_interest(&room_id);
         if conn.rtc.close().is_ok() {
             conn.drain(now, &mut self.q);
         }

@@ -188,6 +188,10 @@ impl Engine {
         if let Some(r) = self.rooms.get_mut(&room) {
             r.conns.push(spec.key);
         }
+        if role == Role::Subscribe {
+            self.subscribers += 1;
+        }
+        self.note_interest(&room);
         Ok(spec.key)
     }
 
@@ -750,6 +754,7 @@ impl Engine {
             codec,
             level: Default::default(),
             blocked: false,
+            mirror: None,
         });
         conn.span.in_scope(|| tracing::info!(%mid, kind = kind_str(kind), %stream_id, "track published"));
         self.q.out.push_back(Output::Event(MediaEvent::StreamAdded {
@@ -760,6 +765,23 @@ impl Engine {
             mid: mid.to_string(),
         }));
         let room_id = Arc::clone(&conn.room);
+        if self.spread.is_some() {
+            let info = self.rooms.get(&room_id).and_then(|r| r.tracks.last()).map(|t| {
+                Arc::new(relay::TrackInfo {
+                    room: Arc::clone(&room_id),
+                    stream_id: Arc::clone(&t.stream_id),
+                    owner: Arc::clone(&t.owner),
+                    mid: t.mid,
+                    kind: t.kind,
+                    rids: t.layers.iter().map(|l| l.rid).collect(),
+                    codec: t.codec,
+                    blocked: t.blocked,
+                })
+            });
+            if let Some(info) = info {
+                self.relay_all(&room_id, || Relay::TrackAdded(Arc::clone(&info)));
+            }
+        }
         self.renegotiate_room(now, &room_id);
     }
 
@@ -780,6 +802,7 @@ impl Engine {
             return;
         }
         let gone: Vec<Arc<str>> = removed.iter().map(|r| Arc::clone(&r.1)).collect();
+        self.relay_all(&room_id, || Relay::TrackRemoved { room: Arc::clone(&room_id), stream_ids: gone.clone() });
         for (owner, stream_id, kind, mid) in removed {
             self.q.out.push_back(Output::Event(MediaEvent::StreamRemoved {
                 room_id: room_id.to_string(),
@@ -795,7 +818,7 @@ impl Engine {
 
     /// Client-offered subscribers (WHEP) cannot be re-offered: a track of theirs that ended
     /// leaves its section silent, and one left with no track at all ends FINISHED.
-    fn end_orphaned_players(&mut self, now: Instant, room_id: &str, gone: &[Arc<str>]) {
+    pub(super) fn end_orphaned_players(&mut self, now: Instant, room_id: &str, gone: &[Arc<str>]) {
         let Some(room) = self.rooms.get(room_id) else { return };
         let mut ended = Vec::new();
         for k in &room.conns {

@@ -28,6 +28,9 @@ pub(super) struct TrackIn {
     /// The app backend muted it (moderation): its packets are received and measured but
     /// forwarded to nobody, and it is never an active speaker.
     pub(super) blocked: bool,
+    /// A mirror of a track on another worker (`relay`): that worker (the room's home) and the
+    /// room. Its `conn` is [`relay::MIRROR`]; keyframe requests go to the home.
+    pub(super) mirror: Option<(usize, Arc<str>)>,
 }
 
 impl TrackIn {
@@ -102,6 +105,12 @@ pub(super) struct Room {
     pub(super) tracks: Vec<TrackIn>,
     pub(super) conns: Vec<ConnKey>,
     pub(super) speakers: Speakers,
+    /// Spread rooms (`relay`): the worker that holds the publishers, if not this one.
+    pub(super) home: Option<usize>,
+    /// On the home: the workers with subscribers in the room (bits), which get its packets.
+    pub(super) relay_to: u64,
+    /// On a mirror: whether the home was last told this worker has subscribers here.
+    pub(super) interest_sent: bool,
 }
 
 impl Room {
