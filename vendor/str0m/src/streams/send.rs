@@ -141,6 +141,11 @@ pub struct StreamTx {
     /// Dummy packet for resends. Used between poll_packet and poll_packet_padding
     blank_packet: RtpPacket,
 
+    /// A resend (or spurious resend as padding) rebuilt from the RTX cache, which keeps a
+    /// compact form of each sent packet. Used between poll_packet_resend or
+    /// poll_packet_padding and poll_packet.
+    resend_packet: RtpPacket,
+
     /// Cache of sent packets to be able to answer to NACKs as well as
     /// sending spurious resends as padding.
     rtx_cache: RtxCache,
@@ -379,6 +384,7 @@ impl StreamTx {
             resends: VecDeque::new(),
             padding: 0,
             blank_packet: RtpPacket::blank(),
+            resend_packet: RtpPacket::blank(),
             rtx_cache: RtxCache::new(2000, DEFAULT_RTX_CACHE_DURATION),
             rtx_ratio_cap: DEFAULT_RTX_RATIO_CAP,
             last_sender_report: already_happened(),
@@ -890,28 +896,22 @@ impl StreamTx {
             }
         }
 
-        let seq_no = loop {
+        let (orig_seq_no, cached) = loop {
             let resend = self.resends.pop_front()?;
 
-            let pkt = self.rtx_cache.get_cached_packet_by_seq_no(resend.seq_no);
+            let cached = self.rtx_cache.get_cached_packet_by_seq_no(resend.seq_no);
 
             // The seq_no could simply be too old to exist in the buffer, in which
             // case we will not do a resend.
-            let Some(pkt) = pkt else {
+            let Some(cached) = cached else {
                 continue;
             };
 
-            // Cached packets must be nackable. This is ensured before adding the
-            // entry to the self.rtx_cache.
-            assert!(pkt.nackable);
-
-            break pkt.seq_no;
+            // Cached packets are nackable: only those are added to self.rtx_cache.
+            break (resend.seq_no, cached);
         };
 
-        // Borrow checker gymnastics.
-        let pkt = self.rtx_cache.get_cached_packet_by_seq_no(seq_no).unwrap();
-
-        let len = pkt.payload.len() as u64;
+        let len = cached.payload_len() as u64;
         self.stats.update_packet_counts(len, true);
         if let Some(h) = &mut self.stats.bytes_retransmitted {
             h.push(now, len);
@@ -919,7 +919,8 @@ impl StreamTx {
 
         let seq_no = self.seq_no_rtx.inc();
 
-        let orig_seq_no = pkt.seq_no;
+        let pkt = &mut self.resend_packet;
+        cached.restore_into(orig_seq_no, pkt);
 
         Some(NextPacket {
             kind: NextPacketKind::Resend(orig_seq_no),
@@ -966,15 +967,19 @@ impl StreamTx {
                 // is a headroom since we can accept slightly larger padding than asked for.
                 let max_size = (self.padding * 2).min(self.mtu_warn - MAX_RTP_OVERHEAD);
 
-                let Some(pkt) = self.rtx_cache.get_cached_packet_smaller_than(max_size) else {
+                let Some((orig_seq_no, cached)) =
+                    self.rtx_cache.get_cached_packet_smaller_than(max_size)
+                else {
                     // Couldn't find spurious packet, try a blank packet instead.
                     break 'outer;
                 };
 
-                let orig_seq_no = pkt.seq_no;
                 let seq_no = self.seq_no_rtx.inc();
 
-                self.padding = self.padding.saturating_sub(pkt.payload.len());
+                self.padding = self.padding.saturating_sub(cached.payload_len());
+
+                let pkt = &mut self.resend_packet;
+                cached.restore_into(orig_seq_no, pkt);
 
                 return Some(NextPacket {
                     kind: NextPacketKind::Resend(orig_seq_no),
@@ -1098,7 +1103,7 @@ impl StreamTx {
             let resend = Resend {
                 seq_no,
                 queued_at: now,
-                payload_size: packet.payload.len(),
+                payload_size: packet.payload_len(),
             };
             self.resends.push_back(resend);
         }
