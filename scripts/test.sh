@@ -99,6 +99,9 @@ cargo test --workspace
 log "the gateway's socket suites again in single-port mode (media.mux: one UDP port per worker)"
 TEST_MEDIA_MUX=1 cargo test -p gateway --tests
 
+log "the media suites again with every room spread over both media workers (media.spread)"
+TEST_MEDIA_SPREAD=1 cargo test -p gateway --test media --test moderation --test whip
+
 log "building the gateway and loadtest binaries for the browser tests"
 cargo build -p gateway -p loadtest
 export GATEWAY_BIN="$PWD/target/debug/gateway"
@@ -113,6 +116,9 @@ if [ "$(id -u)" -eq 0 ]; then export REQUIRE_LOSS_TEST=1 REQUIRE_GSTREAMER_TEST=
 log "Chromium behind NATs, TURN and loss, and the room page, again in single-port mode (media.mux)"
 (cd web-client && GATEWAY__MEDIA__MUX=true node --test --test-concurrency=1 \
   tests/nat.test.mjs tests/loss.test.mjs tests/room.test.mjs tests/data.test.mjs)
+log "Chromium simulcast, layer switches, data and the room page again with rooms spread over two media workers (media.spread)"
+(cd web-client && GATEWAY__MEDIA__SPREAD=true GATEWAY__MEDIA__WORKERS=2 node --test --test-concurrency=1 \
+  tests/simulcast.test.mjs tests/layer-switch.test.mjs tests/data.test.mjs tests/room.test.mjs)
 log "the Chromium simulcast test again with H.264 simulcast"
 (cd web-client && SIMULCAST_CODEC=H264 node --test tests/simulcast.test.mjs)
 
