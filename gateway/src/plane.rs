@@ -42,14 +42,15 @@ impl GatewayMedia {
     }
 
     /// Where a new subscribe connection of a room goes: its home, or with `media.spread` the
-    /// worker with the fewest subscribers (counted at once, so a burst of joins spreads too).
+    /// worker with the fewest subscribers (counted at once, so a burst of joins spreads too),
+    /// on a tie not the home, which also carries the room's publishers.
     fn subscriber_worker(&self, room_id: &str) -> Result<usize, MediaError> {
         let home = self.room_worker(room_id)?;
         if !self.spread {
             return Ok(home);
         }
         let w = (0..self.workers.len())
-            .min_by_key(|&i| (self.workers[i].subscribers.load(Ordering::Relaxed), i != home))
+            .min_by_key(|&i| (self.workers[i].subscribers.load(Ordering::Relaxed), i == home))
             .unwrap_or(home);
         self.workers[w].subscribers.fetch_add(1, Ordering::Relaxed);
         Ok(w)
