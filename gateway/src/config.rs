@@ -456,6 +456,16 @@ impl GatewayConfig {
                 ),
             ));
         }
+        if m.spread && self.worker_count() > crate::spread::MAX_WORKERS {
+            return Err(invalid(
+                "media.spread",
+                format!(
+                    "rooms are spread over at most {} media workers, not {}: set media.workers",
+                    crate::spread::MAX_WORKERS,
+                    self.worker_count()
+                ),
+            ));
+        }
         let http = self.http.bind;
         let same_ip = http.ip() == m.bind_ip || http.ip().is_unspecified() || m.bind_ip.is_unspecified();
         if m.tcp_port != 0 && m.tcp_port == http.port() && same_ip {
@@ -852,6 +862,16 @@ mod tests {
             let err = GatewayConfig::load(None, env(&[("GATEWAY__MEDIA__RTX_HISTORY_MS", bad)])).unwrap_err();
             assert!(err.to_string().contains("media.rtx_history_ms"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn spread_takes_at_most_64_workers() {
+        let spread = |workers: &str| {
+            GatewayConfig::load(None, env(&[("GATEWAY__MEDIA__SPREAD", "true"), ("GATEWAY__MEDIA__WORKERS", workers)]))
+        };
+        assert!(spread("64").unwrap().media.spread);
+        let err = spread("65").unwrap_err();
+        assert!(err.to_string().contains("media.spread"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,10 @@ use mio::Waker;
 /// far more than a worker that keeps up ever holds.
 pub const PACKET_QUEUE: usize = 4096;
 
+/// Workers a room can be spread over: the engine keeps worker sets as 64-bit masks
+/// (`media.spread` refuses more at start-up).
+pub const MAX_WORKERS: usize = 64;
+
 pub struct Hub {
     workers: usize,
     /// `from * workers + to`.

@@ -43,10 +43,7 @@ async fn overload_sheds_video_in_whole_frames_and_recovers() {
     .await;
     gateway::load::set_test_slow_ns(0);
     let api = Api::new(gw.base_url());
-    let (status, body) =
-        api.call("POST", "/v1/rooms", Some(serde_json::json!({ "name": "overload", "max_participants": 16 }))).await;
-    assert_eq!(status, 201, "{body}");
-    let room = body["room_id"].as_str().unwrap().to_owned();
+    let room = api.create_room_of("overload", 16).await;
     let names: Vec<String> = (0..SUBSCRIBERS).map(|i| format!("s{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let (publisher, subs) = call(&api, &room, &names).await;

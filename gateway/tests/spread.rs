@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 use str0m::media::MediaKind;
 
 fn payloads(p: &Peer, kind: MediaKind, sent: bool) -> Vec<Vec<u8>> {
@@ -46,10 +45,7 @@ async fn rooms_over_two_workers(
 ) -> (Vec<(Peer, Vec<Peer>)>, [f64; 2]) {
     let mut all = Vec::new();
     for r in 0..rooms {
-        let (s, b) =
-            api.call("POST", "/v1/rooms", Some(json!({ "name": format!("{tag}-{r}"), "max_participants": 16 }))).await;
-        assert_eq!(s, 201, "{b}");
-        let room = b["room_id"].as_str().unwrap().to_owned();
+        let room = api.create_room_of(&format!("{tag}-{r}"), 16).await;
         let publisher = Peer::join(api, &room, &format!("pub{r}")).await;
         publisher.publish();
         publisher.wait("publish READY", 10, |l| !l.events("READY").is_empty() && l.connected).await;

@@ -89,7 +89,13 @@ impl Api {
     }
 
     pub async fn create_room(&self, name: &str) -> String {
-        let (s, b) = self.call("POST", "/v1/rooms", Some(json!({ "name": name, "max_participants": 8 }))).await;
+        self.create_room_of(name, 8).await
+    }
+
+    /// A room for up to `max_participants`.
+    pub async fn create_room_of(&self, name: &str, max_participants: usize) -> String {
+        let body = json!({ "name": name, "max_participants": max_participants });
+        let (s, b) = self.call("POST", "/v1/rooms", Some(body)).await;
         assert_eq!(s, 201, "{b}");
         b["room_id"].as_str().unwrap().to_owned()
     }

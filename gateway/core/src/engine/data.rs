@@ -127,10 +127,7 @@ impl Engine {
         self.deliver_data(now, &room_id, &sender, reliable, &text);
         // A spread room: the workers with subscribers of their own deliver it there.
         let Some(room) = self.rooms.get(&room_id) else { return };
-        let mut mask = room.relay_to;
-        while mask != 0 {
-            let w = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
+        for w in super::relay::members(room.relay_to) {
             let (room, sender, text) = (Arc::clone(&room_id), Arc::clone(&sender), Arc::clone(&text));
             self.q.relay.push((w, Relay::Data { room, sender, reliable, text }));
         }

@@ -108,6 +108,15 @@ pub(super) fn bit(worker: usize) -> u64 {
     1u64.checked_shl(worker as u32).unwrap_or(0)
 }
 
+/// The workers in a set, lowest first.
+pub(super) fn members(mut set: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let w = (set != 0).then(|| set.trailing_zeros() as usize)?;
+        set &= set - 1;
+        Some(w)
+    })
+}
+
 impl Engine {
     /// This engine is worker `me` of `workers` that spread rooms over each other.
     pub fn set_spread(&mut self, me: usize, workers: usize) {
@@ -248,10 +257,7 @@ pub(super) fn relay_packet(
     params: PayloadParams,
     now: Instant,
 ) {
-    let mut mask = relay_to;
-    while mask != 0 {
-        let w = mask.trailing_zeros() as usize;
-        mask &= mask - 1;
+    for w in members(relay_to) {
         q.relayed.push((
             w,
             RelayedPacket {
