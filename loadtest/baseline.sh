@@ -24,8 +24,8 @@ KEY=baseline-api-key
 mkdir -p "$OUT"
 
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p gateway -p loadtest
-GW_BIN=target/release/gateway
-LT_BIN=target/release/loadtest
+GW_BIN=${GW_BIN:-target/release/gateway}
+LT_BIN=${LT_BIN:-target/release/loadtest}
 
 GW_PID=
 start_gateway() {

@@ -14,10 +14,11 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::ArrayQueue;
 use str0m::crypto::dtls::{
     DtlsCert, DtlsImplError, DtlsInstance, DtlsOutput, DtlsProvider, DtlsVersion, KeyingMaterial, ProtocolVersion,
     SrtpProfile,
@@ -30,7 +31,7 @@ use test_peer::vp8::{self, Descriptor};
 use test_peer::Out;
 
 use super::Sim;
-use crate::{ConnKey, CoreConfig, Output};
+use crate::{ConnKey, CoreConfig, Engine, Output, Relay, RelayedPacket};
 
 /// SRTP profiles a benchmark can force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +208,11 @@ impl Fanout {
             sim.run_for(Duration::from_millis(20));
         }
         assert!(started(&sim), "every subscriber receives video");
+        Self::connected(sim, publisher, payload_len)
+    }
+
+    /// Around a simulation whose `publisher` is connected and whose subscribers receive.
+    fn connected(sim: Sim, publisher: usize, payload_len: usize) -> Self {
         let key = sim.peers[publisher].key.expect("publisher has a connection");
         let to = sim.sockets.iter().find(|(_, k)| **k == key).map(|(a, _)| *a).expect("publisher socket");
         let from = sim.peers[publisher].addr;
@@ -262,6 +268,12 @@ impl Fanout {
     /// The measured part: the engine receives each datagram at its instant, runs due timers, and
     /// every output is taken (and dropped). Returns the datagrams the engine sent.
     pub fn forward(&mut self, batch: &[Datagram]) -> usize {
+        self.forward_then(batch, |_| {})
+    }
+
+    /// [`Fanout::forward`], calling `after` with the engine after each datagram's outputs
+    /// were taken (a spread room's home hands its relayed packets on there).
+    fn forward_then(&mut self, batch: &[Datagram], mut after: impl FnMut(&mut Engine)) -> usize {
         let mut sent = 0;
         let engine = &mut self.sim.engine;
         for (i, d) in batch.iter().enumerate() {
@@ -286,6 +298,7 @@ impl Fanout {
                     Output::Closed { .. } => {}
                 }
             }
+            after(engine);
         }
         if let Some(last) = batch.last() {
             self.sim.now = self.sim.now.max(last.at);
@@ -322,6 +335,227 @@ impl Fanout {
     }
 }
 
+/// Packets in flight between the two engines of a [`SpreadFanout`] (the gateway's queue per
+/// worker pair has the same bound).
+const RELAY_QUEUE: usize = 4096;
+
+/// One publisher's room spread over two engines as two media workers hold it with
+/// `media.spread`: the home (worker 0) holds the publisher and the first half of the
+/// subscribers, the mirror (worker 1) the other half, and the home hands every publisher packet
+/// to the mirror as a [`RelayedPacket`] (the payload's `Arc`, not a copy). Measured either on one
+/// thread ([`SpreadFanout::forward_serial`]) or with the mirror on a second thread behind a
+/// bounded lock-free queue ([`SpreadFanout::forward_parallel`]), as the gateway's workers run.
+pub struct SpreadFanout {
+    pub home: Fanout,
+    pub mirror: Sim,
+    /// Subscribers on the home and on the mirror.
+    pub split: (usize, usize),
+    relays: Vec<(usize, Relay)>,
+    packets: Vec<(usize, RelayedPacket)>,
+}
+
+impl SpreadFanout {
+    /// Connect a publisher and `subscribers` subscribers, split over the two engines.
+    pub fn new(subscribers: usize, payload_len: usize, seed: u64, cfg: CoreConfig) -> Self {
+        let mut home = Sim::new(seed, cfg.clone());
+        home.engine.set_spread(0, 2);
+        let mut mirror = Sim::new(seed ^ 0x5eed, cfg);
+        mirror.now = home.now;
+        mirror.engine.set_spread(1, 2);
+        mirror.engine.create_mirror_room(&home.room, 0);
+        let (mut relays, mut packets) = (Vec::new(), Vec::new());
+        let mut pair = Pair { home: &mut home, mirror: &mut mirror, relays: &mut relays, packets: &mut packets };
+        let split = (subscribers - subscribers / 2, subscribers / 2);
+        let publisher = pair.home.add_peer("pub");
+        pair.home.publish(publisher);
+        assert!(pair.run_until(Duration::from_secs(10), |h, _| h.peers[publisher].connected), "publisher connects");
+        let on_home: Vec<usize> = (0..split.0).map(|i| pair.home.add_peer(&format!("sub{i}"))).collect();
+        let on_mirror: Vec<usize> = (0..split.1).map(|i| pair.mirror.add_peer(&format!("sub{i}"))).collect();
+        for &i in &on_home {
+            pair.home.subscribe(i);
+        }
+        for &i in &on_mirror {
+            pair.mirror.subscribe(i);
+        }
+        let connected = |h: &Sim, m: &Sim| {
+            on_home.iter().all(|&i| h.peers[i].connected) && on_mirror.iter().all(|&i| m.peers[i].connected)
+        };
+        assert!(pair.run_until(Duration::from_secs(30), connected), "subscribers connect on both engines");
+        // Media until every subscriber on either engine has started on a keyframe (the mirror
+        // asks the home for one; the home's publisher answers it).
+        let started = |h: &Sim, m: &Sim| {
+            on_home.iter().all(|&i| h.first_keyframe_at(i).is_some())
+                && on_mirror.iter().all(|&i| m.first_keyframe_at(i).is_some())
+        };
+        for _ in 0..250 {
+            if started(pair.home, pair.mirror) {
+                break;
+            }
+            pair.home.send_media(publisher, 1);
+            pair.run_for(Duration::from_millis(20));
+        }
+        assert!(started(pair.home, pair.mirror), "every subscriber on both engines receives video");
+        Self { home: Fanout::connected(home, publisher, payload_len), mirror, split, relays, packets }
+    }
+
+    /// Publisher datagrams for the next measured batch (see [`Fanout::prepare`]).
+    pub fn prepare(&mut self, n: usize) -> Vec<Datagram> {
+        self.home.prepare(n)
+    }
+
+    /// Both engines on this thread: each relayed packet goes to the mirror as soon as the home
+    /// queued it. Returns the datagrams both engines sent.
+    pub fn forward_serial(&mut self, batch: &[Datagram]) -> usize {
+        let Self { home, mirror, relays, packets, .. } = self;
+        let every = home.timer_check_every.max(1);
+        let mut n = 0;
+        let mut mirror_sent = 0;
+        let home_sent = home.forward_then(batch, |engine| {
+            engine.take_relays(relays, packets);
+            for (_, p) in packets.drain(..) {
+                mirror_sent += mirror_take(mirror, p, &mut n, every);
+            }
+        });
+        home_sent + mirror_sent
+    }
+
+    /// The mirror on a second thread, fed through a bounded lock-free queue as the gateway's
+    /// workers are (where the gateway drops a packet on a full queue, this waits: the benchmark
+    /// measures throughput, not loss). Returns the datagrams both engines sent.
+    pub fn forward_parallel(&mut self, batch: &[Datagram]) -> usize {
+        let Self { home, mirror, relays, packets, .. } = self;
+        let every = home.timer_check_every.max(1);
+        let queue = ArrayQueue::new(RELAY_QUEUE);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let (mut n, mut sent) = (0, 0);
+                loop {
+                    // Read the flag before the queue: once it is set, one more empty pop means
+                    // the home pushed everything.
+                    let finished = done.load(Ordering::Acquire);
+                    match queue.pop() {
+                        Some(p) => sent += mirror_take(mirror, p, &mut n, every),
+                        None if finished => break,
+                        None => std::hint::spin_loop(),
+                    }
+                }
+                sent
+            });
+            let home_sent = home.forward_then(batch, |engine| {
+                engine.take_relays(relays, packets);
+                for (_, mut p) in packets.drain(..) {
+                    while let Err(back) = queue.push(p) {
+                        p = back;
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            done.store(true, Ordering::Release);
+            home_sent + worker.join().expect("the mirror's thread")
+        })
+    }
+
+    /// Unmeasured: both networks run a little (consent, RTCP, relays both ways).
+    pub fn keepalive(&mut self) {
+        self.home.deliver_back();
+        Pair {
+            home: &mut self.home.sim,
+            mirror: &mut self.mirror,
+            relays: &mut self.relays,
+            packets: &mut self.packets,
+        }
+        .run_for(Duration::from_millis(30));
+    }
+
+    /// Subscribers still receiving on either engine.
+    pub fn live_subscribers(&self) -> usize {
+        self.home.live_subscribers() + self.mirror.engine.connection_count()
+    }
+
+    /// Video packets the mirror's subscribers received (relayed from the home, decoded by their
+    /// clients) during setup and keepalives.
+    pub fn mirror_received_video(&self) -> usize {
+        self.mirror.peers.iter().map(|p| p.rx.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
+    }
+}
+
+/// The two engines of a spread room with their networks, stepped together (unmeasured).
+struct Pair<'a> {
+    home: &'a mut Sim,
+    mirror: &'a mut Sim,
+    relays: &'a mut Vec<(usize, Relay)>,
+    packets: &'a mut Vec<(usize, RelayedPacket)>,
+}
+
+impl Pair<'_> {
+    fn run_for(&mut self, d: Duration) {
+        let _ = self.run_until(d, |_, _| false);
+    }
+
+    /// Run both networks until `done` holds or `limit` of virtual time has passed, handing
+    /// relays across every millisecond.
+    fn run_until(&mut self, limit: Duration, done: impl Fn(&Sim, &Sim) -> bool) -> bool {
+        let end = self.home.now + limit;
+        while self.home.now < end {
+            if done(self.home, self.mirror) {
+                return true;
+            }
+            let step = (self.home.now + Duration::from_millis(1)).min(end);
+            self.home.run_until_time(step, |_| false);
+            let now = self.home.now;
+            if self.mirror.now < now {
+                self.mirror.run_until_time(now, |_| false);
+            }
+            self.exchange();
+        }
+        done(self.home, self.mirror)
+    }
+
+    /// Hand what each engine queued for the other across.
+    fn exchange(&mut self) {
+        let Self { home, mirror, relays, packets } = self;
+        home.engine.take_relays(relays, packets);
+        for (_, r) in relays.drain(..) {
+            mirror.engine.handle_relay(mirror.now, r);
+        }
+        for (_, p) in packets.drain(..) {
+            mirror.engine.handle_relayed_packet(mirror.now, p);
+        }
+        mirror.pump_engine();
+        mirror.engine.take_relays(relays, packets);
+        for (_, r) in relays.drain(..) {
+            home.engine.handle_relay(home.now, r);
+        }
+        home.pump_engine();
+    }
+}
+
+/// A relayed packet on the mirror: its fan-out, due timers every `every` packets, every output
+/// taken. Returns the datagrams sent.
+fn mirror_take(mirror: &mut Sim, p: RelayedPacket, n: &mut usize, every: usize) -> usize {
+    let at = p.read_at;
+    let engine = &mut mirror.engine;
+    engine.handle_relayed_packet(at, p);
+    if *n % every == 0 && engine.poll_timeout().is_some_and(|t| t <= at) {
+        engine.handle_timeout(at);
+    }
+    *n += 1;
+    let mut sent = 0;
+    while let Some(o) = engine.poll_output() {
+        match o {
+            Output::Transmit { contents, .. } => {
+                sent += 1;
+                std::hint::black_box(contents);
+            }
+            Output::Event(e) => mirror.events.push(e),
+            Output::Closed { .. } => {}
+        }
+    }
+    mirror.now = mirror.now.max(at);
+    sent
+}
+
 /// CPU time this thread has run, from the scheduler (`/proc/thread-self/schedstat`, ns). The
 /// benchmarks measure this rather than wall time: on a shared machine other processes' load
 /// inflates wall time, not the CPU the engine itself needed.
@@ -347,5 +581,24 @@ mod tests {
         f.keepalive();
         assert_eq!(f.live_subscribers(), 3);
         assert_eq!(f.srtp_profile().as_deref(), Some("AEAD_AES_256_GCM"));
+    }
+
+    #[test]
+    fn a_spread_room_fans_out_on_both_engines_serial_and_parallel() {
+        let cfg = CoreConfig { stats_interval: Duration::from_secs(1), bwe: false, ..CoreConfig::default() };
+        let mut f = SpreadFanout::new(5, 1000, 3, cfg);
+        assert_eq!(f.split, (3, 2));
+        assert_eq!(f.mirror.engine.subscriber_count(), 2, "the mirror serves its half");
+        let relayed_before = f.mirror_received_video();
+        assert!(relayed_before > 0, "the mirror's subscribers decoded relayed video during setup");
+        for parallel in [false, true] {
+            let batch = f.prepare(40);
+            let packets = batch.iter().filter(|d| d.rtp).count();
+            let sent = if parallel { f.forward_parallel(&batch) } else { f.forward_serial(&batch) };
+            // Every packet reaches all five subscribers, three sent by the home, two by the mirror.
+            assert!(sent >= packets * 5, "parallel={parallel}: {sent} < {packets} x 5");
+            f.keepalive();
+            assert_eq!(f.live_subscribers(), 5, "parallel={parallel}");
+        }
     }
 }
