@@ -11,7 +11,9 @@
 #   storm   1 room, 200 participants (1 publisher + 199 subscribers) joining at 50/s
 #   fanout150  1 room, 1 publisher x 150 subscribers, 40 s (the per-packet cost figure of
 #           docs/performance.md)
+#   load70  2 rooms x 1 publisher x 210 subscribers, 40 s (~70% of a core: the latency-under-load figure)
 # GATEWAY_ENV="GATEWAY__MEDIA__DIRECT_SEND=false" adds environment to the gateway (A/B runs);
+# LOADTEST_ARGS="--pacing 2.5" adds flags to every loadtest run; GW_BIN / LT_BIN run other builds;
 # NAME_SUFFIX keeps such runs' files apart (fanout150-polled-1.json, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +56,7 @@ loadtest() { # name, args...
   shift
   echo "==> $name: loadtest $*"
   taskset -c 1 "$LT_BIN" --url "http://127.0.0.1:$HTTP_PORT" --api-key "$KEY" --pid "$GW_PID" --threads 1 --quiet \
-    --json "$OUT/$name.json" --plot "$OUT/$name.png" "$@" | tee "$OUT/$name.txt"
+    --json "$OUT/$name.json" --plot "$OUT/$name.png" "$@" ${LOADTEST_ARGS:-} | tee "$OUT/$name.txt"
   # The gateway's own added latency (read to sendto, per forwarded packet) over the whole run.
   curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" > "$OUT/$name.metrics" || true
 }
@@ -68,6 +70,7 @@ for scenario in $SCENARIOS; do
               --ramp --ramp-step "${RAMP_STEP:-40}" --ramp-step-duration 5s --max-loss 1 --max-p99-ms "${MAX_P99_MS:-50}" --ramp-max 960 ;;
       storm) loadtest "storm-$run" --rooms 1 --publishers 1 --subscribers 199 --video-bitrate 1.5M --join-rate 50 --duration 10s ;;
       fanout150) loadtest "fanout150${NAME_SUFFIX:-}-$run" --rooms 1 --publishers 1 --subscribers 150 --video-bitrate 1.5M --join-rate 50 --duration 40s ;;
+      load70) loadtest "load70${NAME_SUFFIX:-}-$run" --rooms 2 --publishers 1 --subscribers 210 --video-bitrate 1.5M --join-rate 50 --duration 40s ;;
     esac
     stop_gateway
     sleep 2

@@ -82,6 +82,12 @@ pub struct Args {
     /// Simulcast layers per video publisher, 1-3 (q 150k, h 500k, f 1.5M); 1 = no simulcast.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
     pub simulcast_layers: u8,
+    /// Pace publishers' video as a browser does: its packets leave at this multiple of the
+    /// video bitrate (libwebrtc's pacer: 2.5), so a frame's packets are spread out instead of
+    /// sent at once. 0 (the default) sends each frame's packets in one burst, the worst case
+    /// for the server's queueing.
+    #[arg(long, default_value_t = 0.0)]
+    pub pacing: f64,
     /// Participants started per second.
     #[arg(long, default_value_t = 10.0)]
     pub join_rate: f64,
@@ -153,6 +159,9 @@ impl Args {
         if self.join_rate <= 0.0 {
             bail!("--join-rate must be positive");
         }
+        if !(self.pacing == 0.0 || (1.0..=100.0).contains(&self.pacing)) {
+            bail!("--pacing must be 0 (no pacing) or between 1 and 100 (times the video bitrate)");
+        }
         if let Some(p) = &self.plot {
             let ok = p
                 .extension()
@@ -181,6 +190,7 @@ impl Args {
             audio_sources: self.audio_source,
             video_bitrate: self.video_bitrate,
             simulcast_layers: usize::from(self.simulcast_layers),
+            pacing: self.pacing,
             join_rate: self.join_rate,
             codec: self.codec,
             ramp: self.ramp.then_some(Ramp {

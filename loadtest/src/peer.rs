@@ -9,7 +9,7 @@
 //! join bookkeeping, the clip replay schedule, and matching received payloads to what the
 //! publishers sent (latency, unmatched) for the report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,6 +51,9 @@ pub struct MediaPlan {
     pub video: Vec<Arc<Clip>>,
     /// Audio clips publishers take in turn (`Plan::audio_source`); none without audio.
     pub audio: Vec<Arc<Clip>>,
+    /// Video goes out paced at this multiple of the video clips' bitrate (libwebrtc's pacer
+    /// uses 2.5), a frame's packets spread out; 0 = each frame's packets at once (a burst).
+    pub pacing: f64,
 }
 
 /// A connection's join, as this participant saw it.
@@ -301,6 +304,23 @@ struct Publisher {
     /// str0m's latest egress stats per (mid, rid).
     egress: HashMap<(String, Option<String>), Egress>,
     scratch: Vec<Vec<u8>>,
+    /// Video packets waiting for the pacer (`MediaPlan::pacing`), in send order.
+    paced: VecDeque<Paced>,
+    /// When the pacer may send its next packet (a leaky bucket at `pace_bps`).
+    pace_free_at: Option<Instant>,
+    /// Pacing rate, bit/s; 0 = no pacing.
+    pace_bps: u64,
+}
+
+/// A video packet the pacer holds: its track (index into `Publisher::video`), payload type,
+/// frame timestamp and whether it ends the frame; it is numbered and sent when its time comes.
+struct Paced {
+    at: Instant,
+    track: usize,
+    pt: Pt,
+    ts: u32,
+    marker: bool,
+    payload: Vec<u8>,
 }
 
 /// What we know of one received stream beyond the peer's counts (`side.peer.rx.streams`, same
@@ -360,6 +380,9 @@ impl<'a> Participant<'a> {
                 forced_keyframes: 0,
                 egress: HashMap::new(),
                 scratch: Vec::new(),
+                paced: VecDeque::new(),
+                pace_free_at: None,
+                pace_bps: (media.pacing * media.video.iter().map(|c| c.nominal_bps).sum::<u64>() as f64) as u64,
             })
         } else {
             None
@@ -670,7 +693,7 @@ impl<'a> Participant<'a> {
             }
         }
         if let Some(p) = &self.publisher {
-            for t in [p.next_frame_at, p.next_audio_at].into_iter().flatten() {
+            for t in [p.next_frame_at, p.next_audio_at, p.next_paced()].into_iter().flatten() {
                 next = next.min(t);
             }
         }
@@ -773,6 +796,28 @@ impl Publisher {
             }
             self.next_frame_at = Some(at);
         }
+        while self.paced.front().is_some_and(|p| p.at <= now) {
+            let Some(p) = self.paced.pop_front() else { break };
+            let Some(t) = self.video.get_mut(p.track) else { continue };
+            write_packet(&mut self.side.peer, t, p.pt, &p.payload, p.ts, p.marker, now, shared, VIDEO);
+        }
+    }
+
+    /// When the pacer's next packet is due.
+    fn next_paced(&self) -> Option<Instant> {
+        self.paced.front().map(|p| p.at)
+    }
+
+    /// Queue a frame's packets behind what the pacer holds, each leaving when the bucket has
+    /// drained the ones before it at `pace_bps`.
+    fn pace(&mut self, now: Instant, track: usize, pt: Pt, ts: u32) {
+        let n = self.scratch.len();
+        let mut free_at = self.pace_free_at;
+        for (i, payload) in self.scratch.drain(..).enumerate() {
+            let at = pace_slot(&mut free_at, now, payload.len(), self.pace_bps);
+            self.paced.push_back(Paced { at, track, pt, ts, marker: i + 1 == n, payload });
+        }
+        self.pace_free_at = free_at;
     }
 
     fn write_video_frame(&mut self, now: Instant, shared: &Shared) {
@@ -798,11 +843,13 @@ impl Publisher {
             let Some(f) = t.clip.frames.get(frame).cloned() else { continue };
             self.scratch.clear();
             t.packetizer.packetize(&f, &mut self.scratch);
-            let ticks = t.clip.frame_ticks;
-            if let Some(pt) = pt {
-                write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, VIDEO);
-            }
+            let (ticks, ts) = (t.clip.frame_ticks, t.ts);
             t.ts = t.ts.wrapping_add(ticks);
+            match pt {
+                Some(pt) if self.pace_bps > 0 => self.pace(now, i, pt, ts),
+                Some(pt) => write_packets(&mut self.side.peer, t, pt, &self.scratch, now, shared, VIDEO),
+                None => {}
+            }
         }
     }
 
@@ -830,6 +877,15 @@ impl Publisher {
     }
 }
 
+/// A leaky bucket at `bps`: when a packet of `len` bytes queued at `now` leaves (at once if the
+/// bucket is free, else when the packets before it have drained), and the bucket's next free
+/// instant moved past it.
+fn pace_slot(free_at: &mut Option<Instant>, now: Instant, len: usize, bps: u64) -> Instant {
+    let at = free_at.unwrap_or(now).max(now);
+    *free_at = Some(at + Duration::from_nanos(len as u64 * 8 * 1_000_000_000 / bps.max(1)));
+    at
+}
+
 /// Marks a video frame's packets for [`write_packets`] (audio carries its level instead).
 const VIDEO: Option<ExtensionValues> = None;
 
@@ -845,24 +901,44 @@ fn write_packets(
     ext: impl Into<Option<ExtensionValues>>,
 ) {
     let ext = ext.into();
-    let video = ext.is_none();
     let n = payloads.len();
+    let ts = t.ts;
     for (i, p) in payloads.iter().enumerate() {
-        let mut api = peer.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(t.mid, t.rid) else { return };
-        t.index.record(payload_hash(p), Instant::now(), p.len());
-        let mut w = RtpWrite::new(pt, t.seq.into(), t.ts, now, p.clone()).marker(video && i + 1 == n).nackable(video);
-        if let Some(ext) = &ext {
-            w = w.ext_vals(ext.clone());
+        if !write_packet(peer, t, pt, p, ts, i + 1 == n, now, shared, ext.clone()) {
+            return;
         }
-        tx.write_rtp(w);
-        t.seq += 1;
-        t.written += 1;
-        shared.live.tx_packets.fetch_add(1, Ordering::Relaxed);
-        shared.live.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
     }
     // The caller drains the `Rtc` right after: str0m queues the writes and, with no pacer (no
     // BWE), sends them all on that drain.
+}
+
+/// Write one packet (`marker`: the last of a video frame); false without a send stream.
+#[allow(clippy::too_many_arguments)]
+fn write_packet(
+    peer: &mut test_peer::Peer,
+    t: &mut TxTrack,
+    pt: Pt,
+    p: &[u8],
+    ts: u32,
+    marker: bool,
+    now: Instant,
+    shared: &Shared,
+    ext: Option<ExtensionValues>,
+) -> bool {
+    let video = ext.is_none();
+    let mut api = peer.rtc.direct_api();
+    let Some(tx) = api.stream_tx_by_mid(t.mid, t.rid) else { return false };
+    t.index.record(payload_hash(p), Instant::now(), p.len());
+    let mut w = RtpWrite::new(pt, t.seq.into(), ts, now, p.to_vec()).marker(video && marker).nackable(video);
+    if let Some(ext) = ext {
+        w = w.ext_vals(ext);
+    }
+    tx.write_rtp(w);
+    t.seq += 1;
+    t.written += 1;
+    shared.live.tx_packets.fetch_add(1, Ordering::Relaxed);
+    shared.live.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+    true
 }
 
 impl Subscriber {
@@ -944,4 +1020,29 @@ impl Subscriber {
 /// One connection of this participant settled (READY or failed).
 fn settle(unsettled: &AtomicU64) {
     let _ = unsettled.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_spreads_a_frame_and_queues_the_next_behind_it() {
+        let t0 = Instant::now();
+        // 1.5 Mbit/s video paced at 2.5x: 3.75 Mbit/s, a 1,200-byte packet every 2.56 ms.
+        let bps = 3_750_000;
+        let mut free = None;
+        let frame: Vec<Instant> = (0..5).map(|_| pace_slot(&mut free, t0, 1200, bps)).collect();
+        assert_eq!(frame[0], t0, "an idle pacer sends at once");
+        for w in frame.windows(2) {
+            assert_eq!(w[1] - w[0], Duration::from_micros(2560));
+        }
+        // The next frame, 1 ms later, waits for the first one to drain.
+        let next = pace_slot(&mut free, t0 + Duration::from_millis(1), 1200, bps);
+        assert_eq!(next, t0 + Duration::from_micros(5 * 2560));
+        // Long after, the bucket is free again: no credit builds up for a burst.
+        let late = t0 + Duration::from_secs(1);
+        assert_eq!(pace_slot(&mut free, late, 1200, bps), late);
+        assert_eq!(pace_slot(&mut free, late, 1200, bps), late + Duration::from_micros(2560));
+    }
 }

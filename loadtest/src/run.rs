@@ -49,6 +49,9 @@ pub struct Config {
     pub video_bitrate: u64,
     /// Simulcast layers per video publisher (1 = no simulcast).
     pub simulcast_layers: usize,
+    /// Publishers pace video at this multiple of its bitrate (libwebrtc: 2.5); 0 = each frame
+    /// at once.
+    pub pacing: f64,
     /// Participants started per second.
     pub join_rate: f64,
     pub codec: VideoCodec,
@@ -110,6 +113,7 @@ impl Default for Config {
             audio_sources: vec![AudioSource::Tone],
             video_bitrate: 1_500_000,
             simulcast_layers: 1,
+            pacing: 0.0,
             join_rate: 10.0,
             codec: VideoCodec::Vp8,
             ramp: None,
@@ -533,7 +537,7 @@ fn media_plan(cfg: &Config) -> anyhow::Result<MediaPlan> {
     } else {
         Vec::new()
     };
-    Ok(MediaPlan { codec: cfg.codec, video, audio })
+    Ok(MediaPlan { codec: cfg.codec, video, audio, pacing: cfg.pacing })
 }
 
 /// Wait until every planned participant has started and each connection asked for is READY
