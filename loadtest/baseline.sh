@@ -11,7 +11,7 @@
 #   storm   1 room, 200 participants (1 publisher + 199 subscribers) joining at 50/s
 #   fanout150  1 room, 1 publisher x 150 subscribers, 40 s (the per-packet cost figure of
 #           docs/performance.md)
-#   load70  2 rooms x 1 publisher x 210 subscribers, 40 s (~70% of a core: the latency-under-load figure)
+#   load70  2 rooms x 1 publisher x 170 subscribers, 40 s (~70% of a core: the latency-under-load figure)
 # GATEWAY_ENV="GATEWAY__MEDIA__DIRECT_SEND=false" adds environment to the gateway (A/B runs);
 # LOADTEST_ARGS="--pacing 2.5" adds flags to every loadtest run; GW_BIN / LT_BIN run other builds;
 # NAME_SUFFIX keeps such runs' files apart (fanout150-polled-1.json, ...).
@@ -70,7 +70,7 @@ for scenario in $SCENARIOS; do
               --ramp --ramp-step "${RAMP_STEP:-40}" --ramp-step-duration 5s --max-loss 1 --max-p99-ms "${MAX_P99_MS:-50}" --ramp-max 960 ;;
       storm) loadtest "storm-$run" --rooms 1 --publishers 1 --subscribers 199 --video-bitrate 1.5M --join-rate 50 --duration 10s ;;
       fanout150) loadtest "fanout150${NAME_SUFFIX:-}-$run" --rooms 1 --publishers 1 --subscribers 150 --video-bitrate 1.5M --join-rate 50 --duration 40s ;;
-      load70) loadtest "load70${NAME_SUFFIX:-}-$run" --rooms 2 --publishers 1 --subscribers 210 --video-bitrate 1.5M --join-rate 50 --duration 40s ;;
+      load70) loadtest "load70${NAME_SUFFIX:-}-$run" --rooms 2 --publishers 1 --subscribers 340 --video-bitrate 1.5M --join-rate 50 --duration 40s ;;
     esac
     stop_gateway
     sleep 2

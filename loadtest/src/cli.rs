@@ -55,7 +55,8 @@ pub struct Args {
     /// Publishers per room (audio and/or video, see --video/--audio).
     #[arg(long, default_value_t = 1)]
     pub publishers: usize,
-    /// Subscribe-only participants per room (each receives every stream of its room).
+    /// Subscribe-only participants in all, spread over the rooms in turn (each receives every
+    /// stream of its room).
     #[arg(long, default_value_t = 10)]
     pub subscribers: usize,
     /// Publishers also subscribe to everyone else (a meeting).

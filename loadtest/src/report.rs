@@ -263,10 +263,10 @@ impl Report {
             .collect();
         let _ = writeln!(
             s,
-            "  {} room(s) x ({} publisher(s){} + {} subscriber(s)); video {}; audio {}; join rate {}/s",
+            "  {} room(s) x {} publisher(s){}, {} subscriber(s) over the rooms; video {}; audio {}; join rate {}/s",
             c.rooms,
             c.publishers,
-            if c.publishers_subscribe { ", also subscribing" } else { "" },
+            if c.publishers_subscribe { " (also subscribing)" } else { "" },
             c.subscribers,
             if clips.is_empty() { "off".into() } else { clips.join(", ") },
             if c.audio { "opus 32 kbit/s" } else { "off" },
