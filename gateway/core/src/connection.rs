@@ -17,10 +17,6 @@ use crate::{ConnKey, MediaEvent, Output};
 
 /// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
 const MAX_DUE_TIMEOUTS_PER_DRAIN: usize = 64;
-/// After packets sent straight out, the `Rtc` gets a timeout round at most this often. The
-/// bandwidth scenarios (estimate down, up, probes, pauses) give the same figures with a round
-/// after every packet, every 5, 10 or 20 ms; a subscriber receives a packet every 3 ms or so.
-pub(crate) const DIRECT_ROUND_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 /// Remote addresses remembered as authenticated by ICE.
 const MAX_TRUSTED: usize = 8;
 
@@ -171,8 +167,6 @@ pub(crate) struct Conn {
     /// started over for it (`Engine::ice_restart_done`), before it nominated.
     pub restart_reached: bool,
     pub next_timeout: Option<Instant>,
-    /// When the `Rtc` was last given a timeout.
-    pub last_round: Option<Instant>,
     /// Remote addresses ICE has authenticated (we have sent to them). Only these may feed DTLS,
     /// RTP and RTCP into the `Rtc`, so a spoofed datagram cannot fail a healthy connection.
     pub trusted: Vec<SocketAddr>,
@@ -326,9 +320,6 @@ impl Conn {
         q.out.push_back(Output::Event(MediaEvent::Connection { connection_id: self.id.to_string(), event, reason }));
     }
 
-    /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are
-    /// queued for the engine. str0m keeps a single undelivered incoming packet in RTP mode, so
-    /// this runs after every input, write and SDP change.
     /// Hand a datagram str0m produced to the driver.
     pub fn transmit(&mut self, mut t: str0m::net::Transmit, q: &mut Queues) {
         if self.restarting {
@@ -350,16 +341,21 @@ impl Conn {
         });
     }
 
-    /// A packet went straight out (`send_rtp_now`): the `Rtc`'s pacer and estimator still want
-    /// a timeout round after sends (probe clusters, padding, the estimate), but not one per
-    /// packet: at most every [`DIRECT_ROUND_EVERY`], at the engine's next timer pass.
-    pub fn sent_directly(&mut self, now: Instant) {
-        let due = self.last_round.map_or(now, |t| (t + DIRECT_ROUND_EVERY).max(now));
-        if self.next_timeout.is_none_or(|t| t > due) {
-            self.next_timeout = Some(due);
+    /// A packet went straight out (`send_rtp_now`). Such a send usually changes nothing else
+    /// in the `Rtc` (vendored str0m: it re-polls only when it queued output or moved a timeout
+    /// earlier, e.g. a stream's first Sender Report or the end of a probe cluster): then its
+    /// next timeout is the one it had, and its rounds come when it asks for them, at the
+    /// engine's timer pass. Otherwise it is polled as after any other write.
+    pub fn sent_directly(&mut self, now: Instant, q: &mut Queues) {
+        match self.rtc.idle_timeout() {
+            Some(t) => self.next_timeout = Some(t),
+            None => self.drain(now, q),
         }
     }
 
+    /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are
+    /// queued for the engine. str0m keeps a single undelivered incoming packet in RTP mode, so
+    /// this runs after every input, write and SDP change.
     pub fn drain(&mut self, now: Instant, q: &mut Queues) {
         let mut due = 0;
         loop {
@@ -368,7 +364,6 @@ impl Conn {
                     self.next_timeout = Some(t);
                     if t <= now && due < MAX_DUE_TIMEOUTS_PER_DRAIN && self.rtc.is_alive() {
                         due += 1;
-                        self.last_round = Some(now);
                         if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
                             q.doomed.push((self.key, format!("rtc_error: {e}")));
                             return;
