@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use signaling_api::protocol::{ConnectionState, EventKind, Role};
@@ -167,6 +167,8 @@ pub(crate) struct Conn {
     /// started over for it (`Engine::ice_restart_done`), before it nominated.
     pub restart_reached: bool,
     pub next_timeout: Option<Instant>,
+    /// When the `Rtc` was last given a timeout.
+    pub last_round: Option<Instant>,
     /// Remote addresses ICE has authenticated (we have sent to them). Only these may feed DTLS,
     /// RTP and RTCP into the `Rtc`, so a spoofed datagram cannot fail a healthy connection.
     pub trusted: Vec<SocketAddr>,
@@ -343,12 +345,17 @@ impl Conn {
 
     /// A packet went straight out (`send_rtp_now`). Such a send usually changes nothing else
     /// in the `Rtc` (vendored str0m: it re-polls only when it queued output or moved a timeout
-    /// earlier, e.g. a stream's first Sender Report or the end of a probe cluster): then its
-    /// next timeout is the one it had, and its rounds come when it asks for them, at the
-    /// engine's timer pass. Otherwise it is polled as after any other write.
-    pub fn sent_directly(&mut self, now: Instant, q: &mut Queues) {
+    /// earlier, e.g. a stream's first Sender Report or the end of a probe cluster), so no
+    /// poll is needed: its next timeout is the one it had. Its pacer and estimator still get a
+    /// timeout round after sends at least every `round_every` (see
+    /// `CoreConfig::direct_round_every`), not one per packet, at the engine's timer pass.
+    /// Otherwise it is polled as after any other write.
+    pub fn sent_directly(&mut self, now: Instant, round_every: Option<Duration>, q: &mut Queues) {
         match self.rtc.idle_timeout() {
-            Some(t) => self.next_timeout = Some(t),
+            Some(t) => {
+                let round = round_every.map(|d| self.last_round.map_or(now, |r| (r + d).max(now)));
+                self.next_timeout = Some(round.map_or(t, |r| t.min(r)));
+            }
             None => self.drain(now, q),
         }
     }
@@ -364,6 +371,7 @@ impl Conn {
                     self.next_timeout = Some(t);
                     if t <= now && due < MAX_DUE_TIMEOUTS_PER_DRAIN && self.rtc.is_alive() {
                         due += 1;
+                        self.last_round = Some(now);
                         if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
                             q.doomed.push((self.key, format!("rtc_error: {e}")));
                             return;

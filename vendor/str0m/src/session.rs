@@ -1265,21 +1265,16 @@ impl Session {
         midrid: MidRid,
         rtp: RtpWrite,
     ) -> Option<DirectSent> {
-        let intervals = self.intervals;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
-        // The only stream timer a send can bring forward: a stream's first packet makes its
-        // Sender Report due (none is sent before it).
-        let report_at = stream.sender_report_at(intervals);
+        // The only stream timer a send can bring forward: no Sender Report is due before a
+        // stream's first packet, and one is due once it went out.
+        let report_moved = stream.reports_nothing_yet();
         if !stream.write_rtp_now(now, rtp) || self.srtp_tx.is_none() {
             return None;
         }
         // A packet sent while a probe cluster runs belongs to it, as when the pacer picks it.
         let cluster_id = self.pacer.active_cluster();
         let contents = self.poll_packet_of(now, midrid, cluster_id)?;
-        let report_moved = self
-            .streams
-            .stream_tx_by_midrid(midrid)
-            .is_some_and(|s| s.sender_report_at(intervals) < report_at);
         // The send completed the probe cluster: the next timeout round ends it (the pacer's
         // own timeouts do not move on a send, see `LeakyBucketPacer::register_send`).
         let probe_done = self.pacer.active_cluster() != cluster_id;

@@ -302,7 +302,7 @@ impl Engine {
             match written {
                 Written::Sent(t) => {
                     sub.transmit(t, q);
-                    sub.sent_directly(now, q);
+                    sub.sent_directly(now, cfg.direct_round_every, q);
                 }
                 _ => sub.drain(now, q),
             }

@@ -443,6 +443,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Instant) {
         for conn in self.conns.values_mut() {
             if conn.next_timeout.is_some_and(|t| t <= now) {
+                conn.last_round = Some(now);
                 if let Err(e) = conn.rtc.handle_input(Input::Timeout(now)) {
                     self.q.doomed.push((conn.key, format!("rtc_error: {e}")));
                     continue;

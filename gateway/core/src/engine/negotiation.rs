@@ -167,6 +167,7 @@ impl Engine {
             restart_path: None,
             restart_reached: false,
             next_timeout: None,
+            last_round: None,
             trusted: Vec::new(),
             candidate_added: false,
             candidates: Vec::new(),
