@@ -328,9 +328,9 @@ mod tests {
     /// that `poll_output` would return, so `idle_timeout` is the timeout a full poll finds.
     #[test]
     fn readiness_direct_send_wakes_only_what_it_moved() {
+        use crate::SendAddr;
         use crate::net::Protocol;
         use crate::rtp::RtpWrite;
-        use crate::SendAddr;
 
         let mut rtc = idle_rtc();
         let addr = "127.0.0.1:5000".parse().unwrap();
@@ -349,16 +349,23 @@ mod tests {
         let now = rtc.last_now;
         let write = |seq: u64| RtpWrite::new(pt, seq.into(), 90 * seq as u32, now, vec![1; 100]);
 
-        let sent = rtc.direct_api().send_rtp_now(now, "vid".into(), None, write(1));
+        let sent = rtc
+            .direct_api()
+            .send_rtp_now(now, "vid".into(), None, write(1));
         assert!(sent.is_some(), "sent at once");
         assert!(!rtc.readiness.wants_events());
-        assert!(rtc.readiness.wants_timeout(), "the first packet makes the SR due");
+        assert!(
+            rtc.readiness.wants_timeout(),
+            "the first packet makes the SR due"
+        );
         assert_eq!(rtc.idle_timeout(), None);
         while !matches!(rtc.poll_output().unwrap(), Output::Timeout(_)) {}
         let idle = rtc.idle_timeout().expect("polled to its timeout");
 
         for seq in 2..10 {
-            let sent = rtc.direct_api().send_rtp_now(now, "vid".into(), None, write(seq));
+            let sent = rtc
+                .direct_api()
+                .send_rtp_now(now, "vid".into(), None, write(seq));
             assert!(sent.is_some(), "sent at once");
             assert!(!rtc.readiness.wants_events());
             assert!(!rtc.readiness.wants_timeout());

@@ -389,7 +389,10 @@ impl<'a> DirectApi<'a> {
         let mut rtc = self.rtc.mutate();
         let Some(send) = rtc.send_addr.as_ref() else {
             // Not connected: queue it, as write_rtp does.
-            rtc.session.streams.stream_tx_by_midrid(midrid)?.write_rtp(rtp);
+            rtc.session
+                .streams
+                .stream_tx_by_midrid(midrid)?
+                .write_rtp(rtp);
             return None;
         };
         let (proto, source, destination) = (send.proto, send.source, send.destination);
