@@ -101,7 +101,7 @@ pub struct CoreConfig {
     /// timeout round at least this often (str0m's own send path asks for one after every
     /// packet; its pacer and estimator adjust in them). The bandwidth scenarios give the
     /// figures of a round after every packet with 5, 10 or 20 ms. `None`: only when the `Rtc`
-    /// asks (its own timeouts, every 25 ms or so): ~240 fewer instructions per forwarded
+    /// asks (its own timeouts, every 25 ms or so): ~220 fewer instructions per forwarded
     /// packet, but the estimate climbed back more slowly after a dip in the scenarios
     /// (`docs/performance.md`). Not a config key.
     pub direct_round_every: Option<Duration>,
