@@ -624,6 +624,7 @@ impl GatewayConfig {
             layer_up_hold: Duration::from_millis(self.media.layer_up_hold_ms),
             keyframe_cache: self.media.keyframe_cache,
             direct_send: self.media.direct_send,
+            direct_round_every: gateway_core::CoreConfig::default().direct_round_every,
             data_max_message_bytes: self.media.data_max_message_bytes,
             data_messages_per_second: self.media.data_messages_per_second,
             ice_tcp: self.ice_tcp_candidates(),

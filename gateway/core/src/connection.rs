@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use signaling_api::protocol::{ConnectionState, EventKind, Role};
@@ -17,10 +17,6 @@ use crate::{ConnKey, MediaEvent, Output};
 
 /// At most this many due timeouts are fed in one drain; str0m never needs more than a few.
 const MAX_DUE_TIMEOUTS_PER_DRAIN: usize = 64;
-/// After packets sent straight out, the `Rtc` gets a timeout round at most this often. The
-/// bandwidth scenarios (estimate down, up, probes, pauses) give the same figures with a round
-/// after every packet, every 5, 10 or 20 ms; a subscriber receives a packet every 3 ms or so.
-pub(crate) const DIRECT_ROUND_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 /// Remote addresses remembered as authenticated by ICE.
 const MAX_TRUSTED: usize = 8;
 
@@ -326,9 +322,6 @@ impl Conn {
         q.out.push_back(Output::Event(MediaEvent::Connection { connection_id: self.id.to_string(), event, reason }));
     }
 
-    /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are
-    /// queued for the engine. str0m keeps a single undelivered incoming packet in RTP mode, so
-    /// this runs after every input, write and SDP change.
     /// Hand a datagram str0m produced to the driver.
     pub fn transmit(&mut self, mut t: str0m::net::Transmit, q: &mut Queues) {
         if self.restarting {
@@ -350,16 +343,26 @@ impl Conn {
         });
     }
 
-    /// A packet went straight out (`send_rtp_now`): the `Rtc`'s pacer and estimator still want
-    /// a timeout round after sends (probe clusters, padding, the estimate), but not one per
-    /// packet: at most every [`DIRECT_ROUND_EVERY`], at the engine's next timer pass.
-    pub fn sent_directly(&mut self, now: Instant) {
-        let due = self.last_round.map_or(now, |t| (t + DIRECT_ROUND_EVERY).max(now));
-        if self.next_timeout.is_none_or(|t| t > due) {
-            self.next_timeout = Some(due);
+    /// A packet went straight out (`send_rtp_now`). Such a send usually changes nothing else
+    /// in the `Rtc` (vendored str0m: it re-polls only when it queued output or moved a timeout
+    /// earlier, e.g. a stream's first Sender Report or the end of a probe cluster), so no
+    /// poll is needed: its next timeout is the one it had. Its pacer and estimator still get a
+    /// timeout round after sends at least every `round_every` (see
+    /// `CoreConfig::direct_round_every`), not one per packet, at the engine's timer pass.
+    /// Otherwise it is polled as after any other write.
+    pub fn sent_directly(&mut self, now: Instant, round_every: Option<Duration>, q: &mut Queues) {
+        match self.rtc.idle_timeout() {
+            Some(t) => {
+                let round = round_every.map(|d| self.last_round.map_or(now, |r| (r + d).max(now)));
+                self.next_timeout = Some(round.map_or(t, |r| t.min(r)));
+            }
+            None => self.drain(now, q),
         }
     }
 
+    /// Poll the `Rtc` until it only has a future timeout left: transmits go out, events are
+    /// queued for the engine. str0m keeps a single undelivered incoming packet in RTP mode, so
+    /// this runs after every input, write and SDP change.
     pub fn drain(&mut self, now: Instant, q: &mut Queues) {
         let mut due = 0;
         loop {

@@ -76,7 +76,7 @@ pub(crate) struct DownTrack {
     /// that has lasted `allocator::SINGLE_PAUSE_AFTER`).
     pub starved_since: Option<Instant>,
     /// How long the subscriber's stream keeps sent video to answer NACKs; `None` once applied
-    /// to the stream (at the first write, before anything is kept).
+    /// to the stream (at the first write, before anything is kept, with `set_unpaced`).
     rtx_history: Option<Duration>,
     /// The layer the allocator chose before an overloaded worker capped it (`target` is the
     /// capped one), and the track's lowest layer: what shedding costs the subscriber.
@@ -185,14 +185,15 @@ impl DownTrack {
         let Some((seq, ts)) = self.rewrite.rewrite(f.ssrc, f.seq, f.ts) else { return Written::Not };
         let (payload, patch) = self.number(f.descriptor, f.payload);
         let mut api = rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return Written::Not };
-        // Not through str0m's pacer: the publisher paced this already, and the pacer runs at
-        // 1.1x an estimate that random loss pulls down toward the stream's own rate, so
-        // packets and their retransmissions waited in its queue (96% of video within two
-        // round trips at 5% loss instead of 99.3%). The estimate still chooses the layers.
-        // (A field store; cheaper than tracking whether it was set.)
-        tx.set_unpaced(true);
-        if let Some(history) = self.rtx_history.take() {
+        if let Some(history) = self.rtx_history {
+            // Configured once, at the first write: a `&mut` access to a stream makes the
+            // `Rtc`'s next poll sweep everything, which a direct send otherwise spares it.
+            let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return Written::Not };
+            // Not through str0m's pacer: the publisher paced this already, and the pacer runs
+            // at 1.1x an estimate that random loss pulls down toward the stream's own rate, so
+            // packets and their retransmissions waited in its queue (96% of video within two
+            // round trips at 5% loss instead of 99.3%). The estimate still chooses the layers.
+            tx.set_unpaced(true);
             // str0m keeps 3 s (up to 2,000 packets) per stream by default; a NACK comes within
             // a few round trips, so most of that was memory no request ever reached. Audio is
             // written not resendable: it keeps nothing (not even the buffer's first slots).
@@ -200,6 +201,7 @@ impl DownTrack {
                 MediaKind::Video => tx.set_rtx_cache(rtx_packets(history), history, RTX_RATIO_CAP),
                 MediaKind::Audio => tx.set_rtx_cache(0, Duration::ZERO, RTX_RATIO_CAP),
             }
+            self.rtx_history = None;
         }
         let mut w = RtpWrite::new(pt, seq.into(), ts, f.wallclock, payload)
             .marker(f.marker)
@@ -211,6 +213,7 @@ impl DownTrack {
         let sent = if direct {
             api.send_rtp_now(now, self.mid, None, w)
         } else {
+            let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return Written::Not };
             tx.write_rtp(w);
             None
         };

@@ -93,9 +93,18 @@ pub struct CoreConfig {
     pub keyframe_cache: bool,
     /// Forwarded packets go straight from the write to an encrypted datagram when the
     /// subscriber's stream has nothing else waiting (str0m's `send_rtp_now`, vendored patch),
-    /// with the `Rtc`'s timeout round once per timer pass. Off: each write is followed by a
-    /// full poll of the subscriber's `Rtc` (the old path; kept to measure against).
+    /// with the `Rtc`'s timeout rounds when it asks and at least every `direct_round_every`.
+    /// Off: each write is followed by a full poll of the subscriber's `Rtc` (the old path;
+    /// kept to measure against).
     pub direct_send: bool,
+    /// With `direct_send`: after packets sent straight out, the subscriber's `Rtc` gets a
+    /// timeout round at least this often (str0m's own send path asks for one after every
+    /// packet; its pacer and estimator adjust in them). The bandwidth scenarios give the
+    /// figures of a round after every packet with 5, 10 or 20 ms. `None`: only when the `Rtc`
+    /// asks (its own timeouts, every 25 ms or so): ~220 fewer instructions per forwarded
+    /// packet, but the estimate climbed back more slowly after a dip in the scenarios
+    /// (`docs/performance.md`). Not a config key.
+    pub direct_round_every: Option<Duration>,
     /// Largest data-channel message relayed (payload plus label); larger ones are dropped.
     pub data_max_message_bytes: usize,
     /// Data-channel messages relayed per second per publisher (bursts of twice that); more
@@ -124,6 +133,7 @@ impl Default for CoreConfig {
             layer_up_hold: Duration::from_secs(2),
             keyframe_cache: false,
             direct_send: true,
+            direct_round_every: Some(Duration::from_millis(20)),
             data_max_message_bytes: 16 * 1024,
             data_messages_per_second: 50,
             ice_tcp: Vec::new(),

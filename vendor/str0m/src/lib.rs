@@ -1923,6 +1923,21 @@ impl Rtc {
         self.cached_timeout
     }
 
+    /// The timeout [`Rtc::poll_output()`] would return now, if that is all it would do:
+    /// nothing since the last poll could have queued output or moved the timeout. `None`:
+    /// call `poll_output()`.
+    ///
+    /// A mutation through the API usually re-polls everything; a packet sent with
+    /// [`DirectApi::send_rtp_now()`][crate::change::DirectApi::send_rtp_now] does not when it
+    /// changed nothing but the stream and the counters (the usual case), so a caller sending
+    /// many packets that way can skip the poll after each of them.
+    pub fn idle_timeout(&self) -> Option<Instant> {
+        let idle = self.state == RtcState::Alive
+            && !self.readiness.wants_events()
+            && !self.readiness.wants_timeout();
+        idle.then_some(self.cached_timeout)
+    }
+
     /// The reason for the last [`Output::Timeout`]
     ///
     /// This is updated when calling [`Rtc::poll_output()`] and the next output

@@ -323,6 +323,62 @@ mod tests {
         }
     }
 
+    /// A direct send re-polls nothing unless it queued output or moved a timeout earlier:
+    /// the first packet of a stream makes its Sender Report due; the next ones change nothing
+    /// that `poll_output` would return, so `idle_timeout` is the timeout a full poll finds.
+    #[test]
+    fn readiness_direct_send_wakes_only_what_it_moved() {
+        use crate::SendAddr;
+        use crate::net::Protocol;
+        use crate::rtp::RtpWrite;
+
+        let mut rtc = idle_rtc();
+        let addr = "127.0.0.1:5000".parse().unwrap();
+        rtc.send_addr = Some(SendAddr {
+            proto: Protocol::Udp,
+            source: addr,
+            destination: addr,
+        });
+        let pt = rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec.is_video() && p.resend().is_some())
+            .map(|p| p.pt())
+            .expect("a video codec with RTX");
+        let now = rtc.last_now;
+        let write = |seq: u64| RtpWrite::new(pt, seq.into(), 90 * seq as u32, now, vec![1; 100]);
+
+        let sent = rtc
+            .direct_api()
+            .send_rtp_now(now, "vid".into(), None, write(1));
+        assert!(sent.is_some(), "sent at once");
+        assert!(!rtc.readiness.wants_events());
+        assert!(
+            rtc.readiness.wants_timeout(),
+            "the first packet makes the SR due"
+        );
+        assert_eq!(rtc.idle_timeout(), None);
+        while !matches!(rtc.poll_output().unwrap(), Output::Timeout(_)) {}
+        let idle = rtc.idle_timeout().expect("polled to its timeout");
+
+        for seq in 2..10 {
+            let sent = rtc
+                .direct_api()
+                .send_rtp_now(now, "vid".into(), None, write(seq));
+            assert!(sent.is_some(), "sent at once");
+            assert!(!rtc.readiness.wants_events());
+            assert!(!rtc.readiness.wants_timeout());
+            assert_eq!(rtc.idle_timeout(), Some(idle));
+        }
+        assert!(rtc.session.poll_event().is_none(), "no hidden event");
+        // What a full poll computes now is not earlier than what the send left cached.
+        drop(rtc.readiness.wake());
+        let fresh = rtc.poll_timeout();
+        assert!(fresh >= idle, "{fresh:?} earlier than {idle:?}");
+        assert!(matches!(rtc.poll_output().unwrap(), Output::Timeout(_)));
+    }
+
     #[test]
     fn narrowing_preserves_other_operations() {
         for events in [false, true] {

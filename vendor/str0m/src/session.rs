@@ -56,6 +56,16 @@ const MAX_PENDING_RRTRS: usize = 300;
 /// Maximum number of DLRR items to include in a single ExtendedReport.
 const MAX_DLRR_PER_REPORT: usize = 50;
 
+/// A packet [`Session::send_rtp_now`] sent, and what else the send changed.
+pub(crate) struct DirectSent {
+    /// The encrypted datagram.
+    pub contents: DatagramSend,
+    /// Output other than the datagram was queued (raw packet events).
+    pub events: bool,
+    /// A timeout may have moved earlier: poll for it before relying on the last one.
+    pub timeout: bool,
+}
+
 pub(crate) struct Session {
     id: SessionId,
 
@@ -1246,14 +1256,33 @@ impl Session {
     /// forwarding RTP): the packet is registered with the pacer, TWCC and the bandwidth
     /// estimator, cached for RTX and counted, exactly as when it is polled, without the full
     /// output sweep and timeout round that the regular path needs for each written packet.
-    pub(crate) fn send_rtp_now(&mut self, now: Instant, midrid: MidRid, rtp: RtpWrite) -> Option<DatagramSend> {
+    ///
+    /// With the datagram comes what else the send changed ([`DirectSent`]), so the caller
+    /// re-polls only that: a send usually leaves every timeout where it was.
+    pub(crate) fn send_rtp_now(
+        &mut self,
+        now: Instant,
+        midrid: MidRid,
+        rtp: RtpWrite,
+    ) -> Option<DirectSent> {
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
+        // The only stream timer a send can bring forward: no Sender Report is due before a
+        // stream's first packet, and one is due once it went out.
+        let report_moved = stream.reports_nothing_yet();
         if !stream.write_rtp_now(now, rtp) || self.srtp_tx.is_none() {
             return None;
         }
         // A packet sent while a probe cluster runs belongs to it, as when the pacer picks it.
         let cluster_id = self.pacer.active_cluster();
-        self.poll_packet_of(now, midrid, cluster_id)
+        let contents = self.poll_packet_of(now, midrid, cluster_id)?;
+        // The send completed the probe cluster: the next timeout round ends it (the pacer's
+        // own timeouts do not move on a send, see `LeakyBucketPacer::register_send`).
+        let probe_done = self.pacer.active_cluster() != cluster_id;
+        Some(DirectSent {
+            contents,
+            events: self.raw_packets.is_some(),
+            timeout: report_moved || probe_done,
+        })
     }
 
     fn poll_packet_of(

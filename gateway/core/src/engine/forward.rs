@@ -261,7 +261,6 @@ impl Engine {
                         for t in sent {
                             sub.transmit(t, q);
                         }
-                        sub.sent_directly(now);
                         sub.drain(now, q);
                     }
                     continue;
@@ -301,10 +300,9 @@ impl Engine {
                 }
             }
             match written {
-                // Straight out; the `Rtc`'s own timeout round waits for the engine's timer pass.
                 Written::Sent(t) => {
                     sub.transmit(t, q);
-                    sub.sent_directly(now);
+                    sub.sent_directly(now, cfg.direct_round_every, q);
                 }
                 _ => sub.drain(now, q),
             }

@@ -385,19 +385,32 @@ impl<'a> DirectApi<'a> {
         rtp: crate::rtp::RtpWrite,
     ) -> Option<crate::net::Transmit> {
         let midrid = MidRid(mid, rid);
-        let Some(send) = self.rtc.send_addr.as_ref() else {
+        // Re-polls everything unless narrowed below: a queued packet needs the regular poll.
+        let mut rtc = self.rtc.mutate();
+        let Some(send) = rtc.send_addr.as_ref() else {
             // Not connected: queue it, as write_rtp does.
-            self.rtc.session.streams.stream_tx_by_midrid(midrid)?.write_rtp(rtp);
+            rtc.session
+                .streams
+                .stream_tx_by_midrid(midrid)?
+                .write_rtp(rtp);
             return None;
         };
         let (proto, source, destination) = (send.proto, send.source, send.destination);
-        let contents = self.rtc.session.send_rtp_now(now, midrid, rtp)?;
-        self.rtc.peer_bytes_tx += contents.len() as u64;
+        let sent = rtc.session.send_rtp_now(now, midrid, rtp)?;
+        rtc.peer_bytes_tx += sent.contents.len() as u64;
+        // Sent: the next poll_output need not sweep the tree for this send unless it queued
+        // output or moved a timeout (it is then as cheap as returning the last timeout).
+        if !sent.events {
+            rtc.no_events();
+        }
+        if !sent.timeout {
+            rtc.no_timeout();
+        }
         Some(crate::net::Transmit {
             proto,
             source,
             destination,
-            contents,
+            contents: sent.contents,
         })
     }
 

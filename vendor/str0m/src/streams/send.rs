@@ -1023,12 +1023,17 @@ impl StreamTx {
         self.kind.is_some_and(|kind| kind.is_audio())
     }
 
+    /// No Sender Report is due until this stream sends a packet (see `sender_report_at`).
+    pub(crate) fn reports_nothing_yet(&self) -> bool {
+        self.rtp_and_wallclock.is_none() || self.stats.packets == 0
+    }
+
     pub(crate) fn sender_report_at(&self, intervals: RtcpReportIntervals) -> Instant {
         if self.kind.is_none() {
             // First handle_timeout sets the kind. No sender report until then.
             return not_happening();
         }
-        if self.rtp_and_wallclock.is_none() || self.stats.packets == 0 {
+        if self.reports_nothing_yet() {
             // RFC 3550 §6.4: a source that has sent nothing sends no SR. Before the first
             // packet has gone out there is no RTP time (nor clock rate) to map the NTP time
             // to; the SR would carry rtp_ts 0 and throw off the receiver's RTP-to-NTP mapping
