@@ -799,7 +799,7 @@ impl Publisher {
         while self.paced.front().is_some_and(|p| p.at <= now) {
             let Some(p) = self.paced.pop_front() else { break };
             let Some(t) = self.video.get_mut(p.track) else { continue };
-            write_packet(&mut self.side.peer, t, p.pt, &p.payload, p.ts, p.marker, now, shared, VIDEO);
+            write_packet(&mut self.side.peer, t, p.pt, p.payload, p.ts, p.marker, now, shared, VIDEO);
         }
     }
 
@@ -904,7 +904,7 @@ fn write_packets(
     let n = payloads.len();
     let ts = t.ts;
     for (i, p) in payloads.iter().enumerate() {
-        if !write_packet(peer, t, pt, p, ts, i + 1 == n, now, shared, ext.clone()) {
+        if !write_packet(peer, t, pt, p.clone(), ts, i + 1 == n, now, shared, ext.clone()) {
             return;
         }
     }
@@ -918,7 +918,7 @@ fn write_packet(
     peer: &mut test_peer::Peer,
     t: &mut TxTrack,
     pt: Pt,
-    p: &[u8],
+    p: Vec<u8>,
     ts: u32,
     marker: bool,
     now: Instant,
@@ -928,8 +928,9 @@ fn write_packet(
     let video = ext.is_none();
     let mut api = peer.rtc.direct_api();
     let Some(tx) = api.stream_tx_by_mid(t.mid, t.rid) else { return false };
-    t.index.record(payload_hash(p), Instant::now(), p.len());
-    let mut w = RtpWrite::new(pt, t.seq.into(), ts, now, p.to_vec()).marker(video && marker).nackable(video);
+    let len = p.len();
+    t.index.record(payload_hash(&p), Instant::now(), len);
+    let mut w = RtpWrite::new(pt, t.seq.into(), ts, now, p).marker(video && marker).nackable(video);
     if let Some(ext) = ext {
         w = w.ext_vals(ext);
     }
@@ -937,7 +938,7 @@ fn write_packet(
     t.seq += 1;
     t.written += 1;
     shared.live.tx_packets.fetch_add(1, Ordering::Relaxed);
-    shared.live.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+    shared.live.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
     true
 }
 

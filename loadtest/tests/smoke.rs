@@ -10,17 +10,22 @@ use loadtest::{run, Config};
 
 const API_KEY: &str = "smoke-api-key";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_publisher_three_subscribers() {
+/// A gateway in this process with one media worker on UDP ports `port_min..=port_max`.
+async fn start_gateway(port_min: u16, port_max: u16) -> gateway::server::Running {
     let mut gw_cfg = GatewayConfig::default();
     gw_cfg.http.bind = "127.0.0.1:0".parse().unwrap();
-    gw_cfg.media.port_min = 45000;
-    gw_cfg.media.port_max = 45049;
+    gw_cfg.media.port_min = port_min;
+    gw_cfg.media.port_max = port_max;
     gw_cfg.media.workers = 1;
     gw_cfg.auth.api_key = API_KEY.into();
     gw_cfg.auth.token_secret = "loadtest-smoke-secret-0123456789".into();
     gw_cfg.validate().unwrap();
-    let gw = gateway::server::start(gw_cfg).await.expect("gateway starts");
+    gateway::server::start(gw_cfg).await.expect("gateway starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publisher_three_subscribers() {
+    let gw = start_gateway(45000, 45049).await;
 
     let cfg = Config {
         url: gw.base_url(),
@@ -79,15 +84,7 @@ async fn one_publisher_three_subscribers() {
 /// byte-exact, keyframes start every subscriber, and loss stays as small as in the burst run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_publisher() {
-    let mut gw_cfg = GatewayConfig::default();
-    gw_cfg.http.bind = "127.0.0.1:0".parse().unwrap();
-    gw_cfg.media.port_min = 45050;
-    gw_cfg.media.port_max = 45099;
-    gw_cfg.media.workers = 1;
-    gw_cfg.auth.api_key = API_KEY.into();
-    gw_cfg.auth.token_secret = "loadtest-smoke-secret-0123456789".into();
-    gw_cfg.validate().unwrap();
-    let gw = gateway::server::start(gw_cfg).await.expect("gateway starts");
+    let gw = start_gateway(45050, 45099).await;
 
     let cfg = Config {
         url: gw.base_url(),

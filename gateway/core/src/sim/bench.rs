@@ -331,8 +331,13 @@ impl Fanout {
 
     /// Video packets the subscribers received during setup and keepalives.
     pub fn received_video(&self) -> usize {
-        self.sim.peers.iter().map(|p| p.rx.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
+        video_received(&self.sim)
     }
+}
+
+/// Video packets the peers of a simulation received (decoded by their clients).
+fn video_received(sim: &Sim) -> usize {
+    sim.peers.iter().map(|p| p.rx.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
 }
 
 /// Packets in flight between the two engines of a [`SpreadFanout`] (the gateway's queue per
@@ -476,7 +481,7 @@ impl SpreadFanout {
     /// Video packets the mirror's subscribers received (relayed from the home, decoded by their
     /// clients) during setup and keepalives.
     pub fn mirror_received_video(&self) -> usize {
-        self.mirror.peers.iter().map(|p| p.rx.received.iter().filter(|r| r.kind == MediaKind::Video).count()).sum()
+        video_received(&self.mirror)
     }
 }
 
