@@ -5,7 +5,8 @@
 //! refused, deleted rooms gone, the API key enforced (gateway/tests/schemathesis.toml says which
 //! checks and why).
 //!
-//! Ports: HTTP 50000, media 50010-50029.
+//! Ports: HTTP 24000, media 24010-24029 (below the kernel's ephemeral range, 32768-60999, so no
+//! client socket elsewhere on the machine can hold them).
 
 mod common;
 
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const HTTP_PORT: u16 = 50000;
-const MEDIA_PORTS: (u16, u16) = (50010, 50029);
+const HTTP_PORT: u16 = 24000;
+const MEDIA_PORTS: (u16, u16) = (24010, 24029);
 /// Generated requests per operation and phase (bounded: the whole run takes well under 90 s);
 /// SCHEMATHESIS_EXAMPLES overrides it for a longer exploration.
 const EXAMPLES: &str = "100";
@@ -92,19 +93,34 @@ async fn the_live_gateway_serves_the_checked_in_document_and_conforms_to_it() {
     let out = repo().join("test-output/openapi");
     std::fs::create_dir_all(&out).unwrap();
     let gateway_log = out.join("gateway.log");
-    let _gateway = start_gateway(&gateway_log);
+    let mut gateway = start_gateway(&gateway_log);
     let base = format!("http://127.0.0.1:{HTTP_PORT}");
     let url = format!("{base}/v1/openapi.json");
-    let served = poll_until("the gateway to serve its OpenAPI document", 15, || async {
-        match reqwest::get(&url).await {
-            Ok(r) if r.status() == 200 => {
-                let ctype = r.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_owned());
-                Ok((ctype, r.text().await.map_err(|e| e.to_string())?))
+    let served = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // A gateway that exited (a port taken, a config refused) fails at once, with its log.
+            if let Some(status) = gateway.0.try_wait().unwrap() {
+                panic!(
+                    "the gateway exited ({status}) before serving its OpenAPI document; its log:\n{}",
+                    std::fs::read_to_string(&gateway_log).unwrap_or_default()
+                );
             }
-            other => Err(format!("{other:?}")),
+            let seen = match reqwest::get(&url).await {
+                Ok(r) if r.status() == 200 => {
+                    let ctype = r.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_owned());
+                    break (ctype, r.text().await.unwrap());
+                }
+                other => format!("{other:?}"),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the gateway to serve its OpenAPI document: {seen}; its log:\n{}",
+                std::fs::read_to_string(&gateway_log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    })
-    .await;
+    };
     assert_eq!(served.0.as_deref(), Some("application/json"));
     let checked_in = std::fs::read_to_string(repo().join("docs/openapi.json")).unwrap();
     assert!(
