@@ -63,6 +63,19 @@ for service in prometheus coturn janus redis-server; do
   fi
 done
 
+# The tests bind fixed ports, most of them in 40000-50299, inside the kernel's ephemeral range
+# (32768-60999): any client socket on the machine (a test peer, Chromium, pip) may be handed one of
+# them and make a gateway's bind fail (CI once saw a gateway never listen on 50000). Reserving the
+# range keeps the kernel from handing them out; explicit binds still work. Best effort: where
+# /proc/sys is read-only or there is no root, the tests run as before.
+RESERVED_PORTS=40000-50299
+reserved=$(cat /proc/sys/net/ipv4/ip_local_reserved_ports 2>/dev/null || true)
+if [ "$reserved" != "$RESERVED_PORTS" ] && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+  if [ -z "$reserved" ] && echo "$RESERVED_PORTS" | as_root tee /proc/sys/net/ipv4/ip_local_reserved_ports >/dev/null 2>&1; then
+    log "reserved the tests' ports $RESERVED_PORTS from ephemeral allocation"
+  fi
+fi
+
 # PyPI's standardwebhooks (an implementation independent of the gateway's) verifies every
 # webhook the gateway sends in gateway/tests/webhooks.rs.
 export WEBHOOK_PYTHON="$PWD/target/webhook-venv/bin/python"
