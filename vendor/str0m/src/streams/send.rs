@@ -508,9 +508,10 @@ impl StreamTx {
     pub(crate) fn write_rtp_now(&mut self, now: Instant, rtp: RtpWrite) -> bool {
         let direct = self.kind.is_some() && self.send_queue.is_empty() && self.resends.is_empty();
         let packet = self.packet_from(rtp);
-        self.send_queue.push(packet);
         if direct {
-            self.send_queue.handle_timeout(now);
+            self.send_queue.push_direct(packet, now);
+        } else {
+            self.send_queue.push(packet);
         }
         direct
     }
