@@ -63,6 +63,10 @@ pub(crate) struct RtcSctp {
     snap_init: Option<SctpInitData>,
     /// Bytes that can be buffered across all streams before `available()` is 0.
     max_buffered_amount: usize,
+    /// `poll` found nothing and nothing changed since: the next `poll` would find nothing
+    /// again, so it returns `None` at once. Every mutation clears it (`wake`), and so does a
+    /// `handle_timeout` that fires an association timer or an open retry.
+    idle: bool,
     #[cfg(test)]
     max_payload_size: usize,
 }
@@ -322,6 +326,7 @@ impl RtcSctp {
             snap_enabled: false,
             snap_init: None,
             max_buffered_amount: DEFAULT_MAX_BUFFERED_AMOUNT,
+            idle: false,
             #[cfg(test)]
             max_payload_size,
         }
@@ -351,6 +356,7 @@ impl RtcSctp {
         sctp_init_data: Option<SctpInitData>,
         remote_max_message_size: Option<u32>,
     ) -> Result<(), SctpError> {
+        self.wake();
         if self.state != RtcSctpState::Uninited {
             return Err(SctpError::Proto(ProtoError::Other(
                 "SCTP already initialized".into(),
@@ -424,11 +430,13 @@ impl RtcSctp {
 
     /// Enable SNAP by pre-populating the init data.
     pub fn enable_snap(&mut self) {
+        self.wake();
         self.snap_enabled = true;
         self.snap_init.get_or_insert_with(SctpInitData::new);
     }
 
     pub fn set_max_buffered_amount(&mut self, max_buffered_amount: usize) {
+        self.wake();
         self.max_buffered_amount = max_buffered_amount;
     }
 
@@ -440,6 +448,7 @@ impl RtcSctp {
     /// Ensure the local SNAP INIT chunk is generated. Returns `false` if
     /// generation failed (degrades to non-SNAP).
     pub fn ensure_local_snap_init(&mut self) -> bool {
+        self.wake();
         let init_data = self.snap_init.get_or_insert_with(SctpInitData::new);
         if init_data.local_init_chunk().is_err() {
             self.snap_init = None;
@@ -453,6 +462,7 @@ impl RtcSctp {
     ///
     /// This preserves local opt-in for future offers.
     pub fn disable_pending_snap(&mut self) {
+        self.wake();
         if !self.is_inited() {
             self.snap_init = None;
         }
@@ -490,6 +500,7 @@ impl RtcSctp {
     /// Set the remote SNAP INIT from a base64 string. Returns `Ok(true)` if
     /// accepted, `Ok(false)` on decode error (degrades to non-SNAP).
     pub fn set_remote_snap_init_string(&mut self, value: &str) -> bool {
+        self.wake();
         let init_data = self.snap_init.get_or_insert_with(SctpInitData::new);
         match init_data.set_remote_init_string(value) {
             Ok(()) => true,
@@ -512,6 +523,7 @@ impl RtcSctp {
 
     /// Opens a new stream.
     pub fn open_stream(&mut self, id: u16, config: ChannelConfig) {
+        self.wake();
         // The channel might already have arrived via SCTP, and if it is negotiated out-of-band
         // we are waiting for the configuration.
         let entry = stream_entry(
@@ -566,6 +578,7 @@ impl RtcSctp {
 
     /// Close stream.
     pub fn close_stream(&mut self, id: u16) {
+        self.wake();
         if let Some(entry) = entry_by_id_mut(&mut self.entries, id) {
             entry.do_close = true;
 
@@ -575,6 +588,7 @@ impl RtcSctp {
     }
 
     pub fn close(&mut self) -> Result<(), SctpError> {
+        self.wake();
         let Some(assoc) = &mut self.assoc else {
             return Ok(());
         };
@@ -600,6 +614,7 @@ impl RtcSctp {
 
     // TODO: fix sctp-proto so we don't need &mut here.
     pub fn available(&mut self) -> usize {
+        self.wake();
         let Some(assoc) = &mut self.assoc else {
             return 0;
         };
@@ -620,6 +635,7 @@ impl RtcSctp {
     }
 
     pub fn write(&mut self, id: u16, binary: bool, buf: &[u8]) -> Result<usize, SctpError> {
+        self.wake();
         if self.state != RtcSctpState::Established || self.is_closing() || self.is_closed() {
             return Err(SctpError::WriteBeforeEstablished);
         }
@@ -653,6 +669,7 @@ impl RtcSctp {
     }
 
     pub fn buffered_amount(&mut self, id: u16) -> usize {
+        self.wake();
         let Some(assoc) = self.assoc.as_mut() else {
             return 0;
         };
@@ -665,6 +682,7 @@ impl RtcSctp {
     }
 
     pub fn set_buffered_amount_low_threshold(&mut self, id: u16, threshold: usize) {
+        self.wake();
         let entry =
             entry_by_id_mut(&mut self.entries, id).expect("stream entry for valid channel id");
 
@@ -673,6 +691,7 @@ impl RtcSctp {
     }
 
     pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        self.wake();
         trace!("Handle input: {}", data.len());
 
         // TODO, remove Bytes in sctp and just use &[u8].
@@ -726,18 +745,35 @@ impl RtcSctp {
             return;
         };
 
+        // Only a fired association timer or an open being retried gives `poll` new work.
+        let assoc_due = assoc.poll_timeout().is_some_and(|t| t <= now);
+        if assoc_due || self.entries.iter().any(|e| e.state == StreamEntryState::AwaitOpen) {
+            self.idle = false;
+        }
+
         assoc.handle_timeout(now);
 
         // propagate events between endpoint and association.
         while let Some(e) = assoc.poll_endpoint_event() {
+            self.idle = false;
             if let Some(ae) = self.endpoint.handle_event(self.handle, e) {
                 assoc.handle_event(ae);
             }
         }
     }
 
+    /// Something changed: the next `poll` looks again.
+    fn wake(&mut self) {
+        self.idle = false;
+    }
+
     pub fn poll(&mut self) -> Option<SctpEvent> {
+        if self.idle {
+            return None;
+        }
         let r = self.do_poll();
+        // Nothing to do: the same until something changes.
+        self.idle = r.is_none();
 
         if let Some(r) = &r {
             trace!("Poll {:?}", r);
@@ -1171,6 +1207,7 @@ impl RtcSctp {
     }
 
     pub fn push_back_transmit(&mut self, data: VecDeque<Vec<u8>>) {
+        self.wake();
         trace!("Push back transmit: {}", data.len());
         assert!(self.pushed_back_transmit.is_none());
         self.pushed_back_transmit = Some(data);
@@ -1441,6 +1478,59 @@ mod tests {
         assert!(readiness.wants_timeout());
         assert!(matches!(sctp.poll(), Some(SctpEvent::Transmit { .. })));
         assert!(sctp.poll_timeout().unwrap() > deadline);
+    }
+
+    #[test]
+    fn an_idle_sctp_poll_wakes_on_input_writes_and_due_timers() {
+        let (mut client, mut server) = connect_client_server();
+        let config = ChannelConfig {
+            negotiated: Some(1),
+            ..Default::default()
+        };
+        client.open_stream(1, config.clone());
+        server.open_stream(1, config);
+        let mut opened = 0;
+        for sctp in [&mut client, &mut server] {
+            while let Some(e) = sctp.poll() {
+                opened += matches!(e, SctpEvent::Open { id: 1, .. }) as usize;
+            }
+            assert!(sctp.idle, "a drained poll is idle");
+        }
+        assert_eq!(opened, 2);
+
+        // A timeout before any association timer is due changes nothing.
+        let now = client.last_now;
+        if client.poll_timeout().is_none_or(|t| t > now) {
+            client.handle_timeout(now, &mut Readiness::idle().wake());
+            assert!(client.idle);
+        }
+        assert!(client.poll().is_none());
+
+        // A write does: its DATA chunk goes out, and the server, woken by the input, reads it.
+        client.write(1, true, b"hello").unwrap();
+        let mut sent = 0;
+        while let Some(e) = client.poll() {
+            if let SctpEvent::Transmit { packets } = e {
+                for p in packets {
+                    sent += 1;
+                    server.handle_input(now, &p);
+                }
+            }
+        }
+        assert!(sent > 0, "the write was sent");
+        let mut got = None;
+        while let Some(e) = server.poll() {
+            if let SctpEvent::Data { id, data, .. } = e {
+                got = Some((id, data));
+            }
+        }
+        assert_eq!(got, Some((1, b"hello".to_vec())));
+
+        // The server's SACK is due on its delayed-ACK timer: an idle poll wakes when it fires.
+        assert!(server.idle);
+        let due = server.poll_timeout().expect("a SACK timer");
+        server.handle_timeout(due, &mut Readiness::idle().wake());
+        assert!(!server.idle, "a fired association timer wakes the poll");
     }
 
     /// Insert an entry directly, keeping `entries` sorted by id.

@@ -505,6 +505,7 @@ impl StreamTx {
     /// (no queued packet, no resend) and it has had its first timeout, mark it sendable at
     /// `now` at once instead of at the next `handle_timeout`. Returns whether it was marked:
     /// then the next `poll_packet` of this stream sends it.
+    #[inline]
     pub(crate) fn write_rtp_now(&mut self, now: Instant, rtp: RtpWrite) -> bool {
         let direct = self.kind.is_some() && self.send_queue.is_empty() && self.resends.is_empty();
         let packet = self.packet_from(rtp);
