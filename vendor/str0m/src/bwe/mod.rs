@@ -144,7 +144,8 @@ struct SendSideBandwidthEstimator {
     started_at: Option<Instant>,
     alr_detector: AlrDetector,
     link_capacity_estimator: LinkCapacityEstimator,
-    last_updated_estimate: Option<Bitrate>,
+    /// The estimate and its cause last handed to the probe controller and ALR detector.
+    last_updated_estimate: Option<(Bitrate, BandwidthLimitedCause)>,
 }
 
 impl SendSideBandwidthEstimator {
@@ -352,18 +353,19 @@ impl SendSideBandwidthEstimator {
         let Some(estimate) = self.last_estimate() else {
             return;
         };
-        // Did it change?
-        if self.last_updated_estimate == Some(estimate) {
+        // Did it, or what limits it, change? The cause can change alone (the loss controller
+        // returns to delay-based at the same estimate); the probe controller must hear of it,
+        // or it keeps refusing to probe while the estimate stays put.
+        let cause = self.bandwidth_limited_cause();
+        let previous = self.last_updated_estimate.replace((estimate, cause));
+        if previous == Some((estimate, cause)) {
             return;
         }
 
-        let cause = self.bandwidth_limited_cause();
-
         self.probe_control.set_estimated_bitrate(estimate, cause);
-        self.alr_detector.set_estimated_bitrate(estimate);
-
-        // Don't update until this changes.
-        self.last_updated_estimate = Some(estimate);
+        if previous.map(|(e, _)| e) != Some(estimate) {
+            self.alr_detector.set_estimated_bitrate(estimate);
+        }
     }
 
     fn bandwidth_limited_cause(&self) -> BandwidthLimitedCause {
@@ -552,6 +554,35 @@ mod test {
                     .is_none()
             );
         }
+    }
+
+    #[test]
+    fn a_cause_change_alone_reaches_the_probe_controller() {
+        // The loss controller held the estimate (loss-limited) and has gone back to delay-based
+        // without moving it: the estimate is the one last handed on, only the cause differs.
+        // The probe controller must hear of the new cause, or it keeps refusing to probe for
+        // as long as the estimate happens to stay put (in ALR it does: the AIMD increase is
+        // capped near the throughput).
+        let start = Instant::now();
+        let mut bwe = SendSideBandwidthEstimator::new(Bitrate::kbps(300));
+        // Initial probes (3x and 6x) out of the way.
+        assert!(bwe.handle_timeout(Bitrate::kbps(500), true, start).is_some());
+        assert!(bwe.handle_timeout(Bitrate::kbps(500), true, start).is_some());
+        let estimate = bwe.last_estimate().unwrap();
+        assert_eq!(bwe.bandwidth_limited_cause(), BandwidthLimitedCause::DelayBasedLimited);
+        bwe.probe_control
+            .set_estimated_bitrate(estimate, BandwidthLimitedCause::LossLimitedBwe);
+        bwe.last_updated_estimate = Some((estimate, BandwidthLimitedCause::LossLimitedBwe));
+
+        // Past the initial phase, the application wants more than the estimate: an
+        // allocation probe.
+        let now = start + Duration::from_secs(2);
+        assert_eq!(bwe.last_estimate(), Some(estimate));
+        let probe = bwe.handle_timeout(Bitrate::mbps(1), true, now);
+        assert!(
+            probe.is_some(),
+            "delay-based again at the same estimate: probing is allowed"
+        );
     }
 
     #[test]
