@@ -58,7 +58,8 @@ impl SendQueue {
     /// Send every queued datagram, in order, with as few system calls as the kernel allows,
     /// and empty the queue. A datagram the kernel refuses is skipped and counted; a full send
     /// buffer drops what is left (as a `sendto` that would block does).
-    pub fn send(&mut self, socket: impl AsFd) -> Sent {
+    /// Each datagram's buffer goes to `recycle` once the kernel has it (or refused it).
+    pub fn send(&mut self, socket: impl AsFd, mut recycle: impl FnMut(Vec<u8>)) -> Sent {
         let mut sent = Sent::default();
         let mut start = 0;
         let total = self.contents.len();
@@ -96,7 +97,7 @@ impl SendQueue {
             }
         }
         self.destinations.clear();
-        self.contents.clear();
+        self.contents.drain(..).for_each(&mut recycle);
         sent
     }
 }
@@ -196,8 +197,12 @@ mod tests {
             q.push(if i % 2 == 0 { a_addr } else { b_addr }, vec![i; 1 + usize::from(i)]);
         }
         assert_eq!(q.len(), 100);
-        let sent = q.send(&tx);
+        let mut recycled = Vec::new();
+        let sent = q.send(&tx, |b| recycled.push(b));
         assert_eq!(sent, Sent { datagrams: 100, failed: 0, calls: 1 });
+        // Every buffer comes back for reuse, in order.
+        assert_eq!(recycled.len(), 100);
+        assert!(recycled.iter().enumerate().all(|(i, b)| b.len() == 1 + i));
         assert!(q.is_empty());
         let mut buf = [0u8; 256];
         for (sock, first) in [(&a, 0u8), (&b, 1u8)] {
@@ -218,7 +223,7 @@ mod tests {
         // An IPv6 destination on an IPv4 socket is refused by the kernel.
         q.push("[::1]:9".parse().unwrap(), b"refused".to_vec());
         q.push(a_addr, b"last".to_vec());
-        let sent = q.send(&tx);
+        let sent = q.send(&tx, drop);
         assert_eq!((sent.datagrams, sent.failed), (2, 1));
         let mut buf = [0u8; 64];
         let (n, _) = a.recv_from(&mut buf).unwrap();
@@ -235,7 +240,7 @@ mod tests {
         for _ in 0..(MAX_PER_CALL + 5) {
             q.push(a_addr, vec![0; 8]);
         }
-        let sent = q.send(&tx);
+        let sent = q.send(&tx, drop);
         assert_eq!(sent.datagrams + sent.failed, MAX_PER_CALL + 5);
         assert!(sent.calls >= 2);
     }

@@ -625,7 +625,8 @@ impl Worker {
         if shared.queue.is_empty() {
             return 0;
         }
-        let sent = shared.queue.send(&shared.socket);
+        let engine = &mut self.engine;
+        let sent = shared.queue.send(&shared.socket, |buf| engine.recycle(buf));
         if sent.failed > 0 {
             self.setup.metrics.send_errors.inc_by(sent.failed as u64);
         }
@@ -652,6 +653,7 @@ impl Worker {
                 }
                 self.egress_packets += 1;
                 self.egress_bytes += contents.len() as u64;
+                self.engine.recycle(contents);
                 return Some(key);
             }
             Output::Transmit { key, destination, contents, .. } => {
@@ -662,7 +664,10 @@ impl Worker {
                     return Some(key);
                 }
                 let sock = self.sockets.get(&key)?;
-                if sock.socket.send_to(&contents, destination).is_err() {
+                let failed = sock.socket.send_to(&contents, destination).is_err();
+                // The buffer serves the next forwarded packet.
+                self.engine.recycle(contents);
+                if failed {
                     self.setup.metrics.send_errors.inc();
                     return None;
                 }

@@ -31,6 +31,9 @@ pub(crate) struct Queues {
     /// Spread rooms (`engine::relay`): messages and packets for other workers.
     pub relay: Vec<(usize, crate::engine::Relay)>,
     pub relayed: Vec<(usize, crate::engine::RelayedPacket)>,
+    /// Buffers of datagrams the driver has sent, handed back ([`crate::Engine::recycle`]): a
+    /// direct send encrypts into one instead of allocating (and freeing) one per packet.
+    pub spare: Vec<Vec<u8>>,
 }
 
 /// Live statistics, shown by `GET /v1/connections/{id}`.

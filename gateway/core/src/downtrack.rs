@@ -180,7 +180,15 @@ impl DownTrack {
 
     /// Write one packet: straight to an encrypted datagram when the subscriber's stream has
     /// nothing else waiting (str0m's `send_rtp_now`, vendored patch), else into its queue.
-    pub fn write(&mut self, now: Instant, rtc: &mut Rtc, f: &Forwarded, direct: bool) -> Written {
+    /// A direct send encrypts into a buffer from `spare` when it has one.
+    pub fn write(
+        &mut self,
+        now: Instant,
+        rtc: &mut Rtc,
+        f: &Forwarded,
+        direct: bool,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Written {
         let Some(pt) = self.map_pt(rtc, f.params) else { return Written::Not };
         let Some((seq, ts)) = self.rewrite.rewrite(f.ssrc, f.seq, f.ts) else { return Written::Not };
         let (payload, patch) = self.number(f.descriptor, f.payload);
@@ -211,7 +219,7 @@ impl DownTrack {
             w = w.vp8_patch(patch);
         }
         let sent = if direct {
-            api.send_rtp_now(now, self.mid, None, w)
+            api.send_rtp_now_into(now, self.mid, None, w, spare.pop().unwrap_or_default())
         } else {
             let Some(tx) = api.stream_tx_by_mid(self.mid, None) else { return Written::Not };
             tx.write_rtp(w);
@@ -289,7 +297,7 @@ impl DownTrack {
                 descriptor: &descriptor,
                 nackable: true,
             };
-            match self.write(now, rtc, &f, direct.is_some()) {
+            match self.write(now, rtc, &f, direct.is_some(), &mut Vec::new()) {
                 Written::Not => continue,
                 Written::Sent(t) => direct.as_mut().expect("sent only when direct").push(t),
                 Written::Queued => {}

@@ -562,6 +562,9 @@ impl Sim {
             } else if let Some(i) = self.peers.iter().position(|p| p.addr == d.to) {
                 let now = self.now;
                 let _ = self.peers[i].client.handle_datagram(now, d.from, &d.bytes);
+                // Delivered: the gateway's buffer goes back, as the media worker hands it back
+                // after `sendto` (so the simulations encrypt into reused buffers too).
+                self.engine.recycle(d.bytes);
                 self.drain_peer(i);
             }
         }

@@ -1244,7 +1244,7 @@ impl Session {
         // Figure out which, if any, queue to poll
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
         let (midrid, cluster_id) = self.pacer.poll_queue()?;
-        self.poll_packet_of(now, midrid, cluster_id)
+        self.poll_packet_of(now, midrid, cluster_id, Vec::new())
     }
 
     /// Write `rtp` on a send stream and, when nothing else waits on that stream, serialise
@@ -1264,6 +1264,7 @@ impl Session {
         now: Instant,
         midrid: MidRid,
         rtp: RtpWrite,
+        out: Vec<u8>,
     ) -> Option<DirectSent> {
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
         // The only stream timer a send can bring forward: no Sender Report is due before a
@@ -1274,7 +1275,7 @@ impl Session {
         }
         // A packet sent while a probe cluster runs belongs to it, as when the pacer picks it.
         let cluster_id = self.pacer.active_cluster();
-        let contents = self.poll_packet_of(now, midrid, cluster_id)?;
+        let contents = self.poll_packet_of(now, midrid, cluster_id, out)?;
         // The send completed the probe cluster: the next timeout round ends it (the pacer's
         // own timeouts do not move on a send, see `LeakyBucketPacer::register_send`).
         let probe_done = self.pacer.active_cluster() != cluster_id;
@@ -1290,6 +1291,7 @@ impl Session {
         now: Instant,
         midrid: MidRid,
         cluster_id: Option<TwccClusterId>,
+        out: Vec<u8>,
     ) -> Option<DatagramSend> {
         let srtp_tx = self.srtp_tx.as_mut()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
@@ -1332,7 +1334,7 @@ impl Session {
             raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));
         }
 
-        let protected = srtp_tx.protect_rtp(buf, &header, *seq_no);
+        let protected = srtp_tx.protect_rtp_into(buf, &header, *seq_no, out);
 
         if twcc_enabled {
             let packet_id = if let Some(cluster) = cluster_id {

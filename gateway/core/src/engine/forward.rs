@@ -279,7 +279,7 @@ impl Engine {
                     }
                 }
             }
-            let written = out.write(now, rtc, &forwarded, cfg.direct_send);
+            let written = out.write(now, rtc, &forwarded, cfg.direct_send, &mut q.spare);
             if matches!(written, Written::Not) {
                 continue;
             }

@@ -51,6 +51,14 @@ use keyframes::*;
 use stats::*;
 use track::*;
 
+/// How many sent datagrams' buffers the engine keeps for reuse ([`Engine::recycle`]): enough for
+/// one publisher packet's copies to every subscriber of a large room (the driver hands them back
+/// after each pass) while holding at most ~1 MB per worker.
+pub const SPARE_BUFFERS: usize = 512;
+
+/// A buffer larger than this (a datagram is at most ~1.5 KB) is not kept for reuse.
+pub const SPARE_BUFFER_MAX_BYTES: usize = 2048;
+
 /// A new connection: its description, and the socket the driver opened for it.
 #[derive(Debug, Clone)]
 pub struct NewConnection {
@@ -173,6 +181,15 @@ impl Engine {
     /// Next thing for the driver: a datagram, an event, or a closed connection whose socket can go.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.q.out.pop_front()
+    }
+
+    /// Hand back the buffer of a datagram the driver has sent ([`Output::Transmit`]'s
+    /// `contents`): the next forwarded packet is encrypted into it instead of a new allocation.
+    /// Keeps at most [`SPARE_BUFFERS`]; buffers larger than a datagram are let go.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.q.spare.len() < SPARE_BUFFERS && buf.capacity() <= SPARE_BUFFER_MAX_BYTES {
+            self.q.spare.push(buf);
+        }
     }
 
     /// When [`Engine::handle_timeout`] must be called next: the earliest of what each part

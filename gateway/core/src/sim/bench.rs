@@ -292,7 +292,9 @@ impl Fanout {
                     }
                     Output::Transmit { contents, .. } => {
                         sent += 1;
-                        std::hint::black_box(contents);
+                        // Sent: its buffer goes back, as the media worker hands it back after
+                        // `sendto`.
+                        engine.recycle(std::hint::black_box(contents));
                     }
                     Output::Event(e) => self.sim.events.push(e),
                     Output::Closed { .. } => {}

@@ -384,6 +384,20 @@ impl<'a> DirectApi<'a> {
         rid: Option<Rid>,
         rtp: crate::rtp::RtpWrite,
     ) -> Option<crate::net::Transmit> {
+        self.send_rtp_now_into(now, mid, rid, rtp, Vec::new())
+    }
+
+    /// As [`Self::send_rtp_now()`], with the datagram written into `buf` (its contents are
+    /// replaced, its allocation reused): a caller that hands back the buffers of the datagrams
+    /// it has sent spares an allocation per packet. `buf` is dropped when nothing goes out.
+    pub fn send_rtp_now_into(
+        &mut self,
+        now: std::time::Instant,
+        mid: Mid,
+        rid: Option<Rid>,
+        rtp: crate::rtp::RtpWrite,
+        buf: Vec<u8>,
+    ) -> Option<crate::net::Transmit> {
         let midrid = MidRid(mid, rid);
         // Re-polls everything unless narrowed below: a queued packet needs the regular poll.
         let mut rtc = self.rtc.mutate();
@@ -396,7 +410,7 @@ impl<'a> DirectApi<'a> {
             return None;
         };
         let (proto, source, destination) = (send.proto, send.source, send.destination);
-        let sent = rtc.session.send_rtp_now(now, midrid, rtp)?;
+        let sent = rtc.session.send_rtp_now(now, midrid, rtp, buf)?;
         rtc.peer_bytes_tx += sent.contents.len() as u64;
         // Sent: the next poll_output need not sweep the tree for this send unless it queued
         // output or moved a timeout (it is then as cheap as returning the last timeout).

@@ -247,12 +247,34 @@ impl DecryptWarnings {
     }
 }
 
+/// `out` sized to `len` bytes, its allocation reused when it has one. Only growth is zeroed:
+/// every byte of a protected packet is written afterwards (the header copied, the cipher's
+/// output, the tag), so what is left from the buffer's last use never reaches the wire.
+fn output_buffer(mut out: Vec<u8>, len: usize) -> Vec<u8> {
+    out.truncate(len);
+    out.resize(len, 0);
+    out
+}
+
 impl SrtpContext {
+    #[cfg(any(test, feature = "_internal_test_exports"))]
     pub fn protect_rtp(
         &mut self,
         buf: &[u8],
         header: &RtpHeader,
         srtp_index: u64, // same as ext_seq
+    ) -> Vec<u8> {
+        self.protect_rtp_into(buf, header, srtp_index, Vec::new())
+    }
+
+    /// As [`Self::protect_rtp`], written into `out` (its contents are replaced): a caller that
+    /// hands back the buffers of datagrams it has sent saves an allocation per packet.
+    pub fn protect_rtp_into(
+        &mut self,
+        buf: &[u8],
+        header: &RtpHeader,
+        srtp_index: u64, // same as ext_seq
+        out: Vec<u8>,
     ) -> Vec<u8> {
         // SRTP layout
         // [header, [rtp, (padding + pad_count)], tag]
@@ -295,8 +317,10 @@ impl SrtpContext {
                 // HMAC_TAG_LEN is 10, CTR_BUFFER_PADDING is 15, so we need 5 extra bytes
                 let padding_needed =
                     CTR_BUFFER_PADDING.saturating_sub(Aes128CmSha1_80::HMAC_TAG_LEN);
-                let mut output =
-                    vec![0_u8; buf.len() + Aes128CmSha1_80::HMAC_TAG_LEN + padding_needed];
+                let mut output = output_buffer(
+                    out,
+                    buf.len() + Aes128CmSha1_80::HMAC_TAG_LEN + padding_needed,
+                );
 
                 enc.encrypt(&iv, input, &mut output[hlen..])
                     .expect("rtp encrypt");
@@ -318,7 +342,7 @@ impl SrtpContext {
 
                 // Input and output lengths for encryption:
                 // https://www.rfc-editor.org/rfc/rfc7714#section-5.2.1
-                let mut output = vec![0_u8; buf.len() + AeadAes128Gcm::TAG_LEN];
+                let mut output = output_buffer(out, buf.len() + AeadAes128Gcm::TAG_LEN);
                 enc.encrypt(&iv, aad, input, &mut output[hlen..])
                     .expect("rtp encrypt");
 
@@ -334,7 +358,7 @@ impl SrtpContext {
 
                 // Input and output lengths for encryption:
                 // https://www.rfc-editor.org/rfc/rfc7714#section-5.2.1
-                let mut output = vec![0_u8; buf.len() + AeadAes256Gcm::TAG_LEN];
+                let mut output = output_buffer(out, buf.len() + AeadAes256Gcm::TAG_LEN);
                 enc.encrypt(&iv, aad, input, &mut output[hlen..])
                     .expect("rtp encrypt");
 
@@ -1044,6 +1068,40 @@ mod test {
                 .lines()
                 .map(str::to_owned)
                 .collect()
+        }
+    }
+
+    #[test]
+    fn protecting_into_a_used_buffer_gives_the_same_packet() {
+        for profile in [
+            SrtpProfile::AES128_CM_SHA1_80,
+            SrtpProfile::AEAD_AES_128_GCM,
+            SrtpProfile::AEAD_AES_256_GCM,
+        ] {
+            let crypto = crate::crypto::test_default_provider();
+            let mat: Vec<u8> = (0..profile.keying_material_len() as u8).collect();
+            let mat = KeyingMaterial::new(&mat);
+            let mut context = SrtpContext::new(crypto, profile, &mat, true);
+            let mut plaintext = vec![0x80, 111, 0, 7, 0, 0, 0, 9, 0, 0, 0, 1];
+            plaintext.extend((0..1_100).map(|i| i as u8));
+            let header =
+                RtpHeader::parse(&plaintext, &crate::rtp_::ExtensionMap::empty()).unwrap();
+            let fresh = context.protect_rtp(&plaintext, &header, 7);
+            // A buffer left from a larger datagram, one from a smaller one, one with room to
+            // spare but nothing in it: the same bytes come out, and its allocation is reused.
+            for used in [vec![0xab; 1_500], vec![0xcd; 40], Vec::with_capacity(2_048)] {
+                let ptr = used.as_ptr();
+                let fits = used.capacity() >= fresh.len();
+                let out = context.protect_rtp_into(&plaintext, &header, 7, used);
+                assert_eq!(out, fresh, "{profile:?}");
+                if fits {
+                    assert_eq!(out.as_ptr(), ptr, "{profile:?}: the buffer was reused");
+                }
+                assert_eq!(
+                    context.unprotect_rtp(&out, &header, 7).unwrap(),
+                    &plaintext[12..]
+                );
+            }
         }
     }
 
