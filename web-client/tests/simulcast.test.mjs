@@ -26,8 +26,10 @@ const THREE_LAYERS = "--force-fieldtrials=WebRTC-LegacySimulcastLayerLimit/Disab
 // the subscriber's bandwidth estimate carries the layer with 15% headroom, and on this loopback
 // path the estimate can sit near 1.5-2.5x what the subscriber receives: 207-433 kbit/s while
 // receiving h (~200 kbit/s) held a set_layer f (f ~500 kbit/s) for 13.6 s once, until a probe
-// lifted it to 1.18 Mbit/s; 2.5-7 s in other runs. The test reports every wait longer than 1 s
-// with the estimate meanwhile.
+// lifted it to 1.18 Mbit/s; 2.5-7 s in other runs. CI once saw it held for the whole 30 s at
+// ~458 kbit/s: str0m's probe controller had kept a loss-limited cause after the loss ended and
+// refused every probe (fixed in the vendored str0m, vendor/README.md). The test reports every
+// wait longer than 1 s with the estimate meanwhile.
 const SWITCH_TIMEOUT_MS = 30000;
 
 before(async () => {
