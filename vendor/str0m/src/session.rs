@@ -1259,6 +1259,7 @@ impl Session {
     ///
     /// With the datagram comes what else the send changed ([`DirectSent`]), so the caller
     /// re-polls only that: a send usually leaves every timeout where it was.
+    #[inline]
     pub(crate) fn send_rtp_now(
         &mut self,
         now: Instant,
@@ -1270,17 +1271,69 @@ impl Session {
         // The only stream timer a send can bring forward: no Sender Report is due before a
         // stream's first packet, and one is due once it went out.
         let report_moved = stream.reports_nothing_yet();
-        if !stream.write_rtp_now(now, rtp) || self.srtp_tx.is_none() {
+        let (Some(srtp_tx), Some(media)) = (
+            self.srtp_tx.as_mut(),
+            self.medias.iter().find(|m| m.mid() == stream.mid()),
+        ) else {
+            // Not yet encrypting (or no media): queued, the regular poll sends it.
+            stream.write_rtp(rtp);
             return None;
-        }
-        // A packet sent while a probe cluster runs belongs to it, as when the pacer picks it.
+        };
+        let exts = media.remote_extmap();
+        // TWCC might not be enabled for this m-line (as in poll_packet_of).
+        let twcc_enabled = exts.id_of(Extension::TransportSequenceNumber).is_some();
+        let twcc_seq = self.twcc;
+        let sent = stream.send_now(
+            now,
+            rtp,
+            exts,
+            twcc_enabled.then_some(&mut self.twcc),
+            &self.codec_config,
+            &mut self.poll_packet_buf,
+            self.raw_packets.is_some(),
+        )?;
+        let buf = &self.poll_packet_buf;
+
+        // From here as poll_packet_of after the stream wrote a regular packet. A packet sent
+        // while a probe cluster runs belongs to it, as when the pacer picks it.
         let cluster_id = self.pacer.active_cluster();
-        let contents = self.poll_packet_of(now, midrid, cluster_id, out)?;
+        self.pacer
+            .register_send(now, sent.payload_size.into(), midrid);
+
+        if let (Some(raw_packets), Some(header)) = (&mut self.raw_packets, sent.header) {
+            raw_packets.push_back(Box::new(RawPacket::RtpTx(header, buf.clone())));
+        }
+
+        let contents = srtp_tx.protect_rtp_fields_into(
+            buf,
+            sent.header_len,
+            sent.ssrc,
+            sent.sequence_number,
+            *sent.seq_no,
+            out,
+        );
+
+        if twcc_enabled {
+            let packet_id = if let Some(cluster) = cluster_id {
+                TwccPacketId::with_cluster(twcc_seq, cluster)
+            } else {
+                TwccPacketId::new(twcc_seq)
+            };
+            self.twcc_tx_register
+                .register_seq(packet_id, now, sent.payload_size);
+        }
+        if let Some(bwe) = self.bwe.as_mut() {
+            bwe.on_media_sent(sent.payload_size.into(), false, now);
+        }
+        if !sent.ssrc.is_probe() {
+            self.media_bytes_tx += sent.payload_size as u64;
+        }
+
         // The send completed the probe cluster: the next timeout round ends it (the pacer's
         // own timeouts do not move on a send, see `LeakyBucketPacer::register_send`).
         let probe_done = self.pacer.active_cluster() != cluster_id;
         Some(DirectSent {
-            contents,
+            contents: contents.into(),
             events: self.raw_packets.is_some(),
             timeout: report_moved || probe_done,
         })

@@ -17,7 +17,7 @@ pub(super) fn send_due_keyframe_request(
     now: Instant,
     track: &mut TrackIn,
     li: usize,
-    conns: &mut HashMap<ConnKey, Conn>,
+    conns: &mut super::Conns,
     q: &mut Queues,
     counters: &mut Counters,
 ) {
@@ -48,7 +48,7 @@ pub(super) fn want_keyframe(
     now: Instant,
     track: &mut TrackIn,
     li: usize,
-    conns: &mut HashMap<ConnKey, Conn>,
+    conns: &mut super::Conns,
     q: &mut Queues,
     counters: &mut Counters,
 ) {

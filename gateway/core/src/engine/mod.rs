@@ -75,7 +75,7 @@ pub struct Engine {
     /// (ECDHE) per connection; the certificate only identifies us via the SDP fingerprint.
     cert: Option<DtlsCert>,
     rooms: HashMap<Arc<str>, Room>,
-    conns: HashMap<ConnKey, Conn>,
+    conns: Conns,
     keys: HashMap<Arc<str>, ConnKey>,
     /// Shared-socket demultiplexing (`media.mux`) and ICE-TCP streams: our ICE username
     /// fragment of each connection, and each ICE-authenticated remote address with the
@@ -109,8 +109,13 @@ fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
     MediaError { code, message: message.into() }
 }
 
+/// The engine's connections. Looked up for every subscriber of every forwarded packet, so
+/// hashed with FxHash (one multiply) instead of SipHash: the keys are counters the media
+/// worker assigns, never chosen by a peer, so a hash-flooding-resistant hasher buys nothing here.
+pub(super) type Conns = HashMap<ConnKey, Conn, rustc_hash::FxBuildHasher>;
+
 /// A connection by key (a free function, so the engine's other fields stay borrowable).
-fn conn_mut(conns: &mut HashMap<ConnKey, Conn>, key: ConnKey) -> Result<&mut Conn, MediaError> {
+fn conn_mut(conns: &mut Conns, key: ConnKey) -> Result<&mut Conn, MediaError> {
     conns.get_mut(&key).ok_or_else(|| err(ErrorCode::NotFound, "connection not found"))
 }
 
@@ -129,7 +134,7 @@ impl Engine {
             cfg,
             cert,
             rooms: HashMap::new(),
-            conns: HashMap::new(),
+            conns: Conns::default(),
             keys: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_source: HashMap::new(),

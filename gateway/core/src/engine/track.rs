@@ -136,7 +136,7 @@ impl Room {
 
     /// When one of its tracks or its speaker list needs the engine. `conns` gives each track's
     /// publisher (its round trip sets how long a loss may stay open).
-    pub(super) fn poll_timeout(&self, conns: &HashMap<ConnKey, Conn>, retry: std::time::Duration) -> Option<Instant> {
+    pub(super) fn poll_timeout(&self, conns: &super::Conns, retry: std::time::Duration) -> Option<Instant> {
         let tracks = self.tracks.iter().filter_map(|t| t.poll_timeout(retry, give_up_after(conns.get(&t.conn))));
         tracks.chain(self.speakers.poll_timeout()).min()
     }

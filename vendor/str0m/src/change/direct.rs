@@ -390,6 +390,7 @@ impl<'a> DirectApi<'a> {
     /// As [`Self::send_rtp_now()`], with the datagram written into `buf` (its contents are
     /// replaced, its allocation reused): a caller that hands back the buffers of the datagrams
     /// it has sent spares an allocation per packet. `buf` is dropped when nothing goes out.
+    #[inline]
     pub fn send_rtp_now_into(
         &mut self,
         now: std::time::Instant,

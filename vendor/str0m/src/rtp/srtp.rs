@@ -8,6 +8,7 @@ use crate::crypto::{AeadAes128GcmCipher, AeadAes256GcmCipher};
 use crate::crypto::{CryptoProvider, Sha1HmacProvider, SrtpProvider};
 use crate::io::DATAGRAM_MAX_PACKET_SIZE;
 
+use super::Ssrc;
 use super::header::RtpHeader;
 
 // Common among various profiles(defined in RFC3711 Section 4.3)
@@ -276,6 +277,27 @@ impl SrtpContext {
         srtp_index: u64, // same as ext_seq
         out: Vec<u8>,
     ) -> Vec<u8> {
+        self.protect_rtp_fields_into(
+            buf,
+            header.header_len,
+            header.ssrc,
+            header.sequence_number,
+            srtp_index,
+            out,
+        )
+    }
+
+    /// As [`Self::protect_rtp_into()`], given the only header fields it reads: the header's
+    /// length, SSRC and sequence number.
+    pub fn protect_rtp_fields_into(
+        &mut self,
+        buf: &[u8],
+        hlen: usize,
+        ssrc: Ssrc,
+        sequence_number: u16,
+        srtp_index: u64, // same as ext_seq
+        out: Vec<u8>,
+    ) -> Vec<u8> {
         // SRTP layout
         // [header, [rtp, (padding + pad_count)], tag]
 
@@ -303,7 +325,6 @@ impl SrtpContext {
         //  | +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+ |
         //  |                                                                   |
         //  +- Encrypted Portion*                      Authenticated Portion ---+
-        let hlen = header.header_len;
         let input = &buf[hlen..];
 
         match &mut self.rtp {
@@ -311,7 +332,7 @@ impl SrtpContext {
                 // arbitrary body lengths are fine: the output buffer below is
                 // allocated with the CTR scratch the ciphers need and truncated
                 // after encryption, so no 16-byte alignment is required.
-                let iv = Aes128CmSha1_80::rtp_iv(*salt, *header.ssrc, srtp_index);
+                let iv = Aes128CmSha1_80::rtp_iv(*salt, *ssrc, srtp_index);
 
                 // Allocate buffer with CTR padding (aws-lc-rs requirement)
                 // HMAC_TAG_LEN is 10, CTR_BUFFER_PADDING is 15, so we need 5 extra bytes
@@ -337,7 +358,7 @@ impl SrtpContext {
             Derived::AeadAes128Gcm { salt, enc, .. } => {
                 let roc = (srtp_index >> 16) as u32;
 
-                let iv = AeadAes128Gcm::rtp_iv(*salt, *header.ssrc, roc, header.sequence_number);
+                let iv = AeadAes128Gcm::rtp_iv(*salt, *ssrc, roc, sequence_number);
                 let aad = &buf[..hlen];
 
                 // Input and output lengths for encryption:
@@ -353,7 +374,7 @@ impl SrtpContext {
             Derived::AeadAes256Gcm { salt, enc, .. } => {
                 let roc = (srtp_index >> 16) as u32;
 
-                let iv = AeadAes256Gcm::rtp_iv(*salt, *header.ssrc, roc, header.sequence_number);
+                let iv = AeadAes256Gcm::rtp_iv(*salt, *ssrc, roc, sequence_number);
                 let aad = &buf[..hlen];
 
                 // Input and output lengths for encryption:
@@ -1084,8 +1105,7 @@ mod test {
             let mut context = SrtpContext::new(crypto, profile, &mat, true);
             let mut plaintext = vec![0x80, 111, 0, 7, 0, 0, 0, 9, 0, 0, 0, 1];
             plaintext.extend((0..1_100).map(|i| i as u8));
-            let header =
-                RtpHeader::parse(&plaintext, &crate::rtp_::ExtensionMap::empty()).unwrap();
+            let header = RtpHeader::parse(&plaintext, &crate::rtp_::ExtensionMap::empty()).unwrap();
             let fresh = context.protect_rtp(&plaintext, &header, 7);
             // A buffer left from a larger datagram, one from a smaller one, one with room to
             // spare but nothing in it: the same bytes come out, and its allocation is reused.

@@ -52,15 +52,9 @@ enum CachedHeader {
     Full(Box<RtpHeader>),
 }
 
-impl CachedPacket {
-    fn new(packet: RtpPacket) -> Self {
-        let RtpPacket {
-            header,
-            payload,
-            vp8_patch,
-            ..
-        } = packet;
-
+impl CachedHeader {
+    /// `header` as a [`CachedHeader::Plain`], if that is all it has.
+    fn plain(header: &RtpHeader) -> Option<Self> {
         let plain = RtpHeader {
             payload_type: header.payload_type,
             marker: header.marker,
@@ -69,23 +63,28 @@ impl CachedPacket {
             ssrc: header.ssrc,
             ..Default::default()
         };
+        (*header == plain).then_some(CachedHeader::Plain {
+            payload_type: plain.payload_type,
+            marker: plain.marker,
+            sequence_number: plain.sequence_number,
+            timestamp: plain.timestamp,
+            ssrc: plain.ssrc,
+        })
+    }
+}
 
-        let header = if header == plain {
-            CachedHeader::Plain {
-                payload_type: plain.payload_type,
-                marker: plain.marker,
-                sequence_number: plain.sequence_number,
-                timestamp: plain.timestamp,
-                ssrc: plain.ssrc,
-            }
-        } else {
-            CachedHeader::Full(Box::new(header))
-        };
-
-        CachedPacket {
+impl CachedPacket {
+    fn new(packet: RtpPacket) -> Self {
+        let RtpPacket {
+            header,
             payload,
             vp8_patch,
-            header,
+            ..
+        } = packet;
+        CachedPacket {
+            header: CachedHeader::plain(&header).unwrap_or_else(|| CachedHeader::Full(Box::new(header))),
+            payload,
+            vp8_patch,
         }
     }
 
@@ -132,9 +131,33 @@ impl RtxCache {
     pub fn cache_sent_packet(&mut self, packet: RtpPacket, now: Instant) {
         assert!(packet.nackable);
         let seq_no = packet.seq_no;
+        self.insert(seq_no, CachedPacket::new(packet), now);
+    }
+
+    /// As [`Self::cache_sent_packet()`] for a packet sent without an `RtpPacket`: its header
+    /// (as sent, but for the per-send abs-send-time and transport-wide sequence number, which
+    /// a resend writes anew), payload and VP8 patch.
+    pub fn cache_sent(
+        &mut self,
+        seq_no: SeqNo,
+        header: &RtpHeader,
+        payload: Arc<[u8]>,
+        vp8_patch: Option<Vp8Patch>,
+        now: Instant,
+    ) {
+        let header = CachedHeader::plain(header)
+            .unwrap_or_else(|| CachedHeader::Full(Box::new(header.clone())));
+        let packet = CachedPacket {
+            payload,
+            vp8_patch,
+            header,
+        };
+        self.insert(seq_no, packet, now);
+    }
+
+    fn insert(&mut self, seq_no: SeqNo, packet: CachedPacket, now: Instant) {
         let quantized_size = packet.payload.len() / RTX_CACHE_SIZE_QUANTIZER;
-        self.packet_by_seq_no
-            .push(*seq_no, now, CachedPacket::new(packet));
+        self.packet_by_seq_no.push(*seq_no, now, packet);
         self.seq_no_by_quantized_size[quantized_size] = seq_no;
         self.remove_old_packets(now);
     }

@@ -186,6 +186,17 @@ pub struct StreamTx {
     mtu_warn: usize,
 }
 
+/// A packet [`StreamTx::send_now`] wrote: what encrypting and registering it needs.
+pub(crate) struct SentNow {
+    pub seq_no: SeqNo,
+    pub ssrc: Ssrc,
+    pub sequence_number: u16,
+    pub header_len: usize,
+    pub payload_size: usize,
+    /// The header as written, when asked for.
+    pub header: Option<RtpHeader>,
+}
+
 /// RTP packet data to enqueue on a direct RTP send stream.
 ///
 /// The payload is the RTP payload only, without the RTP header.
@@ -291,6 +302,7 @@ impl RtpWrite {
     /// its initial ROC or rebasing the outgoing sequence numbers for that receiver.
     ///
     /// [roc]: https://www.rfc-editor.org/rfc/rfc3711.html#section-3.3.1
+    #[inline]
     pub fn new(
         pt: Pt,
         seq_no: SeqNo,
@@ -314,18 +326,21 @@ impl RtpWrite {
     }
 
     /// Set the RTP marker bit.
+    #[inline]
     pub fn marker(mut self, marker: bool) -> Self {
         self.marker = marker;
         self
     }
 
     /// Set RTP header extension values.
+    #[inline]
     pub fn ext_vals(mut self, ext_vals: ExtensionValues) -> Self {
         self.ext_vals = ext_vals;
         self
     }
 
     /// Set whether this RTP packet should respond to incoming NACKs.
+    #[inline]
     pub fn nackable(mut self, nackable: bool) -> Self {
         self.nackable = nackable;
         self
@@ -350,6 +365,7 @@ impl RtpWrite {
     /// Build the patch with [`Vp8Descriptor::patch`][crate::rtp::Vp8Descriptor::patch]
     /// when the caller already parsed the VP8 payload descriptor before
     /// constructing this write command.
+    #[inline]
     pub fn vp8_patch(mut self, patch: Vp8Patch) -> Self {
         self.vp8_patch = Some(patch);
         self
@@ -501,22 +517,157 @@ impl StreamTx {
         self.send_queue.push(packet);
     }
 
-    /// Queue `rtp` like [`StreamTx::write_rtp`] and, if nothing else waits on this stream
-    /// (no queued packet, no resend) and it has had its first timeout, mark it sendable at
-    /// `now` at once instead of at the next `handle_timeout`. Returns whether it was marked:
-    /// then the next `poll_packet` of this stream sends it.
+    /// Serialise `rtp` into `buf` (unencrypted) at once if nothing else waits on this stream
+    /// (no queued packet, no resend) and it has had its first timeout: what
+    /// [`StreamTx::poll_packet`] does for a regular packet, without moving the packet through
+    /// the send queue or cloning its header. Otherwise `rtp` is queued as by
+    /// [`StreamTx::write_rtp`] and goes out through the regular poll (`None`); a packet whose
+    /// PT is not in `params` is dropped (`None`), as `poll_packet` drops it.
+    ///
+    /// With `keep_header`, the receipt carries the header as written (for raw packet events).
+    #[allow(clippy::too_many_arguments)]
     #[inline]
-    pub(crate) fn write_rtp_now(&mut self, now: Instant, rtp: RtpWrite) -> bool {
-        let direct = self.kind.is_some() && self.send_queue.is_empty() && self.resends.is_empty();
-        let packet = self.packet_from(rtp);
-        if direct {
-            self.send_queue.push_direct(packet, now);
-        } else {
-            self.send_queue.push(packet);
+    pub(crate) fn send_now(
+        &mut self,
+        now: Instant,
+        rtp: RtpWrite,
+        exts: &ExtensionMap,
+        twcc: Option<&mut u64>,
+        params: &[PayloadParams],
+        buf: &mut Vec<u8>,
+        keep_header: bool,
+    ) -> Option<SentNow> {
+        let direct = self.kind.is_some()
+            && !self.ssrc.is_probe()
+            && self.send_queue.is_empty()
+            && self.resends.is_empty();
+        if !direct {
+            let pkt = self.packet_from(rtp);
+            self.send_queue.push(pkt);
+            return None;
         }
-        direct
+        // As packet_from, without building the whole `RtpPacket`: the header is written from
+        // here and cached from here, the rest of the write is used in place.
+        let RtpWrite {
+            pt,
+            seq_no,
+            time,
+            wallclock,
+            marker,
+            ext_vals,
+            mut nackable,
+            payload,
+            csrc_count,
+            csrc,
+            vp8_patch,
+        } = rtp;
+        self.note_write(seq_no, time, wallclock);
+        let mut header = RtpHeader {
+            csrc_count,
+            sequence_number: *seq_no as u16,
+            marker,
+            payload_type: pt,
+            timestamp: time,
+            ssrc: self.ssrc,
+            csrc,
+            ext_vals,
+            ..Default::default()
+        };
+
+        // As poll_packet_regular.
+        let len = payload.len() as u64;
+        self.stats.update_packet_counts(len, false);
+        if let Some(h) = &mut self.stats.bytes_transmitted {
+            h.push(now, len)
+        }
+
+        // As poll_packet for NextPacketKind::Regular.
+        if !self.remote_acked_ssrc {
+            header.ext_vals.mid = Some(self.midrid.mid());
+            header.ext_vals.rid = self.midrid.rid();
+        }
+        let pt_main = header.payload_type;
+        let Some(param) = params
+            .iter()
+            .find(|p| p.pt() == pt_main || p.red() == Some(pt_main))
+        else {
+            warn!("Media is missing PT ({}) used in RTP packet", pt_main);
+            self.send_queue.mark_emitted(now);
+            return None;
+        };
+        let is_red_packet = param.red() == Some(pt_main);
+        if param.resend().is_some() && !is_red_packet {
+            self.pt_for_padding = Some(pt_main);
+        } else {
+            nackable = false;
+        }
+        self.clock_rate = Some(param.spec().rtp_clock_rate());
+        header.ext_vals.rid_repair = None;
+
+        // This send's abs-send-time and transport-wide sequence number are written, not kept
+        // in the cached header (poll_packet sets them on a clone; a resend writes its own).
+        let kept = (header.ext_vals.abs_send_time, header.ext_vals.transport_cc);
+        if exts.id_of(Extension::AbsoluteSendTime).is_some() {
+            header.ext_vals.abs_send_time = Some(now);
+        }
+        if let Some(twcc) = twcc {
+            header.ext_vals.transport_cc = Some(*twcc as u16);
+            *twcc += 1;
+        }
+
+        buf.resize(DATAGRAM_MAX_PACKET_SIZE, 0);
+        let header_len = header.write_to(buf, exts);
+        assert!(header_len % 4 == 0, "RTP header must be multiple of 4");
+        let written = keep_header.then(|| {
+            let mut h = header.clone();
+            h.header_len = header_len;
+            h
+        });
+        (header.ext_vals.abs_send_time, header.ext_vals.transport_cc) = kept;
+
+        let body_len = payload.len();
+        let body_out = &mut buf[header_len..header_len + body_len];
+        if let Some(patch) = vp8_patch.as_ref() {
+            patch.copy_to(payload.as_ref(), body_out);
+        } else {
+            body_out.copy_from_slice(payload.as_ref());
+        }
+        buf.truncate(header_len + body_len);
+
+        self.last_sent_seq_no = seq_no;
+        self.last_used = now;
+        self.send_queue.mark_emitted(now);
+        if nackable {
+            self.rtx_cache
+                .cache_sent(seq_no, &header, payload, vp8_patch, now);
+        }
+        Some(SentNow {
+            seq_no,
+            ssrc: header.ssrc,
+            sequence_number: header.sequence_number,
+            header_len,
+            payload_size: body_len,
+            header: written,
+        })
     }
 
+    /// What every write of a packet notes: its media time and wallclock (for Sender Reports).
+    fn note_write(&mut self, seq_no: SeqNo, time: u32, wallclock: Instant) {
+        let first_call = self.rtp_and_wallclock.is_none();
+
+        if first_call && seq_no.roc() > 0 {
+            // TODO: make it possible to supress this.
+            warn!(
+                "First SeqNo has non-zero ROC ({}), which needs out-of-band signalling \
+                to remote peer",
+                seq_no.roc()
+            );
+        }
+
+        self.rtp_and_wallclock = Some((time, wallclock));
+    }
+
+    #[inline]
     fn packet_from(&mut self, rtp: RtpWrite) -> RtpPacket {
         let RtpWrite {
             pt,
@@ -532,20 +683,10 @@ impl StreamTx {
             vp8_patch,
         } = rtp;
 
-        let first_call = self.rtp_and_wallclock.is_none();
-
-        if first_call && seq_no.roc() > 0 {
-            // TODO: make it possible to supress this.
-            warn!(
-                "First SeqNo has non-zero ROC ({}), which needs out-of-band signalling \
-                to remote peer",
-                seq_no.roc()
-            );
-        }
+        self.note_write(seq_no, time, wallclock);
 
         // This 1 in clock frequency will be fixed in poll_output.
         let media_time = MediaTime::from_secs(time as u64);
-        self.rtp_and_wallclock = Some((time, wallclock));
 
         let header = RtpHeader {
             csrc_count,
@@ -1153,7 +1294,7 @@ impl StreamTx {
         s.values.push((SdesType::CNAME, cname.to_string()));
 
         let mut d = Descriptions {
-            reports: Box::new(ReportList::new()),
+            reports: Box::default(),
         };
         d.reports.push(s);
 
@@ -1499,6 +1640,149 @@ mod test {
         // The five queued packets are 0, 10, 20, 30 and 40 ms old.
         assert_eq!(snapshot.packet_count, 5);
         assert_eq!(snapshot.total_queue_time(now), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn send_now_writes_and_keeps_what_the_polled_path_does() {
+        use crate::streams::Streams;
+
+        let start = Instant::now();
+        let codecs = CodecConfig::new_with_defaults();
+        let pt = codecs
+            .params()
+            .iter()
+            .find(|p| p.resend().is_some())
+            .expect("a PT with RTX")
+            .pt();
+        let exts = ExtensionMap::standard();
+        let midrid = MidRid("vid".into(), None);
+        let new_streams = || {
+            let mut streams = Streams::new(false, 1200, Duration::from_millis(1500));
+            let stream = streams.declare_stream_tx(42.into(), Some(44.into()), midrid);
+            stream.set_rtx_cache(100, Duration::from_secs(1), None);
+            streams
+        };
+        // `polled` goes through the queue and poll_packet, `direct` through send_now.
+        let (mut polled, mut direct) = (new_streams(), new_streams());
+        let (mut twcc_polled, mut twcc_direct) = (7_u64, 7_u64);
+        let (mut buf_polled, mut buf_direct) = (vec![], vec![9_u8; 1500]);
+        let write = |i: u64, now: Instant| {
+            let ext_vals = ExtensionValues {
+                audio_level: Some(-30 - i as i8),
+                video_orientation: (i == 2).then_some(crate::rtp_::VideoOrientation::Deg90),
+                ..Default::default()
+            };
+            RtpWrite::new(
+                pt,
+                (1000 + i).into(),
+                3000 * i as u32,
+                now,
+                vec![i as u8; 300 + i as usize],
+            )
+            .marker(i % 2 == 0)
+            .ext_vals(ext_vals)
+            .nackable(true)
+        };
+
+        // Before its first timeout (media kind unknown) a stream queues the packet.
+        let b = direct.stream_tx_by_midrid(midrid).unwrap();
+        let queued = b.send_now(
+            start,
+            write(0, start),
+            &exts,
+            Some(&mut twcc_direct),
+            codecs.params(),
+            &mut buf_direct,
+            false,
+        );
+        assert!(queued.is_none());
+        assert!(!b.send_queue.is_empty());
+        b.send_queue.clear();
+        b.kind = Some(MediaKind::Video);
+
+        for i in 0..6_u64 {
+            let now = start + Duration::from_millis(20 * i);
+            if i == 3 {
+                // The peer acknowledged the SSRC: the MID is left out from here on.
+                for streams in [&mut polled, &mut direct] {
+                    streams
+                        .stream_tx_by_midrid(midrid)
+                        .unwrap()
+                        .remote_acked_ssrc = true;
+                }
+            }
+            let a = polled.stream_tx_by_midrid(midrid).unwrap();
+            a.write_rtp(write(i, now));
+            a.send_queue.handle_timeout(now);
+            let receipt = a
+                .poll_packet(
+                    now,
+                    &exts,
+                    Some(&mut twcc_polled),
+                    codecs.params(),
+                    &mut buf_polled,
+                )
+                .expect("the queued packet");
+
+            let b = direct.stream_tx_by_midrid(midrid).unwrap();
+            let sent = b
+                .send_now(
+                    now,
+                    write(i, now),
+                    &exts,
+                    Some(&mut twcc_direct),
+                    codecs.params(),
+                    &mut buf_direct,
+                    true,
+                )
+                .expect("sent at once");
+
+            assert_eq!(buf_direct, buf_polled, "packet {i}");
+            assert_eq!(sent.header.as_ref(), Some(&receipt.header));
+            assert_eq!(
+                (
+                    sent.seq_no,
+                    sent.ssrc,
+                    sent.sequence_number,
+                    sent.header_len,
+                    sent.payload_size
+                ),
+                (
+                    receipt.seq_no,
+                    receipt.header.ssrc,
+                    receipt.header.sequence_number,
+                    receipt.header.header_len,
+                    receipt.payload_size
+                )
+            );
+            assert_eq!(twcc_direct, twcc_polled);
+
+            let a = polled.stream_tx_by_midrid(midrid).unwrap();
+            let b = direct.stream_tx_by_midrid(midrid).unwrap();
+            assert!(a.send_queue.is_empty() && b.send_queue.is_empty());
+            assert_eq!(
+                a.queue_state(now).snapshot.last_emitted,
+                b.queue_state(now).snapshot.last_emitted
+            );
+            assert_eq!(
+                (a.stats.packets, a.stats.bytes),
+                (b.stats.packets, b.stats.bytes)
+            );
+            assert_eq!(
+                (a.last_sent_seq_no, a.pt_for_padding, a.clock_rate),
+                (b.last_sent_seq_no, b.pt_for_padding, b.clock_rate)
+            );
+            // The RTX cache keeps the same packet: a resend would write the same bytes.
+            let cached = |s: &StreamTx| {
+                let mut pkt = RtpPacket::blank();
+                s.rtx_cache
+                    .get_cached_packet_by_seq_no(sent.seq_no)
+                    .expect("cached")
+                    .restore_into(sent.seq_no, &mut pkt);
+                (pkt.header, pkt.payload)
+            };
+            assert_eq!(cached(a), cached(b));
+        }
     }
 
     #[test]

@@ -11,11 +11,6 @@ pub(crate) struct SendQueue {
     queue: VecDeque<RtpPacket>,
     total: TotalQueue,
     last_emitted: Option<Instant>,
-    /// A packet to go out at once (`push_direct`): it would be queued, timestamped and popped
-    /// at the same instant, so it skips the queue and its time accounting. Only ever set while
-    /// the queue is empty, and `settle` queues it as before if it is still here when anything
-    /// else touches the queue.
-    direct: Option<RtpPacket>,
 }
 
 impl SendQueue {
@@ -24,31 +19,16 @@ impl SendQueue {
             queue: VecDeque::new(),
             total: TotalQueue::default(),
             last_emitted: None,
-            direct: None,
         }
     }
 
-    /// Hand out `packet` by the next `peek`/`pop` without it ever waiting: the same as `push`
-    /// then `handle_timeout(now)` on an empty queue, without moving the packet into the queue
-    /// and out again or counting a zero queue time.
-    pub fn push_direct(&mut self, mut packet: RtpPacket, now: Instant) {
-        debug_assert!(self.is_empty(), "a direct packet only goes through an empty queue");
-        self.settle();
-        packet.timestamp = now;
-        self.direct = Some(packet);
-    }
-
-    /// A direct packet nobody popped becomes an ordinary queued packet, timestamped when it
-    /// was pushed.
-    fn settle(&mut self) {
-        if let Some(packet) = self.direct.take() {
-            self.total.increase(packet.timestamp, packet.payload.len());
-            self.queue.push_back(packet);
-        }
+    /// A packet of this stream went out without passing through the queue (it was empty):
+    /// the queue's last emission is now, as if it had been pushed and popped at once.
+    pub fn mark_emitted(&mut self, now: Instant) {
+        self.last_emitted = Some(now);
     }
 
     pub fn push(&mut self, mut packet: RtpPacket) {
-        self.settle();
         // Every incoming packet must be timestamped withe a handle_timeout.
         // This sentinel value indicates it is needed.
         packet.timestamp = not_happening();
@@ -57,7 +37,6 @@ impl SendQueue {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.settle();
         for pkt in self.queue.iter_mut().rev() {
             if pkt.timestamp != not_happening() {
                 // all enqueued packets are timestamped.
@@ -79,9 +58,6 @@ impl SendQueue {
     }
 
     pub fn peek(&mut self) -> Option<&mut RtpPacket> {
-        if self.direct.is_some() {
-            return self.direct.as_mut();
-        }
         let peeked = self.queue.front_mut()?;
         if peeked.timestamp == not_happening() {
             None
@@ -91,10 +67,6 @@ impl SendQueue {
     }
 
     pub fn pop(&mut self, now: Instant) -> Option<RtpPacket> {
-        if let Some(packet) = self.direct.take() {
-            self.last_emitted = Some(now);
-            return Some(packet);
-        }
         // Don't release packets without a timestamp.
         self.peek()?;
 
@@ -113,15 +85,14 @@ impl SendQueue {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.direct.is_none()
+        self.queue.is_empty()
     }
 
     pub fn last(&self) -> Option<&RtpPacket> {
-        self.queue.back().or(self.direct.as_ref())
+        self.queue.back()
     }
 
     pub(crate) fn snapshot(&mut self, now: Instant) -> QueueSnapshot {
-        self.settle();
         self.total.move_time_forward(now);
 
         QueueSnapshot {
@@ -144,7 +115,6 @@ impl SendQueue {
     }
 
     pub(crate) fn clear(&mut self) {
-        self.direct = None;
         self.queue.clear();
         self.total.clear();
         self.last_emitted = None;
@@ -367,57 +337,6 @@ mod test {
             "expect handle_timeout to have timestamped every packet"
         );
         assert!(!queue.need_timeout());
-    }
-
-    fn packet(seq_no: u64, len: usize) -> RtpPacket {
-        RtpPacket {
-            seq_no: seq_no.into(),
-            time: MediaTime::from_90khz(10),
-            header: RtpHeader::default(),
-            payload: vec![7; len].into(),
-            vp8_patch: None,
-            timestamp: Instant::now(),
-            last_sender_info: None,
-            nackable: true,
-        }
-    }
-
-    #[test]
-    fn a_direct_packet_pops_at_once_and_leaves_no_queue_time() {
-        let mut queue = SendQueue::new();
-        let now = Instant::now();
-        queue.push_direct(packet(1, 100), now);
-        assert!(!queue.is_empty());
-        assert!(!queue.need_timeout());
-        assert_eq!(queue.peek().map(|p| *p.seq_no), Some(1));
-        assert_eq!(queue.pop(now).map(|p| *p.seq_no), Some(1));
-        assert!(queue.is_empty());
-        let later = now + Duration::from_millis(5);
-        let snapshot = queue.snapshot(later);
-        assert_eq!(
-            (snapshot.packet_count, snapshot.byte_size, snapshot.total_queue_time_origin),
-            (0, 0, Duration::ZERO)
-        );
-        assert_eq!(snapshot.last_emitted, Some(now));
-    }
-
-    #[test]
-    fn a_direct_packet_left_unsent_is_queued_from_its_push() {
-        let mut queue = SendQueue::new();
-        let now = Instant::now();
-        queue.push_direct(packet(1, 100), now);
-        // Not popped (the send was refused): a later write queues behind it, in order.
-        queue.push(packet(2, 50));
-        let later = now + Duration::from_millis(10);
-        queue.handle_timeout(later);
-        let snapshot = queue.snapshot(later);
-        assert_eq!((snapshot.packet_count, snapshot.byte_size), (2, 150));
-        assert_eq!(snapshot.total_queue_time_origin, Duration::from_millis(10));
-        assert_eq!(snapshot.first_unsent, Some(now));
-        assert_eq!(queue.pop(later).map(|p| *p.seq_no), Some(1));
-        assert_eq!(queue.pop(later).map(|p| *p.seq_no), Some(2));
-        assert!(queue.is_empty());
-        assert_eq!(queue.snapshot(later).packet_count, 0);
     }
 
     #[test]
