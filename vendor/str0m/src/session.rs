@@ -1292,7 +1292,7 @@ impl Session {
             &mut self.poll_packet_buf,
             self.raw_packets.is_some(),
         )?;
-        let buf = &self.poll_packet_buf;
+        let buf = &self.poll_packet_buf[..sent.len];
 
         // From here as poll_packet_of after the stream wrote a regular packet. A packet sent
         // while a probe cluster runs belongs to it, as when the pacer picks it.
@@ -1301,7 +1301,7 @@ impl Session {
             .register_send(now, sent.payload_size.into(), midrid);
 
         if let (Some(raw_packets), Some(header)) = (&mut self.raw_packets, sent.header) {
-            raw_packets.push_back(Box::new(RawPacket::RtpTx(header, buf.clone())));
+            raw_packets.push_back(Box::new(RawPacket::RtpTx(header, buf.to_vec())));
         }
 
         let contents = srtp_tx.protect_rtp_fields_into(

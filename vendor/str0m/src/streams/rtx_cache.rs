@@ -82,7 +82,8 @@ impl CachedPacket {
             ..
         } = packet;
         CachedPacket {
-            header: CachedHeader::plain(&header).unwrap_or_else(|| CachedHeader::Full(Box::new(header))),
+            header: CachedHeader::plain(&header)
+                .unwrap_or_else(|| CachedHeader::Full(Box::new(header))),
             payload,
             vp8_patch,
         }
@@ -379,5 +380,40 @@ mod test {
         // The point of it: an entry is a fraction of a packet.
         assert!(std::mem::size_of::<CachedPacket>() <= 64);
         assert!(std::mem::size_of::<RtpPacket>() > 300);
+    }
+
+    #[test]
+    fn a_plain_entry_is_only_a_header_with_nothing_but_the_kept_fields() {
+        let kept = RtpHeader {
+            payload_type: 96.into(),
+            marker: true,
+            sequence_number: 7,
+            timestamp: 3000,
+            ssrc: 42.into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            CachedHeader::plain(&kept),
+            Some(CachedHeader::Plain {
+                sequence_number: 7,
+                timestamp: 3000,
+                marker: true,
+                ..
+            })
+        ));
+        let changes: [fn(&mut RtpHeader); 7] = [
+            |h| h.version = 1,
+            |h| h.has_padding = true,
+            |h| h.has_extension = false,
+            |h| h.csrc_count = 1,
+            |h| h.csrc[3] = 1,
+            |h| h.header_len = 20,
+            |h| h.ext_vals.audio_level = Some(-30),
+        ];
+        for change in changes {
+            let mut header = kept.clone();
+            change(&mut header);
+            assert!(CachedHeader::plain(&header).is_none(), "{header:?}");
+        }
     }
 }
