@@ -576,6 +576,14 @@ impl StreamTx {
             ..Default::default()
         };
 
+        // As poll_packet_resend, which poll_packet runs first: with a resend ratio cap the
+        // ratio is refreshed (at most every 50 ms), which also trims the history of sent bytes
+        // it is computed from; without this the history would grow with every packet. No
+        // resend waits, so there is nothing to clear.
+        if self.rtx_ratio_cap.is_some() {
+            self.rtx_ratio_downsampled(now);
+        }
+
         // As poll_packet_regular.
         let len = payload.len() as u64;
         self.stats.update_packet_counts(len, false);
@@ -1665,7 +1673,9 @@ mod test {
         let new_streams = || {
             let mut streams = Streams::new(false, 1200, Duration::from_millis(1500));
             let stream = streams.declare_stream_tx(42.into(), Some(44.into()), midrid);
-            stream.set_rtx_cache(100, Duration::from_secs(1), None);
+            // With a resend ratio cap, as the gateway configures it: the sent-bytes history it
+            // is computed from must be trimmed on both paths.
+            stream.set_rtx_cache(100, Duration::from_secs(1), Some(0.15));
             streams
         };
         // `polled` goes through the queue and poll_packet, `direct` through send_now.
@@ -1707,7 +1717,8 @@ mod test {
         b.kind = Some(MediaKind::Video);
 
         for i in 0..6_u64 {
-            let now = start + Duration::from_millis(20 * i);
+            // 300 ms apart: the 1 s history of sent bytes drops its oldest entries.
+            let now = start + Duration::from_millis(300 * i);
             if i == 3 {
                 // The peer acknowledged the SSRC: the MID is left out from here on.
                 for streams in [&mut polled, &mut direct] {
@@ -1774,6 +1785,11 @@ mod test {
                 (a.stats.packets, a.stats.bytes),
                 (b.stats.packets, b.stats.bytes)
             );
+            assert_eq!(
+                format!("{:?}", a.stats.bytes_transmitted),
+                format!("{:?}", b.stats.bytes_transmitted)
+            );
+            assert_eq!(a.rtx_ratio, b.rtx_ratio);
             assert_eq!(
                 (a.last_sent_seq_no, a.pt_for_padding, a.clock_rate),
                 (b.last_sent_seq_no, b.pt_for_padding, b.clock_rate)

@@ -43,11 +43,16 @@ where
 
     /// Recalculates sum purging values older than `now - max_time`.
     pub fn purge_old(&mut self, now: Instant) {
+        // A value is older than `max_time` when it was pushed before this: one `Instant`
+        // subtraction per purge instead of one per value looked at. (None: nothing can be.)
+        let Some(cutoff) = now.checked_sub(self.max_time) else {
+            return;
+        };
         while {
             let Some(front_t) = self.history.front().map(|v| v.0) else {
                 return;
             };
-            now.duration_since(front_t) > self.max_time
+            front_t < cutoff
         } {
             if let Some((_, v)) = self.history.pop_front() {
                 self.value -= v;
@@ -105,5 +110,19 @@ mod test {
         assert_eq!(h.sum(), 33);
         h.purge_old(now + Duration::from_millis(600));
         assert_eq!(h.sum(), 0);
+    }
+
+    #[test]
+    fn purges_only_what_is_older_than_max_time() {
+        let now = Instant::now();
+        let mut h = ValueHistory::default();
+        h.push(now, 1);
+        h.push(now + Duration::from_nanos(1), 2);
+        // The first value is exactly max_time (1 s) old: kept.
+        h.purge_old(now + Duration::from_secs(1));
+        assert_eq!(h.sum(), 3);
+        // A nanosecond later it is older, the second one exactly max_time old.
+        h.purge_old(now + Duration::from_secs(1) + Duration::from_nanos(1));
+        assert_eq!(h.sum(), 2);
     }
 }
