@@ -109,6 +109,7 @@ impl Registry {
                 participants: Default::default(),
                 streams: Vec::new(),
                 metadata: None,
+                speakers: Vec::new(),
             },
         );
         self.metrics.rooms.set(self.rooms.len() as i64);

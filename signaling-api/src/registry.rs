@@ -44,6 +44,8 @@ pub struct Room {
     pub streams: Vec<StreamInfo>,
     /// Set by the app backend; sent in `joined` and `room_metadata`.
     pub metadata: Option<serde_json::Value>,
+    /// The stream ids of the last `active_speakers` sent, in order (muted streams left out).
+    pub speakers: Vec<String>,
 }
 
 pub struct Participant {
@@ -542,7 +544,23 @@ impl EventSink for Registry {
                     self.send_to_session(s, Outbound::Message(msg));
                 }
             }
-            MediaEvent::ActiveSpeakers { room_id, speakers } => {
+            MediaEvent::ActiveSpeakers { room_id, mut speakers } => {
+                // A muted stream is never listed: the media plane measures the levels of what
+                // arrives and holds a speaker for a second after its last loud moment, which
+                // would keep someone who just muted listed (and relisted when the order
+                // changes). Sent only when the filtered list changed.
+                {
+                    let Some(mut guard) = self.rooms.get_mut(&room_id) else { return };
+                    let room = &mut *guard;
+                    speakers.retain(|sp| {
+                        !room.streams.iter().any(|s| s.stream_id == sp.stream_id && (s.muted || s.moderated))
+                    });
+                    let listed: Vec<String> = speakers.iter().map(|sp| sp.stream_id.clone()).collect();
+                    if listed == room.speakers {
+                        return;
+                    }
+                    room.speakers = listed;
+                }
                 self.broadcast(&room_id, None, ServerMessage::ActiveSpeakers { speakers });
             }
             MediaEvent::StreamLayers { room_id, stream_id, layers } => {

@@ -665,6 +665,52 @@ async fn active_speakers_reach_the_whole_room() {
     assert_eq!(next(&mut bob).await, want);
 }
 
+#[tokio::test]
+async fn a_muted_stream_is_never_listed_as_speaking() {
+    let (app, state, media) = app();
+    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, &state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, &state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    assert_eq!(next_of(&mut bob, "stream_added").await["stream_id"], "st_1");
+    let speaker = |who: &str, stream: &str, level: f32| signaling_api::protocol::Speaker {
+        participant_id: who.into(),
+        stream_id: stream.into(),
+        level,
+    };
+    let speakers = |list: Vec<signaling_api::protocol::Speaker>| MediaEvent::ActiveSpeakers {
+        room_id: room.clone(),
+        speakers: list,
+    };
+
+    media.sink.emit(speakers(vec![speaker("alice", "st_1", 0.5)]));
+    assert_eq!(next_of(&mut bob, "active_speakers").await["speakers"][0]["stream_id"], "st_1");
+
+    // Alice mutes while the media plane still holds her as a speaker (it measures what
+    // arrives, and keeps a speaker listed for a moment after the last loud packet).
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": true })).await;
+    assert_eq!(next(&mut bob).await["type"], "track_muted");
+    media.sink.emit(speakers(vec![speaker("bob", "st_b", 0.6), speaker("alice", "st_1", 0.4)]));
+    let m = next_of(&mut bob, "active_speakers").await;
+    let listed: Vec<&str> =
+        m["speakers"].as_array().unwrap().iter().map(|s| s["stream_id"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["st_b"], "{m}");
+    // A list that differs only by the muted stream is the same list: not sent again.
+    media.sink.emit(speakers(vec![speaker("alice", "st_1", 0.3), speaker("bob", "st_b", 0.6)]));
+    media.sink.emit(speakers(vec![]));
+    assert_eq!(next_of(&mut bob, "active_speakers").await["speakers"], json!([]));
+
+    // Unmuted, she is listed again.
+    send(&mut alice, json!({ "type": "mute", "stream_id": "st_1", "muted": false })).await;
+    assert_eq!(next(&mut bob).await["type"], "track_unmuted");
+    media.sink.emit(speakers(vec![speaker("alice", "st_1", 0.5)]));
+    assert_eq!(next_of(&mut bob, "active_speakers").await["speakers"][0]["stream_id"], "st_1");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Moderation and room state from the app backend
 // ---------------------------------------------------------------------------------------------
