@@ -668,15 +668,7 @@ async fn active_speakers_reach_the_whole_room() {
 #[tokio::test]
 async fn a_muted_stream_is_never_listed_as_speaking() {
     let (app, state, media) = app();
-    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
-    let room = room["room_id"].as_str().unwrap().to_owned();
-    let addr = serve(app.clone()).await;
-    let mut alice = join(&addr, &state, &room, "alice").await;
-    assert_eq!(next(&mut alice).await["type"], "joined");
-    let mut bob = join(&addr, &state, &room, "bob").await;
-    assert_eq!(next(&mut bob).await["type"], "joined");
-    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
-    assert_eq!(next_of(&mut bob, "stream_added").await["stream_id"], "st_1");
+    let (room, mut alice, mut bob) = alice_publishes_to_bob(&app, &state).await;
     let speaker = |who: &str, stream: &str, level: f32| signaling_api::protocol::Speaker {
         participant_id: who.into(),
         stream_id: stream.into(),
@@ -715,6 +707,20 @@ async fn a_muted_stream_is_never_listed_as_speaking() {
 // Moderation and room state from the app backend
 // ---------------------------------------------------------------------------------------------
 
+/// A room where alice has published (stream `st_1`) and bob has seen it added.
+async fn alice_publishes_to_bob(app: &axum::Router, state: &AppState) -> (String, Ws, Ws) {
+    let (_, room) = call(app, "POST", "/v1/rooms", Some("{}"), true).await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let addr = serve(app.clone()).await;
+    let mut alice = join(&addr, state, &room, "alice").await;
+    assert_eq!(next(&mut alice).await["type"], "joined");
+    let mut bob = join(&addr, state, &room, "bob").await;
+    assert_eq!(next(&mut bob).await["type"], "joined");
+    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
+    assert_eq!(next_of(&mut bob, "stream_added").await["stream_id"], "st_1");
+    (room, alice, bob)
+}
+
 /// The next message of a type, skipping others.
 async fn next_of(ws: &mut Ws, t: &str) -> Value {
     loop {
@@ -728,15 +734,7 @@ async fn next_of(ws: &mut Ws, t: &str) -> Value {
 #[tokio::test]
 async fn the_backend_mutes_a_stream_and_only_it_can_unmute() {
     let (app, state, media) = app();
-    let (_, room) = call(&app, "POST", "/v1/rooms", Some("{}"), true).await;
-    let room = room["room_id"].as_str().unwrap().to_owned();
-    let addr = serve(app.clone()).await;
-    let mut alice = join(&addr, &state, &room, "alice").await;
-    assert_eq!(next(&mut alice).await["type"], "joined");
-    let mut bob = join(&addr, &state, &room, "bob").await;
-    assert_eq!(next(&mut bob).await["type"], "joined");
-    send(&mut alice, json!({ "type": "publish", "sdp": "v=0 offer" })).await;
-    assert_eq!(next_of(&mut bob, "stream_added").await["stream_id"], "st_1");
+    let (room, mut alice, mut bob) = alice_publishes_to_bob(&app, &state).await;
     let mute = format!("/v1/rooms/{room}/participants/alice/mute");
 
     // Targets first: unknown room, unknown participant (even with a bad body); then the body.
