@@ -1297,8 +1297,6 @@ impl Session {
         // From here as poll_packet_of after the stream wrote a regular packet. A packet sent
         // while a probe cluster runs belongs to it, as when the pacer picks it.
         let cluster_id = self.pacer.active_cluster();
-        self.pacer
-            .register_send(now, sent.payload_size.into(), midrid);
 
         if let (Some(raw_packets), Some(header)) = (&mut self.raw_packets, sent.header) {
             raw_packets.push_back(Box::new(RawPacket::RtpTx(header, buf.to_vec())));
@@ -1313,21 +1311,16 @@ impl Session {
             out,
         );
 
-        if twcc_enabled {
-            let packet_id = if let Some(cluster) = cluster_id {
-                TwccPacketId::with_cluster(twcc_seq, cluster)
-            } else {
-                TwccPacketId::new(twcc_seq)
-            };
-            self.twcc_tx_register
-                .register_seq(packet_id, now, sent.payload_size);
-        }
-        if let Some(bwe) = self.bwe.as_mut() {
-            bwe.on_media_sent(sent.payload_size.into(), false, now);
-        }
-        if !sent.ssrc.is_probe() {
-            self.media_bytes_tx += sent.payload_size as u64;
-        }
+        let twcc_seq = twcc_enabled.then_some(twcc_seq);
+        self.register_sent_rtp(
+            now,
+            midrid,
+            cluster_id,
+            twcc_seq,
+            sent.payload_size,
+            false,
+            sent.ssrc,
+        );
 
         // The send completed the probe cluster: the next timeout round ends it (the pacer's
         // own timeouts do not move on a send, see `LeakyBucketPacer::register_send`).
@@ -1381,15 +1374,43 @@ impl Session {
             crate::log_stat!("PACKET_SENT", header.ssrc, payload_size, kind);
         }
 
-        self.pacer.register_send(now, payload_size.into(), midrid);
-
         if let Some(raw_packets) = &mut self.raw_packets {
             raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));
         }
 
         let protected = srtp_tx.protect_rtp_into(buf, &header, *seq_no, out);
 
-        if twcc_enabled {
+        let twcc_seq = twcc_enabled.then_some(twcc_seq);
+        self.register_sent_rtp(
+            now,
+            midrid,
+            cluster_id,
+            twcc_seq,
+            payload_size,
+            is_padding,
+            header.ssrc,
+        );
+
+        Some(protected.into())
+    }
+
+    /// What a written RTP packet registers once it is sent: the pacer's send, its TWCC
+    /// sequence number (`None`: TWCC is not negotiated for its m-line) with the probe cluster
+    /// it belongs to, the estimator's sent media, and the media byte count.
+    #[allow(clippy::too_many_arguments)]
+    fn register_sent_rtp(
+        &mut self,
+        now: Instant,
+        midrid: MidRid,
+        cluster_id: Option<TwccClusterId>,
+        twcc_seq: Option<u64>,
+        payload_size: usize,
+        is_padding: bool,
+        ssrc: Ssrc,
+    ) {
+        self.pacer.register_send(now, payload_size.into(), midrid);
+
+        if let Some(twcc_seq) = twcc_seq {
             let packet_id = if let Some(cluster) = cluster_id {
                 TwccPacketId::with_cluster(twcc_seq, cluster)
             } else {
@@ -1404,11 +1425,9 @@ impl Session {
             bwe.on_media_sent(payload_size.into(), is_padding, now);
         }
 
-        if !is_padding && !header.ssrc.is_probe() {
+        if !is_padding && !ssrc.is_probe() {
             self.media_bytes_tx += payload_size as u64;
         }
-
-        Some(protected.into())
     }
 
     pub fn poll_timeout(&mut self) -> (Option<Instant>, Reason) {
