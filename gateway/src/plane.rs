@@ -1,8 +1,8 @@
 //! The gateway's [`MediaPlane`]: places rooms on media workers (least loaded), routes each call
 //! to the worker that owns the room or connection, and awaits its reply.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use signaling_api::media::{ConnectionSpec, IceRestarted, MediaError, MediaPlane};
@@ -20,6 +20,26 @@ pub struct GatewayMedia {
     /// `media.spread`: every room is on every worker; the room's worker above is its home
     /// (publishers), and each subscriber goes to the worker with the fewest.
     spread: bool,
+    /// Held while a subscriber is placed, so that two joins at once (on two runtime threads)
+    /// cannot both read the same counts before either adds itself.
+    placement: Mutex<()>,
+}
+
+/// A subscribe connection on its way to a worker: counted in the worker's `placing` until
+/// dropped (also when the call is cancelled or fails).
+struct Placing(Arc<AtomicUsize>);
+
+impl Placing {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for Placing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn gone() -> MediaError {
@@ -29,7 +49,7 @@ fn gone() -> MediaError {
 impl GatewayMedia {
     pub fn new(workers: Vec<WorkerHandle>, directory: Arc<Directory>, spread: bool) -> Self {
         let spread = spread && workers.len() > 1;
-        Self { workers, rooms: DashMap::new(), directory, spread }
+        Self { workers, rooms: DashMap::new(), directory, spread, placement: Mutex::new(()) }
     }
 
     /// The workers that hold a room: its home, and with `media.spread` every other one too.
@@ -42,18 +62,18 @@ impl GatewayMedia {
     }
 
     /// Where a new subscribe connection of a room goes: its home, or with `media.spread` the
-    /// worker with the fewest subscribers (counted at once, so a burst of joins spreads too),
-    /// on a tie not the home, which also carries the room's publishers.
-    fn subscriber_worker(&self, room_id: &str) -> Result<usize, MediaError> {
+    /// worker with the fewest subscribers, counting those still being placed there (so a burst
+    /// of joins spreads too), on a tie not the home, which also carries the room's publishers.
+    /// The placement counts until the returned guard drops, after the worker's reply.
+    fn subscriber_worker(&self, room_id: &str) -> Result<(usize, Option<Placing>), MediaError> {
         let home = self.room_worker(room_id)?;
         if !self.spread {
-            return Ok(home);
+            return Ok((home, None));
         }
-        let w = (0..self.workers.len())
-            .min_by_key(|&i| (self.workers[i].subscribers.load(Ordering::Relaxed), i == home))
-            .unwrap_or(home);
-        self.workers[w].subscribers.fetch_add(1, Ordering::Relaxed);
-        Ok(w)
+        let _one_at_a_time = self.placement.lock().unwrap_or_else(|e| e.into_inner());
+        let load = |h: &WorkerHandle| h.subscribers.load(Ordering::Relaxed) + h.placing.load(Ordering::Relaxed);
+        let w = (0..self.workers.len()).min_by_key(|&i| (load(&self.workers[i]), i == home)).unwrap_or(home);
+        Ok((w, Some(Placing::new(&self.workers[w].placing))))
     }
 
     pub fn workers(&self) -> &[WorkerHandle] {
@@ -90,8 +110,8 @@ impl GatewayMedia {
     }
 
     async fn open(&self, spec: ConnectionSpec, offer: Option<String>) -> Result<(), MediaError> {
-        let w = match offer {
-            Some(_) => self.room_worker(&spec.room_id)?,
+        let (w, _placing) = match offer {
+            Some(_) => (self.room_worker(&spec.room_id)?, None),
             None => self.subscriber_worker(&spec.room_id)?,
         };
         self.open_on(w, spec, |spec, reply| match offer {
@@ -250,5 +270,84 @@ impl MediaPlane for GatewayMedia {
             return None;
         }
         rx.await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Poll, Token, Waker};
+    use std::sync::mpsc;
+
+    /// A handle to no thread: placement reads only its counters.
+    fn idle_worker(poll: &Poll) -> WorkerHandle {
+        let (tx, _rx) = mpsc::channel();
+        WorkerHandle {
+            tx,
+            waker: Arc::new(Waker::new(poll.registry(), Token(0)).unwrap()),
+            rooms: Arc::default(),
+            subscribers: Arc::default(),
+            placing: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_subscriber_still_being_placed_counts_though_its_worker_stores_its_own_count() {
+        let (p0, p1) = (Poll::new().unwrap(), Poll::new().unwrap());
+        let plane = GatewayMedia::new(vec![idle_worker(&p0), idle_worker(&p1)], Arc::default(), true);
+        plane.rooms.insert("r".into(), 0);
+
+        // On a tie the first goes away from the home.
+        let (first, guard) = plane.subscriber_worker("r").unwrap();
+        assert_eq!(first, 1);
+        // The worker has not created it yet and stores the count it has (0) meanwhile.
+        plane.workers[first].subscribers.store(0, Ordering::Relaxed);
+        let (second, second_guard) = plane.subscriber_worker("r").unwrap();
+        assert_eq!(second, 0, "the second join must not land on the worker the first is on its way to");
+
+        // Once answered (created, so the worker's count has it), only the stored count remains.
+        plane.workers[first].subscribers.store(1, Ordering::Relaxed);
+        drop(guard);
+        drop(second_guard);
+        assert_eq!(plane.workers[first].placing.load(Ordering::Relaxed), 0);
+        assert_eq!(plane.workers[second].placing.load(Ordering::Relaxed), 0);
+        let (third, _g) = plane.subscriber_worker("r").unwrap();
+        assert_eq!(third, 0, "worker 0 has none, worker 1 has one");
+    }
+
+    #[test]
+    fn joins_placed_at_once_from_many_threads_are_each_counted_and_split_evenly() {
+        let (p0, p1) = (Poll::new().unwrap(), Poll::new().unwrap());
+        let plane = GatewayMedia::new(vec![idle_worker(&p0), idle_worker(&p1)], Arc::default(), true);
+        plane.rooms.insert("r".into(), 0);
+        let start = std::sync::Barrier::new(4);
+        let guards: Vec<Placing> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        (0..1_000).map(|_| plane.subscriber_worker("r").unwrap().1.unwrap()).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        let placed: Vec<usize> = plane.workers.iter().map(|w| w.placing.load(Ordering::Relaxed)).collect();
+        assert_eq!(placed, [2_000, 2_000], "placed evenly, each counted once");
+        drop(guards);
+        assert!(plane.workers.iter().all(|w| w.placing.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn without_spread_every_subscriber_goes_home_and_nothing_is_counted() {
+        let (p0, p1) = (Poll::new().unwrap(), Poll::new().unwrap());
+        let plane = GatewayMedia::new(vec![idle_worker(&p0), idle_worker(&p1)], Arc::default(), false);
+        plane.rooms.insert("r".into(), 1);
+        for _ in 0..3 {
+            let (w, guard) = plane.subscriber_worker("r").unwrap();
+            assert_eq!(w, 1);
+            assert!(guard.is_none());
+        }
+        assert!(matches!(plane.subscriber_worker("missing"), Err(e) if e.code == ErrorCode::NotFound));
     }
 }

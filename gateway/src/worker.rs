@@ -142,12 +142,17 @@ pub enum Command {
 /// What the rest of the process holds of a worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    tx: mpsc::Sender<Command>,
-    waker: Arc<Waker>,
+    pub(crate) tx: mpsc::Sender<Command>,
+    pub(crate) waker: Arc<Waker>,
     /// Rooms pinned to this worker (for least-loaded placement).
     pub rooms: Arc<AtomicUsize>,
-    /// Subscribe connections on this worker (spread rooms place new ones by it).
+    /// Subscribe connections on this worker, as the worker last counted them (spread rooms
+    /// place new ones by this plus `placing`).
     pub subscribers: Arc<AtomicUsize>,
+    /// Subscribe connections placed on this worker whose create command has not been answered
+    /// yet: the worker's own count cannot include them, and storing that count must not
+    /// erase them, or two joins in a row could both see this worker as the emptiest.
+    pub placing: Arc<AtomicUsize>,
 }
 
 impl WorkerHandle {
@@ -218,7 +223,13 @@ pub fn spawn(setup: WorkerSetup) -> std::io::Result<(WorkerHandle, std::thread::
     if let Some(link) = &setup.spread {
         link.hub.set_waker(link.me, Arc::clone(&waker));
     }
-    let handle = WorkerHandle { tx, waker, rooms: Arc::clone(&rooms), subscribers: Arc::clone(&subscribers) };
+    let handle = WorkerHandle {
+        tx,
+        waker,
+        rooms: Arc::clone(&rooms),
+        subscribers: Arc::clone(&subscribers),
+        placing: Arc::new(AtomicUsize::new(0)),
+    };
     let join = std::thread::Builder::new()
         .name(format!("media-{}", setup.index))
         .spawn(move || Worker::new(setup, poll, rx, rooms, subscribers).run())?;
@@ -753,6 +764,8 @@ impl Worker {
                 }
                 Command::Subscribe { spec, reply } => {
                     let r = self.open(now, spec, None);
+                    // Counted before the reply, which ends the plane's `placing` for it.
+                    self.subscribers.store(self.engine.subscriber_count(), Ordering::Relaxed);
                     let _ = reply.send(r);
                 }
                 Command::Play { spec, publisher, offer, reply } => {
