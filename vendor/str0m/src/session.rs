@@ -1298,8 +1298,10 @@ impl Session {
         // while a probe cluster runs belongs to it, as when the pacer picks it.
         let cluster_id = self.pacer.active_cluster();
 
-        if let (Some(raw_packets), Some(header)) = (&mut self.raw_packets, sent.header) {
-            raw_packets.push_back(Box::new(RawPacket::RtpTx(header, buf.to_vec())));
+        if let Some(raw_packets) = &mut self.raw_packets {
+            if let Some(header) = sent.header {
+                raw_packets.push_back(Box::new(RawPacket::RtpTx(*header, buf.to_vec())));
+            }
         }
 
         let contents = srtp_tx.protect_rtp_fields_into(

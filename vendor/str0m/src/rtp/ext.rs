@@ -141,6 +141,29 @@ pub trait ExtensionSerializer: Debug + Send + Sync + 'static {
 }
 
 impl Extension {
+    /// A number for each extension but `UnknownUri`, below [`KNOWN_EXTENSIONS`].
+    #[inline]
+    fn known_slot(&self) -> Option<usize> {
+        use Extension::*;
+        Some(match self {
+            AbsoluteSendTime => 0,
+            AbsoluteCaptureTime => 1,
+            AudioLevel => 2,
+            TransmissionTimeOffset => 3,
+            VideoOrientation => 4,
+            TransportSequenceNumber => 5,
+            PlayoutDelay => 6,
+            VideoContentType => 7,
+            VideoTiming => 8,
+            RtpStreamId => 9,
+            RepairedRtpStreamId => 10,
+            RtpMid => 11,
+            FrameMarking => 12,
+            ColorSpace => 13,
+            UnknownUri(..) => return None,
+        })
+    }
+
     fn requires_two_byte_form(&self, ev: &ExtensionValues) -> bool {
         match self {
             Extension::UnknownUri(_, serializer) => serializer.requires_two_byte_form(ev),
@@ -350,7 +373,25 @@ impl Extension {
 
 /// Mapping between RTP extension id to what extension that is.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ExtensionMap([Option<MapEntry>; MAX_ID as usize]); // index 0 is extmap:1.
+pub struct ExtensionMap([Option<MapEntry>; MAX_ID as usize], MapIndex); // index 0 is extmap:1.
+
+/// How many extensions [`Extension::known_slot`] numbers (all but `UnknownUri`).
+const KNOWN_EXTENSIONS: usize = 14;
+
+/// What the entries of an [`ExtensionMap`] say, kept beside them for the questions every sent
+/// packet asks (the id of an extension, the header form), so that those need no scan of the
+/// entries. Derived from the entries alone and rebuilt whenever they change.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+struct MapIndex {
+    /// The lowest id each known extension is mapped to, by `Extension::known_slot`; 0 when
+    /// it is not mapped.
+    ids: [u8; KNOWN_EXTENSIONS],
+    /// Some entry has an id beyond the one-byte form.
+    id_over_one_byte: bool,
+    /// Some entry is an `UnknownUri`, whose serializer decides whether it needs the two-byte
+    /// form.
+    has_unknown: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MapEntry {
@@ -361,7 +402,7 @@ struct MapEntry {
 impl ExtensionMap {
     /// Create an empty map.
     pub fn empty() -> Self {
-        ExtensionMap(std::array::from_fn(|_| None))
+        ExtensionMap(std::array::from_fn(|_| None), MapIndex::default())
     }
 
     /// Creates a map with the "standard" mappings.
@@ -386,6 +427,26 @@ impl ExtensionMap {
         for i in &mut self.0 {
             *i = None;
         }
+        self.reindex();
+    }
+
+    /// Rebuild the index from the entries (after any change of them).
+    fn reindex(&mut self) {
+        let mut index = MapIndex::default();
+        for (i, entry) in self.0.iter().enumerate() {
+            let Some(entry) = entry else {
+                continue;
+            };
+            let id = i as u8 + 1;
+            index.id_over_one_byte |= id > MAX_ID_ONE_BYTE_FORM;
+            match entry.ext.known_slot() {
+                // The lowest id, as a scan from the start finds it.
+                Some(slot) if index.ids[slot] == 0 => index.ids[slot] = id,
+                Some(_) => {}
+                None => index.has_unknown = true,
+            }
+        }
+        self.1 = index;
     }
 
     /// Set a mapping for an extension.
@@ -401,6 +462,7 @@ impl ExtensionMap {
         let m = MapEntry { ext, locked: false };
 
         self.0[idx] = Some(m);
+        self.reindex();
     }
 
     /// Look up the extension for the id.
@@ -418,10 +480,18 @@ impl ExtensionMap {
     /// Finds the id for an extension (if mapped).
     ///
     /// The returned id will be 1-based.
+    #[inline]
     pub fn id_of(&self, e: Extension) -> Option<u8> {
+        match e.known_slot() {
+            Some(slot) => Some(self.1.ids[slot]).filter(|id| *id != 0),
+            None => self.id_of_by_scan(&e),
+        }
+    }
+
+    fn id_of_by_scan(&self, e: &Extension) -> Option<u8> {
         self.0
             .iter()
-            .position(|x| x.as_ref().map(|e| &e.ext) == Some(&e))
+            .position(|x| x.as_ref().map(|e| &e.ext) == Some(e))
             .map(|p| p as u8 + 1)
     }
 
@@ -526,9 +596,9 @@ impl ExtensionMap {
     }
 
     pub(crate) fn form(&self, ev: &ExtensionValues) -> ExtensionsForm {
-        if self
-            .iter()
-            .any(|(id, ext)| id > MAX_ID_ONE_BYTE_FORM || ext.requires_two_byte_form(ev))
+        // Only an id beyond 14 or an `UnknownUri`'s serializer can ask for the two-byte form.
+        if self.1.id_over_one_byte
+            || self.1.has_unknown && self.iter().any(|(_, ext)| ext.requires_two_byte_form(ev))
         {
             ExtensionsForm::TwoByte
         } else {
@@ -617,6 +687,7 @@ impl ExtensionMap {
         }
 
         self.0.swap(old_index, new_index);
+        self.reindex();
     }
 }
 
@@ -1281,6 +1352,81 @@ impl Eq for Extension {}
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// Every extension the map knows, and an `UnknownUri` pair.
+    fn every_extension() -> Vec<Extension> {
+        use Extension::*;
+        let unknown = |uri: &str| UnknownUri(uri.into(), Arc::new(SdpUnknownUri));
+        vec![
+            AbsoluteSendTime,
+            AbsoluteCaptureTime,
+            AudioLevel,
+            TransmissionTimeOffset,
+            VideoOrientation,
+            TransportSequenceNumber,
+            PlayoutDelay,
+            VideoContentType,
+            VideoTiming,
+            RtpStreamId,
+            RepairedRtpStreamId,
+            RtpMid,
+            FrameMarking,
+            ColorSpace,
+            unknown("urn:a"),
+            unknown("urn:b"),
+        ]
+    }
+
+    fn assert_index_agrees(exts: &ExtensionMap, step: &str) {
+        for e in every_extension() {
+            assert_eq!(
+                exts.id_of(e.clone()),
+                exts.id_of_by_scan(&e),
+                "id of {e} after {step}: {exts:?}"
+            );
+        }
+        let over = exts.iter().any(|(id, _)| id > MAX_ID_ONE_BYTE_FORM);
+        let unknown = exts
+            .iter()
+            .any(|(_, e)| matches!(e, Extension::UnknownUri(..)));
+        assert_eq!(exts.1.id_over_one_byte, over, "after {step}");
+        assert_eq!(exts.1.has_unknown, unknown, "after {step}");
+    }
+
+    #[test]
+    fn the_index_answers_as_a_scan_of_the_entries_does() {
+        let all = every_extension();
+        let mut exts = ExtensionMap::empty();
+        assert_index_agrees(&exts, "empty");
+        exts = ExtensionMap::standard();
+        assert_index_agrees(&exts, "standard");
+        assert_eq!(exts.id_of(Extension::TransportSequenceNumber), Some(3));
+        assert_eq!(exts.id_of(Extension::ColorSpace), None);
+
+        // A deterministic walk of sets (overwrites, duplicates, ids past 14, out of range),
+        // remaps and clears.
+        let mut x = 7_u32;
+        for round in 0..2_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let id = ((x >> 8) % (MAX_ID as u32 + 2)) as u8;
+            let ext = all[(x >> 16) as usize % all.len()].clone();
+            match (x >> 24) % 16 {
+                0 => exts.clear(),
+                1..=3 => exts.remap(&[(id, &ext)]),
+                _ => exts.set(id, ext),
+            }
+            assert_index_agrees(&exts, &format!("step {round}"));
+        }
+
+        // The form: an id past 14 needs the two-byte form, else one byte.
+        let ev = ExtensionValues::default();
+        let mut exts = ExtensionMap::standard();
+        assert_eq!(exts.form(&ev), ExtensionsForm::OneByte);
+        exts.set(15, Extension::FrameMarking);
+        assert_eq!(exts.form(&ev), ExtensionsForm::TwoByte);
+        exts.clear();
+        assert_eq!(exts.form(&ev), ExtensionsForm::OneByte);
+    }
 
     #[test]
     fn abs_send_time() {

@@ -195,8 +195,9 @@ pub(crate) struct SentNow {
     pub payload_size: usize,
     /// The packet is the first `len` bytes of the buffer it was written into.
     pub len: usize,
-    /// The header as written, when asked for.
-    pub header: Option<RtpHeader>,
+    /// The header as written, when asked for (boxed: the header is large, and moving it
+    /// with every send cost more than the rare allocation when raw packets are on).
+    pub header: Option<Box<RtpHeader>>,
 }
 
 /// RTP packet data to enqueue on a direct RTP send stream.
@@ -633,7 +634,7 @@ impl StreamTx {
         let header_len = header.write_to(buf, exts);
         assert!(header_len % 4 == 0, "RTP header must be multiple of 4");
         let written = keep_header.then(|| {
-            let mut h = header.clone();
+            let mut h = Box::new(header.clone());
             h.header_len = header_len;
             h
         });
@@ -1755,7 +1756,7 @@ mod test {
                 .expect("sent at once");
 
             assert_eq!(&buf_direct[..sent.len], &buf_polled[..], "packet {i}");
-            assert_eq!(sent.header.as_ref(), Some(&receipt.header));
+            assert_eq!(sent.header.as_deref(), Some(&receipt.header));
             assert_eq!(
                 (
                     sent.seq_no,
