@@ -2,6 +2,7 @@
 //! signaling API and the web client, served over HTTP or HTTPS. Used by `main` and by the
 //! integration tests, which start a real gateway on ephemeral ports.
 
+use axum_server::accept::NoDelayAcceptor;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -227,18 +228,23 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     listener.set_nonblocking(true)?;
     let http_addr = listener.local_addr()?;
     let handle = axum_server::Handle::new();
+    // Signaling messages are small and often come in pairs (an event, then the offer or the
+    // candidate it announces): with Nagle's algorithm the second waited for the client's
+    // delayed ACK of the first, 40 ms on Linux, on every step of a join.
     let service = app.into_make_service();
     let tls = cfg.http.tls != TlsMode::Off;
     let server = if tls {
         let rustls = tls_config(&cfg).await?;
-        let srv = axum_server::from_tcp_rustls(listener, rustls)?.handle(handle.clone());
+        let srv = axum_server::from_tcp_rustls(listener, rustls)?
+            .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
+            .handle(handle.clone());
         tokio::spawn(async move {
             if let Err(e) = srv.serve(service).await {
                 tracing::error!(error = %e, "HTTPS server stopped");
             }
         })
     } else {
-        let srv = axum_server::from_tcp(listener)?.handle(handle.clone());
+        let srv = axum_server::from_tcp(listener)?.acceptor(NoDelayAcceptor::new()).handle(handle.clone());
         tokio::spawn(async move {
             if let Err(e) = srv.serve(service).await {
                 tracing::error!(error = %e, "HTTP server stopped");

@@ -24,7 +24,9 @@ const WS_READ_BUFFER: usize = 4096;
 pub async fn connect(api: &Api, plan: &Plan) -> anyhow::Result<Signaling> {
     let token = api.token(&plan.room_id, &plan.name, plan.publish, plan.subscribe).await?;
     let ws_config = WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(api.ws_url(&token), Some(ws_config), false).await?;
+    // TCP_NODELAY, as browsers open their WebSockets: with Nagle's algorithm a second small
+    // message (a candidate after an answer) waited for the server's delayed ACK of the first.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(api.ws_url(&token), Some(ws_config), true).await?;
     let (sig, commands, events) = Signaling::channels();
     tokio::spawn(drive(ws, commands, events));
     Ok(sig)

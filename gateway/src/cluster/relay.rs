@@ -67,7 +67,12 @@ pub async fn websocket(c: Arc<Cluster>, req: Request, next: Next) -> Response {
         up_req.headers_mut().insert(HOP_HEADER, v);
     }
     let max = c.state().config.ws_max_message_bytes;
-    let connect = tokio::time::timeout(std::time::Duration::from_secs(5), tokio_tungstenite::connect_async(up_req));
+    // Without Nagle's algorithm, as the client's own socket: relayed messages often come in
+    // pairs, and the second would wait for the owner's delayed ACK of the first.
+    let connect = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_tungstenite::connect_async_with_config(up_req, None, true),
+    );
     let upstream = match connect.await {
         Ok(Ok((s, _))) => s,
         Ok(Err(tungstenite::Error::Http(resp))) => {
