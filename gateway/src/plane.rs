@@ -38,7 +38,7 @@ impl Placing {
 
 impl Drop for Placing {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -71,7 +71,12 @@ impl GatewayMedia {
             return Ok((home, None));
         }
         let _one_at_a_time = self.placement.lock().unwrap_or_else(|e| e.into_inner());
-        let load = |h: &WorkerHandle| h.subscribers.load(Ordering::Relaxed) + h.placing.load(Ordering::Relaxed);
+        // `placing` first: a placement that has just ended (its guard dropped after the reply,
+        // `Release`) is then already in the worker's stored count (stored before the reply).
+        let load = |h: &WorkerHandle| {
+            let placing = h.placing.load(Ordering::Acquire);
+            h.subscribers.load(Ordering::Relaxed) + placing
+        };
         let w = (0..self.workers.len()).min_by_key(|&i| (load(&self.workers[i]), i == home)).unwrap_or(home);
         Ok((w, Some(Placing::new(&self.workers[w].placing))))
     }
