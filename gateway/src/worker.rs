@@ -504,6 +504,7 @@ impl Worker {
     /// every datagram sent on another connection's socket is a forwarded packet, and the time
     /// from the read to its `sendto` (or the `sendmmsg` carrying it) returning is recorded.
     fn flush_timed(&mut self, from: ConnKey, read_at: Instant) {
+        self.sync_ufrags();
         self.push_relays();
         let mut forwarded = 0;
         while let Some(out) = self.engine.poll_output() {
@@ -517,7 +518,6 @@ impl Worker {
             }
         }
         let sent = self.send_queued();
-        self.sync_ufrags();
         if self.shared.is_some() {
             let latency = read_at.elapsed().as_secs_f64();
             forwarded = forwarded.min(sent);
@@ -533,12 +533,14 @@ impl Worker {
 
     /// Carry out everything the engine produced.
     fn flush(&mut self) {
+        // Ufrags first: the outputs below carry the answer or offer (and its candidates) to the
+        // client, which may open its ICE-TCP stream as soon as it has them.
+        self.sync_ufrags();
         self.push_relays();
         while let Some(out) = self.engine.poll_output() {
             self.carry_out(out);
         }
         self.send_queued();
-        self.sync_ufrags();
     }
 
     /// Hand what the engine produced for other workers (spread rooms) to the hub and wake
