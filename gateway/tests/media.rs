@@ -340,16 +340,6 @@ async fn lost_packets_are_recovered_on_both_legs() {
         "{stats}"
     );
     println!("retransmitted {} packets to the subscriber", stats["retransmitted_packets"]);
-    // The worker publishes its counters once a second: wait for the publication that has them.
-    let apir = &api;
-    poll_until("retransmissions counted", 5, || async move {
-        let n = apir.metric("gateway_retransmitted_packets_total").await;
-        if n >= 10.0 {
-            Ok(())
-        } else {
-            Err(format!("gateway_retransmitted_packets_total = {n}"))
-        }
-    })
-    .await;
+    api.metric_reaches("gateway_retransmitted_packets_total", 10.0, 5).await;
     gw.shutdown(Duration::from_secs(1)).await;
 }

@@ -113,6 +113,20 @@ impl Api {
         text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
     }
 
+    /// Wait up to `secs` until a `/metrics` sample reaches `min`: media workers publish their
+    /// counters once a second, so one read right after the traffic can come too early.
+    pub async fn metric_reaches(&self, series: &str, min: f64, secs: u64) {
+        poll_until(&format!("{series} >= {min}"), secs, || async move {
+            let v = self.metric(series).await;
+            if v >= min {
+                Ok(())
+            } else {
+                Err(format!("{series} = {v}"))
+            }
+        })
+        .await;
+    }
+
     pub fn ws_url(&self, token: &str) -> String {
         format!("{}/v1/ws?token={}", self.base.replacen("http", "ws", 1), token)
     }
