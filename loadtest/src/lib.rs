@@ -18,9 +18,11 @@
 //! - `sysmon`: CPU/RSS from /proc or the gateway's /metrics.
 //! - `report`: the human table, `--json`, `--plot`.
 //! - `api`: the REST client.
+//! - `floor`: the kernel's CPU per sent datagram, the floor under a forwarder's cost (`udp-floor`).
 
 pub mod api;
 pub mod cli;
+pub mod floor;
 pub mod janus;
 pub mod media;
 pub mod peer;
