@@ -301,6 +301,46 @@ mod tests {
         assert!(!r.is_identity());
     }
 
+    /// The 7-bit picture ID form wraps every 128 pictures (4 s at 30 fps): numbering continues
+    /// one per picture across its wraps, across switches between sources of that form, and
+    /// into and out of the 15-bit form (whose last value wraps into the 7-bit space).
+    #[test]
+    fn seven_bit_picture_ids_continue_across_wraps_and_switches() {
+        let short = |pid: u16| Picture { picture_id: Some((pid, false)), tl0_pic_idx: None, key_idx: None };
+        let wide = |pid: u16| Picture { picture_id: Some((pid, true)), tl0_pic_idx: None, key_idx: None };
+        let out = |r: &mut PictureRewriter, p: Picture| {
+            r.rewrite(p).map_or(p.picture_id.unwrap().0, |o| o.picture_id.unwrap())
+        };
+        let mut r = PictureRewriter::default();
+        let mut expect = 120u16;
+        // A 7-bit source wraps 127 -> 0 untouched.
+        for i in 0..20u16 {
+            assert_eq!(out(&mut r, short((120 + i) % 128)), expect);
+            expect = (expect + 1) % 128;
+        }
+        // Another 7-bit source, numbered far away, continues it and wraps on its own.
+        r.switch();
+        for i in 0..200u16 {
+            assert_eq!(out(&mut r, short((60 + i) % 128)), expect, "picture {i} of the second source");
+            expect = (expect + 1) % 128;
+        }
+        // A 15-bit source continues from the last 7-bit value ...
+        r.switch();
+        for i in 0..10u16 {
+            assert_eq!(out(&mut r, wide((32_760 + i) % 32_768)), expect + i);
+        }
+        // ... and a 7-bit one after it from the 15-bit value, wrapped into 7 bits.
+        let last_wide = expect + 9;
+        r.switch();
+        assert_eq!(out(&mut r, short(3)), (last_wide + 1) % 128);
+        // A 15-bit source that ends at 32767 hands 0 to the next 7-bit one.
+        let mut r = PictureRewriter::default();
+        out(&mut r, wide(32_767));
+        r.switch();
+        assert_eq!(out(&mut r, short(77)), 0);
+        assert_eq!(out(&mut r, short(78)), 1);
+    }
+
     #[test]
     fn vp8_descriptor_is_patched_in_place() {
         // X=1 S=1; I L T K; 15-bit picture ID 0x1234; TL0PICIDX 9; TID 0 Y 1 KEYIDX 5; VP8 key.

@@ -124,6 +124,10 @@ pub struct Peer {
     layers: Vec<LayerTx>,
     frames: u32,
     audio_seq: u64,
+    /// Audio sequence numbers are this plus the packet count ([`Sim::set_rtp_start`]).
+    audio_seq_base: u64,
+    /// Video and audio RTP time counts from this.
+    ts_base: u32,
     next_timeout: Option<Instant>,
 }
 
@@ -237,6 +241,8 @@ impl Sim {
             layers: Vec::new(),
             frames: 0,
             audio_seq: 0,
+            audio_seq_base: 1000,
+            ts_base: 0,
             next_timeout: None,
         });
         i
@@ -310,6 +316,28 @@ impl Sim {
         self.pump_engine();
     }
 
+    /// Start the peer's RTP counters where a test wants them, e.g. just below a wrap (the sim's
+    /// own start at 1000 and 0): video layer `i`'s next sequence number is `video_seq[i]`, the
+    /// next audio packet's `audio_seq`, and both RTP clocks count from `ts`. Call it after
+    /// publishing and before any media: a sender's first sequence number must be below 65536,
+    /// and later ones continue from it.
+    pub fn set_rtp_start(&mut self, peer: usize, video_seq: &[u64], audio_seq: u64, ts: u32) {
+        let p = &mut self.peers[peer];
+        assert!(p.sent.is_empty() && p.audio_sent == 0 && audio_seq > 0, "set before any media");
+        assert!(video_seq.iter().chain([&audio_seq]).all(|s| *s < 65_536), "a first sequence number is 16 bits");
+        for (layer, &seq) in p.layers.iter_mut().zip(video_seq) {
+            layer.seq = seq;
+        }
+        p.audio_seq_base = audio_seq - 1;
+        p.ts_base = ts;
+    }
+
+    /// The sequence number video layer `layer` of `peer` sends next (extended: it keeps
+    /// counting past 65535).
+    pub fn next_video_seq(&self, peer: usize, layer: usize) -> u64 {
+        self.peers[peer].layers[layer].seq
+    }
+
     /// The peer plays `publisher`'s tracks with an offer of its own (WHEP: one receive-only
     /// audio and one receive-only video section).
     pub fn play(&mut self, peer: usize, publisher: usize) {
@@ -366,7 +394,7 @@ impl Sim {
         let Some(pt) = p.client.pt_for(mid, Codec::Vp8) else { return Vec::new() };
         p.frames += 1;
         let frame = p.frames;
-        let ts = frame.wrapping_mul(20 * 90);
+        let ts = p.ts_base.wrapping_add(frame.wrapping_mul(20 * 90));
         let periodic = p.keyframe_interval.is_some_and(|k| frame % k == 1);
         let mut written = Vec::new();
         for li in 0..p.layers.len() {
@@ -419,7 +447,8 @@ impl Sim {
         // str0m writes the level only with the voice-activity flag beside it.
         let vad = p.audio_level.map(|l| l > -127);
         let ext = ExtensionValues { audio_level: p.audio_level, voice_activity: vad, ..Default::default() };
-        let write = RtpWrite::new(pt, (1000 + n).into(), (n * 40 * 48) as u32, now, payload).marker(true).ext_vals(ext);
+        let ts = p.ts_base.wrapping_add((n * 40 * 48) as u32);
+        let write = RtpWrite::new(pt, (p.audio_seq_base + n).into(), ts, now, payload).marker(true).ext_vals(ext);
         if p.client.write_rtp(mid, None, write) {
             p.audio_sent += 1;
         }

@@ -1438,3 +1438,326 @@ fn overload_levels_shed_video_in_whole_frames_and_give_it_back_at_keyframes() {
         sim.engine.counters().layer_switches
     );
 }
+
+/// Payloads of `kind` a peer received, ordered by the sequence number it saw (extended by its
+/// str0m, duplicates removed): (sequence number, RTP timestamp, payload, arrival).
+fn by_seq(sim: &Sim, v: usize, kind: MediaKind) -> Vec<(u64, u32, Vec<u8>, Instant)> {
+    let mut got: Vec<_> = sim.peers[v]
+        .rx
+        .received
+        .iter()
+        .filter(|r| r.kind == kind)
+        .map(|r| (r.seq, r.ts, r.payload.clone(), r.at))
+        .collect();
+    got.sort_by_key(|r| r.0);
+    got.dedup_by_key(|r| r.0);
+    got
+}
+
+/// Whether a packet numbered at or below `last_before` (in `seq`'s numbering) arrived after one
+/// numbered above it: something from before a wrap was repaired after the wrap had gone by.
+fn repaired_across(arrivals: impl Iterator<Item = u64>, last_before: u64, window: u64) -> bool {
+    let mut after_seen = false;
+    for s in arrivals {
+        if s > last_before && s <= last_before + window {
+            after_seen = true;
+        } else if after_seen && s <= last_before && s + window > last_before {
+            return true;
+        }
+    }
+    false
+}
+
+/// A long call wraps every counter on the forwarding path: the publisher's 16-bit sequence
+/// numbers (video and audio) and 32-bit RTP timestamps, and the subscriber's own outgoing ones,
+/// each at a different moment (senders start them at random values). Here all of them wrap
+/// within a few seconds, each sequence number with a loss right at the wrap that NACK and RTX
+/// must repair across it (the gateway NACKs the publisher for 65534 after 0 arrived; the
+/// subscriber NACKs the gateway for its own 65534 after 0), then the track is muted and
+/// unmuted. The subscriber gets every packet, numbered without a gap,
+/// timestamps only moving forward, every one decrypted after the SRTP rollover counter moved.
+#[test]
+fn counters_wrapping_on_both_legs_leave_no_gap() {
+    let mut sim = Sim::new(21, CoreConfig::default());
+    let p = sim.add_peer("pub");
+    let v = sim.add_peer("sub");
+    // Three packets a frame.
+    sim.publish_layers(p, &[LayerSpec { rid: None, frame_bytes: 3300 }]);
+    // The publisher's video wraps in its 15th frame, its audio at its 10th packet, both RTP
+    // clocks after 30 frames.
+    let in_video: u64 = 65_536 - 44;
+    let in_ts = u32::MAX - 30 * 1800;
+    sim.set_rtp_start(p, &[in_video], 65_536 - 10, in_ts);
+    // The subscriber's streams start 90 packets below the wrap (video wraps around frame 31,
+    // audio around frame 180); their RTP time runs 30 frames behind the publisher's (it wraps
+    // around frame 60).
+    let out_start: u64 = 65_536 - 90;
+    sim.engine.fix_outgoing_start(out_start as u16, 0u32.wrapping_sub(30 * 1800));
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    sim.subscribe(v);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[v].connected), "subscriber READY");
+    sim.run_for(ms(100));
+    let stream = sim.engine.stats(sim.peers[v].connection_id.as_deref().unwrap()).unwrap().layers[0].stream_id.clone();
+    let (mut dropped_up, mut dropped_down) = (0, 0);
+    let (mut muted_at, mut unmuted_at) = (None, None);
+    for frame in 1..=300u32 {
+        // Lose the frame that carries the publisher's 65535 on the way in, and the one that
+        // will carry the subscriber's 65535 on the way out.
+        let next_in = sim.next_video_seq(p, 0);
+        let lose_up = next_in <= 65_535 && next_in + 3 > 65_535;
+        let sent_out = sim.peers[v].rx.streams.iter().find(|s| s.kind == MediaKind::Video).map(|s| s.max_seq);
+        let lose_down = dropped_down == 0 && sent_out.is_some_and(|m| m < 65_535 && m + 3 >= 65_535);
+        let dropped = sim.dropped;
+        if lose_up {
+            sim.peers[p].up.loss = 1.0;
+        }
+        if lose_down {
+            sim.peers[v].down.loss = 1.0;
+        }
+        sim.send_media(p, 1);
+        sim.peers[p].up.loss = 0.0;
+        dropped_up += if lose_up { sim.dropped - dropped } else { 0 };
+        let dropped = sim.dropped;
+        sim.run_for(ms(20));
+        sim.peers[v].down.loss = 0.0;
+        dropped_down += if lose_down { sim.dropped - dropped } else { 0 };
+        match frame {
+            200 => {
+                sim.engine.set_track_blocked(sim.now, "room", &stream, true).unwrap();
+                muted_at = Some(sim.now);
+            }
+            240 => {
+                sim.engine.set_track_blocked(sim.now, "room", &stream, false).unwrap();
+                unmuted_at = Some(sim.now);
+            }
+            _ => {}
+        }
+    }
+    sim.run_for(ms(500));
+    let (muted_at, unmuted_at) = (muted_at.unwrap(), unmuted_at.unwrap());
+    assert!(dropped_up >= 3 && dropped_down >= 3, "losses at the wraps: up {dropped_up}, down {dropped_down}");
+
+    // Video, in the subscriber's numbering: no gap, across its own wrap.
+    let video = by_seq(&sim, v, MediaKind::Video);
+    let (first, last) = (video[0].0, video[video.len() - 1].0);
+    println!("counters wrapping: subscriber video {first}..={last}, {} packets", video.len());
+    assert_eq!(first, out_start, "the first packet forwarded starts the outgoing numbering");
+    assert!(last > 65_536 + 300, "the outgoing numbering wrapped and kept going: {last}");
+    for w in video.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "sequence numbers continue: {} then {}", w[0].0, w[1].0);
+        assert!(w[1].1.wrapping_sub(w[0].1) < 1 << 31, "timestamps move forward at {}", w[1].0);
+    }
+    assert!(video.windows(2).any(|w| w[1].1 < w[0].1), "the outgoing RTP time wrapped");
+
+    // Every packet the publisher sent reached it in order, but for the muted time (from the
+    // mute to the keyframe after the unmute). Compared past the VP8 descriptor, whose picture
+    // numbering the gateway continues across the mute.
+    let body = |payload: &[u8]| payload[test_peer::vp8::FULL_HEADER_LEN..].to_vec();
+    let sent = &sim.peers[p].sent;
+    let resumed = sent.iter().find(|s| s.at >= unmuted_at && s.keyframe).expect("a keyframe after the unmute").at;
+    let expected: Vec<Vec<u8>> =
+        sent.iter().filter(|s| s.at < muted_at || s.at >= resumed).map(|s| body(&s.payload)).collect();
+    let got: Vec<Vec<u8>> = video.iter().map(|r| body(&r.2)).collect();
+    assert_eq!(got.len(), expected.len(), "packets forwarded");
+    assert!(got == expected, "the subscriber got the publisher's packets in their order");
+    // Within a source the RTP time moves as the publisher's did, across both 32-bit wraps; the
+    // VP8 picture ID (15 bits), TL0PICIDX (8) and KEYIDX (5) step by one per picture (KEYIDX
+    // per keyframe) across their own wraps and the mute.
+    let index = |payload: &[u8]| sent.iter().position(|s| body(&s.payload) == body(payload)).unwrap();
+    let in_ts_of = |payload: &[u8]| in_ts.wrapping_add(sent[index(payload)].frame * 1800);
+    for w in video.windows(2) {
+        if w[1].3 < unmuted_at || w[0].3 >= unmuted_at {
+            let step = in_ts_of(&w[1].2).wrapping_sub(in_ts_of(&w[0].2));
+            assert_eq!(w[1].1.wrapping_sub(w[0].1), step, "timestamp step at {}", w[1].0);
+        }
+        let (pid0, tl0_0, key0) = Sim::vp8_numbers(&w[0].2).unwrap();
+        let (pid1, tl0_1, key1) = Sim::vp8_numbers(&w[1].2).unwrap();
+        if w[1].1 == w[0].1 {
+            assert_eq!((pid1, tl0_1, key1), (pid0, tl0_0, key0), "one picture, one numbering");
+            continue;
+        }
+        let key_step = u8::from(sent[index(&w[1].2)].keyframe);
+        assert_eq!((pid1, tl0_1), ((pid0 + 1) % 32_768, tl0_0.wrapping_add(1)), "picture numbering at {}", w[1].0);
+        assert_eq!(key1, (key0 + key_step) % 32, "KEYIDX at {}", w[1].0);
+    }
+
+    // The losses at the wraps were repaired after the wraps: on the way in (the publisher's
+    // numbering, from the payload), and on the way out (the subscriber's).
+    let in_seq = |payload: &[u8]| in_video + index(payload) as u64;
+    let arrivals = sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video);
+    assert!(repaired_across(arrivals.clone().map(|r| in_seq(&r.payload)), 65_535, 30), "uplink repair across the wrap");
+    assert!(repaired_across(arrivals.map(|r| r.seq), 65_535, 30), "downlink repair across the wrap");
+
+    // Audio: its own wraps in and out, every packet but those lost on the way out (audio is
+    // not retransmitted), numbered without a gap but for those.
+    let audio = by_seq(&sim, v, MediaKind::Audio);
+    let (a_first, a_last) = (audio[0].0, audio[audio.len() - 1].0);
+    println!("counters wrapping: subscriber audio {a_first}..={a_last}, {} packets", audio.len());
+    assert!(a_first == out_start && a_last > 65_536, "audio numbering wrapped: {a_first}..={a_last}");
+    assert!(a_last - a_first + 1 - audio.len() as u64 <= 2, "audio gaps only where the downlink lost it");
+    assert!(audio.windows(2).all(|w| w[1].1.wrapping_sub(w[0].1) < 1 << 31), "audio timestamps move forward");
+    assert!(
+        audio.len() + 3 >= sim.peers[p].audio_sent,
+        "audio received: {} of {}",
+        audio.len(),
+        sim.peers[p].audio_sent
+    );
+}
+
+/// The publisher sequence number of every video packet it sent, by its layer's start.
+fn publisher_seqs(sim: &Sim, p: usize, starts: &[u64]) -> Vec<u64> {
+    let mut next = starts.to_vec();
+    sim.peers[p]
+        .sent
+        .iter()
+        .map(|s| {
+            next[s.layer] += 1;
+            next[s.layer] - 1
+        })
+        .collect()
+}
+
+/// Simulcast layers number their packets on their own, so each wraps at its own time; a
+/// subscriber moved between them gets one numbering. Here each switch lands at the target
+/// layer's wrap (its keyframe is 65535 or 0), the layer being left has wrapped while forwarded,
+/// and the subscriber's own numbering and RTP time wrap on the way: the stream stays
+/// continuous (sequence numbers, timestamps, VP8 picture numbering), every switch at a
+/// keyframe.
+#[test]
+fn layer_switches_at_sequence_wraps_keep_the_stream_continuous() {
+    let cfg = CoreConfig { bwe: false, ..CoreConfig::default() };
+    let mut sim = Sim::new(22, cfg);
+    let p = sim.add_peer("pub");
+    let v = sim.add_peer("sub");
+    sim.publish_layers(p, &simulcast());
+    // q (1 packet a frame) wraps in frame 60, h (1) in frame 130, f (3) in frame 200 (in the
+    // middle of the frame); RTP time wraps in frame 100.
+    let starts = [65_536 - 60, 65_536 - 130, 65_536 - 599];
+    sim.set_rtp_start(p, &starts, 65_000, u32::MAX - 100 * 1800);
+    sim.engine.fix_outgoing_start(u16::MAX - 139, 0x7fff_0000);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    sim.subscribe(v);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[v].connected), "subscriber READY");
+    let conn = sim.peers[v].connection_id.clone().unwrap();
+    let stream = sim.engine.stats(&conn).unwrap().layers[0].stream_id.clone();
+    sim.engine.set_layer(sim.now, &conn, &stream, Some("q")).unwrap();
+    let mut asked = Vec::new();
+    for frame in 1..=300u32 {
+        // Ask for a layer one frame before its wrap: its keyframe comes with the next frame.
+        let ask = [(1, "h"), (2, "f")].into_iter().find(|&(l, _)| {
+            let next = sim.next_video_seq(p, l);
+            let per_frame = if l == 2 { 3 } else { 1 };
+            next < 65_536 && next + 2 * per_frame > 65_535 && !asked.contains(&l)
+        });
+        if let Some((layer, rid)) = ask {
+            sim.engine.set_layer(sim.now, &conn, &stream, Some(rid)).unwrap();
+            asked.push(layer);
+        }
+        if frame == 250 {
+            sim.engine.set_layer(sim.now, &conn, &stream, Some("q")).unwrap();
+        }
+        sim.send_media(p, 1);
+        sim.run_for(ms(20));
+    }
+    sim.run_for(ms(200));
+    let switches = assert_continuous(&sim, v);
+    let video: Vec<_> = sim.peers[v].rx.received.iter().filter(|r| r.kind == MediaKind::Video).collect();
+    let (first, last) = (video[0].seq, video[video.len() - 1].seq);
+    // Where each layer switch landed in the publisher's numbering.
+    let seqs = publisher_seqs(&sim, p, &starts);
+    let sent = &sim.peers[p].sent;
+    let at_switch: Vec<(usize, u64)> = video
+        .windows(2)
+        .filter(|w| Sim::layer_of(&w[1].payload) != Sim::layer_of(&w[0].payload))
+        .map(|w| {
+            // Past the VP8 descriptor, which the switch renumbered.
+            let body = |b: &[u8]| b[test_peer::vp8::FULL_HEADER_LEN..].to_vec();
+            let i = sent.iter().position(|s| body(&s.payload) == body(&w[1].payload)).unwrap();
+            (Sim::layer_of(&w[1].payload).unwrap(), seqs[i])
+        })
+        .collect();
+    println!("simulcast at wraps: subscriber {first}..={last}, switches (layer, publisher seq) {at_switch:?}");
+    // (The first packets may come from another layer than q, before its choice took effect.)
+    let moves: Vec<usize> = at_switch.iter().map(|(l, _)| *l).collect();
+    assert!(switches >= 3 && moves.ends_with(&[1, 2, 0]), "q -> h -> f -> q: {moves:?}");
+    assert!(first < 65_536 && last > 65_536, "the subscriber's numbering wrapped: {first}..={last}");
+    assert!(
+        at_switch[at_switch.len() - 3..].iter().take(2).all(|(_, s)| (65_533..=65_538).contains(s)),
+        "the switches up landed at their layer's wrap: {at_switch:?}"
+    );
+}
+
+/// The keyframe cache keyed by extended sequence numbers: a group of pictures that straddles
+/// the publisher's wrap (65535 → 0, and its RTP time's) is whole, and a late joiner starts on
+/// it at once; the replay burst crosses the joiner's own wrap. The joiner gets the keyframe
+/// first and then every packet after it, in order and numbered without a gap.
+#[test]
+fn a_late_joiner_starts_from_a_cached_group_of_pictures_across_a_wrap() {
+    let cfg = CoreConfig { keyframe_cache: true, ..CoreConfig::default() };
+    let mut sim = Sim::new(23, cfg);
+    let p = sim.add_peer("pub");
+    sim.publish_layers(p, &[LayerSpec { rid: None, frame_bytes: 3300 }]);
+    // A keyframe in frame 1 and then none for 6 s; the wrap is in frame 34, RTP time's in 20.
+    sim.peers[p].keyframe_interval = Some(300);
+    sim.set_rtp_start(p, &[65_536 - 100], 65_000, u32::MAX - 20 * 1800);
+    sim.engine.fix_outgoing_start(u16::MAX - 49, 0);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.peers[p].connected), "publisher READY");
+    for _ in 0..40 {
+        sim.send_media(p, 1);
+        sim.run_for(ms(20));
+    }
+    let v = sim.add_peer("late");
+    sim.subscribe(v);
+    for _ in 0..40 {
+        sim.send_media(p, 1);
+        sim.run_for(ms(20));
+    }
+    sim.run_for(ms(200));
+    assert_eq!(sim.engine.counters().keyframe_cache_starts, 1, "the joiner started from the cache");
+    assert_continuous(&sim, v);
+    let video = by_seq(&sim, v, MediaKind::Video);
+    let sent = &sim.peers[p].sent;
+    assert!(sent[0].keyframe, "the group of pictures starts in frame 1");
+    assert_eq!(video[0].0, 65_536 - 50, "the replay starts the outgoing numbering");
+    assert!(video.len() > 50, "and crosses its wrap: {} packets", video.len());
+    let got: Vec<&Vec<u8>> = video.iter().map(|r| &r.2).collect();
+    let expected: Vec<&Vec<u8>> = sent.iter().map(|s| &s.payload).collect();
+    assert!(got == expected, "the whole group of pictures and everything after it, in order");
+}
+
+/// The transport-wide sequence number (TWCC, 16 bits on the wire) counts every packet of a
+/// subscriber's connection, so it wraps after 65,536 of them: every 2 minutes at 500 packets a
+/// second. The bandwidth estimate depends on the feedback it numbers: a bottleneck after the
+/// wrap pulls the estimate down as one before it does.
+#[test]
+fn the_bandwidth_estimate_follows_a_bottleneck_after_the_twcc_wrap() {
+    let cfg = CoreConfig { bwe_initial_bps: 6_000_000, ..CoreConfig::default() };
+    // Ten packets a frame: 500 a second, 4.4 Mbit/s.
+    let (mut sim, p, subs) = room(24, cfg, &[LayerSpec { rid: None, frame_bytes: 11_000 }], 1);
+    let v = subs[0];
+    let conn = sim.peers[v].connection_id.clone().unwrap();
+    let bottleneck = Link { rate_bps: Some(3_000_000), queue: ms(200), ..Link::default() };
+    let mut lowest = Vec::new();
+    for until in [20_000, 70_000] {
+        while sim.engine.stats(&conn).unwrap().rtp_packets_out < until {
+            sim.stream_for(p, Duration::from_secs(1));
+        }
+        let before = sim.engine.stats(&conn).unwrap();
+        sim.peers[v].down = bottleneck;
+        let mut low = u64::MAX;
+        for _ in 0..8 {
+            sim.stream_for(p, ms(500));
+            low = low.min(sim.engine.stats(&conn).unwrap().bwe_estimate_bps.unwrap_or(u64::MAX));
+        }
+        sim.peers[v].down = Link::default();
+        println!(
+            "TWCC wrap: bottleneck after {} packets (estimate {:?}): estimate down to {low}",
+            before.rtp_packets_out, before.bwe_estimate_bps
+        );
+        assert!(before.bwe_estimate_bps.is_some_and(|e| e > 4_000_000), "a clean link first: {before:?}");
+        lowest.push(low);
+        // Back up again before the next step.
+        sim.stream_for(p, Duration::from_secs(10));
+    }
+    assert!(lowest.iter().all(|&l| l < 3_300_000), "the estimate found the bottleneck before and after: {lowest:?}");
+}

@@ -103,6 +103,9 @@ pub struct Engine {
     spread: Option<relay::Spread>,
     /// Subscribe connections open now.
     subscribers: usize,
+    /// Where new outgoing streams start: sequence number and timestamp offset (`None`: random,
+    /// as always outside the sim, which fixes them to put a wrap where a test wants it).
+    out_start: Option<(u16, u32)>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> MediaError {
@@ -149,7 +152,16 @@ impl Engine {
             overload_shed: [0; crate::overload::LEVELS],
             spread: None,
             subscribers: 0,
+            out_start: None,
         }
+    }
+
+    /// New outgoing streams start at sequence number `seq` (below 65536) with `ts_offset` added
+    /// to their first source's timestamps, instead of random values: a test can make them wrap
+    /// early (65535 → 0, and the 32-bit timestamp).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn fix_outgoing_start(&mut self, seq: u16, ts_offset: u32) {
+        self.out_start = Some((seq, ts_offset));
     }
 
     /// Set the overload level (`overload`, 0 = normal): every subscriber's video layers are

@@ -100,6 +100,14 @@ pub(super) fn add_host_candidates(conn: &mut Conn, cfg: &CoreConfig, local: Sock
 /// The `SDP_PROCESSED` reason of a renegotiation that restarted ICE.
 const ICE_RESTART: &str = signaling_api::protocol::ICE_RESTART_REASON;
 
+/// Where a batch of new outgoing streams starts: one sequence number for all (low: str0m and
+/// receivers need the first extended number below 65536) and a timestamp offset per stream
+/// (random, RFC 3550 §5.1), unless the sim fixed both ([`Engine::fix_outgoing_start`]).
+fn out_start(fixed: Option<(u16, u32)>) -> (u16, impl Fn() -> u32) {
+    let seq = fixed.map_or_else(|| rand::rng().random_range(1000..30000), |(s, _)| s);
+    (seq, move || fixed.map_or_else(|| rand::rng().random(), |(_, t)| t))
+}
+
 /// Our current ICE username fragment on a connection.
 fn local_ufrag(conn: &mut Conn) -> String {
     conn.rtc.direct_api().local_ice_credentials().ufrag
@@ -487,7 +495,7 @@ impl Engine {
             let b = bound.iter().find(|b| Some(b.1.to_string()) == s.mid)?;
             Some([Some(b.2), b.3].into_iter().flatten().collect())
         });
-        let start_seq: u16 = rand::rng().random_range(1000..30000);
+        let (start_seq, ts_offset) = out_start(self.out_start);
         let Conn { side: Side::Subscribe(side), .. } = &mut *conn else { unreachable!("made as a subscriber") };
         for &(i, mid, _, _) in &bound {
             room.link(i, key, mid);
@@ -496,7 +504,7 @@ impl Engine {
                 mid,
                 Arc::clone(&t.stream_id),
                 t.kind,
-                SeqRewriter::new(start_seq, rand::rng().random()),
+                SeqRewriter::new(start_seq, ts_offset()),
                 self.cfg.rtx_history,
             );
             out.live = true;
@@ -857,7 +865,7 @@ impl Engine {
     /// time; changes meanwhile are folded into the next one.
     /// Returns whether an offer went out.
     pub(super) fn renegotiate(&mut self, now: Instant, key: ConnKey) -> bool {
-        let Self { rooms, conns, q, cfg, .. } = self;
+        let Self { rooms, conns, q, cfg, out_start: out_fixed, .. } = self;
         let Some(conn) = conns.get_mut(&key) else { return false };
         if conn.state.is_terminal() {
             return false;
@@ -914,11 +922,11 @@ impl Engine {
             return false;
         };
         side.restart_offered = restart;
-        let start_seq: u16 = rand::rng().random_range(1000..30000);
+        let (start_seq, ts_offset) = out_start(*out_fixed);
         for (i, mid) in added {
             room.link(i, key, mid);
             let t = &room.tracks[i];
-            let rewrite = SeqRewriter::new(start_seq, rand::rng().random());
+            let rewrite = SeqRewriter::new(start_seq, ts_offset());
             side.outs.push(DownTrack::new(mid, Arc::clone(&t.stream_id), t.kind, rewrite, cfg.rtx_history));
         }
         // Stopped sections belong to tracks that are gone; forget them.
