@@ -8,6 +8,7 @@
 //! - `worker`: media worker threads: a mio loop around the sans-IO `gateway_core::Engine`.
 //! - `plane`: the `MediaPlane` the signaling API calls; places rooms on workers.
 //! - `ports`: the UDP port pool.
+//! - `limits`: the open-file limit, raised to the hard limit at start.
 //! - `udp`: a worker's shared socket (`media.mux`) and its batched sends (`sendmmsg`).
 //! - `tcp`: ICE-TCP (`media.tcp_port`): the listener, RFC 4571 framing, a worker's streams.
 //! - `metrics`: media-plane Prometheus metrics.
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod plane;

@@ -79,6 +79,29 @@ async fn terminated() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Raise the open-file limit (see `gateway::limits`) and say what the gateway has.
+fn open_files(cfg: &GatewayConfig) {
+    match gateway::limits::raise_open_files() {
+        Ok(l) => {
+            if l.now != l.before {
+                tracing::info!(limit = l.now, was = l.before, "open-file limit raised to the hard limit");
+            }
+            if let Some(need) = gateway::limits::needed_open_files(cfg) {
+                if l.now < need {
+                    tracing::warn!(
+                        limit = l.now,
+                        hard = l.hard,
+                        need,
+                        "the open-file limit is below what the media port range can use: connections past it are refused \
+                         (no_ports); raise it (ulimit -n, systemd LimitNOFILE) or narrow media.port_min..port_max"
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     match &args.command {
@@ -115,6 +138,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     init_tracing(&cfg);
+    open_files(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

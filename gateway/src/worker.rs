@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::load::{Load, PassBudget, SlowDown, READ_PER_SOCKET, SOCKET_BUFFER_BYTES};
 use crate::metrics::MediaMetrics;
-use crate::ports::PortPool;
+use crate::ports::{BindError, PortPool};
 use crate::tcp::{self, DropReason, Link, UfragDirectory};
 use crate::udp::SendQueue;
 
@@ -34,6 +34,9 @@ const SHARED: Token = Token(usize::MAX - 1);
 const LINKS: usize = usize::MAX / 2;
 /// Largest datagram we read; WebRTC stays well below.
 const RECV_BUF: usize = 2048;
+
+/// At most one warning this often about connections refused for want of a socket.
+const SOCKET_WARN_EVERY: Duration = Duration::from_secs(10);
 /// What one read of an ICE-TCP stream takes at most.
 const TCP_READ_BUF: usize = 16 * 1024;
 /// Bytes read from one ICE-TCP stream per loop pass before the others get their turn (a stream
@@ -257,6 +260,9 @@ struct Worker {
     tcp_read: Vec<u8>,
     tcp_frame: Vec<u8>,
     next_key: u64,
+    /// When a connection was last refused for want of a socket (logged at most every
+    /// [`SOCKET_WARN_EVERY`]).
+    socket_warned: Option<Instant>,
     rooms: Arc<AtomicUsize>,
     subscribers: Arc<AtomicUsize>,
     /// Spread rooms: what the engine produced for other workers, on its way to the hub, and
@@ -327,6 +333,7 @@ impl Worker {
             tcp_read: Vec::new(),
             tcp_frame: Vec::new(),
             next_key: 1,
+            socket_warned: None,
             rooms,
             subscribers,
             relay_msgs: Vec::new(),
@@ -710,11 +717,26 @@ impl Worker {
             self.next_key += 1;
             return Ok((key, shared.candidate));
         }
-        let (std_socket, port) = self
-            .setup
-            .ports
-            .bind(self.setup.bind_ip)
-            .ok_or_else(|| MediaError::new(ErrorCode::NoPorts, "no free UDP port in the media range"))?;
+        let (std_socket, port) = match self.setup.ports.bind(self.setup.bind_ip) {
+            Ok(bound) => bound,
+            Err(why) => {
+                let message = match why {
+                    BindError::Exhausted => "no free UDP port in the media range",
+                    BindError::OutOfFiles => "the gateway has no file descriptor left for a media socket",
+                };
+                if self.socket_warned.is_none_or(|t| t.elapsed() >= SOCKET_WARN_EVERY) {
+                    self.socket_warned = Some(Instant::now());
+                    let hint = match why {
+                        BindError::Exhausted => {
+                            "widen media.port_min..port_max (or use media.mux: one port per worker)"
+                        }
+                        BindError::OutOfFiles => "raise the open-file limit (ulimit -n, systemd LimitNOFILE)",
+                    };
+                    tracing::warn!(worker = self.setup.index, hint, "refusing a connection: {message}");
+                }
+                return Err(MediaError::new(ErrorCode::NoPorts, message));
+            }
+        };
         // A burst or a stalled pass waits in the kernel rather than being dropped.
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&std_socket, SOCKET_BUFFER_BYTES);
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&std_socket, SOCKET_BUFFER_BYTES);

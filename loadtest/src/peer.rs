@@ -501,9 +501,36 @@ impl<'a> Participant<'a> {
                     side.requested_at = Some(Instant::now());
                 }
             }
+            Signal::Refused { code, message } => self.on_refused(&code, &message),
             Signal::Closed(_) => {}
         }
         replies
+    }
+
+    /// The server refused a request. Replies come in the order of the requests, and a refused
+    /// `publish` or `subscribe` gets no connection: the refusal is the oldest such request
+    /// still waiting for its connection (publish is sent first). Other refusals (of a
+    /// candidate, say) find no such side and change nothing.
+    fn on_refused(&mut self, code: &str, message: &str) {
+        let live = &self.shared.live;
+        let unsettled = Arc::clone(&self.unsettled);
+        for (role, side) in [
+            (Role::Publish, self.publisher.as_mut().map(|p| &mut p.side)),
+            (Role::Subscribe, self.subscriber.as_mut().map(|s| &mut s.side)),
+        ] {
+            let Some(side) = side else { continue };
+            let waiting = side.requested_at.is_some()
+                && side.join.connection_id.is_none()
+                && side.join.ready_ms.is_none()
+                && side.join.failed.is_none();
+            if waiting {
+                side.join.role = role.as_str().to_owned();
+                side.join.failed = Some(format!("refused: {code}: {message}"));
+                live.failed.fetch_add(1, Ordering::Relaxed);
+                settle(&unsettled);
+                return;
+            }
+        }
     }
 
     fn note_stream(&mut self, s: Published) {

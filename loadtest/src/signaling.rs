@@ -124,6 +124,9 @@ pub enum Event {
     /// here). The gateway's starts with the participant's own `publish`/`subscribe`; Janus's
     /// subscription starts when the driver sends its `join`, once there is a feed to join.
     Requested { role: Role },
+    /// The server refused a request (the gateway's `error` message: `no_ports`, `rate_limited`,
+    /// `bad_sdp`, …). A refused `publish` or `subscribe` never gets a connection.
+    Refused { code: String, message: String },
     /// The signaling ended; `Some` if on an error.
     Closed(Option<String>),
 }

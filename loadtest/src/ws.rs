@@ -141,6 +141,10 @@ fn translate(v: &Value, ids: &mut Ids) -> Vec<Event> {
             let at = v["at"].as_str().and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok());
             vec![Event::Connection { role, state, at, connection_id: id }]
         }
+        "error" => vec![Event::Refused {
+            code: v["code"].as_str().unwrap_or("unknown").to_owned(),
+            message: v["message"].as_str().unwrap_or("").to_owned(),
+        }],
         _ => Vec::new(),
     }
 }
@@ -166,6 +170,11 @@ mod tests {
             vec![Event::Joined {
                 streams: vec![Published { stream_id: "s1".into(), participant: "alice".into(), mid: "0".into() }]
             }]
+        );
+        let refused = json!({"type": "error", "code": "no_ports", "message": "no free UDP port in the media range"});
+        assert_eq!(
+            translate(&refused, &mut ids),
+            vec![Event::Refused { code: "no_ports".into(), message: "no free UDP port in the media range".into() }]
         );
         let offer = json!({"type": "offer", "connection_id": "c2", "sdp": "v=0"});
         assert!(matches!(&translate(&offer, &mut ids)[..], [Event::Offer { .. }]));

@@ -1,7 +1,8 @@
 //! A short load test against a real gateway started in-process: 1 room, 1 publisher (VP8 +
 //! Opus from the committed clips), 3 subscribers, ~5 s. What CI checks of the load tester:
 //! everyone gets READY, media arrives intact (every payload matches one a publisher sent, the
-//! keyframes are there), loss is small, and every output (table, JSON, PNG and SVG plots) is made.
+//! keyframes are there), loss is small, and every output (table, JSON, PNG and SVG plots) is made;
+//! and a subscription the gateway refuses is reported with its reason.
 
 use std::time::Duration;
 
@@ -112,5 +113,37 @@ async fn paced_publisher() {
         assert_eq!(s.subscribers, 2, "{} {}", s.publisher, s.kind);
         assert!(s.sent_packets > 0 && s.received_packets > 0);
     }
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_reported_with_the_servers_reason() {
+    // Three media ports: the publisher takes one, two subscribers the others, and the last
+    // two subscribers are refused (`no_ports`): the report must say so, not "not READY".
+    let gw = start_gateway(45910, 45912).await;
+    let cfg = Config {
+        url: gw.base_url(),
+        api_key: API_KEY.into(),
+        rooms: 1,
+        publishers: 1,
+        subscribers: 4,
+        duration: Duration::from_secs(2),
+        video_bitrate: 300_000,
+        join_rate: 20.0,
+        progress: false,
+        ..Config::default()
+    };
+    let report = run(cfg).await.expect("the run completes");
+    let p = &report.participants;
+    assert_eq!((p.publish_ready, p.subscribe_ready), (1, 2), "{:?}", p.failures);
+    let refused: u64 = p
+        .failures
+        .iter()
+        .filter(|(reason, _)| reason.starts_with("refused: no_ports: no free UDP port"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(refused, 2, "the two refusals, with the server's code and message: {:?}", p.failures);
+    assert_eq!(p.failures.values().sum::<u64>(), 2, "nothing else failed: {:?}", p.failures);
+    assert!(report.table().contains("refused: no_ports"), "{}", report.table());
     gw.shutdown(Duration::from_secs(2)).await;
 }
