@@ -10,9 +10,16 @@ use std::io;
 
 use crate::config::GatewayConfig;
 
-/// Linux refuses a `RLIMIT_NOFILE` above `fs.nr_open` (1,048,576 by default), even when the
-/// hard limit reads "unlimited".
+/// Linux refuses a `RLIMIT_NOFILE` above `fs.nr_open` (1,048,576 by default; systemd raises
+/// it), even when the hard limit reads "unlimited"; the raise stops at this many anyway, far
+/// more than any gateway uses.
 const CEILING: u64 = 1 << 20;
+
+/// What the soft limit is raised to: the hard limit, at most `fs.nr_open` and [`CEILING`].
+fn target(hard: u64) -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|v| v.trim().parse().ok());
+    hard.min(CEILING).min(nr_open.unwrap_or(CEILING))
+}
 
 /// Descriptors the process holds besides connections: listeners, the runtime, log files, the
 /// metrics collector's reads of `/proc`, a shared media socket per worker.
@@ -30,12 +37,13 @@ fn limit(v: Option<u64>) -> u64 {
     v.unwrap_or(CEILING)
 }
 
-/// Raise the soft open-file limit to the hard limit (at most [`CEILING`]). Never lowers it.
+/// Raise the soft open-file limit to the hard limit (at most `fs.nr_open` and [`CEILING`]).
+/// Never lowers it.
 pub fn raise_open_files() -> io::Result<OpenFiles> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let r = getrlimit(Resource::Nofile);
     let (before, hard) = (limit(r.current), limit(r.maximum));
-    let want = hard.min(CEILING);
+    let want = target(hard);
     if want <= before {
         return Ok(OpenFiles { before, now: before, hard });
     }
@@ -78,7 +86,11 @@ mod tests {
         // The test process's own limit: raising it is harmless (and idempotent).
         let first = raise_open_files().expect("getrlimit/setrlimit");
         assert!(first.now >= first.before, "{first:?}");
-        assert_eq!(first.now, first.hard.min(CEILING), "the soft limit is raised to the hard one: {first:?}");
+        assert_eq!(
+            first.now,
+            first.before.max(target(first.hard)),
+            "the soft limit is raised to the hard one, unless it was already above: {first:?}"
+        );
         let again = raise_open_files().expect("second call");
         assert_eq!((again.before, again.now), (first.now, first.now), "a second raise changes nothing");
     }

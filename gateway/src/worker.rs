@@ -260,9 +260,9 @@ struct Worker {
     tcp_read: Vec<u8>,
     tcp_frame: Vec<u8>,
     next_key: u64,
-    /// When a connection was last refused for want of a socket (logged at most every
-    /// [`SOCKET_WARN_EVERY`]).
-    socket_warned: Option<Instant>,
+    /// When a connection was last refused for want of a socket, per reason (range exhausted,
+    /// out of file descriptors, other): each logged at most every [`SOCKET_WARN_EVERY`].
+    socket_warned: [Option<Instant>; 3],
     rooms: Arc<AtomicUsize>,
     subscribers: Arc<AtomicUsize>,
     /// Spread rooms: what the engine produced for other workers, on its way to the hub, and
@@ -333,7 +333,7 @@ impl Worker {
             tcp_read: Vec::new(),
             tcp_frame: Vec::new(),
             next_key: 1,
-            socket_warned: None,
+            socket_warned: [None; 3],
             rooms,
             subscribers,
             relay_msgs: Vec::new(),
@@ -720,18 +720,17 @@ impl Worker {
         let (std_socket, port) = match self.setup.ports.bind(self.setup.bind_ip) {
             Ok(bound) => bound,
             Err(why) => {
-                let message = match why {
-                    BindError::Exhausted => "no free UDP port in the media range",
-                    BindError::OutOfFiles => "the gateway has no file descriptor left for a media socket",
+                let message = why.message();
+                let (kind, hint) = match why {
+                    BindError::Exhausted => {
+                        (0, "widen media.port_min..port_max (or use media.mux: one port per worker)")
+                    }
+                    BindError::OutOfFiles { .. } => (1, "raise the open-file limit (ulimit -n, systemd LimitNOFILE)"),
+                    BindError::Other(_) => (2, "check media.bind_ip and the system's socket buffers"),
                 };
-                if self.socket_warned.is_none_or(|t| t.elapsed() >= SOCKET_WARN_EVERY) {
-                    self.socket_warned = Some(Instant::now());
-                    let hint = match why {
-                        BindError::Exhausted => {
-                            "widen media.port_min..port_max (or use media.mux: one port per worker)"
-                        }
-                        BindError::OutOfFiles => "raise the open-file limit (ulimit -n, systemd LimitNOFILE)",
-                    };
+                let warned = &mut self.socket_warned[kind];
+                if warned.is_none_or(|t| t.elapsed() >= SOCKET_WARN_EVERY) {
+                    *warned = Some(Instant::now());
                     tracing::warn!(worker = self.setup.index, hint, "refusing a connection: {message}");
                 }
                 return Err(MediaError::new(ErrorCode::NoPorts, message));

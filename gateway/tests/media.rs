@@ -309,10 +309,14 @@ async fn lost_packets_are_recovered_on_both_legs() {
         }
     })
     .await;
-    // str0m reports stats once a second: wait for a report that covers the repair.
+    // str0m reports stats once a second: wait for a report that covers the repair. The
+    // bitrate is that of the last report's interval, 0 once the media has stopped (waiting for
+    // the counters above can outlast it), so the publisher keeps sending while this waits.
     let path = format!("/v1/connections/{}", sub.connection_id("subscribe").unwrap());
     let path = &path;
+    let publisher = &publisher;
     let d = poll_until("retransmissions counted and a bitrate reported", 10, || async move {
+        publisher.send_media(10);
         let (_, d) = apir.call("GET", path, None).await;
         let rated = d["stats"]["egress"]
             .as_array()

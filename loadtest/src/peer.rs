@@ -501,7 +501,9 @@ impl<'a> Participant<'a> {
                     side.requested_at = Some(Instant::now());
                 }
             }
-            Signal::Refused { code, message } => self.on_refused(&code, &message),
+            // A refusal about an existing connection is not a refused publish or subscribe.
+            Signal::Refused { code, message, connection_id: None } => self.on_refused(&code, &message),
+            Signal::Refused { .. } => {}
             Signal::Closed(_) => {}
         }
         replies

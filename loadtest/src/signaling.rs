@@ -126,7 +126,9 @@ pub enum Event {
     Requested { role: Role },
     /// The server refused a request (the gateway's `error` message: `no_ports`, `rate_limited`,
     /// `bad_sdp`, …). A refused `publish` or `subscribe` never gets a connection.
-    Refused { code: String, message: String },
+    /// `connection_id`: the connection the refusal is about, if any (then it is not a refused
+    /// `publish` or `subscribe`).
+    Refused { code: String, message: String, connection_id: Option<String> },
     /// The signaling ended; `Some` if on an error.
     Closed(Option<String>),
 }

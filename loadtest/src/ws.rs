@@ -144,6 +144,7 @@ fn translate(v: &Value, ids: &mut Ids) -> Vec<Event> {
         "error" => vec![Event::Refused {
             code: v["code"].as_str().unwrap_or("unknown").to_owned(),
             message: v["message"].as_str().unwrap_or("").to_owned(),
+            connection_id: id,
         }],
         _ => Vec::new(),
     }
@@ -174,7 +175,16 @@ mod tests {
         let refused = json!({"type": "error", "code": "no_ports", "message": "no free UDP port in the media range"});
         assert_eq!(
             translate(&refused, &mut ids),
-            vec![Event::Refused { code: "no_ports".into(), message: "no free UDP port in the media range".into() }]
+            vec![Event::Refused {
+                code: "no_ports".into(),
+                message: "no free UDP port in the media range".into(),
+                connection_id: None
+            }]
+        );
+        let about =
+            json!({"type": "error", "code": "not_found", "message": "no such connection", "connection_id": "c9"});
+        assert!(
+            matches!(&translate(&about, &mut ids)[..], [Event::Refused { connection_id: Some(c), .. }] if c == "c9")
         );
         let offer = json!({"type": "offer", "connection_id": "c2", "sdp": "v=0"});
         assert!(matches!(&translate(&offer, &mut ids)[..], [Event::Offer { .. }]));
