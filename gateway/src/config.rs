@@ -122,6 +122,12 @@ pub struct HttpConfig {
     pub tls: TlsMode,
     pub cert: Option<String>,
     pub key: Option<String>,
+    /// How long a client may take to send a request's headers, counted from the moment the
+    /// server waits for them (a new connection, or a kept-alive one after its last response),
+    /// before the connection is closed: a connection that sends nothing, or trickles its
+    /// headers, must not hold a descriptor forever. Upgraded WebSockets are not affected.
+    /// 0 turns it off.
+    pub header_read_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,7 +319,13 @@ impl Default for ShutdownConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { bind: "127.0.0.1:8080".parse().expect("valid literal"), tls: TlsMode::Off, cert: None, key: None }
+        Self {
+            bind: "127.0.0.1:8080".parse().expect("valid literal"),
+            tls: TlsMode::Off,
+            cert: None,
+            key: None,
+            header_read_timeout_ms: 20_000,
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! - `admin`: `gateway admin …`, the REST API as terminal commands.
 //! - `cluster`: several gateways as one service, coordinated through Redis (`cluster.redis_url`).
 //! - `config`: the configuration (defaults, TOML file, `GATEWAY__…` env), validated.
+//! - `http_deadline`: a deadline for a new HTTP connection's first bytes (slow clients).
 //! - `server`: assembles and starts everything; `main` and the tests call [`server::start`].
 //! - `worker`: media worker threads: a mio loop around the sans-IO `gateway_core::Engine`.
 //! - `plane`: the `MediaPlane` the signaling API calls; places rooms on workers.
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod http_deadline;
 pub mod limits;
 pub mod load;
 pub mod metrics;

@@ -3,6 +3,9 @@
 //! integration tests, which start a real gateway on ephemeral ports.
 
 use axum_server::accept::NoDelayAcceptor;
+
+use crate::http_deadline::FirstBytesDeadline;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -233,18 +236,26 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     // delayed ACK of the first, 40 ms on Linux, on every step of a join.
     let service = app.into_make_service();
     let tls = cfg.http.tls != TlsMode::Off;
+    // A connection's first bytes (after the TLS handshake, which has its own 10 s) must arrive
+    // within the header timeout too: see `http_deadline`.
+    let first_bytes =
+        (cfg.http.header_read_timeout_ms > 0).then(|| Duration::from_millis(cfg.http.header_read_timeout_ms));
     let server = if tls {
         let rustls = tls_config(&cfg).await?;
-        let srv = axum_server::from_tcp_rustls(listener, rustls)?
-            .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
+        let mut srv = axum_server::from_tcp_rustls(listener, rustls)?
+            .map(|tls| FirstBytesDeadline::new(tls.acceptor(NoDelayAcceptor::new()), first_bytes))
             .handle(handle.clone());
+        header_read_timeout(srv.http_builder(), cfg.http.header_read_timeout_ms);
         tokio::spawn(async move {
             if let Err(e) = srv.serve(service).await {
                 tracing::error!(error = %e, "HTTPS server stopped");
             }
         })
     } else {
-        let srv = axum_server::from_tcp(listener)?.acceptor(NoDelayAcceptor::new()).handle(handle.clone());
+        let mut srv = axum_server::from_tcp(listener)?
+            .acceptor(FirstBytesDeadline::new(NoDelayAcceptor::new(), first_bytes))
+            .handle(handle.clone());
+        header_read_timeout(srv.http_builder(), cfg.http.header_read_timeout_ms);
         tokio::spawn(async move {
             if let Err(e) = srv.serve(service).await {
                 tracing::error!(error = %e, "HTTP server stopped");
@@ -265,6 +276,15 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         workers: joins,
         ice_tcp,
     })
+}
+
+/// Close HTTP/1 connections whose request headers have not all arrived `ms` after the server
+/// began waiting for them (`http.header_read_timeout_ms`; 0: never). hyper has the deadline but
+/// enforces it only with a timer, which axum-server does not give it: without this a connection
+/// that sends nothing (or trickles its headers) was kept open forever, one descriptor each.
+fn header_read_timeout(builder: &mut hyper_util::server::conn::auto::Builder<TokioExecutor>, ms: u64) {
+    let timeout = (ms > 0).then(|| Duration::from_millis(ms));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
 }
 
 /// TLS from files, or a self-signed certificate made now with rcgen for the bind address,

@@ -368,3 +368,54 @@ async fn back_to_back_replies_are_not_held_for_the_clients_ack() {
     assert!(gaps[gaps.len() / 2] < Duration::from_millis(15), "gaps between the two replies: {gaps:?}");
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Slowloris: a connection that sends nothing, or trickles its request headers a line at a time,
+/// is closed once `http.header_read_timeout_ms` has passed, instead of holding a descriptor
+/// forever; a WebSocket session idle for longer is not affected, and new requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_http_connections_are_closed_sessions_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start_gateway_with(44230, 44239, |c| c.http.header_read_timeout_ms = 600).await;
+    let api = Api::new(gw.base_url());
+    let room = api.create_room("slow-clients").await;
+    let session = Peer::join(&api, &room, "idle-session").await;
+
+    let addr = gw.base_url().trim_start_matches("http://").to_owned();
+    let t0 = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickle.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n").await.unwrap();
+    let (mut trickle_rx, mut trickle_tx) = trickle.into_split();
+    let writer = tokio::spawn(async move {
+        // One more header line every 100 ms, never the blank line that ends them.
+        for i in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if trickle_tx.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).await.is_err() {
+                return i;
+            }
+        }
+        50
+    });
+    let mut buf = [0u8; 256];
+    let closed = |r: std::io::Result<usize>| matches!(r, Ok(0) | Err(_));
+    let silent_read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    let silent_at = t0.elapsed();
+    assert!(silent_read.is_ok_and(closed), "the silent connection is closed");
+    let trickle_read = tokio::time::timeout(Duration::from_secs(5), trickle_rx.read(&mut buf)).await;
+    let trickle_at = t0.elapsed();
+    let n = trickle_read.expect("the trickling connection is closed within 5 s");
+    assert!(n.map_or(true, |n| n == 0 || buf[..n].starts_with(b"HTTP/1.1 408")), "closed, at most with a 408");
+    println!("silent connection closed after {silent_at:?}, trickling one after {trickle_at:?}");
+    assert!(silent_at >= Duration::from_millis(500), "not before the timeout: {silent_at:?}");
+    assert!(trickle_at < Duration::from_millis(2500), "trickling does not extend the deadline: {trickle_at:?}");
+    let lines = writer.await.unwrap();
+    assert!(lines < 50, "the server stopped taking the trickled lines");
+
+    // The session, idle all this time (> 2 timeouts), still answers.
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(t0.elapsed())).await;
+    session.subscribe();
+    session.wait("the subscribe offer on the idle session", 10, |l| !l.of_type("offer").is_empty()).await;
+    let (s, _) = api.call("GET", "/healthz", None).await;
+    assert_eq!(s, 200);
+    gw.shutdown(Duration::from_secs(1)).await;
+}
