@@ -2,9 +2,13 @@
 //! request headers take longer than `http.header_read_timeout_ms` once it is reading them, but
 //! before that the server first reads a few bytes to tell HTTP/1 from HTTP/2, with no deadline:
 //! a client that connects (or completes a TLS handshake) and then sends nothing held its
-//! connection, and a descriptor, forever. [`FirstBytesDeadline`] wraps the accepted stream so
-//! that its reads fail (`TimedOut`) if nothing arrives within the same timeout; after the first
-//! bytes it is transparent, so requests, responses and upgraded WebSockets are untouched.
+//! connection, and a descriptor, forever, and so did one that sent the first bytes of the
+//! HTTP/2 preface and stopped (the sniffing waits for as long as the bytes match it).
+//! [`FirstBytesDeadline`] wraps the accepted stream so that its reads fail (`TimedOut`) unless,
+//! within the same timeout, the protocol is known: a byte that is not the preface's (HTTP/1,
+//! whose header deadline hyper then enforces) or the whole preface (HTTP/2: from there hyper's
+//! HTTP/2 server has no deadline of its own, a known gap). After that it is transparent, so
+//! requests, responses and upgraded WebSockets are untouched.
 
 use std::future::Future;
 use std::io;
@@ -50,17 +54,34 @@ where
     }
 }
 
-/// A stream whose reads fail with `TimedOut` if no byte has arrived by the deadline; once one
-/// has, it only passes reads and writes through.
+/// What an HTTP/2 connection starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A stream whose reads fail with `TimedOut` if, by the deadline, the bytes read so far are
+/// still nothing or a strict prefix of the HTTP/2 preface; once they are not, it only passes
+/// reads and writes through.
 pub struct Deadline<S> {
     inner: S,
-    /// Until the first bytes arrive.
+    /// Until the protocol is known.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Bytes read so far, all of them the preface's first bytes.
+    matched: usize,
 }
 
 impl<S> Deadline<S> {
     pub fn new(inner: S, timeout: Option<Duration>) -> Self {
-        Self { inner, sleep: timeout.map(|t| Box::pin(tokio::time::sleep(t))) }
+        Self { inner, sleep: timeout.map(|t| Box::pin(tokio::time::sleep(t))), matched: 0 }
+    }
+
+    /// `new` bytes arrived: is the protocol known now?
+    fn decided(&mut self, new: &[u8]) -> bool {
+        let rest = &H2_PREFACE[self.matched..];
+        let n = new.len().min(rest.len());
+        if new[..n] != rest[..n] {
+            return true; // not HTTP/2
+        }
+        self.matched += n;
+        self.matched == H2_PREFACE.len()
     }
 }
 
@@ -70,7 +91,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deadline<S> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
+                if this.sleep.is_some() && buf.filled().len() > before && this.decided(&buf.filled()[before..]) {
                     this.sleep = None;
                 }
                 Poll::Ready(Ok(()))
@@ -147,6 +168,31 @@ mod tests {
         let mut back = [0u8; 2];
         b.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"ok", "writes pass through");
+
+        // The first bytes of the HTTP/2 preface, then nothing: the deadline still holds.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut d = Deadline::new(a, Some(Duration::from_millis(150)));
+        b.write_all(b"PRI * HT").await.unwrap();
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), 8);
+        let err = d.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "a partial preface decides nothing");
+        // The whole preface (in pieces): HTTP/2, no deadline after it.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut d = Deadline::new(a, Some(Duration::from_millis(150)));
+        b.write_all(&H2_PREFACE[..5]).await.unwrap();
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), 5);
+        b.write_all(&H2_PREFACE[5..]).await.unwrap();
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), H2_PREFACE.len() - 5);
+        assert!(d.sleep.is_none(), "the preface is complete");
+        // "P" then something else: HTTP/1 ("POST"), no deadline after it.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut d = Deadline::new(a, Some(Duration::from_millis(150)));
+        b.write_all(b"P").await.unwrap();
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), 1);
+        assert!(d.sleep.is_some(), "P alone could be either");
+        b.write_all(b"OST").await.unwrap();
+        assert_eq!(d.read(&mut [0u8; 64]).await.unwrap(), 3);
+        assert!(d.sleep.is_none(), "not the preface: HTTP/1");
 
         // No deadline configured: never fails.
         let (a, _b) = tokio::io::duplex(64);

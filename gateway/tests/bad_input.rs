@@ -384,6 +384,9 @@ async fn idle_and_trickling_http_connections_are_closed_sessions_are_not() {
     let t0 = std::time::Instant::now();
     let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // The first byte of both "POST" and the HTTP/2 preface, then nothing.
+    let mut ambiguous = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    ambiguous.write_all(b"P").await.unwrap();
     trickle.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n").await.unwrap();
     let (mut trickle_rx, mut trickle_tx) = trickle.into_split();
     let writer = tokio::spawn(async move {
@@ -405,6 +408,8 @@ async fn idle_and_trickling_http_connections_are_closed_sessions_are_not() {
     let trickle_at = t0.elapsed();
     let n = trickle_read.expect("the trickling connection is closed within 5 s");
     assert!(n.map_or(true, |n| n == 0 || buf[..n].starts_with(b"HTTP/1.1 408")), "closed, at most with a 408");
+    let ambiguous_read = tokio::time::timeout(Duration::from_secs(5), ambiguous.read(&mut buf)).await;
+    assert!(ambiguous_read.is_ok_and(closed), "the connection that sent one ambiguous byte is closed");
     println!("silent connection closed after {silent_at:?}, trickling one after {trickle_at:?}");
     assert!(silent_at >= Duration::from_millis(500), "not before the timeout: {silent_at:?}");
     assert!(trickle_at < Duration::from_millis(2500), "trickling does not extend the deadline: {trickle_at:?}");

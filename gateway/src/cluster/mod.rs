@@ -119,9 +119,17 @@ impl Cluster {
         let node_id = cfg.node_id(http_addr.port());
         let metrics = ClusterMetrics::new(prom);
         metrics.node_info.with_label_values(&[node_id.as_str()]).set(1);
+        // Other nodes close a kept-alive connection that has been idle for
+        // `http.header_read_timeout_ms`: drop idle ones well before, or a request written as the
+        // other end closes one would fail (a written request is not retried).
+        let idle_ms = match cfg.http.header_read_timeout_ms {
+            0 => 10_000,
+            t => (t / 2).min(10_000),
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
             .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_millis(idle_ms))
             .build()?;
         Ok(Arc::new(Self {
             url: cfg.advertise_url(http_addr),
