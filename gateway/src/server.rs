@@ -2,22 +2,21 @@
 //! signaling API and the web client, served over HTTP or HTTPS. Used by `main` and by the
 //! integration tests, which start a real gateway on ephemeral ports.
 
-use axum_server::accept::NoDelayAcceptor;
-
-use crate::http_deadline::FirstBytesDeadline;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum_server::accept::NoDelayAcceptor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use signaling_api::media::{EventSink, MediaPlane};
 use signaling_api::registry::Registry;
 use signaling_api::AppState;
 
 use crate::cluster::Cluster;
 use crate::config::{GatewayConfig, TlsMode};
+use crate::http_deadline::FirstBytesDeadline;
 use crate::metrics::MediaMetrics;
 use crate::plane::GatewayMedia;
 use crate::ports::PortPool;
@@ -231,21 +230,21 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     listener.set_nonblocking(true)?;
     let http_addr = listener.local_addr()?;
     let handle = axum_server::Handle::new();
-    // Signaling messages are small and often come in pairs (an event, then the offer or the
-    // candidate it announces): with Nagle's algorithm the second waited for the client's
-    // delayed ACK of the first, 40 ms on Linux, on every step of a join.
     let service = app.into_make_service();
     let tls = cfg.http.tls != TlsMode::Off;
-    // A connection's first bytes (after the TLS handshake, which has its own 10 s) must arrive
-    // within the header timeout too: see `http_deadline`.
-    let first_bytes =
+    // Every accepted connection goes without Nagle's algorithm: signaling messages are small
+    // and often come in pairs (an event, then the offer or the candidate it announces), and the
+    // second waited for the client's delayed ACK of the first, 40 ms on Linux, on every step of
+    // a join. Its first bytes (after the TLS handshake, which has its own 10 s) must arrive
+    // within the header timeout, as its headers must: see `http_deadline`.
+    let header_timeout =
         (cfg.http.header_read_timeout_ms > 0).then(|| Duration::from_millis(cfg.http.header_read_timeout_ms));
     let server = if tls {
         let rustls = tls_config(&cfg).await?;
         let mut srv = axum_server::from_tcp_rustls(listener, rustls)?
-            .map(|tls| FirstBytesDeadline::new(tls.acceptor(NoDelayAcceptor::new()), first_bytes))
+            .map(|tls| FirstBytesDeadline::new(tls.acceptor(NoDelayAcceptor::new()), header_timeout))
             .handle(handle.clone());
-        header_read_timeout(srv.http_builder(), cfg.http.header_read_timeout_ms);
+        header_read_timeout(srv.http_builder(), header_timeout);
         tokio::spawn(async move {
             if let Err(e) = srv.serve(service).await {
                 tracing::error!(error = %e, "HTTPS server stopped");
@@ -253,9 +252,9 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
         })
     } else {
         let mut srv = axum_server::from_tcp(listener)?
-            .acceptor(FirstBytesDeadline::new(NoDelayAcceptor::new(), first_bytes))
+            .acceptor(FirstBytesDeadline::new(NoDelayAcceptor::new(), header_timeout))
             .handle(handle.clone());
-        header_read_timeout(srv.http_builder(), cfg.http.header_read_timeout_ms);
+        header_read_timeout(srv.http_builder(), header_timeout);
         tokio::spawn(async move {
             if let Err(e) = srv.serve(service).await {
                 tracing::error!(error = %e, "HTTP server stopped");
@@ -278,12 +277,15 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Running> {
     })
 }
 
-/// Close HTTP/1 connections whose request headers have not all arrived `ms` after the server
-/// began waiting for them (`http.header_read_timeout_ms`; 0: never). hyper has the deadline but
-/// enforces it only with a timer, which axum-server does not give it: without this a connection
-/// that sends nothing (or trickles its headers) was kept open forever, one descriptor each.
-fn header_read_timeout(builder: &mut hyper_util::server::conn::auto::Builder<TokioExecutor>, ms: u64) {
-    let timeout = (ms > 0).then(|| Duration::from_millis(ms));
+/// Close HTTP/1 connections whose request headers have not all arrived `timeout` after the
+/// server began waiting for them (`http.header_read_timeout_ms`; `None`: never). hyper has the
+/// deadline but enforces it only with a timer, which axum-server does not give it: without this
+/// a connection that sends nothing (or trickles its headers) was kept open forever, one
+/// descriptor each.
+fn header_read_timeout(
+    builder: &mut hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    timeout: Option<Duration>,
+) {
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
 }
 

@@ -85,10 +85,6 @@ impl Drop for Spawned {
     }
 }
 
-fn stop(child: Spawned) {
-    drop(child);
-}
-
 /// The soft and hard "Max open files" of a process, from `/proc/<pid>/limits`.
 fn open_file_limits(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -124,7 +120,7 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
     let child = spawn(port, 256, hard, &log).await;
     let (soft_now, hard_now) = open_file_limits(child.id());
     let raised = logged(&log, "open-file limit raised");
-    stop(child);
+    drop(child);
     assert_eq!((soft_now, hard_now), (hard, hard), "the soft limit is raised to the hard one");
     assert_eq!(raised.len(), 1, "the raise is logged once");
     assert_eq!(raised[0]["fields"]["was"], 256);
@@ -210,7 +206,7 @@ async fn out_of_file_descriptors_refuses_in_words_and_recovers() {
 
     let pid = child.id();
     let (soft, _) = open_file_limits(pid);
-    stop(child);
+    drop(child);
     assert_eq!(soft, 32, "nothing to raise when the hard limit is the soft one");
     let warned = logged(&log, "open-file limit is below");
     assert_eq!(warned.len(), 1, "the start says the limit is below what 30 ports can use");
